@@ -1,0 +1,1 @@
+"""Turn whole-slide H&E images + spatial transcriptomics into sharded training pairs."""

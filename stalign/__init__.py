@@ -1,0 +1,22 @@
+"""stalign: predict spatial gene expression from H&E (ST-Align alignment + SToFM gene/spatial encoder).
+
+Heavy modules (torch, timm, anndata) load lazily, so ``import stalign`` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_model": "stalign.models.factory",
+    "list_models": "stalign.models.factory",
+    "load_checkpoint": "stalign.models.factory",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'stalign' has no attribute {name!r}")

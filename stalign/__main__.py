@@ -1,0 +1,5 @@
+import sys
+
+from stalign.cli import main
+
+sys.exit(main())

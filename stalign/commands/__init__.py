@@ -1,0 +1,1 @@
+"""Subcommands of the ``stalign`` CLI (see ``stalign.cli.COMMAND_MODULES``)."""
