@@ -9,8 +9,10 @@ STAMP := $(VENV)/.installed
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --upgrade pip
-	# Where this machine caps pip at the local torch build (/etc/xdg/pip), take that pair; elsewhere pip resolves torch>=2.4.
-	if [ -d /etc/xdg/pip ]; then $(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1; fi
+	# Where pip's configured local index carries the pinned CPU pair (the development machines), take it;
+	# elsewhere pip resolves torch>=2.4 as usual (the user's own CUDA build).
+	if $(VPY) -m pip config list 2>/dev/null | grep -q 'file:///opt/pypi'; then \
+		$(VPY) -m pip install -q torch==2.14.1 torchvision==0.29.1; fi
 	$(VPY) -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
