@@ -1,0 +1,222 @@
+"""Reference banks of embeddings with known expression: chunked cosine top-k, zero-shot prediction by
+similarity-weighted retrieval, and gene-signature queries (signature -> regions of a slide)."""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BANK_FORMAT = "stalign-reference-bank"
+
+
+class GenePanelError(ValueError):
+    """Expression from one gene panel used where another one was expected, or genes missing from a panel."""
+
+
+def check_gene_panel(expected: Sequence[str], got: Sequence[str], *, what: str) -> None:
+    """Raise ``GenePanelError`` unless ``got`` is exactly the panel ``expected`` (same genes, same order)."""
+    expected, got = list(expected), list(got)
+    if expected == got:
+        return
+    missing = [g for g in expected if g not in set(got)]
+    extra = [g for g in got if g not in set(expected)]
+    detail = (f"{len(missing)} genes missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
+              if missing or extra else "same genes in a different order")
+    raise GenePanelError(f"{what} has another gene panel ({len(got)} genes) than expected ({len(expected)}): {detail}")
+
+
+def gene_indices(panel: Sequence[str], genes: Sequence[str], *, what: str = "the model") -> np.ndarray:
+    """Positions of ``genes`` in ``panel``; a ``GenePanelError`` lists every gene the panel lacks."""
+    index = {g: i for i, g in enumerate(panel)}
+    missing = [g for g in genes if g not in index]
+    if missing:
+        raise GenePanelError(f"{len(missing)} of {len(genes)} query genes are not in {what}'s panel of "
+                             f"{len(panel)} genes: {', '.join(missing)}")
+    return np.asarray([index[g] for g in genes], dtype=np.int64)
+
+
+class ReferenceBank:
+    """Embeddings (N, E) of reference spots with their expression (N, G) over ``genes``.
+
+    ``meta`` holds per-spot arrays of length N (slide_id, barcode, coords, ...) returned with hits.
+    """
+
+    def __init__(self, *, embeddings: Any, expression: Any, genes: Sequence[str],
+                 meta: dict[str, Any] | None = None) -> None:
+        emb = np.asarray(embeddings, dtype=np.float32)
+        expr = np.asarray(expression, dtype=np.float32)
+        if emb.ndim != 2 or expr.ndim != 2 or len(emb) != len(expr):
+            raise ValueError(f"reference bank needs embeddings (N, E) and expression (N, G) with the same N, "
+                             f"got {emb.shape} and {expr.shape}")
+        if expr.shape[1] != len(genes):
+            raise GenePanelError(f"expression has {expr.shape[1]} columns but {len(genes)} genes were given")
+        if len(set(genes)) != len(genes):
+            raise GenePanelError("the reference gene panel has duplicated gene names")
+        self.embeddings, self.expression, self.genes = emb, expr, [str(g) for g in genes]
+        self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
+        for key, value in self.meta.items():
+            if len(value) != len(emb):
+                raise ValueError(f"meta[{key!r}] has {len(value)} rows, the bank has {len(emb)}")
+        self._cache: dict[tuple, Any] = {}
+
+    def __len__(self) -> int:
+        return len(self.embeddings)
+
+    def __repr__(self) -> str:
+        return f"ReferenceBank({len(self)} spots, {self.embeddings.shape[1]}-d, {len(self.genes)} genes)"
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/bank.safetensors`` (embeddings, expression) and ``path/bank.json`` (genes, meta)."""
+        from safetensors.numpy import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        save_file({"embeddings": self.embeddings, "expression": self.expression}, str(path / "bank.safetensors"))
+        meta = {k: v.tolist() for k, v in self.meta.items()}
+        (path / "bank.json").write_text(json.dumps({"format": BANK_FORMAT, "version": 1, "genes": self.genes,
+                                                    "meta": meta}))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> ReferenceBank:
+        """Read a bank written by ``save``."""
+        from safetensors.numpy import load_file
+
+        path = Path(path)
+        info_file, tensors = path / "bank.json", path / "bank.safetensors"
+        if not info_file.is_file() or not tensors.is_file():
+            raise FileNotFoundError(f"{path}: not a reference bank (needs bank.json and bank.safetensors)")
+        info = json.loads(info_file.read_text())
+        if info.get("format") != BANK_FORMAT:
+            raise ValueError(f"{info_file}: format {info.get('format')!r} is not {BANK_FORMAT!r}")
+        arrays = load_file(str(tensors))
+        return cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
+                   meta=info.get("meta") or {})
+
+    # ---------------------------------------------------------------- gene panels
+    def check_genes(self, genes: Sequence[str], *, what: str = "the model") -> None:
+        """Raise ``GenePanelError`` unless the bank's panel is ``genes`` (e.g. the model's panel)."""
+        check_gene_panel(genes, self.genes, what=f"the reference bank (for {what})")
+
+    def gene_indices(self, genes: Sequence[str]) -> np.ndarray:
+        """Columns of ``genes`` in the bank; errors list the genes the bank lacks."""
+        return gene_indices(self.genes, genes, what="the reference bank")
+
+    # ---------------------------------------------------------------- search
+    def _bank_tensor(self, device: str, dtype: Any):
+        import torch
+
+        key = (str(device), str(dtype))
+        if key not in self._cache:
+            bank = torch.nn.functional.normalize(torch.from_numpy(self.embeddings), dim=1)
+            self._cache = {key: bank.to(device=device, dtype=dtype)}  # keep one copy only
+        return self._cache[key]
+
+    def topk(self, queries: Any, k: int, *, chunk: int = 65536, query_chunk: int = 1024,
+             device: str | None = None, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+        """Cosine top-``k`` of ``queries`` (Q, E) against the bank: (similarities (Q, k), indices (Q, k)).
+
+        Memory stays bounded by ``query_chunk`` x ``chunk`` similarities; ``dtype`` (e.g. torch.bfloat16 on a
+        GPU) stores the bank in lower precision, scores are merged in float32.
+        """
+        import torch
+
+        q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
+        if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
+            raise ValueError(f"queries must be (Q, {self.embeddings.shape[1]}), got {tuple(q.shape)}")
+        if not 1 <= k <= len(self):
+            raise ValueError(f"k must lie in 1..{len(self)} (the bank size), got {k}")
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = dtype or torch.float32
+        bank = self._bank_tensor(device, dtype)
+        sims_out, idx_out = [], []
+        for qs in range(0, len(q), query_chunk):
+            qc = torch.nn.functional.normalize(q[qs:qs + query_chunk].to(device), dim=1).to(dtype)
+            best_s = torch.full((len(qc), 0), -2.0, device=device)
+            best_i = torch.zeros((len(qc), 0), dtype=torch.long, device=device)
+            for bs in range(0, len(bank), chunk):
+                s = (qc @ bank[bs:bs + chunk].T).float()
+                ks = min(k, s.shape[1])
+                cs, ci = s.topk(ks, dim=1)
+                best_s, order = torch.cat([best_s, cs], 1).topk(min(k, best_s.shape[1] + ks), dim=1)
+                best_i = torch.cat([best_i, ci + bs], 1).gather(1, order)
+            sims_out.append(best_s.cpu())
+            idx_out.append(best_i.cpu())
+        return torch.cat(sims_out).numpy(), torch.cat(idx_out).numpy()
+
+    def predict(self, queries: Any, *, k: int = 50, temperature: float = 0.05, genes: Sequence[str] | None = None,
+                **search: Any) -> np.ndarray:
+        """Zero-shot expression (Q, G): softmax(top-k similarity / temperature)-weighted mean of the
+        reference expression (only ``genes``, in that order, when given)."""
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        sims, idx = self.topk(queries, min(k, len(self)), **search)
+        weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
+        weights /= weights.sum(axis=1, keepdims=True)
+        expr = self.expression if genes is None else self.expression[:, self.gene_indices(genes)]
+        return np.einsum("qk,qkg->qg", weights, expr[idx]).astype(np.float32)
+
+    def hits(self, queries: Any, *, k: int = 10, **search: Any):
+        """Table (pandas) of the ``k`` most similar reference spots per query, with their meta columns."""
+        import pandas as pd
+
+        sims, idx = self.topk(queries, k, **search)
+        q, rank = np.meshgrid(np.arange(len(sims)), np.arange(sims.shape[1]), indexing="ij")
+        table = pd.DataFrame({"query": q.ravel(), "rank": rank.ravel() + 1, "index": idx.ravel(),
+                              "similarity": sims.ravel()})
+        for key, values in self.meta.items():
+            if values.ndim == 1:
+                table[key] = values[idx.ravel()]
+        return table
+
+
+def signature_scores(signature: Sequence[str] | Any, expression: np.ndarray, genes: Sequence[str]) -> np.ndarray:
+    """How strongly each row of ``expression`` (N, G over ``genes``) carries ``signature``.
+
+    A list of gene names scores the mean z-scored expression of those genes; an expression vector (G,) over
+    ``genes`` scores the Pearson correlation of each row with it, both taken relative to the mean profile of
+    ``expression`` (so what is shared by every spot does not dominate).
+    """
+    expression = np.asarray(expression, dtype=np.float64)
+    if len(signature) and isinstance(next(iter(signature)), str):
+        cols = gene_indices(genes, list(signature), what="the reference")
+        sub = expression[:, cols]
+        z = (sub - sub.mean(0)) / np.where(sub.std(0) > 0, sub.std(0), 1.0)
+        return z.mean(1)
+    vec = np.asarray(signature, dtype=np.float64).ravel()
+    if len(vec) != len(genes):
+        raise GenePanelError(f"the signature vector has {len(vec)} values but the reference panel has "
+                             f"{len(genes)} genes; give it over the same genes, in the same order")
+    centre = expression.mean(0)
+    a = expression - centre
+    a -= a.mean(1, keepdims=True)
+    b = vec - centre
+    b -= b.mean()
+    denom = np.linalg.norm(a, axis=1) * np.linalg.norm(b)
+    return np.divide(a @ b, denom, out=np.zeros(len(a)), where=denom > 0)
+
+
+def query_signature(signature: Sequence[str] | Any, *, bank: ReferenceBank, embeddings: Any, top: int = 25,
+                    encode_gene: Callable[[np.ndarray], np.ndarray] | None = None) -> np.ndarray:
+    """Gene signature -> region scores (N,) over a slide whose spot image embeddings are ``embeddings``.
+
+    The query embedding is the mean of the ``top`` bank embeddings that best carry the signature, or, for an
+    expression vector and a model, ``encode_gene(vector)``; regions score by cosine similarity to it.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    if emb.ndim != 2 or emb.shape[1] != bank.embeddings.shape[1]:
+        raise ValueError(f"slide embeddings must be (N, {bank.embeddings.shape[1]}), got {emb.shape}")
+    scores = signature_scores(signature, bank.expression, bank.genes)
+    is_vector = not (len(signature) and isinstance(next(iter(signature)), str))
+    if encode_gene is not None and is_vector:
+        query = np.asarray(encode_gene(np.asarray(signature, dtype=np.float32)[None]), dtype=np.float32)[0]
+    else:
+        best = np.argsort(-scores)[: max(1, min(top, len(bank)))]
+        unit = bank.embeddings[best] / np.linalg.norm(bank.embeddings[best], axis=1, keepdims=True).clip(1e-12)
+        query = unit.mean(0)
+    query = query / max(float(np.linalg.norm(query)), 1e-12)
+    return (emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)) @ query
