@@ -1,0 +1,225 @@
+"""Run configuration of ``stalign train``: YAML file -> defaults, CLI flags and ``key=value`` overrides on top.
+
+Precedence (lowest first): the dataclass defaults, the YAML file, ``--flag value`` options, ``key=value``
+positional overrides. The resolved config is written as YAML beside every checkpoint.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A run config that cannot be used (unknown key, wrong type, missing file)."""
+
+
+@dataclasses.dataclass
+class TrainConfig:
+    """Every setting of a training run (see docs/training.md for each one)."""
+
+    # data
+    data: str = ""  # shard root: a ``stalign prep`` output folder (manifest.json + shards/)
+    slides: Optional[list[str]] = None  # restrict to these slide ids
+    val_fraction: float = 0.1
+    split_by: str = "spot"  # "spot" or "slide"
+    niche_spots: int = 16
+    augment: bool = True  # the image encoder's train_transform on the training split
+    num_workers: int = 0
+    # model
+    model: str = "stalign-tiny"
+    model_overrides: dict = dataclasses.field(default_factory=dict)
+    pretrained: Optional[str] = None  # backbone weights passed to create_model
+    init: Optional[str] = None  # fine-tune from this stalign checkpoint folder
+    # loss
+    alpha: float = 0.3
+    beta: float = 0.3
+    loss_kind: str = "infonce"  # "infonce" or "siglip"
+    # optimisation
+    batch_size: int = 32  # per process; global batch = batch_size x processes x grad_accum
+    grad_accum: int = 1
+    lr: float = 3e-4
+    weight_decay: float = 0.05
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    max_steps: int = 1000  # optimizer steps; the cosine schedule spans them
+    epochs: Optional[int] = None  # when set, max_steps = epochs x optimizer steps per epoch
+    max_grad_norm: float = 1.0  # 0 turns clipping off
+    mixed_precision: str = "no"  # "no", "bf16" or "fp16"
+    cpu: bool = False
+    seed: int = 0
+    # bookkeeping
+    output_dir: str = "runs/train"
+    log_every: int = 10
+    eval_every: int = 200  # 0: only at the end
+    save_every: int = 500  # 0: no intermediate checkpoints
+    keep_checkpoints: int = 2  # newest step_N folders kept (0 keeps all)
+    val_max_spots: int = 5000
+    stop_after_steps: Optional[int] = None  # end this run early (time-boxed jobs); resume later
+    tensorboard: bool = True
+    progress: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+_CHOICES = {"split_by": ("spot", "slide"), "loss_kind": ("infonce", "siglip"), "mixed_precision": ("no", "bf16", "fp16")}
+_HINTS = typing.get_type_hints(TrainConfig)
+FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+
+
+def _unwrap_optional(hint: Any) -> tuple[Any, bool]:
+    """``Optional[X]`` -> (X, True); anything else -> (hint, False)."""
+    if typing.get_origin(hint) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0], True
+    return hint, False
+
+
+def _unknown_key(key: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=3)
+    hint = f" (did you mean {', '.join(close)}?)" if close else ""
+    return ConfigError(f"unknown train config key {key!r}{hint}; known keys: {', '.join(FIELDS)}")
+
+
+def coerce(key: str, value: Any) -> Any:
+    """Convert a YAML or command-line value to the type of the config field ``key``."""
+    if key not in _HINTS:
+        raise _unknown_key(key)
+    hint, optional = _unwrap_optional(_HINTS[key])
+    if isinstance(value, str) and hint is not str:
+        value = yaml.safe_load(value) if value.strip() else None
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
+        if optional:
+            return None
+        raise ConfigError(f"train config key {key!r} cannot be empty")
+    origin = typing.get_origin(hint) or hint
+    try:
+        if origin is bool:
+            if isinstance(value, str) or not isinstance(value, (bool, int)):
+                raise TypeError
+            return bool(value)
+        if origin in (int, float):
+            if isinstance(value, bool):
+                raise TypeError
+            out = origin(float(value)) if origin is float else int(value)
+            if origin is int and float(value) != out:
+                raise TypeError
+            return out
+        if origin is str:
+            out = str(value)
+            if key in _CHOICES and out not in _CHOICES[key]:
+                raise ConfigError(f"train config {key}={out!r}: choose one of {', '.join(_CHOICES[key])}")
+            return out
+        if origin is list:
+            (item,) = typing.get_args(hint)
+            items = value if isinstance(value, (list, tuple)) else [value]
+            return [float(v) if item is float else str(v) for v in items]
+        if origin is dict:
+            if not isinstance(value, dict):
+                raise TypeError
+            return dict(value)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"train config {key}={value!r} is not a valid {_HINTS[key]}") from None
+    raise ConfigError(f"train config key {key!r} has an unsupported type {hint}")  # pragma: no cover
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a run config file; a mapping of config keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train config {path} does not exist")
+    raw = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"train config {path}: expected a mapping of keys, got {type(raw).__name__}")
+    return raw
+
+
+def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key=value`` strings (``model_overrides.depth=2`` sets one entry of a dict field)."""
+    values = dict(values)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        field, _, sub = key.partition(".")
+        if sub:
+            if field not in _HINTS or (typing.get_origin(_HINTS[field]) or _HINTS[field]) is not dict:
+                raise ConfigError(f"override {item!r}: only dict keys ({field!r} is not one) take a dotted name")
+            values[field] = {**dict(values.get(field) or {}), sub: yaml.safe_load(raw)}
+        else:
+            values[field] = raw
+    return values
+
+
+def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
+    """A validated :class:`TrainConfig` from a mapping (unknown keys, bad types and bad values raise)."""
+    values = dict(values or {})
+    for key in values:
+        if key not in _HINTS:
+            raise _unknown_key(key)
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    checks = [
+        (0.0 <= cfg.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
+        (cfg.batch_size >= 2, "batch_size must be >= 2 (contrastive loss needs in-batch negatives)"),
+        (cfg.grad_accum >= 1, "grad_accum must be >= 1"),
+        (cfg.max_steps >= 1 or (cfg.epochs or 0) >= 1, "max_steps (or epochs) must be >= 1"),
+        (cfg.lr > 0, "lr must be > 0"),
+        (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta <= 1, "alpha, beta >= 0 with alpha + beta <= 1"),
+        (len(cfg.betas) == 2, "betas must be two numbers"),
+        (cfg.warmup_steps >= 0 and cfg.max_grad_norm >= 0, "warmup_steps and max_grad_norm must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"train config: {message}")
+    return cfg
+
+
+def resolve_config(source: str | Path | dict | None = None, *, overrides: list[str] | None = None,
+                   flags: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML path (or mapping) < flags < ``key=value`` overrides -> :class:`TrainConfig`."""
+    values = load_yaml(source) if isinstance(source, (str, Path)) else dict(source or {})
+    values.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return build_config(apply_overrides(values, list(overrides or [])))
+
+
+def write_config(cfg: TrainConfig, path: str | Path) -> Path:
+    """Write the resolved config as YAML (loadable again by :func:`resolve_config`)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return path
+
+
+def add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One ``--flag`` per scalar or list config key; each defaults to "not given" so the YAML value stays."""
+    group = parser.add_argument_group("config keys (override the YAML file)")
+    for name in FIELDS:
+        hint, _ = _unwrap_optional(_HINTS[name])
+        origin = typing.get_origin(hint) or hint
+        flag = "--" + name.replace("_", "-")
+        if origin is dict:
+            continue  # dict keys only through key=value overrides
+        if origin is bool:
+            group.add_argument(flag, dest=f"cfg_{name}", action=argparse.BooleanOptionalAction, default=None)
+        elif origin is list:
+            group.add_argument(flag, dest=f"cfg_{name}", nargs="+", default=None, metavar="V")
+        else:
+            group.add_argument(flag, dest=f"cfg_{name}", default=None, metavar=name.upper(),
+                               choices=_CHOICES.get(name))
+
+
+def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The config values given as ``--flags`` on the command line."""
+    return {name: getattr(args, f"cfg_{name}") for name in FIELDS if getattr(args, f"cfg_{name}", None) is not None}

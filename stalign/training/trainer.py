@@ -1,0 +1,260 @@
+"""The ``stalign train`` loop on accelerate: mixed precision, accumulation, clipping, checkpoints, resume,
+validation retrieval metrics, CSV/TensorBoard logs."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from stalign.training import checkpointing as ckpt
+from stalign.training.config import TrainConfig, resolve_config, write_config
+from stalign.training.metrics import format_retrieval, retrieval_metrics
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced a NaN/inf loss or gradient; the message names the step and the last good checkpoint."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """What a finished run produced."""
+
+    checkpoint: Path | None  # final weights (save_checkpoint folder); None when the run stopped early
+    output_dir: Path
+    metrics: dict[str, float]  # last validation metrics (empty without a validation split)
+    step: int  # optimizer steps done
+    losses: list[tuple[int, float]]  # (step, mean training loss of that step) for the steps run here
+    seconds: float
+
+
+def train_from_config(source: str | Path | dict, *, resume: str | None = None, **overrides: Any) -> TrainResult:
+    """Train from a YAML path (or mapping) with config keys overridden by keyword, e.g.
+    ``train_from_config("configs/demo.yaml", max_steps=10)``."""
+    values = {} if source is None else source
+    cfg = resolve_config(values, flags=overrides)
+    return train(cfg, resume=resume)
+
+
+def _model_parts(cfg: TrainConfig, genes: list[str]):
+    """The model (new, or from ``cfg.init`` after the gene panel check) and its (train, eval) transforms."""
+    import stalign
+    from stalign.training.data import check_gene_panel
+
+    if cfg.init:
+        model = stalign.load_checkpoint(cfg.init)
+        check_gene_panel(genes, model.genes, root=cfg.data, checkpoint=cfg.init)
+    else:
+        model = stalign.create_model(cfg.model, genes=genes, pretrained=cfg.pretrained, **cfg.model_overrides)
+    return model, model.train_transform(), model.eval_transform()
+
+
+def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
+    import torch
+    from data_prep.dataset import collate
+
+    per_step = cfg.batch_size * accelerator.num_processes
+    if data.n_train < per_step:
+        from stalign.training.data import EmptyDataError
+
+        raise EmptyDataError(f"{data.n_train} training spots under {data.root} cannot fill one batch of "
+                             f"{cfg.batch_size} x {accelerator.num_processes} process(es); lower batch_size")
+    train_dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
+                                           collate_fn=collate, num_workers=cfg.num_workers)
+    val_dl = None
+    if data.val is not None:
+        val_dl = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False,
+                                             collate_fn=collate, num_workers=cfg.num_workers)
+    return train_dl, val_dl, len(data.train) // per_step
+
+
+@dataclasses.dataclass
+class _Position:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+
+def _evaluate(model: Any, val_dl: Any, accelerator: Any) -> dict[str, float]:
+    """Retrieval recall image->gene / gene->image over all held-out spots (gathered across processes)."""
+    import torch
+
+    inner = accelerator.unwrap_model(model)
+    was_training = inner.training
+    inner.eval()
+    images, genes = [], []
+    with torch.no_grad(), accelerator.autocast():
+        for batch in val_dl:
+            img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
+            gene = inner.encode_gene(batch).float()
+            img, gene = accelerator.gather_for_metrics((img, gene))
+            images.append(img.cpu())
+            genes.append(gene.cpu())
+    inner.train(was_training)
+    return retrieval_metrics(torch.cat(images), torch.cat(genes))
+
+
+def _check_finite(value: Any, accelerator: Any, *, what: str, pos: _Position, last_good: Path | None) -> None:
+    """Stop every process together when any of them sees a non-finite ``value``."""
+    import torch
+
+    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
+    if float(accelerator.reduce(bad, reduction="sum")) > 0:
+        where = f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch_in_epoch})"
+        keep = (f"the last good checkpoint is {last_good} (resume with --resume {last_good}, e.g. with a lower lr)"
+                if last_good else "no checkpoint was saved before it")
+        raise NonFiniteLossError(f"non-finite {what} ({float(value.float().sum())}) at {where}; "
+                                 f"training stopped, {keep}")
+
+
+def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
+    """Run (or resume: ``"latest"`` or a checkpoint folder) the training described by ``cfg``."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from stalign.losses import ThreeTargetLoss
+    from stalign.models import save_checkpoint
+    from stalign.training.data import build_train_data, shard_genes
+    from stalign.training.logging import RunLogger
+    from stalign.training.optim import build_optimizer, build_scheduler
+
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
+        step_scheduler_with_optimizer=False)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    model, train_tf, eval_tf = _model_parts(cfg, shard_genes(cfg.data))
+    data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
+                            seed=cfg.seed, niche_spots=cfg.niche_spots,
+                            train_transform=train_tf if cfg.augment else eval_tf, eval_transform=eval_tf,
+                            val_max_spots=cfg.val_max_spots)
+    train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
+    steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
+    max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
+    loss_fn = ThreeTargetLoss(alpha=cfg.alpha, beta=cfg.beta, kind=cfg.loss_kind, check_finite=False)
+    optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=max_steps,
+                                min_lr_ratio=cfg.min_lr_ratio)
+    prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([val_dl] if val_dl else []))
+    model, optimizer, train_dl, scheduler = prepared[:4]
+    val_dl = prepared[4] if val_dl else None
+
+    pos, last_good = _Position(), None
+    if resume:
+        last_good = ckpt.resolve_resume(out, resume)
+        accelerator.load_state(str(last_good))
+        saved = ckpt.read_state(last_good)
+        pos = _Position(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch")})
+        if pos.batch_in_epoch >= len(train_dl):
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+        accelerator.print(f"resumed from {last_good} at step {pos.step}")
+    logger = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard, resume_step=pos.step if resume else None)
+    if main:
+        write_config(cfg, out / "config.yaml")
+        accelerator.print(f"training {data.n_train} spots ({data.n_val} held out) of {len(data.genes)} genes, "
+                          f"{max_steps} steps, global batch {cfg.batch_size * accelerator.num_processes * cfg.grad_accum}"
+                          f" on {accelerator.num_processes} process(es) [{accelerator.distributed_type}]")
+
+    def save(step: int) -> Path:
+        path = ckpt.checkpoint_dir(out, step)
+        accelerator.save_state(str(path))
+        if main:
+            write_config(cfg, path / "train_config.yaml")
+            ckpt.write_state(path, dataclasses.asdict(pos) | {"max_steps": max_steps})
+            ckpt.prune_checkpoints(out, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    metrics: dict[str, float] = {}
+
+    def validate(step: int) -> None:
+        nonlocal metrics
+        if val_dl is None:
+            return
+        metrics = _evaluate(model, val_dl, accelerator)
+        logger.log("val", step, metrics)
+        accelerator.print(f"step {step} held-out retrieval: {format_retrieval(metrics)}")
+
+    stop_at = min(max_steps, cfg.stop_after_steps or max_steps)
+    bar = tqdm(total=max_steps, initial=pos.step, disable=not (main and cfg.progress), desc="train")
+    losses: list[tuple[int, float]] = []
+    parts: dict[str, list[float]] = {}
+    model.train()
+    while pos.step < stop_at:
+        train_dl.set_epoch(pos.epoch)
+        if hasattr(data.train, "epoch"):
+            data.train.epoch = pos.epoch
+        loader = accelerator.skip_first_batches(train_dl, pos.batch_in_epoch) if pos.batch_in_epoch else train_dl
+        for batch in loader:
+            if batch["spot_image"].shape[0] == 0:
+                from stalign.training.data import EmptyDataError
+
+                raise EmptyDataError(f"empty training batch at step {pos.step + 1} (data under {cfg.data})")
+            with accelerator.accumulate(model):
+                terms = loss_fn(model(batch))
+                _check_finite(terms["loss"].detach(), accelerator, what="loss", pos=pos, last_good=last_good)
+                accelerator.backward(terms["loss"])
+                grad_norm = None
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    if cfg.mixed_precision != "fp16":  # fp16 overflow is the grad scaler's to skip
+                        _check_finite(grad_norm.detach(), accelerator, what="gradient norm", pos=pos,
+                                      last_good=last_good)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            pos.batch_in_epoch += 1
+            for key, value in terms.items():
+                parts.setdefault(key, []).append(float(accelerator.reduce(value.detach().float(), "mean")))
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            _clamp_logit_scale(accelerator.unwrap_model(model))
+            pos.step += 1
+            row = {k: sum(v) / len(v) for k, v in parts.items()}
+            parts = {}
+            losses.append((pos.step, row["loss"]))
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if pos.step % cfg.log_every == 0 or pos.step == stop_at:
+                row |= {"lr": scheduler.get_last_lr()[0], "epoch": pos.epoch}
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
+                logger.log("train", pos.step, row)
+            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < max_steps:
+                validate(pos.step)
+            if (cfg.save_every and pos.step % cfg.save_every == 0) or pos.step == stop_at < max_steps:
+                last_good = save(pos.step)
+            if pos.step >= stop_at:
+                break
+        if pos.batch_in_epoch >= len(train_dl):
+            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
+    bar.close()
+    final = None
+    if pos.step >= max_steps:
+        validate(pos.step)
+        final = out / "final"
+        if main:
+            save_checkpoint(accelerator.unwrap_model(model), final)
+            write_config(cfg, final / "train_config.yaml")
+        accelerator.wait_for_everyone()
+        accelerator.print(f"final weights: {final}")
+    logger.close()
+    accelerator.end_training()
+    return TrainResult(checkpoint=final, output_dir=out, metrics=metrics, step=pos.step, losses=losses,
+                       seconds=time.perf_counter() - started)
+
+
+def _clamp_logit_scale(model: Any, max_value: float = math.log(100.0)) -> None:
+    """Keep the learnable temperature in [0, ln 100] as CLIP does."""
+    import torch
+
+    scale = getattr(model, "logit_scale", None)
+    if isinstance(scale, torch.nn.Parameter):
+        with torch.no_grad():
+            scale.clamp_(0.0, max_value)

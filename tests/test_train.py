@@ -1,0 +1,121 @@
+"""``stalign train`` pieces: run config resolution, AdamW groups + schedule, retrieval recall, CSV logs, and a
+tiny end-to-end CPU run from real shards (squidpy crop + a synthetic slide) whose training loss falls."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+import yaml
+
+from stalign.training.config import ConfigError, TrainConfig, resolve_config, write_config
+from stalign.training.logging import RunLogger
+from stalign.training.metrics import chance_recall, recall_at_k, retrieval_metrics
+from stalign.training.optim import build_optimizer, build_scheduler, cosine_with_warmup, no_decay_parameter_names
+
+
+def test_config_precedence_yaml_flags_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data: shards/\nlr: 1e-3\nbatch_size: 8\nmax_steps: 50\nmodel_overrides: {dim: 32}\n")
+    cfg = resolve_config(path, flags={"batch_size": "16", "cpu": True},
+                         overrides=["max_steps=7", "model_overrides.depth=2", "betas=[0.8, 0.9]", "init=none"])
+    assert cfg.lr == pytest.approx(1e-3) and isinstance(cfg.lr, float)  # YAML's "1e-3" string is coerced
+    assert cfg.batch_size == 16 and cfg.max_steps == 7 and cfg.cpu is True and cfg.init is None
+    assert cfg.model_overrides == {"dim": 32, "depth": 2} and cfg.betas == [0.8, 0.9]
+    written = write_config(cfg, tmp_path / "out" / "config.yaml")
+    assert resolve_config(written) == cfg  # the resolved file reproduces the run
+
+
+@pytest.mark.parametrize("override, message", [
+    ("max_step=1", "did you mean max_steps"), ("batch_size=two", "not a valid"), ("mixed_precision=fp8", "choose one of"),
+    ("alpha=0.9", r"alpha \+ beta <= 1"), ("noequals", "key=value"), ("batch_size=1", "in-batch negatives"),
+])
+def test_config_rejects_bad_values(override, message):
+    with pytest.raises(ConfigError, match=message):
+        resolve_config({"data": "x"}, overrides=[override])
+
+
+def test_config_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        resolve_config(tmp_path / "nope.yaml")
+
+
+def test_shipped_configs_resolve():
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    for name in ("demo.yaml", "pretrain_base.yaml", "tiny_test.yaml"):
+        assert isinstance(resolve_config(root / name), TrainConfig), name
+
+
+def test_no_weight_decay_on_norms_biases_embeddings_and_logit_scale():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 4)
+            self.lin = torch.nn.Linear(4, 4)
+            self.norm = torch.nn.LayerNorm(4)
+            self.conv = torch.nn.Conv2d(3, 4, 3)
+            self.bn = torch.nn.BatchNorm2d(4)
+            self.logit_scale = torch.nn.Parameter(torch.tensor(2.0))
+            self.pos_embed = torch.nn.Parameter(torch.zeros(1, 5, 4))
+            self.frozen = torch.nn.Linear(4, 4).requires_grad_(False)
+
+    net = Net()
+    skip = no_decay_parameter_names(net)
+    assert skip >= {"emb.weight", "lin.bias", "norm.weight", "norm.bias", "conv.bias", "bn.weight", "bn.bias",
+                    "logit_scale", "pos_embed"}
+    assert "lin.weight" not in skip and "conv.weight" not in skip
+    opt = build_optimizer(net, lr=1e-3, weight_decay=0.1)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert opt.param_groups[0]["weight_decay"] == 0.1 and opt.param_groups[1]["weight_decay"] == 0.0
+    assert decayed == {id(net.lin.weight), id(net.conv.weight)}  # frozen parameters are left out entirely
+    assert sum(len(g["params"]) for g in opt.param_groups) == 11
+
+
+def test_cosine_schedule_with_linear_warmup():
+    f = cosine_with_warmup(warmup_steps=4, total_steps=14, min_lr_ratio=0.1)
+    assert [f(s) for s in range(4)] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
+    values = [f(s) for s in range(4, 15)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+    sched = build_scheduler(opt, warmup_steps=4, total_steps=14)
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
+    for _ in range(9):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * 0.5 * (1 + math.cos(math.pi * 5 / 10)))
+
+
+def test_recall_at_k_by_hand_and_chance():
+    img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [-1.0, 0.2]])
+    gene = torch.tensor([[1.0, 0.1], [1.0, 0.9], [0.0, 1.0], [-1.0, 0.0]])
+    # cosine ranks of the true gene: image 0 -> 1st; image 1 -> 2nd (gene 2 is closer); image 2 -> 3rd (genes 1
+    # and 0 are closer); image 3 -> 1st
+    assert recall_at_k(img, gene, ks=(1, 2, 3)) == {1: 0.5, 2: 0.75, 3: 1.0}
+    m = retrieval_metrics(img, gene, ks=(1, 10))
+    assert m["image_to_gene_recall@1"] == 0.5 and m["chance@1"] == 0.25 and m["chance@10"] == 1.0
+    assert chance_recall(100, 10) == 0.1
+    collapsed = torch.ones(5, 3)  # everything equal: ties count against the query, recall 0 not 1
+    assert recall_at_k(collapsed, collapsed, ks=(1,)) == {1: 0.0}
+
+
+def test_csv_log_rows_new_columns_and_resume_truncation(tmp_path):
+    log = RunLogger(tmp_path, tensorboard=True)
+    for step in (1, 2, 3):
+        log.log("train", step, {"loss": 1.0 / step})
+    log.log("train", 4, {"loss": 0.2, "grad_norm": 3.0})
+    log.close()
+    assert any((tmp_path / "tensorboard").iterdir())
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert [r["step"] for r in rows] == ["1", "2", "3", "4"] and rows[3]["grad_norm"] == "3.0"
+    RunLogger(tmp_path, tensorboard=False, resume_step=2).close()  # resuming from step 2 drops later rows
+    assert [r["step"] for r in csv.DictReader((tmp_path / "train_log.csv").open())] == ["1", "2"]
+
+
+def test_config_yaml_round_trip_is_plain_yaml(tmp_path):
+    path = write_config(TrainConfig(data="d"), tmp_path / "c.yaml")
+    assert yaml.safe_load(path.read_text())["data"] == "d"
