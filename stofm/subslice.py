@@ -81,8 +81,11 @@ def tile_slide(coords: np.ndarray, *, cells_per_tile: int = 1000, max_cells: int
     n_tiles = max(1, math.ceil(n / cells_per_tile))
     area = max(float(span[0] * span[1]), 1e-12)
     side = math.sqrt(area / n_tiles) if span.min() > 0 else max(float(span.max()) / n_tiles, 1e-12)
-    cols = np.minimum((xy[:, 0] / side).astype(np.int64), max(int(span[0] / side), 0))
-    rows = np.minimum((xy[:, 1] / side).astype(np.int64), max(int(span[1] / side), 0))
+    while _grid(span, side).prod() > n_tiles:  # a rectangle needs slightly larger squares to fit n_tiles
+        side *= 1.02
+    n_cols, n_rows = _grid(span, side)
+    cols = np.minimum((xy[:, 0] / side).astype(np.int64), n_cols - 1)
+    rows = np.minimum((xy[:, 1] / side).astype(np.int64), n_rows - 1)
     key = rows * (int(cols.max()) + 1) + cols
     order = np.argsort(key, kind="stable")
     bounds = np.flatnonzero(np.diff(key[order])) + 1
@@ -90,6 +93,11 @@ def tile_slide(coords: np.ndarray, *, cells_per_tile: int = 1000, max_cells: int
     for group in np.split(order, bounds):
         tiles.extend(_split(xy, np.sort(group), limit, depth=0))
     return tiles
+
+
+def _grid(span: np.ndarray, side: float) -> np.ndarray:
+    """(columns, rows) of a grid of squares of ``side`` covering ``span``."""
+    return np.maximum(np.ceil(span / side - 1e-9), 1).astype(np.int64)
 
 
 def _split(xy: np.ndarray, idx: np.ndarray, limit: int, *, depth: int) -> list[np.ndarray]:

@@ -1,0 +1,208 @@
+"""Embed whole slides of any size with a SToFM: per-cell (``embed``) and per-niche (``embed_niches``) vectors.
+
+A slide is prepared once (``prepare_slide``): cell embeddings from the cell encoder (batched), coordinates
+scaled to a diameter of 100, virtual cells clustered once over the whole slide, sub-slices by tiling. The
+SE(2) transformer then runs over batches of padded sub-slices, so memory is bounded by
+``batch_size`` × (virtual + max_cells)² pair entries whatever the slide size.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from stofm.subslice import CoordinateError, check_coords, scale_to_diameter, tile_slide
+
+
+@dataclass
+class Slide:
+    """One slide ready for the SE(2) transformer (torch tensors on the model's device)."""
+
+    coords: Any            # (N, 2) float32, diameter 100
+    cell_emb: Any          # (N, C) float32
+    virtual_coords: Any    # (V, 2)
+    virtual_emb: Any       # (V, C)
+    tiles: list[np.ndarray]
+    scale: float
+    info: dict = field(default_factory=dict)
+
+
+def slide_inputs(adata: Any, *, layer: str | None = None, spatial_key: str = "spatial",
+                 gene_key: str | None = None, input_kind: str = "auto", where: str = "adata") -> tuple:
+    """(expression matrix, genes, coords (N,2) float64, input_kind) of an AnnData, with clear errors."""
+    if spatial_key not in adata.obsm:
+        raise CoordinateError(f"{where} has no obsm[{spatial_key!r}] with cell/spot coordinates "
+                              f"(obsm keys: {list(adata.obsm.keys())})")
+    coords = check_coords(np.asarray(adata.obsm[spatial_key])[:, :2], what=f"{where}.obsm[{spatial_key!r}]")
+    X = adata.layers[layer] if layer is not None else adata.X
+    if X is None:
+        raise ValueError(f"{where} has no expression matrix (X is None)")
+    genes = list(map(str, adata.var[gene_key] if gene_key else adata.var_names))
+    if input_kind == "auto":
+        input_kind = "counts" if _looks_like_counts(X) else "log1p"
+    return X, genes, coords, input_kind
+
+
+def _looks_like_counts(X: Any, n: int = 2000) -> bool:
+    import scipy.sparse as sp
+
+    block = X[: min(n, X.shape[0])]
+    vals = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    return bool(vals.size) and bool(np.all(vals >= 0) and np.allclose(vals, np.round(vals)) and vals.max() > 1)
+
+
+def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_key: str = "spatial",
+                  gene_key: str | None = None, input_kind: str = "auto", n_virtual: int | None = None,
+                  cells_per_tile: int | None = None, max_cells: int | None = None, seed: int = 0,
+                  cluster_method: str = "kmeans", encode_batch_size: int = 512, progress: bool = False,
+                  where: str = "adata") -> Slide:
+    """Cell embeddings, scaled coordinates, virtual cells (computed once) and sub-slices of one slide."""
+    import torch
+
+    from stofm.virtual_cells import virtual_cells
+
+    X, genes, coords, kind = slide_inputs(adata, layer=layer, spatial_key=spatial_key, gene_key=gene_key,
+                                          input_kind=input_kind, where=where)
+    matched = len(set(model.genes) & set(genes))
+    if matched == 0:
+        raise ValueError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of {where} "
+                         f"(e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
+                         "try gene_key='gene_ids'")
+    if matched < 0.5 * len(model.genes):
+        warnings.warn(f"only {matched} of the model's {len(model.genes)} genes are in {where}; the others count "
+                      "as not expressed", UserWarning, stacklevel=2)
+    device = next(model.parameters()).device
+    emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
+    emb = emb.float().to(device)
+    xy, scale = scale_to_diameter(coords)
+    cfg = model.config
+    n_virtual = int(cfg.get("n_virtual", 64) if n_virtual is None else n_virtual)
+    tiles = tile_slide(xy, cells_per_tile=int(cells_per_tile or cfg.get("cells_per_tile", 1000)),
+                       max_cells=max_cells if max_cells is not None else cfg.get("max_cells"), scale=False)
+    txy = torch.as_tensor(xy, dtype=torch.float32, device=device)
+    if n_virtual > 0:
+        vxy, vemb, _ = virtual_cells(txy.double(), emb, n_virtual, method=cluster_method, seed=seed)
+        vxy, vemb = vxy.float(), vemb.float()
+    else:
+        vxy, vemb = txy.new_zeros(0, 2), emb.new_zeros(0, emb.shape[1])
+    info = {"n_cells": len(xy), "n_tiles": len(tiles), "n_virtual": int(len(vxy)), "input_kind": kind,
+            "genes_matched": matched, "genes_model": len(model.genes), "coord_scale": float(scale)}
+    return Slide(coords=txy, cell_emb=emb, virtual_coords=vxy, virtual_emb=vemb, tiles=tiles, scale=scale,
+                 info=info)
+
+
+def collate_subslices(parts: Sequence[tuple[Slide, np.ndarray]]) -> dict:
+    """Pad sub-slices (slide, cell indices) to one length; virtual cells of each one's slide prepended."""
+    import torch
+
+    first = parts[0][0]
+    dev, c = first.cell_emb.device, first.cell_emb.shape[1]
+    b, n = len(parts), max(len(idx) for _, idx in parts)
+    v = max(len(s.virtual_coords) for s, _ in parts)
+    out = {"cell_emb": torch.zeros(b, n, c, device=dev), "coords": torch.zeros(b, n, 2, device=dev),
+           "pad_mask": torch.ones(b, n, dtype=torch.bool, device=dev),
+           "virtual_emb": torch.zeros(b, v, c, device=dev), "virtual_coords": torch.zeros(b, v, 2, device=dev),
+           "virtual_pad_mask": torch.ones(b, v, dtype=torch.bool, device=dev)}
+    for i, (s, idx) in enumerate(parts):
+        t = torch.as_tensor(idx, dtype=torch.long, device=dev)
+        out["cell_emb"][i, :len(t)] = s.cell_emb[t]
+        out["coords"][i, :len(t)] = s.coords[t]
+        out["pad_mask"][i, :len(t)] = False
+        k = len(s.virtual_coords)
+        out["virtual_emb"][i, :k], out["virtual_coords"][i, :k] = s.virtual_emb, s.virtual_coords
+        out["virtual_pad_mask"][i, :k] = False
+    return out
+
+
+def _autocast(device: Any, dtype: str | None):
+    import contextlib
+
+    import torch
+
+    if dtype in (None, "fp32", "float32"):
+        return contextlib.nullcontext()
+    if dtype not in ("bf16", "bfloat16"):
+        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+    return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+
+
+def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_stofm", device: Any = None,
+          dtype: str | None = None, key_cells: str | None = None, progress: bool = True, **slide_kw: Any) -> Any:
+    """Per-cell SToFM embeddings of a whole slide into ``adata.obsm[key_added]`` (N, dim); returns ``adata``.
+
+    ``slide_kw`` go to ``prepare_slide`` (layer, spatial_key, gene_key, input_kind, n_virtual, cells_per_tile,
+    max_cells, seed, cluster_method). ``key_cells`` also stores the cell encoder's embeddings. A summary goes
+    to ``adata.uns['stofm']``.
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    slide = prepare_slide(adata, model, progress=progress, **slide_kw)
+    dev = slide.coords.device
+    out = torch.empty(len(slide.coords), model.dim, dtype=torch.float32)
+    order = sorted(slide.tiles, key=len, reverse=True)  # similar lengths per batch: little padding
+    with torch.no_grad(), _autocast(dev, dtype):
+        for start in tqdm(range(0, len(order), batch_size), desc="stofm embed", disable=not progress):
+            chunk = order[start:start + batch_size]
+            res = model(**collate_subslices([(slide, idx) for idx in chunk]))
+            for i, idx in enumerate(chunk):
+                out[torch.as_tensor(idx)] = res["cells"][i, :len(idx)].float().cpu()
+    adata.obsm[key_added] = out.numpy()
+    if key_cells:
+        adata.obsm[key_cells] = slide.cell_emb.float().cpu().numpy()
+    adata.uns["stofm"] = {**slide.info, "key_added": key_added, "dim": model.dim,
+                          "model": str(model.config.get("name", "stofm"))}
+    return adata
+
+
+def niche_neighbors(coords: np.ndarray, n_neighbors: int) -> np.ndarray:
+    """(N, K) indices of the K nearest cells of each cell, itself first (K clipped to N)."""
+    from scipy.spatial import cKDTree
+
+    xy = check_coords(coords)
+    k = min(int(n_neighbors), len(xy))
+    _, idx = cKDTree(xy).query(xy, k=k)
+    idx = np.asarray(idx).reshape(len(xy), k)
+    self_first = np.arange(len(xy))
+    fix = idx[:, 0] != self_first  # duplicate positions: put the cell itself first
+    if fix.any():
+        for i in np.flatnonzero(fix):
+            row = [j for j in idx[i] if j != i][: k - 1]
+            idx[i] = [i] + row
+    return idx
+
+
+def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np.ndarray | None = None,
+                 batch_size: int = 64, key_added: str = "X_stofm_niche", device: Any = None,
+                 dtype: str | None = None, progress: bool = True, **slide_kw: Any) -> Any:
+    """Per-niche embeddings: the [CLS] output for each cell's niche (itself + its neighbours + the slide's
+    virtual cells) into ``adata.obsm[key_added]`` (N, dim). ``neighbors`` (N, K) overrides the kNN niches
+    (e.g. a shard's ``neighbors``); entries < 0 are treated as absent."""
+    import torch
+    from tqdm.auto import tqdm
+
+    if device is not None:
+        model = model.to(device)
+    model.eval()
+    slide = prepare_slide(adata, model, progress=progress, **{"cells_per_tile": 10**9, **slide_kw})
+    n = len(slide.coords)
+    if neighbors is None:
+        nb = niche_neighbors(slide.coords.cpu().numpy(), n_neighbors)
+    else:
+        nb = np.asarray(neighbors)
+        if nb.ndim != 2 or nb.shape[0] != n or (nb >= n).any():
+            raise ValueError(f"neighbors must be (N={n}, K) indices < {n}, got shape {nb.shape}")
+    out = torch.empty(n, model.dim, dtype=torch.float32)
+    with torch.no_grad(), _autocast(slide.coords.device, dtype):
+        for start in tqdm(range(0, n, batch_size), desc="stofm niches", disable=not progress):
+            rows = range(start, min(start + batch_size, n))
+            res = model(**collate_subslices([(slide, nb[i][nb[i] >= 0]) for i in rows]))
+            out[start:start + len(rows)] = res["cls"].float().cpu()
+    adata.obsm[key_added] = out.numpy()
+    adata.uns["stofm_niche"] = {**slide.info, "n_neighbors": int(nb.shape[1]), "key_added": key_added}
+    return adata

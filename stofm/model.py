@@ -1,0 +1,174 @@
+"""The SToFM model: a cell encoder (gene scale) + the SE(2) transformer (micro/macro scale) + pretraining heads.
+
+Configs by name live in ``stofm/model_configs/<name>.json``; ``create_model`` builds one by name or loads a
+folder written by ``SToFM.save_pretrained`` (``config.json`` + ``model.safetensors``; no pickle is read).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from stofm.cell_encoder import CellEncoder, build_cell_encoder, load_cell_encoder
+from stofm.objectives import PairDistanceHead, mcm_masks, perturb_coords
+from stofm.se2 import SE2Transformer
+
+CONFIG_DIR = Path(__file__).with_name("model_configs")
+MODEL_FORMAT = "stofm-model"
+SE2_KEYS = ("dim", "depth", "heads", "n_gaussians", "k_neighbors", "far_distance", "dropout", "attn_impl")
+TOP_KEYS = ("n_virtual", "cells_per_tile", "max_cells")
+
+
+class SToFM(nn.Module):
+    """Cell encoder -> cell embeddings; SE2Transformer over [CLS] + virtual cells + cells; MCM and PDR heads."""
+
+    def __init__(self, *, config: dict, cell_encoder: CellEncoder):
+        super().__init__()
+        self.config = copy.deepcopy(config)
+        self.cell_encoder = cell_encoder
+        se2 = self.config["se2"]
+        self.se2 = SE2Transformer(in_dim=cell_encoder.out_dim, **se2)
+        dim = se2["dim"]
+        self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim),
+                                       nn.Linear(dim, cell_encoder.out_dim))
+        self.dist_head = PairDistanceHead(heads=se2["heads"])
+
+    @property
+    def genes(self) -> list[str]:
+        return list(self.cell_encoder.genes)
+
+    @property
+    def dim(self) -> int:
+        return int(self.config["se2"]["dim"])
+
+    @torch.no_grad()
+    def encode_cells(self, expr: Any, genes: Sequence[str] | None = None, *, input_kind: str = "counts",
+                     batch_size: int = 256, progress: bool = False) -> torch.Tensor:
+        """Cell embeddings (N, cell_dim) of an (N, G) matrix over ``genes`` (matched by name to the model's)."""
+        was = self.cell_encoder.training
+        self.cell_encoder.eval()
+        try:
+            return self.cell_encoder.encode_cells(expr, genes, input_kind=input_kind, batch_size=batch_size,
+                                                  progress=progress)
+        finally:
+            self.cell_encoder.train(was)
+
+    def forward(self, cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None = None,
+                virtual_emb: torch.Tensor | None = None, virtual_coords: torch.Tensor | None = None,
+                virtual_pad_mask: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> dict:
+        """The SE(2) transformer's outputs (see ``SE2Transformer.forward``) for cell embeddings of sub-slices."""
+        return self.se2(cell_emb, coords, pad_mask, virtual_emb, virtual_coords, virtual_pad_mask, mask=mask)
+
+    def pretrain_forward(self, batch: dict, *, generator: torch.Generator | None = None, mask_ratio: float = 0.12,
+                         keep_ratio: float = 0.03, pdr_ratio: float = 0.15, sigma_factor: float = 5.0) -> dict:
+        """Masks cells (MCM) and perturbs coordinates (PDR), runs the model, adds the heads' predictions.
+
+        ``batch``: cell_emb (B,N,C), coords (B,N,2), pad_mask (B,N), virtual_emb/coords/pad_mask (B,V,·).
+        """
+        pad = batch["pad_mask"]
+        replace, target = mcm_masks(pad, mask_ratio=mask_ratio, keep_ratio=keep_ratio, generator=generator)
+        noisy, perturbed = perturb_coords(batch["coords"], pad, ratio=pdr_ratio, sigma_factor=sigma_factor,
+                                          generator=generator)
+        out = self(batch["cell_emb"], noisy, pad, batch.get("virtual_emb"), batch.get("virtual_coords"),
+                   batch.get("virtual_pad_mask"), mask=replace)
+        v = out["virtual"].shape[1]
+        out["cell_pred"] = self.cell_head(out["cells"])
+        out["dist_pred"] = self.dist_head(out["pair"][:, 1 + v:, 1 + v:])
+        out["mcm_target"], out["perturbed"] = target, perturbed
+        return out
+
+    def save_pretrained(self, path: str | os.PathLike) -> Path:
+        """Write ``path/config.json`` and ``path/model.safetensors``."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"format": MODEL_FORMAT, "version": 1, **self.config,
+                "cell_encoder": {"kind": self.cell_encoder.kind, "config": self.cell_encoder.config}}
+        (path / "config.json").write_text(json.dumps(meta, indent=1))
+        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
+                  str(path / "model.safetensors"))
+        return path
+
+
+def list_models() -> list[str]:
+    """Names of the registered configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str) -> dict:
+    """The JSON config registered as ``name``."""
+    f = CONFIG_DIR / f"{name}.json"
+    if not f.is_file():
+        raise ValueError(f"unknown stofm model {name!r}; known: {', '.join(list_models())} (or a saved folder)")
+    cfg = json.loads(f.read_text())
+    cfg["name"] = name
+    return cfg
+
+
+def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None = None,
+                 cell_encoder: CellEncoder | str | os.PathLike | None = None, device: Any = "cpu",
+                 **overrides: Any) -> SToFM:
+    """A SToFM by config name (``stofm-tiny``/``-small``/``-base``) or from a ``save_pretrained`` folder.
+
+    For a name, the cell encoder is ``cell_encoder`` (a module or a ``save_cell_encoder`` folder, e.g. after
+    masked-gene pretraining) or a fresh one of the config's kind over ``genes``. ``overrides`` set SE(2)
+    keys (dim, depth, heads, k_neighbors, ...), ``n_virtual``/``cells_per_tile``/``max_cells``, or
+    ``cell_encoder_cfg`` (a dict merged into the cell encoder's config).
+    """
+    path = Path(name_or_path)
+    if path.is_dir():
+        return load_model(path, device=device, **overrides)
+    cfg = model_config(str(name_or_path))
+    enc_cfg = dict(cfg.pop("cell_encoder"))
+    enc_cfg.update(overrides.pop("cell_encoder_cfg", None) or {})
+    _apply_overrides(cfg, overrides)
+    kind = enc_cfg.pop("kind")
+    if cell_encoder is None:
+        if genes is None:
+            raise ValueError(f"create_model({name_or_path!r}) needs genes=[...] (the gene panel/vocabulary) "
+                             "or a pretrained cell_encoder")
+        cell_encoder = build_cell_encoder(kind, genes=list(genes), **enc_cfg)
+    elif not isinstance(cell_encoder, nn.Module):
+        cell_encoder = load_cell_encoder(cell_encoder)
+    return SToFM(config=cfg, cell_encoder=cell_encoder).to(device)
+
+
+def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any) -> SToFM:
+    """Rebuild a model written by ``save_pretrained`` (safetensors only). Overrides: ``attn_impl`` and
+    the sub-slicing keys (``n_virtual``, ``cells_per_tile``, ``max_cells``)."""
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    cfg_file, weights = path / "config.json", path / "model.safetensors"
+    for f in (cfg_file, weights):
+        if not f.is_file():
+            raise FileNotFoundError(f"stofm model folder {path} lacks {f.name}")
+    meta = json.loads(cfg_file.read_text())
+    if meta.pop("format", None) != MODEL_FORMAT:
+        raise ValueError(f"{cfg_file}: not a stofm model config (no format {MODEL_FORMAT!r})")
+    meta.pop("version", None)
+    enc = meta.pop("cell_encoder")
+    bad = set(overrides) - set(TOP_KEYS) - {"attn_impl"}
+    if bad:
+        raise ValueError(f"cannot override {sorted(bad)} of a trained model")
+    _apply_overrides(meta, overrides)
+    model = SToFM(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
+    model.load_state_dict(load_file(str(weights), device="cpu"))
+    return model.to(device)
+
+
+def _apply_overrides(cfg: dict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if key in SE2_KEYS:
+            cfg["se2"][key] = value
+        elif key in TOP_KEYS:
+            cfg[key] = value
+        else:
+            raise ValueError(f"unknown stofm model option {key!r}; use one of {SE2_KEYS + TOP_KEYS} "
+                             "or cell_encoder_cfg={...}")
