@@ -106,24 +106,43 @@ def group_splits(groups: Sequence[Any], *, n_splits: int | None = None, shuffle_
 
 
 # ---------------------------------------------------------------------------- regressors + metrics
-def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, latent_dim: int | None = 256,
-                seed: int = 1, fit_intercept: bool = False) -> np.ndarray:
-    """HEST's probe: StandardScaler + PCA(latent_dim) fit on the training fold, Ridge(lsqr) with
-    alpha = 100 / (n_features * n_targets). PCA keeps at most min(latent_dim, n_train, n_features)."""
-    from sklearn.decomposition import PCA
-    from sklearn.linear_model import Ridge
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
+class RidgeProbe:
+    """HEST's probe as an estimator: StandardScaler + PCA(latent_dim) + Ridge(solver='lsqr') with
+    alpha = 100 / (n_features * n_targets) unless ``alpha`` is given. PCA keeps at most
+    min(latent_dim, n_train, n_features) components; ``latent_dim=None`` skips scaler and PCA."""
 
-    x_train, x_test = np.asarray(x_train, np.float64), np.asarray(x_test, np.float64)
-    if latent_dim:
-        n_comp = min(latent_dim, x_train.shape[0], x_train.shape[1])
-        pipe = Pipeline([("scaler", StandardScaler()), ("pca", PCA(n_components=n_comp, random_state=seed))])
-        x_train, x_test = pipe.fit_transform(x_train), pipe.transform(x_test)
-    y_train = np.asarray(y_train, np.float64)
-    alpha = 100.0 / (x_train.shape[1] * y_train.shape[1])
-    reg = Ridge(solver="lsqr", alpha=alpha, random_state=seed, fit_intercept=fit_intercept, max_iter=1000)
-    return reg.fit(x_train, y_train).predict(x_test)
+    def __init__(self, *, latent_dim: int | None = 256, alpha: float | None = None, fit_intercept: bool = False,
+                 seed: int = 1) -> None:
+        self.latent_dim, self.alpha, self.fit_intercept, self.seed = latent_dim, alpha, fit_intercept, seed
+        self.pipe: Any = None
+
+    def fit(self, x: np.ndarray, y: np.ndarray) -> RidgeProbe:
+        from sklearn.decomposition import PCA
+        from sklearn.linear_model import Ridge
+        from sklearn.pipeline import Pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        steps: list[tuple[str, Any]] = []
+        n_features = x.shape[1]
+        if self.latent_dim:
+            n_features = min(self.latent_dim, x.shape[0], x.shape[1])
+            steps = [("scaler", StandardScaler()), ("pca", PCA(n_components=n_features, random_state=self.seed))]
+        alpha = self.alpha if self.alpha is not None else 100.0 / (n_features * y.shape[1])
+        steps.append(("ridge", Ridge(solver="lsqr", alpha=alpha, random_state=self.seed,
+                                     fit_intercept=self.fit_intercept, max_iter=1000)))
+        self.pipe = Pipeline(steps).fit(x, y)
+        return self
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        if self.pipe is None:
+            raise RuntimeError("RidgeProbe.predict before fit")
+        return self.pipe.predict(np.asarray(x, np.float64))
+
+
+def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, **probe: Any) -> np.ndarray:
+    """Fit ``RidgeProbe(**probe)`` on the training fold (scaler and PCA included) and predict ``x_test``."""
+    return RidgeProbe(**probe).fit(x_train, y_train).predict(x_test)
 
 
 def pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:

@@ -1,0 +1,225 @@
+"""Few-shot learning on frozen embeddings: a ridge/linear probe for expression (HEST's PCA + ridge), prototype
+and logistic classifiers for region labels, and a small torch head fine-tuned on the embeddings."""
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stalign.tasks.hest import RidgeProbe
+from stalign.tasks.retrieval import gene_indices
+
+HEAD_FORMAT = "stalign-fewshot-head"
+
+
+class ExpressionProbe:
+    """Ridge probe embeddings -> expression over ``genes`` (HEST's PCA + ridge; intercept on by default so
+    that MSE/MAE are meaningful, ``fit_intercept=False`` for HEST's exact probe)."""
+
+    kind = "ridge"
+
+    def __init__(self, *, genes: Sequence[str], latent_dim: int | None = 256, alpha: float | None = None,
+                 fit_intercept: bool = True, seed: int = 1) -> None:
+        self.genes = [str(g) for g in genes]
+        self.probe = RidgeProbe(latent_dim=latent_dim, alpha=alpha, fit_intercept=fit_intercept, seed=seed)
+
+    def fit(self, embeddings: np.ndarray, expression: np.ndarray) -> ExpressionProbe:
+        expression = np.asarray(expression)
+        if expression.shape[1] != len(self.genes):
+            raise ValueError(f"expression has {expression.shape[1]} genes, the probe {len(self.genes)}")
+        self.probe.fit(embeddings, expression)
+        return self
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.probe.predict(embeddings).astype(np.float32)
+
+
+class PrototypeClassifier:
+    """Nearest class mean by cosine similarity of L2-normalised embeddings."""
+
+    kind = "prototype"
+
+    def __init__(self, *, temperature: float = 0.1) -> None:
+        self.temperature = temperature
+        self.classes_: np.ndarray | None = None
+        self.prototypes_: np.ndarray | None = None
+
+    def fit(self, embeddings: np.ndarray, labels: Sequence[Any]) -> PrototypeClassifier:
+        x = _unit(embeddings)
+        labels = np.asarray(labels)
+        self.classes_ = np.unique(labels)
+        self.prototypes_ = _unit(np.stack([x[labels == c].mean(0) for c in self.classes_]))
+        return self
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        if self.prototypes_ is None:
+            raise RuntimeError("PrototypeClassifier.predict before fit")
+        logits = _unit(embeddings) @ self.prototypes_.T / self.temperature
+        p = np.exp(logits - logits.max(1, keepdims=True))
+        return p / p.sum(1, keepdims=True)
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.classes_[self.predict_proba(embeddings).argmax(1)]
+
+
+class LogisticProbe:
+    """Standardised embeddings -> multinomial logistic regression (sklearn)."""
+
+    kind = "logistic"
+
+    def __init__(self, *, c: float = 1.0, seed: int = 0) -> None:
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        self.model = make_pipeline(StandardScaler(), LogisticRegression(C=c, max_iter=2000, random_state=seed))
+
+    def fit(self, embeddings: np.ndarray, labels: Sequence[Any]) -> LogisticProbe:
+        self.model.fit(np.asarray(embeddings, np.float64), np.asarray(labels))
+        return self
+
+    def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.model.predict_proba(np.asarray(embeddings, np.float64))
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.model.predict(np.asarray(embeddings, np.float64))
+
+    @property
+    def classes_(self) -> np.ndarray:
+        return self.model.classes_
+
+
+class ExpressionHead:
+    """A small MLP (LayerNorm -> Linear -> GELU -> Linear) trained on frozen embeddings to predict expression."""
+
+    kind = "head"
+
+    def __init__(self, *, genes: Sequence[str], hidden: int = 256, dropout: float = 0.1) -> None:
+        self.genes = [str(g) for g in genes]
+        self.hidden, self.dropout = hidden, dropout
+        self.net: Any = None
+        self.history: list[float] = []
+
+    def build(self, in_dim: int):
+        import torch.nn as nn
+
+        self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, self.hidden), nn.GELU(),
+                                 nn.Dropout(self.dropout), nn.Linear(self.hidden, len(self.genes)))
+        return self.net
+
+    def fit(self, embeddings: np.ndarray, expression: np.ndarray, *, epochs: int = 200, lr: float = 3e-3,
+            weight_decay: float = 1e-2, batch_size: int = 256, seed: int = 0) -> ExpressionHead:
+        """Adam-W on MSE; the output bias starts at the training mean."""
+        import torch
+
+        torch.manual_seed(seed)
+        x = torch.as_tensor(np.asarray(embeddings, np.float32))
+        y = torch.as_tensor(np.asarray(expression, np.float32))
+        if y.shape[1] != len(self.genes):
+            raise ValueError(f"expression has {y.shape[1]} genes, the head {len(self.genes)}")
+        net = self.build(x.shape[1])
+        with torch.no_grad():
+            net[-1].bias.copy_(y.mean(0))
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
+        gen = torch.Generator().manual_seed(seed)
+        net.train()
+        for _ in range(epochs):
+            total = 0.0
+            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+                loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            self.history.append(total / len(x))
+        net.eval()
+        return self
+
+    def predict(self, embeddings: np.ndarray) -> np.ndarray:
+        import torch
+
+        if self.net is None:
+            raise RuntimeError("ExpressionHead.predict before fit")
+        with torch.no_grad():
+            return self.net(torch.as_tensor(np.asarray(embeddings, np.float32))).numpy()
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        if self.net is not None:
+            state["net"] = {k: v.cpu().numpy() for k, v in self.net.state_dict().items()}
+            state["in_dim"] = int(self.net[0].normalized_shape[0])
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        import torch
+
+        weights, in_dim = state.pop("net"), state.pop("in_dim", None)
+        self.__dict__.update(state)
+        self.net = None
+        if weights is not None:
+            self.build(in_dim).load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
+            self.net.eval()
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
+
+
+def save_head(head: Any, path: str | Path, *, embedding: dict | None = None) -> Path:
+    """Write a fitted head: ``path/head.pkl`` and ``path/head.json`` (kind, genes, what embedding it expects)."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    with open(path / "head.pkl", "wb") as f:
+        pickle.dump(head, f)
+    classes = getattr(head, "classes_", None)
+    info = {"format": HEAD_FORMAT, "kind": head.kind, "genes": getattr(head, "genes", None),
+            "classes": None if classes is None else [str(c) for c in classes], "embedding": embedding or {}}
+    (path / "head.json").write_text(json.dumps(info, indent=1))
+    return path
+
+
+def load_head(path: str | Path) -> Any:
+    """Read a head written by ``save_head`` (only load heads you trust: the weights are pickled)."""
+    path = Path(path)
+    info_file = path / "head.json"
+    if not info_file.is_file() or not (path / "head.pkl").is_file():
+        raise FileNotFoundError(f"{path}: not a few-shot head (needs head.json and head.pkl)")
+    info = json.loads(info_file.read_text())
+    if info.get("format") != HEAD_FORMAT:
+        raise ValueError(f"{info_file}: format {info.get('format')!r} is not {HEAD_FORMAT!r}")
+    with open(path / "head.pkl", "rb") as f:
+        head = pickle.load(f)
+    head.embedding_info = info.get("embedding", {})
+    return head
+
+
+def head_predict(head: Any, embeddings: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
+    """Expression of ``genes`` (default: all the head's genes, in its order) from an expression head."""
+    if not hasattr(head, "genes"):
+        raise ValueError(f"a {head.kind} head predicts labels, not expression")
+    pred = head.predict(embeddings)
+    return pred if genes is None else pred[:, gene_indices(head.genes, list(genes), what="the few-shot head")]
+
+
+def few_shot_accuracy(classifier_factory: Any, embeddings: np.ndarray, labels: Sequence[Any], *, shots: int,
+                      repeats: int = 10, seed: int = 0) -> dict[str, float]:
+    """Accuracy when ``shots`` labelled spots per class train a classifier and the rest are tested."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    classes = [c for c in np.unique(labels) if (labels == c).sum() > shots]
+    if len(classes) < 2:
+        raise ValueError(f"need two classes with more than {shots} spots each")
+    mask = np.isin(labels, classes)
+    accs = []
+    for _ in range(repeats):
+        train = np.concatenate([rng.choice(np.flatnonzero(labels == c), shots, replace=False) for c in classes])
+        test = np.setdiff1d(np.flatnonzero(mask), train)
+        clf = classifier_factory().fit(embeddings[train], labels[train])
+        accs.append(float((clf.predict(embeddings[test]) == labels[test]).mean()))
+    return {"accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "shots": shots,
+            "n_classes": len(classes)}

@@ -1,0 +1,144 @@
+"""PNG maps over the H&E thumbnail: predicted expression per gene (spot circles or an interpolated grid),
+and categorical maps (domains) drawn with the same spot geometry."""
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe version of a gene or label name."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
+
+
+def new_axes(thumbnail: np.ndarray | None, coords_thumb: np.ndarray, *, width_in: float = 6.0):
+    """Figure and axes in thumbnail pixel coordinates (y down), with the thumbnail drawn when given."""
+    plt = _pyplot()
+    if thumbnail is not None:
+        h, w = thumbnail.shape[:2]
+    else:
+        w = float(coords_thumb[:, 0].max() + coords_thumb[:, 0].min()) or 1.0
+        h = float(coords_thumb[:, 1].max() + coords_thumb[:, 1].min()) or 1.0
+    fig, ax = plt.subplots(figsize=(width_in, max(width_in * h / max(w, 1), 1.5)))
+    if thumbnail is not None:
+        ax.imshow(thumbnail, extent=(0, w, h, 0))
+    ax.set_xlim(0, w)
+    ax.set_ylim(h, 0)
+    ax.set_axis_off()
+    return fig, ax
+
+
+def draw_spots(ax: Any, coords_thumb: np.ndarray, diameter_thumb: float, *, values: np.ndarray | None = None,
+               colors: Any = None, cmap: str = "magma", alpha: float = 0.8, vmin: float | None = None,
+               vmax: float | None = None):
+    """Circles of ``diameter_thumb`` (thumbnail px) coloured by ``values`` (with ``cmap``) or ``colors``."""
+    from matplotlib.collections import EllipseCollection
+
+    d = np.full(len(coords_thumb), float(diameter_thumb))
+    coll = EllipseCollection(d, d, np.zeros(len(d)), units="xy", offsets=coords_thumb,
+                             offset_transform=ax.transData, alpha=alpha, linewidths=0)
+    if values is not None:
+        coll.set_array(np.asarray(values, np.float64))
+        coll.set_cmap(cmap)
+        coll.set_clim(vmin, vmax)
+    else:
+        coll.set_facecolor(colors)
+    ax.add_collection(coll)
+    return coll
+
+
+def _grid(values: np.ndarray, coords_thumb: np.ndarray, shape: tuple[int, int], max_dist: float) -> np.ndarray:
+    """Values interpolated (linear) onto a (h, w) grid, masked farther than ``max_dist`` from any spot."""
+    from scipy.interpolate import griddata
+    from scipy.spatial import cKDTree
+
+    h, w = shape
+    gy, gx = np.mgrid[0:h, 0:w]
+    pts = np.column_stack([gx.ravel() + 0.5, gy.ravel() + 0.5])
+    grid = griddata(coords_thumb, values, pts, method="linear") if len(coords_thumb) >= 3 else None
+    near = griddata(coords_thumb, values, pts, method="nearest")
+    grid = near if grid is None else np.where(np.isnan(grid), near, grid)
+    far = cKDTree(coords_thumb).query(pts)[0] > max_dist
+    return np.ma.masked_array(grid, far).reshape(h, w)
+
+
+def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.ndarray, out_dir: str | Path, *,
+                       thumbnail: np.ndarray | None = None, downsample: float = 1.0,
+                       spot_diameter_px: float | None = None, mode: str = "spots", panel: bool = False,
+                       cmap: str = "magma", alpha: float = 0.75, dpi: int = 120, prefix: str = "") -> list[Path]:
+    """Heat maps of ``values`` (N, G) over the thumbnail: one PNG per gene, or one panel PNG.
+
+    ``coords_px`` are level-0 (x, y) spot centres, ``downsample`` level-0 px per thumbnail px (as
+    ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated).
+    """
+    plt = _pyplot()
+    values = np.asarray(values, np.float64)
+    coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
+    if values.ndim != 2 or values.shape != (len(coords), len(genes)):
+        raise ValueError(f"values must be (n_spots={len(coords)}, n_genes={len(genes)}), got {values.shape}")
+    if mode not in ("spots", "grid"):
+        raise ValueError(f"heat map mode must be 'spots' or 'grid', got {mode!r}")
+    if len(coords) == 0:
+        raise ValueError("no spots to draw")
+    if spot_diameter_px is None:
+        from scipy.spatial import cKDTree
+
+        spot_diameter_px = float(cKDTree(coords).query(coords, k=2)[0][:, 1].min()) * downsample if len(
+            coords) > 1 else 10.0 * downsample
+    diameter = float(spot_diameter_px) / float(downsample)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    shape = thumbnail.shape[:2] if thumbnail is not None else (
+        int(np.ceil(coords[:, 1].max() + diameter)), int(np.ceil(coords[:, 0].max() + diameter)))
+
+    def draw(ax: Any, g: int) -> Any:
+        v = values[:, g]
+        lo, hi = np.nanpercentile(v, 1), np.nanpercentile(v, 99)
+        if mode == "spots":
+            return draw_spots(ax, coords, diameter, values=v, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
+        return ax.imshow(_grid(v, coords, shape, diameter), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
+                         extent=(0, shape[1], shape[0], 0))
+
+    written = []
+    if panel:
+        n = len(genes)
+        cols = int(np.ceil(np.sqrt(n)))
+        rows = int(np.ceil(n / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * shape[0] / max(shape[1], 1) + 0.4),
+                                 squeeze=False)
+        for i, ax in enumerate(axes.ravel()):
+            ax.set_axis_off()
+            if i >= n:
+                continue
+            if thumbnail is not None:
+                ax.imshow(thumbnail, extent=(0, shape[1], shape[0], 0))
+            ax.set_xlim(0, shape[1])
+            ax.set_ylim(shape[0], 0)
+            fig.colorbar(draw(ax, i), ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(str(genes[i]), fontsize=9)
+        path = out_dir / f"{prefix}panel.png"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        return [path]
+    for g, gene in enumerate(genes):
+        fig, ax = new_axes(thumbnail, coords)
+        fig.colorbar(draw(ax, g), ax=ax, fraction=0.046, pad=0.02, label="predicted expression")
+        ax.set_title(str(gene))
+        path = out_dir / f"{prefix}{safe_name(gene)}.png"
+        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        plt.close(fig)
+        written.append(path)
+    return written

@@ -1,0 +1,52 @@
+"""Heat maps of chosen genes over the real H&E crop: files written, non-empty, coloured where the spots are."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from stalign.tasks.heatmaps import plot_gene_heatmaps
+
+
+@pytest.fixture(scope="module")
+def crop(squidpy_crop):
+    import anndata as ad
+    from PIL import Image
+
+    adata = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    img = Image.open(squidpy_crop / "test_img.jpg").convert("RGB")
+    full_w = img.size[0]
+    img.thumbnail((256, 256))
+    return adata, np.asarray(img), full_w / img.size[0]
+
+
+@pytest.mark.parametrize("mode", ["spots", "grid"])
+def test_one_png_per_gene_over_the_thumbnail(tmp_path, crop, mode):
+    from PIL import Image
+
+    adata, thumb, ds = crop
+    genes = ["Gad1", "Hbb-bs", "Sst/odd name"]
+    values = np.column_stack([adata[:, "Gad1"].X.toarray()[:, 0], adata[:, "Hbb-bs"].X.toarray()[:, 0],
+                              np.linspace(0, 1, adata.n_obs)])
+    paths = plot_gene_heatmaps(values, genes, adata.obsm["spatial"], tmp_path, thumbnail=thumb, downsample=ds,
+                               spot_diameter_px=89.44, mode=mode, dpi=60)
+    assert [p.name for p in paths] == ["Gad1.png", "Hbb-bs.png", "Sst_odd_name.png"]
+    for p in paths:
+        assert p.stat().st_size > 5000
+        img = np.asarray(Image.open(p).convert("RGB")).astype(int)
+        assert img.std() > 10  # not a blank canvas
+    # the map differs between genes (values are drawn, not only the thumbnail)
+    a, b = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in paths[:2])
+    h, w = min(a.shape[0], b.shape[0]), min(a.shape[1], b.shape[1])
+    assert np.abs(a[:h, :w] - b[:h, :w]).mean() > 1
+
+
+def test_panel_and_bad_input(tmp_path, crop):
+    adata, thumb, ds = crop
+    values = adata.X[:, :5].toarray()
+    paths = plot_gene_heatmaps(values, list(adata.var_names[:5]), adata.obsm["spatial"], tmp_path, thumbnail=thumb,
+                               downsample=ds, panel=True, dpi=50)
+    assert len(paths) == 1 and paths[0].stat().st_size > 5000
+    with pytest.raises(ValueError, match="n_genes=4"):
+        plot_gene_heatmaps(values, list(adata.var_names[:4]), adata.obsm["spatial"], tmp_path)
+    with pytest.raises(ValueError, match="mode"):
+        plot_gene_heatmaps(values, list(adata.var_names[:5]), adata.obsm["spatial"], tmp_path, mode="contour")
