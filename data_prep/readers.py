@@ -1,0 +1,305 @@
+"""Readers that pair a slide image with its spots: AnnData + image, Space Ranger folders, HEST-1k samples.
+
+Every reader returns a validated :class:`SlideSample` (coordinates in level-0 pixels of ``image_path``, a pixel
+size and the rule that gave it). Pixel-size rules are in ``docs/readers.md``: an explicit ``um_per_px`` always
+wins; otherwise ``pixel_size_from`` picks a source, and ``"auto"`` tries each reader's trusted sources in order
+and raises :class:`PixelSizeError` listing the ways to supply one when none is available. Never guessed.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
+from data_prep.sample_checks import check_sample, coords_from_obsm
+from data_prep.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
+from data_prep.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
+
+PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
+WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
+
+
+@dataclass(kw_only=True)
+class SlideSample:
+    """One slide with its spots, ready for cropping."""
+
+    slide_id: str
+    image_path: Path
+    adata: Any  # AnnData: obs_names = barcodes, var_names = genes, X as given
+    coords_px: np.ndarray  # (N, 2) float64 spot centres (x, y) in level-0 px of image_path
+    um_per_px: float
+    pixel_size_source: str
+    source_files: list[Path] = field(default_factory=list)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.adata.n_obs)
+
+
+PixelSizeCandidate = Callable[[], tuple[float, str]]  # returns (µm/px, source) or raises PixelSizeError
+
+
+def choose_pixel_size(*, what: str, um_per_px: float | None, pixel_size_from: str,
+                      candidates: dict[str, PixelSizeCandidate], auto_order: list[str]) -> tuple[float, str]:
+    """The pixel size and its source: user flag, else the chosen candidate, else the first of ``auto_order``."""
+    if um_per_px is not None:
+        return check_um_per_px(um_per_px, what=f"{what} (um_per_px flag)"), "user flag"
+    if pixel_size_from not in candidates and pixel_size_from != "auto":
+        raise PixelSizeError(f"{what}: pixel_size_from={pixel_size_from!r} is not available here; "
+                             f"choose from {['auto', *candidates]}")
+    order = auto_order if pixel_size_from == "auto" else [pixel_size_from]
+    reasons = []
+    for name in order:
+        try:
+            value, source = candidates[name]()
+        except PixelSizeError as exc:
+            reasons.append(f"{name}: {exc}")
+            continue
+        return check_um_per_px(value, what=f"{what} ({source})"), source
+    ways = ["an explicit um_per_px (--um-per-px)"] + [f"pixel_size_from={n!r}" for n in candidates if n not in order]
+    raise PixelSizeError(f"{what}: no pixel size (µm/px) - " + "; ".join(reasons)
+                         + ". Supply one of: " + ", ".join(ways))
+
+
+def _metadata_candidate(slide) -> PixelSizeCandidate:
+    def get() -> tuple[float, str]:
+        if slide.um_per_px is None:
+            raise PixelSizeError(f"{slide.path} has no usable pixel size in its metadata"
+                                 + (f" ({slide.pixel_size_note})" if slide.pixel_size_note else ""))
+        return slide.um_per_px, slide.pixel_size_source
+    return get
+
+
+def _spot_diameter_candidate(diameter_px: float | None, diameter_um: float, where: str) -> PixelSizeCandidate:
+    def get() -> tuple[float, str]:
+        if diameter_px is None or not np.isfinite(diameter_px) or diameter_px <= 0:
+            raise PixelSizeError(f"no spot diameter in {where}")
+        return diameter_um / diameter_px, f"Visium spot diameter ({diameter_um:g} µm = {diameter_px:.2f} px, {where})"
+    return get
+
+
+def _pitch_candidate(coords: np.ndarray, pitch_um: float) -> PixelSizeCandidate:
+    def get() -> tuple[float, str]:
+        from scipy.spatial import cKDTree
+
+        pts = coords[np.isfinite(coords).all(axis=1)]
+        if len(pts) < 2:
+            raise PixelSizeError("fewer than 2 spots to measure the spot pitch")
+        dist, _ = cKDTree(pts).query(pts, k=min(7, len(pts)))
+        nearest = float(np.median(dist[:, 1]))
+        if nearest <= 0:
+            raise PixelSizeError("spots coincide; cannot measure the spot pitch")
+        shell = dist[:, 1:][dist[:, 1:] <= 1.2 * nearest]  # all first-ring neighbours, not only the closest
+        spacing = float(np.median(shell))
+        return pitch_um / spacing, (f"spot pitch ({pitch_um:g} µm = median first-ring neighbour spacing "
+                                    f"{spacing:.2f} px)")
+    return get
+
+
+def _spatial_scalefactors(adata, library_id: str | None, what: str) -> tuple[dict, str]:
+    spatial = adata.uns.get("spatial", {}) if hasattr(adata.uns, "get") else {}
+    libs = list(spatial) if isinstance(spatial, dict) else []
+    if library_id is None:
+        if len(libs) != 1:
+            return {}, ("no uns['spatial'] library" if not libs else
+                        f"{len(libs)} libraries in uns['spatial'] ({examples(libs)}); pass library_id")
+        library_id = libs[0]
+    if library_id not in libs:
+        raise DataPrepError(f"{what}: library_id {library_id!r} not in uns['spatial'] ({examples(libs)})")
+    return dict(spatial[library_id].get("scalefactors", {})), f"{what} uns['spatial'][{library_id!r}]['scalefactors']"
+
+
+def _load_h5ad(path: Path) -> Any:
+    import anndata as ad
+
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: AnnData file does not exist")
+    try:
+        return ad.read_h5ad(path)
+    except Exception as exc:  # h5py/anndata raise many types for corrupt files
+        raise DataPrepError(f"{path}: cannot read as AnnData (.h5ad): {type(exc).__name__}: {exc}") from exc
+
+
+def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, *, slide_id: str | None = None,
+                       um_per_px: float | None = None, pixel_size_from: str = "auto",
+                       spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, spatial_key: str = "spatial",
+                       library_id: str | None = None, crop_um: float = 336.0,
+                       make_unique: bool = False) -> SlideSample:
+    """An AnnData (path or object) whose ``obsm[spatial_key]`` holds (x, y) level-0 px of ``image``.
+
+    Pixel size: ``um_per_px`` > ``pixel_size_from`` in {"metadata", "spot-diameter", "pitch"}; ``"auto"``
+    tries the slide metadata, then the Visium spot diameter
+    (``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']`` = ``spot_diameter_um``).
+    """
+    image = Path(image)
+    h5ad_path = None if hasattr(h5ad, "obsm") else Path(h5ad)
+    adata = h5ad if h5ad_path is None else _load_h5ad(h5ad_path)
+    what = str(h5ad_path) if h5ad_path is not None else f"AnnData for {image}"
+    coords = coords_from_obsm(adata, spatial_key, what=what)
+    with open_slide(image) as slide:
+        scalefactors, where = _spatial_scalefactors(adata, library_id, what)
+        candidates = {
+            "metadata": _metadata_candidate(slide),
+            "spot-diameter": _spot_diameter_candidate(scalefactors.get("spot_diameter_fullres"), spot_diameter_um,
+                                                      where),
+            "pitch": _pitch_candidate(coords, spot_pitch_um),
+        }
+        mpp, source = choose_pixel_size(what=f"{image} + {what}", um_per_px=um_per_px,
+                                        pixel_size_from=pixel_size_from, candidates=candidates,
+                                        auto_order=["metadata", "spot-diameter"])
+        dims = slide.dimensions
+    sample = SlideSample(slide_id=slide_id or (h5ad_path.stem if h5ad_path else image.stem), image_path=image,
+                         adata=adata, coords_px=coords, um_per_px=mpp, pixel_size_source=source,
+                         source_files=[p for p in (h5ad_path, image) if p is not None])
+    return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
+                        expression_file=what, coords_file=f"{what} obsm[{spatial_key!r}]")
+
+
+def _spaceranger_root(folder: Path) -> Path:
+    for root in (folder, folder / "outs"):
+        if (root / "filtered_feature_bc_matrix.h5").is_file():
+            return root
+    raise FileNotFoundError(f"{folder}: not a Space Ranger output folder (no filtered_feature_bc_matrix.h5 "
+                            "here or in outs/)")
+
+
+def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | None = None,
+                     slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
+                     spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, crop_um: float = 336.0,
+                     make_unique: bool = False, var_names: str = "gene_symbols") -> SlideSample:
+    """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG.
+
+    Without ``image`` the spots are scaled by ``tissue_hires_scalef`` onto ``spatial/tissue_hires_image.png``
+    (``tissue_lowres_image.png`` when there is no hires one) and the pixel size comes from the spot diameter
+    (``"auto"``); with ``image`` ``"auto"`` tries its metadata, then the spot diameter.
+    """
+    root = _spaceranger_root(Path(folder))
+    matrix_path = root / "filtered_feature_bc_matrix.h5"
+    spatial = root / "spatial"
+    positions_path = find_tissue_positions(spatial)
+    sf_path = spatial / "scalefactors_json.json"
+    scalefactors = read_scalefactors(sf_path)
+    adata = read_10x_h5(matrix_path, var_names=var_names)
+    positions = read_tissue_positions(positions_path)
+    _match_barcodes(adata.obs_names, positions, matrix_path, positions_path)
+    adata = adata[positions.loc[adata.obs_names, "in_tissue"].to_numpy()].copy()
+    pos = positions.loc[adata.obs_names]
+    coords = pos[["x", "y"]].to_numpy(np.float64)
+    adata.obs["in_tissue"] = True
+    if image is not None:
+        image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["metadata", "spot-diameter"]
+    else:
+        for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
+                          ("tissue_lowres_scalef", "tissue_lowres_image.png")):
+            if (spatial / name).is_file() and key in scalefactors:
+                image_path, scale, scale_note = spatial / name, float(scalefactors[key]), f"x {key} {scalefactors[key]}"
+                break
+        else:
+            raise FileNotFoundError(f"{spatial}: no tissue_hires_image.png/tissue_lowres_image.png with a scale "
+                                    f"factor in {sf_path.name}; pass the full-resolution image")
+        auto = ["spot-diameter"]
+    coords = coords * scale
+    adata.obsm["spatial"] = coords
+    diameter = scalefactors.get("spot_diameter_fullres")
+    with open_slide(image_path) as slide:
+        candidates = {
+            "metadata": _metadata_candidate(slide),
+            "spot-diameter": _spot_diameter_candidate(None if diameter is None else float(diameter) * scale,
+                                                      spot_diameter_um,
+                                                      f"spot_diameter_fullres {diameter} {scale_note} in {sf_path}"),
+            "pitch": _pitch_candidate(coords, spot_pitch_um),
+        }
+        mpp, source = choose_pixel_size(what=str(root), um_per_px=um_per_px, pixel_size_from=pixel_size_from,
+                                        candidates=candidates, auto_order=auto)
+        dims = slide.dimensions
+    sample = SlideSample(slide_id=slide_id or (root.parent.name if root.name == "outs" else root.name),
+                         image_path=image_path, adata=adata, coords_px=coords, um_per_px=mpp,
+                         pixel_size_source=source,
+                         source_files=[matrix_path, positions_path, sf_path, image_path])
+    return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
+                        expression_file=str(matrix_path), coords_file=f"{positions_path} (scaled {scale_note})")
+
+
+def _match_barcodes(barcodes, positions, matrix_path: Path, positions_path: Path) -> None:
+    missing = [b for b in barcodes if b not in positions.index]
+    if missing:
+        raise BarcodeError(f"{len(missing)} of {len(barcodes)} barcodes of {matrix_path} have no row in "
+                           f"{positions_path}, e.g. {examples(missing)}; positions have e.g. "
+                           f"{examples(positions.index[:3])}")
+    in_tissue = positions.index[positions["in_tissue"].to_numpy()]
+    absent = in_tissue.difference(barcodes)
+    if len(absent):
+        raise BarcodeError(f"{len(absent)} in-tissue barcodes of {positions_path} are not in {matrix_path}, e.g. "
+                           f"{examples(absent)}: the matrix and positions come from different runs")
+
+
+def list_hest_samples(root: str | os.PathLike) -> list[str]:
+    """Sample ids of a HEST-1k folder that have both ``st/<id>.h5ad`` and a slide in ``wsis/``."""
+    root = Path(root)
+    if not (root / "st").is_dir():
+        raise FileNotFoundError(f"{root}: not a HEST-1k folder (no st/ sub-folder)")
+    return sorted(p.stem for p in (root / "st").glob("*.h5ad") if _hest_wsi(root, p.stem) is not None)
+
+
+def _hest_wsi(root: Path, sample_id: str) -> Path | None:
+    for suffix in WSI_SUFFIXES:
+        if (root / "wsis" / f"{sample_id}{suffix}").exists():
+            return root / "wsis" / f"{sample_id}{suffix}"
+    return None
+
+
+def _hest_candidate(meta: dict, key: str, meta_path: Path) -> PixelSizeCandidate:
+    def get() -> tuple[float, str]:
+        value = meta.get(key)
+        try:
+            value = float(value)
+        except (TypeError, ValueError):
+            value = float("nan")
+        if not (np.isfinite(value) and PLAUSIBLE_UM_PER_PX[0] <= value <= PLAUSIBLE_UM_PER_PX[1]):
+            raise PixelSizeError(f"{meta_path} has no usable {key!r} (got {meta.get(key)!r})")
+        return value, f"HEST metadata ({key} in {meta_path.name})"
+    return get
+
+
+def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | None = None,
+              pixel_size_from: str = "auto", spot_pitch_um: float = 100.0, spatial_key: str = "spatial",
+              crop_um: float = 336.0, make_unique: bool = False) -> SlideSample:
+    """A HEST-1k sample: ``st/<id>.h5ad`` (spots in ``obsm['spatial']``, level-0 px), ``wsis/<id>.tif``,
+    ``metadata/<id>.json``. ``"auto"`` pixel size: ``pixel_size_um_estimated`` (what HEST itself uses), then
+    ``pixel_size_um_embedded``, then the slide metadata.
+    """
+    root = Path(root)
+    h5ad_path = root / "st" / f"{sample_id}.h5ad"
+    meta_path = root / "metadata" / f"{sample_id}.json"
+    wsi = _hest_wsi(root, sample_id)
+    if wsi is None:
+        raise FileNotFoundError(f"{root / 'wsis'}: no slide for HEST sample {sample_id!r} "
+                                f"(looked for {sample_id}{{{','.join(WSI_SUFFIXES)}}})")
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise DataPrepError(f"{meta_path}: cannot read the HEST metadata JSON: {exc}") from exc
+    adata = _load_h5ad(h5ad_path)
+    coords = coords_from_obsm(adata, spatial_key, what=str(h5ad_path))
+    with open_slide(wsi) as slide:
+        candidates = {
+            "hest-estimated": _hest_candidate(meta, "pixel_size_um_estimated", meta_path),
+            "hest-embedded": _hest_candidate(meta, "pixel_size_um_embedded", meta_path),
+            "metadata": _metadata_candidate(slide),
+            "pitch": _pitch_candidate(coords, spot_pitch_um),
+        }
+        mpp, source = choose_pixel_size(what=f"HEST sample {sample_id!r} in {root}", um_per_px=um_per_px,
+                                        pixel_size_from=pixel_size_from, candidates=candidates,
+                                        auto_order=["hest-estimated", "hest-embedded", "metadata"])
+        dims = slide.dimensions
+    sample = SlideSample(slide_id=sample_id, image_path=wsi, adata=adata, coords_px=coords, um_per_px=mpp,
+                         pixel_size_source=source,
+                         source_files=[p for p in (h5ad_path, wsi, meta_path) if p.is_file()])
+    return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
+                        expression_file=str(h5ad_path), coords_file=f"{h5ad_path} obsm[{spatial_key!r}]")

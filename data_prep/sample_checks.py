@@ -1,0 +1,86 @@
+"""Validation shared by all readers: spots, coordinates, barcodes, gene names and expression values."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from data_prep.errors import BarcodeError, CoordinateError, ExpressionError, GeneNameError, examples
+
+if TYPE_CHECKING:
+    from data_prep.readers import SlideSample
+
+
+def coords_from_obsm(adata: Any, key: str, *, what: str) -> np.ndarray:
+    """(N, 2) float64 (x, y) from ``adata.obsm[key]``; :class:`CoordinateError` when missing or misshaped."""
+    if key not in adata.obsm:
+        raise CoordinateError(f"{what}: no obsm[{key!r}] with spot coordinates (obsm has {examples(adata.obsm)})")
+    value = adata.obsm[key]
+    value = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
+    try:
+        coords = np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise CoordinateError(f"{what}: obsm[{key!r}] is not numeric: {exc}") from exc
+    if coords.ndim != 2 or coords.shape[1] < 2:
+        raise CoordinateError(f"{what}: obsm[{key!r}] must be (n_spots, 2) x/y pixels, got shape {coords.shape}")
+    return np.ascontiguousarray(coords[:, :2])
+
+
+def _check_values(x: Any, what: str) -> None:
+    data = x.data if hasattr(x, "tocsr") else np.asarray(x)
+    if data.dtype.kind not in "biuf":
+        raise ExpressionError(f"{what}: expression has non-numeric type {data.dtype}")
+    if data.dtype.kind == "f":
+        bad = ~np.isfinite(data)
+        if bad.any():
+            n_nan = int(np.isnan(data).sum())
+            raise ExpressionError(f"{what}: expression has {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values")
+    if data.size and data.min() < 0:
+        raise ExpressionError(f"{what}: expression has {int((data < 0).sum())} negative values "
+                              f"(min {float(data.min()):g}); expected counts or log-normalised values >= 0")
+
+
+def check_sample(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: float, make_unique: bool,
+                 expression_file: str, coords_file: str) -> SlideSample:
+    """Raise a :class:`DataPrepError` naming the file on bad input; returns ``sample`` (genes made unique on request).
+
+    Checks: at least one spot and one gene; unique barcodes; unique gene names (or ``make_unique``: anndata's
+    ``var_names_make_unique``, which appends ``-1``, ``-2``...); finite, non-negative ``X`` (and
+    ``layers['counts']``); finite coordinates whose ``crop_um`` crop still overlaps the image.
+    """
+    adata, coords = sample.adata, sample.coords_px
+    if adata.n_obs == 0:
+        raise ExpressionError(f"{expression_file}: no spots (0 observations)")
+    if adata.n_vars == 0:
+        raise ExpressionError(f"{expression_file}: no genes (0 variables)")
+    if len(coords) != adata.n_obs:
+        raise CoordinateError(f"{coords_file}: {len(coords)} coordinates for {adata.n_obs} spots")
+    barcodes = adata.obs_names
+    if barcodes.has_duplicates:
+        raise BarcodeError(f"{expression_file}: duplicated barcodes (obs_names), e.g. "
+                           f"{examples(barcodes[barcodes.duplicated()].unique())}")
+    genes = adata.var_names
+    if genes.has_duplicates:
+        if not make_unique:
+            dups = genes[genes.duplicated()].unique()
+            raise GeneNameError(f"{expression_file}: {len(dups)} duplicated gene names, e.g. {examples(dups)}; "
+                                "pass make_unique=True (--make-unique-genes) to suffix them -1, -2, ...")
+        adata.var_names_make_unique()
+    _check_values(adata.X, expression_file)
+    if "counts" in adata.layers:
+        _check_values(adata.layers["counts"], f"{expression_file} layers['counts']")
+    bad = ~np.isfinite(coords).all(axis=1)
+    if bad.any():
+        raise CoordinateError(f"{coords_file}: {int(bad.sum())} spots have NaN/inf coordinates, e.g. barcodes "
+                              f"{examples(barcodes[bad])}")
+    width, height = image_dims
+    margin = crop_um / sample.um_per_px / 2
+    outside = ((coords[:, 0] < -margin) | (coords[:, 1] < -margin)
+               | (coords[:, 0] > width + margin) | (coords[:, 1] > height + margin))
+    if outside.any():
+        first = coords[outside][:3].round(1).tolist()
+        raise CoordinateError(f"{coords_file}: {int(outside.sum())} of {len(coords)} spots lie outside "
+                              f"{sample.image_path} ({width}x{height} px, margin {margin:.0f} px = half a "
+                              f"{crop_um:g} µm crop), e.g. barcodes {examples(barcodes[outside])} at {first}; "
+                              "are the coordinates for a different image or scale?")
+    return sample

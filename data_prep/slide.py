@@ -1,0 +1,194 @@
+"""Open whole-slide and plain images and read crops of any physical size from the best pyramid level.
+
+``open_slide`` reads every format openslide knows (svs, tiff, ndpi, mrxs, scn, bif, DICOM, ...) through
+openslide, and plain JPEG/PNG/BMP or TIFFs that openslide refuses (stripped, non-pyramidal) through PIL or
+tifffile as in-memory levels. A :class:`Slide` pickles as its path, so worker processes reopen it cheaply.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import CoordinateError, PixelSizeError, SlideError
+from data_prep.slide_backends import ArrayBackend, OpenSlideBackend, open_backend
+
+#: Pixel sizes outside this range (µm/px) are placeholders (72 dpi TIFF defaults etc.), not calibration.
+PLAUSIBLE_UM_PER_PX = (0.01, 50.0)
+
+
+class Slide:
+    """An opened slide: level geometry, pixel size and crop reading (RGB uint8, white outside the image)."""
+
+    def __init__(self, *, path: Path, backend: OpenSlideBackend | ArrayBackend, um_per_px: float | None,
+                 pixel_size_source: str, pixel_size_note: str = "", user_um_per_px: float | None = None):
+        self.path = path
+        self._backend = backend
+        self.um_per_px = um_per_px
+        self.pixel_size_source = pixel_size_source
+        self.pixel_size_note = pixel_size_note
+        self._user_um_per_px = user_um_per_px
+
+    # geometry -------------------------------------------------------------------------------------------
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """(width, height) of level 0."""
+        return self._backend.level_dimensions[0]
+
+    @property
+    def level_count(self) -> int:
+        return len(self._backend.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return tuple(self._backend.level_dimensions)
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return tuple(self._backend.level_downsamples)
+
+    def best_level(self, downsample: float) -> int:
+        """The coarsest level whose downsample is <= ``downsample`` (level 0 when none is)."""
+        best = 0
+        for i, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-9) and ds >= self.level_downsamples[best]:
+                best = i
+        return best
+
+    # reading --------------------------------------------------------------------------------------------
+    def _read_level(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Pixels [x, x+w) x [y, y+h) of ``level`` as (h, w, 3) uint8; white where outside the level."""
+        lw, lh = self._backend.level_dimensions[level]
+        out = np.full((h, w, 3), 255, dtype=np.uint8)
+        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, lw), min(y + h, lh)
+        if x1 > x0 and y1 > y0:
+            try:
+                out[y0 - y:y1 - y, x0 - x:x1 - x] = self._backend.read(level, x0, y0, x1 - x0, y1 - y0)
+            except SlideError:
+                raise
+            except Exception as exc:  # openslide/PIL/tifffile decode errors: corrupt or truncated data
+                raise SlideError(f"{self.path}: cannot read pixels ({x0},{y0})+({x1 - x0}x{y1 - y0}) of level "
+                                 f"{level}: {type(exc).__name__}: {exc}") from exc
+        return out
+
+    def read_region_level0(self, x: int, y: int, w: int, h: int) -> np.ndarray:
+        """Level-0 pixels [x, x+w) x [y, y+h) as (h, w, 3) uint8, white outside the image."""
+        return self._read_level(0, int(x), int(y), int(w), int(h))
+
+    def read_crop(self, center_xy_px: Any, size_px: float, out_px: int, *,
+                  resample: int | None = None) -> tuple[np.ndarray, bool]:
+        """Square crop ``size_px`` level-0 px wide centred on (x, y), resampled to ``out_px``.
+
+        Reads the coarsest level whose downsample is <= size_px / out_px and resamples with Lanczos (or
+        ``resample``, a PIL filter). Returns the (out_px, out_px, 3) uint8 crop and whether it left the image
+        (the outside is white).
+        """
+        from PIL import Image
+
+        cx, cy = (float(v) for v in np.asarray(center_xy_px, dtype=np.float64).reshape(2))
+        size, out_px = float(size_px), int(out_px)
+        if not (math.isfinite(cx) and math.isfinite(cy)):
+            raise CoordinateError(f"{self.path}: crop centre ({cx}, {cy}) is not finite")
+        if not (size > 0 and math.isfinite(size)) or out_px <= 0:
+            raise ValueError(f"{self.path}: crop size must be > 0 (got size_px={size_px}, out_px={out_px})")
+        width, height = self.dimensions
+        x0, y0 = cx - size / 2, cy - size / 2
+        padded = bool(x0 < 0 or y0 < 0 or x0 + size > width or y0 + size > height)
+        level = self.best_level(size / out_px)
+        ds = self.level_downsamples[level]
+        lx, ly, ls = x0 / ds, y0 / ds, size / ds
+        if abs(ls - out_px) < 1e-6 and abs(lx - round(lx)) < 1e-6 and abs(ly - round(ly)) < 1e-6:
+            return self._read_level(level, round(lx), round(ly), out_px, out_px), padded
+        margin = int(math.ceil(3 * max(ls / out_px, 1.0))) + 1  # filter support around the box
+        ix, iy = math.floor(lx) - margin, math.floor(ly) - margin
+        n = math.ceil(lx + ls) + margin - ix
+        m = math.ceil(ly + ls) + margin - iy
+        region = Image.fromarray(self._read_level(level, ix, iy, n, m))
+        box = (lx - ix, ly - iy, lx - ix + ls, ly - iy + ls)
+        crop = region.resize((out_px, out_px), resample=Image.Resampling.LANCZOS if resample is None else resample,
+                             box=box)
+        return np.asarray(crop, dtype=np.uint8), padded
+
+    def read_crops(self, centers: Any, size_px: float, out_px: int, *,
+                   resample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``read_crop`` for each (x, y) row of ``centers``: ((N, out, out, 3) uint8, (N,) bool padded)."""
+        centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        crops = np.empty((len(centers), int(out_px), int(out_px), 3), dtype=np.uint8)
+        padded = np.zeros(len(centers), dtype=bool)
+        for i, c in enumerate(centers):
+            crops[i], padded[i] = self.read_crop(c, size_px, out_px, resample=resample)
+        return crops, padded
+
+    def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
+        """RGB thumbnail whose longer side is <= ``max_size``, and its downsample (level-0 px per thumb px)."""
+        from PIL import Image
+
+        width, height = self.dimensions
+        target = max(width, height) / float(max_size)
+        level = self.best_level(target)
+        lw, lh = self._backend.level_dimensions[level]
+        img = Image.fromarray(self._read_level(level, 0, 0, lw, lh))
+        if max(lw, lh) > max_size:
+            img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
+        return np.asarray(img, dtype=np.uint8), width / img.size[0]
+
+    # lifecycle ------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        self._backend.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __reduce__(self):
+        return _reopen, (os.fspath(self.path), self._user_um_per_px)
+
+    def __repr__(self) -> str:
+        return (f"Slide({str(self.path)!r}, dimensions={self.dimensions}, levels={self.level_count}, "
+                f"um_per_px={self.um_per_px}, source={self.pixel_size_source!r})")
+
+
+def _reopen(path: str, um_per_px: float | None) -> Slide:
+    return open_slide(path, um_per_px=um_per_px)
+
+
+def check_um_per_px(value: float, *, what: str) -> float:
+    """``value`` as a float if it is a finite positive pixel size, else :class:`PixelSizeError`."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise PixelSizeError(f"{what}: pixel size {value!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise PixelSizeError(f"{what}: pixel size must be a finite number > 0 µm/px, got {value!r}")
+    return v
+
+
+def open_slide(path: str | os.PathLike, *, um_per_px: float | None = None) -> Slide:
+    """Open a slide or image; ``um_per_px`` overrides the pixel size found in its metadata.
+
+    A folder opens the first DICOM (``*.dcm``) file in it. Unopenable, truncated or corrupt files raise
+    :class:`SlideError` naming the file. Metadata pixel sizes outside ``PLAUSIBLE_UM_PER_PX`` (such as the
+    72 dpi default of many TIFF writers) are ignored and explained in ``Slide.pixel_size_note``.
+    """
+    path = Path(path)
+    user = None if um_per_px is None else check_um_per_px(um_per_px, what=f"{path} (um_per_px flag)")
+    if not path.exists():
+        raise SlideError(f"{path}: slide file does not exist")
+    backend = open_backend(path)
+    mpp, source = backend.pixel_size()
+    note = ""
+    if mpp is not None and not (PLAUSIBLE_UM_PER_PX[0] <= mpp <= PLAUSIBLE_UM_PER_PX[1]):
+        note = (f"ignored {source} = {mpp:.4g} µm/px: outside the plausible range "
+                f"{PLAUSIBLE_UM_PER_PX[0]}-{PLAUSIBLE_UM_PER_PX[1]} µm/px (likely a default dpi, not a calibration)")
+        mpp, source = None, "none"
+    if user is not None:
+        if mpp is not None:
+            note = f"user flag overrides {source} = {mpp:.4g} µm/px"
+        mpp, source = user, "user flag"
+    return Slide(path=path, backend=backend, um_per_px=mpp, pixel_size_source=source if mpp is not None else "none",
+                 pixel_size_note=note, user_um_per_px=user)

@@ -1,0 +1,178 @@
+"""open_slide / Slide on real files: the squidpy JPEG, openslide's fixtures and a tifffile-written pyramid."""
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_prep.errors import DataPrepError, PixelSizeError, SlideError
+from data_prep.slide import open_slide
+
+
+def write_pyramid_tiff(path: Path, image: np.ndarray, *, um_per_px: float | None, levels: int = 3,
+                       tile: int = 64) -> Path:
+    """A tiled pyramidal TIFF (reduced levels as subfiletype=1 pages) with the resolution in cm."""
+    import tifffile
+
+    kw = {}
+    if um_per_px is not None:
+        kw = {"resolution": (1e4 / um_per_px, 1e4 / um_per_px), "resolutionunit": "CENTIMETER"}
+    with tifffile.TiffWriter(path, bigtiff=False) as tw:
+        img = Image.fromarray(image)
+        for level in range(levels):
+            arr = np.asarray(img)
+            tw.write(arr, tile=(tile, tile), photometric="rgb", compression="deflate",
+                     subfiletype=0 if level == 0 else 1, **kw)
+            img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
+    return path
+
+
+def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """Smooth random colours (so downsampled levels are comparable) with sharp edges from a few blocks."""
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, size=(h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+    return np.asarray(Image.fromarray(small).resize((w, h), Image.Resampling.BILINEAR))
+
+
+def test_crop_of_known_region_equals_the_jpeg_region(squidpy_crop):
+    jpg = squidpy_crop / "test_img.jpg"
+    direct = np.asarray(Image.open(jpg).convert("RGB"))
+    with open_slide(jpg) as slide:
+        assert slide.dimensions == (950, 1717) and slide.level_count == 1
+        crop, padded = slide.read_crop((400, 500), 100, 100)
+        assert not padded and crop.dtype == np.uint8 and crop.shape == (100, 100, 3)
+        np.testing.assert_array_equal(crop, direct[450:550, 350:450])
+        np.testing.assert_array_equal(slide.read_region_level0(10, 20, 30, 40), direct[20:60, 10:40])
+        # a resampled crop equals PIL's resize of the same box of the whole image (filter context included)
+        small, _ = slide.read_crop((400.5, 500.25), 200, 50)
+        ref = np.asarray(Image.fromarray(direct).resize((50, 50), Image.Resampling.LANCZOS,
+                                                        box=(300.5, 400.25, 500.5, 600.25)))
+        assert np.abs(small.astype(int) - ref.astype(int)).max() <= 1
+
+
+def test_crop_at_the_edge_is_padded_white(squidpy_crop):
+    with open_slide(squidpy_crop / "test_img.jpg") as slide:
+        crop, padded = slide.read_crop((10, 10), 40, 40)
+        assert padded
+        assert (crop[:10, :, :] == 255).all() and (crop[:, :10, :] == 255).all()
+        assert (crop[15:, 15:] != 255).any()
+        crops, flags = slide.read_crops(np.array([[10.0, 10.0], [400.0, 500.0], [949.0, 1000.0]]), 40, 16)
+        assert crops.shape == (3, 16, 16, 3) and flags.tolist() == [True, False, True]
+
+
+def test_pyramid_crop_comes_from_a_coarser_level(fetched):
+    path = fetched("openslide-fixtures") / "boxes.tiff"
+    with open_slide(path) as slide:
+        assert slide.level_count == 4 and slide.dimensions == (300, 250)
+        assert slide.best_level(4.5) == 2 and slide.best_level(1.5) == 0
+        full = slide.read_region_level0(0, 0, 300, 250)
+        crop, padded = slide.read_crop((150, 125), 200, 50)  # downsample 4 -> level 1 (2.0); 4.016 > 4
+        assert not padded
+        ref = np.asarray(Image.fromarray(full[25:225, 50:250]).resize((50, 50), Image.Resampling.BOX))
+        assert np.abs(crop.astype(float) - ref).mean() < 12
+        # an 8x reduction reads level 2 and still matches the level-0 region
+        crop8, _ = slide.read_crop((150, 125), 240, 30)
+        ref8 = np.asarray(Image.fromarray(full[5:245, 30:270]).resize((30, 30), Image.Resampling.BOX))
+        assert np.abs(crop8.astype(float) - ref8).mean() < 15
+        # boxes.tiff says 72 dpi: a placeholder, not a calibration
+        assert slide.um_per_px is None and "72" not in slide.pixel_size_source
+        assert "plausible" in slide.pixel_size_note
+
+
+def test_svs_and_dicom_pixel_size_from_metadata(fetched):
+    folder = fetched("openslide-fixtures")
+    with open_slide(folder / "small.svs") as slide:
+        assert slide.um_per_px == pytest.approx(0.499)
+        assert slide.pixel_size_source == "slide metadata (openslide.mpp-x)"
+    with open_slide(folder / "boxes_0.dcm") as dicom:
+        assert dicom.um_per_px == pytest.approx(0.499) and dicom.dimensions == (16, 16)
+        assert dicom.read_crop((8, 8), 16, 16)[0].shape == (16, 16, 3)
+    with open_slide(folder / "small.svs", um_per_px=0.25) as slide:
+        assert slide.um_per_px == 0.25 and slide.pixel_size_source == "user flag"
+    with pytest.raises(PixelSizeError, match="small.svs"):
+        open_slide(folder / "small.svs", um_per_px=-1)
+
+
+def test_tifffile_pyramid_reads_mpp_from_resolution_tags(tmp_path):
+    image = textured_image(256, 320)
+    path = write_pyramid_tiff(tmp_path / "pyr.tif", image, um_per_px=0.5)
+    with open_slide(path) as slide:
+        assert slide.level_count == 3 and slide.dimensions == (320, 256)
+        assert slide.um_per_px == pytest.approx(0.5, rel=1e-4)
+        assert slide.pixel_size_source.startswith("TIFF resolution tags")
+        np.testing.assert_array_equal(slide.read_region_level0(64, 32, 100, 80), image[32:112, 64:164])
+        crop, _ = slide.read_crop((160, 128), 128, 32)  # downsample 4 -> level 2
+        ref = np.asarray(Image.fromarray(image[64:192, 96:224]).resize((32, 32), Image.Resampling.BOX))
+        assert np.abs(crop.astype(float) - ref).mean() < 6
+
+
+def test_stripped_tiff_and_rgba_png_open_through_fallbacks(tmp_path):
+    import tifffile
+
+    image = textured_image(60, 80)
+    tifffile.imwrite(tmp_path / "flat.tif", image, photometric="rgb", resolution=(2e4, 2e4),
+                     resolutionunit="CENTIMETER")
+    with open_slide(tmp_path / "flat.tif") as slide:
+        assert slide.level_count == 1 and slide.um_per_px == pytest.approx(0.5)
+        assert slide.pixel_size_source == "TIFF resolution tags"
+        np.testing.assert_array_equal(slide.read_region_level0(0, 0, 80, 60), image)
+    rgba = np.zeros((20, 20, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[:10, :, 3] = 255  # top half opaque red, bottom half transparent
+    Image.fromarray(rgba).save(tmp_path / "alpha.png")
+    with open_slide(tmp_path / "alpha.png") as slide:
+        px = slide.read_region_level0(0, 0, 20, 20)
+        assert px.shape == (20, 20, 3)
+        assert (px[:10] == [200, 0, 0]).all() and (px[10:] == 255).all()
+
+
+@pytest.mark.parametrize("name", ["unopenable.tiff", "unreadable.svs"])
+def test_broken_openslide_fixtures_raise_slide_error(fetched, name):
+    with pytest.raises(SlideError, match=name) as info:
+        open_slide(fetched("openslide-fixtures") / name)
+    assert isinstance(info.value, DataPrepError) and isinstance(info.value, ValueError)
+
+
+@pytest.mark.parametrize("kind", ["jpeg", "tiff"])
+def test_truncated_files_raise_slide_error(tmp_path, squidpy_crop, kind):
+    if kind == "jpeg":
+        src = squidpy_crop / "test_img.jpg"
+    else:
+        src = write_pyramid_tiff(tmp_path / "src.tif", textured_image(256, 256), um_per_px=0.5)
+    data = src.read_bytes()
+    cut = tmp_path / f"cut{src.suffix}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(SlideError, match="cut"):
+        with open_slide(cut) as slide:  # truncation is found at open or, at the latest, when pixels are read
+            slide.read_region_level0(0, 0, *slide.dimensions)
+
+
+def test_missing_file_and_empty_folder(tmp_path):
+    with pytest.raises(SlideError, match="does not exist"):
+        open_slide(tmp_path / "nope.svs")
+    with pytest.raises(SlideError, match="DICOM"):
+        open_slide(tmp_path)
+
+
+def test_slide_pickles_by_path_and_thumbnail(fetched):
+    path = fetched("openslide-fixtures") / "boxes.tiff"
+    with open_slide(path, um_per_px=0.5) as slide:
+        clone = pickle.loads(pickle.dumps(slide))
+        assert clone.path == slide.path and clone.um_per_px == 0.5 and clone.pixel_size_source == "user flag"
+        np.testing.assert_array_equal(clone.read_region_level0(0, 0, 50, 50), slide.read_region_level0(0, 0, 50, 50))
+        thumb, ds = slide.thumbnail(100)
+        assert max(thumb.shape[:2]) <= 100 and thumb.shape[1] == 100 and ds == pytest.approx(3.0)
+        clone.close()
+
+
+def test_dicom_folder_opens(fetched, tmp_path):
+    folder = tmp_path / "dicom"
+    folder.mkdir()
+    for name in ("boxes_0.dcm", "boxes_1.dcm"):
+        shutil.copy(fetched("openslide-fixtures") / name, folder / name)
+    with open_slide(folder) as slide:
+        assert slide.um_per_px == pytest.approx(0.499)
