@@ -1,0 +1,214 @@
+"""``ShardDataset``: random access over ``stalign prep`` shards (see docs/ARCHITECTURE.md "ShardDataset").
+
+Indices are global over the manifest: slide 0's spots first, then slide 1's, ... ``slides`` and
+``indices`` select a subset; ``ds[i]`` returns the i-th selected spot and its global ``index``.
+HDF5 handles are opened lazily in the process that reads (and re-opened after a fork), so the dataset
+works with ``DataLoader(num_workers>0)``. Small per-spot arrays are cached per slide; patches are read
+from disk on each access.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch.utils.data
+
+from data_prep.shards import ShardError, read_manifest, shard_attrs
+
+_CACHED = ("expr", "niche_expr", "coords_um", "neighbors")
+
+
+class ShardDataset(torch.utils.data.Dataset):
+    """Spot/niche crops and expression from the shards under ``root`` (a ``torch`` map-style dataset)."""
+
+    def __init__(self, root: str | os.PathLike, *, slides: Sequence[str | int] | None = None,
+                 indices: Sequence[int] | np.ndarray | None = None, transform: Callable | None = None,
+                 niche_spots: int = 16) -> None:
+        self.root = Path(root)
+        self.manifest = read_manifest(self.root)
+        self.genes: list[str] = list(self.manifest["genes"])
+        self.transform = transform
+        self.niche_spots = int(niche_spots)
+        entries = self.manifest["slides"]
+        if not entries:
+            raise ShardError(f"{self.root}: the manifest lists no slides")
+        self.slide_ids = [s["slide_id"] for s in entries]
+        self._paths = [self.root / s["shard"] for s in entries]
+        for path, entry in zip(self._paths, entries):
+            attrs = shard_attrs(path)
+            if attrs is None:
+                raise ShardError(f"{path}: shard missing or incomplete (re-run `stalign prep`)")
+            if attrs["n_spots"] != entry["n_spots"] or list(attrs["genes"]) != self.genes:
+                raise ShardError(f"{path}: shard does not match {self.root / 'manifest.json'}")
+        counts = np.asarray([s["n_spots"] for s in entries], dtype=np.int64)
+        self._offsets = np.concatenate([[0], np.cumsum(counts)])
+        chosen = range(len(entries)) if slides is None else [self._slide_index(s) for s in slides]
+        selected = np.concatenate([np.arange(self._offsets[k], self._offsets[k + 1]) for k in chosen])
+        if indices is not None:
+            idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+            bad = idx[~np.isin(idx, selected)]
+            if len(bad):
+                raise IndexError(f"indices {bad[:5].tolist()} are not spots of the selected slides")
+            selected = idx
+        self._indices = selected
+        self._pid: int | None = None
+        self._files: dict[int, Any] = {}
+        self._cache: dict[int, dict[str, np.ndarray]] = {}
+
+    def _slide_index(self, slide: str | int) -> int:
+        if isinstance(slide, (int, np.integer)):
+            if not 0 <= slide < len(self.slide_ids):
+                raise IndexError(f"slide index {slide} out of range (0..{len(self.slide_ids) - 1})")
+            return int(slide)
+        if slide not in self.slide_ids:
+            raise KeyError(f"slide {slide!r} is not in {self.root / 'manifest.json'}")
+        return self.slide_ids.index(slide)
+
+    def __len__(self) -> int:
+        return len(self._indices)
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Global index of every selected spot, in dataset order."""
+        return self._indices.copy()
+
+    def slide_of(self, i: int) -> int:
+        """Manifest slide number of dataset item ``i``."""
+        return int(np.searchsorted(self._offsets, self._indices[i], side="right") - 1)
+
+    def _file(self, k: int):
+        import h5py
+
+        if self._pid != os.getpid():  # first use in this process (or a forked worker): fresh handles
+            self._files, self._pid = {}, os.getpid()
+        if k not in self._files:
+            self._files[k] = h5py.File(self._paths[k], "r")
+        return self._files[k]
+
+    def _arrays(self, k: int) -> dict[str, np.ndarray]:
+        if k not in self._cache:
+            f = self._file(k)
+            self._cache[k] = {name: f[name][()] for name in _CACHED}
+        return self._cache[k]
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.update(_files={}, _pid=None, _cache={})
+        return state
+
+    def close(self) -> None:
+        """Close the open HDF5 handles of this process."""
+        for f in self._files.values():
+            f.close()
+        self._files = {}
+
+    def _image(self, patch: np.ndarray):
+        import torch
+        from einops import rearrange
+
+        x = rearrange(torch.from_numpy(patch), "h w c -> c h w")
+        return self.transform(x) if self.transform is not None else x.contiguous()
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for {len(self)} spots")
+        g = int(self._indices[i])
+        k = int(np.searchsorted(self._offsets, g, side="right") - 1)
+        j = g - int(self._offsets[k])
+        f, a = self._file(k), self._arrays(k)
+        nb = a["neighbors"][j][: self.niche_spots].astype(np.int64)
+        m = self.niche_spots
+        valid = nb >= 0
+        nb_safe = np.where(valid, nb, j)
+        nb_xy = a["coords_um"][nb_safe].astype(np.float32)
+        half = float(self.manifest["niche_um"]) / 2.0
+        inside = valid & np.all(np.abs(nb_xy - a["coords_um"][j]) <= half, axis=1)
+        spot_expr = np.zeros((m, len(self.genes)), dtype=np.float32)
+        coords = np.zeros((m, 2), dtype=np.float32)
+        mask = np.zeros(m, dtype=bool)
+        spot_expr[: len(nb)] = np.where(valid[:, None], a["expr"][nb_safe], 0)
+        coords[: len(nb)] = np.where(valid[:, None], nb_xy, 0)
+        mask[: len(nb)] = inside
+        return {
+            "spot_image": self._image(f["spot_patches"][j]),
+            "niche_image": self._image(f["niche_patches"][j]),
+            "spot_expr": torch.from_numpy(a["expr"][j].astype(np.float32)),
+            "niche_expr": torch.from_numpy(a["niche_expr"][j].astype(np.float32)),
+            "niche_spot_expr": torch.from_numpy(spot_expr),
+            "niche_spot_coords": torch.from_numpy(coords),
+            "niche_spot_mask": torch.from_numpy(mask),
+            "coords_um": torch.from_numpy(a["coords_um"][j].astype(np.float32)),
+            "slide_idx": torch.tensor(k, dtype=torch.int64),
+            "index": torch.tensor(g, dtype=torch.int64),
+        }
+
+    def _by_slide(self) -> dict[int, np.ndarray]:
+        """Selected spots grouped by slide: slide number -> (positions in the dataset, rows in the shard)."""
+        slide = np.searchsorted(self._offsets, self._indices, side="right") - 1
+        return {int(k): np.flatnonzero(slide == k) for k in np.unique(slide)}
+
+    def expression_matrix(self) -> np.ndarray:
+        """``expr`` of every selected spot, (len(ds), G) float32, in dataset order."""
+        out = np.empty((len(self), len(self.genes)), dtype=np.float32)
+        for k, pos in self._by_slide().items():
+            out[pos] = self._arrays(k)["expr"][self._indices[pos] - self._offsets[k]]
+        return out
+
+    def slide_virtual_cells(self, slide_idx: int, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """Virtual cells of one slide from its selected spots only (held-out spots never leak in):
+        ``stofm.virtual_cells`` k-means on 0.2 * standardised µm xy + 0.8 * PCA(expr). Returns the clusters'
+        mean expression (V, G) and mean µm coordinates (V, 2), V = min(n, spots) less any empty cluster."""
+        from stofm.virtual_cells import virtual_cells
+
+        pos = self._by_slide().get(int(slide_idx))
+        if pos is None:
+            raise IndexError(f"slide {slide_idx} has no spots in this dataset")
+        rows = self._indices[pos] - self._offsets[slide_idx]
+        a = self._arrays(int(slide_idx))
+        xy, expr, _ = virtual_cells(a["coords_um"][rows].astype(np.float64), a["expr"][rows].astype(np.float32),
+                                    int(n), seed=seed)
+        return expr.astype(np.float32), xy.astype(np.float32)
+
+
+def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a list of ``ShardDataset`` items into a batch dict of tensors."""
+    import torch
+
+    if not items:
+        raise ValueError("cannot collate an empty batch")
+    return {key: torch.stack([item[key] for item in items]) for key in items[0]}
+
+
+def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
+                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Global indices (train, val) of ``ds``'s spots for ``ShardDataset(root, indices=...)``.
+
+    ``by="slide"`` holds out whole slides (no spot, niche or neighbour of a validation slide is seen
+    in training); ``by="spot"`` holds out random spots, whose niche crops still overlap training spots.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    idx = ds.indices
+    if by == "spot":
+        if len(idx) < 2:
+            raise ValueError("need at least two spots to split")
+        perm = rng.permutation(len(idx))
+        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        val = np.sort(idx[perm[:n_val]])
+        return np.sort(idx[perm[n_val:]]), val
+    if by == "slide":
+        slides = np.asarray(sorted(ds._by_slide()))
+        if len(slides) < 2:
+            raise ValueError("a split by slide needs at least two slides")
+        n_val = min(len(slides) - 1, max(1, round(val_fraction * len(slides))))
+        val_slides = rng.permutation(slides)[:n_val]
+        owner = np.searchsorted(ds._offsets, idx, side="right") - 1
+        in_val = np.isin(owner, val_slides)
+        return idx[~in_val], idx[in_val]
+    raise ValueError(f"by must be 'spot' or 'slide', got {by!r}")

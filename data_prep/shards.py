@@ -1,0 +1,190 @@
+"""HDF5 shards (one per slide) and ``manifest.json``; see docs/ARCHITECTURE.md "Shards".
+
+A shard is written under a temporary name in the same folder and renamed into place only when every
+dataset is written and the ``complete`` attribute is set, so a killed run never leaves a half shard
+under the final name. The manifest is replaced atomically in the same way.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep.errors import DataPrepError
+
+FORMAT = "stalign-shards"
+VERSION = 1
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+ARRAYS = ("expr", "niche_expr", "coords_px", "coords_um", "neighbors", "padded", "barcodes")
+
+
+class ShardError(DataPrepError):
+    """A shard or manifest that is missing, incomplete or does not match."""
+
+
+def shard_relpath(slide_id: str) -> str:
+    """Path of a slide's shard relative to the output folder."""
+    return f"{SHARD_DIR}/{slide_id}.h5"
+
+
+class ShardWriter:
+    """Write one slide's shard: ``with ShardWriter(...) as w: w.write_patches(...); w.finish(...)``.
+
+    The file lives under a temporary name until ``finish`` succeeds; leaving the block without
+    ``finish`` (an exception, a kill) removes it and the final name is never touched.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, slide_id: str, n_spots: int, patch_px: int,
+                 genes: Sequence[str], um_per_px: float, attrs: dict[str, Any] | None = None,
+                 compression: str | None = "lzf") -> None:
+        if n_spots < 1:
+            raise ShardError(f"{path}: a shard needs at least one spot")
+        self.path = Path(path)
+        self.n_spots, self.patch_px, self.n_genes = int(n_spots), int(patch_px), len(genes)
+        self._meta = {"slide_id": slide_id, "um_per_px": float(um_per_px),
+                      "genes": np.asarray(list(genes), dtype=object), **(attrs or {})}
+        self._compression = compression
+        self._file = None
+        self._tmp: Path | None = None
+
+    def __enter__(self) -> ShardWriter:
+        import h5py
+
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        os.close(fd)
+        self._tmp = Path(tmp)
+        self._file = h5py.File(self._tmp, "w")
+        p, n = self.patch_px, self.n_spots
+        for name in ("spot_patches", "niche_patches"):
+            self._file.create_dataset(name, shape=(n, p, p, 3), dtype=np.uint8,
+                                      chunks=(1, p, p, 3), compression=self._compression)
+        return self
+
+    def write_patches(self, start: int, spot: np.ndarray, niche: np.ndarray) -> None:
+        """Store spot/niche crops (B, P, P, 3) uint8 for spots ``start .. start+B``."""
+        stop = start + len(spot)
+        self._file["spot_patches"][start:stop] = spot
+        self._file["niche_patches"][start:stop] = niche
+
+    def set_attr(self, key: str, value: Any) -> None:
+        """An extra HDF5 attribute, written by ``finish``."""
+        self._meta[key] = value
+
+    def finish(self, *, expr: np.ndarray, niche_expr: np.ndarray, coords_px: np.ndarray,
+               coords_um: np.ndarray, neighbors: np.ndarray, padded: np.ndarray,
+               barcodes: Sequence[str]) -> Path:
+        """Write the per-spot arrays and attributes, close, and rename into place."""
+        import h5py
+
+        f, n = self._file, self.n_spots
+        arrays = {
+            "expr": np.asarray(expr, dtype=np.float16), "niche_expr": np.asarray(niche_expr, dtype=np.float16),
+            "coords_px": np.asarray(coords_px, dtype=np.float64), "coords_um": np.asarray(coords_um, dtype=np.float32),
+            "neighbors": np.asarray(neighbors, dtype=np.int32), "padded": np.asarray(padded, dtype=bool),
+        }
+        for name, arr in arrays.items():
+            if len(arr) != n:
+                raise ShardError(f"{self.path.name}: {name} has {len(arr)} rows, expected {n}")
+            f.create_dataset(name, data=arr)
+        if len(barcodes) != n:
+            raise ShardError(f"{self.path.name}: {len(barcodes)} barcodes, expected {n}")
+        f.create_dataset("barcodes", data=np.asarray([str(b) for b in barcodes], dtype=object),
+                         dtype=h5py.string_dtype())
+        for key, value in self._meta.items():
+            f.attrs[key] = value
+        f.attrs["n_spots"] = n
+        f.attrs["complete"] = True
+        f.close()
+        self._file = None
+        os.replace(self._tmp, self.path)
+        self._tmp = None
+        return self.path
+
+    def __exit__(self, *exc) -> None:
+        if self._file is not None:
+            self._file.close()
+        if self._tmp is not None and self._tmp.exists():
+            self._tmp.unlink()
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return [_decode(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def shard_attrs(path: str | os.PathLike) -> dict[str, Any] | None:
+    """The attributes of a complete shard, or None when the file is missing, unreadable or incomplete."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = {k: _decode(v) for k, v in f.attrs.items()}
+            if not attrs.get("complete") or any(name not in f for name in ARRAYS):
+                return None
+            return attrs
+    except (OSError, KeyError):
+        return None
+
+
+def read_shard(path: str | os.PathLike, *, patches: bool = False) -> dict[str, Any]:
+    """All per-spot arrays of a shard (barcodes as str, expression float32) plus ``attrs``;
+    ``patches=True`` also loads ``spot_patches``/``niche_patches`` (large)."""
+    import h5py
+
+    if not Path(path).exists():
+        raise ShardError(f"{path}: shard not found")
+    out: dict[str, Any] = {}
+    with h5py.File(path, "r") as f:
+        out["attrs"] = {k: _decode(v) for k, v in f.attrs.items()}
+        if not out["attrs"].get("complete"):
+            raise ShardError(f"{path}: shard is incomplete")
+        for name in ARRAYS + (("spot_patches", "niche_patches") if patches else ()):
+            out[name] = f[name][()]
+    out["barcodes"] = [_decode(b) for b in out["barcodes"]]
+    for name in ("expr", "niche_expr"):
+        out[name] = out[name].astype(np.float32)
+    return out
+
+
+def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
+    """Write ``manifest.json`` atomically (temporary file in the same folder, then ``os.replace``)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump(manifest, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, out / MANIFEST)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out / MANIFEST
+
+
+def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """The manifest of a shard folder; a clear error when it is missing or not a stalign manifest."""
+    path = Path(out_dir) / MANIFEST
+    if not path.exists():
+        raise ShardError(f"{path}: no manifest (run `stalign prep` to create shards)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ShardError(f"{path}: not valid JSON ({err})") from err
+    if manifest.get("format") != FORMAT:
+        raise ShardError(f"{path}: not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise ShardError(f"{path}: manifest version {manifest.get('version')}, this stalign reads {VERSION}")
+    return manifest

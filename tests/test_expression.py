@@ -1,0 +1,103 @@
+"""Expression: count detection, normalisation, gene panels, niche means and neighbours on real data."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from data_prep import expression as ex
+from data_prep.errors import ExpressionError, GeneNameError
+
+
+@pytest.fixture(scope="module")
+def counts(fetched):
+    """Real integer counts: 10,000 cells x 1,000 genes (scanpy's 10x subset), first 300 cells."""
+    import anndata as ad
+
+    a = ad.read_zarr(fetched("scanpy-10k-subset") / "10x-10k-subset.zarr")
+    return np.asarray(a.X[:300], dtype=np.float32), list(a.var_names)
+
+
+@pytest.fixture(scope="module")
+def crop(squidpy_crop):
+    import anndata as ad
+
+    return ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+
+
+def test_raw_counts_are_log_normalised(counts):
+    x, _ = counts
+    y, mode = ex.normalise(x, source="counts")
+    assert mode == ex.LOG1P_CP10K
+    total = x.sum(1, keepdims=True)
+    keep = total[:, 0] > 0
+    np.testing.assert_allclose(y[keep], np.log1p(x[keep] / total[keep] * 1e4), rtol=1e-5, atol=1e-6)
+    # each normalised spot sums back to 10k counts
+    np.testing.assert_allclose(np.expm1(y[keep]).sum(1), 1e4, rtol=1e-4)
+
+
+def test_normalised_input_is_kept_as_given(crop):
+    y, mode = ex.normalise(crop.X, source="crop")
+    assert mode == ex.AS_GIVEN
+    np.testing.assert_array_equal(y, crop.X.toarray())
+
+
+def test_real_duplicated_gene_names_are_refused(counts):
+    _, genes = counts
+    with pytest.raises(GeneNameError, match=r"slideA: duplicated gene names: .*'Rp1'"):
+        ex.check_gene_names(genes, source="slideA")
+
+
+@pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negative")])
+def test_bad_values_are_refused(crop, bad, word):
+    x = crop.X.toarray()
+    x[3, 7] = bad
+    with pytest.raises(ExpressionError, match=rf"s1.h5ad: 1 {word} expression value\(s\) \(first at spot 3, gene 7\)"):
+        ex.normalise(x, source="s1.h5ad")
+
+
+def test_user_panel_keeps_order_and_lists_missing_genes(crop):
+    genes = list(crop.var_names)
+    panel = ex.select_panel({"a": genes, "b": genes[::-1]}, genes=[genes[5], genes[2]])
+    assert panel == [genes[5], genes[2]]
+    with pytest.raises(GeneNameError, match=r"missing from slides:\n  b: 'NotAGene'"):
+        ex.select_panel({"a": genes + ["NotAGene"], "b": genes}, genes=["NotAGene", genes[0]])
+
+
+def test_hvg_panel_ranks_shared_genes_by_mean_variance(crop):
+    x = crop.X.toarray()
+    genes = list(crop.var_names)
+    var_a = ex.gene_variance(x)
+    # slide b: the same data with the gene order reversed and the first gene absent
+    genes_b = genes[1:][::-1]
+    var_b = ex.gene_variance(x[:, 1:][:, ::-1])
+    panel = ex.select_panel({"a": genes, "b": genes_b}, variances={"a": var_a, "b": var_b}, n_top_genes=20)
+    assert len(panel) == 20 and genes[0] not in panel
+    expected = sorted(genes[1:], key=lambda g: (-var_a[genes.index(g)], g))[:20]
+    assert panel == expected
+    # deterministic whatever the order the slides come in
+    assert ex.select_panel({"b": genes_b, "a": genes}, variances={"a": var_a, "b": var_b}, n_top_genes=20) == panel
+
+
+def test_niche_mean_matches_hand_computation(crop):
+    expr = crop.X.toarray()
+    xy = np.asarray(crop.obsm["spatial"], dtype=np.float64)
+    width = 300.0  # px: each niche square holds a handful of the 137.5 px-apart spots
+    out = ex.niche_expression(expr, xy, width)
+    i = 10
+    inside = [j for j in range(len(xy)) if abs(xy[j, 0] - xy[i, 0]) <= 150 and abs(xy[j, 1] - xy[i, 1]) <= 150]
+    assert 1 < len(inside) < len(xy)
+    np.testing.assert_allclose(out[i], expr[inside].mean(0), rtol=1e-6)
+
+
+def test_neighbours_are_self_first_and_nearest(crop):
+    xy = np.asarray(crop.obsm["spatial"], dtype=np.float64)
+    nb = ex.neighbor_indices(xy, 6)
+    assert nb.shape == (49, 6) and nb.dtype == np.int32
+    np.testing.assert_array_equal(nb[:, 0], np.arange(49))
+    d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
+    for i in range(49):
+        np.testing.assert_allclose(np.sort(d[i, nb[i]]), np.sort(d[i])[:6])
+    # duplicated coordinates still put the spot itself first; fewer spots than k pad with -1
+    dup = np.zeros((3, 2))
+    np.testing.assert_array_equal(ex.neighbor_indices(dup, 4)[:, 0], [0, 1, 2])
+    assert (ex.neighbor_indices(dup, 4)[:, 3] == -1).all()
