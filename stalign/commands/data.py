@@ -13,6 +13,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--dest", default=None, help="folder to extract into (default: the cache)")
     f.add_argument("--force", action="store_true", help="download again even when cached")
     f.set_defaults(func=_fetch)
+    s = dsub.add_parser("synth", help="generate synthetic slides (pyramidal TIFF + AnnData) with a known "
+                                      "image -> expression link")
+    s.add_argument("--out", required=True, help="output folder")
+    s.add_argument("--n-spots", type=int, default=200, help="spots per slide (Visium hex grid, 100 um pitch)")
+    s.add_argument("--um-per-px", type=float, default=0.5, help="level-0 pixel size (default 0.5)")
+    s.add_argument("--seed", type=int, default=0, help="seed of the first slide; slide i uses seed+i")
+    s.add_argument("--n-genes", type=int, default=200, help="genes per slide (programmes + housekeeping)")
+    s.add_argument("--n-classes", type=int, default=4, help="tissue classes (1-6)")
+    s.add_argument("--slides", type=int, default=1, help="number of slides (shared gene panel)")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_synth)
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -24,4 +35,21 @@ def _fetch(args: argparse.Namespace) -> int:
         return 0
     path = fetch(args.name, root=args.dest, force=args.force)
     print(path)
+    return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from data_prep.synth import make_synthetic_dataset
+
+    slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, n_spots=args.n_spots,
+                                    um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,
+                                    progress=not args.quiet)
+    for s in slides:
+        t = s.truth
+        h, w = t["level_shapes_hw"][0]
+        print(f"{s.slide_id}: {w}x{h} px at {t['um_per_px']} um/px, {len(t['level_shapes_hw'])} levels, "
+              f"{t['n_spots']} spots ({t['n_in_tissue']} on tissue), {len(t['genes'])} genes, "
+              f"{s.seconds:.1f} s")
+        for kind, path in s.paths.items():
+            print(f"  {kind:6s} {path}  ({path.stat().st_size / 1e6:.1f} MB)")
     return 0

@@ -1,0 +1,182 @@
+"""Synthetic slides with a known image -> expression link (``stalign data synth``).
+
+``make_synthetic_slide`` writes, for one slide:
+
+- ``<slide_id>.tif``: an H&E-like pyramidal TIFF (256 px tiles, levels 4x apart, deflate, resolution tags in
+  pixels/cm so openslide reports ``openslide.mpp-x``), generated block by block in bounded memory;
+- ``<slide_id>.h5ad``: integer counts on a Visium-like hex grid (100 µm pitch, 55 µm spots), ``obsm['spatial']``
+  in level-0 pixels, the ground-truth image variables in ``obs``, the gene programmes in ``var`` and ``uns``;
+- ``<slide_id>.truth.json``: the same truth in plain JSON plus sha256 of both files (written last).
+
+See ``docs/synth.md`` and ``data_prep.synth_expression`` for the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from data_prep.fetch import sha256_file
+from data_prep.synth_expression import (BACKGROUND_LIBRARY, DISPERSION, LIBRARY_LOG_SD, LIBRARY_MEDIAN,
+                                        NAF_REF, NAF_SCALE, PITCH_UM, SPOT_DIAMETER_UM, GenePanel, hex_grid,
+                                        make_panel, sample_counts, spot_truth)
+from data_prep.synth_render import build_layout, render_blocks, write_pyramid
+from data_prep.synth_texture import TISSUE_CLASSES
+
+FORMAT = "stalign-synthetic"
+VERSION = 1
+BACKGROUND = "background"
+
+
+@dataclass(frozen=True)
+class SyntheticSlide:
+    """Paths of the written files (``image``, ``adata``, ``truth``) and the ground truth (``truth.json``)."""
+
+    paths: dict[str, Path]
+    truth: dict = field(repr=False)
+    seconds: float = 0.0  # generation time (not part of the files)
+
+    @property
+    def slide_id(self) -> str:
+        return self.truth["slide_id"]
+
+    @property
+    def um_per_px(self) -> float:
+        return float(self.truth["um_per_px"])
+
+
+def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_per_px: float = 0.5,
+                         n_genes: int = 200, n_classes: int = 4, seed: int = 0, slide_id: str | None = None,
+                         programme_factor: float = 4.0, panel_seed: int = 0, margin_um: float = 400.0,
+                         progress: bool = True) -> SyntheticSlide:
+    """Generate one synthetic slide into ``out_dir``; same arguments give byte-identical files.
+
+    ``panel_seed`` fixes the gene programmes (shared by slides of one data set); ``seed`` draws the tissue.
+    """
+    _check(n_spots=n_spots, um_per_px=um_per_px, n_classes=n_classes, programme_factor=programme_factor,
+           margin_um=margin_um)
+    slide_id = slide_id or f"synth{seed}"
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    classes = TISSUE_CLASSES[:n_classes]
+    panel = make_panel(n_genes=n_genes, class_names=[c.name for c in classes], factor=programme_factor,
+                       seed=panel_seed)
+    layout_rng, render_rng, expr_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
+
+    t0 = time.perf_counter()
+    centres, rows, cols = hex_grid(n_spots, margin_um=margin_um)
+    box = (margin_um - PITCH_UM / 2, margin_um - PITCH_UM / 2,
+           centres[:, 0].max() + PITCH_UM / 2, centres[:, 1].max() + PITCH_UM / 2)
+    width_um, height_um = box[2] + margin_um - PITCH_UM / 2, box[3] + margin_um - PITCH_UM / 2
+    layout = build_layout(width_um=width_um, height_um=height_um, array_box=box, classes=classes,
+                          um_per_px=um_per_px, rng=layout_rng)
+    truth_obs = spot_truth(layout, centres)
+    counts, size = sample_counts(panel, truth_obs, expr_rng)
+
+    paths = {"image": out / f"{slide_id}.tif", "adata": out / f"{slide_id}.h5ad",
+             "truth": out / f"{slide_id}.truth.json"}
+    shapes = write_pyramid(paths["image"], render_blocks(layout, rng=render_rng, progress=progress),
+                           height=layout.height_px, width=layout.width_px, um_per_px=um_per_px)
+    truth = {
+        "format": FORMAT, "version": VERSION, "slide_id": slide_id, "seed": seed, "panel_seed": panel_seed,
+        "um_per_px": um_per_px, "spot_diameter_um": SPOT_DIAMETER_UM, "pitch_um": PITCH_UM,
+        "level_shapes_hw": [list(map(int, s)) for s in shapes], "n_spots": n_spots,
+        "n_in_tissue": int(truth_obs["in_tissue"].sum()), "n_nuclei": len(layout.nuclei),
+        "n_holes": len(layout.holes), "classes": [asdict(c) for c in classes],
+        "class_spot_counts": {c.name: int(((truth_obs["tissue_class_idx"] == k) & truth_obs["in_tissue"]).sum())
+                              for k, c in enumerate(classes)},
+        "programme_factor": programme_factor,
+        "model": {"formula": "rate = base * factor**[class == programme_class] * exp(beta * (naf - naf_ref) / "
+                             "naf_scale) * exp(gamma * hole_fraction); counts ~ NB(size_factor * rate, "
+                             "dispersion)", "naf_ref": NAF_REF, "naf_scale": NAF_SCALE,
+                  "dispersion": DISPERSION, "library_median": LIBRARY_MEDIAN, "library_log_sd": LIBRARY_LOG_SD,
+                  "background_library": BACKGROUND_LIBRARY},
+        "genes": _panel_records(panel),
+    }
+    _write_h5ad(paths["adata"], counts=counts, centres_um=centres, rows=rows, cols=cols, truth_obs=truth_obs,
+                size=size, panel=panel, classes=[c.name for c in classes], slide_id=slide_id,
+                um_per_px=um_per_px, truth=truth)
+    truth["files"] = {k: {"name": paths[k].name, "sha256": sha256_file(paths[k])} for k in ("image", "adata")}
+    _atomic_write_text(paths["truth"], json.dumps(truth, indent=1))
+    return SyntheticSlide(paths=paths, truth=truth, seconds=time.perf_counter() - t0)
+
+
+def _check(*, n_spots: int, um_per_px: float, n_classes: int, programme_factor: float, margin_um: float) -> None:
+    if n_spots < 1:
+        raise ValueError(f"n_spots must be >= 1, got {n_spots}")
+    if not 0.05 <= um_per_px <= 20:
+        raise ValueError(f"um_per_px must lie in [0.05, 20], got {um_per_px}")
+    if not 1 <= n_classes <= len(TISSUE_CLASSES):
+        raise ValueError(f"n_classes must lie in [1, {len(TISSUE_CLASSES)}], got {n_classes}")
+    if programme_factor <= 0:
+        raise ValueError(f"programme_factor must be > 0, got {programme_factor}")
+    if margin_um < SPOT_DIAMETER_UM:
+        raise ValueError(f"margin_um must be >= {SPOT_DIAMETER_UM}, got {margin_um}")
+
+
+def _panel_records(panel: GenePanel) -> list[dict]:
+    return [{"name": n, "programme": p, "base": float(b), "factor": float(f), "beta": float(be),
+             "gamma": float(g)}
+            for n, p, b, f, be, g in zip(panel.names, panel.programme, panel.base, panel.factor, panel.beta,
+                                         panel.gamma)]
+
+
+def barcodes(n: int) -> list[str]:
+    """Visium-looking, unique barcodes (16 bases + ``-1``) derived from the spot index."""
+    digits = (np.arange(n)[:, None] // 4 ** np.arange(15, -1, -1)[None, :]) % 4
+    bases = np.array(list("ACGT"))[digits]
+    return ["".join(b) + "-1" for b in bases]
+
+
+def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows: np.ndarray, cols: np.ndarray,
+                truth_obs: dict[str, np.ndarray], size: np.ndarray, panel: GenePanel, classes: list[str],
+                slide_id: str, um_per_px: float, truth: dict) -> None:
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    cls_idx = truth_obs["tissue_class_idx"]
+    names = np.where(truth_obs["in_tissue"], np.array(classes, dtype=object)[cls_idx], BACKGROUND)
+    obs = pd.DataFrame({
+        "in_tissue": truth_obs["in_tissue"].astype(np.int64), "array_row": rows.astype(np.int64),
+        "array_col": cols.astype(np.int64),
+        "tissue_class": pd.Categorical(names, categories=[*classes, BACKGROUND]),
+        "tissue_class_idx": np.where(truth_obs["in_tissue"], cls_idx, -1),
+        **{k: truth_obs[k] for k in ("nuclear_area_fraction", "nuclei_per_mm2", "hole_fraction",
+                                     "density_factor", "tissue_opacity")},
+        "size_factor": size.astype(np.float64),
+    }, index=pd.Index(barcodes(len(counts)), name="barcode"))
+    var = pd.DataFrame({"programme": panel.programme, "programme_class": panel.programme_class,
+                        "base_rate": panel.base, "class_factor": panel.factor, "beta_density": panel.beta,
+                        "gamma_holes": panel.gamma}, index=pd.Index(panel.names, name="gene"))
+    adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
+    adata.obsm["spatial"] = (centres_um / um_per_px).astype(np.float64)
+    adata.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": SPOT_DIAMETER_UM / um_per_px,
+                                                        "tissue_hires_scalef": 1.0},
+                                       "metadata": {"source": FORMAT}}}
+    adata.uns["synthetic"] = {k: truth[k] for k in ("format", "version", "slide_id", "seed", "panel_seed",
+                                                    "um_per_px", "spot_diameter_um", "pitch_um",
+                                                    "programme_factor")}
+    adata.uns["synthetic"]["classes"] = classes
+    adata.uns["synthetic"]["model"] = truth["model"]
+    tmp = path.with_name(path.name + ".partial")
+    adata.write_h5ad(tmp)
+    tmp.replace(path)
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(text + "\n")
+    tmp.replace(path)
+
+
+def make_synthetic_dataset(out_dir: str | os.PathLike, *, n_slides: int = 1, seed: int = 0,
+                           **kwargs) -> list[SyntheticSlide]:
+    """``n_slides`` slides with seeds ``seed, seed+1, ...`` and one shared gene panel (ids ``synth<seed>``)."""
+    if n_slides < 1:
+        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
+    return [make_synthetic_slide(out_dir, seed=seed + i, **kwargs) for i in range(n_slides)]

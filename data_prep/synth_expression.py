@@ -1,0 +1,175 @@
+"""Spot-level ground truth of a synthetic slide and the gene-expression model driven by it.
+
+Per spot (a 55 µm disc): the tissue class at its centre, whether it lies on tissue, the realised nuclear area
+fraction (area of the nuclei whose centres fall in the disc / disc area), the nuclear density and the hole (fat /
+lumen) area fraction. Expression rate of gene g at spot s::
+
+    rate[s, g] = base[g] * factor[g] ** (class[s] == programme_class[g])
+                         * exp(beta[g] * (naf[s] - NAF_REF) / NAF_SCALE) * exp(gamma[g] * hole_fraction[s])
+    counts[s, g] ~ NegativeBinomial(mean = size_factor[s] * rate[s, g], dispersion = DISPERSION)
+
+Background (glass) spots get the mean tissue profile at ``BACKGROUND_LIBRARY`` of the library size (ambient RNA).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from data_prep.synth_render import HOLE_SCALES, SlideLayout
+
+SPOT_DIAMETER_UM = 55.0
+PITCH_UM = 100.0
+NAF_REF, NAF_SCALE = 0.20, 0.15
+DISPERSION = 0.05
+LIBRARY_MEDIAN, LIBRARY_LOG_SD = 8000.0, 0.35
+BACKGROUND_LIBRARY = 0.03
+PROGRAMME_GENES_PER_CLASS = 8
+N_DENSITY_GENES = 8
+N_HOLE_GENES = 4
+
+
+def hex_grid(n_spots: int, *, margin_um: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Visium-like hex grid (``PITCH_UM`` apart, odd rows shifted by half a pitch), roughly square.
+
+    Returns spot centres (n, 2) as (x, y) µm, array rows and array columns.
+    """
+    n_cols = int(np.ceil(np.sqrt(n_spots * np.sqrt(3) / 2)))
+    idx = np.arange(n_spots)
+    row, col = np.divmod(idx, n_cols)
+    x = margin_um + col * PITCH_UM + (row % 2) * PITCH_UM / 2
+    y = margin_um + row * PITCH_UM * np.sqrt(3) / 2
+    return np.column_stack([x, y]), row, col
+
+
+def spot_truth(layout: SlideLayout, centres_um: np.ndarray) -> dict[str, np.ndarray]:
+    """Ground-truth image variables at each spot, measured on the drawn nuclei and holes."""
+    from scipy.spatial import cKDTree
+
+    radius = SPOT_DIAMETER_UM / 2
+    disc = np.pi * radius**2
+    n = len(centres_um)
+    r, c = layout.cell_of(centres_um[:, 0], centres_um[:, 1])
+    tissue = layout.tissue[r, c]
+    tree = cKDTree(centres_um)
+    nuc = layout.nuclei
+    d, spot = tree.query(np.column_stack([nuc.x_um, nuc.y_um]), distance_upper_bound=radius)
+    inside = np.isfinite(d)
+    areas = np.zeros(len(nuc), np.float64)
+    for k, bank in enumerate(layout.nucleus_banks):
+        sel = nuc.cls == k
+        areas[sel] = bank.area_um2(nuc.size_idx[sel])
+    naf = np.bincount(spot[inside], weights=areas[inside], minlength=n) / disc
+    count = np.bincount(spot[inside], minlength=n)
+    hole_fraction = np.zeros(n)
+    holes = layout.holes
+    if len(holes):
+        hole_r = np.array([b.radius_um if b is not None else np.zeros(len(HOLE_SCALES)) for b in layout.hole_banks],
+                          dtype=np.float64)[holes.cls, holes.size_idx]
+        pairs = cKDTree(np.column_stack([holes.x_um, holes.y_um])).query_ball_point(
+            centres_um, r=radius + hole_r.max())
+        s_idx = np.repeat(np.arange(n), [len(p) for p in pairs])
+        h_idx = np.fromiter((h for p in pairs for h in p), dtype=np.int64, count=len(s_idx))
+        if len(h_idx):
+            dist = np.hypot(holes.x_um[h_idx] - centres_um[s_idx, 0], holes.y_um[h_idx] - centres_um[s_idx, 1])
+            overlap = circle_overlap(radius, hole_r[h_idx], dist)
+            hole_fraction = np.minimum(np.bincount(s_idx, weights=overlap, minlength=n) / disc, 1.0)
+    return {"tissue_class_idx": layout.class_map[r, c].astype(np.int64), "in_tissue": tissue > 0.5,
+            "tissue_opacity": tissue.astype(np.float32), "nuclear_area_fraction": naf.astype(np.float32),
+            "nuclei_per_mm2": (count / disc * 1e6).astype(np.float32),
+            "hole_fraction": hole_fraction.astype(np.float32),
+            "density_factor": layout.density[r, c].astype(np.float32)}
+
+
+def circle_overlap(r1: float, r2: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """Area of the intersection of circles of radii ``r1`` and ``r2`` whose centres are ``d`` apart."""
+    r2, d = np.asarray(r2, np.float64), np.asarray(d, np.float64)
+    out = np.zeros(np.broadcast(r2, d).shape)
+    contained = d <= np.abs(r1 - r2)
+    out[contained] = np.pi * np.minimum(r1, r2[contained]) ** 2
+    lens = (d < r1 + r2) & ~contained
+    if lens.any():
+        rr, dd = r2[lens], d[lens]
+        a1 = r1**2 * np.arccos(np.clip((dd**2 + r1**2 - rr**2) / (2 * dd * r1), -1, 1))
+        a2 = rr**2 * np.arccos(np.clip((dd**2 + rr**2 - r1**2) / (2 * dd * rr), -1, 1))
+        tri = 0.5 * np.sqrt(np.clip((-dd + r1 + rr) * (dd + r1 - rr) * (dd - r1 + rr) * (dd + r1 + rr), 0, None))
+        out[lens] = a1 + a2 - tri
+    return out
+
+
+@dataclass(frozen=True)
+class GenePanel:
+    """The known gene programmes: one row per gene."""
+
+    names: list[str]
+    programme: list[str]  # class name, "density", "holes" or "housekeeping"
+    programme_class: np.ndarray  # class index, -1 for none
+    base: np.ndarray
+    factor: np.ndarray
+    beta: np.ndarray
+    gamma: np.ndarray
+
+
+def make_panel(*, n_genes: int, class_names: list[str], factor: float, seed: int) -> GenePanel:
+    """Class programmes, nuclear-density genes, hole genes, then housekeeping genes up to ``n_genes``."""
+    n_signal = len(class_names) * PROGRAMME_GENES_PER_CLASS + N_DENSITY_GENES + N_HOLE_GENES
+    if n_genes < n_signal + 1:
+        raise ValueError(f"n_genes={n_genes} is too small: {len(class_names)} classes need at least {n_signal + 1}")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
+    names, programme, pclass = [], [], []
+    for k, cname in enumerate(class_names):
+        for i in range(PROGRAMME_GENES_PER_CLASS):
+            names.append(f"{cname}_{i + 1:02d}")
+            programme.append(cname)
+            pclass.append(k)
+    for i in range(N_DENSITY_GENES):
+        names.append(f"density_{i + 1:02d}")
+        programme.append("density")
+        pclass.append(-1)
+    for i in range(N_HOLE_GENES):
+        names.append(f"holes_{i + 1:02d}")
+        programme.append("holes")
+        pclass.append(-1)
+    n_hk = n_genes - len(names)
+    names += [f"hk_{i + 1:04d}" for i in range(n_hk)]
+    programme += ["housekeeping"] * n_hk
+    pclass += [-1] * n_hk
+    prog = np.array(programme)
+    base = np.zeros(n_genes)
+    base[np.array(pclass) >= 0] = 1.5e-3
+    base[prog == "density"] = 3e-3
+    base[prog == "holes"] = 2e-3
+    hk = rng.lognormal(0.0, 1.0, n_hk)
+    base[prog == "housekeeping"] = hk / hk.sum() * max(1.0 - base.sum(), 0.2)
+    beta = np.zeros(n_genes)
+    beta[prog == "density"] = np.r_[np.linspace(0.5, 0.9, N_DENSITY_GENES - 2), [-0.5, -0.4]]
+    gamma = np.zeros(n_genes)
+    gamma[prog == "holes"] = np.linspace(2.5, 3.5, N_HOLE_GENES)
+    fac = np.where(np.array(pclass) >= 0, factor, 1.0)
+    return GenePanel(names=names, programme=programme, programme_class=np.array(pclass), base=base,
+                     factor=fac, beta=beta, gamma=gamma)
+
+
+def expression_rates(panel: GenePanel, truth: dict[str, np.ndarray]) -> np.ndarray:
+    """Noise-free expression rate per spot and gene (counts per unit library size) for tissue spots."""
+    cls = truth["tissue_class_idx"]
+    z = np.clip((truth["nuclear_area_fraction"].astype(np.float64) - NAF_REF) / NAF_SCALE, -4, 6)
+    in_prog = panel.programme_class[None, :] == cls[:, None]
+    log_rate = (np.log(np.maximum(panel.base, 1e-12))[None, :] + in_prog * np.log(panel.factor)[None, :]
+                + panel.beta[None, :] * z[:, None] + panel.gamma[None, :] * truth["hole_fraction"][:, None])
+    return np.exp(log_rate)
+
+
+def sample_counts(panel: GenePanel, truth: dict[str, np.ndarray], rng: np.random.Generator
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """Integer counts (n_spots, n_genes) and the size factor of each spot."""
+    rates = expression_rates(panel, truth)
+    on = truth["in_tissue"]
+    if on.any():
+        rates[~on] = rates[on].mean(axis=0)
+    size = LIBRARY_MEDIAN * rng.lognormal(0.0, LIBRARY_LOG_SD, len(rates))
+    size[~on] *= BACKGROUND_LIBRARY
+    mean = size[:, None] * rates
+    shape = 1.0 / DISPERSION
+    counts = rng.poisson(rng.gamma(shape, mean / shape))
+    return counts.astype(np.int32), size
