@@ -192,3 +192,29 @@ def open_slide(path: str | os.PathLike, *, um_per_px: float | None = None) -> Sl
         mpp, source = user, "user flag"
     return Slide(path=path, backend=backend, um_per_px=mpp, pixel_size_source=source if mpp is not None else "none",
                  pixel_size_note=note, user_um_per_px=user)
+
+
+def write_pyramidal_tiff(path: str | os.PathLike, image: np.ndarray, *, um_per_px: float | None,
+                         levels: int = 3, tile: int = 256) -> Path:
+    """Write an in-memory RGB image as a tiled pyramidal TIFF that openslide opens (generic-tiff).
+
+    Level 0 is a full-resolution page; each further page (``subfiletype=1``) halves the previous one (box
+    filter). The resolution is stored in pixels per centimetre so the pixel size reads back as µm/px.
+    """
+    import tifffile
+    from PIL import Image
+
+    path = Path(path)
+    kwargs: dict[str, Any] = {}
+    if um_per_px is not None:
+        res = 1e4 / check_um_per_px(um_per_px, what=str(path))
+        kwargs = {"resolution": (res, res), "resolutionunit": "CENTIMETER"}
+    img = Image.fromarray(np.asarray(image, dtype=np.uint8)).convert("RGB")
+    with tifffile.TiffWriter(path) as tw:
+        for level in range(levels):
+            tw.write(np.asarray(img), tile=(tile, tile), photometric="rgb", compression="zlib",
+                     subfiletype=0 if level == 0 else 1, metadata=None, **kwargs)
+            if min(img.size) < 2:
+                break
+            img = img.resize((img.width // 2, img.height // 2), Image.Resampling.BOX)
+    return path

@@ -3,32 +3,13 @@ from __future__ import annotations
 
 import pickle
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from data_prep.errors import DataPrepError, PixelSizeError, SlideError
-from data_prep.slide import open_slide
-
-
-def write_pyramid_tiff(path: Path, image: np.ndarray, *, um_per_px: float | None, levels: int = 3,
-                       tile: int = 64) -> Path:
-    """A tiled pyramidal TIFF (reduced levels as subfiletype=1 pages) with the resolution in cm."""
-    import tifffile
-
-    kw = {}
-    if um_per_px is not None:
-        kw = {"resolution": (1e4 / um_per_px, 1e4 / um_per_px), "resolutionunit": "CENTIMETER"}
-    with tifffile.TiffWriter(path, bigtiff=False) as tw:
-        img = Image.fromarray(image)
-        for level in range(levels):
-            arr = np.asarray(img)
-            tw.write(arr, tile=(tile, tile), photometric="rgb", compression="deflate",
-                     subfiletype=0 if level == 0 else 1, **kw)
-            img = img.resize((max(1, img.width // 2), max(1, img.height // 2)), Image.Resampling.BOX)
-    return path
+from data_prep.slide import open_slide, write_pyramidal_tiff
 
 
 def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -99,7 +80,7 @@ def test_svs_and_dicom_pixel_size_from_metadata(fetched):
 
 def test_tifffile_pyramid_reads_mpp_from_resolution_tags(tmp_path):
     image = textured_image(256, 320)
-    path = write_pyramid_tiff(tmp_path / "pyr.tif", image, um_per_px=0.5)
+    path = write_pyramidal_tiff(tmp_path / "pyr.tif", image, um_per_px=0.5, tile=64)
     with open_slide(path) as slide:
         assert slide.level_count == 3 and slide.dimensions == (320, 256)
         assert slide.um_per_px == pytest.approx(0.5, rel=1e-4)
@@ -142,7 +123,7 @@ def test_truncated_files_raise_slide_error(tmp_path, squidpy_crop, kind):
     if kind == "jpeg":
         src = squidpy_crop / "test_img.jpg"
     else:
-        src = write_pyramid_tiff(tmp_path / "src.tif", textured_image(256, 256), um_per_px=0.5)
+        src = write_pyramidal_tiff(tmp_path / "src.tif", textured_image(256, 256), um_per_px=0.5)
     data = src.read_bytes()
     cut = tmp_path / f"cut{src.suffix}"
     cut.write_bytes(data[: len(data) // 2])
