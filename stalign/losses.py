@@ -1,0 +1,138 @@
+"""Three-target contrastive loss of ST-Align: spot image<->gene, niche image<->gene, fused spot<->fused niche.
+
+``loss = alpha * spot_loss + beta * niche_loss + (1 - alpha - beta) * fusion_loss``. Each term is a
+symmetric InfoNCE with in-batch negatives (or a SigLIP sigmoid loss) whose columns are all-gathered
+across processes with gradient (``stalign.distributed``), so N processes with B rows each give the
+loss and gradient of one process with N*B rows. Optional hard negatives: pairs of different spots
+in the same cluster of the same slide are not negatives (masked out), so negatives come from other
+clusters (ST-Align's sampling).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from stalign.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
+
+TARGETS = {  # term -> (features a, features b)
+    "spot_loss": ("spot_image_features", "spot_gene_features"),
+    "niche_loss": ("niche_image_features", "niche_gene_features"),
+    "fusion_loss": ("fused_spot_features", "fused_niche_features"),
+}
+LOSS_KINDS = ("infonce", "siglip")
+
+
+class NonFiniteLossError(ValueError):
+    """The loss (or its inputs) is NaN or infinite."""
+
+
+class EmptyBatchError(ValueError):
+    """A batch without rows reached the loss."""
+
+
+def same_cluster_mask(cluster_rows: torch.Tensor, cluster_cols: torch.Tensor, slide_rows: torch.Tensor | None,
+                      slide_cols: torch.Tensor | None) -> torch.Tensor:
+    """(R, C) True where row and column spot share cluster (and slide when given): not usable as negatives."""
+    mask = cluster_rows[:, None] == cluster_cols[None, :]
+    if slide_rows is not None and slide_cols is not None:
+        mask &= slide_rows[:, None] == slide_cols[None, :]
+    return mask
+
+
+def _infonce_rows(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, offset: int,
+                  exclude: torch.Tensor | None) -> torch.Tensor:
+    """Sum over the local rows of cross-entropy(a_i . b_all / T, positive = offset + i)."""
+    logits = scale * a @ b_all.t()
+    labels = torch.arange(a.shape[0], device=a.device) + offset
+    if exclude is not None:
+        exclude = exclude.clone()
+        exclude[torch.arange(a.shape[0], device=a.device), labels] = False  # never mask the positive
+        logits = logits.masked_fill(exclude, float("-inf"))
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def _siglip_rows(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
+                 exclude: torch.Tensor | None) -> torch.Tensor:
+    """Sum over local rows and all columns of -log sigmoid(z_ij (scale a_i.b_j + bias)), z = +1 on positives."""
+    logits = scale * a @ b_all.t() + bias
+    sign = -torch.ones_like(logits)
+    rows = torch.arange(a.shape[0], device=a.device)
+    sign[rows, rows + offset] = 1.0
+    terms = -F.logsigmoid(sign * logits)
+    if exclude is not None:
+        exclude = exclude.clone()
+        exclude[rows, rows + offset] = False
+        terms = terms.masked_fill(exclude, 0.0)
+    return terms.sum()
+
+
+class ThreeTargetLoss(nn.Module):
+    """Weighted three-target contrastive loss; ``forward(out, cluster=None, slide_idx=None) -> dict of losses``.
+
+    ``out`` is the model's output dict (L2-normalised (B, E) features, ``logit_scale`` = 1/temperature and,
+    for SigLIP, ``logit_bias``). ``cluster``/``slide_idx`` (B,) enable the hard-negative mask.
+    """
+
+    def __init__(self, *, alpha: float = 0.3, beta: float = 0.3, kind: str = "infonce", gather: bool = True,
+                 check_finite: bool = True) -> None:
+        super().__init__()
+        if kind not in LOSS_KINDS:
+            raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
+        if not (0.0 <= alpha and 0.0 <= beta and alpha + beta <= 1.0):
+            raise ValueError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
+        self.alpha, self.beta, self.kind, self.gather, self.check_finite = alpha, beta, kind, gather, check_finite
+        self.weights = {"spot_loss": alpha, "niche_loss": beta, "fusion_loss": 1.0 - alpha - beta}
+
+    def pair_loss(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, bias: torch.Tensor | None = None,
+                  cluster: torch.Tensor | None = None, slide_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Symmetric loss of one pair of (B, E) feature sets; equals the single-process loss on the global batch."""
+        n_local = a.shape[0]
+        if self.gather:
+            sizes = gather_sizes(n_local, a.device)
+            rank, _ = rank_and_world()
+            a_all, b_all = all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes)
+            offset, n_global = sum(sizes[:rank]), sum(sizes)
+        else:
+            a_all, b_all, offset, n_global = a, b, 0, n_local
+        exclude = None
+        if cluster is not None:
+            c_all = all_gather_no_grad(cluster, sizes) if self.gather else cluster
+            s_all = None
+            if slide_idx is not None:
+                s_all = all_gather_no_grad(slide_idx, sizes) if self.gather else slide_idx
+            exclude = same_cluster_mask(cluster, c_all, slide_idx, s_all)
+        # Per-rank losses get averaged by the caller (DDP / all-reduce mean); dividing by the rows per rank on
+        # average (n_global / world) makes that mean the loss of one process holding the global batch.
+        per_rank = n_global / rank_and_world()[1] if self.gather else n_local
+        if self.kind == "infonce":
+            total = _infonce_rows(a, b_all, scale, offset, exclude) + _infonce_rows(b, a_all, scale, offset, exclude)
+            return total / (2 * per_rank)
+        if bias is None:
+            raise ValueError("the SigLIP loss needs out['logit_bias']: build the model with siglip=True")
+        return _siglip_rows(a, b_all, scale, bias, offset, exclude) / per_rank
+
+    def forward(self, out: Mapping[str, torch.Tensor], *, cluster: torch.Tensor | None = None,
+                slide_idx: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        missing = [k for pair in TARGETS.values() for k in pair if k not in out]
+        if missing or "logit_scale" not in out:
+            raise KeyError(f"model output lacks {missing + ([] if 'logit_scale' in out else ['logit_scale'])}")
+        n = out["spot_image_features"].shape[0]
+        if n == 0:
+            raise EmptyBatchError("empty batch: the contrastive loss needs at least one spot per process")
+        scale, bias = out["logit_scale"], out.get("logit_bias")
+        result: dict[str, torch.Tensor] = {}
+        for name, (ka, kb) in TARGETS.items():
+            a, b = out[ka], out[kb]
+            if a.shape != b.shape or a.shape[0] != n:
+                raise ValueError(f"{ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} must both be ({n}, E)")
+            result[name] = self.pair_loss(a, b, scale, bias=bias, cluster=cluster, slide_idx=slide_idx)
+        result["loss"] = sum(self.weights[k] * result[k] for k in TARGETS)
+        if self.check_finite and not bool(torch.isfinite(result["loss"]).item()):
+            bad = [k for k in TARGETS if not bool(torch.isfinite(result[k]).item())]
+            inputs = [k for pair in TARGETS.values() for k in pair if not bool(torch.isfinite(out[k]).all().item())]
+            raise NonFiniteLossError(f"non-finite contrastive loss in {bad}; non-finite model outputs: {inputs or 'none'}"
+                                     f"; logit_scale={float(scale):.4g}")
+        return result
