@@ -5,7 +5,6 @@ problem, so a user can fix the input without reading a traceback.
 """
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 
 

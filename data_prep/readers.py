@@ -16,12 +16,13 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
+from data_prep.errors import BarcodeError, DataPrepError, PixelSizeError, examples
 from data_prep.sample_checks import check_sample, coords_from_obsm
 from data_prep.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
 from data_prep.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 
-PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
+#: ``pixel_size_from`` values every reader accepts; ``read_hest`` also takes "hest-estimated"/"hest-embedded".
+PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch")
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
 
 
@@ -268,11 +269,12 @@ def _hest_candidate(meta: dict, key: str, meta_path: Path) -> PixelSizeCandidate
 
 
 def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | None = None,
-              pixel_size_from: str = "auto", spot_pitch_um: float = 100.0, spatial_key: str = "spatial",
-              crop_um: float = 336.0, make_unique: bool = False) -> SlideSample:
+              pixel_size_from: str = "auto", spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0,
+              spatial_key: str = "spatial", library_id: str | None = None, crop_um: float = 336.0,
+              make_unique: bool = False) -> SlideSample:
     """A HEST-1k sample: ``st/<id>.h5ad`` (spots in ``obsm['spatial']``, level-0 px), ``wsis/<id>.tif``,
     ``metadata/<id>.json``. ``"auto"`` pixel size: ``pixel_size_um_estimated`` (what HEST itself uses), then
-    ``pixel_size_um_embedded``, then the slide metadata.
+    ``pixel_size_um_embedded``, then the slide metadata; ``"spot-diameter"`` and ``"pitch"`` on request.
     """
     root = Path(root)
     h5ad_path = root / "st" / f"{sample_id}.h5ad"
@@ -287,11 +289,14 @@ def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | Non
         raise DataPrepError(f"{meta_path}: cannot read the HEST metadata JSON: {exc}") from exc
     adata = _load_h5ad(h5ad_path)
     coords = coords_from_obsm(adata, spatial_key, what=str(h5ad_path))
+    scalefactors, where = _spatial_scalefactors(adata, library_id, str(h5ad_path))
     with open_slide(wsi) as slide:
         candidates = {
             "hest-estimated": _hest_candidate(meta, "pixel_size_um_estimated", meta_path),
             "hest-embedded": _hest_candidate(meta, "pixel_size_um_embedded", meta_path),
             "metadata": _metadata_candidate(slide),
+            "spot-diameter": _spot_diameter_candidate(scalefactors.get("spot_diameter_fullres"), spot_diameter_um,
+                                                      where),
             "pitch": _pitch_candidate(coords, spot_pitch_um),
         }
         mpp, source = choose_pixel_size(what=f"HEST sample {sample_id!r} in {root}", um_per_px=um_per_px,

@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 
@@ -102,7 +102,7 @@ class Slide:
         lx, ly, ls = x0 / ds, y0 / ds, size / ds
         if abs(ls - out_px) < 1e-6 and abs(lx - round(lx)) < 1e-6 and abs(ly - round(ly)) < 1e-6:
             return self._read_level(level, round(lx), round(ly), out_px, out_px), padded
-        margin = int(math.ceil(3 * max(ls / out_px, 1.0))) + 1  # filter support around the box
+        margin = math.ceil(3 * max(ls / out_px, 1.0)) + 1  # filter support around the box
         ix, iy = math.floor(lx) - margin, math.floor(ly) - margin
         n = math.ceil(lx + ls) + margin - ix
         m = math.ceil(ly + ls) + margin - iy
@@ -139,7 +139,7 @@ class Slide:
     def close(self) -> None:
         self._backend.close()
 
-    def __enter__(self) -> Slide:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

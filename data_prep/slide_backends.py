@@ -32,10 +32,10 @@ def to_rgb(arr: np.ndarray) -> np.ndarray:
         arr = arr[..., None]
     channels = arr.shape[-1]
     if channels in (2, 4):  # gray+alpha or RGBA
-        color, alpha = arr[..., :-1].astype(np.uint16), arr[..., -1:].astype(np.uint16)
-        if alpha.min() == 255:
+        if arr[..., -1].min() == 255:
             arr = arr[..., :-1]
         else:
+            color, alpha = arr[..., :-1].astype(np.uint16), arr[..., -1:].astype(np.uint16)
             arr = ((color * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
     if arr.shape[-1] == 1:
         arr = np.repeat(arr, 3, axis=-1)
@@ -57,8 +57,14 @@ class OpenSlideBackend:
 
     def read(self, level: int, x: int, y: int, w: int, h: int) -> np.ndarray:
         ds = self.level_downsamples[level]
-        img = self.osr.read_region((int(round(x * ds)), int(round(y * ds))), level, (int(w), int(h)))
-        return to_rgb(np.asarray(img))
+        from PIL import Image
+
+        img = self.osr.read_region((round(x * ds), round(y * ds)), level, (int(w), int(h)))
+        if img.getchannel("A").getextrema()[0] < 255:  # transparent (not scanned) pixels: composite on white
+            white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+            white.alpha_composite(img)
+            img = white
+        return np.asarray(img.convert("RGB"))
 
     def pixel_size(self) -> tuple[float | None, str]:
         props = self.osr.properties
@@ -181,7 +187,7 @@ def _validate_openslide(backend: OpenSlideBackend) -> None:
     """Read the smallest level (or a corner of it) so truncated or corrupt files fail at open."""
     level = len(backend.level_dimensions) - 1
     w, h = backend.level_dimensions[level]
-    tile = 2048
+    tile = 1024
     for x, y in {(0, 0), (max(w - tile, 0), max(h - tile, 0))}:
         backend.read(level, x, y, min(w, tile), min(h, tile))
 
@@ -206,7 +212,7 @@ def open_backend(path: Path) -> OpenSlideBackend | ArrayBackend:
     for name, attempt in attempts:
         try:
             return attempt()
-        except Exception as exc:  # each reader reports its own failure; all are gathered below
+        except Exception as exc:  # noqa: BLE001 - each reader fails its own way; all are reported below
             errors.append(f"{name}: {type(exc).__name__}: {exc}")
     raise SlideError(f"{path}: cannot open as a slide image (unsupported, truncated or corrupt file) - "
                      + "; ".join(errors))

@@ -77,7 +77,7 @@ def tissue_mask(thumb_rgb: np.ndarray, *, channel: str = "saturation", min_signa
 def tissue_fraction(mask: np.ndarray, coords_thumb: np.ndarray, *, radius: float = 1.0) -> np.ndarray:
     """Fraction of mask pixels within a (2r+1)-pixel square around each (x, y) thumbnail position."""
     coords = np.asarray(coords_thumb, dtype=np.float64).reshape(-1, 2)
-    r = max(int(round(radius)), 0)
+    r = max(round(radius), 0)
     integral = np.pad(mask.astype(np.int64), ((1, 0), (1, 0))).cumsum(0).cumsum(1)
     h, w = mask.shape
     cx = np.floor(coords[:, 0]).astype(np.int64)

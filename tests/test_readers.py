@@ -9,8 +9,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.errors import (BarcodeError, CoordinateError, DataPrepError, ExpressionError, GeneNameError,
-                              PixelSizeError)
+from data_prep.errors import (
+    BarcodeError,
+    CoordinateError,
+    DataPrepError,
+    ExpressionError,
+    GeneNameError,
+    PixelSizeError,
+)
 from data_prep.readers import list_hest_samples, read_anndata_image, read_hest, read_spaceranger
 from data_prep.slide import open_slide, write_pyramidal_tiff
 from data_prep.tenx import read_10x_h5
@@ -223,3 +229,6 @@ def test_hest_pixel_size_fallbacks(tmp_path, squidpy_crop):
     with pytest.raises(PixelSizeError, match=r"TENX0.*pixel_size_um_estimated.*um_per_px"):
         read_hest(bare, "TENX0")
     assert read_hest(bare, "TENX0", um_per_px=0.7).pixel_size_source == "user flag"
+    assert read_hest(bare, "TENX0", pixel_size_from="pitch").um_per_px == pytest.approx(100 / 137.5, rel=0.01)
+    with pytest.raises(PixelSizeError, match="no spot diameter"):
+        read_hest(bare, "TENX0", pixel_size_from="spot-diameter")  # uns['spatial'] was removed

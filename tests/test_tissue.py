@@ -13,7 +13,7 @@ from data_prep.tissue import otsu_threshold, spots_on_tissue, tissue_fraction, t
 def test_visium_spots_lie_on_tissue_and_background_is_found(squidpy_crop):
     adata = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
     with open_slide(squidpy_crop / "test_img.jpg") as slide:
-        thumb, ds = slide.thumbnail(512)
+        thumb, _ = slide.thumbnail(512)
         mask = tissue_mask(thumb)
         assert mask.shape == thumb.shape[:2]
         # the crop has grey glass on its left edge and top corner: some background, mostly tissue
