@@ -3,7 +3,8 @@
 MCM: 12% of the real cells of a sub-slice get their input replaced by the learnable mask embedding and 3% are
 kept as they are; the model predicts the original cell embedding of those 15% (cosine loss). PDR: ~15% of the
 cells are moved by Gaussian noise (σ = 5 × the sub-slice's mean nearest-neighbour spacing); a pair head
-predicts, from the final pair representation, the original distances of the perturbed pairs (MSE). The
+predicts, from the final pair representation, the original distances of the perturbed pairs (MSE, distances
+in units of that spacing). The
 pairs scored are those with a perturbed end that are neighbours in the model's (noisy) kNN graph: the model
 sees a real distance only for them (all others share the far constant).
 """
@@ -77,11 +78,16 @@ class MCMLoss(nn.Module):
 
 
 class PDRLoss(nn.Module):
-    """MSE between predicted and original distances over pairs with a perturbed end (neighbours, i ≠ j)."""
+    """MSE between predicted and original distances over pairs with a perturbed end (neighbours, i ≠ j).
+
+    Distances are in units of the sub-slice's mean nearest-neighbour spacing, so the term is O(1) whatever
+    the cell density (raw scaled distances gave an MSE ~500x the cosine loss on the Visium crop).
+    """
 
     def forward(self, pred: torch.Tensor, coords: torch.Tensor, perturbed: torch.Tensor, graph: torch.Tensor,
                 pad_mask: torch.Tensor) -> dict[str, torch.Tensor]:
         d = torch.cdist(coords.float(), coords.float(), compute_mode="donot_use_mm_for_euclid_dist")
+        d = d / mean_nn_spacing(coords, pad_mask).clamp_min(1e-6)[:, None, None]
         real = ~pad_mask.bool()
         eye = torch.eye(coords.shape[1], dtype=torch.bool, device=coords.device)
         pairs = (perturbed[:, :, None] | perturbed[:, None, :]) & graph & real[:, :, None] & real[:, None, :] & ~eye

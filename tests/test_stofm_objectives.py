@@ -45,8 +45,9 @@ def test_losses_score_the_right_entries():
     pad = torch.zeros(1, 3, dtype=torch.bool)
     moved = torch.tensor([[False, False, True]])
     dpred = torch.zeros(1, 3, 3)
-    # pairs (0,2),(1,2) and symmetric: true distances 10 and 5 -> mean of 100, 25
-    assert PDRLoss()(dpred, coords, moved, graph, pad)["pdr_loss"].item() == pytest.approx(62.5)
+    # pairs (0,2),(1,2) and symmetric: distances 10 and 5 = 2 and 1 mean spacings (5) -> mean of 4, 1
+    assert PDRLoss()(dpred, coords, moved, graph, pad)["pdr_loss"].item() == pytest.approx(2.5)
+    assert PDRLoss()(dpred, coords * 7, moved, graph, pad)["pdr_loss"].item() == pytest.approx(2.5)
 
 
 def _crop_batch(squidpy_crop, model):

@@ -1,0 +1,92 @@
+"""The ``stofm`` command line: ``stofm pretrain --config ...``, ``stofm embed IN --model M --out OUT``, ``stofm models``."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Sequence
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from stofm import __version__
+    from stofm.pretrain import add_arguments
+
+    parser = argparse.ArgumentParser(prog="stofm", description="SToFM: spatial transcriptomics foundation model")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("pretrain", help="pretrain the SE(2) transformer (MCM + PDR) on AnnData slides")
+    add_arguments(p)
+    p.set_defaults(func=_pretrain)
+    e = sub.add_parser("embed", help="embed the cells of slides (AnnData) into obsm['X_stofm']")
+    e.add_argument("inputs", nargs="+", help=".h5ad files with obsm['spatial']")
+    e.add_argument("--model", required=True, help="config name or a save_pretrained folder")
+    e.add_argument("--out", required=True, help="output .h5ad (one input) or folder (several)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--device", default=None)
+    e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
+    e.add_argument("--niches", type=int, default=0, help="also store per-niche embeddings of this many cells")
+    e.set_defaults(func=_embed)
+    m = sub.add_parser("models", help="list the registered model configs")
+    m.set_defaults(func=_models)
+    return parser
+
+
+def _pretrain(args: argparse.Namespace) -> int:
+    from stofm.pretrain import run_from_args
+
+    return run_from_args(args)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import anndata as ad
+
+    from stofm.embedding import embed, embed_niches
+    from stofm.model import create_model
+
+    out = Path(args.out)
+    if len(args.inputs) > 1:
+        out.mkdir(parents=True, exist_ok=True)
+    model = None
+    for src in args.inputs:
+        src = Path(src)
+        if not src.is_file():
+            raise FileNotFoundError(f"stofm embed: {src} does not exist")
+        adata = ad.read_h5ad(src)
+        if model is None:
+            model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
+        embed(adata, model, batch_size=args.batch_size, dtype=args.dtype)
+        if args.niches:
+            embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype)
+        dest = out / src.name if len(args.inputs) > 1 else out
+        adata.write_h5ad(dest)
+        print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape}")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from stofm.model import list_models
+
+    print("\n".join(list_models()))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``stofm`` with ``argv``; returns the exit code."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0 if args.command is None else 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        print(f"stofm {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""SToFM pretraining (MCM + PDR) with accelerate: ``stofm pretrain --config configs/stofm_tiny.yaml``.
+
+Data: AnnData files (``.h5ad`` or ``.zarr``) with ``obsm['spatial']``. Each slide is prepared once: the cell
+encoder (frozen, as in SToFM, where cell embeddings are computed before the spatial stage) embeds every cell,
+virtual cells are clustered, the slide is tiled into sub-slices. Batches of sub-slices are padded to one length
+with the slide's virtual cells prepended. Batch order and the MCM/PDR draws are functions of (seed, step), and
+``save_state`` stores the RNGs, so a resumed run continues exactly as an uninterrupted one.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULTS_NOTE = "YAML keys become defaults; command-line flags override them"
+
+
+@dataclass
+class PretrainConfig:
+    """Everything a pretraining run needs (the YAML run config maps onto these keys)."""
+
+    data: list[str] = field(default_factory=list)
+    output_dir: str = "runs/stofm"
+    model: str = "stofm-tiny"
+    model_overrides: dict = field(default_factory=dict)
+    cell_encoder: str | None = None       # a save_cell_encoder folder (e.g. after masked-gene pretraining)
+    init_from: str | None = None          # a save_pretrained folder to continue from
+    genes: list[str] | None = None        # gene panel; default: the first data file's genes
+    layer: str | None = None
+    spatial_key: str = "spatial"
+    gene_key: str | None = None
+    input_kind: str = "auto"
+    n_virtual: int | None = None
+    cells_per_tile: int | None = None
+    max_cells: int | None = None
+    cluster_method: str = "kmeans"
+    max_steps: int = 1000
+    batch_size: int = 4
+    grad_accum: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    max_grad_norm: float = 1.0
+    mask_ratio: float = 0.12
+    keep_ratio: float = 0.03
+    pdr_ratio: float = 0.15
+    sigma_factor: float = 5.0
+    mcm_weight: float = 1.0
+    pdr_weight: float = 1.0
+    mixed_precision: str = "auto"         # auto = bf16 on a GPU, no on CPU
+    cpu: bool = False
+    seed: int = 0
+    log_every: int = 10
+    save_every: int = 500
+    keep_checkpoints: int = 3
+    progress: bool = True
+
+
+def _read_adata(path: str):
+    import anndata as ad
+
+    if str(path).startswith("fetch:"):  # fetch:<data set>/<file>, e.g. fetch:squidpy-visium-crop/test_data.h5ad
+        from data_prep.fetch import fetch
+
+        name, _, rest = str(path)[len("fetch:"):].partition("/")
+        p = fetch(name) / rest
+    else:
+        p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"pretraining data {p} does not exist")
+    if p.suffix == ".zarr" or p.is_dir():
+        return ad.read_zarr(p)
+    if p.suffix != ".h5ad":
+        raise ValueError(f"pretraining data {p}: expected an .h5ad file or a .zarr folder")
+    return ad.read_h5ad(p)
+
+
+def _step_module(model: Any, cfg: PretrainConfig) -> Any:
+    """Model + loss in one module, so the prepared (maybe DDP) module runs a whole MCM+PDR step in ``forward``."""
+    from torch import nn
+
+    from stofm.objectives import SToFMPretrainLoss
+
+    class PretrainStep(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.loss = SToFMPretrainLoss(mcm_weight=cfg.mcm_weight, pdr_weight=cfg.pdr_weight)
+
+        def forward(self, batch: dict, generator: Any) -> dict:
+            out = self.model.pretrain_forward(batch, generator=generator, mask_ratio=cfg.mask_ratio,
+                                              keep_ratio=cfg.keep_ratio, pdr_ratio=cfg.pdr_ratio,
+                                              sigma_factor=cfg.sigma_factor)
+            return self.loss(out, batch)
+
+    return PretrainStep()
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n_items: int, seed: int, epoch: int) -> tuple[int, ...]:
+    import numpy as np
+
+    return tuple(int(i) for i in np.random.default_rng([seed, epoch]).permutation(n_items))
+
+
+def batch_items(n_items: int, *, step: int, micro: int, grad_accum: int, batch_size: int, seed: int,
+                rank: int = 0, world: int = 1) -> list[int]:
+    """Item indices of one micro-batch: consecutive slices of per-epoch permutations seeded by (seed, epoch)."""
+    m = (step * grad_accum + micro) * world + rank
+    return [_epoch_order(n_items, seed, pos // n_items)[pos % n_items]
+            for pos in range(m * batch_size, (m + 1) * batch_size)]
+
+
+def pretrain(cfg: PretrainConfig, *, resume: str | None = None) -> dict:
+    """Run (or resume: ``"latest"`` or a checkpoint folder) a pretraining run; returns a summary dict."""
+    import torch
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from stalign.training import checkpointing as ckpt
+    from stalign.training.logging import RunLogger
+    from stalign.training.optim import build_optimizer, build_scheduler
+    from stofm.embedding import collate_subslices, prepare_slide
+    from stofm.model import create_model
+
+    if not cfg.data:
+        raise ValueError("pretraining needs data: a list of .h5ad/.zarr files (config key 'data')")
+    started = time.perf_counter()
+    out = Path(cfg.output_dir)
+    mp = cfg.mixed_precision
+    if mp == "auto":
+        mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu)
+    main = accelerator.is_main_process
+    set_seed(cfg.seed)
+    adatas = [_read_adata(p) for p in cfg.data]
+    genes = cfg.genes or list(map(str, adatas[0].var[cfg.gene_key] if cfg.gene_key else adatas[0].var_names))
+    if cfg.init_from:
+        model = create_model(cfg.init_from)
+    else:
+        model = create_model(cfg.model, genes=genes, cell_encoder=cfg.cell_encoder, **cfg.model_overrides)
+    model = model.to(accelerator.device)
+    model.cell_encoder.requires_grad_(False)
+    slides = [prepare_slide(a, model, layer=cfg.layer, spatial_key=cfg.spatial_key, gene_key=cfg.gene_key,
+                            input_kind=cfg.input_kind, n_virtual=cfg.n_virtual, cells_per_tile=cfg.cells_per_tile,
+                            max_cells=cfg.max_cells, seed=cfg.seed, cluster_method=cfg.cluster_method,
+                            where=str(p))
+              for a, p in zip(adatas, cfg.data)]
+    del adatas
+    items = [(s, t) for s in slides for t in s.tiles]
+    step_module = _step_module(model, cfg)
+    optimizer = build_optimizer(step_module, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
+    step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
+
+    step = 0
+    if resume:
+        path = ckpt.resolve_resume(out, resume)
+        accelerator.load_state(str(path))
+        step = int(ckpt.read_state(path)["step"])
+        accelerator.print(f"resumed from {path} at step {step}")
+    logger = RunLogger(out, enabled=main, tensorboard=False, resume_step=step if resume else None)
+    if main:
+        _write_yaml(cfg, out / "config.yaml")
+        accelerator.print(f"pretraining on {sum(len(s.coords) for s in slides)} cells of {len(slides)} slide(s), "
+                          f"{len(items)} sub-slices, {cfg.max_steps} steps [{accelerator.distributed_type}, {mp}]")
+
+    def save(at: int) -> Path:
+        path = ckpt.checkpoint_dir(out, at)
+        accelerator.save_state(str(path))
+        if main:
+            ckpt.write_state(path, {"step": at, "max_steps": cfg.max_steps})
+            ckpt.prune_checkpoints(out, keep=cfg.keep_checkpoints)
+        accelerator.wait_for_everyone()
+        return path
+
+    losses: list[dict] = []
+    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc="stofm pretrain")
+    step_module.train()
+    while step < cfg.max_steps:
+        parts: dict[str, list[float]] = {}
+        for micro in range(cfg.grad_accum):
+            idx = batch_items(len(items), step=step, micro=micro, grad_accum=cfg.grad_accum,
+                              batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
+                              world=accelerator.num_processes)
+            batch = collate_subslices([items[i] for i in idx])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009
+                                                + accelerator.process_index)
+            with accelerator.accumulate(step_module):
+                terms = step_module(batch, gen)
+                if not torch.isfinite(terms["loss"]):
+                    raise RuntimeError(f"non-finite loss at step {step + 1}; lower lr or check the data")
+                accelerator.backward(terms["loss"])
+                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            for k, v in terms.items():
+                parts.setdefault(k, []).append(float(accelerator.reduce(v.detach().float(), "mean")))
+        scheduler.step()
+        step += 1
+        row = {k: sum(v) / len(v) for k, v in parts.items()}
+        losses.append({"step": step, **row})
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.4f}")
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            logger.log("train", step, {**row, "lr": scheduler.get_last_lr()[0]})
+        if cfg.save_every and step % cfg.save_every == 0:
+            save(step)
+    bar.close()
+    final = out / "model"
+    if main:
+        accelerator.unwrap_model(step_module).model.save_pretrained(final)
+        accelerator.print(f"pretrained model: {final}")
+    accelerator.wait_for_everyone()
+    logger.close()
+    accelerator.end_training()
+    return {"model": final, "output_dir": out, "step": step, "losses": losses,
+            "seconds": time.perf_counter() - started}
+
+
+def _write_yaml(cfg: PretrainConfig, path: Path) -> None:
+    import yaml
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+
+
+def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
+    """A ``PretrainConfig`` from a YAML file (unknown keys raise) with ``overrides`` on top."""
+    import yaml
+
+    values: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise FileNotFoundError(f"stofm pretrain config {p} does not exist")
+        values = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"stofm pretrain config {p}: expected a mapping of keys")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(PretrainConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"unknown stofm pretrain config key(s) {unknown}; known: {sorted(known)}")
+    if isinstance(values.get("data"), str):
+        values["data"] = [values["data"]]
+    cfg = PretrainConfig(**values)
+    for name, ok in (("batch_size", cfg.batch_size >= 1), ("grad_accum", cfg.grad_accum >= 1),
+                     ("max_steps", cfg.max_steps >= 1), ("lr", cfg.lr > 0),
+                     ("mixed_precision", cfg.mixed_precision in ("auto", "no", "bf16", "fp16"))):
+        if not ok:
+            raise ValueError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
+    return cfg
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The pretraining flags (shared by ``stofm pretrain`` and ``stalign pretrain-stofm``)."""
+    parser.add_argument("--config", help=f"YAML run config ({DEFAULTS_NOTE})")
+    parser.add_argument("--data", nargs="+", help="AnnData files (.h5ad / .zarr) with obsm['spatial']")
+    parser.add_argument("--output-dir", dest="output_dir")
+    parser.add_argument("--model", help="config name (stofm-tiny/-small/-base)")
+    parser.add_argument("--cell-encoder", dest="cell_encoder", help="a pretrained cell encoder folder")
+    for name, typ in (("max_steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float),
+                      ("save_every", int), ("log_every", int), ("seed", int), ("cells_per_tile", int),
+                      ("n_virtual", int)):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, type=typ)
+    parser.add_argument("--mixed-precision", dest="mixed_precision", choices=("auto", "no", "bf16", "fp16"))
+    parser.add_argument("--cpu", action="store_true", default=None, help="train on the CPU even with a GPU")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", default=None)
+    parser.add_argument("--resume", nargs="?", const="latest", default=None,
+                        help="resume from the latest checkpoint of --output-dir, or from the given checkpoint folder")
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Entry point for the parsed flags of :func:`add_arguments`."""
+    keys = ("data", "output_dir", "model", "cell_encoder", "max_steps", "batch_size", "grad_accum", "lr",
+            "save_every", "log_every", "seed", "cells_per_tile", "n_virtual", "mixed_precision", "cpu", "progress")
+    cfg = load_config(args.config, **{k: getattr(args, k, None) for k in keys})
+    res = pretrain(cfg, resume=args.resume)
+    last = res["losses"][-1] if res["losses"] else {}
+    print(f"done: {res['step']} steps in {res['seconds']:.1f}s; last loss "
+          + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "step") + f"; model at {res['model']}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m stofm.pretrain --config ...``"""
+    parser = argparse.ArgumentParser(prog="stofm pretrain", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
