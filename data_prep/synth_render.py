@@ -83,7 +83,7 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
     ax, ay = (x1 - x0) / 2, (y1 - y0) / 2
     r = np.sqrt(((gx - (x0 + x1) / 2) / ax) ** 2 + ((gy - (y0 + y1) / 2) / ay) ** 2)
     r = r + 0.07 * smooth_noise((hc, wc), 200.0 / coarse_um, rng)
-    tissue = (1.0 / (1.0 + np.exp(-(1.0 - r) * (min(ax, ay) / 4.0)))).astype(np.float32)  # ~4 µm edge
+    tissue = (1.0 / (1.0 + np.exp(np.clip((r - 1.0) * (min(ax, ay) / 4.0), -60, 60)))).astype(np.float32)  # 4 µm edge
 
     n_regions = max(3 * len(classes), int(round((x1 - x0) * (y1 - y0) / region_um**2)))
     seeds = np.column_stack([rng.uniform(x0, x1, n_regions), rng.uniform(y0, y1, n_regions)])
@@ -275,7 +275,7 @@ def write_pyramid(path: str | os.PathLike, blocks: Iterator[np.ndarray], *, heig
     h1, w1 = -(-height // 4), -(-width // 4)
     h_pad, w_pad = -(-height // TILE) * TILE, -(-width // TILE) * TILE
     common = dict(photometric="rgb", compression="zlib", compressionargs={"level": compress_level},
-                  resolutionunit="CENTIMETER", metadata=None, maxworkers=2)
+                  resolutionunit="CENTIMETER", metadata=None, maxworkers=2, buffersize=16 << 20)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
         level1 = np.memmap(Path(tmp) / "level1.u8", dtype=np.uint8, mode="w+", shape=(h_pad // 4, w_pad // 4, 3))
 

@@ -1,0 +1,166 @@
+"""Throughput of ``stalign prep`` (spot + niche crops -> shards) on a 20,000-spot synthetic pyramidal TIFF.
+
+    python benchmarks/prep_throughput.py                      # generate (or reuse) the slide, time 1 and 2 workers
+    python benchmarks/prep_throughput.py --n-spots 2000 --no-record
+
+The slide is cached under ``$STALIGN_CACHE/bench/`` (``~/.cache/stalign/bench/``) and reused when its
+``truth.json`` matches the requested size and its TIFF still has the recorded sha256. ``prepare`` runs one
+process per slide, so a single slide cannot use a second worker; the benchmark therefore also splits the same
+slide's spots into as many sub-slides (same TIFF, disjoint spots) as there are workers. Each run writes fresh
+shards into a temporary folder and is timed end to end (expression, tissue mask, crops, shard writing).
+The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md`` with the machine.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tuple[Path, Path, float | None]:
+    """(tif, h5ad, generation seconds or None when reused) of the benchmark slide."""
+    from data_prep.fetch import sha256_file
+    from data_prep.synth import make_synthetic_slide
+
+    folder = root / f"synth-{n_spots}-{um_per_px:g}umpx-seed{seed}"
+    truth_path = folder / f"synth{seed}.truth.json"
+    if truth_path.exists():
+        truth = json.loads(truth_path.read_text())
+        tif, h5ad = folder / truth["files"]["image"]["name"], folder / truth["files"]["adata"]["name"]
+        if (truth["n_spots"], truth["um_per_px"]) == (n_spots, um_per_px) and tif.exists() and h5ad.exists() \
+                and sha256_file(tif) == truth["files"]["image"]["sha256"]:
+            print(f"reusing {tif}")
+            return tif, h5ad, None
+    shutil.rmtree(folder, ignore_errors=True)
+    print(f"generating a {n_spots}-spot synthetic slide into {folder} ...", flush=True)
+    slide = make_synthetic_slide(folder, n_spots=n_spots, um_per_px=um_per_px, seed=seed)
+    return slide.paths["image"], slide.paths["adata"], slide.seconds
+
+
+def samples_for(tif: Path, h5ad: Path, parts: int) -> list:
+    """The slide as ``parts`` samples (same TIFF, disjoint interleaved spots), read by the real reader."""
+    import anndata as ad
+
+    from data_prep.readers import read_anndata_image
+
+    adata = ad.read_h5ad(h5ad)
+    if parts == 1:
+        return [read_anndata_image(adata, tif, slide_id=tif.stem)]
+    return [read_anndata_image(adata[i::parts].copy(), tif, slide_id=f"{tif.stem}_part{i}") for i in range(parts)]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its finished children."""
+    import resource
+
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def time_prep(samples: list, *, workers: int, progress: bool) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder."""
+    from data_prep.pipeline import prepare
+
+    with tempfile.TemporaryDirectory(prefix="stalign-bench-") as out:
+        t0, c0 = time.perf_counter(), cpu_seconds()
+        manifest = prepare(samples, out, workers=workers, progress=progress)
+        return time.perf_counter() - t0, cpu_seconds() - c0, manifest
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{cpu}, {os.cpu_count()} CPUs, {mem:.0f} GiB RAM, {platform.system()} {platform.release()}"
+
+
+def load() -> str:
+    try:
+        return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_prep.fetch import cache_dir
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--n-spots", type=int, default=20_000)
+    p.add_argument("--um-per-px", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    p.add_argument("--cache", type=Path, default=None, help="slide cache (default: $STALIGN_CACHE/bench)")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--note", default="", help="free text recorded with the figures (e.g. machine load)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+
+    tif, h5ad, gen_s = cached_slide(args.cache or cache_dir() / "bench", n_spots=args.n_spots,
+                                    um_per_px=args.um_per_px, seed=args.seed)
+    load_before = load()
+    runs = []  # (parts, workers)
+    for w in args.workers:
+        runs.append((1, w))
+        if w > 1:
+            runs.append((w, w))
+    rows = []
+    for parts, workers in runs:
+        samples = samples_for(tif, h5ad, parts)
+        seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet)
+        kept = sum(s["n_spots"] for s in manifest["slides"])
+        dropped = sum(s["n_background_dropped"] for s in manifest["slides"])
+        rows.append({"spots": args.n_spots, "kept": kept, "dropped": dropped, "parts": parts,
+                     "workers": workers, "seconds": seconds, "cpu": cpu, "spots_per_s": kept / seconds})
+        print(f"  {parts} part(s), {workers} worker(s): {seconds:.1f} s", flush=True)
+
+    header = ("| spots | kept (on tissue) | sub-slides | workers | seconds | CPU seconds | spots/s |\n"
+              "|---:|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['spots']:,} | {r['kept']:,} | {r['parts']} | {r['workers']} | {r['seconds']:.1f} | "
+             f"{r['cpu']:.1f} | {r['spots_per_s']:.1f} |" for r in rows]
+    table = "\n".join([header, *lines])
+    print(table)
+    if not args.no_record:
+        commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                text=True).stdout.strip() or "n/a"
+        size = tif.stat().st_size / 2**20
+        section = [
+            f"\n## prep throughput, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (commit {commit})\n",
+            f"- machine: {machine()}; load average before {load_before}, after {load()}",
+            f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
+            f"- slide: {tif.name}, {args.n_spots:,} spots at {args.um_per_px:g} µm/px, {size:,.0f} MiB TIFF"
+            + (f", generated in {gen_s:.0f} s" if gen_s is not None else ", reused from the cache"),
+            "- timed: `data_prep.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
+            "top-50 HVG panel, tissue mask, kNN, HDF5 shards); spots/s = kept spots / wall seconds; CPU "
+            "seconds = user + system of this process and its worker processes",
+        ]
+        if args.note:
+            section.append(f"- note: {args.note}")
+        section += ["", table, ""]
+        new = not args.results.exists()
+        with open(args.results, "a") as fh:
+            if new:
+                fh.write("# Benchmark results\n\nAppended by the scripts in `benchmarks/`; newest last.\n")
+            fh.write("\n".join(section))
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
