@@ -1,0 +1,239 @@
+"""Image encoder registry: ``timm:<name>``, ``open_clip:<name>``, pathology foundation models, local checkpoints.
+
+``create_image_encoder(spec, pretrained=..., ...)`` returns an :class:`ImageEncoder`: uint8 (or float in
+[0, 1]) images (B, 3, H, W) in, (B, out_dim) features out. Normalisation (mean/std of the backbone's
+pretrained config) and resizing to its input size happen inside, so datasets can yield uint8 crops.
+``pretrained``: ``None``/``False`` = random init, a local file path = weights from that file, ``True`` =
+the backbone's published weights (hub download or cache; tests never do this).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+IMAGE_ENCODERS: dict[str, Callable[..., "Backbone"]] = {}
+PREFIX_BUILDERS: dict[str, Callable[..., "Backbone"]] = {}
+CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class UnknownImageEncoderError(ValueError):
+    """An image encoder spec that no registry entry, prefix or local file matches."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A state dict that does not fit the architecture it is loaded into."""
+
+
+@dataclass
+class Backbone:
+    """What a builder returns: the trunk (normalised float images -> (B, out_dim)) and its pretrained config."""
+
+    trunk: nn.Module
+    out_dim: int
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    input_size: int = 224
+    interpolation: str = "bicubic"
+
+
+def register_image_encoder(name: str) -> Callable:
+    """Decorator: register a builder ``fn(*, pretrained, **kwargs) -> Backbone`` under a published name."""
+
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        IMAGE_ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_prefix(prefix: str) -> Callable:
+    """Decorator: register a builder ``fn(name, *, pretrained, **kwargs) -> Backbone`` for specs ``<prefix>:<name>``."""
+
+    def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
+        PREFIX_BUILDERS[prefix] = fn
+        return fn
+
+    return deco
+
+
+def known_image_encoders() -> list[str]:
+    """Registered names and spec prefixes (for error messages and ``--help``)."""
+    _load_builtin()
+    return sorted(IMAGE_ENCODERS) + [f"{p}:<name>" for p in sorted(PREFIX_BUILDERS)] + ["<local checkpoint path> + arch"]
+
+
+def _load_builtin() -> None:
+    import stalign.models.pathology_encoders  # noqa: F401  (registers the named models)
+
+
+# ----------------------------------------------------------------------------------------------- state dicts
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file (torch files with ``weights_only=True``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle with code objects, truncated file, ...
+        raise CheckpointMismatchError(f"{path}: not a loadable weights-only state dict ({err})") from err
+    for key in ("state_dict", "model", "module"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointMismatchError(f"{path}: expected a dict of tensors (a state dict)")
+    return dict(obj)
+
+
+def strip_prefixes(sd: dict[str, torch.Tensor], prefixes: tuple[str, ...] = ("module.", "model.", "trunk.",
+                                                                           "backbone.", "encoder.")) -> dict:
+    """Drop wrapper prefixes that every key shares (DDP ``module.``, Lightning ``model.``, ...)."""
+    changed = True
+    while changed:
+        changed = False
+        for p in prefixes:
+            if sd and all(k.startswith(p) for k in sd):
+                sd, changed = {k[len(p):]: v for k, v in sd.items()}, True
+    return sd
+
+
+def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, source: str,
+              ignore: tuple[str, ...] = ("head.", "fc.", "classifier.", "head_dist.")) -> None:
+    """Load ``sd`` into ``module`` strictly, except classifier heads absent from a feature trunk."""
+    sd = strip_prefixes(sd)
+    own = module.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own and not k.startswith(ignore)]
+    wrong = [f"{k}: file {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}" for k in own
+             if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(
+            f"{source}: state dict does not fit {type(module).__name__}: {len(missing)} missing "
+            f"{missing[:5]}, {len(unexpected)} unexpected {unexpected[:5]}, shape mismatches {wrong[:5]}")
+    module.load_state_dict({k: sd[k] for k in own}, strict=True)
+
+
+def is_local_checkpoint(spec: Any) -> bool:
+    """True for a path to an existing weights file (or a name that looks like one)."""
+    return isinstance(spec, (str, os.PathLike)) and (Path(spec).is_file() or str(spec).endswith(CHECKPOINT_SUFFIXES))
+
+
+# ------------------------------------------------------------------------------------------------ encoder
+class ImageEncoder(nn.Module):
+    """Backbone + preprocessing: uint8/float (B, 3, H, W) -> (B, out_dim) features."""
+
+    def __init__(self, *, backbone: Backbone, spec: str) -> None:
+        super().__init__()
+        self.trunk, self.spec, self.out_dim = backbone.trunk, spec, backbone.out_dim
+        self.input_size, self.interpolation = backbone.input_size, backbone.interpolation
+        self.mean, self.std = tuple(backbone.mean), tuple(backbone.std)
+        self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
+
+    def preprocess(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [0, 255] or float [0, 1] -> resized, normalised float."""
+        import torch.nn.functional as F
+
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(x.shape)}")
+        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.to(self._mean.dtype)
+        if x.shape[-2:] != (self.input_size, self.input_size):
+            mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
+            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=mode, align_corners=False,
+                              antialias=True)
+        return (x - self._mean) / self._std
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        feats = self.trunk(self.preprocess(x))
+        if isinstance(feats, (tuple, list)):  # open_clip towers with output_tokens return (pooled, tokens)
+            feats = feats[0]
+        return feats
+
+    def train_transform(self) -> Callable:
+        """Augmentation for uint8 (…, 3, P, P) H&E crops: flips, 90° rotations, mild colour jitter, input-size resize."""
+        from stalign.models.transforms import he_train_transform
+
+        return he_train_transform(self.input_size, self.interpolation)
+
+    def eval_transform(self) -> Callable:
+        """Resize uint8 crops to the backbone's input size (normalisation stays inside the model)."""
+        from stalign.models.transforms import he_eval_transform
+
+        return he_eval_transform(self.input_size, self.interpolation)
+
+
+def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | None = None, arch: str | None = None,
+                         freeze: bool = False, unfreeze_last: int = 0, lora_rank: int = 0, lora_alpha: float = 16.0,
+                         **kwargs: Any) -> ImageEncoder:
+    """Build an image encoder from a spec (see module doc); ``kwargs`` go to the backbone constructor.
+
+    ``arch`` names the architecture (a spec, e.g. ``timm:vit_base_patch16_224``) for a bare local checkpoint.
+    ``freeze`` / ``unfreeze_last`` (train only the last n blocks) / ``lora_rank`` (adapters) select what trains.
+    """
+    from stalign.models.adapters import apply_trainability
+
+    _load_builtin()
+    spec = str(spec)
+    if spec in IMAGE_ENCODERS:
+        backbone = IMAGE_ENCODERS[spec](pretrained=pretrained, **kwargs)
+    elif ":" in spec and spec.split(":", 1)[0] in PREFIX_BUILDERS:
+        prefix, name = spec.split(":", 1)
+        backbone = PREFIX_BUILDERS[prefix](name, pretrained=pretrained, **kwargs)
+    elif is_local_checkpoint(spec):
+        if arch is None:
+            raise ValueError(f"{spec}: a local checkpoint needs arch= (e.g. 'timm:vit_base_patch16_224' or 'uni')")
+        if not Path(spec).is_file():
+            raise FileNotFoundError(f"{spec}: checkpoint file not found")
+        return create_image_encoder(arch, pretrained=spec, freeze=freeze, unfreeze_last=unfreeze_last,
+                                    lora_rank=lora_rank, lora_alpha=lora_alpha, **kwargs)
+    else:
+        raise UnknownImageEncoderError(f"unknown image encoder {spec!r}; known: {', '.join(known_image_encoders())}")
+    encoder = ImageEncoder(backbone=backbone, spec=spec)
+    apply_trainability(encoder.trunk, freeze=freeze, unfreeze_last=unfreeze_last, lora_rank=lora_rank,
+                       lora_alpha=lora_alpha)
+    return encoder
+
+
+# ------------------------------------------------------------------------------------------------- timm
+def timm_backbone(name: str, *, pretrained: bool | str | os.PathLike | None = None, hub_name: str | None = None,
+                  input_size: int | None = None, **kwargs: Any) -> Backbone:
+    """A timm model as a pooled-feature trunk (``num_classes=0``); local weights loaded strictly."""
+    import timm
+
+    kwargs.setdefault("num_classes", 0)
+    if pretrained is True:
+        model = timm.create_model(hub_name or name, pretrained=True, **kwargs)
+    else:
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if pretrained:
+            load_into(model, load_state_dict_file(pretrained), source=str(pretrained))
+    return backbone_from_timm(model, input_size=input_size)
+
+
+def backbone_from_timm(model: nn.Module, *, input_size: int | None = None, trunk: nn.Module | None = None,
+                       out_dim: int | None = None) -> Backbone:
+    """Read mean/std/input size/interpolation from a timm model's pretrained config."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    size = input_size
+    if size is None:
+        patch_embed = getattr(model, "patch_embed", None)
+        img_size = getattr(patch_embed, "img_size", None) if patch_embed is not None else None
+        size = int(img_size[0]) if img_size is not None else int(cfg.get("input_size", (3, 224, 224))[-1])
+    return Backbone(trunk=trunk if trunk is not None else model, out_dim=int(out_dim or model.num_features),
+                    mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
+                    input_size=size, interpolation=str(cfg.get("interpolation", "bicubic")))
+
+
+@register_prefix("timm")
+def _timm_spec(name: str, *, pretrained: bool | str | os.PathLike | None = None, **kwargs: Any) -> Backbone:
+    return timm_backbone(name, pretrained=pretrained, **kwargs)

