@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import BarcodeError, DataPrepError, PixelSizeError, examples
+from data_prep.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
 from data_prep.sample_checks import check_sample, coords_from_obsm
 from data_prep.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
 from data_prep.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
@@ -46,9 +46,18 @@ class SlideSample:
 PixelSizeCandidate = Callable[[], tuple[float, str]]  # returns (µm/px, source) or raises PixelSizeError
 
 
+#: In "auto", slide metadata and the spot diameter must agree within this ratio (else the user must choose).
+AUTO_AGREEMENT = 1.3
+
+
 def choose_pixel_size(*, what: str, um_per_px: float | None, pixel_size_from: str,
-                      candidates: dict[str, PixelSizeCandidate], auto_order: list[str]) -> tuple[float, str]:
-    """The pixel size and its source: user flag, else the chosen candidate, else the first of ``auto_order``."""
+                      candidates: dict[str, PixelSizeCandidate], auto_order: list[str],
+                      must_agree: tuple[str, str] | None = None) -> tuple[float, str]:
+    """The pixel size and its source: user flag, else the chosen candidate, else the first of ``auto_order``.
+
+    In ``"auto"`` mode, when both candidates named in ``must_agree`` are available and differ by more than
+    ``AUTO_AGREEMENT``x, :class:`PixelSizeError` asks the user to choose instead of picking one silently.
+    """
     if um_per_px is not None:
         return check_um_per_px(um_per_px, what=f"{what} (um_per_px flag)"), "user flag"
     if pixel_size_from not in candidates and pixel_size_from != "auto":
@@ -62,10 +71,26 @@ def choose_pixel_size(*, what: str, um_per_px: float | None, pixel_size_from: st
         except PixelSizeError as exc:
             reasons.append(f"{name}: {exc}")
             continue
-        return check_um_per_px(value, what=f"{what} ({source})"), source
+        value = check_um_per_px(value, what=f"{what} ({source})")
+        if pixel_size_from == "auto" and must_agree is not None and name in must_agree:
+            _check_agreement(what, name, value, source, candidates, must_agree)
+        return value, source
     ways = ["an explicit um_per_px (--um-per-px)"] + [f"pixel_size_from={n!r}" for n in candidates if n not in order]
     raise PixelSizeError(f"{what}: no pixel size (µm/px) - " + "; ".join(reasons)
                          + ". Supply one of: " + ", ".join(ways))
+
+
+def _check_agreement(what: str, name: str, value: float, source: str, candidates: dict[str, PixelSizeCandidate],
+                     pair: tuple[str, str]) -> None:
+    other = pair[1] if name == pair[0] else pair[0]
+    try:
+        other_value, other_source = candidates[other]()
+    except PixelSizeError:
+        return
+    if max(value, other_value) / min(value, other_value) > AUTO_AGREEMENT:
+        raise PixelSizeError(f"{what}: the pixel sizes disagree - {source}: {value:.4g} µm/px, {other_source}: "
+                             f"{other_value:.4g} µm/px; choose one with pixel_size_from={name!r} or {other!r}, "
+                             "or pass um_per_px")
 
 
 def _metadata_candidate(slide) -> PixelSizeCandidate:
@@ -153,7 +178,8 @@ def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, 
         }
         mpp, source = choose_pixel_size(what=f"{image} + {what}", um_per_px=um_per_px,
                                         pixel_size_from=pixel_size_from, candidates=candidates,
-                                        auto_order=["metadata", "spot-diameter"])
+                                        auto_order=["metadata", "spot-diameter"],
+                                        must_agree=("metadata", "spot-diameter"))
         dims = slide.dimensions
     sample = SlideSample(slide_id=slide_id or (h5ad_path.stem if h5ad_path else image.stem), image_path=image,
                          adata=adata, coords_px=coords, um_per_px=mpp, pixel_size_source=source,
@@ -189,7 +215,11 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     adata = read_10x_h5(matrix_path, var_names=var_names)
     positions = read_tissue_positions(positions_path)
     _match_barcodes(adata.obs_names, positions, matrix_path, positions_path)
-    adata = adata[positions.loc[adata.obs_names, "in_tissue"].to_numpy()].copy()
+    in_tissue = positions.loc[adata.obs_names, "in_tissue"].to_numpy()
+    if not in_tissue.any():
+        raise CoordinateError(f"{positions_path}: none of the {adata.n_obs} spots of {matrix_path} is marked "
+                              "in_tissue=1")
+    adata = adata[in_tissue].copy()
     pos = positions.loc[adata.obs_names]
     coords = pos[["x", "y"]].to_numpy(np.float64)
     adata.obs["in_tissue"] = True
@@ -217,7 +247,8 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
             "pitch": _pitch_candidate(coords, spot_pitch_um),
         }
         mpp, source = choose_pixel_size(what=str(root), um_per_px=um_per_px, pixel_size_from=pixel_size_from,
-                                        candidates=candidates, auto_order=auto)
+                                        candidates=candidates, auto_order=auto,
+                                        must_agree=("metadata", "spot-diameter"))
         dims = slide.dimensions
     sample = SlideSample(slide_id=slide_id or (root.parent.name if root.name == "outs" else root.name),
                          image_path=image_path, adata=adata, coords_px=coords, um_per_px=mpp,

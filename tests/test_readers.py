@@ -63,6 +63,11 @@ def test_slide_metadata_wins_in_auto(crop_adata, squidpy_crop, tmp_path):
     assert sample.pixel_size_source == "TIFF resolution tags (openslide.mpp-x)"
     diameter = read_anndata_image(crop_adata, tif, pixel_size_from="spot-diameter")
     assert diameter.um_per_px == pytest.approx(55 / SPOT_DIAMETER_PX)
+    # metadata that contradicts the spot diameter (2 µm/px vs 0.615) is not silently trusted in "auto"
+    wrong = write_pyramidal_tiff(tmp_path / "wrong.tif", image, um_per_px=2.0, tile=128)
+    with pytest.raises(PixelSizeError, match=r"disagree.*TIFF resolution tags.*2 µm/px.*Visium spot diameter"):
+        read_anndata_image(crop_adata, wrong)
+    assert read_anndata_image(crop_adata, wrong, pixel_size_from="metadata").um_per_px == pytest.approx(2.0)
     # the spots' crops from the pyramid equal the crops from the JPEG at the same place
     with open_slide(tif) as pyr, open_slide(squidpy_crop / "test_img.jpg") as jpg:
         a, _ = pyr.read_crops(sample.coords_px[:3], 180, 90)
@@ -187,6 +192,9 @@ def test_spaceranger_drops_spots_outside_tissue(fetched, tmp_path):
     pos.write_text("\n".join(lines) + "\n")
     sample = read_spaceranger(folder)
     assert sample.adata.n_obs == 99 and "AAACAAGTATCTCCCA-1" not in sample.adata.obs_names
+    pos.write_text("\n".join(line.replace(",1,", ",0,", 1) for line in lines) + "\n")
+    with pytest.raises(CoordinateError, match=r"tissue_positions_list\.csv: none of the 100 spots"):
+        read_spaceranger(folder)
 
 
 def _hest_folder(tmp_path, squidpy_crop, meta: dict | None, wsi_mpp: float | None = 0.6):
