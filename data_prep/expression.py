@@ -72,6 +72,16 @@ def normalise(x, *, source: str) -> tuple[np.ndarray, str]:
     return x, AS_GIVEN
 
 
+def normalise_adata(adata, *, source: str) -> tuple[np.ndarray, str]:
+    """``normalise`` of ``layers['counts']`` when it holds raw counts (X may be normalised already), else of X."""
+    if "counts" in getattr(adata, "layers", {}):
+        counts = dense(adata.layers["counts"])
+        check_values(counts, source=f"{source} layers['counts']")
+        if is_raw_counts(counts):
+            return log1p_cp10k(counts), LOG1P_CP10K
+    return normalise(adata.X, source=source)
+
+
 def gene_variance(x: np.ndarray) -> np.ndarray:
     """Per-gene variance of normalised expression (float64)."""
     return x.astype(np.float64).var(axis=0)

@@ -1,0 +1,273 @@
+"""``prepare``: slides + expression -> one HDF5 shard per slide + ``manifest.json`` (``stalign prep``).
+
+1. Every slide's expression is read and normalised first, to fix the shared gene panel (a re-run into the
+   same folder reuses the manifest's panel; asking for a different one is an error).
+2. Slides are then processed in worker processes ('spawn' context; each opens its own slide): tissue mask,
+   spot and niche crops at fixed physical sizes read in batches, niche means, neighbours, shard written
+   under a temporary name and renamed when complete.
+3. The manifest is rewritten (atomically) after every finished slide, so a killed run can resume: slides
+   whose shard is complete and built from the same source files (sha256) and settings are skipped.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_prep import expression as ex
+from data_prep.errors import DataPrepError
+from data_prep.shards import FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, shard_attrs, shard_relpath, \
+    write_manifest
+
+SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression")
+
+
+@dataclass(frozen=True)
+class SlideJob:
+    """Everything a worker needs to write one slide's shard (picklable; the slide is opened by path)."""
+
+    slide_id: str
+    image_path: str
+    um_per_px: float
+    pixel_size_source: str
+    coords_px: np.ndarray
+    expr: np.ndarray
+    barcodes: list[str]
+    source_files: dict[str, str]
+    shard_path: str
+    genes: list[str]
+    settings: dict[str, Any]
+    tissue_filter: bool = True
+    batch_size: int = 32
+    position: int = 0
+    progress: bool = True
+
+
+def _sample(item: Any) -> Any:
+    """A ``SlideSample`` from a sample or a zero-argument callable returning one."""
+    return item() if callable(item) and not hasattr(item, "adata") else item
+
+
+def _source_hashes(sample: Any) -> dict[str, str]:
+    from data_prep.fetch import sha256_file
+
+    files = getattr(sample, "source_files", None) or []
+    paths = [sample.image_path, *(files.values() if isinstance(files, dict) else files)]
+    resolved = dict.fromkeys(str(Path(p).resolve()) for p in paths)
+    return {p: sha256_file(p) for p in resolved if Path(p).is_file()}
+
+
+def _panel_request(genes: list[str] | None, n_top_genes: int) -> dict[str, Any]:
+    return {"method": "list", "n_genes": len(genes)} if genes is not None else \
+        {"method": "highly_variable", "n_top_genes": int(n_top_genes)}
+
+
+def _check_existing(manifest: dict[str, Any], settings: dict[str, Any], request: dict[str, Any],
+                    genes: list[str] | None, out_dir: Path) -> None:
+    where = out_dir / MANIFEST
+    for key in SETTINGS:
+        if manifest.get(key) != settings[key]:
+            raise DataPrepError(f"{where}: existing shards were made with {key}={manifest.get(key)!r}, this run asks "
+                                f"for {settings[key]!r}; use another --out folder or the same settings")
+    if genes is not None and list(genes) != list(manifest["genes"]):
+        raise DataPrepError(f"{where}: the requested gene panel ({len(genes)} genes) differs from the panel of the "
+                            f"existing shards ({len(manifest['genes'])} genes); use another --out folder")
+    if genes is None and manifest.get("gene_selection") != request:
+        raise DataPrepError(f"{where}: existing shards used the gene panel {manifest.get('gene_selection')}, this "
+                            f"run asks for {request}; use another --out folder or the same panel")
+
+
+def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterable[str] | None = None,
+            n_top_genes: int = 50, spot_um: float = 112.0, niche_um: float = 336.0, patch_px: int = 224,
+            n_neighbors: int = 16, workers: int = 1, tissue_filter: bool = True, batch_size: int = 32,
+            progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Prepare shards for ``samples`` (``SlideSample``s or callables returning one) under ``out_dir``;
+    returns the manifest. Raises ``DataPrepError`` naming each slide that failed (the others are kept)."""
+    from stalign import __version__
+
+    out = Path(out_dir)
+    log = log or (lambda msg: None)
+    if spot_um <= 0 or niche_um <= 0 or patch_px < 1 or n_neighbors < 1 or workers < 1:
+        raise DataPrepError("spot_um, niche_um, patch_px, n_neighbors and workers must be positive")
+    samples = [_sample(s) for s in samples]
+    if not samples:
+        raise DataPrepError("no slides to prepare")
+    ids = [s.slide_id for s in samples]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise DataPrepError(f"slide ids must be unique; repeated: {dup}")
+
+    # 1. expression of every slide -> mode and the shared panel
+    normed, slide_genes, variances, modes = {}, {}, {}, {}
+    for s in samples:
+        src = f"{s.slide_id} ({_expr_source(s)})"
+        slide_genes[s.slide_id] = ex.check_gene_names(s.adata.var_names, source=src)
+        normed[s.slide_id], modes[s.slide_id] = ex.normalise_adata(s.adata, source=src)
+        variances[s.slide_id] = ex.gene_variance(normed[s.slide_id])
+    if len(set(modes.values())) > 1:
+        raw = sorted(k for k, v in modes.items() if v == ex.LOG1P_CP10K)
+        given = sorted(k for k, v in modes.items() if v == ex.AS_GIVEN)
+        raise DataPrepError(f"slides mix raw counts ({raw}) and already-normalised expression ({given}); "
+                            "give all slides as raw counts or all normalised")
+    settings = {"spot_um": float(spot_um), "niche_um": float(niche_um), "patch_px": int(patch_px),
+                "n_neighbors": int(n_neighbors), "expression": next(iter(modes.values()))}
+    user_genes = None if genes is None else [str(g) for g in genes]
+    request = _panel_request(user_genes, n_top_genes)
+    existing = read_manifest(out) if (out / MANIFEST).exists() else None
+    if existing is not None:
+        _check_existing(existing, settings, request, user_genes, out)
+        panel = ex.select_panel(slide_genes, genes=existing["genes"])
+    else:
+        panel = ex.select_panel(slide_genes, genes=user_genes, variances=variances, n_top_genes=n_top_genes)
+    manifest = {"format": FORMAT, "version": VERSION, "stalign_version": __version__, "genes": panel,
+                "gene_selection": request, **settings, "versions": _versions(), "slides": []}
+    entries = {e["slide_id"]: e for e in (existing or {}).get("slides", [])
+               if shard_attrs(out / e["shard"]) is not None}
+
+    # 2. jobs for the slides whose shard is missing or stale
+    jobs = []
+    for s in samples:
+        hashes = _source_hashes(s)
+        path = out / shard_relpath(s.slide_id)
+        attrs = shard_attrs(path)
+        if attrs is not None and json.loads(attrs.get("manifest_entry", "{}")).get("source_files") == hashes \
+                and attrs.get("genes") == panel and json.loads(attrs.get("settings", "{}")) == settings:
+            entries[s.slide_id] = json.loads(attrs["manifest_entry"])
+            log(f"{s.slide_id}: shard complete, skipped")
+            continue
+        entries.pop(s.slide_id, None)
+        cols = ex.panel_columns(slide_genes[s.slide_id], panel)
+        jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
+                             pixel_size_source=str(s.pixel_size_source),
+                             coords_px=np.asarray(s.coords_px, dtype=np.float64),
+                             expr=normed[s.slide_id][:, cols], barcodes=[str(b) for b in s.adata.obs_names],
+                             source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
+                             tissue_filter=tissue_filter, batch_size=batch_size, position=len(jobs) % workers + 1,
+                             progress=progress))
+    del normed
+
+    def save() -> None:
+        order = [i for i in ids if i in entries] + [i for i in entries if i not in ids]
+        manifest["slides"] = [entries[i] for i in order]
+        write_manifest(out, manifest)
+
+    def done(entry: dict[str, Any]) -> None:
+        entries[entry["slide_id"]] = entry
+        save()
+        log(f"{entry['slide_id']}: {entry['n_spots']} spots written")
+
+    if entries or existing is not None:  # a first run writes its manifest with its first finished slide
+        save()
+    failures = _run(jobs, workers=workers, progress=progress, on_done=done)
+    if failures:
+        if len(failures) == 1:
+            raise failures[0]
+        raise DataPrepError(f"{len(failures)} slides failed:\n" + "\n".join(f"  {f}" for f in failures))
+    return manifest
+
+
+def _expr_source(sample: Any) -> str:
+    files = getattr(sample, "source_files", None) or []
+    files = list(files.values() if isinstance(files, dict) else files)
+    names = [os.fspath(f) for f in files if not os.fspath(f).endswith(os.fspath(sample.image_path))]
+    return names[0] if names else "expression"
+
+
+def _versions() -> dict[str, str]:
+    import h5py
+
+    return {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__}
+
+
+def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
+         on_done: Callable[[dict[str, Any]], None]) -> list[Exception]:
+    """Run the jobs (in-process for one worker, else a spawn process pool); returns the failures."""
+    from tqdm.auto import tqdm
+
+    failures: list[Exception] = []
+    bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs)
+    if workers == 1 or len(jobs) <= 1:
+        for job in jobs:
+            try:
+                on_done(process_slide(job))
+            except DataPrepError as err:
+                failures.append(err)
+            bar.update()
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+        from concurrent.futures.process import BrokenProcessPool
+
+        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
+            futures = {pool.submit(process_slide, job): job for job in jobs}
+            for fut in as_completed(futures):
+                try:
+                    on_done(fut.result())
+                except DataPrepError as err:
+                    failures.append(err)
+                except BrokenProcessPool as err:
+                    failures.append(DataPrepError(f"{futures[fut].slide_id}: worker process died ({err})"))
+                bar.update()
+    bar.close()
+    return failures
+
+
+def process_slide(job: SlideJob) -> dict[str, Any]:
+    """Write one slide's shard (worker entry point); returns its manifest entry."""
+    from tqdm.auto import tqdm
+
+    from data_prep.slide import open_slide
+    from data_prep.tissue import spots_on_tissue
+
+    st = job.settings
+    spot_px, niche_px = st["spot_um"] / job.um_per_px, st["niche_um"] / job.um_per_px
+    with open_slide(job.image_path, um_per_px=job.um_per_px) as slide:
+        n_in = len(job.coords_px)
+        keep = spots_on_tissue(slide, job.coords_px) if job.tissue_filter else np.ones(n_in, dtype=bool)
+        if not keep.any():
+            raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
+                                "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
+                                "--no-tissue-filter")
+        xy = job.coords_px[keep]
+        expr = job.expr[keep]
+        um = xy * job.um_per_px
+        niche_expr = ex.niche_expression(expr, um, st["niche_um"])
+        neighbors = ex.neighbor_indices(um, st["n_neighbors"])
+        padded = np.zeros(len(xy), dtype=bool)
+        spot_padded = np.zeros(len(xy), dtype=bool)
+        entry = {"slide_id": job.slide_id, "shard": shard_relpath(job.slide_id), "n_spots": int(len(xy)),
+                 "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
+                 "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
+                 "niche_px": niche_px, "image_size": list(slide.dimensions), "source_files": job.source_files}
+        _remove_stale_temporaries(Path(job.shard_path))
+        with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=st["patch_px"],
+                         genes=job.genes, um_per_px=job.um_per_px,
+                         attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
+                tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=job.position, leave=False,
+                     disable=not job.progress) as bar:
+            for start in range(0, len(xy), job.batch_size):
+                batch = xy[start:start + job.batch_size]
+                spot, pad_s = slide.read_crops(batch, spot_px, st["patch_px"])
+                niche, pad_n = slide.read_crops(batch, niche_px, st["patch_px"])
+                w.write_patches(start, spot, niche)
+                padded[start:start + len(batch)] = pad_s | pad_n
+                spot_padded[start:start + len(batch)] = pad_s
+                bar.update(len(batch))
+            entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
+            w.set_attr("manifest_entry", json.dumps(entry))
+            w.finish(expr=expr, niche_expr=niche_expr, coords_px=xy, coords_um=um, neighbors=neighbors,
+                     padded=padded, barcodes=[b for b, k in zip(job.barcodes, keep) if k])
+    return entry
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries that a killed run left for this shard."""
+    if path.parent.is_dir():
+        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)

@@ -1,0 +1,151 @@
+"""``stalign prep``: slides + spatial expression -> HDF5 shards + manifest.json (see docs/prep.md)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prep", help="crop spots/niches and write training shards",
+                       description="Turn H&E slides + spatial transcriptomics into HDF5 shards and manifest.json. "
+                                   "A re-run into the same --out resumes and skips finished slides.")
+    src = p.add_argument_group("inputs (any mix; at least one slide)")
+    src.add_argument("--h5ad", action="append", default=None, metavar="FILE",
+                     help="AnnData with obsm['spatial'] in level-0 px of the matching --image (repeatable, paired "
+                          "in order)")
+    src.add_argument("--image", action="append", default=None, metavar="FILE", help="slide image for each --h5ad")
+    src.add_argument("--samples", metavar="FILE",
+                     help="CSV or YAML list of slides; columns/keys: h5ad+image, or spaceranger (+image), or "
+                          "hest+id; optional slide_id, um_per_px")
+    src.add_argument("--spaceranger", action="append", default=None, metavar="DIR",
+                     help="Space Ranger output folder (repeatable)")
+    src.add_argument("--hest", metavar="ROOT", help="HEST-1k folder (st/, wsis/, metadata/)")
+    src.add_argument("--ids", nargs="+", metavar="ID", help="HEST sample ids (default: all in --hest)")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (manifest.json + shards/)")
+    genes = p.add_mutually_exclusive_group()
+    genes.add_argument("--genes", metavar="FILE", help="gene panel: one gene per line ('#' comments)")
+    genes.add_argument("--n-top-genes", type=int, default=50, metavar="N",
+                       help="else the top N highly variable genes shared by all slides (default 50)")
+    p.add_argument("--spot-um", type=float, default=112.0, help="spot crop width in µm (default 112)")
+    p.add_argument("--niche-um", type=float, default=336.0, help="niche crop width in µm (default 336)")
+    p.add_argument("--patch-px", type=int, default=224, help="crops are resampled to this many px (default 224)")
+    p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
+    p.add_argument("--pixel-size-from", choices=PIXEL_SIZE_FROM, default="auto",
+                   help="where the pixel size comes from when --um-per-px is not given (default auto)")
+    p.add_argument("--workers", type=int, default=1, help="slides processed in parallel processes (default 1)")
+    p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
+    p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
+    p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.set_defaults(func=run)
+
+
+def read_gene_file(path: str | Path) -> list[str]:
+    """Genes of a panel file: one per line (commas/whitespace also separate), '#' starts a comment."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gene panel file does not exist")
+    genes = [g for line in path.read_text().splitlines() for g in line.split("#")[0].replace(",", " ").split()]
+    if not genes:
+        raise ValueError(f"{path}: the gene panel file lists no genes")
+    return genes
+
+
+def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a CSV or YAML slide list as dicts."""
+    import csv
+
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: slide list does not exist")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        rows = yaml.safe_load(path.read_text())
+        rows = rows.get("slides", rows) if isinstance(rows, dict) else rows
+    else:
+        with open(path, newline="") as fh:
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise ValueError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
+    base = path.parent
+    for i, row in enumerate(rows):
+        for key in ("h5ad", "image", "spaceranger", "hest"):
+            if row.get(key):
+                row[key] = str(base / Path(row[key]).expanduser())
+        if not (row.get("h5ad") and row.get("image")) and not row.get("spaceranger") \
+                and not (row.get("hest") and row.get("id")):
+            raise ValueError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, or hest+id; got {sorted(row)}")
+    return rows
+
+
+def _loaders(args: argparse.Namespace) -> list:
+    """Zero-argument callables, one per slide, that read it (so errors name the slide's files)."""
+    from functools import partial
+
+    from data_prep import readers
+
+    common = {"pixel_size_from": args.pixel_size_from, "crop_um": args.niche_um}
+    h5ads, images = args.h5ad or [], args.image or []
+    if len(h5ads) != len(images):
+        raise ValueError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
+    out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **common)
+           for h, i in zip(h5ads, images)]
+    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **common) for d in args.spaceranger or []]
+    if args.ids and not args.hest:
+        raise ValueError("--ids needs --hest ROOT")
+    if args.hest:
+        for sid in args.ids or readers.list_hest_samples(args.hest):
+            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **common))
+    for row in read_sample_table(args.samples) if args.samples else []:
+        mpp = float(row["um_per_px"]) if row.get("um_per_px") not in (None, "") else args.um_per_px
+        kw = dict(common, um_per_px=mpp)
+        if row.get("hest"):
+            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **kw))
+            continue
+        kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
+        if row.get("spaceranger"):
+            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **kw))
+        else:
+            out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **kw))
+    if not out:
+        raise ValueError("no slides given: use --h5ad/--image, --samples, --spaceranger or --hest")
+    return out
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """One line per slide: spots kept, background dropped, padded, µm/px and where it came from."""
+    rows = [("slide", "spots", "dropped", "padded", "um/px", "pixel size from")]
+    for s in manifest["slides"]:
+        rows.append((s["slide_id"], str(s["n_spots"]), str(s["n_background_dropped"]), str(s["n_padded"]),
+                     f"{s['um_per_px']:.4f}", s["pixel_size_source"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.rjust(w) if 0 < i < 5 else c.ljust(w) for i, (c, w) in
+                               enumerate(zip(r, [*widths, 0]))).rstrip() for r in rows)
+
+
+def run(args: argparse.Namespace) -> int:
+    from data_prep.pipeline import prepare
+
+    genes = read_gene_file(args.genes) if args.genes else None
+    samples = [load() for load in _loaders(args)]
+    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, spot_um=args.spot_um,
+                       niche_um=args.niche_um, patch_px=args.patch_px, n_neighbors=args.neighbors,
+                       workers=args.workers, tissue_filter=not args.no_tissue_filter, batch_size=args.batch_size,
+                       progress=not args.quiet, log=_log)
+    print(summary_table(manifest))
+    print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
+          f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")
+    return 0
+
+
+def _log(msg: str) -> None:
+    import sys
+
+    from tqdm.auto import tqdm
+
+    tqdm.write(msg, file=sys.stderr)
