@@ -101,3 +101,19 @@ def test_neighbours_are_self_first_and_nearest(crop):
     dup = np.zeros((3, 2))
     np.testing.assert_array_equal(ex.neighbor_indices(dup, 4)[:, 0], [0, 1, 2])
     assert (ex.neighbor_indices(dup, 4)[:, 3] == -1).all()
+
+
+def test_counts_layer_is_preferred_over_normalised_x(fetched):
+    """Space Ranger counts in layers['counts'] with a log-normalised X: the counts are normalised here."""
+    import anndata as ad
+
+    from data_prep.tenx import read_10x_h5
+
+    a = read_10x_h5(fetched("squidpy-spaceranger") / "filtered_feature_bc_matrix.h5")
+    counts = a.X.toarray().astype(np.float32)
+    b = ad.AnnData(X=np.log1p(counts), layers={"counts": counts})
+    y, mode = ex.normalise_adata(b, source="sr")
+    assert mode == ex.LOG1P_CP10K
+    np.testing.assert_allclose(y, ex.log1p_cp10k(counts))
+    y, mode = ex.normalise_adata(ad.AnnData(X=np.log1p(counts)), source="sr")
+    assert mode == ex.AS_GIVEN

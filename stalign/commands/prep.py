@@ -5,7 +5,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch")
+# = data_prep.readers.PIXEL_SIZE_CHOICES (not imported here: it loads openslide at CLI start-up)
+PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
