@@ -7,7 +7,6 @@ SE(2) transformer then runs over batches of padded sub-slices, so memory is boun
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -70,9 +69,6 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
         raise ValueError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of {where} "
                          f"(e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
                          "try gene_key='gene_ids'")
-    if matched < 0.5 * len(model.genes):
-        warnings.warn(f"only {matched} of the model's {len(model.genes)} genes are in {where}; the others count "
-                      "as not expressed", UserWarning, stacklevel=2)
     device = next(model.parameters()).device
     emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
     emb = emb.float().to(device)

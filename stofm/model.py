@@ -119,14 +119,17 @@ def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None
     For a name, the cell encoder is ``cell_encoder`` (a module or a ``save_cell_encoder`` folder, e.g. after
     masked-gene pretraining) or a fresh one of the config's kind over ``genes``. ``overrides`` set SE(2)
     keys (dim, depth, heads, k_neighbors, ...), ``n_virtual``/``cells_per_tile``/``max_cells``, or
-    ``cell_encoder_cfg`` (a dict merged into the cell encoder's config).
+    ``cell_encoder_cfg`` (a dict merged into the cell encoder's config; a different ``kind`` replaces it).
     """
     path = Path(name_or_path)
     if path.is_dir():
         return load_model(path, device=device, **overrides)
     cfg = model_config(str(name_or_path))
     enc_cfg = dict(cfg.pop("cell_encoder"))
-    enc_cfg.update(overrides.pop("cell_encoder_cfg", None) or {})
+    enc_over = dict(overrides.pop("cell_encoder_cfg", None) or {})
+    if enc_over.get("kind", enc_cfg["kind"]) != enc_cfg["kind"]:  # another kind: its own defaults
+        enc_cfg = {}
+    enc_cfg.update(enc_over)
     _apply_overrides(cfg, overrides)
     kind = enc_cfg.pop("kind")
     if cell_encoder is None:
