@@ -188,6 +188,10 @@ def test_spaceranger_drops_spots_outside_tissue(fetched, tmp_path):
     extra = "ZZZZ-1,0,1,1,5000,5000"  # an off-tissue spot absent from the filtered matrix: fine, ignored
     pos.write_text("\n".join(lines + [extra]) + "\n")
     assert read_spaceranger(folder).adata.n_obs == 100
+    pos.write_text("\n".join(lines + ["ZZZZ-1,1,1,1,5000,5000"]) + "\n")  # in tissue but not in the matrix
+    with pytest.raises(BarcodeError, match=r"1 in-tissue barcodes of .*tissue_positions_list\.csv are not in "
+                                           r".*filtered_feature_bc_matrix\.h5, e\.g\. 'ZZZZ-1'"):
+        read_spaceranger(folder)
     lines[0] = lines[0].replace(",1,", ",0,", 1)  # a matrix barcode marked off-tissue: dropped
     pos.write_text("\n".join(lines) + "\n")
     sample = read_spaceranger(folder)
@@ -240,3 +244,32 @@ def test_hest_pixel_size_fallbacks(tmp_path, squidpy_crop):
     assert read_hest(bare, "TENX0", pixel_size_from="pitch").um_per_px == pytest.approx(100 / 137.5, rel=0.01)
     with pytest.raises(PixelSizeError, match="no spot diameter"):
         read_hest(bare, "TENX0", pixel_size_from="spot-diameter")  # uns['spatial'] was removed
+
+
+def test_10x_h5_v2_layout_and_gene_ids(fetched, tmp_path):
+    import h5py
+
+    src = fetched("squidpy-spaceranger") / "filtered_feature_bc_matrix.h5"
+    v3 = read_10x_h5(src)
+    with h5py.File(src) as f, h5py.File(tmp_path / "v2.h5", "w") as g:
+        grp = g.create_group("mm10")
+        for key in ("data", "indices", "indptr", "shape", "barcodes"):
+            grp[key] = f["matrix"][key][()]
+        grp["genes"] = f["matrix/features/id"][()]
+        grp["gene_names"] = np.array([f"G{i}".encode() for i in range(100)])
+    v2 = read_10x_h5(tmp_path / "v2.h5")
+    assert list(v2.var_names[:2]) == ["G0", "G1"] and list(v2.obs_names) == list(v3.obs_names)
+    np.testing.assert_array_equal(v2.X.toarray(), v3.X.toarray())
+    assert list(read_10x_h5(tmp_path / "v2.h5", var_names="gene_ids").var_names) == list(v3.var["gene_ids"])
+    (tmp_path / "bad.h5").write_bytes(b"nope")
+    with pytest.raises(ExpressionError, match=r"bad\.h5: cannot read the 10x"):
+        read_10x_h5(tmp_path / "bad.h5")
+
+
+@pytest.mark.filterwarnings("ignore:Observation names are not unique")
+def test_duplicated_barcodes(crop_adata, squidpy_crop, tmp_path):
+    names = list(crop_adata.obs_names)
+    names[1] = names[0]
+    crop_adata.obs_names = names
+    with pytest.raises(BarcodeError, match=rf"dupbc\.h5ad: duplicated barcodes.*'{names[0]}'"):
+        read_anndata_image(_write(crop_adata, tmp_path / "dupbc.h5ad"), squidpy_crop / "test_img.jpg")
