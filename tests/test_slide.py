@@ -51,6 +51,9 @@ def test_pyramid_crop_comes_from_a_coarser_level(fetched):
         assert slide.level_count == 4 and slide.dimensions == (300, 250)
         assert slide.best_level(4.5) == 2 and slide.best_level(1.5) == 0
         full = slide.read_region_level0(0, 0, 300, 250)
+        levels_read = []
+        backend_read = slide._backend.read
+        slide._backend.read = lambda level, *a: levels_read.append(level) or backend_read(level, *a)
         crop, padded = slide.read_crop((150, 125), 200, 50)  # downsample 4 -> level 1 (2.0); 4.016 > 4
         assert not padded
         ref = np.asarray(Image.fromarray(full[25:225, 50:250]).resize((50, 50), Image.Resampling.BOX))
@@ -59,6 +62,7 @@ def test_pyramid_crop_comes_from_a_coarser_level(fetched):
         crop8, _ = slide.read_crop((150, 125), 240, 30)
         ref8 = np.asarray(Image.fromarray(full[5:245, 30:270]).resize((30, 30), Image.Resampling.BOX))
         assert np.abs(crop8.astype(float) - ref8).mean() < 15
+        assert levels_read == [1, 2]
         # boxes.tiff says 72 dpi: a placeholder, not a calibration
         assert slide.um_per_px is None and "72" not in slide.pixel_size_source
         assert "plausible" in slide.pixel_size_note
@@ -156,3 +160,15 @@ def test_dicom_folder_opens(fetched, tmp_path):
         shutil.copy(fetched("openslide-fixtures") / name, folder / name)
     with open_slide(folder) as slide:
         assert slide.um_per_px == pytest.approx(0.499)
+
+
+def test_boxes_fixture_tissue_and_pixels_agree_with_png(fetched):
+    from data_prep.tissue import spots_on_tissue
+
+    folder = fetched("openslide-fixtures")
+    png = np.asarray(Image.open(folder / "boxes.png").convert("RGB"))
+    with open_slide(folder / "boxes.tiff") as slide:
+        assert np.abs(slide.read_region_level0(0, 0, 300, 250).astype(int) - png).max() <= 8  # lossy tiles
+        on = spots_on_tissue(slide, np.array([[60.0, 50.0], [130.0, 140.0], [240.0, 200.0], [10.0, 240.0],
+                                              [290.0, 10.0]]))
+        assert on.tolist() == [True, True, True, False, False]  # red, blue, green boxes; white corners
