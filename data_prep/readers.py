@@ -105,7 +105,7 @@ def _metadata_candidate(slide) -> PixelSizeCandidate:
 def _spot_diameter_candidate(diameter_px: float | None, diameter_um: float, where: str) -> PixelSizeCandidate:
     def get() -> tuple[float, str]:
         if diameter_px is None or not np.isfinite(diameter_px) or diameter_px <= 0:
-            raise PixelSizeError(f"no spot diameter in {where}")
+            raise PixelSizeError(f"no spot_diameter_fullres in {where}")
         return diameter_um / diameter_px, f"Visium spot diameter ({diameter_um:g} µm = {diameter_px:.2f} px, {where})"
     return get
 
@@ -133,8 +133,8 @@ def _spatial_scalefactors(adata, library_id: str | None, what: str) -> tuple[dic
     libs = list(spatial) if isinstance(spatial, dict) else []
     if library_id is None:
         if len(libs) != 1:
-            return {}, ("no uns['spatial'] library" if not libs else
-                        f"{len(libs)} libraries in uns['spatial'] ({examples(libs)}); pass library_id")
+            return {}, (f"{what} (it has no uns['spatial'] library)" if not libs else
+                        f"{what} ({len(libs)} libraries in uns['spatial']: {examples(libs)}; pass library_id)")
         library_id = libs[0]
     if library_id not in libs:
         raise DataPrepError(f"{what}: library_id {library_id!r} not in uns['spatial'] ({examples(libs)})")

@@ -52,7 +52,7 @@ def test_no_pixel_size_anywhere_is_an_error(crop_adata, squidpy_crop):
     with pytest.raises(PixelSizeError) as info:
         read_anndata_image(crop_adata, squidpy_crop / "test_img.jpg")
     msg = str(info.value)
-    assert "test_img.jpg" in msg and "um_per_px" in msg and "pitch" in msg and "no uns['spatial']" in msg
+    assert "test_img.jpg" in msg and "um_per_px" in msg and "pitch" in msg and "has no uns['spatial']" in msg
 
 
 def test_slide_metadata_wins_in_auto(crop_adata, squidpy_crop, tmp_path):
@@ -242,7 +242,7 @@ def test_hest_pixel_size_fallbacks(tmp_path, squidpy_crop):
         read_hest(bare, "TENX0")
     assert read_hest(bare, "TENX0", um_per_px=0.7).pixel_size_source == "user flag"
     assert read_hest(bare, "TENX0", pixel_size_from="pitch").um_per_px == pytest.approx(100 / 137.5, rel=0.01)
-    with pytest.raises(PixelSizeError, match="no spot diameter"):
+    with pytest.raises(PixelSizeError, match="no spot_diameter_fullres"):
         read_hest(bare, "TENX0", pixel_size_from="spot-diameter")  # uns['spatial'] was removed
 
 
