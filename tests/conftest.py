@@ -42,3 +42,31 @@ def subprocess_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env
+
+
+@pytest.fixture(scope="session")
+def small_shards(tmp_path_factory, squidpy_crop):
+    """``small_shards(name)`` -> a ``stalign prep`` folder at 32 px (64 HVG genes), made once per session:
+    ``"squidpy"`` (the real Visium crop, 49 spots) or ``"synthetic"`` (one 300-spot synthetic slide)."""
+    made: dict[str, Path] = {}
+
+    def make(name: str) -> Path:
+        if name not in made:
+            from data_prep.pipeline import prepare
+            from data_prep.readers import read_anndata_image
+
+            root = tmp_path_factory.mktemp(f"shards_{name}")
+            if name == "squidpy":
+                sample = read_anndata_image(squidpy_crop / "test_data.h5ad", squidpy_crop / "test_img.jpg")
+            elif name == "synthetic":
+                from data_prep.synth import make_synthetic_slide
+
+                slide = make_synthetic_slide(root / "raw", n_spots=300, progress=False)
+                sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])
+            else:
+                raise ValueError(f"unknown small_shards data set {name!r}")
+            prepare([sample], root / "shards", n_top_genes=64, patch_px=32, progress=False)
+            made[name] = root / "shards"
+        return made[name]
+
+    return make

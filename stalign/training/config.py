@@ -30,6 +30,7 @@ class TrainConfig:
     val_fraction: float = 0.1
     split_by: str = "spot"  # "spot" or "slide"
     niche_spots: int = 16
+    virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none)
     augment: bool = True  # the image encoder's train_transform on the training split
     num_workers: int = 0
     # model
@@ -55,6 +56,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0  # 0 turns clipping off
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     cpu: bool = False
+    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default)
     seed: int = 0
     # bookkeeping
     output_dir: str = "runs/train"

@@ -10,21 +10,18 @@ from typing import Any
 import numpy as np
 
 
-class GenePanelError(ValueError):
-    """The shards' gene panel differs from the model's."""
-
-
 class EmptyDataError(ValueError):
     """No spots (or too few for one batch) to train or validate on."""
 
 
 class SeededTransform:
-    """Apply ``transform`` to the spot and niche crops of a dataset item with RNG seeded by
+    """Apply ``spot_transform`` / ``niche_transform`` to the crops of a dataset item with RNG seeded by
     (seed, epoch, item index), so augmentations do not depend on worker count, process count or on a
     resume in the middle of an epoch. Set :attr:`epoch` before each epoch."""
 
-    def __init__(self, dataset: Any, transform: Callable, *, seed: int) -> None:
-        self.dataset, self.transform, self.seed, self.epoch = dataset, transform, int(seed), 0
+    def __init__(self, dataset: Any, spot_transform: Callable, niche_transform: Callable, *, seed: int) -> None:
+        self.dataset, self.seed, self.epoch = dataset, int(seed), 0
+        self.spot_transform, self.niche_transform = spot_transform, niche_transform
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -39,11 +36,48 @@ class SeededTransform:
             torch.manual_seed(seed)
             random.seed(seed)
             try:
-                item["spot_image"] = self.transform(item["spot_image"])
-                item["niche_image"] = self.transform(item["niche_image"])
+                item["spot_image"] = self.spot_transform(item["spot_image"])
+                item["niche_image"] = self.niche_transform(item["niche_image"])
             finally:
                 random.setstate(py_state)
         return item
+
+
+class VirtualCellBank:
+    """Per-slide virtual cells (SToFM: k-means clusters of a slide's spots, mean expression and position) added
+    to each batch as ``virtual_expr`` (B, V, G), ``virtual_coords`` (B, V, 2) and ``virtual_mask`` (B, V).
+
+    Slides are clustered from the given datasets in order: a slide seen in the first (training) dataset uses
+    only its training spots, so held-out spots never shape the virtual cells of a slide that is trained on."""
+
+    def __init__(self, datasets: Sequence[Any], *, n_slides: int, n_virtual: int, seed: int) -> None:
+        import torch
+
+        n_genes = len(datasets[0].genes)
+        self.expr = torch.zeros(n_slides, n_virtual, n_genes)
+        self.coords = torch.zeros(n_slides, n_virtual, 2)
+        self.mask = torch.zeros(n_slides, n_virtual, dtype=torch.bool)
+        done: set[int] = set()
+        for ds in datasets:
+            for k in range(n_slides):
+                if k in done:
+                    continue
+                try:
+                    expr, xy = ds.slide_virtual_cells(k, n_virtual, seed=seed)
+                except IndexError:  # no spot of slide k in this dataset
+                    continue
+                self.expr[k, : len(expr)] = torch.from_numpy(expr)
+                self.coords[k, : len(xy)] = torch.from_numpy(xy)
+                self.mask[k, : len(expr)] = True
+                done.add(k)
+
+    def attach(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """``batch`` plus the virtual cells of each row's slide (on the batch's device)."""
+        k = batch["slide_idx"].long()
+        device = k.device
+        if self.expr.device != device:
+            self.expr, self.coords, self.mask = (t.to(device) for t in (self.expr, self.coords, self.mask))
+        return {**batch, "virtual_expr": self.expr[k], "virtual_coords": self.coords[k], "virtual_mask": self.mask[k]}
 
 
 @dataclasses.dataclass
@@ -53,26 +87,10 @@ class TrainData:
     train: Any  # ShardDataset, or SeededTransform around it when augmenting
     val: Any | None  # ShardDataset with the eval transform; None when val_fraction == 0
     genes: list[str]
+    virtual_cells: VirtualCellBank | None
     root: Path
     n_train: int
     n_val: int
-
-
-def check_gene_panel(shard_genes: Sequence[str], model_genes: Sequence[str], *, root: str | Path,
-                     checkpoint: str | Path) -> None:
-    """Raise :class:`GenePanelError` unless the shards carry exactly the checkpoint's genes, in order."""
-    shard_genes, model_genes = list(shard_genes), list(model_genes)
-    if shard_genes == model_genes:
-        return
-    missing = [g for g in model_genes if g not in set(shard_genes)]
-    extra = [g for g in shard_genes if g not in set(model_genes)]
-    detail = (f"{len(missing)} of the model's genes are missing from the shards (e.g. {missing[:5]}), "
-              f"{len(extra)} shard genes are unknown to the model (e.g. {extra[:5]})"
-              if missing or extra else "same genes in a different order")
-    raise GenePanelError(
-        f"gene panel of the shards under {root} ({len(shard_genes)} genes) differs from the panel of the model "
-        f"checkpoint {checkpoint} ({len(model_genes)} genes): {detail}. Prepare the shards with the checkpoint's "
-        f"gene list (stalign prep --genes) or train a new model instead of --init.")
 
 
 def shard_genes(root: str | Path) -> list[str]:
@@ -87,14 +105,21 @@ def shard_genes(root: str | Path) -> list[str]:
 
 
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
-                     seed: int, niche_spots: int, train_transform: Callable | None,
-                     eval_transform: Callable | None, val_max_spots: int) -> TrainData:
-    """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``)."""
+                     seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
+                     eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
+                     n_virtual: int = 0) -> TrainData:
+    """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
+    ``*_transforms`` are (spot, niche) crop transforms."""
     from data_prep.dataset import ShardDataset, split_indices
 
     root = Path(root)
     shard_genes(root)
-    full = ShardDataset(root, slides=slides, niche_spots=niche_spots)
+    if slides is not None and len(slides) == 0:
+        raise EmptyDataError(f"slides=[] selects no slide of {root}")
+    try:
+        full = ShardDataset(root, slides=slides, niche_spots=niche_spots)
+    except (KeyError, IndexError) as err:  # an unknown slide id
+        raise EmptyDataError(f"{str(err).strip(chr(39))}") from None
     if len(full) == 0:
         raise EmptyDataError(f"the shards under {root} hold no spots" + (f" of slides {slides}" if slides else ""))
     if val_fraction > 0:
@@ -105,10 +130,16 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         train_idx, val_idx = full.indices, np.zeros(0, dtype=np.int64)
     if len(train_idx) == 0:
         raise EmptyDataError(f"no training spots left under {root} after holding out {len(val_idx)} for validation")
-    train = ShardDataset(root, indices=train_idx, niche_spots=niche_spots)
-    if train_transform is not None:
-        train = SeededTransform(train, train_transform, seed=seed)
-    val = (ShardDataset(root, indices=val_idx, transform=eval_transform, niche_spots=niche_spots)
-           if len(val_idx) else None)
-    return TrainData(train=train, val=val, genes=list(full.genes), root=root, n_train=len(train_idx),
-                     n_val=len(val_idx))
+    train_shards = ShardDataset(root, indices=train_idx, niche_spots=niche_spots)
+    val_shards = ShardDataset(root, indices=val_idx, niche_spots=niche_spots) if len(val_idx) else None
+    bank = None
+    if n_virtual > 0:
+        bank = VirtualCellBank([d for d in (train_shards, val_shards) if d is not None],
+                               n_slides=len(full.slide_ids), n_virtual=n_virtual, seed=seed)
+
+    def wrap(ds: Any, transforms: tuple[Callable, Callable] | None) -> Any:
+        return ds if ds is None or transforms is None else SeededTransform(ds, *transforms, seed=seed)
+
+    train, val = wrap(train_shards, train_transforms), wrap(val_shards, eval_transforms)
+    return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, root=root,
+                     n_train=len(train_idx), n_val=len(val_idx))

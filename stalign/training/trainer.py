@@ -3,6 +3,7 @@ validation retrieval metrics, CSV/TensorBoard logs."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import time
 from pathlib import Path
@@ -38,16 +39,30 @@ def train_from_config(source: str | Path | dict, *, resume: str | None = None, *
 
 
 def _model_parts(cfg: TrainConfig, genes: list[str]):
-    """The model (new, or from ``cfg.init`` after the gene panel check) and its (train, eval) transforms."""
+    """The model (new, or from ``cfg.init`` after the gene panel check)."""
     import stalign
-    from stalign.training.data import check_gene_panel
 
     if cfg.init:
         model = stalign.load_checkpoint(cfg.init)
-        check_gene_panel(genes, model.genes, root=cfg.data, checkpoint=cfg.init)
+        try:
+            model.check_genes(genes, source=f"the shards under {cfg.data}")
+        except ValueError as err:
+            raise type(err)(f"--init {cfg.init}: {err}; prepare the shards with the checkpoint's genes "
+                            f"(stalign prep --genes) or train a new model") from None
     else:
-        model = stalign.create_model(cfg.model, genes=genes, pretrained=cfg.pretrained, **cfg.model_overrides)
-    return model, model.train_transform(), model.eval_transform()
+        overrides = dict(cfg.model_overrides)
+        if cfg.loss_kind == "siglip":
+            overrides.setdefault("siglip", True)
+        model = stalign.create_model(cfg.model, genes=genes, pretrained=cfg.pretrained, **overrides)
+    if cfg.loss_kind == "siglip" and not getattr(model.config, "siglip", False):
+        raise ValueError(f"loss_kind=siglip needs a model with a logit bias; {cfg.init} was trained without one")
+    return model
+
+
+def _transforms(model: Any, *, train: bool) -> tuple[Any, Any]:
+    """(spot, niche) crop transforms of the model's two image encoders."""
+    name = "train_transform" if train else "eval_transform"
+    return getattr(model.spot_image_encoder, name)(), getattr(model.niche_image_encoder, name)()
 
 
 def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
@@ -60,12 +75,16 @@ def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
 
         raise EmptyDataError(f"{data.n_train} training spots under {data.root} cannot fill one batch of "
                              f"{cfg.batch_size} x {accelerator.num_processes} process(es); lower batch_size")
+    # Own generators: starting an epoch (or a resumed, batch-skipping loader) must not draw from the global RNG
+    # that dropout uses, or a resumed run would diverge from an uninterrupted one.
     train_dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=collate, num_workers=cfg.num_workers)
+                                           collate_fn=collate, num_workers=cfg.num_workers,
+                                           generator=torch.Generator().manual_seed(cfg.seed))
     val_dl = None
     if data.val is not None:
         val_dl = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False,
-                                             collate_fn=collate, num_workers=cfg.num_workers)
+                                             collate_fn=collate, num_workers=cfg.num_workers,
+                                             generator=torch.Generator().manual_seed(cfg.seed))
     return train_dl, val_dl, len(data.train) // per_step
 
 
@@ -76,7 +95,7 @@ class _Position:
     batch_in_epoch: int = 0
 
 
-def _evaluate(model: Any, val_dl: Any, accelerator: Any) -> dict[str, float]:
+def _evaluate(model: Any, val_dl: Any, accelerator: Any, virtual_cells: Any) -> dict[str, float]:
     """Retrieval recall image->gene / gene->image over all held-out spots (gathered across processes)."""
     import torch
 
@@ -86,6 +105,8 @@ def _evaluate(model: Any, val_dl: Any, accelerator: Any) -> dict[str, float]:
     images, genes = [], []
     with torch.no_grad(), accelerator.autocast():
         for batch in val_dl:
+            if virtual_cells is not None:
+                batch = virtual_cells.attach(batch)
             img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
             gene = inner.encode_gene(batch).float()
             img, gene = accelerator.gather_for_metrics((img, gene))
@@ -111,12 +132,24 @@ def _check_finite(value: Any, accelerator: Any, *, what: str, pos: _Position, la
 def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     """Run (or resume: ``"latest"`` or a checkpoint folder) the training described by ``cfg``."""
     import torch
+
+    threads = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _train(cfg, resume)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
+    import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
     from stalign.losses import ThreeTargetLoss
-    from stalign.models import save_checkpoint
+    from stalign.models.factory import save_checkpoint
     from stalign.training.data import build_train_data, shard_genes
     from stalign.training.logging import RunLogger
     from stalign.training.optim import build_optimizer, build_scheduler
@@ -129,11 +162,12 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         step_scheduler_with_optimizer=False)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    model, train_tf, eval_tf = _model_parts(cfg, shard_genes(cfg.data))
+    model = _model_parts(cfg, shard_genes(cfg.data))
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
                             seed=cfg.seed, niche_spots=cfg.niche_spots,
-                            train_transform=train_tf if cfg.augment else eval_tf, eval_transform=eval_tf,
-                            val_max_spots=cfg.val_max_spots)
+                            train_transforms=_transforms(model, train=cfg.augment),
+                            eval_transforms=_transforms(model, train=False),
+                            val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells)
     train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
@@ -163,7 +197,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
     def save(step: int) -> Path:
         path = ckpt.checkpoint_dir(out, step)
-        accelerator.save_state(str(path))
+        quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            accelerator.save_state(str(path))
+        finally:
+            quiet.setLevel(level)
         if main:
             write_config(cfg, path / "train_config.yaml")
             ckpt.write_state(path, dataclasses.asdict(pos) | {"max_steps": max_steps})
@@ -177,7 +217,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         nonlocal metrics
         if val_dl is None:
             return
-        metrics = _evaluate(model, val_dl, accelerator)
+        metrics = _evaluate(model, val_dl, accelerator, data.virtual_cells)
         logger.log("val", step, metrics)
         accelerator.print(f"step {step} held-out retrieval: {format_retrieval(metrics)}")
 
@@ -196,6 +236,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
                 from stalign.training.data import EmptyDataError
 
                 raise EmptyDataError(f"empty training batch at step {pos.step + 1} (data under {cfg.data})")
+            if data.virtual_cells is not None:
+                batch = data.virtual_cells.attach(batch)
             with accelerator.accumulate(model):
                 terms = loss_fn(model(batch))
                 _check_finite(terms["loss"].detach(), accelerator, what="loss", pos=pos, last_good=last_good)
@@ -214,7 +256,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
             if not accelerator.sync_gradients:
                 continue
             scheduler.step()
-            _clamp_logit_scale(accelerator.unwrap_model(model))
             pos.step += 1
             row = {k: sum(v) / len(v) for k, v in parts.items()}
             parts = {}
@@ -248,13 +289,3 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     accelerator.end_training()
     return TrainResult(checkpoint=final, output_dir=out, metrics=metrics, step=pos.step, losses=losses,
                        seconds=time.perf_counter() - started)
-
-
-def _clamp_logit_scale(model: Any, max_value: float = math.log(100.0)) -> None:
-    """Keep the learnable temperature in [0, ln 100] as CLIP does."""
-    import torch
-
-    scale = getattr(model, "logit_scale", None)
-    if isinstance(scale, torch.nn.Parameter):
-        with torch.no_grad():
-            scale.clamp_(0.0, max_value)
