@@ -5,18 +5,16 @@
 
 The slide is cached under ``$STALIGN_CACHE/bench/`` (``~/.cache/stalign/bench/``) and reused when its
 ``truth.json`` matches the requested size and its TIFF still has the recorded sha256. ``prepare`` runs one
-process per slide, so a single slide cannot use a second worker; the benchmark therefore also splits the same
-slide's spots into as many sub-slides (same TIFF, disjoint spots) as there are workers. Each run writes fresh
-shards into a temporary folder and is timed end to end (expression, tissue mask, crops, shard writing).
+process per slide, so a single slide cannot use a second worker; with w workers the benchmark therefore splits
+the slide's spots into w sub-slides (same TIFF, disjoint spots; 1 worker: the whole slide). Each run writes
+fresh shards into a temporary folder and is timed end to end (expression, tissue mask, crops, shard writing).
 The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md`` with the machine.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -29,22 +27,12 @@ sys.path.insert(0, str(REPO))
 
 def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tuple[Path, Path, float | None]:
     """(tif, h5ad, generation seconds or None when reused) of the benchmark slide."""
-    from data_prep.fetch import sha256_file
-    from data_prep.synth import make_synthetic_slide
+    from data_prep.synth import ensure_synthetic_slide
 
     folder = root / f"synth-{n_spots}-{um_per_px:g}umpx-seed{seed}"
-    truth_path = folder / f"synth{seed}.truth.json"
-    if truth_path.exists():
-        truth = json.loads(truth_path.read_text())
-        tif, h5ad = folder / truth["files"]["image"]["name"], folder / truth["files"]["adata"]["name"]
-        if (truth["n_spots"], truth["um_per_px"]) == (n_spots, um_per_px) and tif.exists() and h5ad.exists() \
-                and sha256_file(tif) == truth["files"]["image"]["sha256"]:
-            print(f"reusing {tif}")
-            return tif, h5ad, None
-    shutil.rmtree(folder, ignore_errors=True)
-    print(f"generating a {n_spots}-spot synthetic slide into {folder} ...", flush=True)
-    slide = make_synthetic_slide(folder, n_spots=n_spots, um_per_px=um_per_px, seed=seed)
-    return slide.paths["image"], slide.paths["adata"], slide.seconds
+    print(f"synthetic slide: {folder} (generated unless an intact one is there) ...", flush=True)
+    slide = ensure_synthetic_slide(folder, n_spots=n_spots, um_per_px=um_per_px, seed=seed)
+    return slide.paths["image"], slide.paths["adata"], slide.seconds or None
 
 
 def samples_for(tif: Path, h5ad: Path, parts: int) -> list:
@@ -115,13 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     tif, h5ad, gen_s = cached_slide(args.cache or cache_dir() / "bench", n_spots=args.n_spots,
                                     um_per_px=args.um_per_px, seed=args.seed)
     load_before = load()
-    runs = []  # (parts, workers)
-    for w in args.workers:
-        runs.append((1, w))
-        if w > 1:
-            runs.append((w, w))
     rows = []
-    for parts, workers in runs:
+    for workers in args.workers:
+        parts = workers  # prepare() parallelises over slides: w workers need w sub-slides
         samples = samples_for(tif, h5ad, parts)
         seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet)
         kept = sum(s["n_spots"] for s in manifest["slides"])
@@ -138,17 +122,17 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if not args.no_record:
         commit = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                text=True).stdout.strip() or "n/a"
+                                text=True, check=False).stdout.strip() or "n/a"
         size = tif.stat().st_size / 2**20
         section = [
             f"\n## prep throughput, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (commit {commit})\n",
             f"- machine: {machine()}; load average before {load_before}, after {load()}",
-            f"- command: `{' '.join([Path(sys.executable).name, 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
+            f"- command: `{' '.join(['python', 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
             f"- slide: {tif.name}, {args.n_spots:,} spots at {args.um_per_px:g} µm/px, {size:,.0f} MiB TIFF"
             + (f", generated in {gen_s:.0f} s" if gen_s is not None else ", reused from the cache"),
-            "- timed: `data_prep.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
-            "top-50 HVG panel, tissue mask, kNN, HDF5 shards); spots/s = kept spots / wall seconds; CPU "
-            "seconds = user + system of this process and its worker processes",
+            ("- timed: `data_prep.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
+             "top-50 HVG panel, tissue mask, kNN, HDF5 shards); spots/s = kept spots / wall seconds; CPU "
+             "seconds = user + system of this process and its worker processes"),
         ]
         if args.note:
             section.append(f"- note: {args.note}")

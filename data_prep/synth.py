@@ -21,9 +21,21 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.fetch import sha256_file
-from data_prep.synth_expression import (BACKGROUND_LIBRARY, DISPERSION, LIBRARY_LOG_SD, LIBRARY_MEDIAN,
-                                        NAF_REF, NAF_SCALE, PITCH_UM, SPOT_DIAMETER_UM, GenePanel, hex_grid,
-                                        make_panel, sample_counts, spot_truth)
+from data_prep.synth_expression import (
+    BACKGROUND_LIBRARY,
+    DISPERSION,
+    LIBRARY_LOG_SD,
+    LIBRARY_MEDIAN,
+    NAF_REF,
+    NAF_SCALE,
+    PITCH_UM,
+    SPOT_DIAMETER_UM,
+    GenePanel,
+    hex_grid,
+    make_panel,
+    sample_counts,
+    spot_truth,
+)
 from data_prep.synth_render import build_layout, render_blocks, write_pyramid
 from data_prep.synth_texture import TISSUE_CLASSES
 
@@ -172,6 +184,40 @@ def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(text + "\n")
     tmp.replace(path)
+
+
+def load_synthetic_slide(out_dir: str | os.PathLike, slide_id: str, *, verify: bool = True) -> SyntheticSlide:
+    """A slide written earlier by ``make_synthetic_slide`` (its ``truth.json`` and files; sha256 checked)."""
+    out = Path(out_dir)
+    truth_path = out / f"{slide_id}.truth.json"
+    if not truth_path.is_file():
+        raise FileNotFoundError(f"{truth_path}: no synthetic slide {slide_id!r} here (truth.json is written last)")
+    truth = json.loads(truth_path.read_text())
+    if truth.get("format") != FORMAT:
+        raise ValueError(f"{truth_path}: not a {FORMAT} truth file")
+    paths = {"image": out / truth["files"]["image"]["name"], "adata": out / truth["files"]["adata"]["name"],
+             "truth": truth_path}
+    for kind in ("image", "adata"):
+        if not paths[kind].is_file():
+            raise FileNotFoundError(f"{paths[kind]}: missing ({truth_path} lists it)")
+        if verify and sha256_file(paths[kind]) != truth["files"][kind]["sha256"]:
+            raise ValueError(f"{paths[kind]}: sha256 differs from the one in {truth_path}; the file changed")
+    return SyntheticSlide(paths=paths, truth=truth)
+
+
+def ensure_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_per_px: float = 0.5,
+                           seed: int = 0, slide_id: str | None = None, **kwargs) -> SyntheticSlide:
+    """The slide in ``out_dir`` when one with these size/seed/pixel-size settings is there intact, else made anew."""
+    slide_id = slide_id or f"synth{seed}"
+    try:
+        slide = load_synthetic_slide(out_dir, slide_id)
+    except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
+        slide = None
+    if slide is not None and (slide.truth["n_spots"], slide.truth["um_per_px"], slide.truth["seed"]) == (
+            n_spots, um_per_px, seed):
+        return slide
+    return make_synthetic_slide(out_dir, n_spots=n_spots, um_per_px=um_per_px, seed=seed, slide_id=slide_id,
+                                **kwargs)
 
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, *, n_slides: int = 1, seed: int = 0,

@@ -15,8 +15,17 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.synth_texture import (StampBank, TissueClass, ellipse_bank, fibre_texture, grain_texture,
-                                     periodic_take, smooth_noise, stain_to_rgb, stamp_into)
+from data_prep.synth_texture import (
+    StampBank,
+    TissueClass,
+    ellipse_bank,
+    fibre_texture,
+    grain_texture,
+    periodic_take,
+    smooth_noise,
+    stain_to_rgb,
+    stamp_into,
+)
 
 TILE = 256
 HOLE_SCALES = np.array([0.6, 0.8, 1.0, 1.2, 1.4], dtype=np.float32)
@@ -83,9 +92,10 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
     ax, ay = (x1 - x0) / 2, (y1 - y0) / 2
     r = np.sqrt(((gx - (x0 + x1) / 2) / ax) ** 2 + ((gy - (y0 + y1) / 2) / ay) ** 2)
     r = r + 0.07 * smooth_noise((hc, wc), 200.0 / coarse_um, rng)
-    tissue = (1.0 / (1.0 + np.exp(np.clip((r - 1.0) * (min(ax, ay) / 4.0), -60, 60)))).astype(np.float32)  # 4 µm edge
+    edge = np.clip((r - 1.0) * (min(ax, ay) / 4.0), -60, 60)  # ~4 µm soft edge
+    tissue = (1.0 / (1.0 + np.exp(edge))).astype(np.float32)
 
-    n_regions = max(3 * len(classes), int(round((x1 - x0) * (y1 - y0) / region_um**2)))
+    n_regions = max(3 * len(classes), round((x1 - x0) * (y1 - y0) / region_um**2))
     seeds = np.column_stack([rng.uniform(x0, x1, n_regions), rng.uniform(y0, y1, n_regions)])
     region_class = rng.permutation(np.arange(n_regions) % len(classes))
     warp = 0.25 * region_um
@@ -261,6 +271,19 @@ def _downsample4_chunked(a: np.ndarray, rows: int = 2048) -> np.ndarray:
     return np.concatenate([_downsample4(np.asarray(a[y:y + rows])) for y in range(0, a.shape[0], rows)])
 
 
+def _level0_tiles(blocks: Iterator[np.ndarray], level1: np.ndarray, w_pad: int) -> Iterator[np.ndarray]:
+    """Tiles of the level-0 ``blocks`` in order, storing each block 4x-downsampled into ``level1`` on the way."""
+    x = y = 0
+    for block in blocks:
+        bw = block.shape[1]
+        level1[y // 4:(y + TILE) // 4, x // 4:(x + bw) // 4] = _downsample4(block)
+        for tx in range(0, bw, TILE):
+            yield block[:, tx:tx + TILE]
+        x += bw
+        if x >= w_pad:
+            x, y = 0, y + TILE
+
+
 def write_pyramid(path: str | os.PathLike, blocks: Iterator[np.ndarray], *, height: int, width: int,
                   um_per_px: float, min_size: int = 512, compress_level: int = 1) -> list[tuple[int, int]]:
     """Write ``blocks`` (from ``render_blocks``) as a tiled, deflate-compressed pyramidal TIFF.
@@ -274,29 +297,18 @@ def write_pyramid(path: str | os.PathLike, blocks: Iterator[np.ndarray], *, heig
     path = Path(path)
     h1, w1 = -(-height // 4), -(-width // 4)
     h_pad, w_pad = -(-height // TILE) * TILE, -(-width // TILE) * TILE
-    common = dict(photometric="rgb", compression="zlib", compressionargs={"level": compress_level},
-                  resolutionunit="CENTIMETER", metadata=None, maxworkers=2, buffersize=16 << 20)
-    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp:
-        level1 = np.memmap(Path(tmp) / "level1.u8", dtype=np.uint8, mode="w+", shape=(h_pad // 4, w_pad // 4, 3))
-
-        def tiles() -> Iterator[np.ndarray]:
-            x = 0
-            y = 0
-            for block in blocks:
-                bw = block.shape[1]
-                level1[y // 4:(y + TILE) // 4, x // 4:(x + bw) // 4] = _downsample4(block)
-                for tx in range(0, bw, TILE):
-                    yield block[:, tx:tx + TILE]
-                x += bw
-                if x >= w_pad:
-                    x, y = 0, y + TILE
-
-        shapes = [(height, width)]
-        partial = path.with_name(path.name + ".partial")
-        res = 1e4 / um_per_px
-        with tifffile.TiffWriter(partial, bigtiff=True) as tw:
-            tw.write(tiles(), shape=(height, width, 3), dtype=np.uint8, tile=(TILE, TILE), subfiletype=0,
-                     resolution=(res, res), **common)
+    common = {"photometric": "rgb", "compression": "zlib", "compressionargs": {"level": compress_level},
+              "resolutionunit": "CENTIMETER", "metadata": None, "maxworkers": 2, "buffersize": 16 << 20}
+    shapes = [(height, width)]
+    partial = path.with_name(path.name + ".partial")
+    res = 1e4 / um_per_px
+    try:
+        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp, \
+                tifffile.TiffWriter(partial, bigtiff=True) as tw:
+            level1 = np.memmap(Path(tmp) / "level1.u8", dtype=np.uint8, mode="w+",
+                               shape=(h_pad // 4, w_pad // 4, 3))
+            tw.write(_level0_tiles(blocks, level1, w_pad), shape=(height, width, 3), dtype=np.uint8,
+                     tile=(TILE, TILE), subfiletype=0, resolution=(res, res), **common)
             level, ds = level1[:h1, :w1], 4
             while max(shapes[-1]) > min_size:
                 shapes.append(level.shape[:2])
@@ -304,5 +316,8 @@ def write_pyramid(path: str | os.PathLike, blocks: Iterator[np.ndarray], *, heig
                          resolution=(res / ds, res / ds), **common)
                 level, ds = _downsample4_chunked(level), ds * 4
             del level, level1
-        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    partial.replace(path)
     return shapes

@@ -39,7 +39,7 @@ def spot_discs(slide, adata) -> np.ndarray:
     out = []
     with openslide.OpenSlide(str(slide.paths["image"])) as osr:
         for x, y in adata.obsm["spatial"]:
-            crop = osr.read_region((int(round(x)) - half, int(round(y)) - half), 0, (2 * half + 1,) * 2)
+            crop = osr.read_region((round(x) - half, round(y) - half), 0, (2 * half + 1,) * 2)
             out.append(dark_fraction(np.asarray(crop.convert("RGB"))[disc]))
     return np.array(out)
 
@@ -172,3 +172,22 @@ def test_cli_writes_several_slides(tmp_path, capsys):
         for suffix in (".tif", ".h5ad", ".truth.json"):
             assert (tmp_path / f"{sid}{suffix}").exists()
     assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".synth-*"))
+
+
+def test_ensure_reuses_an_intact_slide_and_remakes_a_changed_one(slide):
+    from data_prep.synth import ensure_synthetic_slide, load_synthetic_slide
+
+    folder = slide.paths["image"].parent
+    mtime = slide.paths["image"].stat().st_mtime_ns
+    again = ensure_synthetic_slide(folder, n_spots=200, um_per_px=UM_PER_PX, seed=0, progress=False)
+    assert again.paths["image"].stat().st_mtime_ns == mtime and again.truth == slide.truth
+    with open(slide.paths["adata"], "r+b") as fh:  # corrupt one byte in the middle
+        middle = fh.seek(0, 2) // 2
+        fh.seek(middle)
+        old = fh.read(1)
+        fh.seek(middle)
+        fh.write(bytes([old[0] ^ 0xFF]))
+    with pytest.raises(ValueError, match="sha256 differs"):
+        load_synthetic_slide(folder, "synth0")
+    remade = ensure_synthetic_slide(folder, n_spots=200, um_per_px=UM_PER_PX, seed=0, progress=False)
+    assert sha256_file(remade.paths["adata"]) == slide.truth["files"]["adata"]["sha256"]
