@@ -13,6 +13,10 @@ _LAZY = {
     "create_model": "stalign.models.factory",
     "list_models": "stalign.models.factory",
     "load_checkpoint": "stalign.models.factory",
+    "save_checkpoint": "stalign.models.factory",
+    "STAlign": "stalign.models.stalign_model",
+    "ThreeTargetLoss": "stalign.losses",
+    "create_image_encoder": "stalign.models.image_encoders",
 }
 
 

@@ -1,0 +1,155 @@
+"""Models by name: ``stalign/model_configs/<name>.json`` -> ``STAlignConfig`` -> ``STAlign``; checkpoints.
+
+A checkpoint is a folder with ``config.json`` (format, name, overrides, genes, resolved config) and
+``model.safetensors`` (no pickle is read). ``create_model`` also accepts a checkpoint folder or a JSON
+config path as ``name``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
+CHECKPOINT_FORMAT = "stalign-model"
+
+
+def list_models() -> list[str]:
+    """Names of the registered model configs."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def model_config(name: str | os.PathLike) -> dict[str, Any]:
+    """The raw config dict of a registered name or a JSON file."""
+    path = Path(name)
+    if path.suffix == ".json" and path.is_file():
+        return json.loads(path.read_text())
+    f = CONFIG_DIR / f"{name}.json"
+    if not f.is_file():
+        raise ValueError(f"unknown stalign model {str(name)!r}; known: {', '.join(list_models())} "
+                         "(or a checkpoint folder / config .json)")
+    return json.loads(f.read_text())
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, recursing into nested dicts (copies; inputs untouched)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
+
+
+def resolve_config(name: str | os.PathLike, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Config dict of ``name`` with ``overrides`` merged; ``image={...}`` applies to both image encoders."""
+    cfg = model_config(name)
+    overrides = dict(overrides)
+    both = overrides.pop("image", None)
+    if both:
+        overrides = deep_merge({"spot_image": both, "niche_image": both}, overrides)
+    for key in ("spot_image", "niche_image"):  # a new backbone spec drops the old backbone's kwargs / weights
+        new_spec = (overrides.get(key) or {}).get("spec")
+        if new_spec is not None and new_spec != cfg.get(key, {}).get("spec"):
+            cfg[key] = {k: v for k, v in cfg.get(key, {}).items() if k not in ("kwargs", "pretrained", "arch")}
+    gene_new, gene_old = overrides.get("gene") or {}, cfg.get("gene", {})
+    for kind_key, kwargs_key in (("encoder", "encoder_kwargs"), ("niche", "niche_kwargs")):
+        if kind_key in gene_new and gene_new[kind_key] != gene_old.get(kind_key):  # options of the old kind
+            cfg.setdefault("gene", {}).pop(kwargs_key, None)
+    return deep_merge(cfg, overrides)
+
+
+def _genes(genes: Sequence[str] | None, n_genes: int | None) -> list[str]:
+    if genes is not None:
+        genes = [str(g) for g in genes]
+        if n_genes is not None and n_genes != len(genes):
+            raise ValueError(f"n_genes={n_genes} but {len(genes)} genes were given")
+        if len(set(genes)) != len(genes):
+            raise ValueError("the gene panel has duplicate names")
+        return genes
+    if n_genes is None or n_genes < 1:
+        raise ValueError("create_model needs genes=[...] (the shards' panel) or n_genes >= 1")
+    return [f"gene{i}" for i in range(n_genes)]
+
+
+def create_model(name: str | os.PathLike, *, genes: Sequence[str] | None = None, n_genes: int | None = None,
+                 pretrained: str | os.PathLike | None = None, **overrides: Any):
+    """An ``STAlign`` by config name (``list_models()``), JSON path or checkpoint folder.
+
+    ``overrides`` are merged into the config (nested dicts merge), e.g. ``embed_dim=256`` or
+    ``spot_image={"spec": "uni", "pretrained": "/path/uni.bin"}``; ``image={...}`` sets both image encoders.
+    ``pretrained``: a checkpoint folder (or its ``model.safetensors``) whose weights are loaded.
+    """
+    from stalign.models.stalign_model import STAlign, STAlignConfig
+
+    path = Path(name)
+    if path.is_dir():
+        model = load_checkpoint(path)
+        if genes is not None:
+            model.check_genes(genes, source="genes=")
+        return model
+    cfg = resolve_config(name, overrides)
+    model = STAlign(config=STAlignConfig.from_dict(cfg), genes=_genes(genes, n_genes))
+    model.meta = {"name": str(name), "overrides": _jsonable(overrides)}
+    if pretrained is not None:
+        load_weights(model, pretrained)
+    return model
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        json.dumps(obj)
+    except TypeError as err:
+        raise ValueError(f"model overrides must be JSON-serialisable to be saved in checkpoints: {err}") from err
+    return copy.deepcopy(obj)
+
+
+def load_weights(model, path: str | os.PathLike) -> None:
+    """Load ``model.safetensors`` (a folder or the file) into ``model`` strictly."""
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    weights = path / "model.safetensors" if path.is_dir() else path
+    if not weights.is_file():
+        raise FileNotFoundError(f"{weights}: model weights not found")
+    try:
+        load_model(model, str(weights), strict=True)
+    except RuntimeError as err:
+        raise ValueError(f"{weights}: weights do not fit the model ({str(err)[:500]})") from err
+
+
+def save_checkpoint(model, path: str | os.PathLike) -> Path:
+    """Write ``path/config.json`` and ``path/model.safetensors``; returns the folder."""
+    from safetensors.torch import save_model
+
+    from stalign import __version__
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    meta = {"format": CHECKPOINT_FORMAT, "version": 1, "stalign_version": __version__,
+            "name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
+            "genes": list(model.genes), "config": model.config.to_dict()}
+    (path / "config.json").write_text(json.dumps(meta, indent=1))
+    save_model(model, str(path / "model.safetensors"))
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
+    """Rebuild a model saved by ``save_checkpoint`` (backbone weights come from the checkpoint, not the hub)."""
+    from stalign.models.stalign_model import STAlign, STAlignConfig
+
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{path}: not a stalign checkpoint folder (no config.json)")
+    meta = json.loads(cfg_file.read_text())
+    if meta.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{cfg_file}: not a stalign model config (format {meta.get('format')!r})")
+    cfg = meta["config"]
+    for key in ("spot_image", "niche_image"):
+        cfg[key]["pretrained"] = None  # the weights follow from model.safetensors
+    model = STAlign(config=STAlignConfig.from_dict(cfg), genes=meta["genes"])
+    model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {})}
+    load_weights(model, path)
+    return model.to(device)

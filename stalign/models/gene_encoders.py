@@ -1,0 +1,201 @@
+"""Gene encoders: spot expression -> features (a stofm cell encoder or an MLP over the panel) and niche
+expression -> features (the SToFM SE(2) transformer over the spots of the niche, with the slide's virtual
+cells when the batch carries them; or a masked mean of the spot embeddings; or the niche mean expression).
+
+Builders register by name (``@register_cell_encoder``, ``@register_niche_encoder``); inputs are log1p cp10k
+over the model's gene panel (the shards' ``expression: log1p_cp10k``).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from stalign.models.abfn import masked_mean
+
+CELL_ENCODERS: dict[str, Callable[..., tuple[nn.Module, nn.Module | None]]] = {}
+NICHE_ENCODERS: dict[str, Callable[..., "NicheEncoder"]] = {}
+
+
+def register_cell_encoder(name: str) -> Callable:
+    """Decorator: ``fn(*, genes, **cfg) -> (cell_encoder, se2 or None)``; the encoder maps (B, G) -> (B, out_dim)."""
+
+    def deco(fn: Callable) -> Callable:
+        CELL_ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+def register_niche_encoder(name: str) -> Callable:
+    """Decorator: ``fn(*, cell_encoder, se2, **cfg) -> NicheEncoder``."""
+
+    def deco(fn: Callable) -> Callable:
+        NICHE_ENCODERS[name] = fn
+        return fn
+
+    return deco
+
+
+class PanelMLP(nn.Module):
+    """[Linear -> LayerNorm -> GELU -> Dropout] x depth -> Linear over log1p expression of a fixed panel."""
+
+    def __init__(self, *, n_genes: int, hidden: int = 256, depth: int = 2, out_dim: int = 256,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        layers: list[nn.Module] = []
+        width = n_genes
+        for _ in range(depth):
+            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden
+        self.body, self.head, self.out_dim, self.n_genes = nn.Sequential(*layers), nn.Linear(width, out_dim), out_dim, n_genes
+
+    def forward(self, expr: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(expr.float()))
+
+
+class StofmCell(nn.Module):
+    """A stofm cell encoder called on log1p input."""
+
+    def __init__(self, *, encoder: nn.Module) -> None:
+        super().__init__()
+        self.encoder, self.out_dim = encoder, int(encoder.out_dim)
+
+    def forward(self, expr: torch.Tensor) -> torch.Tensor:
+        return self.encoder(expr, input_kind="log1p")
+
+
+@register_cell_encoder("mlp")
+def _mlp(*, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, None]:
+    return PanelMLP(n_genes=len(genes), **cfg), None
+
+
+@register_cell_encoder("stofm")
+def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", **overrides: Any) -> tuple[nn.Module, nn.Module]:
+    """A SToFM by config name or ``save_pretrained`` folder: its cell encoder and SE(2) transformer."""
+    import stofm
+
+    sm = stofm.create_model(model, genes=list(genes), **overrides)
+    if list(sm.genes) != list(genes):
+        raise ValueError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
+                         f"{len(genes)} genes")
+    se2 = sm.se2
+    se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
+    return StofmCell(encoder=sm.cell_encoder), se2
+
+
+def build_cell_encoder(kind: str, *, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, nn.Module | None]:
+    """(cell encoder, SE(2) transformer or None) of a registered kind."""
+    if kind not in CELL_ENCODERS:
+        raise ValueError(f"unknown gene encoder {kind!r}; known: {', '.join(sorted(CELL_ENCODERS))}")
+    return CELL_ENCODERS[kind](genes=genes, **cfg)
+
+
+class NicheEncoder(nn.Module):
+    """Batch -> (B, out_dim) niche gene features."""
+
+    out_dim: int
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+def _need(batch: Mapping[str, torch.Tensor], *keys: str) -> None:
+    missing = [k for k in keys if k not in batch]
+    if missing:
+        raise KeyError(f"the niche gene encoder needs batch keys {missing} (ShardDataset provides them)")
+
+
+def _encode_spots(cell: nn.Module, expr: torch.Tensor) -> torch.Tensor:
+    b = expr.shape[0]
+    return rearrange(cell(rearrange(expr, "b m g -> (b m) g")), "(b m) d -> b m d", b=b)
+
+
+class MeanExprNiche(NicheEncoder):
+    """The cell encoder on the niche's mean expression (ST-Align's niche gene input)."""
+
+    def __init__(self, *, cell_encoder: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.out_dim = cell_encoder, cell_encoder.out_dim
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        _need(batch, "niche_expr")
+        return self.cell(batch["niche_expr"])
+
+
+class PoolNiche(NicheEncoder):
+    """Masked mean of the cell-encoder embeddings of the spots inside the niche."""
+
+    def __init__(self, *, cell_encoder: nn.Module) -> None:
+        super().__init__()
+        self.cell, self.out_dim = cell_encoder, cell_encoder.out_dim
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        _need(batch, "niche_spot_expr", "niche_spot_mask")
+        emb = _encode_spots(self.cell, batch["niche_spot_expr"])
+        return masked_mean(emb, ~batch["niche_spot_mask"].bool())
+
+
+class SE2Niche(NicheEncoder):
+    """SToFM's SE(2) transformer over the niche's spots (+ virtual cells ``virtual_expr``/``virtual_coords``).
+
+    Coordinates (µm) are centred on the niche's first spot and scaled by ``coord_scale`` (SToFM scales a
+    sub-slice to a diagonal of 100; 0.35/µm does that for a 200 µm niche). Output: the [CLS] token.
+    """
+
+    def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module, coord_scale: float = 0.35) -> None:
+        super().__init__()
+        self.cell, self.se2, self.coord_scale, self.out_dim = cell_encoder, se2, coord_scale, int(se2.dim)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        _need(batch, "niche_spot_expr", "niche_spot_coords", "niche_spot_mask")
+        emb = _encode_spots(self.cell, batch["niche_spot_expr"])
+        coords = batch["niche_spot_coords"].float()
+        origin = coords[:, :1]
+        coords = (coords - origin) * self.coord_scale
+        venb = vco = vpad = None
+        if "virtual_expr" in batch:
+            _need(batch, "virtual_coords")
+            venb = _encode_spots(self.cell, batch["virtual_expr"])
+            vco = (batch["virtual_coords"].float() - origin) * self.coord_scale
+            vpad = ~batch["virtual_mask"].bool() if "virtual_mask" in batch else None
+        out = self.se2(emb, coords, ~batch["niche_spot_mask"].bool(), venb, vco, vpad)
+        return out["cls"]
+
+
+@register_niche_encoder("mean_expr")
+def _mean_expr(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) -> NicheEncoder:
+    return MeanExprNiche(cell_encoder=cell_encoder, **cfg)
+
+
+@register_niche_encoder("pool")
+def _pool(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) -> NicheEncoder:
+    return PoolNiche(cell_encoder=cell_encoder, **cfg)
+
+
+@register_niche_encoder("se2")
+def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: float = 0.35,
+         **se2_cfg: Any) -> NicheEncoder:
+    """The stofm SE(2) transformer (from the stofm model, or a fresh one from ``se2_cfg``: dim, depth, heads, ...)."""
+    if se2 is None:
+        from stofm.se2 import SE2Transformer
+
+        se2 = SE2Transformer(in_dim=cell_encoder.out_dim, **{"dim": 64, "depth": 2, "heads": 4, **se2_cfg})
+        se2.mask_token.requires_grad_(False)
+    return SE2Niche(cell_encoder=cell_encoder, se2=se2, coord_scale=coord_scale)
+
+
+def build_niche_encoder(kind: str, *, cell_encoder: nn.Module, se2: nn.Module | None, **cfg: Any) -> NicheEncoder:
+    """A registered niche gene encoder."""
+    if kind not in NICHE_ENCODERS:
+        raise ValueError(f"unknown niche gene encoder {kind!r}; known: {', '.join(sorted(NICHE_ENCODERS))}")
+    return NICHE_ENCODERS[kind](cell_encoder=cell_encoder, se2=se2, **cfg)
+
+
+def l2(x: torch.Tensor) -> torch.Tensor:
+    """L2-normalise the last axis in float32."""
+    return F.normalize(x.float(), dim=-1)

@@ -1,0 +1,233 @@
+"""``STAlign``: spot/niche image encoders + gene encoders -> K tokens each -> ABFN fusion -> shared space.
+
+Outputs of ``model(batch)`` (all L2-normalised (B, E)): ``spot_image_features``, ``spot_gene_features``,
+``niche_image_features``, ``niche_gene_features``, ``fused_spot_features`` (ABFN of the spot pair),
+``fused_niche_features`` (ABFN of the niche pair), plus ``logit_scale`` (1/temperature, clamped) and,
+with ``siglip=True``, ``logit_bias``. Image-only inference uses the unimodal image embeddings, which the
+spot/niche loss terms align with the gene embeddings of the same spot: ``encode_image`` is comparable
+with ``encode_gene`` of a reference bank (the fused features need both modalities).
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+import torch
+from torch import nn
+
+from stalign.models.abfn import ABFN, ProjectionHead, Tokenizer
+from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder, l2
+from stalign.models.image_encoders import create_image_encoder
+
+
+class GenePanelMismatchError(ValueError):
+    """Input expression over a gene panel other than the model's."""
+
+
+@dataclass
+class ImageConfig:
+    """One image encoder: a registry spec and what trains (see ``create_image_encoder``)."""
+
+    spec: str = "timm:resnet18"
+    pretrained: bool | str | None = None
+    arch: str | None = None
+    freeze: bool = False
+    unfreeze_last: int = 0
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class GeneConfig:
+    """Gene side: ``encoder`` kind ("mlp" / "stofm") with ``encoder_kwargs``; ``niche`` ("se2" / "pool" / "mean_expr")."""
+
+    encoder: str = "mlp"
+    encoder_kwargs: dict[str, Any] = field(default_factory=dict)
+    niche: str = "pool"
+    niche_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class STAlignConfig:
+    """Architecture of an ``STAlign`` (JSON files in ``stalign/model_configs`` map onto this)."""
+
+    spot_image: ImageConfig = field(default_factory=ImageConfig)
+    niche_image: ImageConfig = field(default_factory=ImageConfig)
+    share_image_encoder: bool = False
+    gene: GeneConfig = field(default_factory=GeneConfig)
+    tokens: int = 8
+    token_dim: int = 512
+    heads: int = 8
+    dropout: float = 0.1
+    embed_dim: int = 512
+    init_temperature: float = 0.1
+    max_logit_scale: float = 100.0
+    siglip: bool = False
+    init_logit_bias: float = -10.0
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "STAlignConfig":
+        """Build from a (JSON) dict; unknown keys are an error naming them."""
+        known = {f.name for f in fields(cls)}
+        bad = sorted(set(d) - known - {"name", "description"})
+        if bad:
+            raise ValueError(f"unknown STAlign config keys {bad}; known: {sorted(known)}")
+        kw = {k: v for k, v in d.items() if k in known}
+        for key, sub in (("spot_image", ImageConfig), ("niche_image", ImageConfig), ("gene", GeneConfig)):
+            if key in kw and isinstance(kw[key], Mapping):
+                sub_known = {f.name for f in fields(sub)}
+                sub_bad = sorted(set(kw[key]) - sub_known)
+                if sub_bad:
+                    raise ValueError(f"unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
+                kw[key] = sub(**kw[key])
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _image_encoder(cfg: ImageConfig) -> nn.Module:
+    return create_image_encoder(cfg.spec, pretrained=cfg.pretrained, arch=cfg.arch, freeze=cfg.freeze,
+                                unfreeze_last=cfg.unfreeze_last, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                                **cfg.kwargs)
+
+
+class STAlign(nn.Module):
+    """The ST-Align model over a fixed gene panel (``genes``)."""
+
+    def __init__(self, *, config: STAlignConfig, genes: Sequence[str]) -> None:
+        super().__init__()
+        if len(genes) == 0:
+            raise ValueError("the model needs a non-empty gene panel")
+        self.config, self.genes = config, [str(g) for g in genes]
+        c = config
+        self.spot_image_encoder = _image_encoder(c.spot_image)
+        self.niche_image_encoder = self.spot_image_encoder if c.share_image_encoder else _image_encoder(c.niche_image)
+        cell, se2 = build_cell_encoder(c.gene.encoder, genes=self.genes, **c.gene.encoder_kwargs)
+        self.spot_gene_encoder = cell
+        self.niche_gene_encoder = build_niche_encoder(c.gene.niche, cell_encoder=cell, se2=se2, **c.gene.niche_kwargs)
+        k, d, e = c.tokens, c.token_dim, c.embed_dim
+        self.tokenizers = nn.ModuleDict({
+            "spot_image": Tokenizer(in_dim=self.spot_image_encoder.out_dim, tokens=k, dim=d),
+            "niche_image": Tokenizer(in_dim=self.niche_image_encoder.out_dim, tokens=k, dim=d),
+            "spot_gene": Tokenizer(in_dim=cell.out_dim, tokens=k, dim=d),
+            "niche_gene": Tokenizer(in_dim=self.niche_gene_encoder.out_dim, tokens=k, dim=d),
+        })
+        self.heads = nn.ModuleDict({name: ProjectionHead(in_dim=d, out_dim=e) for name in self.tokenizers})
+        self.spot_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
+        self.niche_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
+        if c.siglip:
+            self.logit_bias = nn.Parameter(torch.tensor(float(c.init_logit_bias)))
+        self.meta: dict[str, Any] = {}  # set by create_model: name, overrides (for checkpoints)
+
+    # ------------------------------------------------------------------------------------- checks
+    @property
+    def n_genes(self) -> int:
+        return len(self.genes)
+
+    def check_genes(self, genes: Sequence[str], *, source: str = "the data") -> None:
+        """Raise ``GenePanelMismatchError`` unless ``genes`` is exactly the model's panel (same order)."""
+        genes = [str(g) for g in genes]
+        if genes == self.genes:
+            return
+        missing = [g for g in self.genes if g not in set(genes)]
+        extra = [g for g in genes if g not in set(self.genes)]
+        what = (f"{len(missing)} of the model's genes missing (e.g. {missing[:5]}), {len(extra)} extra "
+                f"(e.g. {extra[:5]})" if missing or extra else "the same genes in another order")
+        raise GenePanelMismatchError(f"{source} has a {len(genes)}-gene panel, the model {self.n_genes} genes: "
+                                     f"{what}; re-run prep with the model's gene list or train a new model")
+
+    def _check_expr(self, expr: torch.Tensor, key: str) -> None:
+        if expr.shape[-1] != self.n_genes:
+            raise GenePanelMismatchError(f"batch[{key!r}] has {expr.shape[-1]} genes, the model's panel has "
+                                         f"{self.n_genes}: shards from a different gene panel than the model")
+        if expr.numel() and not bool(torch.isfinite(expr).all()):
+            raise ValueError(f"batch[{key!r}] contains NaN/inf expression values")
+
+    # ------------------------------------------------------------------------------------- pieces
+    def _tokens(self, name: str, feats: torch.Tensor) -> torch.Tensor:
+        return self.tokenizers[name](feats)
+
+    def _embed(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        return l2(self.heads[name](tokens.mean(dim=1)))
+
+    def spot_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens("spot_image", self.spot_image_encoder(x))
+
+    def niche_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        return self._tokens("niche_image", self.niche_image_encoder(x))
+
+    def spot_gene_tokens(self, expr: torch.Tensor) -> torch.Tensor:
+        self._check_expr(expr, "spot_expr")
+        return self._tokens("spot_gene", self.spot_gene_encoder(expr))
+
+    def niche_gene_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        for key in ("niche_spot_expr", "niche_expr", "virtual_expr"):
+            if key in batch:
+                self._check_expr(batch[key], key)
+        return self._tokens("niche_gene", self.niche_gene_encoder(batch))
+
+    # ------------------------------------------------------------------------------------- inference
+    def encode_spot_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, E) spot-image embedding in the gene space (uint8 or [0, 1] float crops)."""
+        return self._embed("spot_image", self.spot_image_tokens(x))
+
+    def encode_niche_image(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, E) niche-image embedding in the niche-gene space."""
+        return self._embed("niche_image", self.niche_image_tokens(x))
+
+    def encode_spot_gene(self, expr: torch.Tensor) -> torch.Tensor:
+        """(B, E) spot-gene embedding of (B, G) log1p expression over the model's panel."""
+        return self._embed("spot_gene", self.spot_gene_tokens(expr))
+
+    def encode_niche_gene(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """(B, E) niche-gene embedding (keys of the niche gene encoder, e.g. ``niche_spot_expr``)."""
+        return self._embed("niche_gene", self.niche_gene_tokens(batch))
+
+    @staticmethod
+    def combine(spot: torch.Tensor, niche: torch.Tensor, niche_weight: float = 0.5) -> torch.Tensor:
+        """L2-normalised ``(1 - w) * spot + w * niche``: one embedding per spot from its two scales."""
+        if not 0.0 <= niche_weight <= 1.0:
+            raise ValueError(f"niche_weight must lie in [0, 1], got {niche_weight}")
+        return l2((1.0 - niche_weight) * spot + niche_weight * niche)
+
+    def encode_image(self, spot: torch.Tensor, niche: torch.Tensor, *, niche_weight: float = 0.5) -> torch.Tensor:
+        """Image-only (B, E) embedding: spot and niche image embeddings combined (compare with ``encode_gene``)."""
+        return self.combine(self.encode_spot_image(spot), self.encode_niche_image(niche), niche_weight)
+
+    def encode_gene(self, batch: Mapping[str, torch.Tensor], *, niche_weight: float = 0.5) -> torch.Tensor:
+        """Gene-side (B, E) embedding of ``batch`` (``spot_expr`` + niche keys), combined like ``encode_image``."""
+        if "spot_expr" not in batch:
+            raise KeyError("encode_gene needs batch['spot_expr'] (and the niche keys of the niche encoder)")
+        return self.combine(self.encode_spot_gene(batch["spot_expr"]), self.encode_niche_gene(batch), niche_weight)
+
+    # ------------------------------------------------------------------------------------- training
+    def scale(self) -> torch.Tensor:
+        """exp(logit_scale) clamped to ``max_logit_scale`` (1/temperature)."""
+        return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
+
+    def forward(self, batch: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        need = ("spot_image", "niche_image", "spot_expr")
+        missing = [k for k in need if k not in batch]
+        if missing:
+            raise KeyError(f"batch lacks {missing}; expected ShardDataset keys (see docs/ARCHITECTURE.md)")
+        if batch["spot_image"].shape[0] == 0:
+            raise ValueError("empty batch: no spots")
+        si, ni = self.spot_image_tokens(batch["spot_image"]), self.niche_image_tokens(batch["niche_image"])
+        sg, ng = self.spot_gene_tokens(batch["spot_expr"]), self.niche_gene_tokens(batch)
+        out = {
+            "spot_image_features": self._embed("spot_image", si),
+            "spot_gene_features": self._embed("spot_gene", sg),
+            "niche_image_features": self._embed("niche_image", ni),
+            "niche_gene_features": self._embed("niche_gene", ng),
+            "fused_spot_features": l2(self.spot_fusion(si, sg)),
+            "fused_niche_features": l2(self.niche_fusion(ni, ng)),
+            "logit_scale": self.scale(),
+        }
+        if self.config.siglip:
+            out["logit_bias"] = self.logit_bias
+        return out
