@@ -2,9 +2,10 @@
 
 1. Every slide's expression is read and normalised first, to fix the shared gene panel (a re-run into the
    same folder reuses the manifest's panel; asking for a different one is an error).
-2. Slides are then processed in worker processes ('spawn' context; each opens its own slide): tissue mask,
-   spot and niche crops at fixed physical sizes read in batches, niche means, neighbours, shard written
-   under a temporary name and renamed when complete.
+2. Slides are then written one after another: tissue mask, niche means, neighbours, and the spot and niche
+   crops at fixed physical sizes, read in batches of spots by ``workers`` processes ('spawn' pool; each
+   process opens the slide itself), so several workers speed up one large slide as well as many slides. The
+   main process is the only writer; the shard goes under a temporary name, renamed when complete.
 3. The manifest is rewritten (atomically) after every finished slide, so a killed run can resume: slides
    whose shard is complete and built from the same source files (sha256) and settings are skipped.
 """
@@ -13,8 +14,10 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +48,6 @@ class SlideJob:
     settings: dict[str, Any]
     tissue_filter: bool = True
     batch_size: int = 32
-    position: int = 0
     progress: bool = True
 
 
@@ -148,7 +150,7 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
                              coords_px=np.asarray(s.coords_px, dtype=np.float64),
                              expr=normed[s.slide_id][:, cols], barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
-                             tissue_filter=tissue_filter, batch_size=batch_size, position=len(jobs) % workers + 1,
+                             tissue_filter=tissue_filter, batch_size=batch_size,
                              progress=progress))
     del normed
 
@@ -187,39 +189,78 @@ def _versions() -> dict[str, str]:
 
 def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
          on_done: Callable[[dict[str, Any]], None]) -> list[Exception]:
-    """Run the jobs (in-process for one worker, else a spawn process pool); returns the failures."""
+    """Write the jobs' shards one slide after another, their crops read by ``workers`` processes ('spawn'
+    pool; in this process for one worker); returns the slides' errors."""
+    from concurrent.futures.process import BrokenProcessPool
+
     from tqdm.auto import tqdm
 
     failures: list[Exception] = []
-    bar = tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs)
-    if workers == 1 or len(jobs) <= 1:
-        for job in jobs:
-            try:
-                on_done(process_slide(job))
-            except DataPrepError as err:
-                failures.append(err)
-            bar.update()
-    else:
+    pool = None
+    if workers > 1 and jobs:
         import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor, as_completed
-        from concurrent.futures.process import BrokenProcessPool
+        from concurrent.futures import ProcessPoolExecutor
 
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs)), mp_context=mp.get_context("spawn")) as pool:
-            futures = {pool.submit(process_slide, job): job for job in jobs}
-            for fut in as_completed(futures):
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+    try:
+        with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs) as bar:
+            for job in jobs:
                 try:
-                    on_done(fut.result())
+                    on_done(write_slide(job, pool=pool, window=2 * workers))
                 except DataPrepError as err:
                     failures.append(err)
                 except BrokenProcessPool as err:
-                    failures.append(DataPrepError(f"{futures[fut].slide_id}: worker process died ({err})"))
+                    raise RuntimeError(f"a crop worker process died while preparing {job.slide_id} ({err}); when "
+                                       "prepare(workers>1) runs from a script, guard it with "
+                                       "`if __name__ == '__main__':`") from err
                 bar.update()
-    bar.close()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _close_cached()
     return failures
 
 
-def process_slide(job: SlideJob) -> dict[str, Any]:
-    """Write one slide's shard (worker entry point); returns its manifest entry."""
+_OPEN: dict[str, Any] = {}  # per process: the slide the last crop task used
+
+
+def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: float, niche_px: float,
+               patch_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Spot and niche crops of a batch of centres, and whether each was padded (a worker task: the process
+    opens the slide itself, once, and keeps it open for the next batch)."""
+    from data_prep.slide import open_slide
+
+    slide = _OPEN.get(image_path)
+    if slide is None:
+        _close_cached()
+        slide = _OPEN[image_path] = open_slide(image_path, um_per_px=um_per_px)
+    spot, pad_s = slide.read_crops(centres, spot_px, patch_px)
+    niche, pad_n = slide.read_crops(centres, niche_px, patch_px)
+    return spot, niche, pad_s, pad_n
+
+
+def _close_cached() -> None:
+    for slide in _OPEN.values():
+        slide.close()
+    _OPEN.clear()
+
+
+def _crop_batches(tasks: list[tuple], pool: Any, window: int) -> Iterator[tuple]:
+    """``read_batch`` results in task order; at most ``window`` tasks in flight on ``pool``."""
+    if pool is None:
+        yield from (read_batch(*t) for t in tasks)
+        return
+    pending: deque = deque()
+    todo = iter(tasks)
+    pending.extend(pool.submit(read_batch, *t) for t in islice(todo, window))
+    while pending:
+        result = pending.popleft().result()
+        pending.extend(pool.submit(read_batch, *t) for t in islice(todo, 1))
+        yield result
+
+
+def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str, Any]:
+    """Tissue filter, niche means, neighbours and crops of one slide into its shard; returns its manifest entry."""
     from tqdm.auto import tqdm
 
     from data_prep.slide import open_slide
@@ -227,47 +268,38 @@ def process_slide(job: SlideJob) -> dict[str, Any]:
 
     st = job.settings
     spot_px, niche_px = st["spot_um"] / job.um_per_px, st["niche_um"] / job.um_per_px
+    n_in = len(job.coords_px)
     with open_slide(job.image_path, um_per_px=job.um_per_px) as slide:
-        n_in = len(job.coords_px)
         keep = spots_on_tissue(slide, job.coords_px) if job.tissue_filter else np.ones(n_in, dtype=bool)
-        if not keep.any():
-            raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
-                                "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
-                                "--no-tissue-filter")
-        xy = job.coords_px[keep]
-        expr = job.expr[keep]
-        um = xy * job.um_per_px
-        niche_expr = ex.niche_expression(expr, um, st["niche_um"])
-        neighbors = ex.neighbor_indices(um, st["n_neighbors"])
-        padded = np.zeros(len(xy), dtype=bool)
-        spot_padded = np.zeros(len(xy), dtype=bool)
-        entry = {"slide_id": job.slide_id, "shard": shard_relpath(job.slide_id), "n_spots": int(len(xy)),
-                 "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
-                 "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
-                 "niche_px": niche_px, "image_size": list(slide.dimensions), "source_files": job.source_files}
-        _remove_stale_temporaries(Path(job.shard_path))
-        with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=st["patch_px"],
-                         genes=job.genes, um_per_px=job.um_per_px,
-                         attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
-                tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=job.position, leave=False,
-                     disable=not job.progress) as bar:
-            for start in range(0, len(xy), job.batch_size):
-                batch = xy[start:start + job.batch_size]
-                spot, pad_s = slide.read_crops(batch, spot_px, st["patch_px"])
-                niche, pad_n = slide.read_crops(batch, niche_px, st["patch_px"])
-                w.write_patches(start, spot, niche)
-                padded[start:start + len(batch)] = pad_s | pad_n
-                spot_padded[start:start + len(batch)] = pad_s
-                bar.update(len(batch))
-            entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
-            w.set_attr("manifest_entry", json.dumps(entry))
-            w.finish(expr=expr, niche_expr=niche_expr, coords_px=xy, coords_um=um, neighbors=neighbors,
-                     padded=padded, barcodes=[b for b, k in zip(job.barcodes, keep) if k])
+        dims = list(slide.dimensions)
+    if not keep.any():
+        raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
+                            "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
+                            "--no-tissue-filter")
+    xy, expr = job.coords_px[keep], job.expr[keep]
+    um = xy * job.um_per_px
+    padded = np.zeros(len(xy), dtype=bool)
+    spot_padded = np.zeros(len(xy), dtype=bool)
+    entry = {"slide_id": job.slide_id, "shard": shard_relpath(job.slide_id), "n_spots": int(len(xy)),
+             "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
+             "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
+             "niche_px": niche_px, "image_size": dims, "source_files": job.source_files}
+    starts = range(0, len(xy), job.batch_size)
+    tasks = [(job.image_path, job.um_per_px, xy[i:i + job.batch_size], spot_px, niche_px, st["patch_px"])
+             for i in starts]
+    with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=st["patch_px"],
+                     genes=job.genes, um_per_px=job.um_per_px,
+                     attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
+            tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,
+                 disable=not job.progress) as bar:
+        for start, (spot, niche, pad_s, pad_n) in zip(starts, _crop_batches(tasks, pool, window)):
+            w.write_patches(start, spot, niche)
+            padded[start:start + len(spot)] = pad_s | pad_n
+            spot_padded[start:start + len(spot)] = pad_s
+            bar.update(len(spot))
+        entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
+        w.set_attr("manifest_entry", json.dumps(entry))
+        w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, st["niche_um"]), coords_px=xy, coords_um=um,
+                 neighbors=ex.neighbor_indices(um, st["n_neighbors"]), padded=padded,
+                 barcodes=[b for b, k in zip(job.barcodes, keep) if k])
     return entry
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Delete temporaries that a killed run left for this shard."""
-    if path.parent.is_dir():
-        for tmp in path.parent.glob(f".{path.name}.*.tmp"):
-            tmp.unlink(missing_ok=True)

@@ -105,8 +105,14 @@ def test_killed_writer_never_leaves_a_shard_under_the_final_name(tmp_path, subpr
     proc.wait()
     time.sleep(0.1)
     assert not target.exists()
-    assert all(name.startswith(".s.h5.") and name.endswith(".tmp") for name in os.listdir(tmp_path))
+    (left,) = os.listdir(tmp_path)
+    assert left.startswith(f".s.h5.{proc.pid}.") and left.endswith(".tmp")
     assert shards.shard_attrs(target) is None
+    # the next writer of this shard removes the dead writer's temporary, never a live writer's
+    live = tmp_path / f".s.h5.{os.getpid()}.abc.tmp"
+    live.write_bytes(b"")
+    assert shards.remove_stale_temporaries(target) == [tmp_path / left]
+    assert os.listdir(tmp_path) == [live.name]
 
 
 def test_incomplete_file_is_not_taken_as_a_shard(tmp_path):
