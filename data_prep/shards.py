@@ -104,7 +104,7 @@ class ShardWriter:
         f.attrs["complete"] = True
         f.close()
         self._file = None
-        os.replace(self._tmp, self.path)
+        _publish(self._tmp, self.path)
         self._tmp = None
         return self.path
 
@@ -113,6 +113,14 @@ class ShardWriter:
             self._file.close()
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Give a finished temporary the usual file mode (mkstemp makes it owner-only) and rename it into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    os.replace(tmp, final)
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
@@ -191,7 +199,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
         with os.fdopen(fd, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.write("\n")
-        os.replace(tmp, out / MANIFEST)
+        _publish(Path(tmp), out / MANIFEST)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -47,6 +47,9 @@ def test_shard_round_trip_has_the_documented_layout(tmp_path, real_patches):
     path = tmp_path / "shards" / "s1.h5"
     expr = _write(path, centres, spot, niche)
     assert sorted(os.listdir(path.parent)) == ["s1.h5"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # not the owner-only mode of the temporary
     with h5py.File(path) as f:
         assert f["spot_patches"].dtype == np.uint8 and f["spot_patches"].shape == (8, 32, 32, 3)
         assert f["spot_patches"].chunks == (1, 32, 32, 3)  # one chunk per spot: random access
