@@ -7,6 +7,7 @@ SE(2) transformer then runs over batches of padded sub-slices, so memory is boun
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -138,20 +139,23 @@ def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_st
     if device is not None:
         model = model.to(device)
     model.eval()
+    t0 = time.perf_counter()
     slide = prepare_slide(adata, model, progress=progress, **slide_kw)
     dev = slide.coords.device
+    t1 = time.perf_counter()
     out = torch.empty(len(slide.coords), model.dim, dtype=torch.float32)
     order = sorted(slide.tiles, key=len, reverse=True)  # similar lengths per batch: little padding
     with torch.no_grad(), _autocast(dev, dtype):
         for start in tqdm(range(0, len(order), batch_size), desc="stofm embed", disable=not progress):
             chunk = order[start:start + batch_size]
-            res = model(**collate_subslices([(slide, idx) for idx in chunk]))
+            res = model(**collate_subslices([(slide, idx) for idx in chunk]), return_pair=False)
             for i, idx in enumerate(chunk):
                 out[torch.as_tensor(idx)] = res["cells"][i, :len(idx)].float().cpu()
     adata.obsm[key_added] = out.numpy()
+    seconds = {"prepare": t1 - t0, "transformer": time.perf_counter() - t1}  # prepare: encoder + clusters + tiles
     if key_cells:
         adata.obsm[key_cells] = slide.cell_emb.float().cpu().numpy()
-    adata.uns["stofm"] = {**slide.info, "key_added": key_added, "dim": model.dim,
+    adata.uns["stofm"] = {**slide.info, "key_added": key_added, "dim": model.dim, "seconds": seconds,
                           "model": str(model.config.get("name", "stofm"))}
     return adata
 
@@ -197,7 +201,7 @@ def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np
     with torch.no_grad(), _autocast(slide.coords.device, dtype):
         for start in tqdm(range(0, n, batch_size), desc="stofm niches", disable=not progress):
             rows = range(start, min(start + batch_size, n))
-            res = model(**collate_subslices([(slide, nb[i][nb[i] >= 0]) for i in rows]))
+            res = model(**collate_subslices([(slide, nb[i][nb[i] >= 0]) for i in rows]), return_pair=False)
             out[start:start + len(rows)] = res["cls"].float().cpu()
     adata.obsm[key_added] = out.numpy()
     adata.uns["stofm_niche"] = {**slide.info, "n_neighbors": int(nb.shape[1]), "key_added": key_added}

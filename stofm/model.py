@@ -60,9 +60,11 @@ class SToFM(nn.Module):
 
     def forward(self, cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 virtual_emb: torch.Tensor | None = None, virtual_coords: torch.Tensor | None = None,
-                virtual_pad_mask: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> dict:
+                virtual_pad_mask: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                return_pair: bool = True) -> dict:
         """The SE(2) transformer's outputs (see ``SE2Transformer.forward``) for cell embeddings of sub-slices."""
-        return self.se2(cell_emb, coords, pad_mask, virtual_emb, virtual_coords, virtual_pad_mask, mask=mask)
+        return self.se2(cell_emb, coords, pad_mask, virtual_emb, virtual_coords, virtual_pad_mask, mask=mask,
+                        return_pair=return_pair)
 
     def pretrain_forward(self, batch: dict, *, generator: torch.Generator | None = None, mask_ratio: float = 0.12,
                          keep_ratio: float = 0.03, pdr_ratio: float = 0.15, sigma_factor: float = 5.0) -> dict:

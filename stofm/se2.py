@@ -20,6 +20,7 @@ from torch import nn
 
 CLS, VIRTUAL, CELL = 0, 1, 2
 N_TYPES = 3
+PAD_LOGIT = -1e4
 
 
 class GaussianDistanceEncoding(nn.Module):
@@ -67,18 +68,26 @@ class SE2Layer(nn.Module):
                                  nn.Linear(ffn_mult * dim, dim))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor, key_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` (B,T,D), ``bias`` (B,H,T,T), ``key_mask`` (B,1,1,T) additive (0 / -inf)."""
+    def forward(self, x: torch.Tensor, bias: torch.Tensor, *, need_logits: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``x`` (B,T,D), ``bias`` (B,H,T,T) with the key padding already in it (-1e4 at padded keys).
+
+        The logits are computed explicitly (one fused baddbmm) whenever the next layer or the caller needs
+        them; ``attn_impl="sdpa"`` uses ``scaled_dot_product_attention`` where they are not needed.
+        """
         q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
-        scale = q.shape[-1] ** -0.5
-        logits = torch.matmul(q, k.transpose(-1, -2)) * scale + bias.to(q.dtype)
         p = self.dropout if self.training else 0.0
-        if self.attn_impl == "sdpa":
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=(bias.to(q.dtype) + key_mask.to(q.dtype)),
-                                               dropout_p=p)
+        logits = None
+        bias = bias.to(q.dtype)
+        if need_logits or self.attn_impl == "manual":
+            b, h, t, _ = bias.shape
+            flat = torch.baddbmm(bias.reshape(b * h, t, t), q.reshape(b * h, t, -1),
+                                 k.reshape(b * h, t, -1).transpose(1, 2), alpha=q.shape[-1] ** -0.5)
+            logits = flat.view(b, h, t, t)
+            attn = F.dropout(torch.softmax(flat.float(), dim=-1).to(v.dtype), p, self.training)
+            o = torch.bmm(attn, v.reshape(b * h, t, -1)).view(b, h, t, -1)
         else:
-            attn = F.dropout(torch.softmax((logits + key_mask).float(), dim=-1).to(v.dtype), p, self.training)
-            o = torch.matmul(attn, v)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
         x = x + self.drop(self.out(rearrange(o, "b h t d -> b t (h d)")))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x, logits
@@ -89,7 +98,7 @@ class SE2Transformer(nn.Module):
 
     def __init__(self, *, dim: int, depth: int, heads: int, n_gaussians: int = 128, k_neighbors: int = 50,
                  far_distance: float = 200.0, dropout: float = 0.1, in_dim: int | None = None,
-                 attn_impl: str = "manual"):
+                 attn_impl: str = "sdpa"):
         super().__init__()
         if k_neighbors < 1:
             raise ValueError(f"k_neighbors must be >= 1, got {k_neighbors}")
@@ -114,11 +123,13 @@ class SE2Transformer(nn.Module):
 
     def forward(self, cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 virtual_emb: torch.Tensor | None = None, virtual_coords: torch.Tensor | None = None,
-                virtual_pad_mask: torch.Tensor | None = None, *, mask: torch.Tensor | None = None) -> dict:
+                virtual_pad_mask: torch.Tensor | None = None, *, mask: torch.Tensor | None = None,
+                return_pair: bool = True) -> dict:
         """Returns {"cls" (B,D), "cells" (B,N,D), "virtual" (B,V,D), "pair" (B,T,T,H), "cell_graph" (B,N,N)}.
 
         ``pad_mask``/``virtual_pad_mask`` are True at padding; ``mask`` (B,N) True replaces a cell's input by
-        the learnable mask embedding (Masked Cell Modelling). T = 1 + V + N.
+        the learnable mask embedding (Masked Cell Modelling). T = 1 + V + N. ``return_pair=False`` skips the
+        last layer's logits ("pair" is None), which lets ``attn_impl="sdpa"`` use the fused kernel there.
         """
         b, n, _ = cell_emb.shape
         dev = cell_emb.device
@@ -146,13 +157,15 @@ class SE2Transformer(nn.Module):
         dist, etype, const, graph = self._distances(coords, pad, virtual_coords, vpad, types)
         bias = self._bias(dist, etype, const)
         token_pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=dev), vpad, pad], 1)
-        key_mask = torch.zeros(b, 1, 1, x.shape[1], device=dev, dtype=torch.float32)
-        key_mask = key_mask.masked_fill(token_pad[:, None, None, :], float("-inf"))
-        for layer in self.layers:
-            x, bias = layer(x, bias, key_mask)
+        # padded keys: a large finite negative (not -inf), so the carried pair representation stays finite;
+        # softmax gives them exactly 0 weight (exp(-1e4) underflows), as with -inf
+        bias = bias.masked_fill(token_pad[:, None, None, :], PAD_LOGIT)
+        for i, layer in enumerate(self.layers):
+            x, logits = layer(x, bias, need_logits=return_pair or i < len(self.layers) - 1)
+            bias = logits if logits is not None else bias
         x = self.norm(x)
         return {"cls": x[:, 0], "virtual": x[:, 1:1 + v], "cells": x[:, 1 + v:],
-                "pair": rearrange(bias, "b h i j -> b i j h"), "cell_graph": graph}
+                "pair": rearrange(bias, "b h i j -> b i j h") if return_pair else None, "cell_graph": graph}
 
     def _distances(self, coords: torch.Tensor, pad: torch.Tensor, vcoords: torch.Tensor, vpad: torch.Tensor,
                    types: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -182,7 +195,7 @@ class SE2Transformer(nn.Module):
         live = ~const
         et = etype.expand(b, t, t)
         out[live] = self.dist_enc(dist[live], et[live]).to(out.dtype)
-        return rearrange(out, "b i j h -> b h i j")
+        return rearrange(out, "b i j h -> b h i j").contiguous()
 
 
 def _check_finite(coords: torch.Tensor, pad: torch.Tensor, name: str) -> None:

@@ -74,7 +74,7 @@ def clustering_features(xy: Any, emb: Any, *, n_pcs: int = 50) -> Any:
     return torch.cat([XY_WEIGHT * xy, EMB_WEIGHT * pcs], dim=1).float()
 
 
-def kmeans(x: Any, k: int, *, seed: int = 0, max_iter: int = 100, tol: float = 1e-6) -> Any:
+def kmeans(x: Any, k: int, *, seed: int = 0, max_iter: int = 100, tol: float = 1e-5) -> Any:
     """Lloyd's k-means with k-means++ seeding on ``x`` (N, F) torch; labels (N,) int64 on ``x``'s device."""
     import torch
 
@@ -88,17 +88,15 @@ def kmeans(x: Any, k: int, *, seed: int = 0, max_iter: int = 100, tol: float = 1
         pick = int(torch.multinomial(w / w.sum(), 1, generator=gen)) if w.sum() > 0 else int(torch.randint(n, (1,), generator=gen))
         centres[i] = x[pick]
         d2 = torch.minimum(d2, (x - centres[i]).pow(2).sum(1))
-    labels = torch.zeros(n, dtype=torch.long, device=x.device)
     prev = None
     for _ in range(max_iter):
         labels = _assign(x, centres)
-        counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centres).index_add_(0, labels, x)
-        new = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], centres)
-        shift = (new - centres).pow(2).sum()
+        onehot = torch.nn.functional.one_hot(labels, k).to(x.dtype)  # (N, k): sums by a matmul, fast on CPU/GPU
+        counts = onehot.sum(0)
+        new = torch.where(counts[:, None] > 0, (onehot.T @ x) / counts.clamp_min(1)[:, None], centres)
         centres = new
         inertia = float((x - centres[labels]).pow(2).sum())
-        if prev is not None and (shift <= tol * tol or abs(prev - inertia) <= tol * max(prev, 1e-12)):
+        if prev is not None and prev - inertia <= tol * max(prev, 1e-12):
             break
         prev = inertia
     return _assign(x, centres)

@@ -32,9 +32,10 @@ def test_rotation_translation_invariance(impl):
     model = _model(attn_impl=impl)
     emb, xy, vemb, vxy = _inputs()
     with torch.no_grad():
-        ref = model(emb, xy, None, vemb, vxy)
+        ref = model(emb, xy, None, vemb, vxy, return_pair=impl == "manual")
         for angle, shift in [(0.7, (13.0, -4.0)), (math.pi, (-100.0, 250.0)), (2.1, (0.0, 0.0))]:
-            out = model(emb, _rigid(xy, angle, shift), None, vemb, _rigid(vxy, angle, shift))
+            out = model(emb, _rigid(xy, angle, shift), None, vemb, _rigid(vxy, angle, shift),
+                        return_pair=impl == "manual")
             for key in ("cls", "cells", "virtual"):
                 assert torch.allclose(out[key], ref[key], atol=1e-4), (key, angle)
     # a non-rigid change (scaling) must change the output, so the test can fail
@@ -43,14 +44,15 @@ def test_rotation_translation_invariance(impl):
 
 
 def test_manual_and_sdpa_paths_agree():
-    model = _model()
+    model = _model(attn_impl="manual")
     emb, xy, vemb, vxy = _inputs()
     pad = torch.zeros(2, 40, dtype=torch.bool)
     pad[1, 30:] = True
     with torch.no_grad():
         a = model(emb, xy, pad, vemb, vxy)
         model.set_attn_impl("sdpa")
-        b = model(emb, xy, pad, vemb, vxy)
+        b = model(emb, xy, pad, vemb, vxy, return_pair=False)  # last layer through the fused kernel
+    assert b["pair"] is None and torch.isfinite(a["pair"]).all()
     assert torch.allclose(a["cells"][~pad], b["cells"][~pad], atol=1e-5)
     assert torch.allclose(a["cls"], b["cls"], atol=1e-5)
 

@@ -1,0 +1,118 @@
+"""Throughput of ``stofm.embed`` (cells/s) on a synthetic slide (random counts on a random point cloud).
+
+    python benchmarks/stofm_embed.py --cells 100000 --model stofm-tiny --device cpu --dtype fp32
+    python benchmarks/stofm_embed.py --cells 100000 --model stofm-small --device cuda --dtype fp32 bf16
+
+Each configuration (model × dtype × attention path) embeds the whole slide once after a warm-up on a small
+slide; the table splits the time into "prepare" (cell encoder + virtual cells + tiling) and the SE(2)
+transformer. The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.prep_throughput import load, machine  # noqa: E402
+
+
+def synthetic_slide(n_cells: int, n_genes: int, *, seed: int = 0):
+    """AnnData with Poisson counts (gene-specific rates) on uniform random points of a 1 cm × 1 cm slide (µm)."""
+    import anndata as ad
+    import numpy as np
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    rates = rng.gamma(0.3, 1.0, size=n_genes).astype(np.float32)
+    X = sp.csr_matrix(rng.poisson(rates, size=(n_cells, n_genes)).astype(np.float32))
+    a = ad.AnnData(X=X, obsm={"spatial": rng.uniform(0, 10_000, size=(n_cells, 2))})
+    a.var_names = [f"gene{i}" for i in range(n_genes)]
+    return a
+
+
+def run_one(adata, model, *, batch_size: int, dtype: str, device: str) -> dict:
+    import torch
+
+    from stofm.embedding import embed
+
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    embed(adata, model, batch_size=batch_size, dtype=dtype, progress=False)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    total = time.perf_counter() - start
+    info = adata.uns["stofm"]
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+    return {"seconds": total, "cells_per_s": adata.n_obs / total, "prepare_s": info["seconds"]["prepare"],
+            "transformer_s": info["seconds"]["transformer"], "tiles": info["n_tiles"], "peak_gib": peak}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--genes", type=int, default=500, help="synthetic gene panel size")
+    p.add_argument("--model", nargs="+", default=["stofm-tiny"], help="config names (stofm-tiny/-small/-base)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    p.add_argument("--attn-impl", nargs="+", default=["manual"], choices=("manual", "sdpa"))
+    p.add_argument("--batch-size", type=int, default=4, help="sub-slices per forward pass")
+    p.add_argument("--cells-per-tile", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
+    p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
+    p.add_argument("--note", default="", help="free text recorded with the figures")
+    args = p.parse_args(argv)
+
+    import torch
+
+    from stofm.model import create_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    slide = synthetic_slide(args.cells, args.genes)
+    warm = synthetic_slide(min(args.cells, 2000), args.genes, seed=1)
+    print(f"synthetic slide: {args.cells} cells x {args.genes} genes ({time.perf_counter() - t0:.1f}s)")
+    load_before = load()
+    rows = []
+    for name in args.model:
+        torch.manual_seed(0)
+        model = create_model(name, genes=list(slide.var_names), device=args.device,
+                             cells_per_tile=args.cells_per_tile)
+        for impl in args.attn_impl:
+            model.se2.set_attn_impl(impl)
+            for dtype in args.dtype:
+                run_one(warm.copy(), model, batch_size=args.batch_size, dtype=dtype, device=args.device)
+                res = run_one(slide.copy(), model, batch_size=args.batch_size, dtype=dtype, device=args.device)
+                rows.append({"model": name, "attn": impl, "dtype": dtype, **res})
+                print(f"{name} {impl} {dtype}: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)", flush=True)
+    header = ("| model | attention | dtype | cells | tiles | total s | prepare s | SE(2) s | cells/s | peak GPU GiB |\n"
+              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {args.cells:,} | {r['tiles']} | {r['seconds']:.1f} | "
+             f"{r['prepare_s']:.1f} | {r['transformer_s']:.1f} | {r['cells_per_s']:,.0f} | "
+             + ("n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}") + " |" for r in rows]
+    table = "\n".join([header, *lines])
+    print(table)
+    if not args.no_record:
+        dev = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+        cmd = "python benchmarks/stofm_embed.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
+        section = (f"\n## stofm embed throughput ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n"
+                   f"- machine: {machine()}; device: {dev}; torch {torch.__version__}, "
+                   f"{torch.get_num_threads()} CPU threads\n- command: `{cmd}`\n"
+                   f"- load average before/after: {load_before} / {load()}\n"
+                   + (f"- note: {args.note}\n" if args.note else "") + f"\n{table}\n")
+        with args.results.open("a") as fh:
+            fh.write(section)
+        print(f"appended to {args.results}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
