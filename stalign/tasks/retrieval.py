@@ -41,11 +41,12 @@ def gene_indices(panel: Sequence[str], genes: Sequence[str], *, what: str = "the
 class ReferenceBank:
     """Embeddings (N, E) of reference spots with their expression (N, G) over ``genes``.
 
-    ``meta`` holds per-spot arrays of length N (slide_id, barcode, coords, ...) returned with hits.
+    ``meta`` holds per-spot arrays of length N (slide_id, barcode, coords, ...) returned with hits; ``info``
+    JSON-able settings (crop sizes, source, model) saved with the bank.
     """
 
     def __init__(self, *, embeddings: Any, expression: Any, genes: Sequence[str],
-                 meta: dict[str, Any] | None = None) -> None:
+                 meta: dict[str, Any] | None = None, info: dict[str, Any] | None = None) -> None:
         emb = np.asarray(embeddings, dtype=np.float32)
         expr = np.asarray(expression, dtype=np.float32)
         if emb.ndim != 2 or expr.ndim != 2 or len(emb) != len(expr):
@@ -60,6 +61,7 @@ class ReferenceBank:
         for key, value in self.meta.items():
             if len(value) != len(emb):
                 raise ValueError(f"meta[{key!r}] has {len(value)} rows, the bank has {len(emb)}")
+        self.info = dict(info or {})
         self._cache: dict[tuple, Any] = {}
 
     def __len__(self) -> int:
@@ -78,7 +80,7 @@ class ReferenceBank:
         save_file({"embeddings": self.embeddings, "expression": self.expression}, str(path / "bank.safetensors"))
         meta = {k: v.tolist() for k, v in self.meta.items()}
         (path / "bank.json").write_text(json.dumps({"format": BANK_FORMAT, "version": 1, "genes": self.genes,
-                                                    "meta": meta}))
+                                                    "meta": meta, "info": self.info}))
         return path
 
     @classmethod
@@ -95,7 +97,7 @@ class ReferenceBank:
             raise ValueError(f"{info_file}: format {info.get('format')!r} is not {BANK_FORMAT!r}")
         arrays = load_file(str(tensors))
         return cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
-                   meta=info.get("meta") or {})
+                   meta=info.get("meta") or {}, info=info.get("info") or {})
 
     # ---------------------------------------------------------------- gene panels
     def check_genes(self, genes: Sequence[str], *, what: str = "the model") -> None:

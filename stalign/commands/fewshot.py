@@ -1,0 +1,67 @@
+"""``stalign fewshot``: fit an expression head on frozen image embeddings of labelled (shard) spots."""
+from __future__ import annotations
+
+import argparse
+
+from stalign.commands.predict import add_run_args
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("fewshot", help="few-shot expression head on frozen embeddings (ridge probe or MLP head)",
+                       description="Embed the spots of prepared shards with a trained model (encoders frozen), "
+                                   "report cross-validated Pearson/MSE (folds by slide, or 5 spot folds for one "
+                                   "slide), then fit on every spot and save the head for stalign predict.")
+    p.add_argument("--model", required=True, help="checkpoint folder")
+    p.add_argument("--shards", required=True, help="labelled spots: shards folder (stalign prep --out)")
+    p.add_argument("--out", required=True, help="head folder to write")
+    p.add_argument("--kind", choices=("ridge", "head"), default="ridge",
+                   help="ridge: PCA + ridge probe (HEST-style); head: small MLP trained with AdamW")
+    p.add_argument("--genes", nargs="+", default=None, help="genes the head predicts (default: the model's panel)")
+    p.add_argument("--latent-dim", type=int, default=256, help="ridge: PCA components (256)")
+    p.add_argument("--epochs", type=int, default=200, help="head: epochs (200)")
+    p.add_argument("--hidden", type=int, default=256, help="head: hidden width (256)")
+    p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: by slide / 5)")
+    add_run_args(p, seed=True)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import stalign
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.fewshot import ExpressionHead, ExpressionProbe, save_head
+    from stalign.tasks.hest import cross_validate, group_splits
+    from stalign.tasks.retrieval import gene_indices
+
+    model = stalign.load_checkpoint(args.model)
+    emb = embed_shards(model, args.shards, gene=False, batch_size=args.batch_size, workers=args.workers,
+                       device=args.device, progress=not args.quiet)
+    genes = args.genes or list(emb["genes"])
+    y = emb["expression"][:, gene_indices(emb["genes"], genes, what="the shards")]
+    x = emb["image"]
+
+    def make():
+        if args.kind == "ridge":
+            return ExpressionProbe(genes=genes, latent_dim=args.latent_dim, seed=args.seed)
+        return ExpressionHead(genes=genes, hidden=args.hidden)
+
+    def fit(head, xs, ys):
+        return head.fit(xs, ys, epochs=args.epochs, seed=args.seed) if args.kind == "head" else head.fit(xs, ys)
+
+    slides = emb["slide_id"]
+    if len(set(slides.tolist())) > 1:
+        splits, how = group_splits(slides, n_splits=args.folds), "folds by slide"
+    else:
+        perm = np.random.default_rng(args.seed).permutation(len(x))
+        splits, how = group_splits(perm, n_splits=args.folds or 5), "spot folds (one slide)"
+    result = cross_validate(lambda tr, te: fit(make(), x[tr], y[tr]).predict(x[te]), y, splits, genes).summary()
+    print(f"{args.kind} on {len(x)} spots, {len(genes)} genes, {result['n_folds']} {how}: Pearson "
+          f"{result['pearson_mean']:.3f} ± {result['pearson_std']:.3f}, pooled {result['pooled_pearson_mean']:.3f}, "
+          f"MSE {result['mse']:.3f}, MAE {result['mae']:.3f}")
+    m = emb["manifest"]
+    head = fit(make(), x, y)
+    info = {"model": str(args.model), "shards": str(args.shards), "spot_um": m.get("spot_um"),
+            "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": result}
+    print(f"head -> {save_head(head, args.out, embedding=info)}")
+    return 0

@@ -1,0 +1,87 @@
+"""``stalign predict``: expression maps of a slide (zero-shot retrieval and/or a few-shot head) -> AnnData + PNGs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def add_slide_args(p: argparse.ArgumentParser) -> None:
+    """Options shared by the commands that read crops from a slide."""
+    p.add_argument("--slide", required=True, help="whole-slide image (any openslide format) or plain image")
+    p.add_argument("--um-per-px", type=float, default=None,
+                   help="pixel size in µm/px (needed for plain images without metadata; overrides metadata)")
+    p.add_argument("--coords", default=None,
+                   help="spot centres: .h5ad (obsm['spatial'], level-0 px) or CSV with x,y[,barcode] "
+                        "(default: tile the tissue)")
+    p.add_argument("--spot-um", type=float, default=None, help="spot crop width (default: the reference's, else 112)")
+    p.add_argument("--niche-um", type=float, default=None, help="niche crop width (default: the reference's, else 336)")
+    p.add_argument("--step-um", type=float, default=None, help="tile pitch when tiling (default: the spot width)")
+    add_run_args(p, workers=2)
+
+
+def add_run_args(p: argparse.ArgumentParser, *, workers: int = 0, seed: bool = False) -> None:
+    """--batch-size, --workers, --device, [--seed], --quiet, --debug."""
+    p.add_argument("--batch-size", type=int, default=32, help="crops per batch (default 32)")
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"parallel data readers (default {workers}; 0 = in process)")
+    p.add_argument("--device", default=None, help="torch device (default: cuda when available)")
+    if seed:
+        p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("predict", help="predict expression over a slide (zero-shot retrieval / few-shot head)",
+                       description="Tile the tissue of a slide (or take --coords), embed spot and niche crops with a "
+                                   "trained model, and predict expression by retrieval from a reference (bank or "
+                                   "shards) and/or with a few-shot head. Writes AnnData and heat-map PNGs.")
+    p.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
+    add_slide_args(p)
+    p.add_argument("--reference", default=None, help="reference bank folder (stalign retrieve bank) or shards folder")
+    p.add_argument("--fewshot-head", default=None, help="few-shot head folder (stalign fewshot --out)")
+    p.add_argument("--out", required=True, help="output .h5ad")
+    p.add_argument("--genes", nargs="+", default=None, help="genes to predict (default: the model's panel)")
+    p.add_argument("--k", type=int, default=50, help="reference spots averaged per prediction (default 50)")
+    p.add_argument("--temperature", type=float, default=0.05, help="softmax temperature of the weights (0.05)")
+    p.add_argument("--heatmaps", default=None, help="folder for heat-map PNGs (default: beside --out)")
+    p.add_argument("--heatmap-genes", nargs="+", default=None,
+                   help="genes to draw (default: the first 4 of --genes / the panel); 'none' for no PNGs")
+    p.add_argument("--heatmap-mode", choices=("spots", "grid"), default="spots")
+    p.set_defaults(func=run)
+
+
+def slide_coords(args: argparse.Namespace):
+    """(coords, barcodes) from --coords, or (None, None) to tile the tissue."""
+    if not args.coords:
+        return None, None
+    from stalign.tasks.predict import read_coords
+
+    return read_coords(args.coords)
+
+
+def run(args: argparse.Namespace) -> int:
+    import stalign
+    from stalign.tasks.fewshot import load_head
+    from stalign.tasks.predict import predict_slide, write_heatmaps
+
+    model = stalign.load_checkpoint(args.model)
+    head = load_head(args.fewshot_head) if args.fewshot_head else None
+    coords, barcodes = slide_coords(args)
+    adata = predict_slide(model, args.slide, reference=args.reference, coords=coords, barcodes=barcodes,
+                          um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
+                          step_um=args.step_um, k=args.k, temperature=args.temperature, fewshot_head=head,
+                          genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
+                          progress=not args.quiet)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    adata.write_h5ad(out)
+    s = adata.uns["stalign"]
+    print(f"{adata.n_obs} spots x {adata.n_vars} genes -> {out} (X = {s['X']}; {s['um_per_px']:.4g} µm/px from "
+          f"{s['pixel_size_source']}; crops {s['spot_um']:g}/{s['niche_um']:g} µm)")
+    genes = args.heatmap_genes or list(adata.var_names[:4])
+    if [g.lower() for g in genes] != ["none"]:
+        folder = Path(args.heatmaps) if args.heatmaps else out.with_suffix("").with_name(out.stem + "_heatmaps")
+        paths = write_heatmaps(adata, args.slide, genes, folder, mode=args.heatmap_mode)
+        print(f"{len(paths)} heat maps -> {folder}")
+    return 0

@@ -1,0 +1,111 @@
+"""``stalign retrieve``: build a reference bank; image -> most similar reference spots; gene signature ->
+regions of a slide (heat map)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from stalign.commands.predict import add_run_args, add_slide_args, slide_coords
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("retrieve", help="reference banks and retrieval queries (image -> spots, genes -> regions)")
+    rsub = p.add_subparsers(dest="retrieve_command", metavar="ACTION", required=True)
+    b = rsub.add_parser("bank", help="embed shards into a reusable reference bank")
+    b.add_argument("--model", required=True, help="checkpoint folder")
+    b.add_argument("--shards", required=True, help="shards folder (stalign prep --out)")
+    b.add_argument("--out", required=True, help="bank folder to write")
+    add_run_args(b, workers=2)
+    b.set_defaults(func=run_bank)
+    for name, helptext in (("image", "spots of a slide -> most similar reference spots and their expression"),
+                           ("signature", "gene signature -> where on a slide it lies (scores + heat map)")):
+        q = rsub.add_parser(name, help=helptext)
+        q.add_argument("--model", required=True, help="checkpoint folder")
+        q.add_argument("--reference", required=True, help="reference bank folder or shards folder")
+        add_slide_args(q)
+        q.add_argument("--out", required=True, help="CSV of hits (image) / PNG heat map (signature)")
+        if name == "image":
+            q.add_argument("--k", type=int, default=10, help="hits per query spot (default 10)")
+            q.set_defaults(func=run_image)
+        else:
+            g = q.add_mutually_exclusive_group(required=True)
+            g.add_argument("--genes", nargs="+", help="signature genes (mean z-scored expression)")
+            g.add_argument("--expression", help="CSV gene,value: an expression profile over the reference panel")
+            q.add_argument("--top", type=int, default=25, help="reference spots that define the query (25)")
+            q.set_defaults(func=run_signature)
+
+
+def run_bank(args: argparse.Namespace) -> int:
+    import stalign
+    from stalign.tasks.embed import bank_from_shards
+
+    model = stalign.load_checkpoint(args.model)
+    bank = bank_from_shards(model, args.shards, batch_size=args.batch_size, workers=args.workers,
+                            device=args.device, progress=not args.quiet)
+    print(f"{bank} -> {bank.save(args.out)}")
+    return 0
+
+
+def _embed(args: argparse.Namespace):
+    import stalign
+    from stalign.tasks.embed import load_reference
+    from stalign.tasks.predict import embed_slide
+
+    model = stalign.load_checkpoint(args.model)
+    bank = load_reference(args.reference, model, batch_size=args.batch_size, workers=args.workers,
+                          device=args.device, progress=not args.quiet)
+    coords, barcodes = slide_coords(args)
+    e = embed_slide(model, args.slide, coords=coords, um_per_px=args.um_per_px, spot_um=args.spot_um,
+                    niche_um=args.niche_um, step_um=args.step_um, settings=bank.info, batch_size=args.batch_size,
+                    workers=args.workers, device=args.device, progress=not args.quiet)
+    return bank, e, barcodes
+
+
+def run_image(args: argparse.Namespace) -> int:
+    bank, e, barcodes = _embed(args)
+    hits = bank.hits(e["embeddings"], k=min(args.k, len(bank)))
+    names = barcodes or [f"tile_{i}" for i in range(len(e["coords"]))]
+    hits.insert(1, "query_spot", [names[q] for q in hits["query"]])
+    hits.insert(2, "query_x", e["coords"][hits["query"], 0])
+    hits.insert(3, "query_y", e["coords"][hits["query"], 1])
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    hits.to_csv(out, index=False)
+    print(hits.head(min(len(hits), 3 * args.k)).to_string(index=False))
+    print(f"{len(hits)} hits of {len(names)} query spots -> {out}")
+    return 0
+
+
+def run_signature(args: argparse.Namespace) -> int:
+    import numpy as np
+    import pandas as pd
+
+    from stalign.tasks.heatmaps import plot_gene_heatmaps
+    from stalign.tasks.retrieval import gene_indices, query_signature
+
+    bank, e, barcodes = _embed(args)
+    if args.genes:
+        signature, label = list(args.genes), "signature " + "+".join(args.genes[:4])
+    else:
+        table = pd.read_csv(args.expression, header=None, names=["gene", "value"])
+        cols = gene_indices(bank.genes, table["gene"].astype(str).tolist(), what="the reference")
+        signature = np.full(len(bank.genes), np.nan)
+        signature[cols] = table["value"].to_numpy(float)
+        if np.isnan(signature).any():
+            missing = [g for g, v in zip(bank.genes, signature) if np.isnan(v)]
+            raise ValueError(f"{args.expression}: no value for {len(missing)} reference genes, e.g. {missing[:5]}")
+        label = f"signature {Path(args.expression).stem}"
+    scores = query_signature(signature, bank=bank, embeddings=e["embeddings"], top=args.top)
+    out = Path(args.out)
+    thumb, ds = e["slide"].thumbnail(1024)
+    diameter = e["spot_um"] / e["slide"].um_per_px if e["tiled"] else None
+    written = plot_gene_heatmaps(scores[:, None], [label], e["coords"], out.parent, thumbnail=thumb, downsample=ds,
+                                 spot_diameter_px=diameter, prefix=out.stem + "_")
+    Path(written[0]).replace(out)
+    names = barcodes or [f"tile_{i}" for i in range(len(scores))]
+    pd.DataFrame({"spot": names, "x": e["coords"][:, 0], "y": e["coords"][:, 1], "score": scores}).to_csv(
+        out.with_suffix(".csv"), index=False)
+    best = np.argsort(-scores)[:5]
+    print("top regions: " + ", ".join(f"{names[i]} ({scores[i]:.3f})" for i in best))
+    print(f"heat map -> {out}; scores -> {out.with_suffix('.csv')}")
+    return 0

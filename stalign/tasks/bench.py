@@ -1,0 +1,104 @@
+"""``stalign bench``: the HEST-Benchmark protocol on prepared shards for any image encoder spec.
+
+Encoder specs: ``model:CKPT`` (our aligned image embedding, ``encode_image`` of spot + niche crops),
+``backbone:CKPT`` (the checkpoint's trained spot-image trunk, before tokens/projection), ``random:SPEC``
+(the architecture of SPEC, randomly initialised, seeded), or any image-encoder spec with its pretrained weights
+(e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the spot crop (112 µm by default, as HEST).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+
+def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
+    import torch
+
+    from data_prep.dataset import ShardDataset, collate
+
+    ds = ShardDataset(root)
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate)
+
+
+def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32, workers: int = 0,
+                     device: str | None = None, seed: int = 0, progress: bool = True) -> np.ndarray:
+    """(N, F) features of every shard spot (manifest order) for one encoder spec."""
+    import torch
+    from tqdm import tqdm
+
+    import stalign
+    from stalign.models.image_encoders import create_image_encoder
+    from stalign.tasks.embed import default_device, embed_shards
+
+    device = default_device(device)
+    kind, _, rest = spec.partition(":")
+    if kind == "model":
+        return embed_shards(stalign.load_checkpoint(rest), root, gene=False, batch_size=batch_size,
+                            workers=workers, device=device, progress=progress)["image"]
+    if kind == "backbone":
+        net = stalign.load_checkpoint(rest).spot_image_encoder
+    elif kind == "random":
+        torch.manual_seed(seed)
+        net = create_image_encoder(rest, pretrained=False)
+    else:
+        net = create_image_encoder(spec, pretrained=True)
+    net = net.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for batch in tqdm(_patch_batches(root, batch_size, workers), desc=f"features {spec}", disable=not progress):
+            out.append(net(batch["spot_image"].to(device)).float().cpu().numpy())
+    return np.concatenate(out)
+
+
+def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = "slide", n_splits: int | None = None,
+                 k_genes: int | None = 50, latent_dim: int = 256, batch_size: int = 32, workers: int = 0,
+                 device: str | None = None, seed: int = 0, progress: bool = True,
+                 features: dict[str, np.ndarray] | None = None):
+    """HEST protocol table (pandas) for ``encoders`` on the shards under ``root``.
+
+    ``by="slide"``: folds by slide (leave-one-slide-out unless ``n_splits``), the HEST protocol; ``by="spot"``:
+    shuffled spot-level ``n_splits``-fold (default 5) within slides, for a single slide (not HEST: neighbouring
+    spots share tissue). ``features`` adds precomputed (N, F) arrays by name.
+    """
+    from data_prep.dataset import ShardDataset
+
+    from stalign.tasks.hest import hest_benchmark
+
+    ds = ShardDataset(root)
+    expr = ds.expression_matrix()
+    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
+    if by == "slide":
+        if len(set(slides.tolist())) < 2:
+            raise ValueError(f"{root}: one slide only; the HEST protocol splits by slide/patient. Prepare more "
+                             f"slides, or use by='spot' (stalign bench --by spot) for a within-slide estimate")
+        groups: Any = slides
+    elif by == "spot":
+        groups = np.random.default_rng(seed).permutation(len(ds))
+        n_splits = n_splits or 5
+    else:
+        raise ValueError(f"by must be 'slide' or 'spot', got {by!r}")
+    feats = dict(features or {})
+    for spec in encoders:
+        feats[spec] = encoder_features(spec, root, batch_size=batch_size, workers=workers, device=device,
+                                       seed=seed, progress=progress)
+    if not feats:
+        raise ValueError("no encoders to benchmark")
+    log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
+    table = hest_benchmark(feats, expr, ds.genes, groups, n_splits=n_splits, k_genes=k_genes, log1p=log1p,
+                           latent_dim=latent_dim, seed=seed, task=os.path.basename(os.path.normpath(root)))
+    table.attrs.update({"by": by, "n_spots": len(ds), "n_slides": len(set(slides.tolist()))})
+    return table
+
+
+def format_table(table: Any) -> str:
+    """The table as users compare it with the HEST leaderboard: Pearson mean ± std, pooled r, MSE, MAE."""
+    lines = [f"{'task':16s} {'encoder':34s} {'pearson':>17s} {'pooled r':>9s} {'MSE':>8s} {'MAE':>7s} {'folds':>5s}"]
+    for _, r in table.iterrows():
+        lines.append(f"{str(r['task'])[:16]:16s} {str(r['encoder'])[:34]:34s} "
+                     f"{r['pearson_mean']:8.3f} ± {r['pearson_std']:6.3f} {r['pooled_pearson_mean']:9.3f} "
+                     f"{r['mse']:8.3f} {r['mae']:7.3f} {int(r['n_folds']):5d}")
+    return "\n".join(lines)

@@ -1,0 +1,131 @@
+"""Embeddings from a trained model: image embeddings of slide crops (parallel slide readers), and image +
+gene embeddings of prepared shards (for reference banks, few-shot training and benchmarks)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stalign.tasks.retrieval import ReferenceBank
+
+
+def default_device(device: str | None = None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class SlideCrops:
+    """Map-style dataset of (spot, niche) uint8 crops (3, P, P) around level-0 centres of one slide.
+
+    Picklable: each DataLoader worker re-opens the slide by path (``Slide`` pickles as path + pixel size).
+    """
+
+    def __init__(self, *, slide: Any, centers_px: np.ndarray, spot_px: float, niche_px: float, patch_px: int) -> None:
+        self.slide, self.centers = slide, np.asarray(centers_px, np.float64).reshape(-1, 2)
+        self.spot_px, self.niche_px, self.patch_px = float(spot_px), float(niche_px), int(patch_px)
+
+    def __len__(self) -> int:
+        return len(self.centers)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        import torch
+        from einops import rearrange
+
+        spot, _ = self.slide.read_crop(self.centers[i], self.spot_px, self.patch_px)
+        niche, _ = self.slide.read_crop(self.centers[i], self.niche_px, self.patch_px)
+        return {"spot_image": rearrange(torch.from_numpy(np.array(spot)), "h w c -> c h w"),
+                "niche_image": rearrange(torch.from_numpy(np.array(niche)), "h w c -> c h w")}
+
+
+def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None):
+    import torch
+
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate, persistent_workers=False,
+                                       multiprocessing_context="spawn" if workers > 0 else None)
+
+
+def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, workers: int = 0,
+                      device: str | None = None, niche_weight: float = 0.5, progress: bool = True) -> np.ndarray:
+    """(N, E) image embeddings (``model.encode_image``) of the crops, read by ``workers`` parallel readers."""
+    import torch
+    from tqdm import tqdm
+
+    device = default_device(device)
+    model = model.to(device).eval()
+    out = []
+    with torch.inference_mode():
+        for batch in tqdm(_loader(crops, batch_size=batch_size, workers=workers), desc="embedding crops",
+                          disable=not progress, unit="batch"):
+            emb = model.encode_image(batch["spot_image"].to(device), batch["niche_image"].to(device),
+                                     niche_weight=niche_weight)
+            out.append(emb.float().cpu().numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] | None = None,
+                 indices: Sequence[int] | None = None, batch_size: int = 32, workers: int = 0,
+                 device: str | None = None, niche_weight: float = 0.5, gene: bool = True,
+                 progress: bool = True) -> dict[str, Any]:
+    """Image (and gene) embeddings of shard spots, with their expression, slide ids and coordinates.
+
+    The shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise).
+    """
+    import torch
+    from tqdm import tqdm
+
+    from data_prep.dataset import ShardDataset, collate
+
+    ds = ShardDataset(root, slides=slides, indices=indices)
+    model.check_genes(ds.genes, source=f"the shards under {root}")
+    device = default_device(device)
+    model = model.to(device).eval()
+    image, genes_emb, slide_idx, coords = [], [], [], []
+    with torch.inference_mode():
+        for batch in tqdm(_loader(ds, batch_size=batch_size, workers=workers, collate=collate),
+                          desc="embedding shards", disable=not progress, unit="batch"):
+            b = {k: v.to(device) for k, v in batch.items()}
+            image.append(model.encode_image(b["spot_image"], b["niche_image"], niche_weight=niche_weight)
+                         .float().cpu().numpy())
+            if gene:
+                genes_emb.append(model.encode_gene(b, niche_weight=niche_weight).float().cpu().numpy())
+            slide_idx.append(batch["slide_idx"].numpy())
+            coords.append(batch["coords_um"].numpy())
+    slide_idx = np.concatenate(slide_idx)
+    return {"image": np.concatenate(image), "gene": np.concatenate(genes_emb) if gene else None,
+            "expression": ds.expression_matrix(), "genes": ds.genes,
+            "slide_id": np.asarray(ds.slide_ids, dtype=object)[slide_idx].astype(str),
+            "coords_um": np.concatenate(coords), "manifest": ds.manifest}
+
+
+def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> ReferenceBank:
+    """A reference bank of the shards' gene embeddings (``model.encode_gene``) and their expression."""
+    emb = embed_shards(model, root, gene=True, **embed)
+    m = emb["manifest"]
+    return ReferenceBank(embeddings=emb["gene"], expression=emb["expression"], genes=emb["genes"],
+                         meta={"slide_id": emb["slide_id"], "x_um": emb["coords_um"][:, 0],
+                               "y_um": emb["coords_um"][:, 1]},
+                         info={"source": str(Path(root).resolve()), "spot_um": m.get("spot_um"),
+                               "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"),
+                               "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name")})
+
+
+def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
+    """A ``ReferenceBank`` from a bank, a saved bank folder, or a shards folder (embedded with ``model``);
+    its gene panel must be the model's."""
+    if isinstance(reference, ReferenceBank):
+        bank = reference
+    else:
+        path = Path(reference)
+        if (path / "bank.json").is_file():
+            bank = ReferenceBank.load(path)
+        elif (path / "manifest.json").is_file():
+            bank = bank_from_shards(model, path, **embed)
+        else:
+            raise FileNotFoundError(f"{path}: not a reference bank (bank.json) nor a shards folder (manifest.json)")
+    bank.check_genes(model.genes, what="the model")
+    return bank

@@ -1,0 +1,175 @@
+"""Whole-slide prediction: tile the tissue (or take given spots), embed spot + niche crops with parallel
+slide readers, predict expression zero-shot by retrieval from a reference bank and/or with a few-shot head,
+and return AnnData (plus heat-map PNGs over the H&E thumbnail)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stalign.tasks.retrieval import ReferenceBank, gene_indices
+
+DEFAULT_SPOT_UM, DEFAULT_NICHE_UM, DEFAULT_PATCH_PX = 112.0, 336.0, 224  # as `stalign prep`
+
+
+class NoTissueError(ValueError):
+    """The slide shows no tissue to predict on."""
+
+
+def open_for_prediction(slide: Any, *, um_per_px: float | None = None) -> Any:
+    """An opened ``Slide`` with a pixel size, or ``PixelSizeError`` telling how to give one."""
+    from data_prep.errors import PixelSizeError
+    from data_prep.slide import open_slide
+
+    if isinstance(slide, (str, os.PathLike)):
+        slide = open_slide(slide, um_per_px=um_per_px)
+    if slide.um_per_px is None:
+        note = f" ({slide.pixel_size_note})" if getattr(slide, "pixel_size_note", "") else ""
+        raise PixelSizeError(f"{slide.path}: no pixel size in the file's metadata{note}; crops are cut at fixed µm, "
+                             f"so pass um_per_px= (stalign predict --um-per-px), e.g. 0.5 for a 20x scan")
+    return slide
+
+
+def tile_tissue(slide: Any, *, step_px: float, thumb_size: int = 1024, min_fraction: float = 0.5) -> np.ndarray:
+    """Centres (x, y) level-0 px of a square grid with pitch ``step_px`` over the tissue of ``slide``."""
+    from data_prep.tissue import spots_on_tissue, tissue_mask
+
+    thumb, _ = slide.thumbnail(thumb_size)
+    mask = tissue_mask(thumb)
+    if not mask.any():
+        raise NoTissueError(f"{slide.path}: no tissue found on the slide (blank or background only)")
+    width, height = slide.dimensions
+    xs, ys = np.arange(step_px / 2, width, step_px), np.arange(step_px / 2, height, step_px)
+    grid = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
+    keep = spots_on_tissue(slide, grid, thumb_size=thumb_size, min_fraction=min_fraction, window_px=step_px,
+                           mask=mask)
+    if not keep.any():
+        raise NoTissueError(f"{slide.path}: no {step_px:.0f}-px tile lies on tissue (tissue too small for the grid)")
+    return grid[keep]
+
+
+def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
+    """Spot centres (level-0 px) from an AnnData (obsm['spatial']) or a CSV with x and y columns."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: coordinates file does not exist")
+    if path.suffix == ".h5ad":
+        import anndata as ad
+
+        adata = ad.read_h5ad(path, backed="r")
+        if "spatial" not in adata.obsm:
+            raise ValueError(f"{path}: no obsm['spatial'] with spot centres")
+        return np.asarray(adata.obsm["spatial"], np.float64)[:, :2], list(adata.obs_names)
+    table = pd.read_csv(path)
+    if not {"x", "y"} <= set(table.columns):
+        raise ValueError(f"{path}: the CSV needs columns x and y (level-0 px), found {list(table.columns)}")
+    names = table["barcode"].astype(str).tolist() if "barcode" in table.columns else None
+    return table[["x", "y"]].to_numpy(np.float64), names
+
+
+def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float | None = None,
+                spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
+                step_um: float | None = None, settings: dict | None = None, batch_size: int = 32, workers: int = 0,
+                device: str | None = None, niche_weight: float = 0.5, progress: bool = True) -> dict[str, Any]:
+    """Image embeddings (N, E) of the spots of ``slide`` (``coords`` level-0 px, else tissue tiles).
+
+    Crop sizes default to ``settings`` (a reference bank's or head's ``info``), else 112/336 µm at 224 px.
+    Returns {"embeddings", "coords", "slide", "tiled", "spot_um", "niche_um", "patch_px"}.
+    """
+    from stalign.tasks.embed import SlideCrops, embed_slide_crops
+
+    settings = settings or {}
+    spot_um = float(spot_um or settings.get("spot_um") or DEFAULT_SPOT_UM)
+    niche_um = float(niche_um or settings.get("niche_um") or DEFAULT_NICHE_UM)
+    patch_px = int(patch_px or settings.get("patch_px") or DEFAULT_PATCH_PX)
+    slide = open_for_prediction(slide, um_per_px=um_per_px)
+    mpp = float(slide.um_per_px)
+    tiled = coords is None
+    if tiled:
+        coords = tile_tissue(slide, step_px=float(step_um or spot_um) / mpp)
+    coords = np.asarray(coords, np.float64).reshape(-1, 2)
+    if len(coords) == 0:
+        raise ValueError("no spot coordinates to embed")
+    crops = SlideCrops(slide=slide, centers_px=coords, spot_px=spot_um / mpp, niche_px=niche_um / mpp,
+                       patch_px=patch_px)
+    emb = embed_slide_crops(model, crops, batch_size=batch_size, workers=workers, device=device,
+                            niche_weight=niche_weight, progress=progress)
+    return {"embeddings": emb.astype(np.float32), "coords": coords, "slide": slide, "tiled": tiled,
+            "spot_um": spot_um, "niche_um": niche_um, "patch_px": patch_px}
+
+
+def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any = None,
+                  barcodes: Sequence[str] | None = None, um_per_px: float | None = None,
+                  spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
+                  step_um: float | None = None, k: int = 50, temperature: float = 0.05, fewshot_head: Any = None,
+                  genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
+                  device: str | None = None, niche_weight: float = 0.5, progress: bool = True):
+    """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
+
+    ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
+    softmax(similarity / ``temperature``)); ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
+    ``coords`` (N, 2) level-0 px, else the tissue is tiled every ``step_um`` (default: the spot size).
+    Crop sizes default to the reference bank's (its shards'), else 112/336 µm at 224 px.
+    X holds the few-shot prediction when a head is given, else the zero-shot one; both are in ``layers``;
+    image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
+    """
+    import anndata as ad
+    import pandas as pd
+
+    from stalign.tasks.embed import load_reference
+    from stalign.tasks.fewshot import head_predict
+
+    if reference is None and fewshot_head is None:
+        raise ValueError("give a reference (bank or shards) for zero-shot prediction and/or a few-shot head")
+    genes = list(model.genes) if genes is None else [str(g) for g in genes]
+    gene_indices(model.genes, genes, what="the model")  # lists every query gene the model lacks
+    bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
+                          progress=progress) if reference is not None else None
+    info = bank.info if bank is not None else getattr(fewshot_head, "embedding_info", {}) or {}
+    e = embed_slide(model, slide, coords=coords, um_per_px=um_per_px, spot_um=spot_um, niche_um=niche_um,
+                    patch_px=patch_px, step_um=step_um, settings=info, batch_size=batch_size, workers=workers,
+                    device=device, niche_weight=niche_weight, progress=progress)
+    emb, coords, slide = e["embeddings"], e["coords"], e["slide"]
+    layers: dict[str, np.ndarray] = {}
+    if bank is not None:
+        layers["zero_shot"] = bank.predict(emb, k=min(k, len(bank)), temperature=temperature, genes=genes)
+    if fewshot_head is not None:
+        layers["fewshot"] = np.asarray(head_predict(fewshot_head, emb, genes), np.float32)
+    x_source = "fewshot" if "fewshot" in layers else "zero_shot"
+    names = list(barcodes) if barcodes is not None else [f"tile_{i}" for i in range(len(coords))]
+    if len(names) != len(coords):
+        raise ValueError(f"{len(names)} barcodes for {len(coords)} spots")
+    settings = {"slide": str(slide.path), "um_per_px": float(slide.um_per_px),
+                "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
+                "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"], "tiled": e["tiled"],
+                "k": int(k), "temperature": float(temperature), "niche_weight": float(niche_weight), "X": x_source,
+                "model": str(getattr(model, "meta", {}).get("name", "")),
+                "reference": bank.info.get("source", "") if bank is not None else "",
+                "reference_spots": len(bank) if bank is not None else 0,
+                "fewshot_head": getattr(fewshot_head, "kind", "") if fewshot_head is not None else ""}
+    return ad.AnnData(X=layers[x_source].copy(), obs=pd.DataFrame(index=pd.Index(names, dtype=str)),
+                      var=pd.DataFrame(index=pd.Index(genes, dtype=str)), layers=layers,
+                      obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
+
+
+def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
+                   layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024
+                   ) -> list[Path]:
+    """Heat-map PNGs of ``genes`` of a ``predict_slide`` result over the slide's thumbnail."""
+    from stalign.tasks.heatmaps import plot_gene_heatmaps
+
+    slide = open_for_prediction(slide, um_per_px=adata.uns.get("stalign", {}).get("um_per_px"))
+    cols = gene_indices(list(adata.var_names), list(genes), what="the prediction")
+    values = adata.layers[layer] if layer else adata.X
+    thumb, ds = slide.thumbnail(thumb_size)
+    settings = adata.uns.get("stalign", {})
+    diameter = None
+    if settings.get("tiled") and settings.get("um_per_px"):
+        diameter = float(settings["spot_um"]) / float(settings["um_per_px"])
+    return plot_gene_heatmaps(np.asarray(values)[:, cols], list(genes), adata.obsm["spatial"], out_dir,
+                              thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel)

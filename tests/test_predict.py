@@ -1,0 +1,151 @@
+"""Whole-slide prediction on the real Visium crop with a tiny model: genes/shape/order, exact retrieval of the
+shards' own crops, few-shot heads, bad input; and the user commands end to end."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("stalign.models.factory")
+pytest.importorskip("data_prep.pipeline")
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, squidpy_crop):
+    import torch
+
+    import stalign
+    from stalign.cli import main
+    from stalign.models.factory import save_checkpoint
+
+    root = tmp_path_factory.mktemp("predict")
+    shards = root / "shards"
+    assert main(["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image", str(squidpy_crop / "test_img.jpg"),
+                 "--out", str(shards), "--n-top-genes", "20", "--patch-px", "32", "--quiet"]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=manifest["genes"])
+    ckpt = save_checkpoint(model, root / "ckpt")
+    return {"root": root, "shards": shards, "manifest": manifest, "model": stalign.load_checkpoint(ckpt),
+            "ckpt": ckpt, "image": squidpy_crop / "test_img.jpg", "h5ad": squidpy_crop / "test_data.h5ad"}
+
+
+def _shard(setup):
+    from data_prep.shards import read_shard
+
+    return read_shard(setup["shards"] / setup["manifest"]["slides"][0]["shard"])
+
+
+def test_predictions_have_the_requested_genes_in_order_and_retrieve_their_own_crops(setup):
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.predict import predict_slide
+    from stalign.tasks.retrieval import ReferenceBank
+
+    shard, model, genes = _shard(setup), setup["model"], setup["manifest"]["genes"]
+    mpp = setup["manifest"]["slides"][0]["um_per_px"]
+    query = [genes[5], genes[0], genes[11]]
+    out = predict_slide(model, setup["image"], reference=setup["shards"], coords=shard["coords_px"],
+                        barcodes=list(shard["barcodes"]), um_per_px=mpp, genes=query, k=3, progress=False)
+    assert list(out.var_names) == query and out.shape == (len(shard["coords_px"]), 3)
+    assert list(out.obs_names) == list(shard["barcodes"])
+    np.testing.assert_array_equal(out.X, out.layers["zero_shot"])
+    np.testing.assert_array_equal(out.obsm["spatial"], shard["coords_px"])
+    assert out.obsm["X_stalign"].shape == (out.n_obs, model.config.embed_dim)
+    s = out.uns["stalign"]
+    assert s["pixel_size_source"] == "user flag" and s["spot_um"] == 112 and s["patch_px"] == 32
+    # the slide crops of predict are the shards' crops: an image-embedding bank of the shards, k=1, returns
+    # each spot's own expression, in the requested gene order
+    emb = embed_shards(model, setup["shards"], gene=False, progress=False)
+    bank = ReferenceBank(embeddings=emb["image"], expression=emb["expression"], genes=genes)
+    own = predict_slide(model, setup["image"], reference=bank, coords=shard["coords_px"], um_per_px=mpp,
+                        genes=query, k=1, progress=False)
+    np.testing.assert_allclose(own.X, shard["expr"][:, [genes.index(g) for g in query]].astype(np.float32),
+                               atol=1e-6)
+
+
+def test_tiling_fewshot_head_and_heatmaps(setup, tmp_path):
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.fewshot import ExpressionProbe
+    from stalign.tasks.predict import predict_slide, write_heatmaps
+
+    model, genes = setup["model"], setup["manifest"]["genes"]
+    emb = embed_shards(model, setup["shards"], gene=False, progress=False)
+    head = ExpressionProbe(genes=genes[:6], latent_dim=8).fit(emb["image"], emb["expression"][:, :6])
+    out = predict_slide(model, setup["image"], reference=setup["shards"], fewshot_head=head, genes=genes[:6],
+                        um_per_px=setup["manifest"]["slides"][0]["um_per_px"], step_um=150, progress=False)
+    assert out.uns["stalign"]["tiled"] and out.n_obs > 10 and out.uns["stalign"]["X"] == "fewshot"
+    np.testing.assert_array_equal(out.X, out.layers["fewshot"])
+    assert out.layers["zero_shot"].shape == out.X.shape
+    paths = write_heatmaps(out, setup["image"], genes[:2], tmp_path, thumb_size=256)
+    assert len(paths) == 2 and all(p.stat().st_size > 5000 for p in paths)
+
+
+def test_bad_input_gets_clear_errors(setup, tmp_path):
+    from PIL import Image
+
+    from data_prep.errors import PixelSizeError
+    from stalign.tasks.predict import NoTissueError, predict_slide
+    from stalign.tasks.retrieval import GenePanelError, ReferenceBank
+
+    model, genes = setup["model"], setup["manifest"]["genes"]
+    coords = np.array([[500.0, 800.0]])
+    with pytest.raises(GenePanelError, match="NotAGene, Xist2"):
+        predict_slide(model, setup["image"], reference=setup["shards"], coords=coords, um_per_px=0.6,
+                      genes=[genes[0], "NotAGene", "Xist2"], progress=False)
+    other = ReferenceBank(embeddings=np.ones((3, 32)), expression=np.ones((3, 2)), genes=["A", "B"])
+    with pytest.raises(GenePanelError, match="another gene panel"):
+        predict_slide(model, setup["image"], reference=other, coords=coords, um_per_px=0.6, progress=False)
+    with pytest.raises(PixelSizeError, match="um_per_px"):
+        predict_slide(model, setup["image"], reference=setup["shards"], coords=coords, progress=False)
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (600, 400), (255, 255, 255)).save(blank)
+    with pytest.raises(NoTissueError, match="no tissue"):
+        predict_slide(model, blank, reference=setup["shards"], um_per_px=0.5, progress=False)
+    with pytest.raises(ValueError, match="reference"):
+        predict_slide(model, setup["image"], coords=coords, um_per_px=0.6, progress=False)
+
+
+def test_commands_end_to_end(setup, tmp_path, capsys):
+    import anndata as ad
+
+    from stalign.cli import main
+
+    ckpt, shards, image, genes = str(setup["ckpt"]), str(setup["shards"]), str(setup["image"]), setup["manifest"]["genes"]
+    import pandas as pd
+
+    mpp = str(setup["manifest"]["slides"][0]["um_per_px"])
+    spots = ad.read_h5ad(setup["h5ad"])[:12]
+    pd.DataFrame({"barcode": spots.obs_names, "x": spots.obsm["spatial"][:, 0], "y": spots.obsm["spatial"][:, 1]}
+                 ).to_csv(tmp_path / "spots.csv", index=False)
+    common = ["--model", ckpt, "--slide", image, "--um-per-px", mpp, "--coords", str(tmp_path / "spots.csv"),
+              "--workers", "0", "--quiet"]
+    assert main(["predict", *common, "--reference", shards, "--out", str(tmp_path / "pred.h5ad"),
+                 "--genes", genes[2], genes[1], "--k", "5", "--heatmaps", str(tmp_path / "maps")]) == 0
+    pred = ad.read_h5ad(tmp_path / "pred.h5ad")
+    assert list(pred.var_names) == [genes[2], genes[1]] and list(pred.obs_names) == list(spots.obs_names)
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == sorted(f"{g}.png" for g in genes[2:0:-1])
+    assert main(["retrieve", "bank", "--model", ckpt, "--shards", shards, "--out", str(tmp_path / "bank"),
+                 "--workers", "0", "--quiet"]) == 0
+    assert main(["retrieve", "image", *common, "--reference", str(tmp_path / "bank"), "--k", "3",
+                 "--out", str(tmp_path / "hits.csv")]) == 0
+    hits = pd.read_csv(tmp_path / "hits.csv")
+    assert len(hits) == 12 * 3 and {"query_spot", "similarity", "slide_id"} <= set(hits.columns)
+    assert main(["retrieve", "signature", *common, "--reference", str(tmp_path / "bank"), "--genes", genes[0],
+                 genes[3], "--out", str(tmp_path / "sig.png")]) == 0
+    assert (tmp_path / "sig.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "sig.csv")) == 12
+    assert main(["domains", "--h5ad", str(tmp_path / "pred.h5ad"), "--n-domains", "2", "--annotations",
+                 f"{setup['h5ad']}:leiden", "--slide", image, "--out", str(tmp_path / "domains.png")]) == 0
+    assert "ARI" in capsys.readouterr().out and (tmp_path / "domains.png").stat().st_size > 5000
+    assert main(["fewshot", "--model", ckpt, "--shards", shards, "--out", str(tmp_path / "head"),
+                 "--latent-dim", "8", "--quiet"]) == 0
+    assert "Pearson" in capsys.readouterr().out
+    assert main(["predict", *common, "--fewshot-head", str(tmp_path / "head"), "--out", str(tmp_path / "fs.h5ad"),
+                 "--heatmap-genes", "none"]) == 0
+    assert ad.read_h5ad(tmp_path / "fs.h5ad").uns["stalign"]["X"] == "fewshot"
+    assert main(["bench", "--shards", shards, "--encoders", f"model:{ckpt}", "random:timm:test_vit", "--by", "spot",
+                 "--genes", "10", "--latent-dim", "16", "--out", str(tmp_path / "bench.csv"), "--quiet"]) == 0
+    table = pd.read_csv(tmp_path / "bench.csv")
+    assert list(table["encoder"]) == [f"model:{ckpt}", "random:timm:test_vit"] and (table["n_folds"] == 5).all()
+    assert main(["bench", "--shards", shards, "--encoders", f"model:{ckpt}", "--quiet"]) == 1  # one slide: HEST refuses
+    assert "one slide only" in capsys.readouterr().err
