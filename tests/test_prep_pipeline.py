@@ -247,3 +247,29 @@ def test_dataset_reads_the_pipeline_output(tmp_path, two_slides):
     assert batch["spot_image"].shape == (2, 3, 64, 64) and batch["niche_spot_expr"].shape == (2, 4, 10)
     assert batch["slide_idx"].tolist() == [0, 1] and batch["niche_spot_mask"][:, 0].all()
     assert torch.equal(batch["spot_expr"][0], torch.from_numpy(ds.expression_matrix()[0]))
+
+
+def test_cli_reads_hest_and_spaceranger_folders(tmp_path, two_slides, fetched, capsys):
+    """A HEST-1k layout built from the real crop (listed in a YAML file) and the real Space Ranger folder."""
+    import shutil
+
+    from stalign.cli import main
+
+    hest = tmp_path / "hest"
+    for sub in ("st", "wsis", "metadata"):
+        (hest / sub).mkdir(parents=True)
+    shutil.copy(two_slides["crop"][0], hest / "st" / "MB1.h5ad")
+    shutil.copy(two_slides["crop"][1], hest / "wsis" / "MB1.jpg")
+    (hest / "metadata" / "MB1.json").write_text(json.dumps({"pixel_size_um_estimated": 0.6}))
+    (tmp_path / "slides.yaml").write_text("slides:\n  - {hest: hest, id: MB1}\n")
+    rc = main(["prep", "--samples", str(tmp_path / "slides.yaml"), "--out", str(tmp_path / "h"), "--n-top-genes",
+               "8", "--patch-px", "32", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert out.splitlines()[1].split()[:2] == ["MB1", "49"] and "HEST metadata" in out
+    assert shards.read_manifest(tmp_path / "h")["slides"][0]["um_per_px"] == 0.6
+    rc = main(["prep", "--spaceranger", str(fetched("squidpy-spaceranger")), "--out", str(tmp_path / "sr"),
+               "--n-top-genes", "8", "--patch-px", "32", "--no-tissue-filter", "--quiet"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert "8 genes (log1p_cp10k), 100 spots" in out and "Visium spot diameter" in out
