@@ -19,6 +19,23 @@ AS_GIVEN = "as_given"
 TARGET_SUM = 1e4
 
 
+def _sparse(x) -> bool:
+    import scipy.sparse as sp
+
+    return sp.issparse(x)
+
+
+def as_matrix(x):
+    """float32 expression: CSR when ``x`` is sparse (kept sparse, so whole transcriptomes fit), else dense."""
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        m = sp.csr_matrix(x, dtype=np.float32)
+        m.sum_duplicates()
+        return m
+    return np.asarray(x, dtype=np.float32)
+
+
 def dense(x) -> np.ndarray:
     """A dense float32 copy of a (possibly sparse) matrix."""
     if hasattr(x, "toarray"):
@@ -26,11 +43,16 @@ def dense(x) -> np.ndarray:
     return np.asarray(x, dtype=np.float32)
 
 
-def check_values(x: np.ndarray, *, source: str) -> None:
+def check_values(x, *, source: str) -> None:
     """Refuse NaN, infinite or negative expression values, naming ``source`` and the first bad spot."""
-    for bad, what in ((np.isnan(x), "NaN"), (np.isinf(x), "infinite"), (x < 0, "negative")):
+    values = x.data if _sparse(x) else x
+    for bad, what in ((np.isnan(values), "NaN"), (np.isinf(values), "infinite"), (values < 0, "negative")):
         if bad.any():
-            row, col = np.argwhere(bad)[0]
+            if _sparse(x):
+                k = int(np.argmax(bad))
+                row, col = int(np.searchsorted(x.indptr, k, side="right") - 1), int(x.indices[k])
+            else:
+                row, col = np.argwhere(bad)[0]
             raise ExpressionError(f"{source}: {int(bad.sum())} {what} expression value(s) "
                                   f"(first at spot {row}, gene {col}); expression must be finite and >= 0")
 
@@ -45,46 +67,63 @@ def check_gene_names(genes: Sequence[str], *, source: str) -> list[str]:
     return names
 
 
-def is_raw_counts(x: np.ndarray) -> bool:
+def is_raw_counts(x) -> bool:
     """True when every value is a non-negative integer (raw counts) and some are non-zero."""
-    if x.size == 0 or not np.any(x):
+    values = x.data if _sparse(x) else x
+    if values.size == 0 or not np.any(values):
         return False
-    return bool(np.all(x >= 0) and np.all(np.abs(x - np.rint(x)) < 1e-6))
+    return bool(np.all(values >= 0) and np.all(np.abs(values - np.rint(values)) < 1e-6))
 
 
-def log1p_cp10k(counts: np.ndarray) -> np.ndarray:
-    """log1p(counts / total per spot * 1e4); spots with zero total stay zero."""
-    total = counts.sum(axis=1, keepdims=True, dtype=np.float64)
+def log1p_cp10k(counts):
+    """log1p(counts / total per spot * 1e4), float32 (sparse stays sparse); spots with zero total stay zero."""
+    import scipy.sparse as sp
+
+    total = np.asarray(counts.sum(axis=1, dtype=np.float64)).reshape(-1)
     scale = np.divide(TARGET_SUM, total, out=np.zeros_like(total), where=total > 0)
-    return np.log1p(counts * scale).astype(np.float32)
+    if _sparse(counts):
+        out = sp.csr_matrix(sp.diags(scale) @ counts.astype(np.float64))
+        out.data = np.log1p(out.data)
+        return out.astype(np.float32)
+    return np.log1p(counts * scale[:, None]).astype(np.float32)
 
 
-def normalise(x, *, source: str) -> tuple[np.ndarray, str]:
-    """Validated, log-normalised expression and the mode used (``log1p_cp10k`` or ``as_given``).
+def normalise(x, *, source: str):
+    """Validated, log-normalised expression (``as_matrix``: sparse stays sparse) and the mode used
+    (``log1p_cp10k`` or ``as_given``).
 
     Raw integer counts are normalised over *all* genes of the slide (before the panel is taken), so the
     values do not depend on which panel is chosen; non-integer input is taken as already normalised.
     """
-    x = dense(x)
+    x = as_matrix(x)
     check_values(x, source=source)
     if is_raw_counts(x):
         return log1p_cp10k(x), LOG1P_CP10K
     return x, AS_GIVEN
 
 
-def normalise_adata(adata, *, source: str) -> tuple[np.ndarray, str]:
+def normalise_adata(adata, *, source: str):
     """``normalise`` of ``layers['counts']`` when it holds raw counts (X may be normalised already), else of X."""
     if "counts" in getattr(adata, "layers", {}):
-        counts = dense(adata.layers["counts"])
+        counts = as_matrix(adata.layers["counts"])
         check_values(counts, source=f"{source} layers['counts']")
         if is_raw_counts(counts):
             return log1p_cp10k(counts), LOG1P_CP10K
     return normalise(adata.X, source=source)
 
 
-def gene_variance(x: np.ndarray) -> np.ndarray:
-    """Per-gene variance of normalised expression (float64)."""
+def gene_variance(x) -> np.ndarray:
+    """Per-gene (population) variance of normalised expression, float64."""
+    if _sparse(x):
+        x = x.astype(np.float64)
+        mean = np.asarray(x.mean(axis=0)).reshape(-1)
+        return np.maximum(np.asarray(x.multiply(x).mean(axis=0)).reshape(-1) - mean ** 2, 0.0)
     return x.astype(np.float64).var(axis=0)
+
+
+def take_columns(x, cols: np.ndarray) -> np.ndarray:
+    """Dense float32 columns ``cols`` of a (possibly sparse) matrix."""
+    return dense(x[:, cols])
 
 
 def select_panel(slide_genes: dict[str, Sequence[str]], *, genes: Sequence[str] | None = None,

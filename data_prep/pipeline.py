@@ -148,7 +148,8 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
         jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
                              pixel_size_source=str(s.pixel_size_source),
                              coords_px=np.asarray(s.coords_px, dtype=np.float64),
-                             expr=normed[s.slide_id][:, cols], barcodes=[str(b) for b in s.adata.obs_names],
+                             expr=ex.take_columns(normed[s.slide_id], cols),
+                             barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
                              tissue_filter=tissue_filter, batch_size=batch_size,
                              progress=progress))

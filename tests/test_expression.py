@@ -38,7 +38,7 @@ def test_raw_counts_are_log_normalised(counts):
 def test_normalised_input_is_kept_as_given(crop):
     y, mode = ex.normalise(crop.X, source="crop")
     assert mode == ex.AS_GIVEN
-    np.testing.assert_array_equal(y, crop.X.toarray())
+    np.testing.assert_array_equal(ex.dense(y), crop.X.toarray())
 
 
 def test_real_duplicated_gene_names_are_refused(counts):
@@ -47,10 +47,27 @@ def test_real_duplicated_gene_names_are_refused(counts):
         ex.check_gene_names(genes, source="slideA")
 
 
+def test_sparse_and_dense_counts_give_the_same_values(counts):
+    import scipy.sparse as sp
+
+    x, _ = counts
+    y_dense, mode_dense = ex.normalise(x, source="dense")
+    y_sparse, mode_sparse = ex.normalise(sp.csr_matrix(x), source="sparse")
+    assert mode_dense == mode_sparse == ex.LOG1P_CP10K and sp.issparse(y_sparse)
+    np.testing.assert_allclose(ex.dense(y_sparse), y_dense, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ex.gene_variance(y_sparse), ex.gene_variance(y_dense), rtol=1e-5, atol=1e-9)
+    cols = np.array([5, 1, 900])
+    np.testing.assert_array_equal(ex.take_columns(y_sparse, cols), ex.dense(y_sparse)[:, cols])
+
+
+@pytest.mark.parametrize("sparse", [False, True])
 @pytest.mark.parametrize("bad, word", [(np.nan, "NaN"), (np.inf, "infinite"), (-1.0, "negative")])
-def test_bad_values_are_refused(crop, bad, word):
+def test_bad_values_are_refused(crop, bad, word, sparse):
+    import scipy.sparse as sp
+
     x = crop.X.toarray()
     x[3, 7] = bad
+    x = sp.csr_matrix(x) if sparse else x
     with pytest.raises(ExpressionError, match=rf"s1.h5ad: 1 {word} expression value\(s\) \(first at spot 3, gene 7\)"):
         ex.normalise(x, source="s1.h5ad")
 
