@@ -52,33 +52,53 @@ class CellEncoder(nn.Module):
     out_dim: int
     config: dict
 
+    @torch.no_grad()
     def encode_cells(self, expr, genes: Sequence[str] | None = None, *, input_kind: InputKind = "counts",
                      batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Embeddings (N, out_dim) of any (N, G') matrix (dense/sparse/tensor) over ``genes`` (default self.genes).
+        """Embeddings (N, out_dim) of any (N, G') matrix (dense/sparse/backed/tensor) over ``genes``.
 
-        Columns are matched to ``self.genes`` by name; genes of the panel missing from the input count as 0.
+        Columns are matched to ``self.genes`` by name (default: the input is over ``self.genes``); panel
+        genes missing from the input count as 0 (with a warning). Rows are read ``4 × batch_size`` at a time
+        and batched by number of expressed genes, so little padding is computed; output order is the input's.
         """
+        import warnings
+
         import scipy.sparse as sp
         from tqdm.auto import tqdm
 
-        genes = list(self.genes if genes is None else genes)
+        genes = [str(g) for g in (self.genes if genes is None else genes)]
         if expr.shape[1] != len(genes):
             raise ValueError(f"expression has {expr.shape[1]} columns but {len(genes)} genes were given")
         col = {g: i for i, g in enumerate(genes)}
-        src = np.array([col.get(g, -1) for g in self.genes])
+        src = torch.tensor([col.get(g, -1) for g in self.genes])
         if (src < 0).all():
             raise ValueError(f"none of the encoder's {len(self.genes)} genes is among the {len(genes)} given "
                              f"(e.g. encoder {self.genes[:3]}, input {genes[:3]})")
+        if (src < 0).any():
+            warnings.warn(f"{int((src < 0).sum())} of the encoder's {len(self.genes)} genes are absent from the "
+                          "input and count as 0", UserWarning, stacklevel=2)
         device = next(self.parameters()).device
-        outs = []
-        for start in tqdm(range(0, expr.shape[0], batch_size), desc="encode cells", disable=not progress):
-            block = expr[start:start + batch_size]
+        out = torch.zeros(expr.shape[0], self.out_dim, device=device)
+        chunk = 4 * batch_size
+        for start in tqdm(range(0, expr.shape[0], chunk), desc="encode cells", disable=not progress):
+            block = expr[start:start + chunk]
             block = block.toarray() if sp.issparse(block) else block
             block = torch.as_tensor(np.asarray(block) if not torch.is_tensor(block) else block).float()
             aligned = block.new_zeros(block.shape[0], len(self.genes))
             aligned[:, src >= 0] = block[:, src[src >= 0]]
-            outs.append(self(aligned.to(device), input_kind=input_kind))
-        return torch.cat(outs) if outs else torch.zeros(0, self.out_dim)
+            order = torch.argsort((aligned > 0).sum(dim=1), stable=True)
+            for s in range(0, len(order), batch_size):
+                rows = order[s:s + batch_size]
+                out[start + rows.to(device)] = self(aligned[rows].to(device), input_kind=input_kind).float()
+        return out
+
+
+def check_expr(expr: torch.Tensor, n_genes: int) -> None:
+    """Refuse an expression batch that is not (B, n_genes) of finite, non-negative values."""
+    if expr.ndim != 2 or expr.shape[1] != n_genes:
+        raise ValueError(f"expr must be (B, {n_genes}) over the encoder's genes, got {tuple(expr.shape)}")
+    if not bool(torch.isfinite(expr).all()) or bool((expr < 0).any()):
+        raise ValueError("expr has NaN, infinite or negative values; pass counts or log1p-normalised values")
 
 
 class PreLNBlock(nn.Module):
@@ -190,6 +210,7 @@ class BertCellEncoder(CellEncoder):
 
     def forward(self, expr: torch.Tensor, *, input_kind: InputKind = "counts") -> torch.Tensor:
         """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes``."""
+        check_expr(expr, len(self.genes))
         ids, pad = self.tokens(expr, input_kind=input_kind)
         return self.forward_tokens(ids, pad)["cls"]
 
@@ -225,8 +246,7 @@ class MLPCellEncoder(CellEncoder):
 
     def forward(self, expr: torch.Tensor, *, input_kind: InputKind = "counts") -> torch.Tensor:
         """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes``."""
-        if expr.ndim != 2 or expr.shape[1] != len(self.genes):
-            raise ValueError(f"expr must be (B, {len(self.genes)}), got {tuple(expr.shape)}")
+        check_expr(expr, len(self.genes))
         return F.normalize(self.head(self.body(log1p_cp10k(expr, input_kind))).float(), dim=-1)
 
 

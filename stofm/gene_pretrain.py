@@ -94,12 +94,12 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
                           warmup: int | None = None, device: str | torch.device | None = None,
                           input_kind: InputKind = "counts", fit_medians: bool | None = None,
                           mask_prob: float = 0.15, gene_key: str | None = None, max_cells: int | None = None,
-                          head: MaskedGeneHead | None = None, seed: int = 0, progress: bool = True
-                          ) -> dict[str, list[float]]:
+                          head: MaskedGeneHead | None = None, bf16: bool | None = None, seed: int = 0,
+                          progress: bool = True) -> dict[str, list[float]]:
     """Masked-gene pretraining of ``encoder`` on an AnnData or a (cells, genes) matrix of counts.
 
     Medians are fitted on the data first when ``fit_medians`` (default: when the encoder has none).
-    AdamW with warm-up + cosine decay, gradient clipping at 1, bf16 autocast on CUDA. ``max_cells`` uses a
+    AdamW with warm-up + cosine decay, gradient clipping at 1, bf16 autocast (default: on CUDA only). ``max_cells`` uses a
     random subset of the cells. Returns ``{"step", "loss", "accuracy", "lr"}`` per step; the encoder is
     trained in place (``head``, when given, too).
     """
@@ -128,6 +128,7 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     warmup = max(1, steps // 10 if warmup is None else warmup)
     gen = torch.Generator().manual_seed(seed)
+    use_bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
     history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": [], "lr": []}
     order = rng.permutation(cells)
     pos = 0
@@ -140,7 +141,7 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
         ids, pad = tokenizer(_rows(X, batch), genes, input=input_kind)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, steps=steps, warmup=warmup, lr=lr)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
             out = masked_gene_loss(encoder, head, ids.to(device), pad.to(device), mask_prob=mask_prob,
                                    generator=gen)
         optimizer.zero_grad(set_to_none=True)

@@ -105,7 +105,8 @@ def test_tokens_match_numpy_tokenizer_and_encode_cells(fetched):
         assert torch.allclose(enc.forward_tokens(ids, pad)["cls"], direct, atol=1e-5)
         # encode_cells aligns columns by name: a shuffled subset of genes (missing ones = 0)
         keep = np.random.default_rng(0).permutation(len(genes))[:900]
-        sub = enc.encode_cells(sp.csr_matrix(X[:, keep]), [genes[i] for i in keep], batch_size=20)
+        with pytest.warns(UserWarning, match="100 of the encoder's 1000 genes are absent"):
+            sub = enc.encode_cells(sp.csr_matrix(X[:, keep]), [genes[i] for i in keep], batch_size=7)
         X_zeroed = X.copy()
         X_zeroed[:, np.setdiff1d(np.arange(len(genes)), keep)] = 0
         assert torch.allclose(sub, enc(torch.from_numpy(X_zeroed)), atol=1e-5)
@@ -139,5 +140,10 @@ def test_registry_and_bad_config():
         register_cell_encoder("mlp")(BertCellEncoder)
     with pytest.raises(ValueError, match="divisible"):
         build_cell_encoder("bert", genes=GENES, width=30, heads=4)
-    with pytest.raises(ValueError, match=r"expr must be \(B, 40\)"):
-        _build("mlp")(torch.ones(2, 5))
+    for kind in ("bert", "mlp"):
+        with pytest.raises(ValueError, match=r"expr must be \(B, 40\)"):
+            _build(kind)(torch.ones(2, 5))
+        with pytest.raises(ValueError, match="NaN"):
+            _build(kind)(torch.full((2, 40), float("nan")))
+        with pytest.raises(ValueError, match="negative"):
+            _build(kind)(-torch.ones(2, 40))

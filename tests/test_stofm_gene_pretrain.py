@@ -43,7 +43,16 @@ def test_warmup_then_decay():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 0.1
 
 
-def test_loss_decreases_on_real_counts_and_round_trips(adata, tmp_path):
+@pytest.fixture()
+def one_thread():
+    """A tiny model trains faster on one thread, and much faster on a shared, busy CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_loss_decreases_on_real_counts_and_round_trips(adata, tmp_path, one_thread):
     genes = adata.var["gene_ids"].astype(str).tolist()
     torch.manual_seed(0)
     enc = BertCellEncoder(genes=genes, width=32, depth=2, heads=4, max_len=64, out_dim=32, dropout=0.0)
@@ -62,12 +71,29 @@ def test_loss_decreases_on_real_counts_and_round_trips(adata, tmp_path):
         assert torch.equal(back.eval()(x), before)
 
 
+@pytest.mark.gpu
+def test_bf16_pretraining_on_cuda(adata):
+    genes = adata.var["gene_ids"].astype(str).tolist()
+    torch.manual_seed(0)
+    enc = BertCellEncoder(genes=genes, width=64, depth=2, heads=4, max_len=128, out_dim=32, dropout=0.0)
+    hist = pretrain_cell_encoder(adata, None, enc, gene_key="gene_ids", steps=40, batch_size=32, lr=3e-3,
+                                 max_cells=500, device="cuda", progress=False)
+    assert np.isfinite(hist["loss"]).all() and np.mean(hist["loss"][-5:]) < np.mean(hist["loss"][:5]) - 0.5
+    x = torch.from_numpy(np.asarray(adata.X[:64], dtype=np.float32)).cuda()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        low = enc(x)
+    with torch.no_grad():
+        assert (low * enc(x)).sum(1).min() > 0.99  # cosine of bf16 vs fp32 embeddings
+
+
 def test_matrix_input_and_errors(adata):
     X = np.asarray(adata.X[:40], dtype=np.float32)
     genes = adata.var["gene_ids"].astype(str).tolist()
     enc = BertCellEncoder(genes=genes, width=16, depth=1, heads=2, max_len=16, out_dim=8, dropout=0.0)
     hist = pretrain_cell_encoder(X, genes, enc, steps=3, batch_size=8, device="cpu", progress=False)
     assert set(hist) == {"step", "loss", "accuracy", "lr"} and len(hist["loss"]) == 3
+    hist = pretrain_cell_encoder(X, genes, enc, steps=3, batch_size=8, device="cpu", progress=False, bf16=True)
+    assert np.isfinite(hist["loss"]).all()  # the bf16 autocast path (used on GPUs) runs on CPU too
     with pytest.raises(ValueError, match="genes=..."):
         pretrain_cell_encoder(X, None, enc, steps=1)
     with pytest.raises(ValueError, match="999 gene names"):
