@@ -183,9 +183,16 @@ def _expr_source(sample: Any) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import h5py
+    """Versions of Python and of the packages that read the inputs and write the shards."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"python": platform.python_version(), "numpy": np.__version__, "h5py": h5py.__version__}
+    out = {"python": platform.python_version()}
+    for dist in ("numpy", "scipy", "h5py", "anndata", "openslide-python", "openslide-bin", "pillow", "tifffile"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            continue
+    return out
 
 
 def _run(jobs: list[SlideJob], *, workers: int, progress: bool,

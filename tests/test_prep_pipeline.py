@@ -241,7 +241,11 @@ def test_dataset_reads_the_pipeline_output(tmp_path, two_slides):
 
     from data_prep.dataset import ShardDataset, collate
 
-    prepare(_samples(two_slides), tmp_path, n_top_genes=10, **SMALL)
+    from functools import partial
+
+    loaders = [partial(read_anndata_image, *two_slides[n], slide_id=n, um_per_px=1.0) for n in ("crop", "mirror")]
+    m = prepare(loaders, tmp_path, n_top_genes=10, **SMALL)  # callables that return samples work too
+    assert m["versions"]["h5py"] == h5py.__version__ and "openslide-python" in m["versions"]
     ds = ShardDataset(tmp_path, niche_spots=4)
     batch = collate([ds[0], ds[60]])
     assert batch["spot_image"].shape == (2, 3, 64, 64) and batch["niche_spot_expr"].shape == (2, 4, 10)
