@@ -201,3 +201,17 @@ def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
         assert torch.equal(fresh.eval()(batch)["fused_spot_features"], a["fused_spot_features"])
     with pytest.raises(ValueError, match="do not fit"):
         stalign.create_model("stalign-tiny", genes=genes, pretrained=folder)  # embed_dim 32 != 16
+
+
+def test_pretrained_backbone_file_goes_to_both_image_encoders(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    ref = timm.create_model("test_vit", pretrained=False, num_classes=0, img_size=32)
+    f = tmp_path / "backbone.safetensors"
+    save_file({k: v.contiguous() for k, v in ref.state_dict().items()}, str(f))
+    model = stalign.create_model("stalign-tiny", n_genes=G, image={"spec": "timm:test_vit", "kwargs": {"img_size": 32}},
+                                 pretrained=f)
+    for enc in (model.spot_image_encoder, model.niche_image_encoder):
+        assert torch.equal(enc.trunk.patch_embed.proj.weight, ref.patch_embed.proj.weight)
+    assert model.meta["overrides"]["image"]["pretrained"] == str(f)

@@ -74,12 +74,13 @@ def _genes(genes: Sequence[str] | None, n_genes: int | None) -> list[str]:
 
 
 def create_model(name: str | os.PathLike, *, genes: Sequence[str] | None = None, n_genes: int | None = None,
-                 pretrained: str | os.PathLike | None = None, **overrides: Any):
+                 pretrained: str | os.PathLike | bool | None = None, **overrides: Any):
     """An ``STAlign`` by config name (``list_models()``), JSON path or checkpoint folder.
 
     ``overrides`` are merged into the config (nested dicts merge), e.g. ``embed_dim=256`` or
     ``spot_image={"spec": "uni", "pretrained": "/path/uni.bin"}``; ``image={...}`` sets both image encoders.
-    ``pretrained``: a checkpoint folder (or its ``model.safetensors``) whose weights are loaded.
+    ``pretrained``: a stalign checkpoint folder (or its ``model.safetensors``): all weights are loaded; any other
+    path (or ``True``): backbone weights for both image encoders (as ``image={"pretrained": ...}``).
     """
     from stalign.models.stalign_model import STAlign, STAlignConfig
 
@@ -89,12 +90,31 @@ def create_model(name: str | os.PathLike, *, genes: Sequence[str] | None = None,
         if genes is not None:
             model.check_genes(genes, source="genes=")
         return model
+    full_weights = pretrained is not None and is_stalign_weights(pretrained)
+    if pretrained is not None and not full_weights:  # backbone weights for both image encoders
+        overrides = deep_merge(overrides, {"image": {"pretrained": pretrained if pretrained is True
+                                                     else str(pretrained)}})
     cfg = resolve_config(name, overrides)
     model = STAlign(config=STAlignConfig.from_dict(cfg), genes=_genes(genes, n_genes))
     model.meta = {"name": str(name), "overrides": _jsonable(overrides)}
-    if pretrained is not None:
+    if full_weights:
         load_weights(model, pretrained)
     return model
+
+
+def is_stalign_weights(path: str | os.PathLike | bool) -> bool:
+    """True for a stalign checkpoint folder or a safetensors file of a whole ``STAlign`` (has ``logit_scale``)."""
+    if isinstance(path, bool):
+        return False
+    path = Path(path)
+    if path.is_dir():
+        return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            return "logit_scale" in fh.keys()
+    return False
 
 
 def _jsonable(obj: Any) -> Any:
