@@ -174,6 +174,18 @@ def test_unknown_names_and_keys() -> None:
     assert {"stalign-tiny", "stalign-demo", "stalign-base"} <= set(stalign.list_models())
 
 
+def test_shipped_configs_parse() -> None:
+    from stalign.models.factory import model_config
+    from stalign.models.stalign_model import STAlignConfig
+
+    for name in stalign.list_models():
+        cfg = STAlignConfig.from_dict(model_config(name))
+        assert cfg.embed_dim > 0 and cfg.token_dim % cfg.heads == 0, name
+    base = STAlignConfig.from_dict(model_config("stalign-base"))
+    assert (base.tokens, base.token_dim, base.heads, base.init_temperature) == (8, 512, 8, 0.1)  # ST-Align's code
+    assert base.gene.encoder == "stofm" and base.gene.niche == "se2"
+
+
 def test_checkpoint_round_trip_gives_identical_outputs(tmp_path: Path) -> None:
     torch.manual_seed(0)
     genes = [f"g{i}" for i in range(G)]
@@ -215,3 +227,27 @@ def test_pretrained_backbone_file_goes_to_both_image_encoders(tmp_path: Path) ->
     for enc in (model.spot_image_encoder, model.niche_image_encoder):
         assert torch.equal(enc.trunk.patch_embed.proj.weight, ref.patch_embed.proj.weight)
     assert model.meta["overrides"]["image"]["pretrained"] == str(f)
+
+
+def test_real_shard_batch_with_virtual_cells_trains(small_shards) -> None:
+    """A ShardDataset batch of the real Visium crop (+ the slide's virtual cells) through the SToFM gene path."""
+    pytest.importorskip("stofm.cell_encoder")
+    from data_prep.dataset import ShardDataset, collate
+
+    ds = ShardDataset(small_shards("squidpy"), niche_spots=8)
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=ds.genes, share_image_encoder=True,
+                                 gene={"encoder": "stofm", "encoder_kwargs": {"model": "stofm-tiny"}, "niche": "se2"})
+    batch = collate([ds[i] for i in range(6)])
+    vexpr, vxy = ds.slide_virtual_cells(0, 4)
+    batch["virtual_expr"] = torch.from_numpy(vexpr)[None].expand(6, -1, -1)
+    batch["virtual_coords"] = torch.from_numpy(vxy)[None].expand(6, -1, -1)
+    batch["virtual_mask"] = torch.ones(6, vexpr.shape[0], dtype=torch.bool)
+    assert batch["spot_image"].dtype == torch.uint8
+    out = check_trains(model, batch)
+    with torch.no_grad():  # the virtual cells enter the niche gene embedding
+        model.eval()
+        with_v = model.encode_niche_gene(batch)
+        without = model.encode_niche_gene({k: v for k, v in batch.items() if not k.startswith("virtual_")})
+    assert not torch.allclose(with_v, without, atol=1e-4)
+    assert out["niche_gene_features"].shape == (6, model.config.embed_dim)
