@@ -14,7 +14,8 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from stofm.cell_encoder import CellEncoder, build_cell_encoder, load_cell_encoder
+from stofm.cell_encoder import (CellEncoder, build_cell_encoder, load_cell_encoder, read_weights_folder,
+                                write_weights_folder)
 from stofm.objectives import PairDistanceHead, mcm_masks, perturb_coords
 from stofm.se2 import SE2Transformer
 
@@ -86,16 +87,9 @@ class SToFM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` and ``path/model.safetensors``."""
-        from safetensors.torch import save_file
-
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
         meta = {"format": MODEL_FORMAT, "version": 1, **self.config,
                 "cell_encoder": {"kind": self.cell_encoder.kind, "config": self.cell_encoder.config}}
-        (path / "config.json").write_text(json.dumps(meta, indent=1))
-        save_file({k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()},
-                  str(path / "model.safetensors"))
-        return path
+        return write_weights_folder(path, meta, self)
 
 
 def list_models() -> list[str]:
@@ -147,16 +141,8 @@ def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None
 def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any) -> SToFM:
     """Rebuild a model written by ``save_pretrained`` (safetensors only). Overrides: ``attn_impl`` and
     the sub-slicing keys (``n_virtual``, ``cells_per_tile``, ``max_cells``)."""
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"stofm model folder {path} lacks {f.name}")
-    meta = json.loads(cfg_file.read_text())
-    if meta.pop("format", None) != MODEL_FORMAT:
-        raise ValueError(f"{cfg_file}: not a stofm model config (no format {MODEL_FORMAT!r})")
+    meta, tensors = read_weights_folder(path, fmt=MODEL_FORMAT, what="stofm model")
+    meta.pop("format", None)
     meta.pop("version", None)
     enc = meta.pop("cell_encoder")
     bad = set(overrides) - set(TOP_KEYS) - {"attn_impl"}
@@ -164,7 +150,7 @@ def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any
         raise ValueError(f"cannot override {sorted(bad)} of a trained model")
     _apply_overrides(meta, overrides)
     model = SToFM(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
-    model.load_state_dict(load_file(str(weights), device="cpu"))
+    model.load_state_dict(tensors)
     return model.to(device)
 
 
