@@ -15,7 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stalign.distributed import all_gather_no_grad, all_gather_with_grad, gather_sizes, rank_and_world
+from stalign.distributed import (
+    all_gather_no_grad,
+    all_gather_with_grad,
+    gather_sizes,
+    rank_and_world,
+)
 
 TARGETS = {  # term -> (features a, features b)
     "spot_loss": ("spot_image_features", "spot_gene_features"),

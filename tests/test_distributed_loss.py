@@ -28,7 +28,7 @@ def test_two_process_gloo_loss_and_gradients_match_single_process(tmp_path: Path
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", str(_free_port()), str(REPO / "tests" / "_dist_loss_worker.py"), str(out)]
     env = dict(subprocess_env, CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
     assert res["world_size"] == 2

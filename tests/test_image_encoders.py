@@ -9,7 +9,10 @@ import torch
 
 from stalign.models.adapters import LoRALinear, apply_lora, merge_lora
 from stalign.models.image_encoders import (
-    CheckpointMismatchError, UnknownImageEncoderError, create_image_encoder, load_state_dict_file,
+    CheckpointMismatchError,
+    UnknownImageEncoderError,
+    create_image_encoder,
+    load_state_dict_file,
 )
 
 SMALL_VIT = {"embed_dim": 64, "depth": 2, "num_heads": 2, "img_size": 32}
@@ -245,7 +248,7 @@ def test_freeze_and_unfreeze_last_blocks() -> None:
     trainable = {n for n, p in part.named_parameters() if p.requires_grad}
     last = len(part.trunk.blocks) - 1
     assert any(n.startswith(f"trunk.blocks.{last}.") for n in trainable)
-    assert not any(n.startswith("trunk.blocks.0.") or n.startswith("trunk.patch_embed") for n in trainable)
+    assert not any(n.startswith(("trunk.blocks.0.", "trunk.patch_embed")) for n in trainable)
     assert "trunk.norm.weight" in trainable  # final norm after the blocks trains too
     with pytest.raises(ValueError, match="LoRA found no"):
         create_image_encoder("timm:test_efficientnet", lora_rank=4)

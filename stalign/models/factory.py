@@ -113,7 +113,7 @@ def is_stalign_weights(path: str | os.PathLike | bool) -> bool:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
-            return "logit_scale" in fh.keys()
+            return "logit_scale" in fh.keys()  # noqa: SIM118 (safe_open is not a dict)
     return False
 
 

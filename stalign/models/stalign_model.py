@@ -69,7 +69,7 @@ class STAlignConfig:
     init_logit_bias: float = -10.0
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "STAlignConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> STAlignConfig:
         """Build from a (JSON) dict; unknown keys are an error naming them."""
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known - {"name", "description"})
