@@ -149,3 +149,36 @@ def test_commands_end_to_end(setup, tmp_path, capsys):
     assert list(table["encoder"]) == [f"model:{ckpt}", "random:timm:test_vit"] and (table["n_folds"] == 5).all()
     assert main(["bench", "--shards", shards, "--encoders", f"model:{ckpt}", "--quiet"]) == 1  # one slide: HEST refuses
     assert "one slide only" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("unfreeze_last", [0, 1])
+def test_finetune_head_frozen_or_partly_unfrozen(setup, unfreeze_last):
+    import stalign
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.fewshot import finetune_expression
+
+    model = stalign.load_checkpoint(setup["ckpt"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    genes = setup["manifest"]["genes"][:5]
+    head = finetune_expression(model, setup["shards"], genes=genes, unfreeze_last=unfreeze_last, hidden=32,
+                               epochs=4, lr=3e-3, encoder_lr=1e-3, batch_size=16, progress=False)
+    assert len(head.history) == 4 and head.history[-1] < head.history[0]
+    changed = {k for k, v in model.state_dict().items() if not bool((v == before[k]).all())}
+    if unfreeze_last:
+        assert changed and all("image_encoder" in k for k in changed)  # only the image trunks' last blocks
+    else:
+        assert not changed  # encoders frozen: the model is untouched
+    emb = embed_shards(model, setup["shards"], gene=False, progress=False)["image"]
+    assert head.predict(emb).shape == (len(emb), 5)
+
+
+def test_fewshot_command_finetunes_and_saves_model_and_head(setup, tmp_path, capsys):
+    from stalign.cli import main
+    from stalign.tasks.fewshot import load_head
+
+    assert main(["fewshot", "--model", str(setup["ckpt"]), "--shards", str(setup["shards"]), "--out",
+                 str(tmp_path / "ft"), "--kind", "finetune", "--unfreeze-last", "1", "--epochs", "2", "--hidden", "16",
+                 "--quiet"]) == 0
+    assert "training MSE" in capsys.readouterr().out
+    head = load_head(tmp_path / "ft")
+    assert (tmp_path / "ft" / "model" / "model.safetensors").is_file() and head.embedding_info["unfreeze_last"] == 1

@@ -14,11 +14,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--shards", required=True, help="labelled spots: shards folder (stalign prep --out)")
     p.add_argument("--out", required=True, help="head folder to write")
-    p.add_argument("--kind", choices=("ridge", "head"), default="ridge",
-                   help="ridge: PCA + ridge probe (HEST-style); head: small MLP trained with AdamW")
+    p.add_argument("--kind", choices=("ridge", "head", "finetune"), default="ridge",
+                   help="ridge: PCA + ridge probe (HEST-style); head: small MLP on frozen embeddings; finetune: "
+                        "MLP head trained through the image encoders (--unfreeze-last blocks trained too), "
+                        "writes OUT/model (the fine-tuned checkpoint) beside the head")
+    p.add_argument("--unfreeze-last", type=int, default=0, help="finetune: trainable last blocks per image trunk")
+    p.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate (encoder: lr / 100)")
     p.add_argument("--genes", nargs="+", default=None, help="genes the head predicts (default: the model's panel)")
     p.add_argument("--latent-dim", type=int, default=256, help="ridge: PCA components (256)")
-    p.add_argument("--epochs", type=int, default=200, help="head: epochs (200)")
+    p.add_argument("--epochs", type=int, default=200, help="head: epochs (200; finetune: use a few)")
     p.add_argument("--hidden", type=int, default=256, help="head: hidden width (256)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: by slide / 5)")
     add_run_args(p, seed=True)
@@ -35,6 +39,8 @@ def run(args: argparse.Namespace) -> int:
     from stalign.tasks.retrieval import gene_indices
 
     model = stalign.load_checkpoint(args.model)
+    if args.kind == "finetune":
+        return _finetune(args, model)
     emb = embed_shards(model, args.shards, gene=False, batch_size=args.batch_size, workers=args.workers,
                        device=args.device, progress=not args.quiet)
     genes = args.genes or list(emb["genes"])
@@ -64,4 +70,23 @@ def run(args: argparse.Namespace) -> int:
     info = {"model": str(args.model), "shards": str(args.shards), "spot_um": m.get("spot_um"),
             "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": result}
     print(f"head -> {save_head(head, args.out, embedding=info)}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace, model) -> int:
+    from pathlib import Path
+
+    from stalign.models.factory import save_checkpoint
+    from stalign.tasks.fewshot import finetune_expression, save_head
+
+    head = finetune_expression(model, args.shards, genes=args.genes, unfreeze_last=args.unfreeze_last,
+                               hidden=args.hidden, epochs=args.epochs, lr=args.lr, encoder_lr=args.lr / 100,
+                               batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed,
+                               progress=not args.quiet)
+    out = Path(args.out)
+    ckpt = save_checkpoint(model, out / "model")
+    save_head(head, out, embedding={**head.embedding_info, "model": str(ckpt), "shards": str(args.shards)})
+    print(f"fine-tuned {args.epochs} epochs (unfreeze_last={args.unfreeze_last}): training MSE "
+          f"{head.history[0]:.3f} -> {head.history[-1]:.3f}")
+    print(f"head -> {out}; model -> {ckpt} (use both: stalign predict --model {ckpt} --fewshot-head {out})")
     return 0

@@ -223,3 +223,60 @@ def few_shot_accuracy(classifier_factory: Any, embeddings: np.ndarray, labels: S
         accs.append(float((clf.predict(embeddings[test]) == labels[test]).mean()))
     return {"accuracy_mean": float(np.mean(accs)), "accuracy_std": float(np.std(accs)), "shots": shots,
             "n_classes": len(classes)}
+
+
+def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | None = None, unfreeze_last: int = 0,
+                        indices: Sequence[int] | None = None, hidden: int = 256, epochs: int = 5, lr: float = 1e-3,
+                        encoder_lr: float = 1e-5, batch_size: int = 16, workers: int = 0, device: str | None = None,
+                        niche_weight: float = 0.5, seed: int = 0, progress: bool = True) -> ExpressionHead:
+    """Train an ``ExpressionHead`` end to end on shard crops through ``model.encode_image``: encoders frozen
+    (``unfreeze_last=0``) or the last ``unfreeze_last`` blocks of both image trunks trained at ``encoder_lr``.
+    ``model`` is updated in place (save it with the head: ``stalign.models.factory.save_checkpoint``)."""
+    import torch
+    from tqdm import tqdm
+
+    from data_prep.dataset import ShardDataset, collate
+    from stalign.models.adapters import unfreeze_last_blocks
+    from stalign.tasks.embed import default_device
+
+    ds = ShardDataset(root, indices=indices)
+    model.check_genes(ds.genes, source=f"the shards under {root}")
+    genes = list(ds.genes) if genes is None else [str(g) for g in genes]
+    cols = torch.as_tensor(gene_indices(ds.genes, genes, what="the shards"))
+    torch.manual_seed(seed)
+    device = default_device(device)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    trunks = {id(m.trunk): m.trunk for m in (model.spot_image_encoder, model.niche_image_encoder)}.values()
+    if unfreeze_last:
+        for trunk in trunks:
+            unfreeze_last_blocks(trunk, unfreeze_last)
+    head = ExpressionHead(genes=genes, hidden=hidden)
+    net = head.build(model.config.embed_dim)
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.as_tensor(ds.expression_matrix())[:, cols].mean(0))
+    model.to(device).eval()  # batch-norm statistics and dropout stay as trained (small few-shot batches)
+    net.to(device).train()
+    encoder_params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": net.parameters(), "lr": lr}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": encoder_lr})
+    opt = torch.optim.AdamW(groups, weight_decay=1e-2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         collate_fn=collate, generator=torch.Generator().manual_seed(seed),
+                                         drop_last=len(ds) > batch_size)
+    for _ in tqdm(range(epochs), desc="fine-tuning", disable=not progress):
+        total, n = 0.0, 0
+        for batch in loader:
+            emb = model.encode_image(batch["spot_image"].to(device), batch["niche_image"].to(device),
+                                     niche_weight=niche_weight)
+            loss = torch.nn.functional.mse_loss(net(emb), batch["spot_expr"][:, cols].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + float(loss.detach()) * len(emb), n + len(emb)
+        head.history.append(total / n)
+    net.cpu().eval()
+    head.embedding_info = {"spot_um": ds.manifest.get("spot_um"), "niche_um": ds.manifest.get("niche_um"),
+                           "patch_px": ds.manifest.get("patch_px"), "unfreeze_last": unfreeze_last}
+    return head
