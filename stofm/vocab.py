@@ -66,7 +66,13 @@ class GeneVocab:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"gene vocabulary file not found: {path}")
-        text = path.read_text(encoding="utf-8")
+        if path.suffix.lower() in (".pkl", ".pickle"):
+            raise GeneVocabError(f"{path}: pickle files are not read (loading them can run code); convert it "
+                                 "once to JSON, e.g. json.dump(pickle.load(f), open('genes.json', 'w'))")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise GeneVocabError(f"{path}: not a UTF-8 text/JSON gene list ({err})") from err
         if text.lstrip().startswith(("[", "{")):
             try:
                 data = json.loads(text)

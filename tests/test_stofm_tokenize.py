@@ -163,5 +163,11 @@ def test_vocab_files_and_ensembl_versions(tmp_path):
     bad.write_text("[1, 2")
     with pytest.raises(GeneVocabError, match="bad.json"):
         GeneVocab.from_file(bad)
+    (tmp_path / "token_dict.pkl").write_bytes(b"\x80\x04")
+    with pytest.raises(GeneVocabError, match="pickle files are not read"):
+        GeneVocab.from_file(tmp_path / "token_dict.pkl")
+    (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(GeneVocabError, match="binary.txt"):
+        GeneVocab.from_file(tmp_path / "binary.txt")
     with pytest.raises(GeneVocabError, match="special"):
         GeneVocab.from_genes(["<cls>", "a"])
