@@ -284,7 +284,10 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
         raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
                             "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
                             "--no-tissue-filter")
-    xy, expr = job.coords_px[keep], job.expr[keep]
+    # raster order (bands one spot crop high, then x): neighbouring crops share decoded tiles when read
+    kept = np.flatnonzero(keep)
+    kept = kept[np.lexsort((job.coords_px[kept, 0], np.floor(job.coords_px[kept, 1] / spot_px)))]
+    xy, expr = job.coords_px[kept], job.expr[kept]
     um = xy * job.um_per_px
     padded = np.zeros(len(xy), dtype=bool)
     spot_padded = np.zeros(len(xy), dtype=bool)
@@ -309,5 +312,5 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
         w.set_attr("manifest_entry", json.dumps(entry))
         w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, st["niche_um"]), coords_px=xy, coords_um=um,
                  neighbors=ex.neighbor_indices(um, st["n_neighbors"]), padded=padded,
-                 barcodes=[b for b, k in zip(job.barcodes, keep) if k])
+                 barcodes=[job.barcodes[i] for i in kept])
     return entry
