@@ -31,18 +31,18 @@ def _check_kind(input_kind: str) -> None:
         raise TokenizeError(f"input must be 'counts' or 'log1p', got {input_kind!r}")
 
 
-def _dense_rows(X, start: int, stop: int) -> np.ndarray:
-    """Rows ``start:stop`` of a dense or scipy-sparse matrix (or backed AnnData X) as float64."""
+def _dense_rows(X, start: int, stop: int, rows: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``start:stop`` (of ``rows`` when given) of a dense, scipy-sparse or backed matrix, as float64."""
     import scipy.sparse as sp
 
-    block = X[start:stop]
+    block = X[start:stop] if rows is None else X[rows[start:stop]]
     block = block.toarray() if sp.issparse(block) else np.asarray(block)
     block = block.astype(np.float64, copy=False)
+    where = f"expression rows {start}..{start + len(block) - 1}" + ("" if rows is None else " of the sample")
     if not np.isfinite(block).all():
-        raise TokenizeError(f"expression rows {start}..{stop - 1} contain NaN or infinite values")
+        raise TokenizeError(f"{where} contain NaN or infinite values")
     if (block < 0).any():
-        raise TokenizeError(f"expression rows {start}..{stop - 1} contain negative values; "
-                            "pass raw counts or log1p-normalised values")
+        raise TokenizeError(f"{where} contain negative values; pass raw counts or log1p-normalised values")
     return block
 
 
@@ -55,12 +55,13 @@ def _to_normalised(block: np.ndarray, input_kind: str, *, per_total: bool) -> np
     return np.divide(block * TARGET_SUM, total, out=np.zeros_like(block), where=total > 0)
 
 
-def fit_medians(X, genes: Sequence[str], *, input: InputKind = "counts", batch_size: int = 4096,
-                progress: bool = False) -> dict[str, float]:
+def fit_medians(X, genes: Sequence[str], *, input: InputKind = "counts", max_cells: int | None = 200_000,
+                batch_size: int = 4096, seed: int = 0, progress: bool = False) -> dict[str, float]:
     """Per-gene median of the non-zero normalised values (counts/total × 1e4), as in Geneformer.
 
-    ``X`` is (cells, genes) counts (dense, scipy sparse, or log1p-normalised with ``input="log1p"``).
-    Genes never expressed are left out of the result.
+    ``X`` is (cells, genes) counts (dense, scipy sparse, backed, or log1p-normalised with ``input="log1p"``).
+    Above ``max_cells`` cells, a seeded random sample of that many is used (the non-zero values are
+    kept in memory to take exact medians). Genes never expressed are left out of the result.
     """
     import scipy.sparse as sp
     from tqdm.auto import tqdm
@@ -69,9 +70,14 @@ def fit_medians(X, genes: Sequence[str], *, input: InputKind = "counts", batch_s
     n_cells, n_genes = X.shape
     if n_genes != len(genes):
         raise TokenizeError(f"X has {n_genes} columns but {len(genes)} genes were given")
+    rows = None
+    if max_cells is not None and n_cells > max_cells:
+        rows = np.sort(np.random.default_rng(seed).choice(n_cells, size=max_cells, replace=False))
+        n_cells = max_cells
     columns: list[list[np.ndarray]] = [[] for _ in range(n_genes)]
     for start in tqdm(range(0, n_cells, batch_size), desc="gene medians", disable=not progress):
-        block = sp.csc_matrix(_to_normalised(_dense_rows(X, start, start + batch_size), input, per_total=True))
+        block = _to_normalised(_dense_rows(X, start, start + batch_size, rows), input, per_total=True)
+        block = sp.csc_matrix(block.astype(np.float32))
         for j in np.flatnonzero(np.diff(block.indptr)):
             columns[j].append(block.data[block.indptr[j]:block.indptr[j + 1]])
     return {str(genes[j]): float(np.median(np.concatenate(vals))) for j, vals in enumerate(columns) if vals}

@@ -115,6 +115,13 @@ def test_fit_medians_hand_computed_and_sparse():
     assert fit_medians(sp.csr_matrix(X), ["a", "b"], batch_size=1) == pytest.approx(med)
     assert fit_medians(X[:, :1], ["a"]) == pytest.approx({"a": 1e4})
     assert "b" not in fit_medians(np.array([[1.0, 0.0]]), ["a", "b"])  # never expressed
+    # above max_cells: exact medians of a seeded random sample of the cells
+    rng = np.random.default_rng(5)
+    Xs = rng.poisson(3.0, size=(50, 4)).astype(np.float32)
+    sampled = fit_medians(sp.csr_matrix(Xs), list("abcd"), max_cells=20, seed=3, batch_size=7)
+    rows = np.sort(np.random.default_rng(3).choice(50, size=20, replace=False))
+    assert sampled == pytest.approx(fit_medians(Xs[rows], list("abcd")))
+    assert sampled != pytest.approx(fit_medians(Xs, list("abcd")))
 
 
 def test_bad_input_is_refused(vocab):
