@@ -182,3 +182,23 @@ def test_fewshot_command_finetunes_and_saves_model_and_head(setup, tmp_path, cap
     assert "training MSE" in capsys.readouterr().out
     head = load_head(tmp_path / "ft")
     assert (tmp_path / "ft" / "model" / "model.safetensors").is_file() and head.embedding_info["unfreeze_last"] == 1
+
+
+def test_heldout_table_and_parallel_readers(setup):
+    from data_prep.slide import open_slide
+    from stalign.tasks.bench import heldout_table
+    from stalign.tasks.embed import SlideCrops, embed_slide_crops
+
+    table = heldout_table(setup["model"], setup["shards"], train=np.arange(0, 49, 2), test=np.arange(1, 49, 2),
+                          image_spec="random:timm:test_vit", latent_dim=8, progress=False)
+    assert list(table["method"])[:3] == ["zero-shot retrieval (k=10)", "few-shot ridge on stalign embeddings",
+                                         "mean expression"]
+    assert np.isnan(table.loc[2, "pearson_mean"]) and (table["n_test"] == 24).all() and np.isfinite(table["mse"]).all()
+    with pytest.raises(ValueError, match="overlap"):
+        heldout_table(setup["model"], setup["shards"], train=[0, 1], test=[1, 2], image_spec=None)
+    slide = open_slide(setup["image"], um_per_px=setup["manifest"]["slides"][0]["um_per_px"])
+    crops = SlideCrops(slide=slide, centers_px=[[300.0, 500.0], [600.0, 900.0], [400.0, 700.0]], spot_px=180,
+                       niche_px=540, patch_px=32)
+    serial = embed_slide_crops(setup["model"], crops, batch_size=2, workers=0, progress=False)
+    parallel = embed_slide_crops(setup["model"], crops, batch_size=2, workers=2, progress=False)
+    np.testing.assert_allclose(parallel, serial, rtol=1e-5, atol=1e-6)

@@ -102,3 +102,45 @@ def format_table(table: Any) -> str:
                      f"{r['pearson_mean']:8.3f} ± {r['pearson_std']:6.3f} {r['pooled_pearson_mean']:9.3f} "
                      f"{r['mse']:8.3f} {r['mae']:7.3f} {int(r['n_folds']):5d}")
     return "\n".join(lines)
+
+
+def heldout_table(model: Any, root: str | os.PathLike, *, train: Sequence[int], test: Sequence[int], k: int = 10,
+                  temperature: float = 0.05, image_spec: str | None = "efficientnet-lite0", latent_dim: int = 256,
+                  batch_size: int = 32, workers: int = 0, device: str | None = None, progress: bool = True):
+    """Pearson r per gene (mean ± std over genes), MSE and MAE on held-out shard spots ``test`` for: zero-shot
+    retrieval from a bank of the ``train`` spots, a few-shot ridge probe on the model's embeddings, the mean
+    expression, the average of the 6 nearest training spots (no image) and ``image_spec`` features + ridge."""
+    import pandas as pd
+
+    from stalign.tasks.baselines import mean_predictor, neighbour_predictor, ridge_predictor
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.hest import pearson_per_gene
+    from stalign.tasks.retrieval import ReferenceBank
+
+    train, test = np.asarray(train, np.int64), np.asarray(test, np.int64)
+    if len(np.intersect1d(train, test)):
+        raise ValueError("train and test spots overlap")
+    emb = embed_shards(model, root, batch_size=batch_size, workers=workers, device=device, progress=progress)
+    y = emb["expression"].astype(np.float64)
+    bank = ReferenceBank(embeddings=emb["gene"][train], expression=y[train], genes=emb["genes"])
+    predictions = {
+        f"zero-shot retrieval (k={k})": bank.predict(emb["image"][test], k=min(k, len(train)),
+                                                     temperature=temperature),
+        "few-shot ridge on stalign embeddings": ridge_predictor(emb["image"], y, latent_dim=latent_dim,
+                                                                fit_intercept=True)(train, test),
+        "mean expression": mean_predictor(y)(train, test),
+        "neighbour average (6 nearest, no image)": neighbour_predictor(emb["coords_um"], y)(train, test),
+    }
+    if image_spec:
+        feats = encoder_features(image_spec, root, batch_size=batch_size, workers=workers, device=device,
+                                 progress=progress)
+        predictions[f"{image_spec} features + ridge"] = ridge_predictor(feats, y, latent_dim=latent_dim,
+                                                                        fit_intercept=True)(train, test)
+    rows = []
+    for name, pred in predictions.items():
+        r = pearson_per_gene(y[test], pred)
+        rows.append({"method": name, "pearson_mean": float(np.nanmean(r)) if np.isfinite(r).any() else np.nan,
+                     "pearson_std": float(np.nanstd(r)) if np.isfinite(r).any() else np.nan,
+                     "mse": float(((pred - y[test]) ** 2).mean()), "mae": float(np.abs(pred - y[test]).mean()),
+                     "n_test": len(test), "n_genes": y.shape[1]})
+    return pd.DataFrame(rows)
