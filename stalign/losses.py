@@ -92,11 +92,14 @@ class ThreeTargetLoss(nn.Module):
         self.weights = {"spot_loss": alpha, "niche_loss": beta, "fusion_loss": 1.0 - alpha - beta}
 
     def pair_loss(self, a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, *, bias: torch.Tensor | None = None,
-                  cluster: torch.Tensor | None = None, slide_idx: torch.Tensor | None = None) -> torch.Tensor:
-        """Symmetric loss of one pair of (B, E) feature sets; equals the single-process loss on the global batch."""
+                  cluster: torch.Tensor | None = None, slide_idx: torch.Tensor | None = None,
+                  sizes: list[int] | None = None) -> torch.Tensor:
+        """Symmetric loss of one pair of (B, E) feature sets; equals the single-process loss on the global batch.
+
+        ``sizes``: rows per rank (``gather_sizes``), computed here when not given."""
         n_local = a.shape[0]
         if self.gather:
-            sizes = gather_sizes(n_local, a.device)
+            sizes = sizes if sizes is not None else gather_sizes(n_local, a.device)
             rank, _ = rank_and_world()
             a_all, b_all = all_gather_with_grad(a, sizes), all_gather_with_grad(b, sizes)
             offset, n_global = sum(sizes[:rank]), sum(sizes)
@@ -128,12 +131,13 @@ class ThreeTargetLoss(nn.Module):
         if n == 0:
             raise EmptyBatchError("empty batch: the contrastive loss needs at least one spot per process")
         scale, bias = out["logit_scale"], out.get("logit_bias")
+        sizes = gather_sizes(n, out["spot_image_features"].device) if self.gather else None
         result: dict[str, torch.Tensor] = {}
         for name, (ka, kb) in TARGETS.items():
             a, b = out[ka], out[kb]
             if a.shape != b.shape or a.shape[0] != n:
                 raise ValueError(f"{ka} {tuple(a.shape)} and {kb} {tuple(b.shape)} must both be ({n}, E)")
-            result[name] = self.pair_loss(a, b, scale, bias=bias, cluster=cluster, slide_idx=slide_idx)
+            result[name] = self.pair_loss(a, b, scale, bias=bias, cluster=cluster, slide_idx=slide_idx, sizes=sizes)
         result["loss"] = sum(self.weights[k] * result[k] for k in TARGETS)
         if self.check_finite and not bool(torch.isfinite(result["loss"]).item()):
             bad = [k for k in TARGETS if not bool(torch.isfinite(result[k]).item())]

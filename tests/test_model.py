@@ -251,3 +251,23 @@ def test_real_shard_batch_with_virtual_cells_trains(small_shards) -> None:
         without = model.encode_niche_gene({k: v for k, v in batch.items() if not k.startswith("virtual_")})
     assert not torch.allclose(with_v, without, atol=1e-4)
     assert out["niche_gene_features"].shape == (6, model.config.embed_dim)
+
+
+def test_checkpoint_of_a_stofm_folder_model_loads_without_the_folder(tmp_path: Path) -> None:
+    pytest.importorskip("stofm.cell_encoder")
+    import shutil
+
+    import stofm
+
+    genes = [f"g{i}" for i in range(G)]
+    folder = stofm.create_model("stofm-tiny", genes=genes).save_pretrained(tmp_path / "stofm")
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=genes, gene={"encoder": "stofm", "niche": "se2",
+                                                                    "encoder_kwargs": {"model": str(folder)}})
+    ckpt = save_checkpoint(model, tmp_path / "ckpt")
+    shutil.rmtree(folder)  # e.g. the checkpoint was copied to another machine
+    loaded = stalign.load_checkpoint(ckpt).eval()
+    batch = make_batch(virtual=True)
+    with torch.no_grad():
+        a, b = model.eval()(batch), loaded(batch)
+    assert torch.equal(a["niche_gene_features"], b["niche_gene_features"])

@@ -147,9 +147,13 @@ def save_checkpoint(model, path: str | os.PathLike) -> Path:
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    stofm_arch = getattr(model.spot_gene_encoder, "stofm_config", None)
+    if stofm_arch is not None:  # record the SToFM architecture: loading needs no stofm folder or config name
+        config["gene"]["encoder_kwargs"] = {"stofm_config": stofm_arch}
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "stalign_version": __version__,
             "name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
-            "genes": list(model.genes), "config": model.config.to_dict()}
+            "genes": list(model.genes), "config": config}
     (path / "config.json").write_text(json.dumps(meta, indent=1))
     save_model(model, str(path / "model.safetensors"))
     return path

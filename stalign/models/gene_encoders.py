@@ -59,11 +59,11 @@ class PanelMLP(nn.Module):
 
 
 class StofmCell(nn.Module):
-    """A stofm cell encoder called on log1p input."""
+    """A stofm cell encoder called on log1p input; ``stofm_config`` rebuilds the SToFM architecture."""
 
-    def __init__(self, *, encoder: nn.Module) -> None:
+    def __init__(self, *, encoder: nn.Module, stofm_config: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.encoder, self.out_dim = encoder, int(encoder.out_dim)
+        self.encoder, self.out_dim, self.stofm_config = encoder, int(encoder.out_dim), stofm_config
 
     def forward(self, expr: torch.Tensor) -> torch.Tensor:
         return self.encoder(expr, input_kind="log1p")
@@ -75,17 +75,31 @@ def _mlp(*, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, None]:
 
 
 @register_cell_encoder("stofm")
-def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", **overrides: Any) -> tuple[nn.Module, nn.Module]:
-    """A SToFM by config name or ``save_pretrained`` folder: its cell encoder and SE(2) transformer."""
+def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Mapping[str, Any] | None = None,
+           **overrides: Any) -> tuple[nn.Module, nn.Module]:
+    """A SToFM by config name or ``save_pretrained`` folder (its weights), or from ``stofm_config`` (the
+    architecture a stalign checkpoint records; weights then come from the checkpoint): cell encoder + SE(2)."""
+    import copy
+
     import stofm
 
-    sm = stofm.create_model(model, genes=list(genes), **overrides)
+    if stofm_config is not None:
+        from stofm.cell_encoder import build_cell_encoder as build_stofm_cell
+        from stofm.model import SToFM
+
+        meta = copy.deepcopy(dict(stofm_config))
+        enc = meta.pop("cell_encoder")
+        sm = SToFM(config=meta, cell_encoder=build_stofm_cell(enc["kind"], **enc["config"]))
+    else:
+        sm = stofm.create_model(model, genes=list(genes), **overrides)
     if list(sm.genes) != list(genes):
         raise ValueError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
                          f"{len(genes)} genes")
     se2 = sm.se2
     se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
-    return StofmCell(encoder=sm.cell_encoder), se2
+    arch = {**copy.deepcopy(sm.config), "cell_encoder": {"kind": sm.cell_encoder.kind,
+                                                         "config": copy.deepcopy(sm.cell_encoder.config)}}
+    return StofmCell(encoder=sm.cell_encoder, stofm_config=arch), se2
 
 
 def build_cell_encoder(kind: str, *, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, nn.Module | None]:
