@@ -51,27 +51,39 @@ def test_losses_score_the_right_entries():
 
 
 def _crop_batch(squidpy_crop, model):
+    """Sub-slices of the real crop with informative cell embeddings: centred PCA-32 of the real log expression,
+    L2-normalised (an untrained cell encoder's outputs share one direction, so predicting their mean would
+    already give a low MCM loss)."""
+    import dataclasses
+
     import anndata as ad
+    import torch.nn.functional as F
 
     from stofm.embedding import collate_subslices, prepare_slide
+    from stofm.virtual_cells import virtual_cells
 
     adata = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
     slide = prepare_slide(adata, model, n_virtual=6, cells_per_tile=12, max_cells=16)
-    return collate_subslices([(slide, t) for t in slide.tiles])
+    X = torch.as_tensor(adata.X.toarray()).double()
+    X = X - X.mean(0)
+    emb = F.normalize((X @ torch.linalg.svd(X, full_matrices=False)[2][:32].T).float(), dim=-1)
+    vxy, vemb, _ = virtual_cells(slide.coords.double(), emb, 6, seed=0)
+    slide = dataclasses.replace(slide, cell_emb=emb, virtual_coords=vxy.float(), virtual_emb=vemb.float())
+    return collate_subslices([(slide, t) for t in slide.tiles]), emb
 
 
 def test_mcm_and_pdr_decrease_on_real_crop(squidpy_crop):
     import anndata as ad
+    import torch.nn.functional as F
 
     pytest.importorskip("stofm.cell_encoder")  # the other developer's cell encoders
-
     from stofm.model import create_model
     from stofm.objectives import SToFMPretrainLoss
 
     genes = list(ad.read_h5ad(squidpy_crop / "test_data.h5ad", backed="r").var_names)
     torch.manual_seed(0)
-    model = create_model("stofm-tiny", genes=genes)
-    batch = _crop_batch(squidpy_crop, model)
+    model = create_model("stofm-tiny", genes=genes, cell_encoder_cfg={"out_dim": 32})
+    batch, emb = _crop_batch(squidpy_crop, model)
     assert batch["cell_emb"].shape[0] >= 3 and batch["pad_mask"].any()  # several padded sub-slices
     loss_fn = SToFMPretrainLoss()
     params = [p for n, p in model.named_parameters() if not n.startswith("cell_encoder.")]
@@ -86,12 +98,15 @@ def test_mcm_and_pdr_decrease_on_real_crop(squidpy_crop):
         return {k: float(np.mean([r[k].item() for r in res])) for k in ("mcm_loss", "pdr_loss")}
 
     before = evaluate()
-    for step in range(60):
+    for step in range(40):
         out = model.pretrain_forward(batch, generator=torch.Generator().manual_seed(step))
         loss = loss_fn(out, batch)["loss"]
         opt.zero_grad()
         loss.backward()
         opt.step()
     after = evaluate()
-    assert after["mcm_loss"] < 0.8 * before["mcm_loss"], (before, after)
-    assert after["pdr_loss"] < 0.8 * before["pdr_loss"], (before, after)
+    assert after["mcm_loss"] < 0.9 * before["mcm_loss"], (before, after)
+    assert after["pdr_loss"] < 0.5 * before["pdr_loss"], (before, after)
+    # the masked cells are predicted from their context, better than by the slide's mean embedding
+    mean_baseline = float((1 - F.cosine_similarity(emb, emb.mean(0, keepdim=True))).mean())
+    assert after["mcm_loss"] < 0.95 * mean_baseline, (after, mean_baseline)
