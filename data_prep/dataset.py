@@ -188,8 +188,11 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
                   seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Global indices (train, val) of ``ds``'s spots for ``ShardDataset(root, indices=...)``.
 
-    ``by="slide"`` holds out whole slides (no spot, niche or neighbour of a validation slide is seen
-    in training); ``by="spot"`` holds out random spots, whose niche crops still overlap training spots.
+    - ``by="slide"``: whole slides are held out; nothing of a validation slide is seen in training.
+    - ``by="block"``: square blocks (2 × niche_um wide) of every slide are held out, and training spots closer
+      than niche_um (in x or y) to a validation spot are left out of both sets, so no training crop, niche
+      mean or neighbour overlaps a validation spot. The validation share is close to ``val_fraction``.
+    - ``by="spot"``: random spots; their niche crops and neighbours still overlap training spots.
     """
     if not 0.0 < val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
@@ -211,4 +214,35 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
         owner = np.searchsorted(ds._offsets, idx, side="right") - 1
         in_val = np.isin(owner, val_slides)
         return idx[~in_val], idx[in_val]
-    raise ValueError(f"by must be 'spot' or 'slide', got {by!r}")
+    if by == "block":
+        return _split_blocks(ds, val_fraction=val_fraction, rng=rng)
+    raise ValueError(f"by must be 'spot', 'block' or 'slide', got {by!r}")
+
+
+def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    from scipy.spatial import cKDTree
+
+    niche = float(ds.manifest["niche_um"])
+    groups = []  # per slide: global indices, µm coordinates, block key per spot
+    for k, pos in ds._by_slide().items():
+        g = ds._indices[pos]
+        xy = ds._arrays(k)["coords_um"][g - ds._offsets[k]].astype(np.float64)
+        groups.append((g, xy, np.floor((xy - xy.min(0)) / (2 * niche)).astype(np.int64)))
+    blocks = sorted({(i, *b) for i, (_, _, keys) in enumerate(groups) for b in map(tuple, keys)})
+    if len(blocks) < 2:
+        raise ValueError(f"the {len(ds)} spots lie in a single {2 * niche:g} µm block; split by spot or by slide")
+    n_val = min(len(blocks) - 1, max(1, round(val_fraction * len(blocks))))
+    held = {blocks[j] for j in rng.permutation(len(blocks))[:n_val]}
+    train, val = [], []
+    for i, (g, xy, keys) in enumerate(groups):
+        in_val = np.asarray([(i, *b) in held for b in map(tuple, keys)], dtype=bool)
+        near = np.zeros(int((~in_val).sum()), dtype=bool)
+        if in_val.any():
+            near = cKDTree(xy[in_val]).query(xy[~in_val], p=np.inf, distance_upper_bound=niche)[0] < np.inf
+        train.append(g[~in_val][~near])
+        val.append(g[in_val])
+    train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+    if len(train_idx) == 0:
+        raise ValueError(f"a split by block of {len(ds)} spots left no training spot outside the {niche:g} µm "
+                         "margin around the validation blocks; use a smaller val_fraction or split by spot")
+    return train_idx, val_idx

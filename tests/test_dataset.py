@@ -131,5 +131,12 @@ def test_split_indices_by_slide_and_by_spot(root):
     assert np.array_equal(val, split_indices(ds, val_fraction=0.2, by="spot", seed=1)[1])
     with pytest.raises(ValueError, match="at least two slides"):
         split_indices(ShardDataset(root, slides=[0]), val_fraction=0.5, by="slide")
+    # blocks: no training spot within niche_um (in x or y) of a validation spot, on either slide
+    train, val = split_indices(ds, val_fraction=0.3, by="block", seed=3)
+    assert len(val) and len(train) and set(train.tolist()).isdisjoint(val.tolist())
+    xy = np.concatenate([shards.read_shard(root / "shards" / f"{s}.h5")["coords_um"] for s in ("crop", "mirror")])
+    for t in train:
+        same_slide = val[(val >= 49) == (t >= 49)]
+        assert np.all(np.abs(xy[same_slide] - xy[t]).max(1) >= NICHE_UM)
     with pytest.raises(ValueError, match="by must be"):
         split_indices(ds, val_fraction=0.5, by="patient")
