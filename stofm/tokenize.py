@@ -101,8 +101,8 @@ def rank_tokens(expr: "torch.Tensor", gene_ids: "torch.Tensor", medians: "torch.
 
     ``expr`` (B, G); ``gene_ids`` (G,) token ids, < 0 for genes to leave out; ``medians`` (G,) with
     non-positive/NaN entries left out too. Returns ids (B, L) and pad_mask (B, L) (True = padding),
-    L = 1 + min(max_len, most expressed genes in the batch). A stable descending sort over the columns
-    ordered by token id gives the same ties as the numpy tokenizer (``topk`` breaks ties arbitrarily).
+    L = 1 + min(max_len, most expressed genes in the batch). Ties break by token id: ``topk`` runs on
+    unique integer keys (score bits, then token id), so it is exact and deterministic.
     """
     import torch
 
@@ -113,15 +113,16 @@ def rank_tokens(expr: "torch.Tensor", gene_ids: "torch.Tensor", medians: "torch.
     if input_kind == "log1p":
         expr = torch.expm1(expr)
     usable = (gene_ids >= 0) & torch.isfinite(medians) & (medians > 0)
-    order = torch.argsort(torch.where(usable, gene_ids, gene_ids.max() + 1 + torch.arange(
-        gene_ids.numel(), device=gene_ids.device)), stable=True)
-    score = expr[:, order] / torch.where(usable, medians, 1.0)[order].float()
-    keep = (expr[:, order] > 0) & usable[order]
-    score = torch.where(keep, score, torch.full_like(score, -1.0))
+    keep = (expr > 0) & usable
+    score = (expr / torch.where(usable, medians, 1.0).float()).contiguous()
+    # unique int64 keys: the score's float32 bits (monotone for positive floats), then a tie-break that
+    # falls with the token id, so topk is exact and deterministic: score descending, then token id ascending
+    by_id = torch.argsort(torch.where(usable, gene_ids, gene_ids.max() + 1), stable=True)
+    tie = torch.empty_like(by_id).scatter_(0, by_id, torch.arange(len(by_id) - 1, -1, -1, device=by_id.device))
+    key = ((score.view(torch.int32).long() << 32) | tie).masked_fill_(~keep, -1)
     n_keep = keep.sum(dim=1).clamp(max=max_len)
     length = int(n_keep.max()) if n_keep.numel() else 0
-    top = torch.sort(score, dim=1, descending=True, stable=True).indices[:, :length]
-    ids = gene_ids[order][top]
+    ids = gene_ids[torch.topk(key, length, dim=1, sorted=True).indices]
     pad = torch.arange(length, device=expr.device)[None, :] >= n_keep[:, None]
     ids = torch.where(pad, torch.full_like(ids, pad_id), ids)
     cls = torch.full((expr.shape[0], 1), cls_id, dtype=ids.dtype, device=ids.device)
