@@ -66,6 +66,8 @@ def masked_gene_loss(encoder: BertCellEncoder, head: MaskedGeneHead, ids: torch.
         corrupted[rows, first[has]] = encoder.vocab.mask_id
         chosen = labels != IGNORE
     hidden = encoder.forward_tokens(corrupted, pad_mask)["hidden"]
+    if not chosen.any():  # every cell of the batch is empty: nothing to predict, a zero loss in the graph
+        return {"loss": hidden.sum() * 0.0, "accuracy": hidden.new_tensor(float("nan"))}
     logits = head(hidden[chosen]).float()
     loss = F.cross_entropy(logits, labels[chosen])
     return {"loss": loss, "accuracy": (logits.detach().argmax(-1) == labels[chosen]).float().mean()}
@@ -99,8 +101,8 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
     """Masked-gene pretraining of ``encoder`` on an AnnData or a (cells, genes) matrix of counts.
 
     Medians are fitted on the data first when ``fit_medians`` (default: when the encoder has none).
-    AdamW with warm-up + cosine decay, gradient clipping at 1, bf16 autocast (default: on CUDA only). ``max_cells`` uses a
-    random subset of the cells. Returns ``{"step", "loss", "accuracy", "lr"}`` per step; the encoder is
+    AdamW with warm-up + cosine decay, gradient clipping at 1, bf16 autocast (default: on CUDA only).
+    ``max_cells`` uses a random subset of the cells. Returns ``{"step", "loss", "accuracy", "lr"}`` per step; the encoder is
     trained in place (``head``, when given, too).
     """
     from tqdm.auto import tqdm
@@ -119,7 +121,7 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
         cells = np.sort(rng.choice(cells, size=max_cells, replace=False))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if fit_medians or (fit_medians is None and not bool(encoder.medians_fitted)):
-        encoder.fit_medians(_rows(X, cells), genes, input_kind=input_kind)
+        encoder.fit_medians(X if max_cells is None else _rows(X, cells), genes, input_kind=input_kind)
     tokenizer = encoder.tokenizer()
     head = head or MaskedGeneHead(width=encoder.width, vocab_size=len(encoder.vocab))
     encoder.to(device).train()

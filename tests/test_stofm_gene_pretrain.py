@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stofm.cell_encoder import BertCellEncoder, MLPCellEncoder, load_cell_encoder, save_cell_encoder
-from stofm.gene_pretrain import IGNORE, lr_at, mask_gene_tokens, pretrain_cell_encoder
+from stofm.gene_pretrain import (IGNORE, MaskedGeneHead, lr_at, mask_gene_tokens, masked_gene_loss,
+                                 pretrain_cell_encoder)
 from stofm.vocab import GeneVocab
 
 
@@ -69,6 +70,18 @@ def test_loss_decreases_on_real_counts_and_round_trips(adata, tmp_path, one_thre
         before = enc(x)
         back = load_cell_encoder(save_cell_encoder(enc, tmp_path / "adapted"))
         assert torch.equal(back.eval()(x), before)
+
+
+def test_empty_cells_give_a_zero_loss_not_nan():
+    genes = [f"g{i}" for i in range(10)]
+    enc = BertCellEncoder(genes=genes, width=16, depth=1, heads=2, max_len=8, out_dim=8, dropout=0.0)
+    head = MaskedGeneHead(width=16, vocab_size=len(enc.vocab))
+    ids, pad = enc.tokens(torch.zeros(3, 10))
+    out = masked_gene_loss(enc, head, ids, pad)
+    assert out["loss"].item() == 0.0 and out["loss"].requires_grad
+    ids, pad = enc.tokens(torch.eye(10)[:3])  # one gene per cell: that gene is forced as a target
+    out = masked_gene_loss(enc, head, ids, pad, mask_prob=0.01, generator=torch.Generator().manual_seed(0))
+    assert out["loss"].item() > 0 and torch.isfinite(out["loss"])
 
 
 @pytest.mark.gpu
