@@ -171,9 +171,16 @@ class BertCellEncoder(CellEncoder):
 
     def set_medians(self, gene_medians: Mapping[str, float] | Sequence[float]) -> None:
         """Per-gene medians ({gene: median} or array over ``self.genes``); genes without one are left out."""
+        import warnings
+
         med = medians_for(self.genes, gene_medians)
-        if not (np.isfinite(med) & (med > 0)).any():
+        ok = np.isfinite(med) & (med > 0)
+        if not ok.any():
             raise ValueError("no gene of the encoder has a positive median")
+        if not ok.all():
+            warnings.warn(f"{int((~ok).sum())} of the encoder's {len(ok)} genes have no median (never expressed "
+                          f"where fitted?) and are left out of the tokens (e.g. "
+                          f"{[self.genes[i] for i in np.flatnonzero(~ok)[:5]]})", UserWarning, stacklevel=2)
         self.gene_medians.copy_(torch.from_numpy(np.nan_to_num(med, nan=0.0)).float())
         self.medians_fitted.fill_(True)
 

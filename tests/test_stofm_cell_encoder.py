@@ -96,7 +96,13 @@ def test_tokens_match_numpy_tokenizer_and_encode_cells(fetched):
     genes = adata.var["gene_ids"].astype(str).tolist()
     torch.manual_seed(0)
     enc = BertCellEncoder(genes=genes, width=32, depth=1, heads=2, max_len=48, out_dim=16, dropout=0.0).eval()
-    enc.fit_medians(X)
+    with pytest.warns(UserWarning, match=r"\d+ of the encoder's 1000 genes have no median"):
+        enc.fit_medians(X)  # 64 cells: many genes never expressed
+    assert (enc.gene_medians == 0).sum() > 100 and (enc.gene_ids[enc.gene_medians == 0] >= 0).all()
+    other = torch.from_numpy(np.asarray(adata.X[64:128], dtype=np.float32))
+    no_median = enc.gene_medians == 0
+    assert (other[:, no_median] > 0).any()  # expressed in other cells, but never becomes a token there
+    assert not set(enc.tokens(other)[0].unique().tolist()) & set(enc.gene_ids[no_median].tolist())
     ids, pad = enc.tokenizer()(sp.csr_matrix(X), genes)
     ids_t, pad_t = enc.tokens(torch.from_numpy(X))
     assert torch.equal(ids, ids_t) and torch.equal(pad, pad_t)
