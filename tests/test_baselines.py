@@ -4,8 +4,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stalign.tasks.baselines import (colour_features, evaluation_splits, knn_predictor, mean_predictor,
-                                     neighbour_predictor, run_baselines, top_variance_genes)
+from stalign.tasks.baselines import (
+    colour_features,
+    evaluation_splits,
+    knn_predictor,
+    mean_predictor,
+    neighbour_predictor,
+    run_baselines,
+    top_variance_genes,
+)
 
 
 @pytest.fixture(scope="module")

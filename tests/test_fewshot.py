@@ -4,8 +4,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stalign.tasks.fewshot import (ExpressionHead, ExpressionProbe, LogisticProbe, PrototypeClassifier,
-                                   few_shot_accuracy, head_predict, load_head, save_head)
+from stalign.tasks.fewshot import (
+    ExpressionHead,
+    ExpressionProbe,
+    LogisticProbe,
+    PrototypeClassifier,
+    few_shot_accuracy,
+    head_predict,
+    load_head,
+    save_head,
+)
 from stalign.tasks.retrieval import GenePanelError
 
 

@@ -4,8 +4,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stalign.tasks.hest import (LeakageError, check_no_leakage, cross_validate, group_splits, hest_benchmark,
-                                hest_gene_panel, pearson_per_gene, ridge_probe, seurat_hvg)
+from stalign.tasks.hest import (
+    LeakageError,
+    check_no_leakage,
+    cross_validate,
+    group_splits,
+    hest_benchmark,
+    hest_gene_panel,
+    pearson_per_gene,
+    ridge_probe,
+    seurat_hvg,
+)
 
 
 def test_pearson_matches_a_hand_computed_case():

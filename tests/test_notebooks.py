@@ -1,9 +1,9 @@
 """The notebooks execute top to bottom on the real Visium crop (so they cannot rot)."""
 from __future__ import annotations
 
-import pytest
-
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 

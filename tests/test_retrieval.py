@@ -4,7 +4,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from stalign.tasks.retrieval import GenePanelError, ReferenceBank, query_signature, signature_scores
+from stalign.tasks.retrieval import (
+    GenePanelError,
+    ReferenceBank,
+    query_signature,
+    signature_scores,
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +59,7 @@ def test_prediction_is_the_softmax_weighted_mean_of_the_top_k():
 
 
 def test_save_load_round_trip_keeps_genes_and_meta(tmp_path, crop):
-    emb, expr, genes, adata = crop
+    emb, expr, genes, _ = crop
     bank = ReferenceBank(embeddings=emb, expression=expr, genes=genes, meta={"slide_id": ["crop"] * len(emb)})
     loaded = ReferenceBank.load(bank.save(tmp_path / "bank"))
     assert loaded.genes == genes and list(loaded.meta["slide_id"]) == ["crop"] * len(emb)

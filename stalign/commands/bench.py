@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from stalign.commands.predict import add_run_args
-from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:

@@ -65,7 +65,6 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     spots share tissue). ``features`` adds precomputed (N, F) arrays by name.
     """
     from data_prep.dataset import ShardDataset
-
     from stalign.tasks.hest import hest_benchmark
 
     ds = ShardDataset(root)
@@ -112,7 +111,11 @@ def heldout_table(model: Any, root: str | os.PathLike, *, train: Sequence[int], 
     expression, the average of the 6 nearest training spots (no image) and ``image_spec`` features + ridge."""
     import pandas as pd
 
-    from stalign.tasks.baselines import mean_predictor, neighbour_predictor, ridge_predictor
+    from stalign.tasks.baselines import (
+        mean_predictor,
+        neighbour_predictor,
+        ridge_predictor,
+    )
     from stalign.tasks.embed import embed_shards
     from stalign.tasks.hest import pearson_per_gene
     from stalign.tasks.retrieval import ReferenceBank

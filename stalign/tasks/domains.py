@@ -75,7 +75,9 @@ def score_domains(labels: Sequence[Any], annotations: Sequence[Any]) -> dict[str
     labels, truth = np.asarray(labels), np.asarray(annotations, dtype=object)
     if len(labels) != len(truth):
         raise ValueError(f"{len(labels)} domain labels but {len(truth)} annotations")
-    keep = np.array([t is not None and t == t and str(t) != "" for t in truth])  # t == t drops NaN
+    import pandas as pd
+
+    keep = np.array([not pd.isna(t) and str(t) != "" for t in truth])
     if keep.sum() < 2:
         raise ValueError("fewer than two annotated spots: cannot score domains")
     t = truth[keep].astype(str)

@@ -105,7 +105,7 @@ class ExpressionHead:
         self.history: list[float] = []
 
     def build(self, in_dim: int):
-        import torch.nn as nn
+        from torch import nn
 
         self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, self.hidden), nn.GELU(),
                                  nn.Dropout(self.dropout), nn.Linear(self.hidden, len(self.genes)))

@@ -180,7 +180,7 @@ class ProtocolResult:
                     "pooled_pearson_mean": float(np.nanmean(self.pooled_pearson)),
                     "pooled_pearson_std": float(np.nanstd(self.pooled_pearson)),
                     "mse": float(self.fold_mse.mean()), "mae": float(self.fold_mae.mean()),
-                    "n_folds": int(len(self.fold_pearson)), "n_genes": len(self.genes),
+                    "n_folds": len(self.fold_pearson), "n_genes": len(self.genes),
                     "undefined_pearson": int(np.isnan(self.fold_pearson).sum())}
 
 

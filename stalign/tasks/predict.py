@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.tasks.retrieval import ReferenceBank, gene_indices
+from stalign.tasks.retrieval import gene_indices
 
 DEFAULT_SPOT_UM, DEFAULT_NICHE_UM, DEFAULT_PATCH_PX = 112.0, 336.0, 224  # as `stalign prep`
 
