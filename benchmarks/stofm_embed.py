@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--model", nargs="+", default=["stofm-tiny"], help="config names (stofm-tiny/-small/-base)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
-    p.add_argument("--attn-impl", nargs="+", default=["manual"], choices=("manual", "sdpa"))
+    p.add_argument("--attn-impl", nargs="+", default=["sdpa"], choices=("manual", "sdpa"))
     p.add_argument("--batch-size", type=int, default=4, help="sub-slices per forward pass")
     p.add_argument("--cells-per-tile", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
