@@ -159,6 +159,84 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
     return history
 
 
+def _stack_on_common_genes(parts: list[tuple]) -> tuple:
+    """Rows of several (matrix, genes) stacked over the genes all of them share (first one's order)."""
+    import scipy.sparse as sp
+
+    common = set(parts[0][1]).intersection(*(set(g) for _, g in parts[1:]))
+    genes = [g for g in dict.fromkeys(parts[0][1]) if g in common]
+    if not genes:
+        raise ValueError("the inputs share no gene names")
+    blocks = []
+    for X, names in parts:
+        first = {g: i for i, g in reversed(list(enumerate(names)))}
+        block = X[:, [first[g] for g in genes]]
+        blocks.append(sp.csr_matrix(block))
+    return sp.vstack(blocks, format="csr"), genes
+
+
 def _rows(X, rows: np.ndarray):
     """Rows of a dense/sparse/backed matrix (sorted indices, as h5py needs)."""
     return X[np.asarray(rows)]
+
+
+def add_arguments(parser) -> None:
+    """Arguments of the masked-gene pretraining command (for ``stofm``'s CLI)."""
+    parser.add_argument("inputs", nargs="+", help=".h5ad or .zarr AnnData files of counts (cells x genes)")
+    parser.add_argument("--out", required=True, help="output folder: the adapted cell encoder + pretrain_log.csv")
+    parser.add_argument("--encoder", help="a save_cell_encoder folder to adapt (default: a new BertCellEncoder)")
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=4)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--max-len", type=int, default=2048)
+    parser.add_argument("--out-dim", type=int, default=256)
+    parser.add_argument("--gene-key", help="var column with the gene names (default: var_names)")
+    parser.add_argument("--layer", help="layer with the counts (default: X)")
+    parser.add_argument("--input-kind", choices=("counts", "log1p"), default="counts")
+    parser.add_argument("--refit-medians", action="store_true", help="refit the medians of a given --encoder")
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--warmup", type=int, default=None)
+    parser.add_argument("--max-cells", type=int, default=None)
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def run_from_args(args) -> int:
+    """Read the inputs, pretrain, write ``args.out`` (``config.json``, ``model.safetensors``, ``pretrain_log.csv``)."""
+    import csv
+    from pathlib import Path
+
+    import anndata as ad
+
+    from stofm.cell_encoder import load_cell_encoder, save_cell_encoder
+
+    parts: list[tuple] = []
+    for src in map(Path, args.inputs):
+        if not src.exists():
+            raise FileNotFoundError(f"masked-gene pretraining: {src} does not exist")
+        adata = ad.read_zarr(src) if src.suffix == ".zarr" or src.is_dir() else ad.read_h5ad(src)
+        if args.layer and args.layer not in adata.layers:
+            raise ValueError(f"{src}: no layer {args.layer!r} (layers: {list(adata.layers)})")
+        if args.gene_key and args.gene_key not in adata.var:
+            raise ValueError(f"{src}: no var column {args.gene_key!r} (columns: {list(adata.var.columns)})")
+        names = (adata.var[args.gene_key] if args.gene_key else adata.var_names).astype(str).tolist()
+        parts.append((adata.layers[args.layer] if args.layer else adata.X, names))
+    X, genes = parts[0] if len(parts) == 1 else _stack_on_common_genes(parts)
+    if args.encoder:
+        encoder = load_cell_encoder(args.encoder)
+    else:
+        encoder = BertCellEncoder(genes=list(dict.fromkeys(genes)), width=args.width, depth=args.depth,
+                                  heads=args.heads, max_len=args.max_len, out_dim=args.out_dim)
+    hist = pretrain_cell_encoder(X, genes, encoder, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                                 warmup=args.warmup, device=args.device, input_kind=args.input_kind,
+                                 fit_medians=True if args.refit_medians else None, max_cells=args.max_cells,
+                                 seed=args.seed)
+    out = save_cell_encoder(encoder.cpu(), args.out)
+    with open(out / "pretrain_log.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(list(hist))
+        writer.writerows(zip(*hist.values()))
+    print(f"masked-gene pretraining: loss {hist['loss'][0]:.3f} -> {hist['loss'][-1]:.3f}; encoder in {out}")
+    return 0

@@ -113,3 +113,37 @@ def test_matrix_input_and_errors(adata):
         pretrain_cell_encoder(X, genes[:-1], enc, steps=1)
     with pytest.raises(TypeError, match="BertCellEncoder"):
         pretrain_cell_encoder(X, genes, MLPCellEncoder(genes=genes), steps=1)
+
+
+def test_command_line_pretraining_on_two_files(adata, tmp_path, one_thread, capsys):
+    import argparse
+    import csv
+
+    import anndata as ad
+    import scipy.sparse as sp
+
+    from stofm.gene_pretrain import add_arguments, run_from_args
+
+    var = adata.var[["gene_ids"]].copy()
+    var.index = var["gene_ids"].astype(str).to_numpy()
+    ad.AnnData(X=sp.csr_matrix(np.asarray(adata.X[:120])), var=var).write_h5ad(tmp_path / "a.h5ad")
+    cols = np.random.default_rng(0).permutation(1000)[:800]  # other gene order, a subset
+    ad.AnnData(X=np.asarray(adata.X[120:200])[:, cols], var=var.iloc[cols]).write_h5ad(tmp_path / "b.h5ad")
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    out = tmp_path / "adapted"
+    args = parser.parse_args([str(tmp_path / "a.h5ad"), str(tmp_path / "b.h5ad"), "--out", str(out),
+                              "--width", "16", "--depth", "1", "--heads", "2", "--max-len", "32", "--out-dim", "8",
+                              "--steps", "4", "--batch-size", "16", "--device", "cpu"])
+    assert run_from_args(args) == 0
+    enc = load_cell_encoder(out)
+    assert isinstance(enc, BertCellEncoder) and len(enc.genes) == 800 and bool(enc.medians_fitted)
+    rows = list(csv.DictReader(open(out / "pretrain_log.csv")))
+    assert [int(r["step"]) for r in rows] == [0, 1, 2, 3] and all(np.isfinite(float(r["loss"])) for r in rows)
+    assert "loss" in capsys.readouterr().out
+    args.inputs = [str(tmp_path / "missing.h5ad")]
+    with pytest.raises(FileNotFoundError, match="missing.h5ad"):
+        run_from_args(args)
+    args.inputs, args.layer = [str(tmp_path / "a.h5ad")], "counts"
+    with pytest.raises(ValueError, match="no layer 'counts'"):
+        run_from_args(args)
