@@ -202,3 +202,27 @@ def test_heldout_table_and_parallel_readers(setup):
     serial = embed_slide_crops(setup["model"], crops, batch_size=2, workers=0, progress=False)
     parallel = embed_slide_crops(setup["model"], crops, batch_size=2, workers=2, progress=False)
     np.testing.assert_allclose(parallel, serial, rtol=1e-5, atol=1e-6)
+
+
+def test_pyramidal_wsi_through_openslide_tiles_and_reports_its_pixel_size(fetched):
+    import torch
+
+    import stalign
+    from data_prep.errors import PixelSizeError
+    from stalign.tasks.predict import predict_slide
+    from stalign.tasks.retrieval import ReferenceBank
+
+    wsi = fetched("openslide-fixtures") / "boxes.tiff"  # 4-level pyramidal TIFF whose resolution tags are a dpi
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=["A", "B", "C"])
+    rng = np.random.default_rng(0)
+    bank = ReferenceBank(embeddings=rng.normal(size=(20, 32)), expression=rng.random((20, 3)), genes=["A", "B", "C"],
+                         info={"spot_um": 20, "niche_um": 60, "patch_px": 32})
+    with pytest.raises(PixelSizeError, match="boxes.tiff: no pixel size"):
+        predict_slide(model, wsi, reference=bank, progress=False)
+    out = predict_slide(model, wsi, reference=bank, um_per_px=0.5, genes=["C", "A"], k=5, progress=False)
+    assert out.n_obs > 5 and list(out.var_names) == ["C", "A"] and out.uns["stalign"]["tiled"]
+    assert out.uns["stalign"]["pixel_size_source"] == "user flag" and "ignored" in out.uns["stalign"]["pixel_size_note"]
+    xy = out.obsm["spatial"]
+    assert (xy >= 0).all() and (xy[:, 0] < 300).all() and (xy[:, 1] < 250).all()
+    assert (out.X >= 0).all() and (out.X <= 1).all()  # weighted means of the bank's expression in [0, 1)

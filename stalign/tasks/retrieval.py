@@ -160,7 +160,11 @@ class ReferenceBank:
         weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
         weights /= weights.sum(axis=1, keepdims=True)
         expr = self.expression if genes is None else self.expression[:, self.gene_indices(genes)]
-        return np.einsum("qk,qkg->qg", weights, expr[idx]).astype(np.float32)
+        out = np.empty((len(idx), expr.shape[1]), dtype=np.float32)
+        step = max(1, 2**26 // max(1, idx.shape[1] * expr.shape[1]))  # bounds the (q, k, G) gather to ~256 MB
+        for s in range(0, len(idx), step):
+            out[s:s + step] = np.einsum("qk,qkg->qg", weights[s:s + step], expr[idx[s:s + step]])
+        return out
 
     def hits(self, queries: Any, *, k: int = 10, **search: Any):
         """Table (pandas) of the ``k`` most similar reference spots per query, with their meta columns."""
