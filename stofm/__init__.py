@@ -21,7 +21,7 @@ _LAZY = {
     "tile_slide": "stofm.subslice",
 }
 
-__all__ = sorted(_LAZY)
+__all__ = list(_LAZY)
 
 
 def __getattr__(name: str) -> Any:

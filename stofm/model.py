@@ -8,14 +8,20 @@ from __future__ import annotations
 import copy
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-from stofm.cell_encoder import (CellEncoder, build_cell_encoder, load_cell_encoder, read_weights_folder,
-                                write_weights_folder)
+from stofm.cell_encoder import (
+    CellEncoder,
+    build_cell_encoder,
+    load_cell_encoder,
+    read_weights_folder,
+    write_weights_folder,
+)
 from stofm.objectives import PairDistanceHead, mcm_masks, perturb_coords
 from stofm.se2 import SE2Transformer
 

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 DEFAULTS_NOTE = "YAML keys become defaults; command-line flags override them"
 

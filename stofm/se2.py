@@ -170,7 +170,7 @@ class SE2Transformer(nn.Module):
     def _distances(self, coords: torch.Tensor, pad: torch.Tensor, vcoords: torch.Tensor, vpad: torch.Tensor,
                    types: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """(dist (B,T,T), edge type (T,T), constant-entry mask (B,T,T), cell kNN graph (B,N,N))."""
-        b, n = pad.shape
+        n = pad.shape[1]
         v = vcoords.shape[1]
         xy = torch.cat([vcoords, coords], 1).float()
         xy = torch.where(torch.cat([vpad, pad], 1)[..., None], torch.zeros_like(xy), xy)

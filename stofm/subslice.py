@@ -40,12 +40,12 @@ def slide_diameter(coords: np.ndarray) -> float:
     if len(pts) < 2:
         return 0.0
     if len(pts) > 3:
-        try:
-            from scipy.spatial import ConvexHull
+        from scipy.spatial import ConvexHull, QhullError
 
+        try:
             pts = pts[ConvexHull(pts).vertices]
-        except Exception:  # collinear points: the hull is degenerate, the extremes suffice
-            pass
+        except QhullError:  # collinear points: the diameter joins two of the axis extremes
+            pts = pts[[pts[:, 0].argmin(), pts[:, 0].argmax(), pts[:, 1].argmin(), pts[:, 1].argmax()]]
     best = 0.0
     for start in range(0, len(pts), 2048):  # bounded memory for large hulls
         chunk = pts[start:start + 2048]

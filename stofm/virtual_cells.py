@@ -65,7 +65,7 @@ def clustering_features(xy: Any, emb: Any, *, n_pcs: int = 50) -> Any:
     e = emb.double() - emb.double().mean(0)
     q = min(n_pcs, e.shape[0], e.shape[1])
     if q > 0 and e.abs().max() > 0:
-        _, s, vh = torch.linalg.svd(e, full_matrices=False)
+        vh = torch.linalg.svd(e, full_matrices=False)[2]
         pcs = e @ vh[:q].T
     else:
         pcs = e[:, :0]
@@ -113,8 +113,8 @@ def leiden(feats: np.ndarray, n_clusters: int, *, seed: int = 0, n_neighbors: in
     """Leiden clusters of ``feats`` with the resolution bisected so the count is close to ``n_clusters``."""
     try:
         import anndata as ad
-        import scanpy as sc
         import leidenalg  # noqa: F401
+        import scanpy as sc
     except ImportError as err:
         raise ImportError("virtual cells with method='leiden' need scanpy and leidenalg: "
                           "pip install 'stalign[leiden]' (or use method='kmeans')") from err

@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("stofm.cell_encoder")  # the other developer's cell encoders
 
-import stofm  # noqa: E402
-from stofm.subslice import CoordinateError  # noqa: E402
+import stofm
+from stofm.subslice import CoordinateError
 
 
 @pytest.fixture(scope="module")

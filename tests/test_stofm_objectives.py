@@ -5,7 +5,13 @@ import numpy as np
 import pytest
 import torch
 
-from stofm.objectives import MCMLoss, PDRLoss, mcm_masks, mean_nn_spacing, perturb_coords
+from stofm.objectives import (
+    MCMLoss,
+    PDRLoss,
+    mcm_masks,
+    mean_nn_spacing,
+    perturb_coords,
+)
 
 
 def test_mcm_mask_ratios_and_padding():

@@ -9,7 +9,7 @@ import pytest
 
 pytest.importorskip("stofm.cell_encoder")  # the other developer's cell encoders
 
-from stofm.pretrain import batch_items, load_config, pretrain  # noqa: E402
+from stofm.pretrain import batch_items, load_config, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "stofm_tiny.yaml"

@@ -6,7 +6,12 @@ import math
 import numpy as np
 import pytest
 
-from stofm.subslice import CoordinateError, scale_to_diameter, slide_diameter, tile_slide
+from stofm.subslice import (
+    CoordinateError,
+    scale_to_diameter,
+    slide_diameter,
+    tile_slide,
+)
 from stofm.virtual_cells import virtual_cells
 
 
@@ -49,6 +54,9 @@ def test_diameter_scaling_is_rotation_invariant():
     scaled, factor = scale_to_diameter(xy)
     d = np.sqrt(((scaled[:, None] - scaled[None]) ** 2).sum(-1)).max()
     assert d == pytest.approx(100.0) and factor == pytest.approx(100.0 / slide_diameter(xy))
+    line = np.stack([np.arange(50.0), 2 * np.arange(50.0)], 1)  # collinear cells: no convex hull
+    assert slide_diameter(line) == pytest.approx(math.hypot(49, 98))
+    _partition_ok(tile_slide(line, cells_per_tile=10), 50)
 
 
 def test_bad_coordinates():
@@ -90,7 +98,7 @@ def test_virtual_cells_rotation_equivariant_and_torch():
     cxy2, _, labels2 = virtual_cells(xy @ rot.T + 7, emb, 6, seed=3)
     assert np.array_equal(labels, labels2)
     assert np.allclose(cxy @ rot.T + 7, cxy2, atol=1e-6)
-    tx, te, tl = virtual_cells(torch.as_tensor(xy), torch.as_tensor(emb), 6, seed=3)
+    _, te, tl = virtual_cells(torch.as_tensor(xy), torch.as_tensor(emb), 6, seed=3)
     assert isinstance(te, torch.Tensor) and np.array_equal(tl.numpy(), labels)
     # more clusters than cells: one virtual cell per cell
     assert virtual_cells(xy[:4], emb[:4], 10)[0].shape[0] == 4
@@ -106,7 +114,7 @@ def test_virtual_cells_leiden_needs_extra():
             virtual_cells(xy, emb, 4, method="leiden")
     else:
         xy, emb, _ = _two_domain_slide()
-        cxy, cemb, labels = virtual_cells(xy, emb, 4, method="leiden")
+        cxy, _, labels = virtual_cells(xy, emb, 4, method="leiden")
         assert len(cxy) == len(np.unique(labels)) >= 2
     with pytest.raises(ValueError, match="unknown clustering"):
         virtual_cells(np.zeros((3, 2)) + np.arange(3)[:, None], np.zeros((3, 4)), 2, method="dbscan")
