@@ -1,4 +1,5 @@
-"""The ``stofm`` command line: ``stofm pretrain --config ...``, ``stofm embed IN --model M --out OUT``, ``stofm models``."""
+"""The ``stofm`` command line: ``stofm pretrain-cells ...`` (masked-gene pretraining of the cell encoder),
+``stofm pretrain --config ...`` (MCM + PDR), ``stofm embed IN --model M --out OUT``, ``stofm models``."""
 from __future__ import annotations
 
 import argparse
@@ -6,13 +7,20 @@ import sys
 from collections.abc import Sequence
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser; ``pretrain-cells``' flags (a torch-importing module) are added only when it is the command."""
     from stofm import __version__
     from stofm.pretrain import add_arguments
 
     parser = argparse.ArgumentParser(prog="stofm", description="SToFM: spatial transcriptomics foundation model")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    c = sub.add_parser("pretrain-cells", help="masked-gene pretraining (domain adaptation) of the BERT cell encoder")
+    if argv and argv[0] == "pretrain-cells":
+        from stofm.gene_pretrain import add_arguments as cell_arguments
+
+        cell_arguments(c)
+    c.set_defaults(func=_pretrain_cells)
     p = sub.add_parser("pretrain", help="pretrain the SE(2) transformer (MCM + PDR) on AnnData slides")
     add_arguments(p)
     p.set_defaults(func=_pretrain)
@@ -28,6 +36,12 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the registered model configs")
     m.set_defaults(func=_models)
     return parser
+
+
+def _pretrain_cells(args: argparse.Namespace) -> int:
+    from stofm.gene_pretrain import run_from_args
+
+    return run_from_args(args)
 
 
 def _pretrain(args: argparse.Namespace) -> int:
@@ -73,7 +87,8 @@ def _models(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stofm`` with ``argv``; returns the exit code."""
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()

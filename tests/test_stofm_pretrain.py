@@ -101,3 +101,26 @@ def test_bad_config_keys(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="needs data"):
         pretrain(load_config(None, output_dir=str(tmp_path)))
+
+
+def test_gene_then_spatial_pretraining_pipeline(squidpy_crop, tmp_path, capsys):
+    """stofm pretrain-cells (masked genes) -> stofm pretrain --cell-encoder (MCM + PDR) -> embed."""
+    import anndata as ad
+    import numpy as np
+
+    import stofm
+    from stofm.cli import main
+
+    data = str(squidpy_crop / "test_data.h5ad")
+    enc = tmp_path / "cells"
+    rc = main(["pretrain-cells", data, "--out", str(enc), "--input-kind", "log1p", "--width", "16", "--depth", "1",
+               "--heads", "2", "--max-len", "64", "--out-dim", "16", "--steps", "2", "--batch-size", "8"])
+    assert rc == 0 and (enc / "model.safetensors").is_file()
+    out = tmp_path / "spatial"
+    rc = main(["pretrain", "--config", str(TINY), "--data", data, "--cell-encoder", str(enc),
+               "--output-dir", str(out), "--max-steps", "2", "--no-progress"])
+    assert rc == 0
+    model = stofm.create_model(out / "model")
+    assert model.cell_encoder.kind == "bert" and model.cell_encoder.out_dim == 16
+    a = stofm.embed(ad.read_h5ad(data), model, progress=False)
+    assert a.obsm["X_stofm"].shape == (49, model.dim) and np.isfinite(a.obsm["X_stofm"]).all()
