@@ -190,3 +190,27 @@ def test_empty_batch_is_refused(small_shards, tmp_path, monkeypatch, model_modul
     monkeypatch.setattr(dataset, "collate", lambda items: {k: v[:0] for k, v in real(items).items()})
     with pytest.raises(EmptyDataError, match="empty training batch at step 1"):
         train_from_config(TINY, data=str(small_shards("squidpy")), output_dir=str(tmp_path), max_steps=2)
+
+
+def test_hard_negative_clusters_reach_the_loss(small_shards, tmp_path, monkeypatch, model_modules):
+    import stalign.losses
+    from data_prep.dataset import ShardDataset
+    from stalign.training.data import spot_clusters
+    from stalign.training.trainer import train_from_config
+
+    shards = small_shards("squidpy")
+    ds = ShardDataset(shards, indices=list(range(0, 49, 2)))
+    labels = spot_clusters(ds, n_clusters=4, n_total=49, seed=0)
+    assert set(labels[0::2].tolist()) == {0, 1, 2, 3} and set(labels[1::2].tolist()) == {-1}
+    seen = []
+    real = stalign.losses.ThreeTargetLoss.forward
+
+    def spy(self, out, **kw):
+        seen.append(kw)
+        return real(self, out, **kw)
+
+    monkeypatch.setattr(stalign.losses.ThreeTargetLoss, "forward", spy)
+    train_from_config(TINY, data=str(shards), output_dir=str(tmp_path), max_steps=2, eval_every=0,
+                      hard_negative_clusters=4)
+    assert len(seen) == 2 and seen[0]["cluster"].shape == (8,) and seen[0]["slide_idx"].shape == (8,)
+    assert 0 <= int(seen[0]["cluster"].min()) and int(seen[0]["cluster"].max()) < 4  # training spots only

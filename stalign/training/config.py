@@ -42,6 +42,7 @@ class TrainConfig:
     alpha: float = 0.3
     beta: float = 0.3
     loss_kind: str = "infonce"  # "infonce" or "siglip"
+    hard_negative_clusters: int = 0  # >1: same-cluster spots of a slide are not negatives (k-means on expression)
     # optimisation
     batch_size: int = 32  # per process; global batch = batch_size x processes x grad_accum
     grad_accum: int = 1

@@ -80,6 +80,28 @@ class VirtualCellBank:
         return {**batch, "virtual_expr": self.expr[k], "virtual_coords": self.coords[k], "virtual_mask": self.mask[k]}
 
 
+def spot_clusters(ds: Any, *, n_clusters: int, n_total: int, seed: int) -> Any:
+    """Expression k-means clusters of each slide's spots in ``ds`` (PCA-reduced log expression), as an int64
+    tensor over global spot indices (-1 for spots not in ``ds``). The contrastive loss then drops same-cluster
+    spots of the same slide from the negatives (ST-Align draws negatives from other clusters)."""
+    import torch
+    from sklearn.cluster import KMeans
+    from sklearn.decomposition import PCA
+
+    labels = torch.full((n_total,), -1, dtype=torch.int64)
+    expr, index = ds.expression_matrix(), ds.indices
+    slide = np.asarray([ds.slide_of(i) for i in range(len(ds))])
+    for k in np.unique(slide):
+        rows = np.flatnonzero(slide == k)
+        n = min(n_clusters, len(rows))
+        x = expr[rows]
+        if len(rows) > 2:
+            x = PCA(n_components=min(20, x.shape[1], len(rows) - 1), random_state=seed).fit_transform(x)
+        found = KMeans(n_clusters=n, n_init=4, random_state=seed).fit_predict(x) if n > 1 else np.zeros(len(rows))
+        labels[torch.from_numpy(index[rows])] = torch.from_numpy(found.astype(np.int64))
+    return labels
+
+
 @dataclasses.dataclass
 class TrainData:
     """The datasets of one run."""
@@ -88,6 +110,7 @@ class TrainData:
     val: Any | None  # ShardDataset with the eval transform; None when val_fraction == 0
     genes: list[str]
     virtual_cells: VirtualCellBank | None
+    clusters: Any | None  # int64 tensor over global spot indices (hard negatives), or None
     root: Path
     n_train: int
     n_val: int
@@ -107,7 +130,7 @@ def shard_genes(root: str | Path) -> list[str]:
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
                      seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
-                     n_virtual: int = 0) -> TrainData:
+                     n_virtual: int = 0, hard_negative_clusters: int = 0) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
     ``*_transforms`` are (spot, niche) crop transforms."""
     from data_prep.dataset import ShardDataset, split_indices
@@ -140,6 +163,10 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
     def wrap(ds: Any, transforms: tuple[Callable, Callable] | None) -> Any:
         return ds if ds is None or transforms is None else SeededTransform(ds, *transforms, seed=seed)
 
+    clusters = None
+    if hard_negative_clusters > 1:
+        clusters = spot_clusters(train_shards, n_clusters=hard_negative_clusters, n_total=int(full.indices.max()) + 1,
+                                 seed=seed)
     train, val = wrap(train_shards, train_transforms), wrap(val_shards, eval_transforms)
-    return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, root=root,
+    return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,
                      n_train=len(train_idx), n_val=len(val_idx))

@@ -167,7 +167,8 @@ def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
                             seed=cfg.seed, niche_spots=cfg.niche_spots,
                             train_transforms=_transforms(model, train=cfg.augment),
                             eval_transforms=_transforms(model, train=False),
-                            val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells)
+                            val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells,
+                            hard_negative_clusters=cfg.hard_negative_clusters)
     train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
@@ -238,8 +239,12 @@ def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
                 raise EmptyDataError(f"empty training batch at step {pos.step + 1} (data under {cfg.data})")
             if data.virtual_cells is not None:
                 batch = data.virtual_cells.attach(batch)
+            negatives = {}
+            if data.clusters is not None:
+                data.clusters = data.clusters.to(batch["index"].device)
+                negatives = {"cluster": data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
             with accelerator.accumulate(model):
-                terms = loss_fn(model(batch))
+                terms = loss_fn(model(batch), **negatives)
                 _check_finite(terms["loss"].detach(), accelerator, what="loss", pos=pos, last_good=last_good)
                 accelerator.backward(terms["loss"])
                 grad_norm = None
