@@ -166,6 +166,16 @@ def test_phikon_remaps_transformers_keys(tmp_path: Path) -> None:
     torch.save(ref.state_dict(), bad)
     with pytest.raises(CheckpointMismatchError, match="not a transformers ViT"):
         create_image_encoder("phikon", pretrained=bad)
+    snapshot = tmp_path / "snapshot"  # a Hugging Face snapshot folder works as the path too
+    snapshot.mkdir()
+    f.rename(snapshot / "pytorch_model.bin")
+    from_dir = create_image_encoder("phikon", pretrained=snapshot, img_size=32, num_heads=2).eval()
+    with torch.no_grad():
+        assert torch.allclose(from_dir(x), ref(_normalise(x, enc.mean, enc.std)), atol=1e-5)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="none of the weight files"):
+        create_image_encoder("phikon", pretrained=empty)
 
 
 def test_local_checkpoint_path_needs_arch_and_loads(tmp_path: Path) -> None:

@@ -74,9 +74,25 @@ def _load_builtin() -> None:
 
 
 # ----------------------------------------------------------------------------------------------- state dicts
-def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file (torch files with ``weights_only=True``)."""
+WEIGHT_FILE_NAMES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin",
+                     "open_clip_model.safetensors")
+
+
+def resolve_weights_file(path: str | os.PathLike) -> Path:
+    """``path`` itself, or for a folder (e.g. a Hugging Face snapshot) its weights file."""
     path = Path(path)
+    if path.is_dir():
+        for name in WEIGHT_FILE_NAMES:
+            if (path / name).is_file():
+                return path / name
+        raise FileNotFoundError(f"{path}: folder holds none of the weight files {', '.join(WEIGHT_FILE_NAMES)}")
+    return path
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file or a folder holding one (torch files are read
+    with ``weights_only=True``)."""
+    path = resolve_weights_file(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint file not found")
     if path.suffix == ".safetensors":
@@ -125,7 +141,7 @@ def load_into(module: nn.Module, sd: dict[str, torch.Tensor], *, source: str,
 
 def is_local_checkpoint(spec: Any) -> bool:
     """True for a path to an existing weights file (or a name that looks like one)."""
-    return isinstance(spec, (str, os.PathLike)) and (Path(spec).is_file() or str(spec).endswith(CHECKPOINT_SUFFIXES))
+    return isinstance(spec, (str, os.PathLike)) and (Path(spec).exists() or str(spec).endswith(CHECKPOINT_SUFFIXES))
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -192,7 +208,7 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
     elif is_local_checkpoint(spec):
         if arch is None:
             raise ValueError(f"{spec}: a local checkpoint needs arch= (e.g. 'timm:vit_base_patch16_224' or 'uni')")
-        if not Path(spec).is_file():
+        if not Path(spec).exists():
             raise FileNotFoundError(f"{spec}: checkpoint file not found")
         return create_image_encoder(arch, pretrained=spec, freeze=freeze, unfreeze_last=unfreeze_last,
                                     lora_rank=lora_rank, lora_alpha=lora_alpha, **kwargs)
