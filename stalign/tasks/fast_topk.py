@@ -1,0 +1,123 @@
+"""Fast cosine top-k over large reference banks (used by ``ReferenceBank.topk``).
+
+Per (query chunk, bank chunk) the scores ``q @ bank.T`` are computed in the bank's storage dtype (bf16/fp16
+on a GPU: tensor cores, half the bytes) and reduced without a full-width ``topk``: the chunk's columns form
+groups of ``group``; the k groups with the largest maxima contain the chunk's exact top-k (any group holding
+one of the top-k values has a maximum at least the k-th value, and at most k groups do), so only
+k x ``group`` candidates reach ``topk``. Each chunk's ``k + margin`` best are merged, and, when the bank is
+stored in low precision, re-scored exactly in float32 against a float32 copy of the bank: the returned
+similarities are exact, and an index is missed only when low-precision rounding pushed it below
+``k + margin`` candidates (recall of the exact top-k >= 0.99, measured in ``tests/test_perf.py`` and
+``benchmarks/retrieval.py``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class DeviceBank:
+    """L2-normalised bank on a device: ``scores`` (N, E) in the search dtype, ``exact`` float32 (or None)."""
+
+    scores: Any
+    exact: Any = None
+
+    def __len__(self) -> int:
+        return int(self.scores.shape[0])
+
+
+def search_dtype(device: Any, dtype: Any = None):
+    """``dtype`` when given; else bf16 on CUDA (fp32 scores after exact re-scoring), fp32 on the CPU."""
+    import torch
+
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+def prepare_bank(embeddings: Any, *, device: Any = "cpu", dtype: Any = None, rescore: bool = True) -> DeviceBank:
+    """Normalise ``embeddings`` (N, E) and place them on ``device`` in the search dtype (plus an exact
+    float32 copy for re-scoring when that dtype is lower precision and ``rescore``)."""
+    import numpy as np
+    import torch
+
+    dtype = search_dtype(device, dtype)
+    emb = torch.as_tensor(np.asarray(embeddings, dtype=np.float32) if not torch.is_tensor(embeddings) else embeddings)
+    unit = torch.nn.functional.normalize(emb.float(), dim=1).to(device)
+    low = dtype != torch.float32
+    return DeviceBank(scores=unit.to(dtype) if low else unit, exact=unit if (low and rescore) else None)
+
+
+def _chunk_topk(s: Any, k: int, group: int):
+    """Exact top-``k`` (values, column indices) of each row of ``s`` via group maxima."""
+    import torch
+    from einops import rearrange
+
+    n = s.shape[1]
+    if n <= 4 * k * group:
+        return s.topk(k, dim=1)
+    if n % group:
+        s = torch.nn.functional.pad(s, (0, group - n % group), value=float("-inf"))
+    grouped = rearrange(s, "q (m g) -> q m g", g=group)
+    top_groups = grouped.amax(dim=2).topk(k, dim=1).indices  # (q, k)
+    cand = grouped.gather(1, top_groups[:, :, None].expand(-1, -1, group))  # (q, k, g)
+    cols = top_groups[:, :, None] * group + torch.arange(group, device=s.device)
+    vals, pos = rearrange(cand, "q k g -> q (k g)").topk(k, dim=1)
+    return vals, rearrange(cols, "q k g -> q (k g)").gather(1, pos)
+
+
+def search(queries: Any, bank: DeviceBank, k: int, *, chunk: int = 65536, query_chunk: int = 1024,
+           group: int = 16, margin: int | None = None):
+    """Cosine top-``k`` of ``queries`` (Q, E) in ``bank``: (similarities float32 (Q, k), indices int64 (Q, k)),
+    on the bank's device. ``margin`` extra candidates per query are re-scored exactly (default: k, capped by N)."""
+    import torch
+
+    n = len(bank)
+    if not 1 <= k <= n:
+        raise ValueError(f"k must lie in 1..{n} (the bank size), got {k}")
+    device, dtype = bank.scores.device, bank.scores.dtype
+    rescoring = bank.exact is not None
+    kk = min(n, k + (k if margin is None else margin)) if rescoring else k
+    upcast = device.type == "cpu" and dtype != torch.float32  # CPUs lack fast half matmuls: store half, score fp32
+    q_all = torch.nn.functional.normalize(torch.as_tensor(queries).float(), dim=1)
+    sims_out, idx_out = [], []
+    for qs in range(0, len(q_all), query_chunk):
+        q32 = q_all[qs:qs + query_chunk].to(device)
+        q = q32 if upcast else q32.to(dtype)
+        vals, idxs = [], []
+        for bs in range(0, n, chunk):
+            part = bank.scores[bs:bs + chunk]
+            s = q @ (part.float() if upcast else part).T
+            v, i = _chunk_topk(s, min(kk, s.shape[1]), group)
+            vals.append(v.float())
+            idxs.append(i + bs)
+        v, pos = torch.cat(vals, 1).topk(kk, dim=1)
+        i = torch.cat(idxs, 1).gather(1, pos)
+        if rescoring:
+            exact = torch.einsum("qe,qke->qk", q32, bank.exact[i])
+            v, pos = exact.topk(k, dim=1)
+            i = i.gather(1, pos)
+        sims_out.append(v)
+        idx_out.append(i)
+    return torch.cat(sims_out), torch.cat(idx_out)
+
+
+def exact_topk(queries: Any, embeddings: Any, k: int, *, query_chunk: int = 1024):
+    """Reference: float32 cosine similarities, one full ``topk`` per query chunk (numpy (Q, k) arrays)."""
+    import numpy as np
+    import torch
+
+    bank = torch.nn.functional.normalize(torch.as_tensor(np.asarray(embeddings, np.float32)), dim=1)
+    q = torch.nn.functional.normalize(torch.as_tensor(np.asarray(queries, np.float32)), dim=1)
+    out = [(q[s:s + query_chunk] @ bank.T).topk(k, dim=1) for s in range(0, len(q), query_chunk)]
+    return torch.cat([o.values for o in out]).numpy(), torch.cat([o.indices for o in out]).numpy()
+
+
+def recall(found: Any, exact: Any) -> float:
+    """Mean fraction of each row of ``exact`` indices (Q, k) that appears in the same row of ``found``."""
+    import numpy as np
+
+    found, exact = np.asarray(found), np.asarray(exact)
+    hits = sum(len(np.intersect1d(f, e)) for f, e in zip(found, exact, strict=True))
+    return hits / exact.size
