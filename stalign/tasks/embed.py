@@ -41,51 +41,51 @@ class SlideCrops:
                 "niche_image": rearrange(torch.from_numpy(np.array(niche)), "h w c -> c h w")}
 
 
-def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None):
+def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None, pin_memory: bool = False):
     import torch
 
     return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate, persistent_workers=False,
+                                       collate_fn=collate, persistent_workers=False, pin_memory=pin_memory,
                                        multiprocessing_context="spawn" if workers > 0 else None)
 
 
 def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, workers: int = 0,
-                      device: str | None = None, niche_weight: float = 0.5, progress: bool = True) -> np.ndarray:
-    """(N, E) image embeddings (``model.encode_image``) of the crops, read by ``workers`` parallel readers."""
-    import torch
+                      device: str | None = None, niche_weight: float = 0.5, progress: bool = True,
+                      precision: str = "auto", compile: bool | str = "auto") -> np.ndarray:
+    """(N, E) image embeddings (``model.encode_image``) of the crops, read by ``workers`` parallel readers,
+    on the fast path of ``stalign.perf.FastEmbedder`` (bf16 autocast etc. on CUDA; plain fp32 on the CPU)."""
     from tqdm import tqdm
 
+    from stalign.perf import FastEmbedder
+
     device = default_device(device)
-    model = model.to(device).eval()
+    embedder = FastEmbedder(model=model, device=device, precision=precision, compile=compile, n_items=len(crops))
     out = []
-    with torch.inference_mode():
-        for batch in tqdm(_loader(crops, batch_size=batch_size, workers=workers), desc="embedding crops",
-                          disable=not progress, unit="batch"):
-            emb = model.encode_image(batch["spot_image"].to(device), batch["niche_image"].to(device),
-                                     niche_weight=niche_weight)
-            out.append(emb.float().cpu().numpy())
+    for batch in tqdm(_loader(crops, batch_size=batch_size, workers=workers, pin_memory=str(device).startswith("cuda")),
+                      desc="embedding crops", disable=not progress, unit="batch"):
+        out.append(embedder(batch["spot_image"], batch["niche_image"], niche_weight=niche_weight).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
 def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] | None = None,
                  indices: Sequence[int] | None = None, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, niche_weight: float = 0.5, gene: bool = True,
-                 progress: bool = True) -> dict[str, Any]:
+                 progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """Image (and gene) embeddings of shard spots, with their expression, slide ids and coordinates.
 
-    The shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise).
+    The shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise). ``precision``: see
+    ``stalign.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default).
     """
-    import torch
     from tqdm import tqdm
 
     from data_prep.dataset import ShardDataset, collate
+    from stalign.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
     model.check_genes(ds.genes, source=f"the shards under {root}")
     device = default_device(device)
-    model = model.to(device).eval()
     image, genes_emb, slide_idx, coords = [], [], [], []
-    with torch.inference_mode():
+    with inference_context(model, device, precision):  # model moved in place, eval, autocast
         for batch in tqdm(_loader(ds, batch_size=batch_size, workers=workers, collate=collate),
                           desc="embedding shards", disable=not progress, unit="batch"):
             b = {k: v.to(device) for k, v in batch.items()}

@@ -110,20 +110,20 @@ class ReferenceBank:
 
     # ---------------------------------------------------------------- search
     def _bank_tensor(self, device: str, dtype: Any):
-        import torch
+        from stalign.tasks.fast_topk import prepare_bank
 
         key = (str(device), str(dtype))
         if key not in self._cache:
-            bank = torch.nn.functional.normalize(torch.from_numpy(self.embeddings), dim=1)
-            self._cache = {key: bank.to(device=device, dtype=dtype)}  # keep one copy only
+            self._cache = {key: prepare_bank(self.embeddings, device=device, dtype=dtype)}  # keep one copy only
         return self._cache[key]
 
     def topk(self, queries: Any, k: int, *, chunk: int = 65536, query_chunk: int = 1024,
              device: str | None = None, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine top-``k`` of ``queries`` (Q, E) against the bank: (similarities (Q, k), indices (Q, k)).
 
-        Memory stays bounded by ``query_chunk`` x ``chunk`` similarities; ``dtype`` (e.g. torch.bfloat16 on a
-        GPU) stores the bank in lower precision, scores are merged in float32.
+        Memory stays bounded by ``query_chunk`` x ``chunk`` similarities; ``dtype`` (default: bf16 on a GPU,
+        float32 on the CPU) stores the bank in lower precision, candidates are re-scored exactly in float32
+        (``stalign.tasks.fast_topk``).
         """
         import torch
 
@@ -132,23 +132,12 @@ class ReferenceBank:
             raise ValueError(f"queries must be (Q, {self.embeddings.shape[1]}), got {tuple(q.shape)}")
         if not 1 <= k <= len(self):
             raise ValueError(f"k must lie in 1..{len(self)} (the bank size), got {k}")
+        from stalign.tasks.fast_topk import search, search_dtype
+
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = dtype or torch.float32
-        bank = self._bank_tensor(device, dtype)
-        sims_out, idx_out = [], []
-        for qs in range(0, len(q), query_chunk):
-            qc = torch.nn.functional.normalize(q[qs:qs + query_chunk].to(device), dim=1).to(dtype)
-            best_s = torch.full((len(qc), 0), -2.0, device=device)
-            best_i = torch.zeros((len(qc), 0), dtype=torch.long, device=device)
-            for bs in range(0, len(bank), chunk):
-                s = (qc @ bank[bs:bs + chunk].T).float()
-                ks = min(k, s.shape[1])
-                cs, ci = s.topk(ks, dim=1)
-                best_s, order = torch.cat([best_s, cs], 1).topk(min(k, best_s.shape[1] + ks), dim=1)
-                best_i = torch.cat([best_i, ci + bs], 1).gather(1, order)
-            sims_out.append(best_s.cpu())
-            idx_out.append(best_i.cpu())
-        return torch.cat(sims_out).numpy(), torch.cat(idx_out).numpy()
+        bank = self._bank_tensor(device, search_dtype(device, dtype))
+        sims, idx = search(q, bank, k, chunk=chunk, query_chunk=query_chunk)
+        return sims.cpu().numpy(), idx.cpu().numpy()
 
     def predict(self, queries: Any, *, k: int = 50, temperature: float = 0.05, genes: Sequence[str] | None = None,
                 **search: Any) -> np.ndarray:
