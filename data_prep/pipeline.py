@@ -284,10 +284,10 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
         raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
                             "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
                             "--no-tissue-filter")
-    # raster order (bands one spot crop high, then x): neighbouring crops share decoded tiles when read
-    kept = np.flatnonzero(keep)
-    kept = kept[np.lexsort((job.coords_px[kept, 0], np.floor(job.coords_px[kept, 1] / spot_px)))]
+    kept = np.flatnonzero(keep)  # shard rows keep the input order
     xy, expr = job.coords_px[kept], job.expr[kept]
+    # crops are read in raster order (bands one spot crop high, then x): neighbours share decoded tiles
+    read_order = np.lexsort((xy[:, 0], np.floor(xy[:, 1] / spot_px)))
     um = xy * job.um_per_px
     padded = np.zeros(len(xy), dtype=bool)
     spot_padded = np.zeros(len(xy), dtype=bool)
@@ -295,19 +295,18 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
              "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
              "niche_px": niche_px, "image_size": dims, "source_files": job.source_files}
-    starts = range(0, len(xy), job.batch_size)
-    tasks = [(job.image_path, job.um_per_px, xy[i:i + job.batch_size], spot_px, niche_px, st["patch_px"])
-             for i in starts]
+    batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]
+    tasks = [(job.image_path, job.um_per_px, xy[rows], spot_px, niche_px, st["patch_px"]) for rows in batches]
     with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=st["patch_px"],
                      genes=job.genes, um_per_px=job.um_per_px,
                      attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
             tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,
                  disable=not job.progress) as bar:
-        for start, (spot, niche, pad_s, pad_n) in zip(starts, _crop_batches(tasks, pool, window)):
-            w.write_patches(start, spot, niche)
-            padded[start:start + len(spot)] = pad_s | pad_n
-            spot_padded[start:start + len(spot)] = pad_s
-            bar.update(len(spot))
+        for rows, (spot, niche, pad_s, pad_n) in zip(batches, _crop_batches(tasks, pool, window)):
+            w.write_rows(rows, spot, niche)
+            padded[rows] = pad_s | pad_n
+            spot_padded[rows] = pad_s
+            bar.update(len(rows))
         entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
         w.set_attr("manifest_entry", json.dumps(entry))
         w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, st["niche_um"]), coords_px=xy, coords_um=um,

@@ -74,6 +74,13 @@ class ShardWriter:
         self._file["spot_patches"][start:stop] = spot
         self._file["niche_patches"][start:stop] = niche
 
+    def write_rows(self, rows: np.ndarray, spot: np.ndarray, niche: np.ndarray) -> None:
+        """Store the crops of spots ``rows`` (any order, no repeats)."""
+        order = np.argsort(rows)
+        sel = np.asarray(rows)[order].tolist()
+        self._file["spot_patches"][sel] = spot[order]
+        self._file["niche_patches"][sel] = niche[order]
+
     def set_attr(self, key: str, value: Any) -> None:
         """An extra HDF5 attribute, written by ``finish``."""
         self._meta[key] = value

@@ -70,6 +70,19 @@ def test_shard_round_trip_has_the_documented_layout(tmp_path, real_patches):
     assert shards.shard_attrs(path)["n_spots"] == 8
 
 
+def test_rows_written_in_any_order_land_in_their_rows(tmp_path, real_patches):
+    centres, spot, niche = real_patches
+    path = tmp_path / "s1.h5"
+    with ShardWriter(path, slide_id="s1", n_spots=8, patch_px=32, genes=["A"], um_per_px=1) as w:
+        for rows in (np.array([5, 0, 7]), np.array([3, 6, 1, 2, 4])):
+            w.write_rows(rows, spot[rows], niche[rows])
+        w.finish(expr=np.zeros((8, 1)), niche_expr=np.zeros((8, 1)), coords_px=centres, coords_um=centres,
+                 neighbors=np.zeros((8, 1)), padded=np.zeros(8), barcodes=list("abcdefgh"))
+    data = shards.read_shard(path, patches=True)
+    np.testing.assert_array_equal(data["spot_patches"], spot)
+    np.testing.assert_array_equal(data["niche_patches"], niche)
+
+
 def test_failed_write_leaves_nothing(tmp_path, real_patches):
     path = tmp_path / "s1.h5"
     with pytest.raises(RuntimeError, match="disk full"):
