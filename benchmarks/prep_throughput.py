@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -127,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         section = [
             f"\n## prep throughput, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} (commit {commit})\n",
             f"- machine: {machine()}; load average before {load_before}, after {load()}",
-            f"- command: `{' '.join(['python', 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
+            f"- command: `{shlex.join(['python', 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
             f"- slide: {tif.name}, {args.n_spots:,} spots at {args.um_per_px:g} µm/px, {size:,.0f} MiB TIFF"
             + (f", generated in {gen_s:.0f} s" if gen_s is not None else ", reused from the cache"),
             ("- timed: `data_prep.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
