@@ -1,7 +1,12 @@
-"""The full training step through accelerate on 2 CPU processes (gloo, MULTI_CPU) equals one process holding the
-same global batch: per-step losses, final weights and the gathered validation metrics."""
+"""``accelerate launch`` of ``stalign train`` on 2 CPU processes (gloo, MULTI_CPU) equals one process holding the
+same global batch: per-step losses, final weights and the gathered validation metrics.
+
+(``accelerate launch --cpu --num_processes 2`` needs MPI; ``--multi_gpu`` starts torch.distributed.run workers and
+``cpu=true`` in the run config makes them CPU/gloo processes, which works without any GPU.)
+"""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -17,24 +22,32 @@ pytest.importorskip("stalign.models.factory")  # another developer's module; ski
 REPO = Path(__file__).resolve().parents[1]
 # Exact equality needs a model whose forward does not depend on how the batch is split: no dropout (per-process
 # RNG streams) and no BatchNorm (per-process batch statistics), so both image encoders are the tiny ViT.
-OVERRIDES = {"max_steps": 4, "warmup_steps": 1, "lr": 1e-3, "eval_every": 2, "save_every": 0, "augment": True,
-             "cpu": True, "model_overrides": {"dropout": 0.0, "niche_image": {"spec": "timm:test_vit",
-                                                                              "kwargs": {"img_size": 32}}}}
+MODEL = {"dropout": 0.0, "niche_image": {"spec": "timm:test_vit", "kwargs": {"img_size": 32}}}
+KEYS = ["max_steps=4", "warmup_steps=1", "lr=1e-3", "eval_every=2", "save_every=0", "log_every=1", "augment=true",
+        "cpu=true", f"model_overrides={json.dumps(MODEL)}"]
 
 
-def test_two_process_gloo_run_matches_single_process_on_the_same_global_batch(small_shards, tmp_path,
-                                                                              subprocess_env):
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _csv(path: Path) -> list[dict[str, float]]:
+    return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]
+
+
+def test_accelerate_launch_two_cpu_processes_match_one_process_on_the_same_global_batch(small_shards, tmp_path,
+                                                                                       subprocess_env):
     from safetensors.torch import load_file
 
-    from stalign.training.trainer import train_from_config
+    from stalign.commands.train import main
 
-    shards = str(small_shards("squidpy"))
-    two = tmp_path / "two"
-    with socket.socket() as sock:  # a free port for the rendezvous (torch.distributed.run hangs on port 0)
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-           str(REPO / "tests" / "train_distributed_worker.py"), shards, str(two), "4", json.dumps(OVERRIDES)]
+    shards, two, one = small_shards("squidpy"), tmp_path / "two", tmp_path / "one"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(_free_port()), "-m", "stalign", "train", "--config", "configs/tiny_test.yaml",
+           f"data={shards}", f"output_dir={two}", "batch_size=4", *KEYS]
     env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
@@ -45,16 +58,17 @@ def test_two_process_gloo_run_matches_single_process_on_the_same_global_batch(sm
         output, _ = proc.communicate()
         pytest.fail(f"2-process run timed out:\n{output[-3000:]}")
     assert proc.returncode == 0, output[-5000:]
-    dist = json.loads((two / "result.json").read_text())
-    assert dist["num_processes"] == 2 and dist["distributed_type"] == "DistributedType.MULTI_CPU"
+    assert "global batch 8 on 2 process(es) [DistributedType.MULTI_CPU]" in output
 
-    # one process, batch 8 = the 2 x 4 global batch (the seedable sampler orders the data identically)
-    one = train_from_config("configs/tiny_test.yaml", data=shards, output_dir=str(tmp_path / "one"), batch_size=8,
-                            **OVERRIDES)
-    assert [s for s, _ in dist["losses"]] == [1, 2, 3, 4]
-    assert [loss for _, loss in dist["losses"]] == pytest.approx([loss for _, loss in one.losses], abs=1e-5)
-    assert dist["metrics"]["n_spots"] == one.metrics["n_spots"] == 10  # gather_for_metrics drops the padding
-    assert dist["metrics"] == pytest.approx(one.metrics, abs=1e-6)
-    a, b = load_file(str(two / "final" / "model.safetensors")), load_file(str(tmp_path / "one" / "final" /
-                                                                                "model.safetensors"))
+    # one process with batch 8 = the 2 x 4 global batch (the seedable sampler orders the data identically)
+    assert main(["--config", "configs/tiny_test.yaml", f"data={shards}", f"output_dir={one}", "batch_size=8",
+                 *KEYS]) == 0
+    two_log, one_log = _csv(two / "train_log.csv"), _csv(one / "train_log.csv")
+    assert [r["step"] for r in two_log] == [1, 2, 3, 4]
+    assert [r["loss"] for r in two_log] == pytest.approx([r["loss"] for r in one_log], abs=1e-5)
+    two_val, one_val = _csv(two / "val_log.csv"), _csv(one / "val_log.csv")
+    assert [r["n_spots"] for r in two_val] == [10, 10]  # gather_for_metrics drops the padding of uneven shards
+    for row_two, row_one in zip(two_val, one_val, strict=True):
+        assert row_two == pytest.approx(row_one, abs=1e-6)
+    a, b = (load_file(str(p / "final" / "model.safetensors")) for p in (two, one))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-5
