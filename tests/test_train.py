@@ -214,3 +214,33 @@ def test_hard_negative_clusters_reach_the_loss(small_shards, tmp_path, monkeypat
                       hard_negative_clusters=4)
     assert len(seen) == 2 and seen[0]["cluster"].shape == (8,) and seen[0]["slide_idx"].shape == (8,)
     assert 0 <= int(seen[0]["cluster"].min()) and int(seen[0]["cluster"].max()) < 4  # training spots only
+
+
+def test_virtual_cells_come_from_training_spots_and_reach_the_se2_niche_encoder(small_shards, tmp_path,
+                                                                                 model_modules):
+    from data_prep.dataset import ShardDataset, collate
+    from stalign.training.data import VirtualCellBank
+    from stalign.training.trainer import train_from_config
+
+    shards = small_shards("squidpy")
+    train, val = ShardDataset(shards, indices=range(0, 49, 2)), ShardDataset(shards, indices=range(1, 49, 2))
+    bank = VirtualCellBank([train, val], n_slides=1, n_virtual=8, seed=0)
+    expr, xy = train.slide_virtual_cells(0, 8, seed=0)  # held-out spots never shape a trained slide's cells
+    assert torch.allclose(bank.expr[0], torch.from_numpy(expr)) and torch.allclose(bank.coords[0], torch.from_numpy(xy))
+    out = bank.attach(collate([val[0], val[1]]))
+    assert out["virtual_expr"].shape == (2, 8, 64) and out["virtual_coords"].shape == (2, 8, 2)
+    assert bool(out["virtual_mask"].all())
+
+    se2 = {"gene": {"niche": "se2", "niche_kwargs": {"dim": 32, "depth": 1, "heads": 2}}}
+    first = {v: train_from_config(TINY, data=str(shards), output_dir=str(tmp_path / str(v)), max_steps=1,
+                                  eval_every=0, virtual_cells=v, model_overrides=se2).losses[0][1] for v in (0, 8)}
+    assert abs(first[8] - first[0]) > 1e-3, first  # same seed and data: only the virtual cells differ
+
+
+def test_epochs_set_the_number_of_steps(small_shards, tmp_path, model_modules):
+    from stalign.training.trainer import train_from_config
+
+    # 39 training spots, batch 8 (drop_last) = 4 batches per epoch; grad_accum 2 -> 2 optimizer steps per epoch
+    result = train_from_config(TINY, data=str(small_shards("squidpy")), output_dir=str(tmp_path), epochs=3,
+                               grad_accum=2, eval_every=0, save_every=0)
+    assert result.step == 6 and [s for s, _ in result.losses] == [1, 2, 3, 4, 5, 6]
