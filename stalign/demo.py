@@ -69,6 +69,10 @@ def prep_stage(ctx: DemoContext) -> None:
                                    seed=0, progress=not a.quiet)
     fake = read_anndata_image(synth.paths["adata"], synth.paths["image"], slide_id=synth.slide_id)
     ctx.data["synthetic_slide"] = synth
+    pitch = read_anndata_image(real.adata, real.image_path, slide_id=real.slide_id, pixel_size_from="pitch")
+    print(f"squidpy crop: {real.um_per_px:.4f} µm/px from the {real.pixel_size_source.split(' (')[0]}; the spot "
+          f"pitch would give {pitch.um_per_px:.4f} µm/px ({pitch.pixel_size_source}) - choose with "
+          "`stalign prep --pixel-size-from pitch` / `--um-per-px`")
     rows = ctx.rows.setdefault("prep", [])
     for name, sample in (("squidpy", real), ("synthetic", fake)):
         shards = ctx.out / "shards" / name

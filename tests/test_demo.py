@@ -8,15 +8,14 @@ import pytest
 
 from stalign import demo
 
-pytest.importorskip("data_prep.pipeline")  # the prep pipeline (another part of issue 2) may land later
-
 
 def test_demo_data_stages_print_the_result_table(tmp_path, capsys):
     out = tmp_path / "demo"
     assert demo.main(["--out", str(out), "--stages", "fetch,prep", "--synth-spots", "60", "--synth-um-per-px", "2",
                       "--n-top-genes", "20", "--quiet"]) == 0
     text = capsys.readouterr().out
-    for header in ("=== stage fetch", "=== stage prep", "[prep]", "squidpy_visium_crop", "synth0"):
+    for header in ("=== stage fetch", "=== stage prep", "[prep]", "squidpy_visium_crop", "synth0",
+                   "the spot pitch would give 0.72"):
         assert header in text
     summary = json.loads((out / "summary.json").read_text())
     assert set(summary["stages"]) == {"fetch", "prep"}
