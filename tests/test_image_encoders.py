@@ -91,38 +91,62 @@ def test_uni_loads_a_local_checkpoint_with_its_kwargs(tmp_path: Path) -> None:
         create_image_encoder("uni", pretrained=f, embed_dim=32, depth=2, num_heads=2, img_size=32)
 
 
-def _coca_cfg() -> dict:
-    return {"embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 16,
-                           "attentional_pool": True, "attn_pooler_heads": 8, "output_tokens": True},
-            "text_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                         "embed_cls": True, "output_tokens": True},
-            "multimodal_cfg": {"context_length": 76, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1,
-                               "attn_pooler_heads": 8}}
+def test_conch_loads_a_conch_package_checkpoint(tmp_path: Path) -> None:
+    """A state dict in the layout of MahmoodLab/conch's pytorch_model.bin (CONCH's CoCa: ``visual.trunk`` timm
+    ViT, ``visual.attn_pool_contrast``, ``visual.ln_contrast``, plus projection, captioning and text weights)."""
+    from timm.models.vision_transformer import VisionTransformer
+    from torch import nn
 
-
-def test_conch_loads_an_open_clip_coca_checkpoint(tmp_path: Path) -> None:
-    from open_clip.coca_model import CoCa
-
-    cfg = _coca_cfg()
-    ref = CoCa(**cfg).eval()
-    f = tmp_path / "conch.pth"
-    torch.save(ref.state_dict(), f)
-    enc = create_image_encoder("conch", pretrained=f, **{k: cfg[k] for k in ("embed_dim", "vision_cfg",
-                                                                             "text_cfg", "multimodal_cfg")}).eval()
-    assert enc.out_dim == 32 and enc.input_size == 32
+    torch.manual_seed(0)
+    vit = VisionTransformer(embed_dim=64, depth=1, num_heads=2, img_size=32, patch_size=16, num_classes=0,
+                            dynamic_img_size=True).eval()
+    mha = nn.MultiheadAttention(32, 4, kdim=64, vdim=64, batch_first=True).eval()
+    query, ln_q, ln_k, ln_c = torch.randn(1, 32), nn.LayerNorm(32), nn.LayerNorm(64), nn.LayerNorm(32)
+    for ln in (ln_q, ln_k, ln_c):
+        nn.init.normal_(ln.weight)
+        nn.init.normal_(ln.bias)
+    sd = {f"visual.trunk.{k}": v for k, v in vit.state_dict().items()}
+    sd |= {f"visual.attn_pool_contrast.attn.{k}": v for k, v in mha.state_dict().items()}
+    sd |= {"visual.attn_pool_contrast.query": query, "visual.proj_contrast": torch.randn(32, 32),
+           "visual.attn_pool_caption.query": torch.randn(8, 64), "visual.ln_caption.weight": torch.ones(64),
+           "text.token_embedding.weight": torch.randn(10, 16), "logit_scale": torch.tensor(2.0)}
+    for name, ln in (("attn_pool_contrast.ln_q", ln_q), ("attn_pool_contrast.ln_k", ln_k), ("ln_contrast", ln_c)):
+        sd |= {f"visual.{name}.{k}": v for k, v in ln.state_dict().items()}
+    f = tmp_path / "pytorch_model.bin"
+    torch.save(sd, f)
+    enc = create_image_encoder("conch", pretrained=f, width=64, depth=1, heads=2, image_size=32, embed_dim=32,
+                               pool_heads=4).eval()
+    assert enc.out_dim == 32 and enc.input_size == 32 and enc.interpolation == "bicubic"
     assert enc.mean == pytest.approx((0.48145466, 0.4578275, 0.40821073))
     x = _images()
     with torch.no_grad():
-        want = ref.visual(_normalise(x, enc.mean, enc.std))[0]
-        assert torch.allclose(enc(x), want, atol=1e-5)
-    visual_only = tmp_path / "conch_visual.safetensors"
+        kv = ln_k(vit.forward_features(_normalise(x, enc.mean, enc.std)))
+        pooled = mha(ln_q(query)[None].expand(2, -1, -1), kv, kv, need_weights=False)[0][:, 0]
+        assert torch.allclose(enc(x), ln_c(pooled), atol=1e-5)
+    del sd["visual.ln_contrast.weight"]
+    torch.save(sd, f)
+    with pytest.raises(CheckpointMismatchError, match="ln_contrast.weight"):
+        create_image_encoder("conch", pretrained=f, width=64, depth=1, heads=2, image_size=32, embed_dim=32,
+                             pool_heads=4)
+
+
+def test_open_clip_tower_loads_a_whole_model_or_visual_only_file(tmp_path: Path) -> None:
+    import open_clip
     from safetensors.torch import save_file
 
+    cfg = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32,
+                                           "patch_size": 16},
+           "text_cfg": {"width": 32, "heads": 2, "layers": 1, "vocab_size": 64}}
+    ref = open_clip.create_model("ViT-B-32", pretrained=None, **cfg).eval()
+    whole, visual_only = tmp_path / "clip.pth", tmp_path / "visual.safetensors"
+    torch.save(ref.state_dict(), whole)
     save_file({k: v.contiguous() for k, v in ref.visual.state_dict().items()}, str(visual_only))
-    enc2 = create_image_encoder("conch", pretrained=visual_only, **{k: cfg[k] for k in cfg}).eval()
-    with torch.no_grad():
-        assert torch.allclose(enc2(x), want, atol=1e-5)
+    x = _images()
+    for f in (whole, visual_only):
+        enc = create_image_encoder("open_clip:ViT-B-32", pretrained=f, **cfg).eval()
+        assert enc.out_dim == 32 and enc.input_size == 32
+        with torch.no_grad():
+            assert torch.allclose(enc(x), ref.visual(_normalise(x, enc.mean, enc.std)), atol=1e-5)
 
 
 def _timm_to_hf(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

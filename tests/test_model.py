@@ -17,9 +17,8 @@ G, M = 12, 5
 FEATURES = ("spot_image_features", "spot_gene_features", "niche_image_features", "niche_gene_features",
             "fused_spot_features", "fused_niche_features")
 SMALL_VIT = {"embed_dim": 96, "depth": 1, "num_heads": 2, "img_size": 28}
-TINY_COCA = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32},
-             "text_cfg": {"width": 32, "heads": 2, "layers": 1, "vocab_size": 64},
-             "multimodal_cfg": {"width": 32, "heads": 2, "layers": 1, "vocab_size": 64}}
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 64, "head_width": 32},
+             "text_cfg": {"width": 32, "heads": 2, "layers": 1, "vocab_size": 64}}
 
 
 def make_batch(b: int = 4, g: int = G, size: int = 32, seed: int = 0, virtual: bool = False) -> dict:
@@ -64,12 +63,12 @@ def check_trains(model, batch: dict, loss=None) -> dict:
 IMAGE_KINDS = {
     "timm-vit": {"spec": "timm:test_vit", "kwargs": {"img_size": 32}},
     "timm-cnn": {"spec": "timm:test_resnet", "kwargs": {"input_size": 32, "zero_init_last": False}},
-    "open_clip": {"spec": "open_clip:ViT-B-32", "kwargs": {k: TINY_COCA[k] for k in ("embed_dim", "vision_cfg",
-                                                                                     "text_cfg")}},
+    "open_clip": {"spec": "open_clip:ViT-B-32", "kwargs": TINY_CLIP},
     "uni": {"spec": "uni", "kwargs": {"embed_dim": 64, "depth": 1, "num_heads": 2, "img_size": 32}},
     "virchow2": {"spec": "virchow2", "kwargs": SMALL_VIT},
     "h-optimus-0": {"spec": "h-optimus-0", "kwargs": SMALL_VIT},
-    "conch": {"spec": "conch", "kwargs": TINY_COCA},
+    "conch": {"spec": "conch", "kwargs": {"width": 64, "depth": 1, "heads": 2, "image_size": 32, "embed_dim": 32,
+                                          "pool_heads": 4}},
     "phikon": {"spec": "phikon", "kwargs": {"embed_dim": 64, "depth": 1, "img_size": 32}},
     "vit-lora": {"spec": "timm:test_vit", "kwargs": {"img_size": 32}, "lora_rank": 2},
     "vit-last-block": {"spec": "timm:test_vit", "kwargs": {"img_size": 32}, "unfreeze_last": 1},

@@ -1,7 +1,7 @@
 """Named image encoders: pathology foundation models, ``open_clip:<name>``, EfficientNet-Lite0 ImageNet.
 
 Architectures and constructor kwargs follow each model card (UNI, UNI2-h, Virchow, Virchow2,
-H-optimus-0: timm ``hf-hub:`` names; CONCH: an open_clip CoCa ViT-B/16 at 448 px; Phikon: a ViT-B/16 from
+H-optimus-0: timm ``hf-hub:`` names; CONCH: its ViT-B/16 at 448 px with attentional pooling; Phikon: a ViT-B/16 from
 a Hugging Face transformers checkpoint). ``pretrained=True`` downloads the published (often gated) weights
 through timm / open_clip / huggingface_hub; a path loads a local file; extra kwargs override the
 architecture (tests build shrunk variants with the same structure).
@@ -129,21 +129,19 @@ def _deep_merge(base: dict, extra: dict) -> dict:
     return out
 
 
-def open_clip_backbone(name: str, *, pretrained: Pretrained = None, base_cfg: dict | None = None,
-                       **overrides: Any) -> Backbone:
+def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """An open_clip model's image tower; a local file may hold the whole model or the ``visual`` tower only."""
     import open_clip
 
-    cfg = base_cfg if base_cfg is not None else open_clip.get_model_config(name)
     if pretrained is True or (isinstance(pretrained, str) and not Path(pretrained).exists()
                               and not str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors"))):
         tag = None if pretrained is True else str(pretrained)  # an open_clip tag, or hf-hub: names (tag ignored)
         model = open_clip.create_model(name, pretrained=tag, **overrides)
     else:
+        cfg = open_clip.get_model_config(name)
         if cfg is None:
             raise ValueError(f"open_clip has no model config {name!r}; known: {', '.join(open_clip.list_models())}")
-        cfg = _deep_merge(cfg, overrides)
-        model = open_clip.create_model(name, pretrained=None, **cfg) if base_cfg is None else _build_open_clip(cfg)
+        model = open_clip.create_model(name, pretrained=None, **_deep_merge(cfg, overrides))
         if pretrained:
             sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
             if any(k.startswith("visual.") for k in sd):
@@ -158,30 +156,65 @@ def open_clip_backbone(name: str, *, pretrained: Pretrained = None, base_cfg: di
                     input_size=size, interpolation=str(pcfg.get("interpolation", "bicubic")))
 
 
-def _build_open_clip(cfg: dict) -> nn.Module:
-    from open_clip.coca_model import CoCa
-    from open_clip.model import CustomTextCLIP
-
-    cfg = dict(cfg)
-    cfg.pop("custom_text", None)
-    return CoCa(**cfg) if "multimodal_cfg" in cfg else CustomTextCLIP(**cfg)
-
-
 @register_prefix("open_clip")
 def _open_clip_spec(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     return open_clip_backbone(name, pretrained=pretrained, **overrides)
 
 
-@register_image_encoder("conch")
-def conch(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """CONCH (MahmoodLab): CoCa with a ViT-B/16 image tower at 448 px, 512-d embedding, OpenAI CLIP mean/std."""
-    import open_clip
+class ConchPool(nn.Module):
+    """CONCH's attentional pooler: learned queries attend to the (LayerNorm-ed) ViT tokens."""
 
+    def __init__(self, *, d_model: int, context_dim: int, heads: int = 8, n_queries: int = 1) -> None:
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(n_queries, d_model))
+        self.attn = nn.MultiheadAttention(d_model, heads, kdim=context_dim, vdim=context_dim, batch_first=True)
+        self.ln_q, self.ln_k = nn.LayerNorm(d_model), nn.LayerNorm(context_dim)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_k(tokens)
+        q = self.ln_q(self.query).unsqueeze(0).expand(tokens.shape[0], -1, -1)
+        return self.attn(q, kv, kv, need_weights=False)[0]
+
+
+class ConchVisual(nn.Module):
+    """CONCH's image tower: timm ViT-B/16 (448 px) tokens -> contrastive attentional pool (1 query) -> LayerNorm.
+
+    The output is CONCH's feature-extraction embedding (``encode_image(proj_contrast=False, normalize=False)``);
+    the contrastive projection and the captioning pooler of the checkpoint are not used.
+    """
+
+    def __init__(self, *, width: int = 768, depth: int = 12, heads: int = 12, image_size: int = 448,
+                 patch_size: int = 16, embed_dim: int = 512, pool_heads: int = 8) -> None:
+        super().__init__()
+        from timm.models.vision_transformer import VisionTransformer
+
+        self.trunk = VisionTransformer(embed_dim=width, depth=depth, num_heads=heads, mlp_ratio=4, img_size=image_size,
+                                       patch_size=patch_size, num_classes=0, dynamic_img_size=True)
+        self.attn_pool_contrast = ConchPool(d_model=embed_dim, context_dim=width, heads=pool_heads)
+        self.ln_contrast = nn.LayerNorm(embed_dim)
+        self.image_size, self.out_dim = image_size, embed_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_contrast(self.attn_pool_contrast(self.trunk.forward_features(x))[:, 0])
+
+
+@register_image_encoder("conch")
+def conch(*, pretrained: Pretrained = None, **arch: Any) -> Backbone:
+    """CONCH (MahmoodLab): ViT-B/16 at 448 px + attentional pooling, 512-d, OpenAI CLIP mean/std. Weights: the
+    ``pytorch_model.bin`` of ``MahmoodLab/conch`` (the CONCH package's CoCa layout, ``visual.*`` keys)."""
     if pretrained is True:
-        return open_clip_backbone("hf-hub:MahmoodLab/conch", pretrained=True)
-    base = open_clip.get_model_config("coca_ViT-B-32")
-    base = _deep_merge(base, {"embed_dim": 512, "vision_cfg": {"image_size": 448, "patch_size": 16}})
-    return open_clip_backbone("conch", pretrained=pretrained, base_cfg=base, **overrides)
+        from huggingface_hub import hf_hub_download
+
+        pretrained = hf_hub_download("MahmoodLab/conch", "pytorch_model.bin")
+    visual = ConchVisual(**arch)
+    if pretrained:
+        sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
+        if any(k.startswith("visual.") for k in sd):
+            sd = {k[len("visual."):]: v for k, v in sd.items() if k.startswith("visual.")}
+        load_into(visual, sd, source=str(pretrained),
+                  ignore=("proj_contrast", "attn_pool_caption.", "ln_caption.", "head."))
+    return Backbone(trunk=visual, out_dim=visual.out_dim, mean=OPENAI_MEAN, std=OPENAI_STD,
+                    input_size=visual.image_size, interpolation="bicubic")
 
 
 # ---------------------------------------------------------------------------------------------- Phikon
