@@ -3,16 +3,27 @@ tiny end-to-end CPU run from real shards (squidpy crop + a synthetic slide) whos
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 
 import pytest
 import torch
 import yaml
 
-from stalign.training.config import ConfigError, TrainConfig, resolve_config, write_config
+from stalign.training.config import (
+    ConfigError,
+    TrainConfig,
+    resolve_config,
+    write_config,
+)
 from stalign.training.logging import RunLogger
 from stalign.training.metrics import chance_recall, recall_at_k, retrieval_metrics
-from stalign.training.optim import build_optimizer, build_scheduler, cosine_with_warmup, no_decay_parameter_names
+from stalign.training.optim import (
+    build_optimizer,
+    build_scheduler,
+    cosine_with_warmup,
+    no_decay_parameter_names,
+)
 
 
 def test_config_precedence_yaml_flags_overrides(tmp_path):
@@ -80,7 +91,7 @@ def test_cosine_schedule_with_linear_warmup():
     assert f(4) == pytest.approx(1.0) and f(9) == pytest.approx(0.1 + 0.9 * 0.5)
     assert f(14) == pytest.approx(0.1) and f(100) == pytest.approx(0.1)
     values = [f(s) for s in range(4, 15)]
-    assert all(a >= b for a, b in zip(values, values[1:]))
+    assert all(a >= b for a, b in itertools.pairwise(values))
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
     sched = build_scheduler(opt, warmup_steps=4, total_steps=14)
     assert opt.param_groups[0]["lr"] == pytest.approx(0.5)
@@ -182,7 +193,7 @@ def test_bad_inputs_give_clear_errors(small_shards, tmp_path, capsys, model_modu
 
 
 def test_empty_batch_is_refused(small_shards, tmp_path, monkeypatch, model_modules):
-    import data_prep.dataset as dataset
+    from data_prep import dataset
     from stalign.training.data import EmptyDataError
     from stalign.training.trainer import train_from_config
 

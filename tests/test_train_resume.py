@@ -23,7 +23,8 @@ def test_stopped_and_resumed_run_matches_an_uninterrupted_one(small_shards, tmp_
 
     # 39 training spots / batch 8 = 4 batches per epoch: step 6 stops in the middle of epoch 1. Augmentation,
     # dropout and a validation pass before the stop are all on, so any RNG or data-order slip shows.
-    common = dict(data=str(small_shards("squidpy")), max_steps=10, eval_every=3, save_every=0, augment=True)
+    common = {"data": str(small_shards("squidpy")), "max_steps": 10, "eval_every": 3, "save_every": 0,
+              "augment": True}
     whole = train_from_config(TINY, output_dir=str(tmp_path / "whole"), **common)
     first = train_from_config(TINY, output_dir=str(tmp_path / "cut"), stop_after_steps=6, **common)
     assert first.step == 6 and first.checkpoint is None  # stopped early: no final weights yet

@@ -11,7 +11,7 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 
@@ -26,7 +26,7 @@ class TrainConfig:
 
     # data
     data: str = ""  # shard root: a ``stalign prep`` output folder (manifest.json + shards/)
-    slides: Optional[list[str]] = None  # restrict to these slide ids
+    slides: list[str] | None = None  # restrict to these slide ids
     val_fraction: float = 0.1
     split_by: str = "spot"  # "spot" or "slide"
     niche_spots: int = 16
@@ -36,8 +36,8 @@ class TrainConfig:
     # model
     model: str = "stalign-tiny"
     model_overrides: dict = dataclasses.field(default_factory=dict)
-    pretrained: Optional[str] = None  # backbone weights passed to create_model
-    init: Optional[str] = None  # fine-tune from this stalign checkpoint folder
+    pretrained: str | None = None  # backbone weights passed to create_model
+    init: str | None = None  # fine-tune from this stalign checkpoint folder
     # loss
     alpha: float = 0.3
     beta: float = 0.3
@@ -53,11 +53,11 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     max_steps: int = 1000  # optimizer steps; the cosine schedule spans them
-    epochs: Optional[int] = None  # when set, max_steps = epochs x optimizer steps per epoch
+    epochs: int | None = None  # when set, max_steps = epochs x optimizer steps per epoch
     max_grad_norm: float = 1.0  # 0 turns clipping off
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
     cpu: bool = False
-    threads: Optional[int] = None  # torch CPU threads per process (None: torch's default)
+    threads: int | None = None  # torch CPU threads per process (None: torch's default)
     seed: int = 0
     # bookkeeping
     output_dir: str = "runs/train"
@@ -66,7 +66,7 @@ class TrainConfig:
     save_every: int = 500  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2  # newest step_N folders kept (0 keeps all)
     val_max_spots: int = 5000
-    stop_after_steps: Optional[int] = None  # end this run early (time-boxed jobs); resume later
+    stop_after_steps: int | None = None  # end this run early (time-boxed jobs); resume later
     tensorboard: bool = True
     progress: bool = True
 

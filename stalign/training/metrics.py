@@ -1,7 +1,8 @@
 """Cross-modal retrieval metrics on held-out spots: recall@k image->gene and gene->image, with chance level."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -9,7 +10,7 @@ if TYPE_CHECKING:
 DEFAULT_KS = (1, 5, 10)
 
 
-def true_match_ranks(queries: "torch.Tensor", keys: "torch.Tensor", *, chunk: int = 2048) -> "torch.Tensor":
+def true_match_ranks(queries: torch.Tensor, keys: torch.Tensor, *, chunk: int = 2048) -> torch.Tensor:
     """0-based rank of ``keys[i]`` among all keys for ``queries[i]`` by cosine similarity.
 
     Ties count against the query (a key scoring equal to the true one ranks ahead of it), so a collapsed
@@ -31,7 +32,7 @@ def true_match_ranks(queries: "torch.Tensor", keys: "torch.Tensor", *, chunk: in
     return torch.cat(ranks)
 
 
-def recall_at_k(queries: "torch.Tensor", keys: "torch.Tensor", *, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
+def recall_at_k(queries: torch.Tensor, keys: torch.Tensor, *, ks: Sequence[int] = DEFAULT_KS) -> dict[int, float]:
     """Fraction of queries whose true key (same row) is among the ``k`` most similar keys."""
     ranks = true_match_ranks(queries, keys)
     return {k: float((ranks < k).float().mean()) for k in ks}
@@ -42,7 +43,7 @@ def chance_recall(n: int, k: int) -> float:
     return min(k, n) / n if n else 0.0
 
 
-def retrieval_metrics(image_emb: "torch.Tensor", gene_emb: "torch.Tensor", *,
+def retrieval_metrics(image_emb: torch.Tensor, gene_emb: torch.Tensor, *,
                       ks: Sequence[int] = DEFAULT_KS) -> dict[str, float]:
     """``image_to_gene_recall@k``, ``gene_to_image_recall@k`` and ``chance@k`` (k/N) for each k, plus ``n_spots``.
 

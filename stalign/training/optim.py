@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -10,7 +11,7 @@ if TYPE_CHECKING:
 NO_DECAY_NAMES = ("logit_scale", "logit_bias", "pos_embed", "cls_token", "reg_token", "mask_token", "type_embed")
 
 
-def no_decay_parameter_names(model: "torch.nn.Module") -> set[str]:
+def no_decay_parameter_names(model: torch.nn.Module) -> set[str]:
     """Names of parameters that get no weight decay: 0/1-d tensors (biases, norm scales, scalars), every
     parameter of a normalisation or embedding layer, the logit scale/bias, position/class tokens and whatever
     the model (or a timm backbone inside it) lists in ``no_weight_decay()``."""
@@ -37,7 +38,7 @@ def no_decay_parameter_names(model: "torch.nn.Module") -> set[str]:
     return names
 
 
-def param_groups(model: "torch.nn.Module", *, weight_decay: float) -> list[dict]:
+def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
     """Two AdamW groups over the trainable parameters: decayed weights and the no-decay set."""
     skip = no_decay_parameter_names(model)
     decay, no_decay = [], []
@@ -49,8 +50,8 @@ def param_groups(model: "torch.nn.Module", *, weight_decay: float) -> list[dict]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: "torch.nn.Module", *, lr: float, weight_decay: float,
-                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> "torch.optim.AdamW":
+def build_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float,
+                    betas: tuple[float, float] = (0.9, 0.98), eps: float = 1e-6) -> torch.optim.AdamW:
     """AdamW over :func:`param_groups`."""
     import torch
 
@@ -73,8 +74,8 @@ def cosine_with_warmup(*, warmup_steps: int, total_steps: int, min_lr_ratio: flo
     return factor
 
 
-def build_scheduler(optimizer: "torch.optim.Optimizer", *, warmup_steps: int, total_steps: int,
-                    min_lr_ratio: float = 0.0) -> "torch.optim.lr_scheduler.LambdaLR":
+def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
+                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
     """LambdaLR over :func:`cosine_with_warmup`; step it once per optimizer step."""
     import torch
 

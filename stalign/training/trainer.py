@@ -67,6 +67,7 @@ def _transforms(model: Any, *, train: bool) -> tuple[Any, Any]:
 
 def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
     import torch
+
     from data_prep.dataset import collate
 
     per_step = cfg.batch_size * accelerator.num_processes
@@ -143,7 +144,6 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
 
 def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
-    import torch
     from accelerate import Accelerator, DataLoaderConfiguration
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
