@@ -270,3 +270,16 @@ def test_checkpoint_of_a_stofm_folder_model_loads_without_the_folder(tmp_path: P
     with torch.no_grad():
         a, b = model.eval()(batch), loaded(batch)
     assert torch.equal(a["niche_gene_features"], b["niche_gene_features"])
+
+
+def test_grad_checkpointing_gives_the_same_gradients() -> None:
+    batch = make_batch()
+    grads = []
+    for enable in (False, True):
+        torch.manual_seed(0)
+        model = stalign.create_model("stalign-tiny", n_genes=G, dropout=0.0).eval()
+        model.set_grad_checkpointing(enable)
+        ThreeTargetLoss()(model(batch))["loss"].backward()
+        grads.append(model.spot_image_encoder.trunk.blocks[0].attn.qkv.weight.grad.clone())
+    assert model.spot_image_encoder.trunk.grad_checkpointing
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)

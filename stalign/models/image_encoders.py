@@ -175,6 +175,15 @@ class ImageEncoder(nn.Module):
             feats = feats[0]
         return feats
 
+    def set_grad_checkpointing(self, enable: bool = True) -> bool:
+        """Recompute activations in backward (timm / open_clip trunks); returns whether the trunk supports it."""
+        for m in (self.trunk, getattr(self.trunk, "visual", None), getattr(self.trunk, "vit", None),
+                  getattr(self.trunk, "trunk", None)):
+            if m is not None and hasattr(m, "set_grad_checkpointing"):
+                m.set_grad_checkpointing(enable)
+                return True
+        return False
+
     def train_transform(self) -> Callable:
         """Augmentation for uint8 (…, 3, P, P) H&E crops: flips, 90° rotations, mild colour jitter, input-size resize."""
         from stalign.models.transforms import he_train_transform

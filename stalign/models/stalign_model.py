@@ -206,6 +206,11 @@ class STAlign(nn.Module):
         return self.combine(self.encode_spot_gene(batch["spot_expr"]), self.encode_niche_gene(batch), niche_weight)
 
     # ------------------------------------------------------------------------------------- training
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in both image encoders (saves memory for large ViTs; same gradients)."""
+        for enc in (self.spot_image_encoder, self.niche_image_encoder):
+            enc.set_grad_checkpointing(enable)
+
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped to ``max_logit_scale`` (1/temperature)."""
         return self.logit_scale.exp().clamp(max=self.config.max_logit_scale)
