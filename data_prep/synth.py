@@ -138,8 +138,12 @@ def _panel_records(panel: GenePanel) -> list[dict]:
 
 
 def barcodes(n: int) -> list[str]:
-    """Visium-looking, unique barcodes (16 bases + ``-1``) derived from the spot index."""
-    digits = (np.arange(n)[:, None] // 4 ** np.arange(15, -1, -1)[None, :]) % 4
+    """Visium-looking, unique barcodes (16 bases + ``-1``) derived from the spot index.
+
+    An odd multiplier is a bijection modulo 4**16, so distinct indices give distinct (scrambled) barcodes.
+    """
+    code = (np.arange(n, dtype=np.uint64) * np.uint64(0x9E3779B1)) % np.uint64(4**16)
+    digits = (code[:, None] // (np.uint64(4) ** np.arange(15, -1, -1, dtype=np.uint64))[None, :]) % np.uint64(4)
     bases = np.array(list("ACGT"))[digits]
     return ["".join(b) + "-1" for b in bases]
 

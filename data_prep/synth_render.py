@@ -121,8 +121,7 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
                       n_sizes=len(nucleus_banks[0].radius_um), n_orient=nucleus_banks[0].stamps.shape[1],
                       darkness=np.array([c.darkness for c in classes], np.float32))
     if len(holes):
-        hole_r = np.array([b.radius_um if b is not None else np.zeros(len(HOLE_SCALES)) for b in hole_banks],
-                          dtype=np.float32)[holes.cls, holes.size_idx]
+        hole_r = hole_radii(holes, hole_banks)
         d, idx = cKDTree(np.column_stack([holes.x_um, holes.y_um])).query(
             np.column_stack([nuclei.x_um, nuclei.y_um]), k=min(4, len(holes)), distance_upper_bound=hole_r.max())
         d, idx = d.reshape(len(nuclei), -1), idx.reshape(len(nuclei), -1)
@@ -132,6 +131,13 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
                        height_px=int(np.ceil(height_um / um_per_px)), coarse_um=coarse_um,
                        classes=classes, class_map=class_map, tissue=tissue, density=density, orient=orient,
                        nuclei=nuclei, holes=holes, nucleus_banks=nucleus_banks, hole_banks=hole_banks)
+
+
+def hole_radii(holes: Points, hole_banks: tuple[StampBank | None, ...]) -> np.ndarray:
+    """Area-equivalent radius (µm) of each hole."""
+    table = np.array([b.radius_um if b is not None else np.zeros(len(HOLE_SCALES)) for b in hole_banks],
+                     dtype=np.float64)
+    return table[holes.cls, holes.size_idx]
 
 
 def _scatter(rng: np.random.Generator, lam: np.ndarray, class_map: np.ndarray, coarse_um: float, *,

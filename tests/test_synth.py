@@ -8,7 +8,7 @@ import pytest
 
 from data_prep.fetch import sha256_file
 from data_prep.synth import make_synthetic_slide
-from data_prep.synth_expression import circle_overlap
+from data_prep.synth_expression import covered_fraction
 from data_prep.synth_texture import dark_fraction
 from stalign.cli import main
 
@@ -28,20 +28,22 @@ def adata(slide):
     return ad.read_h5ad(slide.paths["adata"])
 
 
-def spot_discs(slide, adata) -> np.ndarray:
-    """Image-measured dark-pixel fraction in each 55 µm spot disc, read through openslide at level 0."""
+def spot_discs(slide, adata) -> tuple[np.ndarray, np.ndarray]:
+    """Image-measured dark-pixel and white-pixel fractions in each 55 µm spot disc (openslide, level 0)."""
     import openslide
 
     r = 27.5 / UM_PER_PX
     half = int(np.ceil(r))
     yy, xx = np.mgrid[-half:half + 1, -half:half + 1]
     disc = xx**2 + yy**2 <= r * r
-    out = []
+    dark, white = [], []
     with openslide.OpenSlide(str(slide.paths["image"])) as osr:
         for x, y in adata.obsm["spatial"]:
             crop = osr.read_region((round(x) - half, round(y) - half), 0, (2 * half + 1,) * 2)
-            out.append(dark_fraction(np.asarray(crop.convert("RGB"))[disc]))
-    return np.array(out)
+            rgb = np.asarray(crop.convert("RGB"))[disc]
+            dark.append(dark_fraction(rgb))
+            white.append(float((rgb.min(axis=1) > 215).mean()))
+    return np.array(dark), np.array(white)
 
 
 def test_openslide_reads_the_pyramid_with_its_pixel_size(slide):
@@ -100,9 +102,9 @@ def test_class_programmes_differ_by_the_programme_factor(slide, adata):
     assert tested >= 2
 
 
-def test_density_gene_follows_the_dark_pixels_of_the_image(slide, adata):
+def test_density_and_hole_genes_follow_the_image(slide, adata):
     on = adata.obs["in_tissue"].to_numpy() == 1
-    dark = spot_discs(slide, adata)
+    dark, white = spot_discs(slide, adata)
     x = adata.X.toarray().astype(np.float64)
     logn = np.log1p(x / x.sum(1, keepdims=True) * 1e4)
     up = list(adata.var_names).index("density_06")  # beta > 0
@@ -112,6 +114,9 @@ def test_density_gene_follows_the_dark_pixels_of_the_image(slide, adata):
     assert np.corrcoef(adata.obs["nuclear_area_fraction"].to_numpy()[on], dark[on])[0, 1] > 0.9
     hk = list(adata.var_names).index("hk_0001")
     assert abs(np.corrcoef(logn[on, hk], dark[on])[0, 1]) < 0.5
+    # fat cells / lumina: white pixels inside tissue spots
+    assert np.corrcoef(adata.obs["hole_fraction"].to_numpy()[on], white[on])[0, 1] > 0.95
+    assert np.corrcoef(logn[on, list(adata.var_names).index("holes_04")], white[on])[0, 1] > 0.8
 
 
 def test_background_spots_lie_on_glass_and_have_small_libraries(slide, adata):
@@ -146,11 +151,15 @@ def test_same_seed_same_bytes_other_seed_differs(slide, tmp_path):
     assert [g["base"] for g in other.truth["genes"]] == [g["base"] for g in slide.truth["genes"]]
 
 
-def test_circle_overlap_matches_known_areas():
-    assert circle_overlap(2.0, np.array([1.0]), np.array([0.5]))[0] == pytest.approx(np.pi)  # contained
-    assert circle_overlap(1.0, np.array([1.0]), np.array([2.0]))[0] == pytest.approx(0.0)  # touching
-    # two unit circles one radius apart share 2*pi/3 - sqrt(3)/2
-    assert circle_overlap(1.0, np.array([1.0]), np.array([1.0]))[0] == pytest.approx(2 * np.pi / 3 - np.sqrt(3) / 2)
+def test_covered_fraction_matches_known_areas():
+    centres = np.array([[0.0, 0.0], [100.0, 0.0], [300.0, 0.0]])
+    discs = np.array([[0.0, 0.0], [100.0, 27.5], [1000.0, 0.0], [1000.0, 0.0]])
+    got = covered_fraction(centres, 27.5, discs, np.array([50.0, 27.5, 5.0, 5.0]))
+    lens = 2 * np.pi / 3 - np.sqrt(3) / 2  # two unit circles one radius apart, in units of r**2
+    assert got[0] == 1.0 and got[2] == 0.0
+    assert got[1] == pytest.approx(lens / np.pi, abs=0.01)
+    twice = covered_fraction(centres[:1], 27.5, np.array([[0.0, 0.0], [0.0, 0.0]]), np.array([10.0, 10.0]))
+    assert twice[0] == pytest.approx((10 / 27.5) ** 2, abs=0.02)  # a union, not a sum
 
 
 @pytest.mark.parametrize("kwargs, message", [
