@@ -104,15 +104,25 @@ def smooth_noise(shape: tuple[int, int], sigma: float, rng: np.random.Generator,
 
 
 def fibre_texture(*, angle: float, um_per_px: float, rng: np.random.Generator,
-                  period: int = TEXTURE_PERIOD) -> np.ndarray:
-    """Periodic (period x period) texture in [0, 1] of wavy fibres ~3 µm wide and ~60 µm long along ``angle``."""
+                  period: int = TEXTURE_PERIOD, warp_um: float = 8.0) -> np.ndarray:
+    """Periodic (period x period) texture in [0, 1] of wavy fibres (~3 µm wide, ~40 µm long) along ``angle``.
+
+    Anisotropic Gaussian-filtered noise, domain-warped by a smooth periodic field (``warp_um``) so the fibres bend.
+    """
+    from scipy.ndimage import map_coordinates
+
     freq = np.fft.fftfreq(period).astype(np.float32) / um_per_px  # cycles per µm
     fy, fx = np.meshgrid(freq, freq, indexing="ij")
     along = fx * np.cos(angle) + fy * np.sin(angle)
     across = -fx * np.sin(angle) + fy * np.cos(angle)
-    spectrum = np.exp(-0.5 * (along * 60.0) ** 2) * np.exp(-0.5 * ((np.abs(across) - 1 / 8.0) * 30.0) ** 2)
+    across_um = max(2.5, 2.0 * um_per_px)  # no finer than the pixels can show
+    spectrum = np.exp(-0.5 * (along * 40.0) ** 2) * np.exp(-0.5 * (across * across_um) ** 2)
     noise = np.fft.fft2(rng.standard_normal((period, period)))
     field = np.real(np.fft.ifft2(noise * spectrum)).astype(np.float32)
+    warp = [smooth_noise((period, period), 30.0 / um_per_px, rng, mode="wrap") * (warp_um / um_per_px)
+            for _ in range(2)]
+    yy, xx = np.mgrid[0:period, 0:period].astype(np.float32)
+    field = map_coordinates(field, [yy + warp[0], xx + warp[1]], order=1, mode="grid-wrap")
     field = (field - field.mean()) / (field.std() + 1e-8)
     return (1.0 / (1.0 + np.exp(-2.0 * field))).astype(np.float32)
 
