@@ -1,0 +1,97 @@
+"""Retrieval throughput: queries/s of cosine top-k (k=50) over a reference bank, plain vs the package path.
+
+    python benchmarks/retrieval.py --device cuda                 # 1,000,000 x 256 bank, 4,096 queries
+    python benchmarks/retrieval.py --device cpu --bank 200000 --queries 512
+    python benchmarks/retrieval.py --quick                       # 20,000-row bank (seconds)
+
+Rows: the plain way (one ``(q @ bank.T).topk(k)`` per query chunk, fp32 and bf16 bank) and the package's
+``stalign.tasks.fast_topk.search`` (what ``ReferenceBank.topk`` runs: bf16 bank + exact fp32 re-scoring on
+CUDA, fp32 on the CPU; fp16/bf16 storage rows too). Recall = overlap with the exact fp32 top-k. Embeddings are
+clustered (many near-ties, like spots of similar tissue), not uniform noise. Bank placement is not timed.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import load_average, median_seconds, parser, record, setup, table
+
+
+def clustered(n: int, dim: int, *, seed: int, centres: int = 1024):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    c = torch.randn(centres, dim, generator=torch.Generator().manual_seed(12345))
+    x = c[torch.randint(0, centres, (n,), generator=g)] + 0.7 * torch.randn(n, dim, generator=g)
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def plain_topk(q, bank, k: int, *, query_chunk: int):
+    """What a user writes: a matmul and a full-width topk per query chunk (bank already normalised)."""
+    import torch
+
+    out = [(q[s:s + query_chunk].to(bank.dtype) @ bank.T).topk(k, dim=1) for s in range(0, len(q), query_chunk)]
+    return torch.cat([o.values for o in out]), torch.cat([o.indices for o in out])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = parser(__doc__)
+    p.add_argument("--bank", type=int, default=None, help="bank rows (default 1,000,000 on CUDA, 200,000 on CPU)")
+    p.add_argument("--dim", type=int, default=256)
+    p.add_argument("--queries", type=int, default=None, help="default 4,096 on CUDA, 512 on CPU")
+    p.add_argument("--k", type=int, default=50)
+    p.add_argument("--repeat", type=int, default=3)
+    args = p.parse_args(argv)
+    import torch
+
+    from stalign.tasks.fast_topk import prepare_bank, recall, search
+
+    device = setup(args)
+    cuda = device.type == "cuda"
+    n = args.bank or (20_000 if args.quick else 1_000_000 if cuda else 200_000)
+    nq = args.queries or (128 if args.quick else 4096 if cuda else 512)
+    load_before = load_average()
+    bank32 = clustered(n, args.dim, seed=0).to(device)
+    queries = clustered(nq, args.dim, seed=1)
+    qd = queries.to(device)
+    qchunk = 1024 if cuda else 256
+    exact_idx = plain_topk(qd, bank32, args.k, query_chunk=qchunk)[1].cpu().numpy()
+
+    rows = []
+
+    def run(name: str, fn) -> None:
+        seconds = median_seconds(fn, device, warmup=1, repeat=1 if args.quick else args.repeat)
+        idx = fn()[1].cpu().numpy()
+        rows.append({"method": name, "queries/s": nq / seconds, "ms per 1,000 queries": seconds / nq * 1e6,
+                     "recall@k vs exact": recall(idx, exact_idx)})
+        print(rows[-1], flush=True)
+
+    run("plain fp32 matmul + topk", lambda: plain_topk(qd, bank32, args.k, query_chunk=qchunk))
+    bank16 = bank32.to(torch.bfloat16)
+    if cuda:
+        run("plain bf16 matmul + topk", lambda b=bank16: plain_topk(qd, b, args.k, query_chunk=qchunk))
+    del bank16
+    default = prepare_bank(bank32, device=device)  # what ReferenceBank.topk uses by default on this device
+    label = "bf16 + exact re-scoring" if cuda else "fp32"
+    run(f"package default ({label})", lambda b=default: search(queries, b, args.k, query_chunk=qchunk))
+    del default
+    for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
+        if cuda and dtype == torch.bfloat16:
+            continue  # the default row
+        bank = prepare_bank(bank32, device=device, dtype=dtype)
+        run(f"package {name} bank + exact re-scoring", lambda b=bank: search(queries, b, args.k, query_chunk=qchunk))
+        del bank
+    base = rows[1 if cuda else 0]["queries/s"]
+    for r in rows:
+        r["x plain" + (" bf16" if cuda else " fp32")] = r["queries/s"] / base
+    title = f"retrieval top-{args.k}: {n:,} x {args.dim} bank, {nq:,} queries on {device.type.upper()}"
+    notes = [f"bank rows {n:,}, dim {args.dim}, clustered random embeddings, query chunk {qchunk}"]
+    if not cuda:
+        notes.append("CPU figures (no GPU in this run); the 1M-bank targets are for an H100")
+    record(args, title=title, device=device, body=table(rows), load_before=load_before, notes=notes)
+
+
+if __name__ == "__main__":
+    main()

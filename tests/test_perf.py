@@ -1,0 +1,173 @@
+"""The fast paths (stalign.perf, stalign.tasks.fast_topk) give the plain path's results; benchmarks run end to end."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stalign.perf import (
+    CompiledOrEager,
+    FastEmbedder,
+    autocast_dtype,
+    inference_context,
+    is_cnn,
+    should_compile,
+)
+from stalign.tasks.fast_topk import exact_topk, prepare_bank, recall, search
+
+REPO = Path(__file__).resolve().parents[1]
+GENES = [f"g{i}" for i in range(12)]
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    import stalign
+
+    torch.manual_seed(0)
+    return stalign.create_model("stalign-tiny", genes=GENES).eval()
+
+
+@pytest.fixture(scope="module")
+def crops():
+    g = torch.Generator().manual_seed(1)
+    return (torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g),
+            torch.randint(0, 256, (6, 3, 40, 40), dtype=torch.uint8, generator=g))
+
+
+def plain(model, spot, niche):
+    with torch.inference_mode():
+        return model.encode_image(spot, niche).float()
+
+
+def rel_err(a, b) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def test_precision_defaults():
+    assert autocast_dtype("cpu") is None  # the CPU default stays fp32
+    assert autocast_dtype("cpu", "bf16") is torch.bfloat16
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_dtype("cpu", "int8")
+    assert not should_compile("cpu", "auto", n_items=10**6)  # never by default on the CPU
+
+
+def test_cpu_default_fast_path_is_the_plain_path(tiny_model, crops):
+    out = FastEmbedder(model=tiny_model, device="cpu")(*crops)
+    assert FastEmbedder(model=tiny_model, device="cpu").settings() == {
+        "device": "cpu", "autocast": "fp32", "channels_last": False, "compile": False}
+    torch.testing.assert_close(out, plain(tiny_model, *crops), rtol=0, atol=0)
+
+
+def test_bf16_autocast_within_bf16_tolerance(tiny_model, crops):
+    ref = plain(tiny_model, *crops)
+    fast = FastEmbedder(model=tiny_model, device="cpu", precision="bf16")
+    out = fast(*crops)
+    assert out.dtype == torch.float32 and fast.settings()["autocast"] == "bfloat16"
+    err = rel_err(out, ref)
+    assert 0 < err < 3e-2, err  # bf16 really ran (not bit-identical), and stayed within bf16 rounding
+    assert float((out * ref).sum(1).min()) > 0.999  # same direction (cosine) per spot
+
+
+def test_channels_last_same_outputs(tiny_model, crops):
+    assert is_cnn(tiny_model.niche_image_encoder) and not is_cnn(tiny_model.spot_image_encoder)
+    fast = FastEmbedder(model=tiny_model, device="cpu", channels_last=True)
+    assert fast.channels_last
+    conv = next(m for m in tiny_model.niche_image_encoder.modules() if isinstance(m, torch.nn.Conv2d) and
+                m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(fast(*crops), plain(tiny_model, *crops), rtol=1e-4, atol=1e-5)
+    tiny_model.to(memory_format=torch.contiguous_format)
+
+
+def test_compile_fallback_runs_eager(tiny_model, crops):
+    def broken_backend(gm, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    ref = plain(tiny_model, *crops)
+    fast = FastEmbedder(model=tiny_model, device="cpu", compile=True, compile_backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed, running eager"):
+        out = fast(crops[0][:4], crops[1][:4])
+    torch.testing.assert_close(out, ref[:4], rtol=1e-5, atol=1e-6)
+    assert fast.settings()["compile"] is False
+    torch.testing.assert_close(fast(*crops), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_short_batch_is_padded_and_trimmed(tiny_model, crops):
+    fast = FastEmbedder(model=tiny_model, device="cpu", compile=True, compile_backend="eager")
+    full, short = fast(crops[0][:4], crops[1][:4]), fast(crops[0][4:], crops[1][4:])
+    assert short.shape == (2, tiny_model.config.embed_dim)
+    torch.testing.assert_close(torch.cat([full, short]), plain(tiny_model, *crops), rtol=1e-5, atol=1e-6)
+    assert fast.settings()["compile"] is True
+
+
+def test_compiled_or_eager_plain_function():
+    fn = CompiledOrEager(lambda x: x * 2 + 1, backend="eager")
+    x = torch.arange(5.0)
+    torch.testing.assert_close(fn(x), x * 2 + 1)
+    assert not fn.failed
+
+
+def test_inference_context_restores_train_mode(tiny_model, crops):
+    tiny_model.train()
+    with inference_context(tiny_model, "cpu", "bf16") as m:
+        assert not m.training and torch.is_inference_mode_enabled()
+        assert m.encode_image(*crops).shape[0] == 6
+    assert tiny_model.training
+    tiny_model.eval()
+
+
+def clustered(n: int, q: int, dim: int, seed: int):
+    """Embeddings around 64 centres: many near-ties, as real spots of similar tissue give."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(64, dim))
+    return (centres[rng.integers(0, 64, n)] + 0.6 * rng.normal(size=(n, dim)),
+            centres[rng.integers(0, 64, q)] + 0.6 * rng.normal(size=(q, dim)))
+
+
+@pytest.mark.parametrize("n", [7, 100, 5000])
+def test_fast_topk_equals_exact_fp32(n):
+    bank, q = clustered(n, 33, 16, seed=n)
+    k = min(5, n)
+    es, ei = exact_topk(q, bank, k)
+    s, i = search(torch.tensor(q), prepare_bank(bank, dtype=torch.float32), k, chunk=1000, query_chunk=10,
+                  group=8)
+    np.testing.assert_array_equal(i.numpy(), ei)
+    np.testing.assert_allclose(s.numpy(), es, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_bank_recall(dtype):
+    bank, q = clustered(20_000, 200, 64, seed=3)
+    _, ei = exact_topk(q, bank, 50)
+    s, i = search(torch.tensor(q), prepare_bank(bank, dtype=dtype), 50, chunk=8192)
+    assert recall(i.numpy(), ei) >= 0.99
+    # the returned similarities are exact (re-scored in float32) for the indices found
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    bn = bank / np.linalg.norm(bank, axis=1, keepdims=True)
+    np.testing.assert_allclose(s.numpy(), np.einsum("qe,qke->qk", qn, bn[i.numpy()]), atol=1e-5)
+    raw = search(torch.tensor(q), prepare_bank(bank, dtype=dtype, rescore=False), 50, chunk=8192)[1]
+    assert recall(raw.numpy(), ei) < 1.0  # without re-scoring low precision does lose neighbours here
+
+
+def test_recall_counts_overlap():
+    assert recall([[1, 2, 3]], [[3, 2, 9]]) == pytest.approx(2 / 3)
+
+
+def test_search_rejects_bad_k():
+    with pytest.raises(ValueError, match="k must lie in 1..3"):
+        search(torch.ones(2, 4), prepare_bank(np.ones((3, 4))), 4)
+
+
+@pytest.mark.parametrize("script", ["retrieval", "embed_throughput", "train_step", "wsi_predict"])
+def test_benchmark_quick(script, tmp_path, subprocess_env):
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick",
+                           "--results", str(results)], cwd=tmp_path, env=subprocess_env, capture_output=True, check=False,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "- command: `" in text and "| --- |" in text and "device: cpu" in text.lower()
