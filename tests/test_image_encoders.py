@@ -286,3 +286,12 @@ def test_freeze_and_unfreeze_last_blocks() -> None:
     assert "trunk.norm.weight" in trainable  # final norm after the blocks trains too
     with pytest.raises(ValueError, match="LoRA found no"):
         create_image_encoder("timm:test_efficientnet", lora_rank=4)
+
+
+def test_frozen_batchnorm_keeps_its_statistics_in_train_mode() -> None:
+    cnn = create_image_encoder("timm:test_efficientnet", input_size=32, unfreeze_last=1).train()
+    first, last = cnn.trunk.bn1, cnn.trunk.bn2  # stem BN (frozen), head BN (after the blocks: trains)
+    before = first.running_mean.clone(), last.running_mean.clone()
+    cnn(_images(n=4))
+    assert not first.training and torch.equal(first.running_mean, before[0])
+    assert last.training and not torch.equal(last.running_mean, before[1])

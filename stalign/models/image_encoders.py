@@ -175,6 +175,16 @@ class ImageEncoder(nn.Module):
             feats = feats[0]
         return feats
 
+    def train(self, mode: bool = True) -> ImageEncoder:
+        """As ``nn.Module.train``, but BatchNorm layers whose parameters are frozen keep their running statistics."""
+        super().train(mode)
+        if mode:
+            for m in self.trunk.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(
+                        p.requires_grad for p in m.parameters(recurse=False)):
+                    m.eval()
+        return self
+
     def set_grad_checkpointing(self, enable: bool = True) -> bool:
         """Recompute activations in backward (timm / open_clip trunks); returns whether the trunk supports it."""
         for m in (self.trunk, getattr(self.trunk, "visual", None), getattr(self.trunk, "vit", None),
