@@ -8,7 +8,7 @@ One step = forward of the four inputs (spot/niche crops, spot expression, niche 
 ``ThreeTargetLoss``, backward, AdamW step, on synthetic data of the ``ShardDataset`` batch layout (uint8
 crops at the model's input size, 200 genes, 16 niche spots). FLOPs of forward + backward are counted once
 with ``torch.utils.flop_counter.FlopCounterMode``; utilisation = FLOP/s achieved over the dense bf16 matmul
-rate measured in the same run (fp32 on the CPU). Models: ``stalign-base`` (ViT-B/16 spot + niche at 224 px,
+rate measured in the same run (fp32 rate noted). Models: ``stalign-base`` (ViT-B/16 spot + niche at 224 px,
 SToFM-small + SE(2) niche encoder, ABFN), ``small`` (the same with ViT-S/16 and stofm-tiny), ``stalign-tiny``.
 On CUDA the largest batch that fits (bf16, eager) is found by doubling then bisecting on out-of-memory.
 """
@@ -144,8 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     batch = args.batch or (64 if cuda else 4)
     repeat = args.repeat or (1 if args.quick else 10 if cuda else 3)
     load_before = load_average()
-    peak = matmul_peak(device, n=1024 if args.quick else 8192 if cuda else 2048)
-    peak_dtype = "bf16" if cuda else "fp32"
+    peak = matmul_peak(device, n=1024 if args.quick else 8192 if cuda else 2048, dtype=torch.bfloat16)
+    peak32 = matmul_peak(device, n=1024 if args.quick else 8192 if cuda else 2048, dtype=torch.float32)
+    peak_dtype = "bf16"
     variants = [("fp32", False), ("bf16", False)] + ([("fp32", True), ("bf16", True)] if cuda or args.compile else [])
     rows = []
     for name in names:
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> None:
             print(rows[-1], flush=True)
             del trainer, data
             torch.cuda.empty_cache()
-    notes = [(f"measured {peak_dtype} matmul peak {peak:.1f} TFLOP/s in the same run; 200 genes, 16 niche spots, "
+    notes = [(f"measured {peak_dtype} matmul peak {peak:.2f} TFLOP/s (fp32 {peak32:.2f}) in the same run; 200 genes, 16 niche spots, "
               f"random init; FLOPs = forward + backward (FlopCounterMode)")]
     if not cuda:
         notes.append("CPU figures (no GPU in this run); the >= 30% utilisation target is for an H100")
