@@ -257,3 +257,14 @@ def test_epochs_set_the_number_of_steps(small_shards, tmp_path, model_modules):
     result = train_from_config(TINY, data=str(small_shards("squidpy")), output_dir=str(tmp_path), epochs=3,
                                grad_accum=2, eval_every=0, save_every=0)
     assert result.step == 6 and [s for s, _ in result.losses] == [1, 2, 3, 4, 5, 6]
+
+
+def test_bf16_after_fp32_in_one_process_and_no_validation_split(small_shards, tmp_path, model_modules):
+    from stalign.training.trainer import train_from_config
+
+    for precision in ("no", "bf16"):  # accelerate's process-wide state is renewed between single-process runs
+        result = train_from_config(TINY, data=str(small_shards("squidpy")), output_dir=str(tmp_path / precision),
+                                   max_steps=2, mixed_precision=precision, val_fraction=0, grad_accum=2)
+        assert result.step == 2 and result.metrics == {} and all(math.isfinite(v) for _, v in result.losses)
+        assert (tmp_path / precision / "final" / "model.safetensors").is_file()
+        assert not (tmp_path / precision / "val_log.csv").exists()

@@ -156,6 +156,7 @@ def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
 
     started = time.perf_counter()
     out = Path(cfg.output_dir)
+    _fresh_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -294,3 +295,14 @@ def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
     accelerator.end_training()
     return TrainResult(checkpoint=final, output_dir=out, metrics=metrics, step=pos.step, losses=losses,
                        seconds=time.perf_counter() - started)
+
+
+def _fresh_accelerate_state() -> None:
+    """Let a single-process caller run several trainings with different settings (mixed precision, cpu) in one
+    Python process: accelerate keeps its state in process-wide singletons that refuse a second configuration.
+    Distributed processes keep theirs (the process group lives in it)."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    if PartialState._shared_state and PartialState().num_processes == 1:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        GradientState._reset_state()
