@@ -171,3 +171,23 @@ def test_benchmark_quick(script, tmp_path, subprocess_env):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert "- command: `" in text and "| --- |" in text and "device: cpu" in text.lower()
+
+
+@pytest.mark.gpu
+def test_cuda_default_fast_path_within_bf16_tolerance(tiny_model, crops):
+    ref = plain(tiny_model.float().cpu(), *crops)
+    fast = FastEmbedder(model=tiny_model, device="cuda")
+    assert fast.settings()["autocast"] in ("bfloat16", "float16") and fast.channels_last
+    out = fast(*crops).cpu()
+    assert rel_err(out, ref) < 3e-2
+    tiny_model.cpu().to(memory_format=torch.contiguous_format)
+
+
+@pytest.mark.gpu
+def test_cuda_bank_search_recall():
+    bank, q = clustered(50_000, 400, 128, seed=5)  # (bank, queries)
+    _, ei = exact_topk(q, bank, 50)
+    dev = prepare_bank(bank, device="cuda")  # default on CUDA: bf16 + exact re-scoring, group-max top-k
+    assert dev.scores.dtype == torch.bfloat16 and dev.exact is not None
+    _, i = search(torch.tensor(q), dev, 50, chunk=16384)
+    assert recall(i.cpu().numpy(), ei) >= 0.99
