@@ -55,7 +55,7 @@ def _chunk_topk(s: Any, k: int, group: int):
     from einops import rearrange
 
     n = s.shape[1]
-    if n <= 4 * k * group:
+    if group <= 1 or n <= 4 * k * group:
         return s.topk(k, dim=1)
     if n % group:
         s = torch.nn.functional.pad(s, (0, group - n % group), value=float("-inf"))
@@ -68,9 +68,11 @@ def _chunk_topk(s: Any, k: int, group: int):
 
 
 def search(queries: Any, bank: DeviceBank, k: int, *, chunk: int = 65536, query_chunk: int = 1024,
-           group: int = 16, margin: int | None = None):
+           group: int | None = None, margin: int | None = None):
     """Cosine top-``k`` of ``queries`` (Q, E) in ``bank``: (similarities float32 (Q, k), indices int64 (Q, k)),
-    on the bank's device. ``margin`` extra candidates per query are re-scored exactly (default: k, capped by N)."""
+    on the bank's device. ``margin`` extra candidates per query are re-scored exactly (default: k, capped by N).
+    ``group``: columns per group of the group-max reduction (default 16 on CUDA, where a full-width ``topk`` is
+    slow; off on the CPU, where ``topk`` costs less than the strided maximum)."""
     import torch
 
     n = len(bank)
@@ -78,6 +80,7 @@ def search(queries: Any, bank: DeviceBank, k: int, *, chunk: int = 65536, query_
         raise ValueError(f"k must lie in 1..{n} (the bank size), got {k}")
     device, dtype = bank.scores.device, bank.scores.dtype
     rescoring = bank.exact is not None
+    group = (16 if device.type == "cuda" else 0) if group is None else group
     kk = min(n, k + (k if margin is None else margin)) if rescoring else k
     upcast = device.type == "cpu" and dtype != torch.float32  # CPUs lack fast half matmuls: store half, score fp32
     q_all = torch.nn.functional.normalize(torch.as_tensor(queries).float(), dim=1)
