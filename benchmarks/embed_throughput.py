@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> None:
                 f"{k}={v}" for k, v in fast.settings().items() if k != "device") + (", asked)" if extra else ")")
 
             def package(fast=fast, x=x_u8):
-                with torch.inference_mode(), fast_matmul(device), autocast(device, fast.precision):
-                    return fast.model(fast._prepare(x))
+                return fast.encode(x)
 
             variants.append((label, package))
         for vname, fn in variants:

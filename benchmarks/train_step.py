@@ -169,6 +169,9 @@ def main(argv: list[str] | None = None) -> None:
                 torch.cuda.empty_cache()
         if cuda and not args.no_max_batch:
             best = largest_batch(name, device, start=batch)
+            if best == 0:
+                print(f"{name}: not even one pair fits in GPU memory in bf16", flush=True)
+                continue
             trainer = Trainer(name=name, device=device, precision="bf16", compile=False)
             data = make_batch(trainer.model, best, device)
             seconds = median_seconds(lambda t=trainer, d=data: t.step(d), device, warmup=1, repeat=repeat)

@@ -177,8 +177,8 @@ class FastEmbedder:
                 e.to(memory_format=torch.channels_last)
         self.compile = should_compile(self.device, compile, n_items)
         self.compile_backend = compile_backend
-        self._fns: dict[float, Callable] = {}
-        self._batch: int | None = None
+        self._fns: dict[tuple, Callable] = {}
+        self._batch: dict[tuple, int] = {}
 
     def settings(self) -> dict[str, Any]:
         """What this embedder does (for logs and ``uns``)."""
@@ -186,31 +186,31 @@ class FastEmbedder:
         return {"device": str(self.device), "autocast": str(self.dtype).replace("torch.", "") if self.dtype else "fp32",
                 "channels_last": self.channels_last, "compile": self.compile and not failed}
 
-    def _fn(self, niche_weight: float) -> Callable:
-        if niche_weight not in self._fns:
-            def encode(spot, niche):
-                return self.model.encode_image(spot, niche, niche_weight=niche_weight)
-
-            self._fns[niche_weight] = CompiledOrEager(encode, backend=self.compile_backend) if self.compile else encode
-        return self._fns[niche_weight]
-
     def _prepare(self, x: Any):
         import torch
 
         x = torch.as_tensor(x).to(self.device, non_blocking=True)
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
-    def __call__(self, spot: Any, niche: Any, *, niche_weight: float = 0.5):
+    def _run(self, key: tuple, fn: Callable, *inputs: Any):
         import torch
 
-        spot, niche = self._prepare(spot), self._prepare(niche)
-        n = spot.shape[0]
+        xs = [self._prepare(x) for x in inputs]
+        n = xs[0].shape[0]
+        if key not in self._fns:
+            self._fns[key] = CompiledOrEager(fn, backend=self.compile_backend) if self.compile else fn
         if self.compile:  # one static shape: pad a short (last) batch instead of recompiling
-            self._batch = self._batch or n
-            if n < self._batch:
-                pad = self._batch - n
-                spot = torch.cat([spot, spot[-1:].expand(pad, *spot.shape[1:])])
-                niche = torch.cat([niche, niche[-1:].expand(pad, *niche.shape[1:])])
+            full = self._batch.setdefault(key, n)
+            if n < full:
+                xs = [self._prepare(torch.cat([x, x[-1:].expand(full - n, *x.shape[1:])])) for x in xs]
         with torch.inference_mode(), fast_matmul(self.device), autocast(self.device, self.precision):
-            out = self._fn(float(niche_weight))(self._prepare(spot), self._prepare(niche))
+            out = self._fns[key](*xs)
         return out[:n].float()
+
+    def __call__(self, spot: Any, niche: Any, *, niche_weight: float = 0.5):
+        w = float(niche_weight)
+        return self._run(("encode_image", w), lambda s, n: self.model.encode_image(s, n, niche_weight=w), spot, niche)
+
+    def encode(self, x: Any):
+        """float32 (B, D) output of a one-input model (e.g. an ``ImageEncoder``) on the same fast path."""
+        return self._run(("forward",), self.model, x)

@@ -104,6 +104,17 @@ def test_compiled_short_batch_is_padded_and_trimmed(tiny_model, crops):
     assert fast.settings()["compile"] is True
 
 
+def test_encode_one_input_model(tiny_model, crops):
+    enc = tiny_model.niche_image_encoder
+    with torch.inference_mode():
+        ref = enc(crops[1]).float()
+    fast = FastEmbedder(model=enc, device="cpu", precision="bf16", channels_last=True, compile=True,
+                        compile_backend="eager")
+    out = torch.cat([fast.encode(crops[1][:4]), fast.encode(crops[1][4:])])  # short batch padded, trimmed
+    assert out.shape == ref.shape and 0 < rel_err(out, ref) < 3e-2
+    enc.to(memory_format=torch.contiguous_format)
+
+
 def test_compiled_or_eager_plain_function():
     fn = CompiledOrEager(lambda x: x * 2 + 1, backend="eager")
     x = torch.arange(5.0)
