@@ -25,8 +25,8 @@ import numpy as np
 
 from data_prep import expression as ex
 from data_prep.errors import DataPrepError
-from data_prep.shards import FORMAT, MANIFEST, VERSION, ShardWriter, read_manifest, shard_attrs, shard_relpath, \
-    write_manifest
+from data_prep.shards import FORMAT, MANIFEST, VERSION, ShardWriter, compress_patch, read_manifest, shard_attrs, \
+    shard_relpath, write_manifest
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression")
 
@@ -233,9 +233,9 @@ _OPEN: dict[str, Any] = {}  # per process: the slide the last crop task used
 
 
 def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: float, niche_px: float,
-               patch_px: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Spot and niche crops of a batch of centres, and whether each was padded (a worker task: the process
-    opens the slide itself, once, and keeps it open for the next batch)."""
+               patch_px: int) -> tuple[list[bytes], list[bytes], np.ndarray, np.ndarray]:
+    """Spot and niche crops of a batch of centres, compressed as shard chunks, and whether each was padded
+    (a worker task: the process opens the slide itself, once, and keeps it open for the next batch)."""
     from data_prep.slide import open_slide
 
     slide = _OPEN.get(image_path)
@@ -244,7 +244,7 @@ def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: 
         slide = _OPEN[image_path] = open_slide(image_path, um_per_px=um_per_px)
     spot, pad_s = slide.read_crops(centres, spot_px, patch_px)
     niche, pad_n = slide.read_crops(centres, niche_px, patch_px)
-    return spot, niche, pad_s, pad_n
+    return [compress_patch(x) for x in spot], [compress_patch(x) for x in niche], pad_s, pad_n
 
 
 def _close_cached() -> None:
@@ -303,7 +303,7 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
             tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,
                  disable=not job.progress) as bar:
         for rows, (spot, niche, pad_s, pad_n) in zip(batches, _crop_batches(tasks, pool, window)):
-            w.write_rows(rows, spot, niche)
+            w.write_compressed(rows, spot, niche)
             padded[rows] = pad_s | pad_n
             spot_padded[rows] = pad_s
             bar.update(len(rows))
