@@ -6,7 +6,7 @@
 
 Rows per model: plain fp32 (``model(x)`` under ``no_grad``), bf16 autocast, bf16 + channels-last,
 bf16 + channels-last + ``torch.compile`` (CUDA, or ``--compile``), and the package's ``ImageEncoder`` (uint8
-crops in: resize/normalise inside) through ``stalign.perf`` defaults. FLOPs per image are counted with
+crops in: resize/normalise inside) through ``stalign.perf`` (its defaults, plus compile on CUDA). FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the fraction of peak divides the achieved rate by the dense
 matmul rate measured in the same run (bf16; the fp32 rate is noted too). timm's ViT attention already uses
 ``F.scaled_dot_product_attention`` (fused kernels on CUDA).
@@ -105,8 +105,7 @@ def main(argv: list[str] | None = None) -> None:
         enc = create_image_encoder(f"timm:{name}", **kwargs, **({} if "vit" in name else {"input_size": size}))
         asked = [{}] if cuda else [{}, {"precision": "bf16", "channels_last": is_cnn(net)}]
         for extra in asked:  # the defaults; on the CPU also what a user can ask for
-            fast = FastEmbedder(model=enc, device=device, compile="auto" if not args.compile else True,
-                                n_items=10**6 if cuda else None, **extra)
+            fast = FastEmbedder(model=enc, device=device, compile=cuda or args.compile, **extra)
             label = "package ImageEncoder, uint8 in (" + ", ".join(
                 f"{k}={v}" for k, v in fast.settings().items() if k != "device") + (", asked)" if extra else ")")
 
