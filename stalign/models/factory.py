@@ -126,17 +126,30 @@ def _jsonable(obj: Any) -> Any:
 
 
 def load_weights(model, path: str | os.PathLike) -> None:
-    """Load ``model.safetensors`` (a folder or the file) into ``model`` strictly."""
-    from safetensors.torch import load_model
+    """Load ``model.safetensors`` (a folder or the file) into ``model`` strictly.
+
+    Shared modules (e.g. one image encoder for spot and niche) are stored once under one of their names; a model
+    key absent from the file is missing only when no stored key shares its tensor. (safetensors' own strict
+    ``load_model`` misreports BatchNorm ``num_batches_tracked`` of shared modules, which BatchNorm fills in itself.)
+    """
+    from safetensors.torch import load_file
 
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
     if not weights.is_file():
         raise FileNotFoundError(f"{weights}: model weights not found")
+    state = load_file(str(weights))
+    own = model.state_dict()
     try:
-        load_model(model, str(weights), strict=True)
-    except RuntimeError as err:
+        model.load_state_dict(state, strict=False)
+    except RuntimeError as err:  # shape mismatches
         raise ValueError(f"{weights}: weights do not fit the model ({str(err)[:500]})") from err
+    stored = {own[k].data_ptr() for k in state if k in own}
+    missing = sorted(k for k in own if k not in state and own[k].data_ptr() not in stored)
+    unexpected = sorted(k for k in state if k not in own)
+    if missing or unexpected:
+        raise ValueError(f"{weights}: weights do not fit the model (missing {missing[:10]}, unexpected "
+                         f"{unexpected[:10]}{' ...' if len(missing) > 10 or len(unexpected) > 10 else ''})")
 
 
 def save_checkpoint(model, path: str | os.PathLike) -> Path:
