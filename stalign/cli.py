@@ -48,10 +48,8 @@ def _version() -> str:
     return __version__
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Run ``stalign`` with ``argv`` (defaults to ``sys.argv[1:]``); returns the exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, prog: str) -> int:
+    """Dispatch parsed ``args`` to their ``func``: user-facing errors as one line (``--debug`` re-raises)."""
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if args.command is None else 2
@@ -63,8 +61,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, RuntimeError) as err:  # user-facing errors: no traceback
         if getattr(args, "debug", False):
             raise
-        print(f"stalign {args.command}: error: {err}", file=sys.stderr)
+        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
         return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run ``stalign`` with ``argv`` (defaults to ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    return run_parsed(parser, parser.parse_args(argv), prog="stalign")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -88,19 +88,10 @@ def _models(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stofm`` with ``argv``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from stalign.cli import run_parsed
+
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:
-        print(f"stofm {args.command}: error: {err}", file=sys.stderr)
-        return 1
+    return run_parsed(parser, parser.parse_args(argv), prog="stofm")
 
 
 if __name__ == "__main__":  # pragma: no cover
