@@ -1,24 +1,45 @@
-"""``make demo`` (``python -m stalign.demo``): the data stages on the real crop and a small synthetic slide."""
+"""``make demo`` (``python -m stalign.demo``): every stage with tiny settings on the real crop and a small synthetic
+slide; the tables a user reads (recall next to chance, the held-out Pearson table, heat maps) must be there."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 
 import h5py
+import numpy as np
 import pytest
 
 from stalign import demo
 
+TINY = ["--synth-spots", "60", "--synth-um-per-px", "2", "--n-top-genes", "20", "--patch-px", "64",
+        "--train-steps", "2", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",
+        "--quiet"]
+METHODS = ("zero-shot retrieval (k=10)", "few-shot ridge on stalign embeddings", "mean expression",
+           "neighbour average (6 nearest, no image)", "efficientnet-lite0 features + ridge")
 
-def test_demo_data_stages_print_the_result_table(tmp_path, capsys):
-    out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--stages", "fetch,prep", "--synth-spots", "60", "--synth-um-per-px", "2",
-                      "--n-top-genes", "20", "--quiet"]) == 0
-    text = capsys.readouterr().out
-    for header in ("=== stage fetch", "=== stage prep", "[prep]", "squidpy_visium_crop", "synth0",
-                   "the spot pitch would give 0.72"):
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "demo"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert demo.main(["--out", str(out), *TINY]) == 0
+    return out, buf.getvalue(), json.loads((out / "summary.json").read_text())
+
+
+def test_demo_runs_every_stage_in_order(run):
+    _, text, summary = run
+    assert list(summary["stages"]) == ["fetch", "prep", "train", "evaluate", "predict"]
+    positions = [text.index(f"=== stage {name}") for name in summary["stages"]]
+    assert positions == sorted(positions)
+    assert text.index("=== results") > positions[-1]
+
+
+def test_prep_table(run):
+    out, text, summary = run
+    for header in ("[prep]", "squidpy_visium_crop", "synth0", "the spot pitch would give 0.72"):
         assert header in text
-    summary = json.loads((out / "summary.json").read_text())
-    assert set(summary["stages"]) == {"fetch", "prep"}
     rows = {r["data"]: r for r in summary["tables"]["prep"]}
     real, synth = rows["squidpy"], rows["synthetic"]
     assert real["spots"] == 49 and real["kept"] + real["dropped"] == 49 and real["genes"] == 20
@@ -26,7 +47,88 @@ def test_demo_data_stages_print_the_result_table(tmp_path, capsys):
     assert synth["spots"] == 60 and synth["dropped"] > 0 and synth["um_per_px"] == 2.0
     assert "resolution" in synth["pixel size from"].lower() or "mpp" in synth["pixel size from"].lower()
     with h5py.File(out / "shards" / "squidpy" / "shards" / "squidpy_visium_crop.h5") as f:
-        assert f["spot_patches"].shape == (real["kept"], 224, 224, 3) and f["expr"].shape == (real["kept"], 20)
+        assert f["spot_patches"].shape == (real["kept"], 64, 64, 3) and f["expr"].shape == (real["kept"], 20)
+
+
+def test_train_prints_held_out_recall_next_to_chance(run):
+    out, text, summary = run
+    rows = summary["tables"][demo.TRAIN_TABLE]
+    assert [r["retrieval"] for r in rows] == ["image -> gene", "gene -> image"]
+    n = rows[0]["held-out spots"]
+    assert n > 0 and rows[0]["steps"] == 2
+    for r in rows:
+        for k in (1, 5, 10):
+            assert 0.0 <= float(r[f"R@{k}"]) <= 1.0
+            assert float(r[f"chance@{k}"]) == pytest.approx(min(k, n) / n, abs=1e-3)
+    assert f"[{demo.TRAIN_TABLE}]" in text and "chance@10" in text and "held-out retrieval after 2 steps" in text
+    assert (out / "train" / "final" / "model.safetensors").is_file()
+
+
+def test_evaluate_table_has_all_five_methods_on_the_real_crop(run):
+    import pandas as pd
+    import yaml
+
+    out, text, summary = run
+    rows = {r["method"]: r for r in summary["tables"][demo.CROP_TABLE]}
+    assert tuple(rows) == METHODS
+    for name, r in rows.items():
+        assert r["held-out spots"] == 49
+        assert np.isfinite(float(r["MSE"])) and float(r["MSE"]) > 0
+        pearson = r["pearson r (mean ± std over genes)"]
+        if name == "mean expression":  # a constant prediction per fold has no correlation
+            assert pearson == "undefined (constant)"
+        else:
+            mean, std = (float(v) for v in pearson.split(" ± "))
+            assert -1 <= mean <= 1 and std >= 0
+    folds = pd.read_csv(out / "crop" / "heldout_folds.csv")
+    assert len(folds) == 2 * len(METHODS) and folds.groupby("fold")["n_test"].first().sum() == 49
+    for note in ("pixel size 0.6149 µm/px from the Visium spot diameter", "49 spots are too few",
+                 "Learning is shown on the synthetic slide"):
+        assert note in text
+    # each fold's model saw only its training spots: the held-out spots are a separate slide it never trained on
+    for f in range(2):
+        cfg = yaml.safe_load((out / "crop" / f"fold{f}" / "train" / "config.yaml").read_text())
+        assert cfg["slides"] == [demo.TRAIN_SLIDE] and cfg["val_fraction"] == 0
+        manifest = json.loads((out / "crop" / f"fold{f}" / "shards" / "manifest.json").read_text())
+        assert sum(s["n_spots"] for s in manifest["slides"]) == 49
+
+
+def test_predict_writes_heatmaps_predicted_and_measured(run):
+    import anndata as ad
+
+    out, text, summary = run
+    rows = summary["tables"][demo.HEATMAP_TABLE]
+    assert len(rows) == 2
+    for r in rows:
+        for key in ("predicted", "measured"):
+            png = out / "heatmaps" / key / f"{r['gene']}.png"
+            assert str(png) == r[key] and str(png) in text
+            assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    pred = ad.read_h5ad(out / "heatmaps" / "heldout_zero_shot.h5ad")
+    assert pred.shape == (49, 20) and set(pred.obs["fold"]) == {0, 1}
+    assert (np.abs(pred.layers["zero_shot"]).sum(axis=1) > 0).all()  # every spot predicted by its fold's model
+    real = ad.read_h5ad(demo._fetched() / "test_data.h5ad")
+    np.testing.assert_allclose(pred.layers["measured"], real[:, list(pred.var_names)].X.toarray(), rtol=1e-6)
+    assert pred.uns["stalign"]["pixel_size_source"].startswith("Visium spot diameter")
+
+
+def test_spatial_folds_are_contiguous_bands():
+    xy = np.stack([np.tile(np.arange(5.0), 10), np.repeat(np.arange(10.0) * 3, 5)], 1)  # 5 wide, 10 rows tall
+    folds = demo.spatial_folds(xy, 5)
+    assert np.bincount(folds).tolist() == [10] * 5
+    for f in range(4):  # bands along the longer (y) axis, each holding whole rows
+        assert xy[folds == f, 1].max() < xy[folds == f + 1, 1].min()
+    with pytest.raises(ValueError, match="at least 2 folds"):
+        demo.spatial_folds(xy, 1)
+    with pytest.raises(ValueError, match="empty"):
+        demo.spatial_folds(np.asarray([[0.0, 0.0], [0.0, 10.0]]), 3)
+
+
+def test_demo_stage_without_its_inputs_names_the_missing_step(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run the prep stage first"):
+        demo.main(["--out", str(tmp_path), "--stages", "train", "--quiet"])
+    with pytest.raises(FileNotFoundError, match="run the evaluate stage first"):
+        demo.main(["--out", str(tmp_path), "--stages", "predict", "--quiet"])
 
 
 def test_demo_rejects_unknown_stage(tmp_path):
