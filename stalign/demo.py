@@ -70,21 +70,23 @@ def prep_stage(ctx: DemoContext) -> None:
     from data_prep.synth import ensure_synthetic_slide
 
     a = ctx.args
-    folder = ctx.data.get("squidpy_dir") or _fetched()
-    real = read_anndata_image(folder / "test_data.h5ad", folder / "test_img.jpg", slide_id="squidpy_visium_crop")
+    real = _real_sample(ctx)
     synth = ensure_synthetic_slide(ctx.out / "synthetic", n_spots=a.synth_spots, um_per_px=a.synth_um_per_px,
                                    seed=0, progress=not a.quiet)
     fake = read_anndata_image(synth.paths["adata"], synth.paths["image"], slide_id=synth.slide_id)
     ctx.data["synthetic_slide"] = synth
-    pitch = read_anndata_image(real.adata, real.image_path, slide_id=real.slide_id, pixel_size_from="pitch")
-    print(f"squidpy crop: {real.um_per_px:.4f} µm/px from the {real.pixel_size_source.split(' (')[0]}; the spot "
-          f"pitch would give {pitch.um_per_px:.4f} µm/px ({pitch.pixel_size_source}) - choose with "
-          "`stalign prep --pixel-size-from pitch` / `--um-per-px`")
+    alt = "spot-diameter" if a.pixel_size_from == "pitch" else "pitch"
+    other = read_anndata_image(real.adata, real.image_path, slide_id=real.slide_id, pixel_size_from=alt)
+    print(f"squidpy crop: {real.um_per_px:.4f} µm/px from the {real.pixel_size_source.split(' (')[0]}; the "
+          f"{'spot pitch' if alt == 'pitch' else 'spot diameter'} would give {other.um_per_px:.4f} µm/px "
+          f"({other.pixel_size_source}) - choose with `--pixel-size-from {alt}` (here, in a new --out) or "
+          f"`stalign prep --pixel-size-from {alt}` / `--um-per-px`")
     rows = ctx.rows.setdefault("prep", [])
     for name, sample in (("squidpy", real), ("synthetic", fake)):
         shards = ctx.out / "shards" / name
         manifest = prepare([sample], shards, n_top_genes=a.n_top_genes, patch_px=a.patch_px, workers=1,
                            progress=not a.quiet)
+        _check_pixel_size(manifest, [sample], shards)
         ctx.data[f"shards_{name}"] = shards
         for entry in manifest["slides"]:
             rows.append({"data": name, "slide": entry["slide_id"], "spots": entry.get("n_input_spots"),
@@ -147,7 +149,17 @@ def _real_sample(ctx: DemoContext) -> Any:
     from data_prep.readers import read_anndata_image
 
     folder = ctx.data.get("squidpy_dir") or _fetched()
-    return read_anndata_image(folder / "test_data.h5ad", folder / "test_img.jpg", slide_id="squidpy_visium_crop")
+    return read_anndata_image(folder / "test_data.h5ad", folder / "test_img.jpg", slide_id="squidpy_visium_crop",
+                              pixel_size_from=ctx.args.pixel_size_from)
+
+
+def _check_pixel_size(manifest: dict[str, Any], samples: list[Any], root: Path) -> None:
+    """Resumed shards were cut at the samples' pixel size (a changed ``--pixel-size-from`` needs a new --out)."""
+    kept = {e["slide_id"]: e["um_per_px"] for e in manifest["slides"]}
+    for s in samples:
+        if abs(kept[s.slide_id] - s.um_per_px) > 1e-9 * s.um_per_px:
+            raise ValueError(f"{root}: shards of {s.slide_id} were cut at {kept[s.slide_id]:.4f} µm/px, this run "
+                             f"asks {s.um_per_px:.4f}; use another --out (or delete {root})")
 
 
 def spatial_folds(xy: Any, n_folds: int) -> Any:
@@ -196,9 +208,11 @@ def evaluate_stage(ctx: DemoContext) -> None:
     for f in range(a.crop_folds):
         print(f"fold {f}: training on {int((folds != f).sum())} spots, predicting {int((folds == f).sum())}")
         root = _fold_dir(ctx, f) / "shards"
-        samples = [read_anndata_image(real.adata[folds != f].copy(), real.image_path, slide_id=TRAIN_SLIDE),
-                   read_anndata_image(real.adata[folds == f].copy(), real.image_path, slide_id=HELDOUT_SLIDE)]
-        prepare(samples, root, genes=genes, patch_px=a.patch_px, workers=1, progress=False)
+        samples = [read_anndata_image(real.adata[mask].copy(), real.image_path, slide_id=slide,
+                                      pixel_size_from=a.pixel_size_from)
+                   for mask, slide in ((folds != f, TRAIN_SLIDE), (folds == f, HELDOUT_SLIDE))]
+        _check_pixel_size(prepare(samples, root, genes=genes, patch_px=a.patch_px, workers=1, progress=False),
+                          samples, root)
         result = train_from_config(a.crop_config, data=str(root), slides=[TRAIN_SLIDE],
                                    output_dir=str(_fold_dir(ctx, f) / "train"), **_train_overrides(ctx, a.crop_steps))
         table = heldout_table(stalign.load_checkpoint(result.checkpoint), root, k=a.k, progress=not a.quiet,
@@ -323,6 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--synth-spots", type=int, default=1000, help="spots of the synthetic slide")
     p.add_argument("--synth-um-per-px", type=float, default=0.5, help="pixel size of the synthetic slide")
     p.add_argument("--n-top-genes", type=int, default=50, help="gene panel: top-N highly variable genes")
+    p.add_argument("--pixel-size-from", choices=("auto", "spot-diameter", "pitch"), default="auto",
+                   help="pixel size of the real crop: metadata, else the Visium spot diameter (auto), or the pitch")
     p.add_argument("--patch-px", type=int, default=224, help="crop size in px of the prepared shards")
     p.add_argument("--config", default="configs/demo.yaml", help="training config of the train stage")
     p.add_argument("--train-steps", type=int, help="optimizer steps of the train stage (default: the config's)")
@@ -348,7 +364,9 @@ def main(argv: list[str] | None = None) -> int:
         STAGES[name](ctx)
         ctx.seconds[name] = time.perf_counter() - t0
         print(f"--- {name} done in {ctx.seconds[name]:.1f} s", flush=True)
-    print(f"\n=== results ({time.perf_counter() - t_all:.1f} s in all) {'=' * 30}")
+    total = time.perf_counter() - t_all
+    ctx.rows["time"] = [{**{k: f"{v:.1f} s" for k, v in ctx.seconds.items()}, "all": f"{total:.1f} s"}]
+    print(f"\n=== results ({total:.1f} s in all) {'=' * 30}")
     for table, rows in ctx.rows.items():
         print(f"\n[{table}]\n{format_table(rows)}")
         for line in ctx.notes.get(table, []):

@@ -134,3 +134,9 @@ def test_demo_stage_without_its_inputs_names_the_missing_step(tmp_path):
 def test_demo_rejects_unknown_stage(tmp_path):
     with pytest.raises(SystemExit):
         demo.main(["--out", str(tmp_path), "--stages", "fetch,nonsense"])
+
+
+def test_resumed_shards_with_another_pixel_size_are_refused(run):
+    out, _, _ = run
+    with pytest.raises(ValueError, match="cut at 0.6149 µm/px, this run asks 0.7246"):
+        demo.main(["--out", str(out), "--stages", "prep", "--pixel-size-from", "pitch", *TINY])
