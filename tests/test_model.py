@@ -283,3 +283,21 @@ def test_grad_checkpointing_gives_the_same_gradients() -> None:
         grads.append(model.spot_image_encoder.trunk.blocks[0].attn.qkv.weight.grad.clone())
     assert model.spot_image_encoder.trunk.grad_checkpointing
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_checkpoint_of_stalign_demo_reloads(tmp_path: Path, fetched) -> None:
+    """One BatchNorm image encoder shared by spot and niche: safetensors stores it once, and BatchNorm fills in
+    ``num_batches_tracked`` of the other name itself, which a strict safetensors load misreported as unexpected."""
+    from safetensors.torch import load_file
+
+    from stalign.models.factory import save_checkpoint
+
+    fetched("efficientnet-lite0")
+    model = stalign.create_model("stalign-demo", genes=[f"g{i}" for i in range(6)])
+    assert model.niche_image_encoder is model.spot_image_encoder
+    folder = save_checkpoint(model, tmp_path / "demo")
+    loaded = stalign.load_checkpoint(folder).state_dict()
+    stored = load_file(str(folder / "model.safetensors"))
+    assert any("num_batches_tracked" in k for k in stored)
+    for key, value in stored.items():
+        assert torch.equal(loaded[key], value), key
