@@ -295,8 +295,10 @@ def predict_stage(ctx: DemoContext) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(folder / "heldout_zero_shot.h5ad")
     top = [genes[i] for i in np.argsort(-measured.var(axis=0), kind="stable")[:a.heatmap_genes]]
-    shown = write_heatmaps(out, real.image_path, top, folder / "predicted", layer="zero_shot")
-    truth = write_heatmaps(out, real.image_path, top, folder / "measured", layer="measured")
+    shown = write_heatmaps(out, real.image_path, top, folder / "predicted", layer="zero_shot",
+                           label="predicted expression (zero-shot, held out)")
+    truth = write_heatmaps(out, real.image_path, top, folder / "measured", layer="measured",
+                           label="measured expression")
     rows = ctx.rows.setdefault(HEATMAP_TABLE, [])
     for gene, p_png, m_png in zip(top, shown, truth):
         rows.append({"gene": gene, f"r ({len(xy)} held-out spots, pooled)": f"{var.loc[gene, 'pearson_r_pooled']:.3f}",

@@ -78,11 +78,13 @@ def _grid(values: np.ndarray, coords_thumb: np.ndarray, shape: tuple[int, int], 
 def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.ndarray, out_dir: str | Path, *,
                        thumbnail: np.ndarray | None = None, downsample: float = 1.0,
                        spot_diameter_px: float | None = None, mode: str = "spots", panel: bool = False,
-                       cmap: str = "magma", alpha: float = 0.75, dpi: int = 120, prefix: str = "") -> list[Path]:
+                       cmap: str = "magma", alpha: float = 0.75, dpi: int = 120, prefix: str = "",
+                       label: str = "predicted expression") -> list[Path]:
     """Heat maps of ``values`` (N, G) over the thumbnail: one PNG per gene, or one panel PNG.
 
     ``coords_px`` are level-0 (x, y) spot centres, ``downsample`` level-0 px per thumbnail px (as
-    ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated).
+    ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated);
+    ``label`` names the colour bar.
     """
     plt = _pyplot()
     values = np.asarray(values, np.float64)
@@ -135,7 +137,7 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
         return [path]
     for g, gene in enumerate(genes):
         fig, ax = new_axes(thumbnail, coords)
-        fig.colorbar(draw(ax, g), ax=ax, fraction=0.046, pad=0.02, label="predicted expression")
+        fig.colorbar(draw(ax, g), ax=ax, fraction=0.046, pad=0.02, label=label)
         ax.set_title(str(gene))
         path = out_dir / f"{prefix}{safe_name(gene)}.png"
         fig.savefig(path, dpi=dpi, bbox_inches="tight")

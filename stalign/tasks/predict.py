@@ -158,9 +158,9 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
 
 def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
-                   layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024
-                   ) -> list[Path]:
-    """Heat-map PNGs of ``genes`` of a ``predict_slide`` result over the slide's thumbnail."""
+                   layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024,
+                   label: str = "predicted expression") -> list[Path]:
+    """Heat-map PNGs of ``genes`` of a ``predict_slide`` result (or ``layer``) over the slide's thumbnail."""
     from stalign.tasks.heatmaps import plot_gene_heatmaps
 
     slide = open_for_prediction(slide, um_per_px=adata.uns.get("stalign", {}).get("um_per_px"))
@@ -172,4 +172,5 @@ def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | 
     if settings.get("tiled") and settings.get("um_per_px"):
         diameter = float(settings["spot_um"]) / float(settings["um_per_px"])
     return plot_gene_heatmaps(np.asarray(values)[:, cols], list(genes), adata.obsm["spatial"], out_dir,
-                              thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel)
+                              thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel,
+                              label=label)
