@@ -112,6 +112,12 @@ def _shards(ctx: DemoContext, name: str) -> Path:
     return root
 
 
+def _config(path: str) -> str:
+    """A run config path as given, else relative to the source checkout (run from another folder)."""
+    here = Path(__file__).resolve().parents[1] / path
+    return str(here) if not Path(path).is_file() and here.is_file() else path
+
+
 def _train_overrides(ctx: DemoContext, steps: int | None) -> dict[str, Any]:
     """Config keys that the demo's options override (None: the config file's value)."""
     a = ctx.args
@@ -126,7 +132,7 @@ def train_stage(ctx: DemoContext) -> None:
     from stalign.training.metrics import format_retrieval
 
     a = ctx.args
-    result = train_from_config(a.config, data=str(_shards(ctx, "synthetic")), output_dir=str(ctx.out / "train"),
+    result = train_from_config(_config(a.config), data=str(_shards(ctx, "synthetic")), output_dir=str(ctx.out / "train"),
                                **_train_overrides(ctx, a.train_steps))
     m = result.metrics
     if not m:
@@ -213,7 +219,7 @@ def evaluate_stage(ctx: DemoContext) -> None:
                    for mask, slide in ((folds != f, TRAIN_SLIDE), (folds == f, HELDOUT_SLIDE))]
         _check_pixel_size(prepare(samples, root, genes=genes, patch_px=a.patch_px, workers=1, progress=False),
                           samples, root)
-        result = train_from_config(a.crop_config, data=str(root), slides=[TRAIN_SLIDE],
+        result = train_from_config(_config(a.crop_config), data=str(root), slides=[TRAIN_SLIDE],
                                    output_dir=str(_fold_dir(ctx, f) / "train"), **_train_overrides(ctx, a.crop_steps))
         table = heldout_table(stalign.load_checkpoint(result.checkpoint), root, k=a.k, progress=not a.quiet,
                               train=ShardDataset(root, slides=[TRAIN_SLIDE]).indices,
