@@ -4,9 +4,8 @@
     python benchmarks/prep_throughput.py --n-spots 2000 --no-record
 
 The slide is cached under ``$STALIGN_CACHE/bench/`` (``~/.cache/stalign/bench/``) and reused when its
-``truth.json`` matches the requested size and its TIFF still has the recorded sha256. ``prepare`` runs one
-process per slide, so a single slide cannot use a second worker; with w workers the benchmark therefore splits
-the slide's spots into w sub-slides (same TIFF, disjoint spots; 1 worker: the whole slide). Each run writes
+``truth.json`` matches the requested size and its TIFF still has the recorded sha256. ``prepare``'s workers read
+crop batches of the one slide in parallel processes (the main process is the only shard writer). Each run writes
 fresh shards into a temporary folder and is timed end to end (expression, tissue mask, crops, shard writing).
 The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md`` with the machine.
 """
@@ -36,16 +35,11 @@ def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tu
     return slide.paths["image"], slide.paths["adata"], slide.seconds or None
 
 
-def samples_for(tif: Path, h5ad: Path, parts: int) -> list:
-    """The slide as ``parts`` samples (same TIFF, disjoint interleaved spots), read by the real reader."""
-    import anndata as ad
-
+def samples_for(tif: Path, h5ad: Path) -> list:
+    """The slide as one sample, read by the real reader."""
     from data_prep.readers import read_anndata_image
 
-    adata = ad.read_h5ad(h5ad)
-    if parts == 1:
-        return [read_anndata_image(adata, tif, slide_id=tif.stem)]
-    return [read_anndata_image(adata[i::parts].copy(), tif, slide_id=f"{tif.stem}_part{i}") for i in range(parts)]
+    return [read_anndata_image(h5ad, tif, slide_id=tif.stem)]
 
 
 def cpu_seconds() -> float:
@@ -106,18 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     load_before = load()
     rows = []
     for workers in args.workers:
-        parts = workers  # prepare() parallelises over slides: w workers need w sub-slides
-        samples = samples_for(tif, h5ad, parts)
+        samples = samples_for(tif, h5ad)
         seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet)
         kept = sum(s["n_spots"] for s in manifest["slides"])
         dropped = sum(s["n_background_dropped"] for s in manifest["slides"])
-        rows.append({"spots": args.n_spots, "kept": kept, "dropped": dropped, "parts": parts,
+        rows.append({"spots": args.n_spots, "kept": kept, "dropped": dropped,
                      "workers": workers, "seconds": seconds, "cpu": cpu, "spots_per_s": kept / seconds})
-        print(f"  {parts} part(s), {workers} worker(s): {seconds:.1f} s", flush=True)
+        print(f"  {workers} worker(s): {seconds:.1f} s", flush=True)
 
-    header = ("| spots | kept (on tissue) | sub-slides | workers | seconds | CPU seconds | spots/s |\n"
-              "|---:|---:|---:|---:|---:|---:|---:|")
-    lines = [f"| {r['spots']:,} | {r['kept']:,} | {r['parts']} | {r['workers']} | {r['seconds']:.1f} | "
+    header = ("| spots | kept (on tissue) | workers | seconds | CPU seconds | spots/s |\n"
+              "|---:|---:|---:|---:|---:|---:|")
+    lines = [f"| {r['spots']:,} | {r['kept']:,} | {r['workers']} | {r['seconds']:.1f} | "
              f"{r['cpu']:.1f} | {r['spots_per_s']:.1f} |" for r in rows]
     table = "\n".join([header, *lines])
     print(table)
