@@ -121,7 +121,7 @@ def _config(path: str) -> str:
 def _train_overrides(ctx: DemoContext, steps: int | None) -> dict[str, Any]:
     """Config keys that the demo's options override (None: the config file's value)."""
     a = ctx.args
-    values = {"max_steps": steps, "batch_size": a.batch_size, "threads": a.threads}
+    values = {"max_steps": steps, "batch_size": a.batch_size, "threads": a.threads, "split_by": a.split_by}
     return {"progress": not a.quiet, **{k: v for k, v in values.items() if v is not None}}
 
 
@@ -147,8 +147,24 @@ def train_stage(ctx: DemoContext) -> None:
                      "held-out spots": int(m["n_spots"]), "steps": result.step, "train loss": loss})
     ctx.notes[TRAIN_TABLE] = [
         (f"recall of each held-out spot's own expression among all held-out spots (and back); chance@k = k / "
-         f"{int(m['n_spots'])}; held-out spots are random spots of the slide (their niche crops overlap training spots)"),
+         f"{int(m['n_spots'])}; " + _split_note(result.output_dir)),
         f"model: {result.checkpoint} ({a.config}, {result.seconds:.0f} s)"]
+
+
+def _split_note(output_dir: Path) -> str:
+    """How the run held out its validation spots (from the resolved config written beside the checkpoint)."""
+    import yaml
+
+    by = yaml.safe_load((Path(output_dir) / "config.yaml").read_text()).get("split_by", "spot")
+    return _SPLIT_NOTE.get(by, f"held-out spots split by {by}")
+
+
+_SPLIT_NOTE = {
+    "block": ("held-out spots are square blocks of the slide with a niche-wide margin: no training crop, niche or "
+              "neighbour overlaps them"),
+    "spot": "held-out spots are random spots of the slide (their niche crops overlap training spots)",
+    "slide": "held-out spots are whole held-out slides",
+}
 
 
 def _real_sample(ctx: DemoContext) -> Any:
@@ -350,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--patch-px", type=int, default=224, help="crop size in px of the prepared shards")
     p.add_argument("--config", default="configs/demo.yaml", help="training config of the train stage")
     p.add_argument("--train-steps", type=int, help="optimizer steps of the train stage (default: the config's)")
+    p.add_argument("--split-by", choices=("block", "spot", "slide"),
+                   help="held-out spots of the train stage (default: the config's, block)")
     p.add_argument("--crop-config", default="configs/demo_crop.yaml", help="training config of each crop fold")
     p.add_argument("--crop-steps", type=int, help="optimizer steps per crop fold (default: the config's)")
     p.add_argument("--crop-folds", type=int, default=5, help="spatial folds of the real crop")

@@ -13,7 +13,7 @@ import pytest
 from stalign import demo
 
 TINY = ["--synth-spots", "60", "--synth-um-per-px", "2", "--n-top-genes", "20", "--patch-px", "64",
-        "--train-steps", "2", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",
+        "--train-steps", "2", "--split-by", "spot", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",
         "--quiet"]
 METHODS = ("zero-shot retrieval (k=10)", "few-shot ridge on stalign embeddings", "mean expression",
            "neighbour average (6 nearest, no image)", "efficientnet-lite0 features + ridge")
@@ -55,6 +55,7 @@ def test_train_prints_held_out_recall_next_to_chance(run):
     rows = summary["tables"][demo.TRAIN_TABLE]
     assert [r["retrieval"] for r in rows] == ["image -> gene", "gene -> image"]
     n = rows[0]["held-out spots"]
+    assert "held-out spots are random spots of the slide" in text  # the note names the split the run used
     assert n > 0 and rows[0]["steps"] == 2
     for r in rows:
         for k in (1, 5, 10):

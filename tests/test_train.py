@@ -41,10 +41,15 @@ def test_config_precedence_yaml_flags_overrides(tmp_path):
 @pytest.mark.parametrize("override, message", [
     ("max_step=1", "did you mean max_steps"), ("batch_size=two", "not a valid"), ("mixed_precision=fp8", "choose one of"),
     ("alpha=0.9", r"alpha \+ beta <= 1"), ("noequals", "key=value"), ("batch_size=1", "in-batch negatives"),
+    ("split_by=random", "choose one of"),
 ])
 def test_config_rejects_bad_values(override, message):
     with pytest.raises(ConfigError, match=message):
         resolve_config({"data": "x"}, overrides=[override])
+
+
+def test_config_split_by_block_is_accepted():
+    assert resolve_config({"data": "x"}, overrides=["split_by=block"]).split_by == "block"
 
 
 def test_config_missing_file(tmp_path):

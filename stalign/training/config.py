@@ -28,7 +28,7 @@ class TrainConfig:
     data: str = ""  # shard root: a ``stalign prep`` output folder (manifest.json + shards/)
     slides: list[str] | None = None  # restrict to these slide ids
     val_fraction: float = 0.1
-    split_by: str = "spot"  # "spot" or "slide"
+    split_by: str = "spot"  # "spot", "slide" or "block" (held-out squares with a niche-wide margin: no crop overlap)
     niche_spots: int = 16
     virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none)
     augment: bool = True  # the image encoder's train_transform on the training split
@@ -74,7 +74,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"split_by": ("spot", "slide"), "loss_kind": ("infonce", "siglip"), "mixed_precision": ("no", "bf16", "fp16")}
+_CHOICES = {"split_by": ("spot", "slide", "block"), "loss_kind": ("infonce", "siglip"), "mixed_precision": ("no", "bf16", "fp16")}
 _HINTS = typing.get_type_hints(TrainConfig)
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
