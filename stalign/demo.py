@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stalign.text_table import format_table
+
 SQUIDPY = "squidpy-visium-crop"
 
 
@@ -338,20 +340,6 @@ def _fetched() -> Path:
     from data_prep.fetch import fetch
 
     return fetch(SQUIDPY)
-
-
-def format_table(rows: list[dict[str, Any]]) -> str:
-    """A plain-text table with one column per key of the first row."""
-    if not rows:
-        return "(no rows)"
-    cols = list(rows[0])
-    cells = [[str(r.get(c, "")) for c in cols] for r in rows]
-    width = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-
-    def line(vals: list[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(vals, width)).rstrip()
-
-    return "\n".join([line(cols), line(["-" * w for w in width]), *(line(r) for r in cells)])
 
 
 def main(argv: list[str] | None = None) -> int:
