@@ -17,13 +17,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from stalign.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.abfn import ABFN, ProjectionHead, Tokenizer
 from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder, l2
 from stalign.models.image_encoders import create_image_encoder
 
-
-class GenePanelMismatchError(ValueError):
-    """Input expression over a gene panel other than the model's."""
+GenePanelMismatchError = GenePanelError  # the model's name for the shared gene-panel error
 
 
 @dataclass
@@ -131,15 +130,8 @@ class STAlign(nn.Module):
 
     def check_genes(self, genes: Sequence[str], *, source: str = "the data") -> None:
         """Raise ``GenePanelMismatchError`` unless ``genes`` is exactly the model's panel (same order)."""
-        genes = [str(g) for g in genes]
-        if genes == self.genes:
-            return
-        missing = [g for g in self.genes if g not in set(genes)]
-        extra = [g for g in genes if g not in set(self.genes)]
-        what = (f"{len(missing)} of the model's genes missing (e.g. {missing[:5]}), {len(extra)} extra "
-                f"(e.g. {extra[:5]})" if missing or extra else "the same genes in another order")
-        raise GenePanelMismatchError(f"{source} has a {len(genes)}-gene panel, the model {self.n_genes} genes: "
-                                     f"{what}; re-run prep with the model's gene list or train a new model")
+        check_gene_panel(self.genes, genes, what=source, owner="the model",
+                         hint="re-run prep with the model's gene list or train a new model")
 
     def _check_expr(self, expr: torch.Tensor, key: str) -> None:
         if expr.shape[-1] != self.n_genes:

@@ -9,23 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from stalign.gene_panel import GenePanelError, check_gene_panel
+
 BANK_FORMAT = "stalign-reference-bank"
-
-
-class GenePanelError(ValueError):
-    """Expression from one gene panel used where another one was expected, or genes missing from a panel."""
-
-
-def check_gene_panel(expected: Sequence[str], got: Sequence[str], *, what: str) -> None:
-    """Raise ``GenePanelError`` unless ``got`` is exactly the panel ``expected`` (same genes, same order)."""
-    expected, got = list(expected), list(got)
-    if expected == got:
-        return
-    missing = [g for g in expected if g not in set(got)]
-    extra = [g for g in got if g not in set(expected)]
-    detail = (f"{len(missing)} genes missing (e.g. {missing[:5]}), {len(extra)} extra (e.g. {extra[:5]})"
-              if missing or extra else "same genes in a different order")
-    raise GenePanelError(f"{what} has another gene panel ({len(got)} genes) than expected ({len(expected)}): {detail}")
 
 
 def gene_indices(panel: Sequence[str], genes: Sequence[str], *, what: str = "the model") -> np.ndarray:
