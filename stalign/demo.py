@@ -319,10 +319,11 @@ def predict_stage(ctx: DemoContext) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     out.write_h5ad(folder / "heldout_zero_shot.h5ad")
     top = [genes[i] for i in np.argsort(-measured.var(axis=0), kind="stable")[:a.heatmap_genes]]
+    spot_px = 55.0 / real.um_per_px  # Visium spots are 55 µm wide
     shown = write_heatmaps(out, real.image_path, top, folder / "predicted", layer="zero_shot",
-                           label="predicted expression (zero-shot, held out)")
+                           label="predicted expression (zero-shot, held out)", spot_diameter_px=spot_px)
     truth = write_heatmaps(out, real.image_path, top, folder / "measured", layer="measured",
-                           label="measured expression")
+                           label="measured expression", spot_diameter_px=spot_px)
     rows = ctx.rows.setdefault(HEATMAP_TABLE, [])
     for gene, p_png, m_png in zip(top, shown, truth):
         rows.append({"gene": gene, f"r ({len(xy)} held-out spots, pooled)": f"{var.loc[gene, 'pearson_r_pooled']:.3f}",

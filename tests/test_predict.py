@@ -226,3 +226,22 @@ def test_pyramidal_wsi_through_openslide_tiles_and_reports_its_pixel_size(fetche
     xy = out.obsm["spatial"]
     assert (xy >= 0).all() and (xy[:, 0] < 300).all() and (xy[:, 1] < 250).all()
     assert (out.X >= 0).all() and (out.X <= 1).all()  # weighted means of the bank's expression in [0, 1)
+
+
+def test_heatmap_circles_follow_the_given_spot_diameter(tmp_path, squidpy_crop):
+    import anndata as ad
+    from PIL import Image
+
+    from stalign.tasks.predict import write_heatmaps
+
+    real = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    genes = list(real.var_names[:1])
+    x = real[:, genes].X
+    out = ad.AnnData(X=np.asarray(x.toarray() if hasattr(x, "toarray") else x, np.float32), obsm={"spatial": real.obsm["spatial"]},
+                     var=real.var.iloc[:1].copy(), uns={"stalign": {"um_per_px": 55 / 89.44}})
+    out.var_names = genes
+    small, large = (np.asarray(Image.open(write_heatmaps(out, squidpy_crop / "test_img.jpg", genes, tmp_path / str(d),
+                                                         spot_diameter_px=d)[0]).convert("RGB"), np.int16)
+                    for d in (30.0, 89.44))
+    # wider circles cover more of the H&E: the two maps differ in many pixels
+    assert small.shape == large.shape and (np.abs(small - large).sum(axis=-1) > 30).mean() > 0.05

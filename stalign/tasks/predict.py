@@ -159,8 +159,11 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
 def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
                    layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024,
-                   label: str = "predicted expression") -> list[Path]:
-    """Heat-map PNGs of ``genes`` of a ``predict_slide`` result (or ``layer``) over the slide's thumbnail."""
+                   label: str = "predicted expression", spot_diameter_px: float | None = None) -> list[Path]:
+    """Heat-map PNGs of ``genes`` of a ``predict_slide`` result (or ``layer``) over the slide's thumbnail.
+
+    Circles are ``spot_diameter_px`` wide (level-0 px; e.g. a Visium spot's 55 µm), else the tile width when the
+    slide was tiled, else the nearest-spot spacing."""
     from stalign.tasks.heatmaps import plot_gene_heatmaps
 
     slide = open_for_prediction(slide, um_per_px=adata.uns.get("stalign", {}).get("um_per_px"))
@@ -168,8 +171,8 @@ def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | 
     values = adata.layers[layer] if layer else adata.X
     thumb, ds = slide.thumbnail(thumb_size)
     settings = adata.uns.get("stalign", {})
-    diameter = None
-    if settings.get("tiled") and settings.get("um_per_px"):
+    diameter = spot_diameter_px
+    if diameter is None and settings.get("tiled") and settings.get("um_per_px"):
         diameter = float(settings["spot_um"]) / float(settings["um_per_px"])
     return plot_gene_heatmaps(np.asarray(values)[:, cols], list(genes), adata.obsm["spatial"], out_dir,
                               thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel,
