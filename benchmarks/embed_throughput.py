@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> None:
 
             variants.append((label, package))
         for vname, fn in variants:
-            seconds = median_seconds(fn, device, warmup=1 if not ("compile" in vname) else 3, repeat=repeat)
+            seconds = median_seconds(fn, device, warmup=1 if "compile" not in vname else 3, repeat=repeat)
             rate = batch / seconds
             rows.append({"model": name, "variant": vname, "images/s": rate,
                          "GFLOP/img": flops / 1e9, f"% of {peak_dtype} peak": 100 * rate * flops / (peak * 1e12)})

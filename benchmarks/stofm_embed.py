@@ -18,7 +18,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.prep_throughput import load, machine
+from benchmarks.prep_throughput import load, machine  # noqa: E402 (after the sys.path line, so the script runs from anywhere)
 
 
 def synthetic_slide(n_cells: int, n_genes: int, *, seed: int = 0):

@@ -25,8 +25,17 @@ import numpy as np
 
 from data_prep import expression as ex
 from data_prep.errors import DataPrepError
-from data_prep.shards import FORMAT, MANIFEST, VERSION, ShardWriter, compress_patch, read_manifest, shard_attrs, \
-    shard_relpath, write_manifest
+from data_prep.shards import (
+    FORMAT,
+    MANIFEST,
+    VERSION,
+    ShardWriter,
+    compress_patch,
+    read_manifest,
+    shard_attrs,
+    shard_relpath,
+    write_manifest,
+)
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression")
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,7 +22,7 @@ from torch import nn
 from stofm.tokenize import TARGET_SUM, InputKind, medians_for, rank_tokens
 from stofm.vocab import GeneVocab
 
-CELL_ENCODERS: dict[str, type["CellEncoder"]] = {}
+CELL_ENCODERS: dict[str, type[CellEncoder]] = {}
 ENCODER_FORMAT = "stofm-cell-encoder"
 
 
@@ -37,7 +37,7 @@ def register_cell_encoder(name: str) -> Callable[[type], type]:
     return deco
 
 
-def build_cell_encoder(kind: str, **cfg) -> "CellEncoder":
+def build_cell_encoder(kind: str, **cfg) -> CellEncoder:
     """A registered cell encoder by name (``"bert"``, ``"mlp"``, ...) with its keyword config."""
     if kind not in CELL_ENCODERS:
         raise ValueError(f"unknown cell encoder {kind!r}; registered: {', '.join(sorted(CELL_ENCODERS))}")

@@ -8,7 +8,7 @@ or backed AnnData matrices, so memory stays bounded.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -9,7 +9,8 @@ change the order inside a cell, so tokenisation skips it (``fit_medians`` does n
 from __future__ import annotations
 
 import warnings
-from typing import TYPE_CHECKING, Literal, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
@@ -94,9 +95,9 @@ def medians_for(genes: Sequence[str], gene_medians: Mapping[str, float] | np.nda
     return med
 
 
-def rank_tokens(expr: "torch.Tensor", gene_ids: "torch.Tensor", medians: "torch.Tensor", max_len: int, *,
+def rank_tokens(expr: torch.Tensor, gene_ids: torch.Tensor, medians: torch.Tensor, max_len: int, *,
                 input_kind: InputKind = "counts", cls_id: int = GeneVocab.cls_id, pad_id: int = GeneVocab.pad_id
-                ) -> tuple["torch.Tensor", "torch.Tensor"]:
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rank-value tokens of an expression tensor, in torch (runs where ``expr`` lives).
 
     ``expr`` (B, G); ``gene_ids`` (G,) token ids, < 0 for genes to leave out; ``medians`` (G,) with
@@ -148,7 +149,7 @@ class RankValueTokenizer:
 
     @classmethod
     def fit(cls, X, genes: Sequence[str], *, vocab: GeneVocab | None = None, max_len: int = 2048,
-            input: InputKind = "counts") -> "RankValueTokenizer":
+            input: InputKind = "counts") -> RankValueTokenizer:
         """A tokenizer with medians fitted on ``X`` (vocabulary built from ``genes`` unless given)."""
         vocab = vocab or GeneVocab.from_genes(genes)
         return cls(vocab=vocab, gene_medians=fit_medians(X, genes, input=input), max_len=max_len)
@@ -177,7 +178,7 @@ class RankValueTokenizer:
         return ids, np.where(ids >= 0, med, np.nan)
 
     def __call__(self, X, genes: Sequence[str], *, input: InputKind = "counts", batch_size: int = 1024,
-                 progress: bool = False) -> tuple["torch.Tensor", "torch.Tensor"]:
+                 progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids (N, L) and padding mask (N, L), True = padding; X dense, scipy sparse or backed."""
         import torch
         from tqdm.auto import tqdm
@@ -195,7 +196,7 @@ class RankValueTokenizer:
         return _pad_cat(parts, self.vocab.pad_id)
 
 
-def _pad_cat(parts: list, pad_id: int) -> tuple["torch.Tensor", "torch.Tensor"]:
+def _pad_cat(parts: list, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     import torch
     import torch.nn.functional as F
 

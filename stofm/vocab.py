@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -56,12 +56,12 @@ class GeneVocab:
 
     # construction -------------------------------------------------------------------------------
     @classmethod
-    def from_genes(cls, genes: Iterable[str]) -> "GeneVocab":
+    def from_genes(cls, genes: Iterable[str]) -> GeneVocab:
         """A vocabulary of ``genes`` (duplicates kept once, first occurrence wins)."""
         return cls(genes=list(genes))
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike) -> "GeneVocab":
+    def from_file(cls, path: str | os.PathLike) -> GeneVocab:
         """Read one gene per line, a JSON list, a JSON ``{gene: id}`` dict, or a file written by ``save``."""
         path = Path(path)
         if not path.is_file():

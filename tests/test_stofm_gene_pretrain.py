@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from stofm.cell_encoder import BertCellEncoder, MLPCellEncoder, load_cell_encoder, save_cell_encoder
-from stofm.gene_pretrain import (IGNORE, MaskedGeneHead, lr_at, mask_gene_tokens, masked_gene_loss,
-                                 pretrain_cell_encoder)
+from stofm.gene_pretrain import IGNORE, MaskedGeneHead, lr_at, mask_gene_tokens, masked_gene_loss, pretrain_cell_encoder
 from stofm.vocab import GeneVocab
 
 
