@@ -7,17 +7,24 @@ from stalign.commands.predict import add_run_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("fewshot", help="few-shot expression head on frozen embeddings (ridge probe or MLP head)",
+    p = sub.add_parser("fewshot", help="few-shot head on frozen embeddings (expression probe/MLP head, or a "
+                                       "prototype/logistic region-label classifier)",
                        description="Embed the spots of prepared shards with a trained model (encoders frozen), "
                                    "report cross-validated Pearson/MSE (folds by slide, or 5 spot folds for one "
-                                   "slide), then fit on every spot and save the head for stalign predict.")
+                                   "slide) or, for region labels (--kind prototype|logistic --labels), stratified "
+                                   "k-fold accuracy and balanced accuracy next to the majority-class baseline; "
+                                   "then fit on every (labelled) spot and save the head for stalign predict.")
     p.add_argument("--model", required=True, help="checkpoint folder")
     p.add_argument("--shards", required=True, help="labelled spots: shards folder (stalign prep --out)")
     p.add_argument("--out", required=True, help="head folder to write")
-    p.add_argument("--kind", choices=("ridge", "head", "finetune"), default="ridge",
+    p.add_argument("--kind", choices=("ridge", "head", "finetune", "prototype", "logistic"), default="ridge",
                    help="ridge: PCA + ridge probe (HEST-style); head: small MLP on frozen embeddings; finetune: "
                         "MLP head trained through the image encoders (--unfreeze-last blocks trained too), "
-                        "writes OUT/model (the fine-tuned checkpoint) beside the head")
+                        "writes OUT/model (the fine-tuned checkpoint) beside the head; prototype (cosine to class "
+                        "means) / logistic (logistic regression): region-label classifiers, need --labels")
+    p.add_argument("--labels", default=None,
+                   help="prototype/logistic: CSV with columns barcode,label (slide_id,barcode,label for several "
+                        "slides); spots without a label are left out")
     p.add_argument("--unfreeze-last", type=int, default=0, help="finetune: trainable last blocks per image trunk")
     p.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate (encoder: lr / 100)")
     p.add_argument("--genes", nargs="+", default=None, help="genes the head predicts (default: the model's panel)")
@@ -38,6 +45,10 @@ def run(args: argparse.Namespace) -> int:
     from stalign.tasks.hest import cross_validate, group_splits
     from stalign.tasks.retrieval import gene_indices
 
+    if args.kind in ("prototype", "logistic"):
+        return _labels(args)
+    if args.labels:
+        raise ValueError(f"--labels {args.labels}: region labels need --kind prototype or logistic")
     model = stalign.load_checkpoint(args.model)
     if args.kind == "finetune":
         return _finetune(args, model)
@@ -70,6 +81,39 @@ def run(args: argparse.Namespace) -> int:
     info = {"model": str(args.model), "shards": str(args.shards), "spot_um": m.get("spot_um"),
             "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": result}
     print(f"head -> {save_head(head, args.out, embedding=info)}")
+    return 0
+
+
+def _labels(args: argparse.Namespace) -> int:
+    import stalign
+    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.fewshot import (
+        LogisticProbe,
+        PrototypeClassifier,
+        cross_validate_labels,
+        read_spot_labels,
+        save_head,
+    )
+
+    if not args.labels:
+        raise ValueError(f"--kind {args.kind} needs --labels FILE (CSV: barcode,label)")
+    indices, labels = read_spot_labels(args.labels, args.shards)  # bad labels fail before the model loads
+    model = stalign.load_checkpoint(args.model)
+    emb = embed_shards(model, args.shards, indices=indices, gene=False, batch_size=args.batch_size,
+                       workers=args.workers, device=args.device, progress=not args.quiet)
+
+    def make():
+        return PrototypeClassifier() if args.kind == "prototype" else LogisticProbe(seed=args.seed)
+
+    cv = cross_validate_labels(make, emb["image"], labels, seed=args.seed)
+    print(f"{args.kind} on {cv['n_spots']} labelled spots, {cv['n_classes']} classes, {cv['n_folds']} stratified "
+          f"folds:\n{'':<28}{'accuracy':>10}{'balanced':>10}\n{args.kind:<28}{cv['accuracy']:>10.3f}"
+          f"{cv['balanced_accuracy']:>10.3f}\n{'baseline (majority class)':<28}{cv['baseline_accuracy']:>10.3f}"
+          f"{cv['baseline_balanced_accuracy']:>10.3f}")
+    m = emb["manifest"]
+    info = {"model": str(args.model), "shards": str(args.shards), "labels": str(args.labels),
+            "spot_um": m.get("spot_um"), "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": cv}
+    print(f"head -> {save_head(make().fit(emb['image'], labels), args.out, embedding=info)}")
     return 0
 
 

@@ -280,3 +280,72 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     head.embedding_info = {"spot_um": ds.manifest.get("spot_um"), "niche_um": ds.manifest.get("niche_um"),
                            "patch_px": ds.manifest.get("patch_px"), "unfreeze_last": unfreeze_last}
     return head
+
+
+class SpotLabelsError(ValueError):
+    """A region-label file that cannot be matched to the shard spots or cannot train a classifier."""
+
+
+def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, np.ndarray]:
+    """Shard spot indices (dataset order, for ``embed_shards(indices=)``) and their labels from a CSV with
+    columns ``barcode,label`` (or ``slide_id,barcode,label`` when the shards hold several slides).
+    Spots without a label are left out; barcodes not in the shards, one class only, or a class of fewer
+    than two spots are errors naming the file."""
+    import pandas as pd
+
+    from data_prep.shards import read_manifest, read_shard
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: labels file does not exist")
+    table = pd.read_csv(path, dtype=str)
+    slides = read_manifest(shards)["slides"]
+    keys = ["slide_id", "barcode"] if "slide_id" in table.columns else ["barcode"]
+    if not {"barcode", "label"} <= set(table.columns):
+        raise SpotLabelsError(f"{path}: the CSV needs columns barcode,label (or slide_id,barcode,label), "
+                              f"found {list(table.columns)}")
+    if len(slides) > 1 and "slide_id" not in table.columns:
+        raise SpotLabelsError(f"{path}: the shards hold {len(slides)} slides; add a slide_id column")
+    table = table.dropna(subset=["label"])
+    spots = pd.concat([pd.DataFrame({"slide_id": s["slide_id"], "barcode": read_shard(Path(shards) / s["shard"])
+                                     ["barcodes"]}) for s in slides], ignore_index=True)
+    spots["index"] = np.arange(len(spots))
+    if table.duplicated(keys).any():
+        twice = table[table.duplicated(keys)]["barcode"].head(5).tolist()
+        raise SpotLabelsError(f"{path}: spots labelled twice, e.g. {twice}")
+    merged = table.merge(spots, on=keys, how="left")
+    unknown = merged[merged["index"].isna()]
+    if len(unknown):
+        raise SpotLabelsError(f"{path}: {len(unknown)} labelled barcodes are not spots of the shards under {shards}, "
+                              f"e.g. {unknown['barcode'].head(5).tolist()}")
+    merged = merged.sort_values("index")
+    labels = merged["label"].to_numpy(str)
+    classes, counts = np.unique(labels, return_counts=True)
+    if len(classes) < 2:
+        raise SpotLabelsError(f"{path}: {len(labels)} labelled spots but only one class ({str(classes[0])!r}); "
+                              f"a classifier needs at least two")
+    if counts.min() < 2:
+        raise SpotLabelsError(f"{path}: too few labelled spots: class {str(classes[counts.argmin()])!r} has only "
+                              f"{counts.min()}; cross-validation needs at least 2 per class")
+    return merged["index"].to_numpy(np.int64), labels
+
+
+def cross_validate_labels(factory: Any, embeddings: np.ndarray, labels: Sequence[Any], *,
+                          seed: int = 0) -> dict[str, float]:
+    """Stratified k-fold (k = min(5, smallest class size)) accuracy and balanced accuracy of ``factory()``,
+    next to the majority class of each training fold (the baseline)."""
+    from sklearn.metrics import balanced_accuracy_score
+    from sklearn.model_selection import StratifiedKFold
+
+    labels = np.asarray(labels)
+    k = int(min(5, np.unique(labels, return_counts=True)[1].min()))
+    pred, base = np.empty_like(labels), np.empty_like(labels)
+    for train, test in StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(embeddings, labels):
+        pred[test] = factory().fit(embeddings[train], labels[train]).predict(embeddings[test])
+        values, counts = np.unique(labels[train], return_counts=True)
+        base[test] = values[counts.argmax()]
+    return {"n_folds": k, "n_spots": len(labels), "n_classes": len(np.unique(labels)),
+            "accuracy": float((pred == labels).mean()),
+            "balanced_accuracy": float(balanced_accuracy_score(labels, pred)),
+            "baseline_accuracy": float((base == labels).mean()),
+            "baseline_balanced_accuracy": float(balanced_accuracy_score(labels, base))}

@@ -126,6 +126,10 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
     if reference is None and fewshot_head is None:
         raise ValueError("give a reference (bank or shards) for zero-shot prediction and/or a few-shot head")
+    label_head = fewshot_head is not None and not hasattr(fewshot_head, "genes")  # prototype/logistic
+    if label_head and reference is None:
+        raise ValueError(f"the {fewshot_head.kind} few-shot head predicts region labels, not expression: give a "
+                         f"reference (bank or shards) too for the expression in X")
     genes = list(model.genes) if genes is None else [str(g) for g in genes]
     gene_indices(model.genes, genes, what="the model")  # lists every query gene the model lacks
     bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
@@ -138,7 +142,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     layers: dict[str, np.ndarray] = {}
     if bank is not None:
         layers["zero_shot"] = bank.predict(emb, k=min(k, len(bank)), temperature=temperature, genes=genes)
-    if fewshot_head is not None:
+    if fewshot_head is not None and not label_head:
         layers["fewshot"] = np.asarray(head_predict(fewshot_head, emb, genes), np.float32)
     x_source = "fewshot" if "fewshot" in layers else "zero_shot"
     names = list(barcodes) if barcodes is not None else [f"tile_{i}" for i in range(len(coords))]
@@ -152,7 +156,10 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                 "reference": bank.info.get("source", "") if bank is not None else "",
                 "reference_spots": len(bank) if bank is not None else 0,
                 "fewshot_head": getattr(fewshot_head, "kind", "") if fewshot_head is not None else ""}
-    return ad.AnnData(X=layers[x_source].copy(), obs=pd.DataFrame(index=pd.Index(names, dtype=str)),
+    obs = pd.DataFrame(index=pd.Index(names, dtype=str))
+    if label_head:
+        obs["predicted_label"] = pd.Categorical(np.asarray(fewshot_head.predict(emb)).astype(str))
+    return ad.AnnData(X=layers[x_source].copy(), obs=obs,
                       var=pd.DataFrame(index=pd.Index(genes, dtype=str)), layers=layers,
                       obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
 
