@@ -128,6 +128,14 @@ def _pitch_candidate(coords: np.ndarray, pitch_um: float) -> PixelSizeCandidate:
     return get
 
 
+
+def _slide_candidates(slide, coords: np.ndarray, *, diameter_px: float | None, diameter_um: float, where: str,
+                      pitch_um: float) -> dict[str, PixelSizeCandidate]:
+    """The pixel-size sources every reader offers: slide metadata, Visium spot diameter, spot pitch."""
+    return {"metadata": _metadata_candidate(slide),
+            "spot-diameter": _spot_diameter_candidate(diameter_px, diameter_um, where),
+            "pitch": _pitch_candidate(coords, pitch_um)}
+
 def _spatial_scalefactors(adata, library_id: str | None, what: str) -> tuple[dict, str]:
     spatial = adata.uns.get("spatial", {}) if hasattr(adata.uns, "get") else {}
     libs = list(spatial) if isinstance(spatial, dict) else []
@@ -170,12 +178,8 @@ def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, 
     coords = coords_from_obsm(adata, spatial_key, what=what)
     with open_slide(image) as slide:
         scalefactors, where = _spatial_scalefactors(adata, library_id, what)
-        candidates = {
-            "metadata": _metadata_candidate(slide),
-            "spot-diameter": _spot_diameter_candidate(scalefactors.get("spot_diameter_fullres"), spot_diameter_um,
-                                                      where),
-            "pitch": _pitch_candidate(coords, spot_pitch_um),
-        }
+        candidates = _slide_candidates(slide, coords, diameter_px=scalefactors.get("spot_diameter_fullres"),
+                                       diameter_um=spot_diameter_um, where=where, pitch_um=spot_pitch_um)
         mpp, source = choose_pixel_size(what=f"{image} + {what}", um_per_px=um_per_px,
                                         pixel_size_from=pixel_size_from, candidates=candidates,
                                         auto_order=["metadata", "spot-diameter"],
@@ -239,13 +243,9 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     adata.obsm["spatial"] = coords
     diameter = scalefactors.get("spot_diameter_fullres")
     with open_slide(image_path) as slide:
-        candidates = {
-            "metadata": _metadata_candidate(slide),
-            "spot-diameter": _spot_diameter_candidate(None if diameter is None else float(diameter) * scale,
-                                                      spot_diameter_um,
-                                                      f"spot_diameter_fullres {diameter} {scale_note} in {sf_path}"),
-            "pitch": _pitch_candidate(coords, spot_pitch_um),
-        }
+        candidates = _slide_candidates(slide, coords, diameter_px=None if diameter is None else float(diameter) * scale,
+                                       diameter_um=spot_diameter_um, pitch_um=spot_pitch_um,
+                                       where=f"spot_diameter_fullres {diameter} {scale_note} in {sf_path}")
         mpp, source = choose_pixel_size(what=str(root), um_per_px=um_per_px, pixel_size_from=pixel_size_from,
                                         candidates=candidates, auto_order=auto,
                                         must_agree=("metadata", "spot-diameter"))
@@ -325,10 +325,8 @@ def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | Non
         candidates = {
             "hest-estimated": _hest_candidate(meta, "pixel_size_um_estimated", meta_path),
             "hest-embedded": _hest_candidate(meta, "pixel_size_um_embedded", meta_path),
-            "metadata": _metadata_candidate(slide),
-            "spot-diameter": _spot_diameter_candidate(scalefactors.get("spot_diameter_fullres"), spot_diameter_um,
-                                                      where),
-            "pitch": _pitch_candidate(coords, spot_pitch_um),
+            **_slide_candidates(slide, coords, diameter_px=scalefactors.get("spot_diameter_fullres"),
+                                diameter_um=spot_diameter_um, where=where, pitch_um=spot_pitch_um),
         }
         mpp, source = choose_pixel_size(what=f"HEST sample {sample_id!r} in {root}", um_per_px=um_per_px,
                                         pixel_size_from=pixel_size_from, candidates=candidates,
