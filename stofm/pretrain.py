@@ -233,16 +233,9 @@ def _write_yaml(cfg: PretrainConfig, path: Path) -> None:
 
 def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     """A ``PretrainConfig`` from a YAML file (unknown keys raise) with ``overrides`` on top."""
-    import yaml
+    from stalign.training.config import load_yaml
 
-    values: dict = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"stofm pretrain config {p} does not exist")
-        values = yaml.safe_load(p.read_text()) or {}
-        if not isinstance(values, dict):
-            raise ValueError(f"stofm pretrain config {p}: expected a mapping of keys")
+    values = {} if path is None else load_yaml(path, what="stofm pretrain config")
     values.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(PretrainConfig)}
     unknown = sorted(set(values) - known)

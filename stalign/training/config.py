@@ -137,14 +137,14 @@ def coerce(key: str, value: Any) -> Any:
     raise ConfigError(f"train config key {key!r} has an unsupported type {hint}")  # pragma: no cover
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a run config file; a mapping of config keys."""
+def load_yaml(path: str | Path, *, what: str = "train config") -> dict[str, Any]:
+    """Read a run config file (``what`` names it in errors); a mapping of config keys."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train config {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     raw = yaml.safe_load(path.read_text()) or {}
     if not isinstance(raw, dict):
-        raise ConfigError(f"train config {path}: expected a mapping of keys, got {type(raw).__name__}")
+        raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(raw).__name__}")
     return raw
 
 
