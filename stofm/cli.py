@@ -32,6 +32,10 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--niches", type=int, default=0, help="also store per-niche embeddings of this many cells")
+    e.add_argument("--virtual-cells", type=int, default=None, help="virtual cells per slide (default: the model's)")
+    e.add_argument("--cluster-method", choices=("kmeans", "leiden"), default="kmeans",
+                   help="clustering for the virtual cells (leiden needs pip install 'stalign[leiden]')")
+    e.add_argument("--cells-per-tile", type=int, default=None, help="cells per sub-slice (default: the model's)")
     e.set_defaults(func=_embed)
     m = sub.add_parser("models", help="list the registered model configs")
     m.set_defaults(func=_models)
@@ -69,9 +73,10 @@ def _embed(args: argparse.Namespace) -> int:
         adata = ad.read_h5ad(src)
         if model is None:
             model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
-        embed(adata, model, batch_size=args.batch_size, dtype=args.dtype)
+        kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method}
+        embed(adata, model, batch_size=args.batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
         if args.niches:
-            embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype)
+            embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
         dest = out / src.name if len(args.inputs) > 1 else out
         adata.write_h5ad(dest)
         print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape}")

@@ -85,7 +85,8 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
         vxy, vemb = vxy.float(), vemb.float()
     else:
         vxy, vemb = txy.new_zeros(0, 2), emb.new_zeros(0, emb.shape[1])
-    info = {"n_cells": len(xy), "n_tiles": len(tiles), "n_virtual": len(vxy), "input_kind": kind,
+    info = {"n_cells": len(xy), "n_tiles": len(tiles), "n_virtual": len(vxy), "cluster_method": cluster_method,
+            "input_kind": kind,
             "genes_matched": matched, "genes_model": len(model.genes), "coord_scale": float(scale)}
     return Slide(coords=txy, cell_emb=emb, virtual_coords=vxy, virtual_emb=vemb, tiles=tiles, scale=scale,
                  info=info)

@@ -113,7 +113,7 @@ def leiden(feats: np.ndarray, n_clusters: int, *, seed: int = 0, n_neighbors: in
     """Leiden clusters of ``feats`` with the resolution bisected so the count is close to ``n_clusters``."""
     try:
         import anndata as ad
-        import leidenalg  # noqa: F401
+        import igraph  # noqa: F401  (scanpy's igraph flavour of Leiden)
         import scanpy as sc
     except ImportError as err:
         raise ImportError("virtual cells with method='leiden' need scanpy and leidenalg: "
@@ -123,7 +123,8 @@ def leiden(feats: np.ndarray, n_clusters: int, *, seed: int = 0, n_neighbors: in
     lo, hi, best = 0.01, 50.0, None
     for _ in range(20):
         res = (lo * hi) ** 0.5
-        sc.tl.leiden(a, resolution=res, random_state=seed, key_added="vc")
+        sc.tl.leiden(a, resolution=res, random_state=seed, key_added="vc", flavor="igraph", n_iterations=2,
+                     directed=False)
         labels = a.obs["vc"].astype(int).to_numpy()
         got = len(np.unique(labels))
         if best is None or abs(got - n_clusters) < abs(best[0] - n_clusters):

@@ -41,6 +41,16 @@ def test_missing_annotations_are_left_out_and_bad_input_is_refused(crop):
 
 def test_leiden_when_installed(crop):
     pytest.importorskip("scanpy")
-    pytest.importorskip("leidenalg")
+    pytest.importorskip("igraph")
     labels = cluster_domains(crop.obsm["X_pca"][:, :10], method="leiden", resolution=0.5)
     assert score_domains(labels, crop.obs["leiden"])["ari"] > 0.3
+    finer = cluster_domains(crop.obsm["X_pca"][:, :10], method="leiden", resolution=3.0)
+    assert len(set(finer)) > len(set(labels))  # resolution controls the granularity
+
+
+def test_leiden_without_the_extra_names_it(crop, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "scanpy", None)
+    with pytest.raises(ImportError, match=r"stalign\[leiden\]"):
+        cluster_domains(crop.obsm["X_pca"][:, :10], method="leiden")

@@ -80,6 +80,28 @@ def test_stofm_cli_end_to_end(squidpy_crop, tmp_path, capsys):
     emb = ad.read_h5ad(tmp_path / "emb.h5ad")
     assert emb.obsm["X_stofm"].shape == (49, model.dim) and np.isfinite(emb.obsm["X_stofm"]).all()
     assert emb.obsm["X_stofm_niche"].shape == (49, model.dim)
+    assert emb.uns["stofm"]["cluster_method"] == "kmeans"
+
+
+def test_stofm_cli_embed_with_leiden_virtual_cells(squidpy_crop, tmp_path):
+    """`stofm embed --cluster-method leiden --virtual-cells N`: Leiden virtual cells from the command line."""
+    pytest.importorskip("scanpy")
+    pytest.importorskip("igraph")
+    import anndata as ad
+    import torch
+
+    from stofm.cli import main
+
+    args = ["embed", str(squidpy_crop / "test_data.h5ad"), "--model", "stofm-tiny", "--virtual-cells", "5"]
+    torch.manual_seed(0)  # the same random-init model for both runs
+    assert main([*args, "--cluster-method", "leiden", "--out", str(tmp_path / "leiden.h5ad")]) == 0
+    torch.manual_seed(0)
+    assert main([*args, "--virtual-cells", "0", "--out", str(tmp_path / "none.h5ad")]) == 0
+    leiden, none = ad.read_h5ad(tmp_path / "leiden.h5ad"), ad.read_h5ad(tmp_path / "none.h5ad")
+    assert leiden.uns["stofm"]["cluster_method"] == "leiden" and 4 <= leiden.uns["stofm"]["n_virtual"] <= 6
+    assert none.uns["stofm"]["n_virtual"] == 0
+    # the virtual cells are context every cell attends to: removing them changes the embeddings
+    assert abs(leiden.obsm["X_stofm"] - none.obsm["X_stofm"]).max() > 1e-3
 
 
 def test_stalign_pretrain_stofm_command(squidpy_crop, tmp_path, capsys):

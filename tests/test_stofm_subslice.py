@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -104,17 +105,24 @@ def test_virtual_cells_rotation_equivariant_and_torch():
     assert virtual_cells(xy[:4], emb[:4], 10)[0].shape[0] == 4
 
 
-def test_virtual_cells_leiden_needs_extra():
-    try:
-        import leidenalg  # noqa: F401
-        import scanpy  # noqa: F401
-    except ImportError:
-        xy, emb, _ = _two_domain_slide()
-        with pytest.raises(ImportError, match=r"stalign\[leiden\]"):
-            virtual_cells(xy, emb, 4, method="leiden")
-    else:
-        xy, emb, _ = _two_domain_slide()
-        cxy, _, labels = virtual_cells(xy, emb, 4, method="leiden")
-        assert len(cxy) == len(np.unique(labels)) >= 2
+def test_virtual_cells_leiden_follows_the_domains_and_asks_near_the_requested_count():
+    pytest.importorskip("scanpy")
+    pytest.importorskip("igraph")
+    xy, emb, left = _two_domain_slide()
+    cxy, cemb, labels = virtual_cells(xy, emb, 6, method="leiden", seed=0)
+    n = len(cxy)
+    assert n == len(np.unique(labels)) and abs(n - 6) <= 1
+    for c in range(n):
+        assert np.allclose(cxy[c], xy[labels == c].mean(0))
+    purity = np.mean([max(left[labels == c].mean(), 1 - left[labels == c].mean()) for c in range(n)])
+    assert purity > 0.95
+    assert np.array_equal(labels, virtual_cells(xy, emb, 6, method="leiden", seed=0)[2])
+
+
+def test_virtual_cells_leiden_without_the_extra_names_it(monkeypatch):
+    monkeypatch.setitem(sys.modules, "scanpy", None)  # import scanpy now raises ImportError
+    xy, emb, _ = _two_domain_slide()
+    with pytest.raises(ImportError, match=r"stalign\[leiden\]"):
+        virtual_cells(xy, emb, 4, method="leiden")
     with pytest.raises(ValueError, match="unknown clustering"):
         virtual_cells(np.zeros((3, 2)) + np.arange(3)[:, None], np.zeros((3, 4)), 2, method="dbscan")

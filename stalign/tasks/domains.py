@@ -58,6 +58,7 @@ def _kmeans(x: np.ndarray, n_domains: int | None, seed: int) -> np.ndarray:
 def _leiden(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int) -> np.ndarray:
     try:
         import anndata as ad
+        import igraph  # noqa: F401  (scanpy's igraph flavour of Leiden)
         import scanpy as sc
     except ImportError as err:
         raise ImportError("Leiden clustering needs scanpy and leidenalg: pip install 'stalign[leiden]'") from err
