@@ -3,13 +3,14 @@
     python benchmarks/stofm_embed.py --cells 100000 --model stofm-tiny --device cpu --dtype fp32
     python benchmarks/stofm_embed.py --cells 100000 --model stofm-small --device cuda --dtype fp32 bf16
 
-Each configuration (model × dtype × attention path) embeds the whole slide once after a warm-up on a small
-slide; the table splits the time into "prepare" (cell encoder + virtual cells + tiling) and the SE(2)
+Each configuration (model × attention path × dtype × virtual-cell clustering) embeds the whole slide once
+after a warm-up on a small slide; the table splits the time into "prepare" (cell encoder + virtual cells + tiling) and the SE(2)
 transformer. The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
 import argparse
+import itertools
 import shlex
 import sys
 import time
@@ -35,7 +36,7 @@ def synthetic_slide(n_cells: int, n_genes: int, *, seed: int = 0):
     return a
 
 
-def run_one(adata, model, *, batch_size: int, dtype: str, device: str) -> dict:
+def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_method: str = "kmeans") -> dict:
     import torch
 
     from stofm.embedding import embed
@@ -44,7 +45,7 @@ def run_one(adata, model, *, batch_size: int, dtype: str, device: str) -> dict:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    embed(adata, model, batch_size=batch_size, dtype=dtype, progress=False)
+    embed(adata, model, batch_size=batch_size, dtype=dtype, progress=False, cluster_method=cluster_method)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - start
@@ -62,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
     p.add_argument("--attn-impl", nargs="+", default=["sdpa"], choices=("manual", "sdpa"))
+    p.add_argument("--cluster-method", nargs="+", default=["kmeans"], choices=("kmeans", "leiden"),
+                   help="virtual-cell clustering (leiden needs igraph: pip install 'stalign[leiden]')")
     p.add_argument("--batch-size", type=int, default=4, help="sub-slices per forward pass")
     p.add_argument("--cells-per-tile", type=int, default=1000)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -88,14 +91,17 @@ def main(argv: list[str] | None = None) -> int:
                              cells_per_tile=args.cells_per_tile)
         for impl in args.attn_impl:
             model.se2.set_attn_impl(impl)
-            for dtype in args.dtype:
-                run_one(warm.copy(), model, batch_size=args.batch_size, dtype=dtype, device=args.device)
-                res = run_one(slide.copy(), model, batch_size=args.batch_size, dtype=dtype, device=args.device)
-                rows.append({"model": name, "attn": impl, "dtype": dtype, **res})
-                print(f"{name} {impl} {dtype}: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)", flush=True)
-    header = ("| model | attention | dtype | cells | tiles | total s | prepare s | SE(2) s | cells/s | peak GPU GiB |\n"
-              "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {args.cells:,} | {r['tiles']} | {r['seconds']:.1f} | "
+            for dtype, cm in itertools.product(args.dtype, args.cluster_method):
+                kw = {"batch_size": args.batch_size, "dtype": dtype, "device": args.device, "cluster_method": cm}
+                run_one(warm.copy(), model, **kw)
+                res = run_one(slide.copy(), model, **kw)
+                rows.append({"model": name, "attn": impl, "dtype": dtype, "clusters": cm, **res})
+                print(f"{name} {impl} {dtype} {cm}: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)",
+                      flush=True)
+    header = ("| model | attention | dtype | virtual cells by | cells | tiles | total s | prepare s | SE(2) s | cells/s "
+              "| peak GPU GiB |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {r['clusters']} | {args.cells:,} | {r['tiles']} | "
+             f"{r['seconds']:.1f} | "
              f"{r['prepare_s']:.1f} | {r['transformer_s']:.1f} | {r['cells_per_s']:,.0f} | "
              + ("n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}") + " |" for r in rows]
     table = "\n".join([header, *lines])

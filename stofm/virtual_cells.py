@@ -5,7 +5,7 @@ sub-slice so each sub-slice sees the whole slide. Features: the xy coordinates, 
 scalar (their RMS distance to the centroid, so a rotation of the slide rotates the features and the
 clustering does not change), and the first principal components of the embedding, scaled to unit total RMS;
 weighted 0.2 and 0.8. Clustering: k-means in torch (k-means++ seeding, deterministic for a seed, runs on the
-embedding's device, e.g. the GPU) or Leiden (needs ``stalign[leiden]``: scanpy + leidenalg).
+embedding's device, e.g. the GPU) or Leiden (``stofm.leiden``; needs ``stalign[leiden]``).
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def virtual_cells(coords: Any, emb: Any, n_clusters: int, *, method: str = "kmea
     if method == "kmeans":
         labels = kmeans(feats, min(n_clusters, len(feats)), seed=seed, max_iter=max_iter)
     elif method == "leiden":
-        labels = torch.as_tensor(leiden(feats.cpu().numpy(), n_clusters, seed=seed), device=dev)
+        labels = torch.as_tensor(leiden(feats, n_clusters, seed=seed), device=dev)
     else:
         raise ValueError(f"unknown clustering method {method!r}; use 'kmeans' or 'leiden'")
     labels = torch.unique(labels, return_inverse=True)[1]  # drop empty clusters, labels 0..V-1
@@ -109,27 +109,11 @@ def _assign(x: Any, centres: Any, *, chunk: int = 65536) -> Any:
     return torch.cat([torch.cdist(x[s:s + chunk], centres).argmin(1) for s in range(0, len(x), chunk)])
 
 
-def leiden(feats: np.ndarray, n_clusters: int, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
+def leiden(feats: Any, n_clusters: int, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
     """Leiden clusters of ``feats`` with the resolution bisected so the count is close to ``n_clusters``."""
+    from stofm.leiden import MISSING, leiden_n_clusters
+
     try:
-        import anndata as ad
-        import igraph  # noqa: F401  (scanpy's igraph flavour of Leiden)
-        import scanpy as sc
+        return leiden_n_clusters(feats, n_clusters, n_neighbors=n_neighbors, seed=seed)
     except ImportError as err:
-        raise ImportError("virtual cells with method='leiden' need scanpy and leidenalg: "
-                          "pip install 'stalign[leiden]' (or use method='kmeans')") from err
-    a = ad.AnnData(X=np.asarray(feats, dtype=np.float32))
-    sc.pp.neighbors(a, n_neighbors=min(n_neighbors, max(2, len(feats) - 1)), use_rep="X", random_state=seed)
-    lo, hi, best = 0.01, 50.0, None
-    for _ in range(20):
-        res = (lo * hi) ** 0.5
-        sc.tl.leiden(a, resolution=res, random_state=seed, key_added="vc", flavor="igraph", n_iterations=2,
-                     directed=False)
-        labels = a.obs["vc"].astype(int).to_numpy()
-        got = len(np.unique(labels))
-        if best is None or abs(got - n_clusters) < abs(best[0] - n_clusters):
-            best = (got, labels)
-        if got == n_clusters:
-            break
-        lo, hi = (res, hi) if got < n_clusters else (lo, res)
-    return best[1]
+        raise ImportError(f"virtual cells with method='leiden': {MISSING} (or use method='kmeans')") from err

@@ -40,7 +40,6 @@ def test_missing_annotations_are_left_out_and_bad_input_is_refused(crop):
 
 
 def test_leiden_when_installed(crop):
-    pytest.importorskip("scanpy")
     pytest.importorskip("igraph")
     labels = cluster_domains(crop.obsm["X_pca"][:, :10], method="leiden", resolution=0.5)
     assert score_domains(labels, crop.obs["leiden"])["ari"] > 0.3
@@ -51,6 +50,6 @@ def test_leiden_when_installed(crop):
 def test_leiden_without_the_extra_names_it(crop, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "scanpy", None)
+    monkeypatch.setitem(sys.modules, "igraph", None)
     with pytest.raises(ImportError, match=r"stalign\[leiden\]"):
         cluster_domains(crop.obsm["X_pca"][:, :10], method="leiden")

@@ -143,3 +143,35 @@ def test_bf16_path_runs_close_to_fp32(crop, tiny):
     assert np.isfinite(low).all()
     cos = (ref * low).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(low, axis=1)
     assert cos.min() > 0.95
+
+
+def test_embed_benchmark_runs_and_records_both_clusterings(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("igraph")
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "stofm_embed.py"
+    results = tmp_path / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(script), "--cells", "2500", "--genes", "40", "--cells-per-tile", "500",
+                           "--cluster-method", "kmeans", "leiden", "--threads", "1", "--results", str(results)],
+                          cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    text = results.read_text()
+    assert "- command: `python benchmarks/stofm_embed.py" in text and "device: CPU" in text
+    assert "| stofm-tiny | sdpa | fp32 | kmeans | 2,500 |" in text and "| fp32 | leiden | 2,500 |" in text
+
+
+@pytest.mark.gpu
+def test_cuda_embed_matches_cpu_and_bf16_stays_close(crop, tiny):
+    import copy
+
+    ref = stofm.embed(crop.copy(), tiny, progress=False).obsm["X_stofm"]
+    on_gpu = copy.deepcopy(tiny)  # embed(device=...) moves the model; the fixture stays on the CPU
+    gpu = stofm.embed(crop.copy(), on_gpu, device="cuda", progress=False).obsm["X_stofm"]
+    assert np.abs(gpu - ref).max() < 1e-3
+    for cm in ("kmeans", "leiden"):  # virtual cells clustered on the GPU tensors
+        assert np.isfinite(stofm.embed(crop.copy(), on_gpu, cluster_method=cm, progress=False).obsm["X_stofm"]).all()
+    low = stofm.embed(crop.copy(), on_gpu, dtype="bf16", progress=False).obsm["X_stofm"]
+    cos = (ref * low).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(low, axis=1)
+    assert cos.min() > 0.95

@@ -85,7 +85,6 @@ def test_stofm_cli_end_to_end(squidpy_crop, tmp_path, capsys):
 
 def test_stofm_cli_embed_with_leiden_virtual_cells(squidpy_crop, tmp_path):
     """`stofm embed --cluster-method leiden --virtual-cells N`: Leiden virtual cells from the command line."""
-    pytest.importorskip("scanpy")
     pytest.importorskip("igraph")
     import anndata as ad
     import torch

@@ -106,7 +106,6 @@ def test_virtual_cells_rotation_equivariant_and_torch():
 
 
 def test_virtual_cells_leiden_follows_the_domains_and_asks_near_the_requested_count():
-    pytest.importorskip("scanpy")
     pytest.importorskip("igraph")
     xy, emb, left = _two_domain_slide()
     cxy, cemb, labels = virtual_cells(xy, emb, 6, method="leiden", seed=0)
@@ -117,10 +116,14 @@ def test_virtual_cells_leiden_follows_the_domains_and_asks_near_the_requested_co
     purity = np.mean([max(left[labels == c].mean(), 1 - left[labels == c].mean()) for c in range(n)])
     assert purity > 0.95
     assert np.array_equal(labels, virtual_cells(xy, emb, 6, method="leiden", seed=0)[2])
+    a = 0.7  # a rigid motion of the slide leaves the kNN graph, hence the clusters, unchanged
+    rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    cxy2, _, labels2 = virtual_cells(xy @ rot.T - 30, emb, 6, method="leiden", seed=0)
+    assert np.array_equal(labels, labels2) and np.allclose(cxy @ rot.T - 30, cxy2, atol=1e-6)
 
 
 def test_virtual_cells_leiden_without_the_extra_names_it(monkeypatch):
-    monkeypatch.setitem(sys.modules, "scanpy", None)  # import scanpy now raises ImportError
+    monkeypatch.setitem(sys.modules, "igraph", None)  # import igraph now raises ImportError
     xy, emb, _ = _two_domain_slide()
     with pytest.raises(ImportError, match=r"stalign\[leiden\]"):
         virtual_cells(xy, emb, 4, method="leiden")

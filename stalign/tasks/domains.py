@@ -1,5 +1,5 @@
-"""Zero-shot spatial domains: cluster the embeddings of a slide (k-means, or Leiden when scanpy and
-leidenalg are installed), score them against annotations (ARI, NMI), and plot them over the slide."""
+"""Zero-shot spatial domains: cluster the embeddings of a slide (k-means, or Leiden when igraph is
+installed: ``stalign[leiden]``), score them against annotations (ARI, NMI), and plot them over the slide."""
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -56,17 +56,9 @@ def _kmeans(x: np.ndarray, n_domains: int | None, seed: int) -> np.ndarray:
 
 
 def _leiden(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int) -> np.ndarray:
-    try:
-        import anndata as ad
-        import igraph  # noqa: F401  (scanpy's igraph flavour of Leiden)
-        import scanpy as sc
-    except ImportError as err:
-        raise ImportError("Leiden clustering needs scanpy and leidenalg: pip install 'stalign[leiden]'") from err
-    adata = ad.AnnData(np.zeros((len(x), 1), np.float32), obsm={"X_emb": x.astype(np.float32)})
-    sc.pp.neighbors(adata, n_neighbors=min(n_neighbors, len(x) - 1), use_rep="X_emb", random_state=seed)
-    sc.tl.leiden(adata, resolution=resolution, random_state=seed, flavor="igraph", n_iterations=2,
-                 directed=False)
-    return adata.obs["leiden"].astype(int).to_numpy()
+    from stofm.leiden import leiden
+
+    return leiden(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
 
 
 def score_domains(labels: Sequence[Any], annotations: Sequence[Any]) -> dict[str, float]:
