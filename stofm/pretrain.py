@@ -246,7 +246,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     cfg = PretrainConfig(**values)
     for name, ok in (("batch_size", cfg.batch_size >= 1), ("grad_accum", cfg.grad_accum >= 1),
                      ("max_steps", cfg.max_steps >= 1), ("lr", cfg.lr > 0),
-                     ("mixed_precision", cfg.mixed_precision in ("auto", "no", "bf16", "fp16"))):
+                     ("mixed_precision", cfg.mixed_precision in ("auto", "no", "bf16", "fp16")),
+                     ("cluster_method", cfg.cluster_method in ("kmeans", "leiden"))):
         if not ok:
             raise ValueError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
     return cfg

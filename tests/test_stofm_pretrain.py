@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import shutil
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def test_resume_gives_the_same_next_steps(squidpy_crop, tmp_path):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-6), (key, a, b)
     # a run that did not restore the optimizer would differ: the loss history is not constant
     assert full["losses"][2]["loss"] != pytest.approx(full["losses"][0]["loss"], rel=1e-4)
+
+
+def test_pretraining_with_leiden_virtual_cells(squidpy_crop, tmp_path):
+    pytest.importorskip("igraph")
+    res = pretrain(_cfg(squidpy_crop, tmp_path / "l", max_steps=2, save_every=0, cluster_method="leiden"))
+    assert res["step"] == 2 and len(res["losses"]) == 2
+    assert all(math.isfinite(row["loss"]) for row in res["losses"])
 
 
 def test_resume_latest_continues_the_log(squidpy_crop, tmp_path):
@@ -122,6 +130,8 @@ def test_bad_config_keys(tmp_path):
         load_config(bad)
     with pytest.raises(ValueError, match="needs data"):
         pretrain(load_config(None, output_dir=str(tmp_path)))
+    with pytest.raises(ValueError, match="cluster_method='louvain'"):
+        load_config(None, cluster_method="louvain")
 
 
 def test_gene_then_spatial_pretraining_pipeline(squidpy_crop, tmp_path, capsys):
