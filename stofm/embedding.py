@@ -163,20 +163,12 @@ def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_st
 
 
 def niche_neighbors(coords: np.ndarray, n_neighbors: int) -> np.ndarray:
-    """(N, K) indices of the K nearest cells of each cell, itself first (K clipped to N)."""
-    from scipy.spatial import cKDTree
+    """(N, K) int64 indices of the K nearest cells of each cell, itself first (K clipped to N); the shards'
+    ``data_prep.expression.neighbor_indices`` on checked coordinates."""
+    from data_prep.expression import neighbor_indices
 
     xy = check_coords(coords)
-    k = min(int(n_neighbors), len(xy))
-    _, idx = cKDTree(xy).query(xy, k=k)
-    idx = np.asarray(idx).reshape(len(xy), k)
-    self_first = np.arange(len(xy))
-    fix = idx[:, 0] != self_first  # duplicate positions: put the cell itself first
-    if fix.any():
-        for i in np.flatnonzero(fix):
-            row = [j for j in idx[i] if j != i][: k - 1]
-            idx[i] = [i] + row
-    return idx
+    return neighbor_indices(xy, min(int(n_neighbors), len(xy))).astype(np.int64)
 
 
 def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np.ndarray | None = None,
