@@ -4,8 +4,8 @@
     python benchmarks/stofm_embed.py --cells 100000 --model stofm-small --device cuda --dtype fp32 bf16
 
 Each configuration (model × attention path × dtype × virtual-cell clustering) embeds the whole slide once
-after a warm-up on a small slide; the table splits the time into "prepare" (cell encoder + virtual cells + tiling) and the SE(2)
-transformer. The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
+after a warm-up on a small slide; the table splits the time into "prepare" (cell encoder + virtual cells +
+tiling) and the SE(2) transformer. The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 

@@ -110,8 +110,12 @@ def _assign(x: Any, centres: Any, *, chunk: int = 65536) -> Any:
 
 
 def leiden(feats: Any, n_clusters: int, *, seed: int = 0, n_neighbors: int = 15) -> np.ndarray:
-    """Leiden clusters of ``feats`` with the resolution bisected so the count is close to ``n_clusters``."""
+    """Leiden clusters of ``feats`` with the resolution bisected so the count is close to ``n_clusters``;
+    one cluster per cell when there are no more cells than ``n_clusters`` (as k-means)."""
     from stofm.leiden import MISSING, leiden_n_clusters
+
+    if len(feats) <= n_clusters:
+        return np.arange(len(feats))
 
     try:
         return leiden_n_clusters(feats, n_clusters, n_neighbors=n_neighbors, seed=seed)

@@ -120,6 +120,9 @@ def test_virtual_cells_leiden_follows_the_domains_and_asks_near_the_requested_co
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     cxy2, _, labels2 = virtual_cells(xy @ rot.T - 30, emb, 6, method="leiden", seed=0)
     assert np.array_equal(labels, labels2) and np.allclose(cxy @ rot.T - 30, cxy2, atol=1e-6)
+    # no more cells than virtual cells: one per cell, as with k-means (a 1-cell slide included)
+    assert virtual_cells(xy[:4], emb[:4], 10, method="leiden")[0].shape[0] == 4
+    assert virtual_cells(xy[:1], emb[:1], 10, method="leiden")[0].shape[0] == 1
 
 
 def test_virtual_cells_leiden_without_the_extra_names_it(monkeypatch):
