@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VPY) -m stalign.demo
+	$(VPY) -m stalign demo
 
 test: $(STAMP)
 	$(VPY) -m pytest -q -m "not gpu" -p no:cacheprovider

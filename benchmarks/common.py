@@ -43,7 +43,7 @@ def setup(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    from stalign.perf import resolve_device
+    from stalign.models.perf import resolve_device
 
     device = resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():

@@ -6,7 +6,7 @@
 
 Rows per model: plain fp32 (``model(x)`` under ``no_grad``), bf16 autocast, bf16 + channels-last,
 bf16 + channels-last + ``torch.compile`` (CUDA, or ``--compile``), and the package's ``ImageEncoder`` (uint8
-crops in: resize/normalise inside) through ``stalign.perf`` (its defaults, plus compile on CUDA). FLOPs are counted with
+crops in: resize/normalise inside) through ``stalign.models.perf`` (its defaults, plus compile on CUDA). FLOPs are counted with
 ``torch.utils.flop_counter.FlopCounterMode``; the fraction of peak divides the achieved rate by the dense
 matmul rate measured in the same run (bf16; the fp32 rate is noted too). timm's ViT attention already uses
 ``F.scaled_dot_product_attention`` (fused kernels on CUDA).
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     from stalign.models.image_encoders import create_image_encoder
-    from stalign.perf import FastEmbedder, autocast, fast_matmul, is_cnn
+    from stalign.models.perf import FastEmbedder, autocast, fast_matmul, is_cnn
 
     device = setup(args)
     cuda = device.type == "cuda"
@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
 
             variants.append(("bf16 + channels-last", bf16_cl))
             if cuda or args.compile:
-                from stalign.perf import CompiledOrEager
+                from stalign.models.perf import CompiledOrEager
 
                 compiled = CompiledOrEager(net_cl)
 

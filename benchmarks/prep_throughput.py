@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tuple[Path, Path, float | None]:
     """(tif, h5ad, generation seconds or None when reused) of the benchmark slide."""
-    from data_prep.synth import ensure_synthetic_slide
+    from stalign.data.synth import ensure_synthetic_slide
 
     folder = root / f"synth-{n_spots}-{um_per_px:g}umpx-seed{seed}"
     print(f"synthetic slide: {folder} (generated unless an intact one is there) ...", flush=True)
@@ -37,7 +37,7 @@ def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tu
 
 def samples_for(tif: Path, h5ad: Path) -> list:
     """The slide as one sample, read by the real reader."""
-    from data_prep.readers import read_anndata_image
+    from stalign.data.readers import read_anndata_image
 
     return [read_anndata_image(h5ad, tif, slide_id=tif.stem)]
 
@@ -52,7 +52,7 @@ def cpu_seconds() -> float:
 
 def time_prep(samples: list, *, workers: int, progress: bool) -> tuple[float, float, dict]:
     """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder."""
-    from data_prep.pipeline import prepare
+    from stalign.data.pipeline import prepare
 
     with tempfile.TemporaryDirectory(prefix="stalign-bench-") as out:
         t0, c0 = time.perf_counter(), cpu_seconds()
@@ -81,7 +81,7 @@ def load() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from data_prep.fetch import cache_dir
+    from stalign.data.fetch import cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--n-spots", type=int, default=20_000)
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{shlex.join(['python', 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
             f"- slide: {tif.name}, {args.n_spots:,} spots at {args.um_per_px:g} µm/px, {size:,.0f} MiB TIFF"
             + (f", generated in {gen_s:.0f} s" if gen_s is not None else ", reused from the cache"),
-            ("- timed: `data_prep.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
+            ("- timed: `stalign.data.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
              "top-50 HVG panel, tissue mask, kNN, HDF5 shards); spots/s = kept spots / wall seconds; CPU "
              "seconds = user + system of this process and its worker processes"),
         ]

@@ -61,8 +61,8 @@ class Trainer:
         import torch
 
         import stalign
-        from stalign.losses import ThreeTargetLoss
-        from stalign.perf import CompiledOrEager
+        from stalign.models.perf import CompiledOrEager
+        from stalign.training.losses import ThreeTargetLoss
 
         base, overrides = MODELS[name]
         torch.manual_seed(0)
@@ -73,7 +73,7 @@ class Trainer:
         self.device, self.precision = device, precision
 
     def step(self, batch: dict) -> None:
-        from stalign.perf import autocast, fast_matmul
+        from stalign.models.perf import autocast, fast_matmul
 
         with fast_matmul(self.device) if self.precision != "fp32" else _null(), autocast(self.device, self.precision):
             loss = self.loss(self.forward(batch))["loss"]

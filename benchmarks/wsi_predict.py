@@ -5,13 +5,13 @@ the package way vs the plain way, time split by stage.
     python benchmarks/wsi_predict.py --device cpu --tiles 1000
     python benchmarks/wsi_predict.py --quick                           # 48 tiles, stalign-tiny (seconds)
 
-The slide is ``data_prep.synth`` output (pyramidal TIFF, cached under ``~/.cache/stalign/bench``). Tile centres
+The slide is ``stalign.data.synth`` output (pyramidal TIFF, cached under ``~/.cache/stalign/bench``). Tile centres
 form a square grid over the whole slide; when the slide is smaller than ``tiles`` spot-sized tiles the grid
 step is smaller than the spot, so tiles overlap (recorded in the notes). Each tile is a spot crop and a niche
 crop (112 / 336 µm, ``patch_px``), as ``stalign predict`` reads them.
 
 - package: ``SlideCrops`` read by ``--workers`` spawned reader processes (best pyramid level, pinned memory),
-  ``stalign.perf.FastEmbedder`` (bf16 autocast, channels-last CNNs, compile for large jobs on CUDA),
+  ``stalign.models.perf.FastEmbedder`` (bf16 autocast, channels-last CNNs, compile for large jobs on CUDA),
   ``ReferenceBank.predict`` (fast top-k), AnnData written to .h5ad. Stages: time the main process waited for
   crops (readers), embedding, retrieval, writing; plus ``predict_slide`` timed end to end on the same tiles.
 - plain: a default ``DataLoader`` (no workers) over ``openslide.OpenSlide.read_region`` at level 0 + PIL resize,
@@ -88,7 +88,7 @@ def run_package(model, slide, coords, bank, *, device, args, out: Path) -> dict:
     """Stage times of the package pipeline (the pieces ``predict_slide`` runs)."""
     import numpy as np
 
-    from stalign.perf import FastEmbedder
+    from stalign.models.perf import FastEmbedder
     from stalign.tasks.embed import SlideCrops, _loader
 
     mpp = slide.um_per_px
@@ -169,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
 
     import stalign
-    from data_prep.slide import open_slide
-    from data_prep.synth import ensure_synthetic_slide
+    from stalign.data.slide import open_slide
+    from stalign.data.synth import ensure_synthetic_slide
     from stalign.tasks.embed import default_device  # noqa: F401  (the package's device rule, via setup)
     from stalign.tasks.predict import predict_slide
     from stalign.tasks.retrieval import ReferenceBank

@@ -15,7 +15,7 @@ _LAZY = {
     "load_checkpoint": "stalign.models.factory",
     "save_checkpoint": "stalign.models.factory",
     "STAlign": "stalign.models.stalign_model",
-    "ThreeTargetLoss": "stalign.losses",
+    "ThreeTargetLoss": "stalign.training.losses",
     "create_image_encoder": "stalign.models.image_encoders",
 }
 

@@ -9,6 +9,8 @@ import argparse
 import importlib
 import sys
 
+from stofm.util.cli_errors import run_parsed
+
 # Order is the order shown in ``stalign --help``.
 COMMAND_MODULES = (
     "stalign.commands.data",      # data fetch / data synth
@@ -20,6 +22,7 @@ COMMAND_MODULES = (
     "stalign.commands.domains",
     "stalign.commands.fewshot",
     "stalign.commands.bench",
+    "stalign.commands.demo",      # make demo
 )
 
 
@@ -46,23 +49,6 @@ def _version() -> str:
     from stalign import __version__
 
     return __version__
-
-
-def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, prog: str) -> int:
-    """Dispatch parsed ``args`` to their ``func``: user-facing errors as one line (``--debug`` re-raises)."""
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return 0 if args.command is None else 2
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    except (ValueError, FileNotFoundError, RuntimeError) as err:  # user-facing errors: no traceback
-        if getattr(args, "debug", False):
-            raise
-        print(f"{prog} {args.command}: error: {err}", file=sys.stderr)
-        return 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -93,7 +93,7 @@ def _models(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``stofm`` with ``argv``; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    from stalign.cli import run_parsed
+    from stofm.util.cli_errors import run_parsed
 
     parser = build_parser(argv)
     return run_parsed(parser, parser.parse_args(argv), prog="stofm")

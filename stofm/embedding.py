@@ -164,8 +164,8 @@ def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_st
 
 def niche_neighbors(coords: np.ndarray, n_neighbors: int) -> np.ndarray:
     """(N, K) int64 indices of the K nearest cells of each cell, itself first (K clipped to N); the shards'
-    ``data_prep.expression.neighbor_indices`` on checked coordinates."""
-    from data_prep.expression import neighbor_indices
+    ``stofm.util.knn.neighbor_indices`` (the shards' kNN) on checked coordinates."""
+    from stofm.util.knn import neighbor_indices
 
     xy = check_coords(coords)
     return neighbor_indices(xy, min(int(n_neighbors), len(xy))).astype(np.int64)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
@@ -60,14 +60,15 @@ class PretrainConfig:
     progress: bool = True
 
 
-def _read_adata(path: str):
+def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
+    """One pretraining slide; ``resolve_path`` maps config entries such as ``fetch:<data set>/<file>`` to files."""
     import anndata as ad
 
-    if str(path).startswith("fetch:"):  # fetch:<data set>/<file>, e.g. fetch:squidpy-visium-crop/test_data.h5ad
-        from data_prep.fetch import fetch
-
-        name, _, rest = str(path)[len("fetch:"):].partition("/")
-        p = fetch(name) / rest
+    if resolve_path is not None:
+        p = Path(resolve_path(str(path)))
+    elif str(path).startswith("fetch:"):
+        raise ValueError(f"pretraining data {path}: fetch: data sets live in stalign's cache; run "
+                         "`stalign pretrain-stofm` (it fetches them) or give a local .h5ad/.zarr path")
     else:
         p = Path(path).expanduser()
     if not p.exists():
@@ -115,18 +116,20 @@ def batch_items(n_items: int, *, step: int, micro: int, grad_accum: int, batch_s
             for pos in range(m * batch_size, (m + 1) * batch_size)]
 
 
-def pretrain(cfg: PretrainConfig, *, resume: str | None = None) -> dict:
-    """Run (or resume: ``"latest"`` or a checkpoint folder) a pretraining run; returns a summary dict."""
+def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
+             resolve_path: Callable[[str], Path] | None = None) -> dict:
+    """Run (or resume: ``"latest"`` or a checkpoint folder) a pretraining run; returns a summary dict.
+    ``resolve_path`` turns data entries into files (``stalign pretrain-stofm`` resolves ``fetch:`` with it)."""
     import torch
     from accelerate import Accelerator
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    from stalign.training import checkpointing as ckpt
-    from stalign.training.logging import RunLogger
-    from stalign.training.optim import build_optimizer, build_scheduler
     from stofm.embedding import collate_subslices, prepare_slide
     from stofm.model import create_model
+    from stofm.util import checkpointing as ckpt
+    from stofm.util.optim import build_optimizer, build_scheduler
+    from stofm.util.runlog import RunLogger
 
     if not cfg.data:
         raise ValueError("pretraining needs data: a list of .h5ad/.zarr files (config key 'data')")
@@ -138,7 +141,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None) -> dict:
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu)
     main = accelerator.is_main_process
     set_seed(cfg.seed)
-    adatas = [_read_adata(p) for p in cfg.data]
+    adatas = [_read_adata(p, resolve_path) for p in cfg.data]
     genes = cfg.genes or list(map(str, adatas[0].var[cfg.gene_key] if cfg.gene_key else adatas[0].var_names))
     if cfg.init_from:
         model = create_model(cfg.init_from)
@@ -233,7 +236,7 @@ def _write_yaml(cfg: PretrainConfig, path: Path) -> None:
 
 def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     """A ``PretrainConfig`` from a YAML file (unknown keys raise) with ``overrides`` on top."""
-    from stalign.training.config import load_yaml
+    from stofm.util.config_io import load_yaml
 
     values = {} if path is None else load_yaml(path, what="stofm pretrain config")
     values.update({k: v for k, v in overrides.items() if v is not None})
@@ -271,12 +274,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="resume from the latest checkpoint of --output-dir, or from the given checkpoint folder")
 
 
-def run_from_args(args: argparse.Namespace) -> int:
-    """Entry point for the parsed flags of :func:`add_arguments`."""
+def run_from_args(args: argparse.Namespace, *, resolve_path: Callable[[str], Path] | None = None) -> int:
+    """Entry point for the parsed flags of :func:`add_arguments` (``resolve_path``: see :func:`pretrain`)."""
     keys = ("data", "output_dir", "model", "cell_encoder", "max_steps", "batch_size", "grad_accum", "lr",
             "save_every", "log_every", "seed", "cells_per_tile", "n_virtual", "mixed_precision", "cpu", "progress")
     cfg = load_config(args.config, **{k: getattr(args, k, None) for k in keys})
-    res = pretrain(cfg, resume=args.resume)
+    res = pretrain(cfg, resume=args.resume, resolve_path=resolve_path)
     last = res["losses"][-1] if res["losses"] else {}
     print(f"done: {res['step']} steps in {res['seconds']:.1f}s; last loss "
           + ", ".join(f"{k}={v:.4f}" for k, v in last.items() if k != "step") + f"; model at {res['model']}")

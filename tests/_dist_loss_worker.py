@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 import stalign
-from stalign.losses import ThreeTargetLoss
+from stalign.training.losses import ThreeTargetLoss
 
 G, M, B = 10, 4, 8
 

@@ -23,15 +23,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def squidpy_crop() -> Path:
     """Folder with the real Visium crop (test_data.h5ad, test_img.jpg)."""
-    from data_prep.fetch import squidpy_crop_dir
+    from stalign.data.fetch import squidpy_crop_dir
 
     return squidpy_crop_dir()
 
 
 @pytest.fixture(scope="session")
 def fetched():
-    """``fetched(name)`` -> folder of a data set from ``data_prep.fetch.DATASETS`` (downloaded once, cached)."""
-    from data_prep.fetch import fetch
+    """``fetched(name)`` -> folder of a data set from ``stalign.data.fetch.DATASETS`` (downloaded once, cached)."""
+    from stalign.data.fetch import fetch
 
     return fetch
 
@@ -52,14 +52,14 @@ def small_shards(tmp_path_factory, squidpy_crop):
 
     def make(name: str) -> Path:
         if name not in made:
-            from data_prep.pipeline import prepare
-            from data_prep.readers import read_anndata_image
+            from stalign.data.pipeline import prepare
+            from stalign.data.readers import read_anndata_image
 
             root = tmp_path_factory.mktemp(f"shards_{name}")
             if name == "squidpy":
                 sample = read_anndata_image(squidpy_crop / "test_data.h5ad", squidpy_crop / "test_img.jpg")
             elif name == "synthetic":
-                from data_prep.synth import make_synthetic_slide
+                from stalign.data.synth import make_synthetic_slide
 
                 slide = make_synthetic_slide(root / "raw", n_spots=300, progress=False)
                 sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])

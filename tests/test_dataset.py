@@ -6,9 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from data_prep import expression as ex
-from data_prep import shards
-from data_prep.dataset import ShardDataset, collate, split_indices
+from stalign.data import expression as ex
+from stalign.data import shards
+from stalign.data.dataset import ShardDataset, collate, split_indices
+from stalign.training.data import slide_virtual_cells
+from stofm.util.knn import neighbor_indices
 
 P, NICHE_UM, UM_PER_PX = 32, 300.0, 1.0
 
@@ -34,7 +36,7 @@ def root(tmp_path_factory, squidpy_crop):
                                 genes=genes, um_per_px=UM_PER_PX) as w:
             w.write_patches(0, cut, cut[:, ::2, ::2].repeat(2, 1).repeat(2, 2))
             w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, NICHE_UM), coords_px=xy,
-                     coords_um=um, neighbors=ex.neighbor_indices(um, 8), padded=np.zeros(len(xy), bool),
+                     coords_um=um, neighbors=neighbor_indices(um, 8), padded=np.zeros(len(xy), bool),
                      barcodes=list(adata.obs_names))
         entries.append({"slide_id": sid, "shard": shards.shard_relpath(sid), "n_spots": len(xy)})
     shards.write_manifest(out, {"format": shards.FORMAT, "version": shards.VERSION, "genes": genes,
@@ -107,18 +109,18 @@ def test_virtual_cells_are_cluster_means(root):
     ds = ShardDataset(root)
     expr = ds.expression_matrix()[:49]
     xy = shards.read_shard(root / "shards" / "crop.h5")["coords_um"]
-    one_expr, one_xy = ds.slide_virtual_cells(0, 1)
+    one_expr, one_xy = slide_virtual_cells(ds, 0, 1)
     np.testing.assert_allclose(one_expr[0], expr.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(one_xy[0], xy.mean(0), rtol=1e-5)
-    v_expr, v_xy = ds.slide_virtual_cells(0, 49)  # one spot per cluster
+    v_expr, v_xy = slide_virtual_cells(ds, 0, 49)  # one spot per cluster
     order = np.lexsort(v_xy.T)
     np.testing.assert_allclose(v_xy[order], xy[np.lexsort(xy.T)])
-    v_expr, v_xy = ds.slide_virtual_cells(0, 6)
+    v_expr, v_xy = slide_virtual_cells(ds, 0, 6)
     assert v_expr.shape == (6, 40) and v_xy.shape == (6, 2)
     assert (v_xy.min(0) >= xy.min(0)).all() and (v_xy.max(0) <= xy.max(0)).all()
     # only the dataset's own spots feed the clusters (no leakage of held-out spots)
     sub = ShardDataset(root, indices=np.arange(10))
-    np.testing.assert_allclose(sub.slide_virtual_cells(0, 1)[1][0], xy[:10].mean(0), rtol=1e-5)
+    np.testing.assert_allclose(slide_virtual_cells(sub, 0, 1)[1][0], xy[:10].mean(0), rtol=1e-5)
 
 
 def test_split_indices_by_slide_and_by_spot(root):

@@ -1,16 +1,17 @@
-"""``make demo`` (``python -m stalign.demo``): every stage with tiny settings on the real crop and a small synthetic
+"""``make demo`` (``stalign demo``): every stage with tiny settings on the real crop and a small synthetic
 slide; the tables a user reads (recall next to chance, the held-out Pearson table, heat maps) must be there."""
 from __future__ import annotations
 
 import contextlib
 import io
 import json
+from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 
-from stalign import demo
+from stalign.commands import demo, demo_stages
 
 TINY = ["--synth-spots", "60", "--synth-um-per-px", "2", "--n-top-genes", "20", "--patch-px", "64",
         "--train-steps", "2", "--split-by", "spot", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",
@@ -52,7 +53,7 @@ def test_prep_table(run):
 
 def test_train_prints_held_out_recall_next_to_chance(run):
     out, text, summary = run
-    rows = summary["tables"][demo.TRAIN_TABLE]
+    rows = summary["tables"][demo_stages.TRAIN_TABLE]
     assert [r["retrieval"] for r in rows] == ["image -> gene", "gene -> image"]
     n = rows[0]["held-out spots"]
     assert "held-out spots are random spots of the slide" in text  # the note names the split the run used
@@ -61,7 +62,7 @@ def test_train_prints_held_out_recall_next_to_chance(run):
         for k in (1, 5, 10):
             assert 0.0 <= float(r[f"R@{k}"]) <= 1.0
             assert float(r[f"chance@{k}"]) == pytest.approx(min(k, n) / n, abs=1e-3)
-    assert f"[{demo.TRAIN_TABLE}]" in text and "chance@10" in text and "held-out retrieval after 2 steps" in text
+    assert f"[{demo_stages.TRAIN_TABLE}]" in text and "chance@10" in text and "held-out retrieval after 2 steps" in text
     assert (out / "train" / "final" / "model.safetensors").is_file()
 
 
@@ -70,7 +71,7 @@ def test_evaluate_table_has_all_five_methods_on_the_real_crop(run):
     import yaml
 
     out, text, summary = run
-    rows = {r["method"]: r for r in summary["tables"][demo.CROP_TABLE]}
+    rows = {r["method"]: r for r in summary["tables"][demo_stages.CROP_TABLE]}
     assert tuple(rows) == METHODS
     for name, r in rows.items():
         assert r["held-out spots"] == 49
@@ -89,7 +90,7 @@ def test_evaluate_table_has_all_five_methods_on_the_real_crop(run):
     # each fold's model saw only its training spots: the held-out spots are a separate slide it never trained on
     for f in range(2):
         cfg = yaml.safe_load((out / "crop" / f"fold{f}" / "train" / "config.yaml").read_text())
-        assert cfg["slides"] == [demo.TRAIN_SLIDE] and cfg["val_fraction"] == 0
+        assert cfg["slides"] == [demo_stages.TRAIN_SLIDE] and cfg["val_fraction"] == 0
         manifest = json.loads((out / "crop" / f"fold{f}" / "shards" / "manifest.json").read_text())
         assert sum(s["n_spots"] for s in manifest["slides"]) == 49
 
@@ -98,7 +99,7 @@ def test_predict_writes_heatmaps_predicted_and_measured(run):
     import anndata as ad
 
     out, text, summary = run
-    rows = summary["tables"][demo.HEATMAP_TABLE]
+    rows = summary["tables"][demo_stages.HEATMAP_TABLE]
     assert len(rows) == 2
     for r in rows:
         for key in ("predicted", "measured"):
@@ -108,21 +109,21 @@ def test_predict_writes_heatmaps_predicted_and_measured(run):
     pred = ad.read_h5ad(out / "heatmaps" / "heldout_zero_shot.h5ad")
     assert pred.shape == (49, 20) and set(pred.obs["fold"]) == {0, 1}
     assert (np.abs(pred.layers["zero_shot"]).sum(axis=1) > 0).all()  # every spot predicted by its fold's model
-    real = ad.read_h5ad(demo._fetched() / "test_data.h5ad")
+    real = ad.read_h5ad(demo_stages._fetched() / "test_data.h5ad")
     np.testing.assert_allclose(pred.layers["measured"], real[:, list(pred.var_names)].X.toarray(), rtol=1e-6)
     assert pred.uns["stalign"]["pixel_size_source"].startswith("Visium spot diameter")
 
 
 def test_spatial_folds_are_contiguous_bands():
     xy = np.stack([np.tile(np.arange(5.0), 10), np.repeat(np.arange(10.0) * 3, 5)], 1)  # 5 wide, 10 rows tall
-    folds = demo.spatial_folds(xy, 5)
+    folds = demo_stages.spatial_folds(xy, 5)
     assert np.bincount(folds).tolist() == [10] * 5
     for f in range(4):  # bands along the longer (y) axis, each holding whole rows
         assert xy[folds == f, 1].max() < xy[folds == f + 1, 1].min()
     with pytest.raises(ValueError, match="at least 2 folds"):
-        demo.spatial_folds(xy, 1)
+        demo_stages.spatial_folds(xy, 1)
     with pytest.raises(ValueError, match="empty"):
-        demo.spatial_folds(np.asarray([[0.0, 0.0], [0.0, 10.0]]), 3)
+        demo_stages.spatial_folds(np.asarray([[0.0, 0.0], [0.0, 10.0]]), 3)
 
 
 def test_demo_stage_without_its_inputs_names_the_missing_step(tmp_path):
@@ -141,3 +142,11 @@ def test_resumed_shards_with_another_pixel_size_are_refused(run):
     out, _, _ = run
     with pytest.raises(ValueError, match="cut at 0.6149 µm/px, this run asks 0.7246"):
         demo.main(["--out", str(out), "--stages", "prep", "--pixel-size-from", "pitch", *TINY])
+
+
+def test_demo_configs_are_found_from_another_folder(tmp_path, monkeypatch):
+    """`stalign demo` run outside the checkout still finds configs/demo.yaml of the source tree."""
+    repo = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(tmp_path)
+    assert Path(demo_stages._config("configs/demo.yaml")) == repo / "configs" / "demo.yaml"
+    assert demo_stages._config("mine.yaml") == "mine.yaml"  # not in the checkout: left for the loader to report

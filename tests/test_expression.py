@@ -4,8 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from data_prep import expression as ex
-from data_prep.errors import ExpressionError, GeneNameError
+from stalign.data import expression as ex
+from stalign.data.errors import ExpressionError, GeneNameError
+from stofm.util.knn import neighbor_indices
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +109,7 @@ def test_niche_mean_matches_hand_computation(crop):
 
 def test_neighbours_are_self_first_and_nearest(crop):
     xy = np.asarray(crop.obsm["spatial"], dtype=np.float64)
-    nb = ex.neighbor_indices(xy, 6)
+    nb = neighbor_indices(xy, 6)
     assert nb.shape == (49, 6) and nb.dtype == np.int32
     np.testing.assert_array_equal(nb[:, 0], np.arange(49))
     d = np.linalg.norm(xy[:, None] - xy[None], axis=-1)
@@ -116,15 +117,15 @@ def test_neighbours_are_self_first_and_nearest(crop):
         np.testing.assert_allclose(np.sort(d[i, nb[i]]), np.sort(d[i])[:6])
     # duplicated coordinates still put the spot itself first; fewer spots than k pad with -1
     dup = np.zeros((3, 2))
-    np.testing.assert_array_equal(ex.neighbor_indices(dup, 4)[:, 0], [0, 1, 2])
-    assert (ex.neighbor_indices(dup, 4)[:, 3] == -1).all()
+    np.testing.assert_array_equal(neighbor_indices(dup, 4)[:, 0], [0, 1, 2])
+    assert (neighbor_indices(dup, 4)[:, 3] == -1).all()
 
 
 def test_counts_layer_is_preferred_over_normalised_x(fetched):
     """Space Ranger counts in layers['counts'] with a log-normalised X: the counts are normalised here."""
     import anndata as ad
 
-    from data_prep.tenx import read_10x_h5
+    from stalign.data.tenx import read_10x_h5
 
     a = read_10x_h5(fetched("squidpy-spaceranger") / "filtered_feature_bc_matrix.h5")
     counts = a.X.toarray().astype(np.float32)

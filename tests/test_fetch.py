@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from data_prep import fetch as fetch_mod
+from stalign.data import fetch as fetch_mod
 
 
 def test_squidpy_crop_matches_published_checksums(squidpy_crop):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("stalign.models.factory")
-pytest.importorskip("data_prep.pipeline")
+pytest.importorskip("stalign.data.pipeline")
 
 
 def _predict_tests():

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from stalign.losses import EmptyBatchError, NonFiniteLossError, ThreeTargetLoss
+from stalign.training.losses import EmptyBatchError, NonFiniteLossError, ThreeTargetLoss
 
 PAIRS = {"spot_loss": ("spot_image_features", "spot_gene_features"),
          "niche_loss": ("niche_image_features", "niche_gene_features"),

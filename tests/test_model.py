@@ -9,9 +9,10 @@ import pytest
 import torch
 
 import stalign
-from stalign.losses import ThreeTargetLoss
 from stalign.models.factory import save_checkpoint
 from stalign.models.stalign_model import GenePanelMismatchError
+from stalign.training.data import slide_virtual_cells
+from stalign.training.losses import ThreeTargetLoss
 
 G, M = 12, 5
 FEATURES = ("spot_image_features", "spot_gene_features", "niche_image_features", "niche_gene_features",
@@ -231,14 +232,14 @@ def test_pretrained_backbone_file_goes_to_both_image_encoders(tmp_path: Path) ->
 def test_real_shard_batch_with_virtual_cells_trains(small_shards) -> None:
     """A ShardDataset batch of the real Visium crop (+ the slide's virtual cells) through the SToFM gene path."""
     pytest.importorskip("stofm.cell_encoder")
-    from data_prep.dataset import ShardDataset, collate
+    from stalign.data.dataset import ShardDataset, collate
 
     ds = ShardDataset(small_shards("squidpy"), niche_spots=8)
     torch.manual_seed(0)
     model = stalign.create_model("stalign-tiny", genes=ds.genes, share_image_encoder=True,
                                  gene={"encoder": "stofm", "encoder_kwargs": {"model": "stofm-tiny"}, "niche": "se2"})
     batch = collate([ds[i] for i in range(6)])
-    vexpr, vxy = ds.slide_virtual_cells(0, 4)
+    vexpr, vxy = slide_virtual_cells(ds, 0, 4)
     batch["virtual_expr"] = torch.from_numpy(vexpr)[None].expand(6, -1, -1)
     batch["virtual_coords"] = torch.from_numpy(vxy)[None].expand(6, -1, -1)
     batch["virtual_mask"] = torch.ones(6, vexpr.shape[0], dtype=torch.bool)

@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("nbclient")
 pytest.importorskip("stalign.models.factory")
-pytest.importorskip("data_prep.pipeline")
+pytest.importorskip("stalign.data.pipeline")
 
 
 @pytest.mark.parametrize("name", ["zero_shot_retrieval", "fewshot_finetune"])

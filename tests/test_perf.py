@@ -1,4 +1,4 @@
-"""The fast paths (stalign.perf, stalign.tasks.fast_topk) give the plain path's results; benchmarks run end to end."""
+"""The fast paths (stalign.models.perf, stalign.tasks.fast_topk) give the plain path's results; benchmarks run end to end."""
 from __future__ import annotations
 
 import subprocess
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from stalign.perf import (
+from stalign.models.perf import (
     CompiledOrEager,
     FastEmbedder,
     autocast_dtype,

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 pytest.importorskip("stalign.models.factory")
-pytest.importorskip("data_prep.pipeline")
+pytest.importorskip("stalign.data.pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def setup(tmp_path_factory, squidpy_crop):
 
 
 def _shard(setup):
-    from data_prep.shards import read_shard
+    from stalign.data.shards import read_shard
 
     return read_shard(setup["shards"] / setup["manifest"]["slides"][0]["shard"])
 
@@ -84,7 +84,7 @@ def test_tiling_fewshot_head_and_heatmaps(setup, tmp_path):
 def test_bad_input_gets_clear_errors(setup, tmp_path):
     from PIL import Image
 
-    from data_prep.errors import PixelSizeError
+    from stalign.data.errors import PixelSizeError
     from stalign.tasks.predict import NoTissueError, predict_slide
     from stalign.tasks.retrieval import GenePanelError, ReferenceBank
 
@@ -185,7 +185,7 @@ def test_fewshot_command_finetunes_and_saves_model_and_head(setup, tmp_path, cap
 
 
 def test_heldout_table_and_parallel_readers(setup):
-    from data_prep.slide import open_slide
+    from stalign.data.slide import open_slide
     from stalign.tasks.bench import heldout_table
     from stalign.tasks.embed import SlideCrops, embed_slide_crops
 
@@ -208,7 +208,7 @@ def test_pyramidal_wsi_through_openslide_tiles_and_reports_its_pixel_size(fetche
     import torch
 
     import stalign
-    from data_prep.errors import PixelSizeError
+    from stalign.data.errors import PixelSizeError
     from stalign.tasks.predict import predict_slide
     from stalign.tasks.retrieval import ReferenceBank
 

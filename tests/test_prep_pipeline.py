@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import shards
-from data_prep.errors import DataPrepError, GeneNameError
-from data_prep.pipeline import prepare
-from data_prep.readers import read_anndata_image, read_spaceranger
+from stalign.data import shards
+from stalign.data.errors import DataPrepError, GeneNameError
+from stalign.data.pipeline import prepare
+from stalign.data.readers import read_anndata_image, read_spaceranger
 
 # 1 µm/px (explicit flag) so a 64 µm spot crop at 64 px is an exact, unresampled read of the JPEG
 SMALL = {"spot_um": 64.0, "niche_um": 500.0, "patch_px": 64, "n_neighbors": 6, "progress": False}
@@ -89,7 +89,7 @@ def test_crop_end_to_end(tmp_path, two_slides, squidpy_crop):
 
 
 def shards_sha(path):
-    from data_prep.fetch import sha256_file
+    from stalign.data.fetch import sha256_file
 
     return sha256_file(path)
 
@@ -242,7 +242,7 @@ def test_dataset_reads_the_pipeline_output(tmp_path, two_slides):
 
     import torch
 
-    from data_prep.dataset import ShardDataset, collate
+    from stalign.data.dataset import ShardDataset, collate
 
     loaders = [partial(read_anndata_image, *two_slides[n], slide_id=n, um_per_px=1.0) for n in ("crop", "mirror")]
     m = prepare(loaders, tmp_path, n_top_genes=10, **SMALL)  # callables that return samples work too

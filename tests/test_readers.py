@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.errors import (
+from stalign.data.errors import (
     BarcodeError,
     CoordinateError,
     DataPrepError,
@@ -17,10 +17,10 @@ from data_prep.errors import (
     GeneNameError,
     PixelSizeError,
 )
-from data_prep.readers import list_hest_samples, read_anndata_image, read_hest, read_spaceranger
-from data_prep.slide import open_slide, write_pyramidal_tiff
-from data_prep.tenx import read_10x_h5
-from data_prep.tissue import spots_on_tissue
+from stalign.data.readers import list_hest_samples, read_anndata_image, read_hest, read_spaceranger
+from stalign.data.slide import open_slide, write_pyramidal_tiff
+from stalign.data.tenx import read_10x_h5
+from stalign.data.tissue import spots_on_tissue
 
 SPOT_DIAMETER_PX = 89.44476048022638  # uns['spatial']['V1_Adult_Mouse_Brain']['scalefactors'] of the crop
 

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep import shards
-from data_prep.shards import ShardError, ShardWriter
+from stalign.data import shards
+from stalign.data.shards import ShardError, ShardWriter
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_killed_writer_never_leaves_a_shard_under_the_final_name(tmp_path, subpr
     """SIGKILL a process in the middle of writing: the final name never appears, a temporary may."""
     code = (
         "import numpy as np, time, sys\n"
-        "from data_prep.shards import ShardWriter\n"
+        "from stalign.data.shards import ShardWriter\n"
         "with ShardWriter(sys.argv[1], slide_id='s', n_spots=100, patch_px=64, genes=['A'], um_per_px=1) as w:\n"
         "    for i in range(100):\n"
         "        w.write_patches(i, np.full((1, 64, 64, 3), i, np.uint8), np.zeros((1, 64, 64, 3), np.uint8))\n"

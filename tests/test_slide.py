@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.errors import DataPrepError, PixelSizeError, SlideError
-from data_prep.slide import open_slide, write_pyramidal_tiff
+from stalign.data.errors import DataPrepError, PixelSizeError, SlideError
+from stalign.data.slide import open_slide, write_pyramidal_tiff
 
 
 def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -163,7 +163,7 @@ def test_dicom_folder_opens(fetched, tmp_path):
 
 
 def test_boxes_fixture_tissue_and_pixels_agree_with_png(fetched):
-    from data_prep.tissue import spots_on_tissue
+    from stalign.data.tissue import spots_on_tissue
 
     folder = fetched("openslide-fixtures")
     png = np.asarray(Image.open(folder / "boxes.png").convert("RGB"))

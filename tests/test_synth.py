@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from data_prep.fetch import sha256_file
-from data_prep.synth import make_synthetic_slide
-from data_prep.synth_expression import covered_fraction
-from data_prep.synth_texture import dark_fraction
 from stalign.cli import main
+from stalign.data.fetch import sha256_file
+from stalign.data.synth import make_synthetic_slide
+from stalign.data.synth_expression import covered_fraction
+from stalign.data.synth_texture import dark_fraction
 
 UM_PER_PX = 1.0
 
@@ -184,7 +184,7 @@ def test_cli_writes_several_slides(tmp_path, capsys):
 
 
 def test_ensure_reuses_an_intact_slide_and_remakes_a_changed_one(slide):
-    from data_prep.synth import ensure_synthetic_slide, load_synthetic_slide
+    from stalign.data.synth import ensure_synthetic_slide, load_synthetic_slide
 
     folder = slide.paths["image"].parent
     mtime = slide.paths["image"].stat().st_mtime_ns

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data_prep.slide import open_slide
-from data_prep.tissue import otsu_threshold, spots_on_tissue, tissue_fraction, tissue_mask
+from stalign.data.slide import open_slide
+from stalign.data.tissue import otsu_threshold, spots_on_tissue, tissue_fraction, tissue_mask
 
 
 def test_visium_spots_lie_on_tissue_and_background_is_found(squidpy_crop):

@@ -16,14 +16,14 @@ from stalign.training.config import (
     resolve_config,
     write_config,
 )
-from stalign.training.logging import RunLogger
 from stalign.training.metrics import chance_recall, recall_at_k, retrieval_metrics
-from stalign.training.optim import (
+from stofm.util.optim import (
     build_optimizer,
     build_scheduler,
     cosine_with_warmup,
     no_decay_parameter_names,
 )
+from stofm.util.runlog import RunLogger
 
 
 def test_config_precedence_yaml_flags_overrides(tmp_path):
@@ -175,7 +175,7 @@ def test_train_cli_on_real_crop_loss_falls_and_writes_everything(small_shards, t
     final = out / "final"
     assert {"model.safetensors", "config.json", "train_config.yaml"} <= {p.name for p in final.iterdir()}
     model = model_modules.load_checkpoint(final)
-    from data_prep.dataset import ShardDataset
+    from stalign.data.dataset import ShardDataset
 
     assert model.genes == ShardDataset(shards).genes
 
@@ -200,7 +200,7 @@ def test_bad_inputs_give_clear_errors(small_shards, tmp_path, capsys, model_modu
 
 
 def test_empty_batch_is_refused(small_shards, tmp_path, monkeypatch, model_modules):
-    from data_prep import dataset
+    from stalign.data import dataset
     from stalign.training.data import EmptyDataError
     from stalign.training.trainer import train_from_config
 
@@ -211,8 +211,8 @@ def test_empty_batch_is_refused(small_shards, tmp_path, monkeypatch, model_modul
 
 
 def test_hard_negative_clusters_reach_the_loss(small_shards, tmp_path, monkeypatch, model_modules):
-    import stalign.losses
-    from data_prep.dataset import ShardDataset
+    import stalign.training.losses
+    from stalign.data.dataset import ShardDataset
     from stalign.training.data import spot_clusters
     from stalign.training.trainer import train_from_config
 
@@ -221,13 +221,13 @@ def test_hard_negative_clusters_reach_the_loss(small_shards, tmp_path, monkeypat
     labels = spot_clusters(ds, n_clusters=4, n_total=49, seed=0)
     assert set(labels[0::2].tolist()) == {0, 1, 2, 3} and set(labels[1::2].tolist()) == {-1}
     seen = []
-    real = stalign.losses.ThreeTargetLoss.forward
+    real = stalign.training.losses.ThreeTargetLoss.forward
 
     def spy(self, out, **kw):
         seen.append(kw)
         return real(self, out, **kw)
 
-    monkeypatch.setattr(stalign.losses.ThreeTargetLoss, "forward", spy)
+    monkeypatch.setattr(stalign.training.losses.ThreeTargetLoss, "forward", spy)
     train_from_config(TINY, data=str(shards), output_dir=str(tmp_path), max_steps=2, eval_every=0,
                       hard_negative_clusters=4)
     assert len(seen) == 2 and seen[0]["cluster"].shape == (8,) and seen[0]["slide_idx"].shape == (8,)
@@ -236,14 +236,14 @@ def test_hard_negative_clusters_reach_the_loss(small_shards, tmp_path, monkeypat
 
 def test_virtual_cells_come_from_training_spots_and_reach_the_se2_niche_encoder(small_shards, tmp_path,
                                                                                  model_modules):
-    from data_prep.dataset import ShardDataset, collate
-    from stalign.training.data import VirtualCellBank
+    from stalign.data.dataset import ShardDataset, collate
+    from stalign.training.data import VirtualCellBank, slide_virtual_cells
     from stalign.training.trainer import train_from_config
 
     shards = small_shards("squidpy")
     train, val = ShardDataset(shards, indices=range(0, 49, 2)), ShardDataset(shards, indices=range(1, 49, 2))
     bank = VirtualCellBank([train, val], n_slides=1, n_virtual=8, seed=0)
-    expr, xy = train.slide_virtual_cells(0, 8, seed=0)  # held-out spots never shape a trained slide's cells
+    expr, xy = slide_virtual_cells(train, 0, 8, seed=0)  # held-out spots never shape a trained slide's cells
     assert torch.allclose(bank.expr[0], torch.from_numpy(expr)) and torch.allclose(bank.coords[0], torch.from_numpy(xy))
     out = bank.attach(collate([val[0], val[1]]))
     assert out["virtual_expr"].shape == (2, 8, 64) and out["virtual_coords"].shape == (2, 8, 2)

@@ -47,11 +47,11 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
                                                                           capsys):
     import torch
 
-    import stalign.losses
+    import stalign.training.losses
     from stalign.commands.train import main
-    from stalign.training import checkpointing
+    from stofm.util import checkpointing
 
-    real_forward = stalign.losses.ThreeTargetLoss.forward
+    real_forward = stalign.training.losses.ThreeTargetLoss.forward
     calls = {"n": 0}
 
     def poisoned(self, out, **kw):  # the 6th training batch (step 6) gets a NaN loss
@@ -61,7 +61,7 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
             result["loss"] = result["loss"] * torch.tensor(float("nan"))
         return result
 
-    monkeypatch.setattr(stalign.losses.ThreeTargetLoss, "forward", poisoned)
+    monkeypatch.setattr(stalign.training.losses.ThreeTargetLoss, "forward", poisoned)
     out = tmp_path / "run"
     code = main(["--config", TINY, f"data={small_shards('squidpy')}", f"output_dir={out}", "max_steps=10",
                  "save_every=2", "keep_checkpoints=5", "eval_every=0"])
@@ -73,14 +73,14 @@ def test_nan_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(small
     assert checkpointing.read_state(good)["step"] == 4
     assert not (out / "final").exists()
     # the kept checkpoint is usable: resuming from it (without the poison) finishes the run
-    monkeypatch.setattr(stalign.losses.ThreeTargetLoss, "forward", real_forward)
+    monkeypatch.setattr(stalign.training.losses.ThreeTargetLoss, "forward", real_forward)
     assert main(["--config", TINY, f"data={small_shards('squidpy')}", f"output_dir={out}", "max_steps=10",
                  "save_every=0", "eval_every=0", "--resume", str(good)]) == 0
     assert (out / "final" / "model.safetensors").is_file()
 
 
 def test_resume_ignores_interrupted_saves_and_reports_missing_ones(tmp_path):
-    from stalign.training import checkpointing
+    from stofm.util import checkpointing
 
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         checkpointing.resolve_resume(tmp_path, "latest")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    from data_prep.fetch import DATASETS, fetch
+    from stalign.data.fetch import DATASETS, fetch
 
     if args.list or not args.name:
         for name, spec in DATASETS.items():
@@ -39,7 +39,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from data_prep.synth import make_synthetic_dataset
+    from stalign.data.synth import make_synthetic_dataset
 
     slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, n_spots=args.n_spots,
                                     um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,

@@ -5,7 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-# = data_prep.readers.PIXEL_SIZE_CHOICES (not imported here: it loads openslide at CLI start-up)
+# = stalign.data.readers.PIXEL_SIZE_CHOICES (not imported here: it loads openslide at CLI start-up)
 PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
 
 
@@ -88,7 +88,7 @@ def _loaders(args: argparse.Namespace) -> list:
     """Zero-argument callables, one per slide, that read it (so errors name the slide's files)."""
     from functools import partial
 
-    from data_prep import readers
+    from stalign.data import readers
 
     common = {"pixel_size_from": args.pixel_size_from, "crop_um": args.niche_um}
     h5ads, images = args.h5ad or [], args.image or []
@@ -118,19 +118,9 @@ def _loaders(args: argparse.Namespace) -> list:
     return out
 
 
-def summary_table(manifest: dict[str, Any]) -> str:
-    """One line per slide: spots kept, background dropped, padded, µm/px and where it came from."""
-    rows = [("slide", "spots", "dropped", "padded", "um/px", "pixel size from")]
-    for s in manifest["slides"]:
-        rows.append((s["slide_id"], str(s["n_spots"]), str(s["n_background_dropped"]), str(s["n_padded"]),
-                     f"{s['um_per_px']:.4f}", s["pixel_size_source"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.rjust(w) if 0 < i < 5 else c.ljust(w) for i, (c, w) in
-                               enumerate(zip(r, [*widths, 0]))).rstrip() for r in rows)
-
-
 def run(args: argparse.Namespace) -> int:
-    from data_prep.pipeline import prepare
+    from stalign.data.pipeline import prepare
+    from stalign.data.prep_options import summary_table
 
     genes = read_gene_file(args.genes) if args.genes else None
     samples = [load() for load in _loaders(args)]

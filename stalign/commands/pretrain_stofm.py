@@ -1,4 +1,5 @@
-"""``stalign pretrain-stofm --config configs/stofm_*.yaml``: SToFM's MCM + PDR pretraining (see ``stofm.pretrain``)."""
+"""``stalign pretrain-stofm --config configs/stofm_*.yaml``: SToFM's MCM + PDR pretraining (see ``stofm.pretrain``);
+unlike ``stofm pretrain`` it resolves ``fetch:<data set>/<file>`` entries through stalign's data cache."""
 from __future__ import annotations
 
 import argparse
@@ -13,6 +14,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from stalign.data.fetch import resolve_data_path
     from stofm.pretrain import run_from_args
 
-    return run_from_args(args)
+    return run_from_args(args, resolve_path=resolve_data_path)

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stalign.models.image_encoders import (
+from stalign.models.backbones import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     Backbone,
@@ -277,7 +277,7 @@ def efficientnet_lite0_imagenet(path: str | os.PathLike | None = None) -> nn.Mod
     import timm
 
     if path is None:
-        from data_prep.fetch import fetch
+        from stalign.data.fetch import fetch
 
         path = fetch("efficientnet-lite0") / "efficientnet-lite0-57934424.pth"
     src = load_state_dict_file(path)

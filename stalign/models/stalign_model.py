@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from stalign.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.abfn import ABFN, ProjectionHead, Tokenizer
 from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder, l2
+from stalign.models.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.image_encoders import create_image_encoder
 
 GenePanelMismatchError = GenePanelError  # the model's name for the shared gene-panel error

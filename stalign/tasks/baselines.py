@@ -110,7 +110,7 @@ def slide_baselines(adata: Any, slide: Any, *, patch_um: float = 112.0, patch_px
                     image_specs: Sequence[str] = ("efficientnet-lite0",), schemes: Sequence[str] = ("loo", "5-fold"),
                     neighbours: int = 6, seed: int = 0):
     """All baselines on one slide's spots (``adata``: X log-normalised, obsm['spatial'] level-0 px; ``slide``
-    from ``data_prep.slide.open_slide`` with a pixel size): the top-``k_genes`` variance genes, crops of
+    from ``stalign.data.slide.open_slide`` with a pixel size): the top-``k_genes`` variance genes, crops of
     ``patch_um`` µm. Returns the table of ``run_baselines`` with the settings in ``table.attrs``."""
     if slide.um_per_px is None:
         raise ValueError(f"{slide.path}: no pixel size; open the slide with um_per_px=... to crop {patch_um} µm")

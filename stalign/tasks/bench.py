@@ -17,7 +17,7 @@ import numpy as np
 def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
     import torch
 
-    from data_prep.dataset import ShardDataset, collate
+    from stalign.data.dataset import ShardDataset, collate
 
     ds = ShardDataset(root)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -64,7 +64,7 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     shuffled spot-level ``n_splits``-fold (default 5) within slides, for a single slide (not HEST: neighbouring
     spots share tissue). ``features`` adds precomputed (N, F) arrays by name.
     """
-    from data_prep.dataset import ShardDataset
+    from stalign.data.dataset import ShardDataset
     from stalign.tasks.hest import hest_benchmark
 
     ds = ShardDataset(root)

@@ -53,10 +53,10 @@ def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, wo
                       device: str | None = None, niche_weight: float = 0.5, progress: bool = True,
                       precision: str = "auto", compile: bool | str = "auto") -> np.ndarray:
     """(N, E) image embeddings (``model.encode_image``) of the crops, read by ``workers`` parallel readers,
-    on the fast path of ``stalign.perf.FastEmbedder`` (bf16 autocast etc. on CUDA; plain fp32 on the CPU)."""
+    on the fast path of ``stalign.models.perf.FastEmbedder`` (bf16 autocast etc. on CUDA; plain fp32 on the CPU)."""
     from tqdm import tqdm
 
-    from stalign.perf import FastEmbedder
+    from stalign.models.perf import FastEmbedder
 
     device = default_device(device)
     embedder = FastEmbedder(model=model, device=device, precision=precision, compile=compile, n_items=len(crops))
@@ -74,12 +74,12 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     """Image (and gene) embeddings of shard spots, with their expression, slide ids and coordinates.
 
     The shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise). ``precision``: see
-    ``stalign.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default).
+    ``stalign.models.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default).
     """
     from tqdm import tqdm
 
-    from data_prep.dataset import ShardDataset, collate
-    from stalign.perf import inference_context
+    from stalign.data.dataset import ShardDataset, collate
+    from stalign.models.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
     model.check_genes(ds.genes, source=f"the shards under {root}")

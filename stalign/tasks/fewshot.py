@@ -235,7 +235,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     import torch
     from tqdm import tqdm
 
-    from data_prep.dataset import ShardDataset, collate
+    from stalign.data.dataset import ShardDataset, collate
     from stalign.models.adapters import unfreeze_last_blocks
     from stalign.tasks.embed import default_device
 
@@ -293,7 +293,7 @@ def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, 
     than two spots are errors naming the file."""
     import pandas as pd
 
-    from data_prep.shards import read_manifest, read_shard
+    from stalign.data.shards import read_manifest, read_shard
 
     path = Path(path)
     if not path.is_file():

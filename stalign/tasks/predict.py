@@ -21,8 +21,8 @@ class NoTissueError(ValueError):
 
 def open_for_prediction(slide: Any, *, um_per_px: float | None = None) -> Any:
     """An opened ``Slide`` with a pixel size, or ``PixelSizeError`` telling how to give one."""
-    from data_prep.errors import PixelSizeError
-    from data_prep.slide import open_slide
+    from stalign.data.errors import PixelSizeError
+    from stalign.data.slide import open_slide
 
     if isinstance(slide, (str, os.PathLike)):
         slide = open_slide(slide, um_per_px=um_per_px)
@@ -35,7 +35,7 @@ def open_for_prediction(slide: Any, *, um_per_px: float | None = None) -> Any:
 
 def tile_tissue(slide: Any, *, step_px: float, thumb_size: int = 1024, min_fraction: float = 0.5) -> np.ndarray:
     """Centres (x, y) level-0 px of a square grid with pitch ``step_px`` over the tissue of ``slide``."""
-    from data_prep.tissue import spots_on_tissue, tissue_mask
+    from stalign.data.tissue import spots_on_tissue, tissue_mask
 
     thumb, _ = slide.thumbnail(thumb_size)
     mask = tissue_mask(thumb)

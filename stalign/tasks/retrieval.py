@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.gene_panel import GenePanelError, check_gene_panel
+from stalign.models.gene_panel import GenePanelError, check_gene_panel
 
 BANK_FORMAT = "stalign-reference-bank"
 

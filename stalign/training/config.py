@@ -15,9 +15,7 @@ from typing import Any, Union
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A run config that cannot be used (unknown key, wrong type, missing file)."""
+from stofm.util.config_io import ConfigError, load_yaml
 
 
 @dataclasses.dataclass
@@ -135,18 +133,6 @@ def coerce(key: str, value: Any) -> Any:
             raise
         raise ConfigError(f"train config {key}={value!r} is not a valid {_HINTS[key]}") from None
     raise ConfigError(f"train config key {key!r} has an unsupported type {hint}")  # pragma: no cover
-
-
-def load_yaml(path: str | Path, *, what: str = "train config") -> dict[str, Any]:
-    """Read a run config file (``what`` names it in errors); a mapping of config keys."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} {path} does not exist")
-    raw = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(raw).__name__}")
-    return raw
-
 
 def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key=value`` strings (``model_overrides.depth=2`` sets one entry of a dict field)."""

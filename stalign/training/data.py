@@ -43,6 +43,17 @@ class SeededTransform:
         return item
 
 
+def slide_virtual_cells(ds: Any, slide_idx: int, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Virtual cells of one slide of ``ds`` (a ``ShardDataset``) from its selected spots only (held-out spots never
+    leak in): ``stofm.virtual_cells`` k-means on 0.2 * standardised µm xy + 0.8 * PCA(expr). Returns the clusters'
+    mean expression (V, G) and mean µm coordinates (V, 2), V = min(n, spots) less any empty cluster."""
+    from stofm.virtual_cells import virtual_cells
+
+    spots = ds.slide_spots(slide_idx)
+    xy, expr, _ = virtual_cells(spots["coords_um"], spots["expr"], int(n), seed=seed)
+    return expr.astype(np.float32), xy.astype(np.float32)
+
+
 class VirtualCellBank:
     """Per-slide virtual cells (SToFM: k-means clusters of a slide's spots, mean expression and position) added
     to each batch as ``virtual_expr`` (B, V, G), ``virtual_coords`` (B, V, 2) and ``virtual_mask`` (B, V).
@@ -63,7 +74,7 @@ class VirtualCellBank:
                 if k in done:
                     continue
                 try:
-                    expr, xy = ds.slide_virtual_cells(k, n_virtual, seed=seed)
+                    expr, xy = slide_virtual_cells(ds, k, n_virtual, seed=seed)
                 except IndexError:  # no spot of slide k in this dataset
                     continue
                 self.expr[k, : len(expr)] = torch.from_numpy(expr)
@@ -118,7 +129,7 @@ class TrainData:
 
 def shard_genes(root: str | Path) -> list[str]:
     """The gene panel of the shards under ``root`` (raises FileNotFoundError when there are none)."""
-    from data_prep.shards import read_manifest
+    from stalign.data.shards import read_manifest
 
     root = Path(root)
     if not str(root) or not (root / "manifest.json").is_file():
@@ -133,7 +144,7 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
                      n_virtual: int = 0, hard_negative_clusters: int = 0) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
     ``*_transforms`` are (spot, niche) crop transforms."""
-    from data_prep.dataset import ShardDataset, split_indices
+    from stalign.data.dataset import ShardDataset, split_indices
 
     root = Path(root)
     shard_genes(root)

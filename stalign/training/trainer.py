@@ -9,9 +9,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from stalign.training import checkpointing as ckpt
 from stalign.training.config import TrainConfig, resolve_config, write_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
+from stofm.util import checkpointing as ckpt
 
 
 class NonFiniteLossError(RuntimeError):
@@ -68,7 +68,7 @@ def _transforms(model: Any, *, train: bool) -> tuple[Any, Any]:
 def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
     import torch
 
-    from data_prep.dataset import collate
+    from stalign.data.dataset import collate
 
     per_step = cfg.batch_size * accelerator.num_processes
     if data.n_train < per_step:
@@ -143,25 +143,85 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         torch.set_num_threads(threads)
 
 
+@dataclasses.dataclass
+class _Run:
+    """Everything one training run holds between its steps (built by :func:`_set_up`)."""
+
+    cfg: TrainConfig
+    accelerator: Any
+    model: Any
+    data: Any
+    loss_fn: Any
+    optimizer: Any
+    scheduler: Any
+    train_dl: Any
+    val_dl: Any
+    logger: Any
+    max_steps: int
+    stop_at: int
+    pos: _Position = dataclasses.field(default_factory=_Position)
+    last_good: Path | None = None  # newest checkpoint written or resumed from
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last validation metrics
+    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.output_dir)
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
 def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
+    """Set up, then epochs of optimizer steps (log, validate, checkpoint after each), then the final weights."""
     from tqdm.auto import tqdm
 
-    from stalign.losses import ThreeTargetLoss
-    from stalign.models.factory import save_checkpoint
-    from stalign.training.data import build_train_data, shard_genes
-    from stalign.training.logging import RunLogger
-    from stalign.training.optim import build_optimizer, build_scheduler
-
     started = time.perf_counter()
+    run = _set_up(cfg, resume)
+    bar = tqdm(total=run.max_steps, initial=run.pos.step, disable=not (run.main and cfg.progress), desc="train")
+    parts: dict[str, list[float]] = {}  # loss terms of the micro-batches of the current optimizer step
+    run.model.train()
+    while run.pos.step < run.stop_at:
+        for batch in _epoch_batches(run):
+            terms, grad_norm = _train_step(run, batch)
+            for key, value in terms.items():
+                parts.setdefault(key, []).append(float(run.accelerator.reduce(value.detach().float(), "mean")))
+            if not run.accelerator.sync_gradients:
+                continue  # gradient accumulation: not an optimizer step yet
+            run.scheduler.step()
+            run.pos.step += 1
+            row = {k: sum(v) / len(v) for k, v in parts.items()}
+            parts = {}
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            _after_step(run, row, grad_norm)
+            if run.pos.step >= run.stop_at:
+                break
+        if run.pos.batch_in_epoch >= len(run.train_dl):
+            run.pos.epoch, run.pos.batch_in_epoch = run.pos.epoch + 1, 0
+    bar.close()
+    final = _finish(run)
+    return TrainResult(checkpoint=final, output_dir=run.out, metrics=run.metrics, step=run.pos.step,
+                       losses=run.losses, seconds=time.perf_counter() - started)
+
+
+def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
+    """Accelerator, model, data and loaders, loss, optimizer and schedule, the resumed position, the run logger."""
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from accelerate.utils import set_seed
+
+    from stalign.training.data import build_train_data, shard_genes
+    from stalign.training.losses import ThreeTargetLoss
+    from stofm.util.optim import build_optimizer, build_scheduler
+    from stofm.util.runlog import RunLogger
+
     out = Path(cfg.output_dir)
     _fresh_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
         step_scheduler_with_optimizer=False)
-    main = accelerator.is_main_process
     set_seed(cfg.seed)
     model = _model_parts(cfg, shard_genes(cfg.data))
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
@@ -190,111 +250,117 @@ def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
         if pos.batch_in_epoch >= len(train_dl):
             pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
         accelerator.print(f"resumed from {last_good} at step {pos.step}")
+    main = accelerator.is_main_process
     logger = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard, resume_step=pos.step if resume else None)
     if main:
         write_config(cfg, out / "config.yaml")
         accelerator.print(f"training {data.n_train} spots ({data.n_val} held out) of {len(data.genes)} genes, "
                           f"{max_steps} steps, global batch {cfg.batch_size * accelerator.num_processes * cfg.grad_accum}"
                           f" on {accelerator.num_processes} process(es) [{accelerator.distributed_type}]")
+    return _Run(cfg=cfg, accelerator=accelerator, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer,
+                scheduler=scheduler, train_dl=train_dl, val_dl=val_dl, logger=logger, max_steps=max_steps,
+                stop_at=min(max_steps, cfg.stop_after_steps or max_steps), pos=pos, last_good=last_good)
 
-    def save(step: int) -> Path:
-        path = ckpt.checkpoint_dir(out, step)
-        quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            accelerator.save_state(str(path))
-        finally:
-            quiet.setLevel(level)
-        if main:
-            write_config(cfg, path / "train_config.yaml")
-            ckpt.write_state(path, dataclasses.asdict(pos) | {"max_steps": max_steps})
-            ckpt.prune_checkpoints(out, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
 
-    metrics: dict[str, float] = {}
+def _epoch_batches(run: _Run):
+    """The batches of the current epoch (skipping those a resumed run already did), each with what the loss needs
+    besides the model's inputs: virtual cells and hard-negative clusters."""
+    from stalign.training.data import EmptyDataError
 
-    def validate(step: int) -> None:
-        nonlocal metrics
-        if val_dl is None:
-            return
-        metrics = _evaluate(model, val_dl, accelerator, data.virtual_cells)
-        logger.log("val", step, metrics)
-        accelerator.print(f"step {step} held-out retrieval: {format_retrieval(metrics)}")
+    run.train_dl.set_epoch(run.pos.epoch)
+    if hasattr(run.data.train, "epoch"):
+        run.data.train.epoch = run.pos.epoch
+    skip = run.pos.batch_in_epoch
+    for batch in run.accelerator.skip_first_batches(run.train_dl, skip) if skip else run.train_dl:
+        if batch["spot_image"].shape[0] == 0:
+            raise EmptyDataError(f"empty training batch at step {run.pos.step + 1} (data under {run.cfg.data})")
+        if run.data.virtual_cells is not None:
+            batch = run.data.virtual_cells.attach(batch)
+        yield batch
 
-    stop_at = min(max_steps, cfg.stop_after_steps or max_steps)
-    bar = tqdm(total=max_steps, initial=pos.step, disable=not (main and cfg.progress), desc="train")
-    losses: list[tuple[int, float]] = []
-    parts: dict[str, list[float]] = {}
-    model.train()
-    while pos.step < stop_at:
-        train_dl.set_epoch(pos.epoch)
-        if hasattr(data.train, "epoch"):
-            data.train.epoch = pos.epoch
-        loader = accelerator.skip_first_batches(train_dl, pos.batch_in_epoch) if pos.batch_in_epoch else train_dl
-        for batch in loader:
-            if batch["spot_image"].shape[0] == 0:
-                from stalign.training.data import EmptyDataError
 
-                raise EmptyDataError(f"empty training batch at step {pos.step + 1} (data under {cfg.data})")
-            if data.virtual_cells is not None:
-                batch = data.virtual_cells.attach(batch)
-            negatives = {}
-            if data.clusters is not None:
-                data.clusters = data.clusters.to(batch["index"].device)
-                negatives = {"cluster": data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
-            with accelerator.accumulate(model):
-                terms = loss_fn(model(batch), **negatives)
-                _check_finite(terms["loss"].detach(), accelerator, what="loss", pos=pos, last_good=last_good)
-                accelerator.backward(terms["loss"])
-                grad_norm = None
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                    if cfg.mixed_precision != "fp16":  # fp16 overflow is the grad scaler's to skip
-                        _check_finite(grad_norm.detach(), accelerator, what="gradient norm", pos=pos,
-                                      last_good=last_good)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            pos.batch_in_epoch += 1
-            for key, value in terms.items():
-                parts.setdefault(key, []).append(float(accelerator.reduce(value.detach().float(), "mean")))
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            pos.step += 1
-            row = {k: sum(v) / len(v) for k, v in parts.items()}
-            parts = {}
-            losses.append((pos.step, row["loss"]))
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            if pos.step % cfg.log_every == 0 or pos.step == stop_at:
-                row |= {"lr": scheduler.get_last_lr()[0], "epoch": pos.epoch}
-                if grad_norm is not None:
-                    row["grad_norm"] = float(grad_norm)
-                logger.log("train", pos.step, row)
-            if cfg.eval_every and pos.step % cfg.eval_every == 0 and pos.step < max_steps:
-                validate(pos.step)
-            if (cfg.save_every and pos.step % cfg.save_every == 0) or pos.step == stop_at < max_steps:
-                last_good = save(pos.step)
-            if pos.step >= stop_at:
-                break
-        if pos.batch_in_epoch >= len(train_dl):
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-    bar.close()
+def _train_step(run: _Run, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """One micro-batch: forward, loss, backward, clipping and (when gradients sync) the optimizer step.
+    Returns the loss terms and the gradient norm (None when not clipped at this micro-batch)."""
+    acc, cfg, data = run.accelerator, run.cfg, run.data
+    negatives = {}
+    if data.clusters is not None:
+        data.clusters = data.clusters.to(batch["index"].device)
+        negatives = {"cluster": data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
+    with acc.accumulate(run.model):
+        terms = run.loss_fn(run.model(batch), **negatives)
+        _check_finite(terms["loss"].detach(), acc, what="loss", pos=run.pos, last_good=run.last_good)
+        acc.backward(terms["loss"])
+        grad_norm = None
+        if acc.sync_gradients and cfg.max_grad_norm > 0:
+            grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
+            if cfg.mixed_precision != "fp16":  # fp16 overflow is the grad scaler's to skip
+                _check_finite(grad_norm.detach(), acc, what="gradient norm", pos=run.pos, last_good=run.last_good)
+        run.optimizer.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    run.pos.batch_in_epoch += 1
+    return terms, grad_norm
+
+
+def _after_step(run: _Run, row: dict[str, float], grad_norm: Any) -> None:
+    """After an optimizer step: record and log the loss, validate and checkpoint when due."""
+    cfg, step = run.cfg, run.pos.step
+    run.losses.append((step, row["loss"]))
+    if step % cfg.log_every == 0 or step == run.stop_at:
+        row |= {"lr": run.scheduler.get_last_lr()[0], "epoch": run.pos.epoch}
+        if grad_norm is not None:
+            row["grad_norm"] = float(grad_norm)
+        run.logger.log("train", step, row)
+    if cfg.eval_every and step % cfg.eval_every == 0 and step < run.max_steps:
+        _validate(run)
+    if (cfg.save_every and step % cfg.save_every == 0) or step == run.stop_at < run.max_steps:
+        run.last_good = _save_checkpoint(run)
+
+
+def _validate(run: _Run) -> None:
+    """Held-out retrieval metrics at the current step (nothing without a validation split)."""
+    if run.val_dl is None:
+        return
+    run.metrics = _evaluate(run.model, run.val_dl, run.accelerator, run.data.virtual_cells)
+    run.logger.log("val", run.pos.step, run.metrics)
+    run.accelerator.print(f"step {run.pos.step} held-out retrieval: {format_retrieval(run.metrics)}")
+
+
+def _save_checkpoint(run: _Run) -> Path:
+    """A resumable checkpoint of the current step (accelerate state, then the config and ``trainer_state.json``
+    last); older ones pruned to ``keep_checkpoints``."""
+    path = ckpt.checkpoint_dir(run.out, run.pos.step)
+    quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        run.accelerator.save_state(str(path))
+    finally:
+        quiet.setLevel(level)
+    if run.main:
+        write_config(run.cfg, path / "train_config.yaml")
+        ckpt.write_state(path, dataclasses.asdict(run.pos) | {"max_steps": run.max_steps})
+        ckpt.prune_checkpoints(run.out, keep=run.cfg.keep_checkpoints)
+    run.accelerator.wait_for_everyone()
+    return path
+
+
+def _finish(run: _Run) -> Path | None:
+    """After the last step: validate and write the final weights (None when the run stopped early)."""
+    from stalign.models.factory import save_checkpoint
+
     final = None
-    if pos.step >= max_steps:
-        validate(pos.step)
-        final = out / "final"
-        if main:
-            save_checkpoint(accelerator.unwrap_model(model), final)
-            write_config(cfg, final / "train_config.yaml")
-        accelerator.wait_for_everyone()
-        accelerator.print(f"final weights: {final}")
-    logger.close()
-    accelerator.end_training()
-    return TrainResult(checkpoint=final, output_dir=out, metrics=metrics, step=pos.step, losses=losses,
-                       seconds=time.perf_counter() - started)
+    if run.pos.step >= run.max_steps:
+        _validate(run)
+        final = run.out / "final"
+        if run.main:
+            save_checkpoint(run.accelerator.unwrap_model(run.model), final)
+            write_config(run.cfg, final / "train_config.yaml")
+        run.accelerator.wait_for_everyone()
+        run.accelerator.print(f"final weights: {final}")
+    run.logger.close()
+    run.accelerator.end_training()
+    return final
 
 
 def _fresh_accelerate_state() -> None:

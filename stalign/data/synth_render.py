@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.synth_texture import (
+from stalign.data.synth_texture import (
     StampBank,
     TissueClass,
     ellipse_bank,

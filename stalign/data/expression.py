@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from data_prep.errors import ExpressionError, GeneNameError, examples
+from stalign.data.errors import ExpressionError, GeneNameError, examples
 
 LOG1P_CP10K = "log1p_cp10k"
 AS_GIVEN = "as_given"
@@ -188,22 +188,4 @@ def niche_expression(expr: np.ndarray, coords: np.ndarray, niche_width: float) -
     out = np.empty(expr.shape, dtype=np.float32)
     for i, m in enumerate(members):
         out[i] = expr[m].mean(axis=0, dtype=np.float64)
-    return out
-
-
-def neighbor_indices(coords: np.ndarray, k: int) -> np.ndarray:
-    """(N, k) int32 indices of the k nearest spots, the spot itself first; -1 fills rows when N < k."""
-    from scipy.spatial import cKDTree
-
-    n = len(coords)
-    out = np.full((n, k), -1, dtype=np.int32)
-    if n == 0 or k < 1:
-        return out
-    kk = min(k, n)
-    _, idx = cKDTree(coords).query(coords, k=kk)
-    idx = idx.reshape(n, kk)
-    for i in np.flatnonzero(idx[:, 0] != np.arange(n)):  # coincident spots: put the spot itself first
-        rest = [j for j in idx[i] if j != i][: kk - 1]
-        idx[i] = [i, *rest]
-    out[:, :kk] = idx
     return out

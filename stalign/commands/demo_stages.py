@@ -1,6 +1,5 @@
-"""``make demo``: the whole job end to end on real data, in stages, printing a result table.
-
-    python -m stalign.demo [--out runs/demo] [--stages fetch,prep,train,evaluate,predict] [--synth-spots 1000]
+"""The stages of ``make demo`` (``stalign demo``, see ``stalign.commands.demo``): the whole job end to end on real
+data, each stage reading and extending one :class:`DemoContext`.
 
 fetch: the real 10x Visium crop (49 spots). prep: shards of the crop and of a synthetic slide with a known
 image<->expression link. train: the stalign-demo model on the synthetic slide, held-out retrieval recall next to
@@ -8,22 +7,16 @@ chance. evaluate: spatial folds of the real crop, one model per fold on its trai
 held-out per-gene Pearson r / MSE (zero-shot retrieval, few-shot ridge, baselines). predict: held-out predictions
 over the H&E with ``predict_slide`` and heat-map PNGs (predicted vs measured).
 
-Stages run in order, each under a header with its elapsed time; each reads and extends one ``DemoContext``
-(``ctx.data`` for paths and objects, ``ctx.rows`` for the result tables). The summary is also written to
-``<out>/summary.json``.
+Each stage reads and extends one ``DemoContext`` (``ctx.data`` for paths and objects, ``ctx.rows`` for the
+result tables).
 """
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-from stalign.text_table import format_table
 
 SQUIDPY = "squidpy-visium-crop"
 
@@ -55,7 +48,7 @@ def stage(name: str) -> Callable[[StageFn], StageFn]:
 @stage("fetch")
 def fetch_stage(ctx: DemoContext) -> None:
     """Download (or reuse from the cache) the real Visium crop through the project's own fetcher."""
-    from data_prep.fetch import fetch
+    from stalign.data.fetch import fetch
 
     folder = fetch(SQUIDPY)
     ctx.data["squidpy_dir"] = folder
@@ -67,9 +60,9 @@ def fetch_stage(ctx: DemoContext) -> None:
 @stage("prep")
 def prep_stage(ctx: DemoContext) -> None:
     """Shards for the real crop and for a synthetic slide (separate folders: their genes differ)."""
-    from data_prep.pipeline import prepare
-    from data_prep.readers import read_anndata_image
-    from data_prep.synth import ensure_synthetic_slide
+    from stalign.data.pipeline import prepare
+    from stalign.data.readers import read_anndata_image
+    from stalign.data.synth import ensure_synthetic_slide
 
     a = ctx.args
     real = _real_sample(ctx)
@@ -110,13 +103,13 @@ def _shards(ctx: DemoContext, name: str) -> Path:
     root = ctx.data.get(f"shards_{name}") or ctx.out / "shards" / name
     if not (root / "manifest.json").is_file():
         raise FileNotFoundError(f"{root / 'manifest.json'}: no {name} shards; run the prep stage first "
-                                f"(python -m stalign.demo --out {ctx.out} --stages fetch,prep)")
+                                f"(stalign demo --out {ctx.out} --stages fetch,prep)")
     return root
 
 
 def _config(path: str) -> str:
     """A run config path as given, else relative to the source checkout (run from another folder)."""
-    here = Path(__file__).resolve().parents[1] / path
+    here = Path(__file__).resolve().parents[2] / path
     return str(here) if not Path(path).is_file() and here.is_file() else path
 
 
@@ -170,7 +163,7 @@ _SPLIT_NOTE = {
 
 
 def _real_sample(ctx: DemoContext) -> Any:
-    from data_prep.readers import read_anndata_image
+    from stalign.data.readers import read_anndata_image
 
     folder = ctx.data.get("squidpy_dir") or _fetched()
     return read_anndata_image(folder / "test_data.h5ad", folder / "test_img.jpg", slide_id="squidpy_visium_crop",
@@ -214,10 +207,10 @@ def evaluate_stage(ctx: DemoContext) -> None:
     import pandas as pd
 
     import stalign
-    from data_prep.dataset import ShardDataset
-    from data_prep.pipeline import prepare
-    from data_prep.readers import read_anndata_image
-    from data_prep.shards import read_manifest
+    from stalign.data.dataset import ShardDataset
+    from stalign.data.pipeline import prepare
+    from stalign.data.readers import read_anndata_image
+    from stalign.data.shards import read_manifest
     from stalign.tasks.bench import heldout_table
     from stalign.training import train_from_config
 
@@ -338,59 +331,6 @@ def predict_stage(ctx: DemoContext) -> None:
 
 
 def _fetched() -> Path:
-    from data_prep.fetch import fetch
+    from stalign.data.fetch import fetch
 
     return fetch(SQUIDPY)
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m stalign.demo", description=__doc__.splitlines()[0])
-    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output folder (default runs/demo)")
-    p.add_argument("--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
-    p.add_argument("--synth-spots", type=int, default=1000, help="spots of the synthetic slide")
-    p.add_argument("--synth-um-per-px", type=float, default=0.5, help="pixel size of the synthetic slide")
-    p.add_argument("--n-top-genes", type=int, default=50, help="gene panel: top-N highly variable genes")
-    p.add_argument("--pixel-size-from", choices=("auto", "spot-diameter", "pitch"), default="auto",
-                   help="pixel size of the real crop: metadata, else the Visium spot diameter (auto), or the pitch")
-    p.add_argument("--patch-px", type=int, default=224, help="crop size in px of the prepared shards")
-    p.add_argument("--config", default="configs/demo.yaml", help="training config of the train stage")
-    p.add_argument("--train-steps", type=int, help="optimizer steps of the train stage (default: the config's)")
-    p.add_argument("--split-by", choices=("block", "spot", "slide"),
-                   help="held-out spots of the train stage (default: the config's, block)")
-    p.add_argument("--crop-config", default="configs/demo_crop.yaml", help="training config of each crop fold")
-    p.add_argument("--crop-steps", type=int, help="optimizer steps per crop fold (default: the config's)")
-    p.add_argument("--crop-folds", type=int, default=5, help="spatial folds of the real crop")
-    p.add_argument("--batch-size", type=int, help="training batch size (default: the configs')")
-    p.add_argument("--threads", type=int, help="torch CPU threads for training (default: the configs')")
-    p.add_argument("--k", type=int, default=10, help="reference spots averaged by zero-shot retrieval")
-    p.add_argument("--heatmap-genes", type=int, default=3, help="genes drawn as heat maps")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
-    names = [s.strip() for s in args.stages.split(",") if s.strip()]
-    unknown = [n for n in names if n not in STAGES]
-    if unknown:
-        p.error(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
-    ctx = DemoContext(out=args.out, args=args)
-    args.out.mkdir(parents=True, exist_ok=True)
-    t_all = time.perf_counter()
-    for name in (n for n in STAGES if n in names):
-        print(f"\n=== stage {name} {'=' * max(3, 60 - len(name))}", flush=True)
-        t0 = time.perf_counter()
-        STAGES[name](ctx)
-        ctx.seconds[name] = time.perf_counter() - t0
-        print(f"--- {name} done in {ctx.seconds[name]:.1f} s", flush=True)
-    total = time.perf_counter() - t_all
-    ctx.rows["time"] = [{**{k: f"{v:.1f} s" for k, v in ctx.seconds.items()}, "all": f"{total:.1f} s"}]
-    print(f"\n=== results ({total:.1f} s in all) {'=' * 30}")
-    for table, rows in ctx.rows.items():
-        print(f"\n[{table}]\n{format_table(rows)}")
-        for line in ctx.notes.get(table, []):
-            print(f"  {line}")
-    summary = {"stages": ctx.seconds, "tables": ctx.rows, "notes": ctx.notes}
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
-    print(f"\nsummary: {args.out / 'summary.json'}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from data_prep.slide import Slide
+    from stalign.data.slide import Slide
 
 #: Below this contrast (saturation/darkness units, 0..1) a thumbnail is treated as having no tissue at all.
 MIN_TISSUE_SIGNAL = 0.08

@@ -1,4 +1,4 @@
-"""Errors raised on bad input anywhere in ``data_prep``.
+"""Errors raised on bad input anywhere in ``stalign.data``.
 
 Every error derives from :class:`DataPrepError` (a ``ValueError``) and its message names the file and the
 problem, so a user can fix the input without reading a traceback.

@@ -23,9 +23,9 @@ from typing import Any
 
 import numpy as np
 
-from data_prep import expression as ex
-from data_prep.errors import DataPrepError
-from data_prep.shards import (
+from stalign.data import expression as ex
+from stalign.data.errors import DataPrepError
+from stalign.data.shards import (
     FORMAT,
     MANIFEST,
     VERSION,
@@ -36,6 +36,7 @@ from data_prep.shards import (
     shard_relpath,
     write_manifest,
 )
+from stofm.util.knn import neighbor_indices
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression")
 
@@ -66,7 +67,7 @@ def _sample(item: Any) -> Any:
 
 
 def _source_hashes(sample: Any) -> dict[str, str]:
-    from data_prep.fetch import sha256_file
+    from stalign.data.fetch import sha256_file
 
     files = getattr(sample, "source_files", None) or []
     paths = [sample.image_path, *(files.values() if isinstance(files, dict) else files)]
@@ -245,7 +246,7 @@ def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: 
                patch_px: int) -> tuple[list[bytes], list[bytes], np.ndarray, np.ndarray]:
     """Spot and niche crops of a batch of centres, compressed as shard chunks, and whether each was padded
     (a worker task: the process opens the slide itself, once, and keeps it open for the next batch)."""
-    from data_prep.slide import open_slide
+    from stalign.data.slide import open_slide
 
     slide = _OPEN.get(image_path)
     if slide is None:
@@ -280,8 +281,8 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
     """Tissue filter, niche means, neighbours and crops of one slide into its shard; returns its manifest entry."""
     from tqdm.auto import tqdm
 
-    from data_prep.slide import open_slide
-    from data_prep.tissue import spots_on_tissue
+    from stalign.data.slide import open_slide
+    from stalign.data.tissue import spots_on_tissue
 
     st = job.settings
     spot_px, niche_px = st["spot_um"] / job.um_per_px, st["niche_um"] / job.um_per_px
@@ -319,6 +320,6 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
         entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
         w.set_attr("manifest_entry", json.dumps(entry))
         w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, st["niche_um"]), coords_px=xy, coords_um=um,
-                 neighbors=ex.neighbor_indices(um, st["n_neighbors"]), padded=padded,
+                 neighbors=neighbor_indices(um, st["n_neighbors"]), padded=padded,
                  barcodes=[job.barcodes[i] for i in kept])
     return entry

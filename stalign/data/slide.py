@@ -13,8 +13,8 @@ from typing import Any, Self
 
 import numpy as np
 
-from data_prep.errors import CoordinateError, PixelSizeError, SlideError
-from data_prep.slide_backends import ArrayBackend, OpenSlideBackend, open_backend
+from stalign.data.errors import CoordinateError, PixelSizeError, SlideError
+from stalign.data.slide_backends import ArrayBackend, OpenSlideBackend, open_backend
 
 #: Pixel sizes outside this range (µm/px) are placeholders (72 dpi TIFF defaults etc.), not calibration.
 PLAUSIBLE_UM_PER_PX = (0.01, 50.0)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import DataPrepError
+from stalign.data.errors import DataPrepError
 
 FORMAT = "stalign-shards"
 VERSION = 1

@@ -172,8 +172,17 @@ def squidpy_crop_dir() -> Path:
     env = os.environ.get("STALIGN_SQUIDPY_CROP")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parents[1]
+    here = Path(__file__).resolve().parents[2]
     for cand in (here.parent / "shared" / "data" / "squidpy_visium_crop",):
         if (cand / "test_data.h5ad").exists():
             return cand
     return fetch("squidpy-visium-crop")
+
+
+def resolve_data_path(entry: str) -> Path:
+    """A data entry of a run config: ``fetch:<data set>/<file>`` (fetched once into the cache, e.g.
+    ``fetch:squidpy-visium-crop/test_data.h5ad``) or a local path."""
+    if not str(entry).startswith("fetch:"):
+        return Path(entry).expanduser()
+    name, _, rest = str(entry)[len("fetch:"):].partition("/")
+    return fetch(name) / rest

@@ -10,37 +10,19 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from data_prep.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
-from data_prep.sample_checks import check_sample, coords_from_obsm
-from data_prep.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
-from data_prep.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
+from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
+from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
+from stalign.data.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
+from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 
 #: ``pixel_size_from`` values every reader accepts; ``read_hest`` also takes "hest-estimated"/"hest-embedded".
 PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch")
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
-
-
-@dataclass(kw_only=True)
-class SlideSample:
-    """One slide with its spots, ready for cropping."""
-
-    slide_id: str
-    image_path: Path
-    adata: Any  # AnnData: obs_names = barcodes, var_names = genes, X as given
-    coords_px: np.ndarray  # (N, 2) float64 spot centres (x, y) in level-0 px of image_path
-    um_per_px: float
-    pixel_size_source: str
-    source_files: list[Path] = field(default_factory=list)
-
-    @property
-    def n_spots(self) -> int:
-        return int(self.adata.n_obs)
 
 
 PixelSizeCandidate = Callable[[], tuple[float, str]]  # returns (µm/px, source) or raises PixelSizeError

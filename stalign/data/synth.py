@@ -8,7 +8,7 @@
   in level-0 pixels, the ground-truth image variables in ``obs``, the gene programmes in ``var`` and ``uns``;
 - ``<slide_id>.truth.json``: the same truth in plain JSON plus sha256 of both files (written last).
 
-See ``docs/synth.md`` and ``data_prep.synth_expression`` for the model.
+See ``docs/synth.md`` and ``stalign.data.synth_expression`` for the model.
 """
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.fetch import sha256_file
-from data_prep.synth_expression import (
+from stalign.data.fetch import sha256_file
+from stalign.data.synth_expression import (
     BACKGROUND_LIBRARY,
     DISPERSION,
     LIBRARY_LOG_SD,
@@ -36,8 +36,8 @@ from data_prep.synth_expression import (
     sample_counts,
     spot_truth,
 )
-from data_prep.synth_render import build_layout, render_blocks, write_pyramid
-from data_prep.synth_texture import TISSUE_CLASSES
+from stalign.data.synth_render import build_layout, render_blocks, write_pyramid
+from stalign.data.synth_texture import TISSUE_CLASSES
 
 FORMAT = "stalign-synthetic"
 VERSION = 1

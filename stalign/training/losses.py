@@ -2,7 +2,7 @@
 
 ``loss = alpha * spot_loss + beta * niche_loss + (1 - alpha - beta) * fusion_loss``. Each term is a
 symmetric InfoNCE with in-batch negatives (or a SigLIP sigmoid loss) whose columns are all-gathered
-across processes with gradient (``stalign.distributed``), so N processes with B rows each give the
+across processes with gradient (``stalign.training.distributed``), so N processes with B rows each give the
 loss and gradient of one process with N*B rows. Optional hard negatives: pairs of different spots
 in the same cluster of the same slide are not negatives (masked out), so negatives come from other
 clusters (ST-Align's sampling).
@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stalign.distributed import (
+from stalign.training.distributed import (
     all_gather_no_grad,
     all_gather_with_grad,
     gather_sizes,

@@ -1,4 +1,4 @@
-"""Pixel sources behind :class:`data_prep.slide.Slide`: openslide, or in-memory levels from PIL / tifffile.
+"""Pixel sources behind :class:`stalign.data.slide.Slide`: openslide, or in-memory levels from PIL / tifffile.
 
 A backend exposes ``level_dimensions`` ((w, h) per level), ``level_downsamples``, ``read(level, x, y, w, h)``
 (in-bounds level pixels as (h, w, 3) uint8 RGB), ``pixel_size()`` -> (µm/px or None, source) and ``close()``.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import SlideError
+from stalign.data.errors import SlideError
 
 PLAIN_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})

@@ -1,14 +1,31 @@
-"""Validation shared by all readers: spots, coordinates, barcodes, gene names and expression values."""
+"""A slide with its spots (:class:`SlideSample`, what every reader returns) and the validation shared by all
+readers: spots, coordinates, barcodes, gene names and expression values."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from data_prep.errors import BarcodeError, CoordinateError, ExpressionError, GeneNameError, examples
+from stalign.data.errors import BarcodeError, CoordinateError, ExpressionError, GeneNameError, examples
 
-if TYPE_CHECKING:
-    from data_prep.readers import SlideSample
+
+@dataclass(kw_only=True)
+class SlideSample:
+    """One slide with its spots, ready for cropping."""
+
+    slide_id: str
+    image_path: Path
+    adata: Any  # AnnData: obs_names = barcodes, var_names = genes, X as given
+    coords_px: np.ndarray  # (N, 2) float64 spot centres (x, y) in level-0 px of image_path
+    um_per_px: float
+    pixel_size_source: str
+    source_files: list[Path] = field(default_factory=list)
+
+    @property
+    def n_spots(self) -> int:
+        return int(self.adata.n_obs)
 
 
 def coords_from_obsm(adata: Any, key: str, *, what: str) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
-from data_prep.shards import ShardError, read_manifest, shard_attrs
+from stalign.data.shards import ShardError, read_manifest, shard_attrs
 
 _CACHED = ("expr", "niche_expr", "coords_um", "neighbors")
 
@@ -159,20 +159,15 @@ class ShardDataset(torch.utils.data.Dataset):
             out[pos] = self._arrays(k)["expr"][self._indices[pos] - self._offsets[k]]
         return out
 
-    def slide_virtual_cells(self, slide_idx: int, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-        """Virtual cells of one slide from its selected spots only (held-out spots never leak in):
-        ``stofm.virtual_cells`` k-means on 0.2 * standardised µm xy + 0.8 * PCA(expr). Returns the clusters'
-        mean expression (V, G) and mean µm coordinates (V, 2), V = min(n, spots) less any empty cluster."""
-        from stofm.virtual_cells import virtual_cells
-
+    def slide_spots(self, slide_idx: int) -> dict[str, np.ndarray]:
+        """The selected spots of one slide (held-out spots excluded): ``coords_um`` (n, 2) float64 and ``expr``
+        (n, G) float32, in shard order; ``IndexError`` when the slide has no spot in this dataset."""
         pos = self._by_slide().get(int(slide_idx))
         if pos is None:
             raise IndexError(f"slide {slide_idx} has no spots in this dataset")
         rows = self._indices[pos] - self._offsets[slide_idx]
         a = self._arrays(int(slide_idx))
-        xy, expr, _ = virtual_cells(a["coords_um"][rows].astype(np.float64), a["expr"][rows].astype(np.float32),
-                                    int(n), seed=seed)
-        return expr.astype(np.float32), xy.astype(np.float32)
+        return {"coords_um": a["coords_um"][rows].astype(np.float64), "expr": a["expr"][rows].astype(np.float32)}
 
 
 def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:

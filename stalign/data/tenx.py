@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from data_prep.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError
+from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 

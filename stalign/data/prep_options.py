@@ -1,0 +1,40 @@
+"""What every data-preparation entry point shares (``data_prep/*.py`` scripts): the output options, the call
+into :func:`~stalign.data.pipeline.prepare` with them, and the per-slide summary table (also ``stalign prep``'s)."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_output_options(p: argparse.ArgumentParser) -> None:
+    """``--out``, ``--um-per-px``, ``--n-top-genes``, ``--patch-px``, ``--no-tissue-filter``, ``--quiet``."""
+    p.add_argument("--out", required=True, help="shard folder (manifest.json + shards/); a re-run resumes")
+    p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
+    p.add_argument("--n-top-genes", type=int, default=50, help="gene panel: top-N highly variable genes (default 50)")
+    p.add_argument("--patch-px", type=int, default=224, help="crop size in px (default 224)")
+    p.add_argument("--no-tissue-filter", action="store_true", help="keep spots whose crop shows no stained tissue")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def prepare_from_args(samples: list[Any], args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`prepare` the read ``samples`` with the options of :func:`add_output_options`; prints the summary."""
+    from stalign.data.pipeline import prepare
+
+    manifest = prepare(samples, args.out, n_top_genes=args.n_top_genes, patch_px=args.patch_px,
+                       tissue_filter=not args.no_tissue_filter, progress=not args.quiet)
+    print(summary_table(manifest))
+    print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
+          f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")
+    return manifest
+
+
+def summary_table(manifest: dict[str, Any]) -> str:
+    """One line per slide: spots kept, background dropped, padded, µm/px and where it came from."""
+    rows = [("slide", "spots", "dropped", "padded", "um/px", "pixel size from")]
+    for s in manifest["slides"]:
+        rows.append((s["slide_id"], str(s["n_spots"]), str(s["n_background_dropped"]), str(s["n_padded"]),
+                     f"{s['um_per_px']:.4f}", s["pixel_size_source"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.rjust(w) if 0 < i < 5 else c.ljust(w) for i, (c, w) in
+                               enumerate(zip(r, [*widths, 0]))).rstrip() for r in rows)
