@@ -261,11 +261,14 @@ def write_weights_folder(path: str | os.PathLike, meta: dict, module: nn.Module)
     """Write ``path/config.json`` (``meta``) and ``path/model.safetensors`` (``module``'s state dict)."""
     from safetensors.torch import save_file
 
+    from stofm.util.safe_files import sha256_of
+
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(meta, indent=1))
     save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
               str(path / "model.safetensors"))
+    meta = {**meta, "weights_sha256": sha256_of(path / "model.safetensors")}
+    (path / "config.json").write_text(json.dumps(meta, indent=1))
     return path
 
 
@@ -274,20 +277,17 @@ def read_weights_folder(path: str | os.PathLike, *, fmt: str, what: str) -> tupl
 
     Safetensors only: no pickle is executed. ``what`` names the kind of folder in error messages.
     """
-    from safetensors.torch import load_file
+    from stofm.util.safe_files import load_tensors, read_json
 
     path = Path(path)
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     for f in (cfg_file, weights):
         if not f.is_file():
             raise FileNotFoundError(f"{what} folder {path} lacks {f.name}")
-    try:
-        meta = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{cfg_file}: not valid JSON ({err})") from err
+    meta = read_json(cfg_file, what=f"{what} config")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise ValueError(f"{cfg_file}: not a {what} config (format is not {fmt!r})")
-    return meta, load_file(str(weights), device="cpu")
+    return meta, load_tensors(weights, what=f"{what} weights", sha256=meta.get("weights_sha256"))
 
 
 def save_cell_encoder(encoder: CellEncoder, path: str | os.PathLike) -> Path:

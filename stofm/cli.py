@@ -57,10 +57,9 @@ def _pretrain(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import anndata as ad
-
     from stofm.embedding import embed, embed_niches
     from stofm.model import create_model
+    from stofm.util.safe_files import read_h5ad
 
     out = Path(args.out)
     if len(args.inputs) > 1:
@@ -70,7 +69,7 @@ def _embed(args: argparse.Namespace) -> int:
         src = Path(src)
         if not src.is_file():
             raise FileNotFoundError(f"stofm embed: {src} does not exist")
-        adata = ad.read_h5ad(src)
+        adata = read_h5ad(src, what="stofm embed input")
         if model is None:
             model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
         kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method}

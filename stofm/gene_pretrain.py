@@ -208,15 +208,14 @@ def run_from_args(args) -> int:
     import csv
     from pathlib import Path
 
-    import anndata as ad
-
     from stofm.cell_encoder import load_cell_encoder, save_cell_encoder
+    from stofm.util.safe_files import read_h5ad
 
     parts: list[tuple] = []
     for src in map(Path, args.inputs):
         if not src.exists():
             raise FileNotFoundError(f"masked-gene pretraining: {src} does not exist")
-        adata = ad.read_zarr(src) if src.suffix == ".zarr" or src.is_dir() else ad.read_h5ad(src)
+        adata = read_h5ad(src, what="masked-gene pretraining data")
         if args.layer and args.layer not in adata.layers:
             raise ValueError(f"{src}: no layer {args.layer!r} (layers: {list(adata.layers)})")
         if args.gene_key and args.gene_key not in adata.var:

@@ -62,7 +62,7 @@ class PretrainConfig:
 
 def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
     """One pretraining slide; ``resolve_path`` maps config entries such as ``fetch:<data set>/<file>`` to files."""
-    import anndata as ad
+    from stofm.util.safe_files import read_h5ad
 
     if resolve_path is not None:
         p = Path(resolve_path(str(path)))
@@ -73,11 +73,9 @@ def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
         p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"pretraining data {p} does not exist")
-    if p.suffix == ".zarr" or p.is_dir():
-        return ad.read_zarr(p)
-    if p.suffix != ".h5ad":
+    if p.suffix not in (".h5ad", ".zarr") and not p.is_dir():
         raise ValueError(f"pretraining data {p}: expected an .h5ad file or a .zarr folder")
-    return ad.read_h5ad(p)
+    return read_h5ad(p, what="pretraining data")
 
 
 def _step_module(model: Any, cfg: PretrainConfig) -> Any:

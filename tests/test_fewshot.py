@@ -11,9 +11,8 @@ from stalign.tasks.fewshot import (
     PrototypeClassifier,
     few_shot_accuracy,
     head_predict,
-    load_head,
-    save_head,
 )
+from stalign.tasks.fewshot_io import load_head, save_head
 from stalign.tasks.retrieval import GenePanelError
 
 
@@ -67,3 +66,54 @@ def test_heads_round_trip_and_check_genes(tmp_path, crop):
         head_predict(clf, emb)
     with pytest.raises(FileNotFoundError, match="not a few-shot head"):
         load_head(tmp_path)
+
+
+def test_every_head_kind_round_trips_without_pickle(tmp_path, crop):
+    """Ridge, logistic (2 and more classes), prototype and MLP heads give the same outputs after save/load."""
+    emb, expr, genes, adata = crop
+    labels = adata.obs["leiden"].astype(str).to_numpy()
+    two = np.where(labels == labels[0], "a", "b")
+    heads = {"ridge": ExpressionProbe(genes=genes[:6], latent_dim=16).fit(emb, expr[:, :6]),
+             "logistic": LogisticProbe().fit(emb, labels), "logistic2": LogisticProbe().fit(emb, two),
+             "prototype": PrototypeClassifier().fit(emb, labels)}
+    for name, head in heads.items():
+        folder = save_head(head, tmp_path / name)
+        assert sorted(p.name for p in folder.iterdir()) == ["head.json", "head.safetensors"]
+        loaded = load_head(folder)
+        if name == "ridge":
+            np.testing.assert_allclose(loaded.predict(emb), head.predict(emb), rtol=1e-6, atol=1e-6)
+        else:
+            np.testing.assert_allclose(loaded.predict_proba(emb), head.predict_proba(emb), rtol=1e-6, atol=1e-9)
+            assert (loaded.predict(emb) == head.predict(emb)).all()
+            assert list(loaded.classes_) == [str(c) for c in head.classes_]
+
+
+def test_damaged_or_pickled_heads_are_refused(tmp_path, crop):
+    import pickle
+
+    emb, expr, genes, _ = crop
+    folder = save_head(ExpressionProbe(genes=genes[:4], latent_dim=8).fit(emb, expr[:, :4]), tmp_path / "h")
+    data = (folder / "head.safetensors").read_bytes()
+    (folder / "head.safetensors").write_bytes(data[: len(data) // 2])  # truncated
+    with pytest.raises(ValueError, match=r"head.safetensors: few-shot head is damaged"):
+        load_head(folder)
+    (folder / "head.safetensors").write_bytes(data[:-8] + np.float64(np.nan).tobytes())  # a NaN written in
+    with pytest.raises(ValueError, match="damaged"):
+        load_head(folder)
+    (folder / "head.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"head.json: few-shot head description is not valid JSON"):
+        load_head(folder)
+    # an old pickled head: refused without unpickling (the payload would create a file)
+    old = tmp_path / "old"
+    old.mkdir()
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    (old / "head.pkl").write_bytes(pickle.dumps(Payload()))
+    (old / "head.json").write_text('{"format": "stalign-fewshot-head"}')
+    with pytest.raises(ValueError, match="pickles can run code"):
+        load_head(old)
+    assert not marker.exists()

@@ -59,7 +59,7 @@ def test_label_classifier_reports_cv_accuracy_and_saves_a_head(labelled, tmp_pat
     import stalign
     from stalign.cli import main
     from stalign.tasks.embed import embed_shards
-    from stalign.tasks.fewshot import load_head
+    from stalign.tasks.fewshot_io import load_head
 
     labels = labelled["side"].copy()
     labels[:5] = None  # unlabelled spots are skipped

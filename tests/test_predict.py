@@ -174,7 +174,7 @@ def test_finetune_head_frozen_or_partly_unfrozen(setup, unfreeze_last):
 
 def test_fewshot_command_finetunes_and_saves_model_and_head(setup, tmp_path, capsys):
     from stalign.cli import main
-    from stalign.tasks.fewshot import load_head
+    from stalign.tasks.fewshot_io import load_head
 
     assert main(["fewshot", "--model", str(setup["ckpt"]), "--shards", str(setup["shards"]), "--out",
                  str(tmp_path / "ft"), "--kind", "finetune", "--unfreeze-last", "1", "--epochs", "2", "--hidden", "16",
@@ -245,3 +245,68 @@ def test_heatmap_circles_follow_the_given_spot_diameter(tmp_path, squidpy_crop):
                     for d in (30.0, 89.44))
     # wider circles cover more of the H&E: the two maps differ in many pixels
     assert small.shape == large.shape and (np.abs(small - large).sum(axis=-1) > 30).mean() > 0.05
+
+
+def test_spots_outside_the_slide_are_flagged_and_warned_about(setup):
+    from stalign.tasks.predict import predict_slide
+
+    shard = _shard(setup)
+    mpp = setup["manifest"]["slides"][0]["um_per_px"]
+    coords = np.concatenate([shard["coords_px"][:3], [[-5000.0, 100.0], [1e6, 1e6]]])
+    with pytest.warns(UserWarning, match=r"2 of 5 spot centres lie outside .*obs\['outside_image'\]"):
+        out = predict_slide(setup["model"], setup["image"], reference=setup["shards"], coords=coords, um_per_px=mpp,
+                            k=3, progress=False)
+    assert out.obs["outside_image"].tolist() == [False, False, False, True, True]
+    with pytest.raises(ValueError, match="NaN/inf"):
+        predict_slide(setup["model"], setup["image"], reference=setup["shards"], coords=[[np.nan, 1.0]],
+                      um_per_px=mpp, progress=False)
+
+
+def test_damaged_weights_never_become_nan_predictions(setup, tmp_path, capsys):
+    """Random bytes written into model.safetensors: the load is refused, nothing is written, exit 1; a model
+    with NaN weights that slips past loading is stopped before the h5ad is written."""
+    import shutil
+
+    import torch
+
+    from stalign.cli import main
+    from stalign.tasks.predict import predict_slide
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(setup["ckpt"], ckpt)
+    data = bytearray((ckpt / "model.safetensors").read_bytes())
+    data[len(data) // 2: len(data) // 2 + 4096] = np.random.default_rng(0).bytes(4096)
+    (ckpt / "model.safetensors").write_bytes(bytes(data))
+    out = tmp_path / "p.h5ad"
+    rc = main(["predict", "--model", str(ckpt), "--slide", str(setup["image"]), "--um-per-px", "0.6149",
+               "--reference", str(setup["shards"]), "--out", str(out), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "model.safetensors: model weights is damaged" in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+    model = setup["model"]
+    poisoned = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "proj" in n).fill_(float("nan"))
+        with pytest.raises(ValueError, match="predictions are NaN/inf"):
+            predict_slide(model, setup["image"], reference=setup["shards"], coords=_shard(setup)["coords_px"][:4],
+                          um_per_px=0.6149, k=3, progress=False)
+    finally:
+        model.load_state_dict(poisoned)
+
+
+def test_predict_checks_every_input_before_embedding_the_reference(setup, tmp_path, capsys, monkeypatch):
+    from stalign.cli import main
+    from stalign.tasks import embed
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the reference was embedded before the inputs were checked")
+
+    monkeypatch.setattr(embed, "load_reference", no_embedding)
+    out = tmp_path / "p.h5ad"
+    rc = main(["predict", "--model", str(setup["ckpt"]), "--slide", str(tmp_path / "missing.svs"),
+               "--reference", str(setup["shards"]), "--out", str(out), "--heatmap-genes", "NotAGene", "--k", "0",
+               "--quiet"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "3 problem(s)" in err and "missing.svs" in err and "NotAGene" in err and "--k" in err
+    assert not out.exists()

@@ -89,9 +89,9 @@ def test_crop_end_to_end(tmp_path, two_slides, squidpy_crop):
 
 
 def shards_sha(path):
-    from stalign.data.fetch import sha256_file
+    from stofm.util.safe_files import sha256_of
 
-    return sha256_file(path)
+    return sha256_of(path)
 
 
 def test_raw_counts_are_log_normalised_over_all_genes(tmp_path, fetched):
@@ -278,3 +278,38 @@ def test_cli_reads_hest_and_spaceranger_folders(tmp_path, two_slides, fetched, c
     out, err = capsys.readouterr()
     assert rc == 0, err
     assert "8 genes (log1p_cp10k), 100 spots" in out and "Visium spot diameter" in out
+
+
+def test_two_preps_into_one_folder_at_once_keep_both_slides(tmp_path, two_slides, subprocess_env):
+    """Two `stalign prep` processes, one slide each, same --out, started together: both succeed and the manifest
+    lists both slides (the second waits for the folder's lock, then adds its slide)."""
+    import subprocess
+    import sys
+
+    base = [sys.executable, "-m", "stalign", "prep", "--out", str(tmp_path), "--n-top-genes", "10", "--um-per-px",
+            "1", "--spot-um", "64", "--niche-um", "300", "--patch-px", "32", "--quiet"]
+    procs = [subprocess.Popen(base + ["--h5ad", str(two_slides[n][0]), "--image", str(two_slides[n][1])],
+                              env=subprocess_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in ("crop", "mirror")]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1] for o in outs]
+    manifest = shards.read_manifest(tmp_path)
+    assert sorted(s["slide_id"] for s in manifest["slides"]) == ["mirror", "test_data"]
+    assert _shard_files(tmp_path) == ["mirror.h5", "test_data.h5"]
+
+
+def test_a_held_lock_makes_prep_wait_then_give_up_with_a_message(tmp_path, two_slides):
+    from filelock import FileLock
+
+    from stalign.data.pipeline import LOCK_NAME
+
+    (tmp_path / "out").mkdir()
+    with FileLock(str(tmp_path / "out" / LOCK_NAME)):
+        with pytest.raises(DataPrepError, match="another stalign prep is still writing here after 0.2 s"):
+            prepare(_samples(two_slides, ("crop",)), tmp_path / "out", n_top_genes=5, lock_timeout=0.2, **SMALL)
+    assert not (tmp_path / "out" / "manifest.json").exists()
+    prepare(_samples(two_slides, ("crop",)), tmp_path / "out", n_top_genes=5, lock_timeout=0.2, **SMALL)
+    # a failed first run leaves no folder behind
+    with pytest.raises(DataPrepError):
+        prepare([], tmp_path / "new", **SMALL)
+    assert not (tmp_path / "new").exists()

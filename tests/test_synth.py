@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from stalign.cli import main
-from stalign.data.fetch import sha256_file
 from stalign.data.synth import make_synthetic_slide
 from stalign.data.synth_expression import covered_fraction
 from stalign.data.synth_texture import dark_fraction
+from stofm.util.safe_files import sha256_of
 
 UM_PER_PX = 1.0
 
@@ -137,7 +137,7 @@ def test_truth_json_matches_the_files(slide):
     truth = json.loads(slide.paths["truth"].read_text())
     assert truth["format"] == "stalign-synthetic" and truth["um_per_px"] == UM_PER_PX
     for kind in ("image", "adata"):
-        assert truth["files"][kind]["sha256"] == sha256_file(slide.paths[kind])
+        assert truth["files"][kind]["sha256"] == sha256_of(slide.paths[kind])
     assert sum(truth["class_spot_counts"].values()) == truth["n_in_tissue"]
 
 
@@ -145,8 +145,8 @@ def test_same_seed_same_bytes_other_seed_differs(slide, tmp_path):
     again = make_synthetic_slide(tmp_path / "a", n_spots=200, um_per_px=UM_PER_PX, seed=0, progress=False)
     other = make_synthetic_slide(tmp_path / "b", n_spots=200, um_per_px=UM_PER_PX, seed=1, progress=False)
     for kind in ("image", "adata", "truth"):
-        assert sha256_file(again.paths[kind]) == sha256_file(slide.paths[kind])
-        assert sha256_file(other.paths[kind]) != sha256_file(slide.paths[kind])
+        assert sha256_of(again.paths[kind]) == sha256_of(slide.paths[kind])
+        assert sha256_of(other.paths[kind]) != sha256_of(slide.paths[kind])
     assert [g["name"] for g in other.truth["genes"]] == [g["name"] for g in slide.truth["genes"]]
     assert [g["base"] for g in other.truth["genes"]] == [g["base"] for g in slide.truth["genes"]]
 
@@ -199,4 +199,4 @@ def test_ensure_reuses_an_intact_slide_and_remakes_a_changed_one(slide):
     with pytest.raises(ValueError, match="sha256 differs"):
         load_synthetic_slide(folder, "synth0")
     remade = ensure_synthetic_slide(folder, n_spots=200, um_per_px=UM_PER_PX, seed=0, progress=False)
-    assert sha256_file(remade.paths["adata"]) == slide.truth["files"]["adata"]["sha256"]
+    assert sha256_of(remade.paths["adata"]) == slide.truth["files"]["adata"]["sha256"]

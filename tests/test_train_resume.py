@@ -94,3 +94,25 @@ def test_resume_ignores_interrupted_saves_and_reports_missing_ones(tmp_path):
         checkpointing.resolve_resume(tmp_path, str(checkpointing.checkpoint_dir(tmp_path, 10)))
     assert [p.name for p in checkpointing.prune_checkpoints(tmp_path, keep=1)] == ["step_3"]
     assert [p.name for p in checkpointing.list_checkpoints(tmp_path)] == ["step_7"]
+
+
+def test_resume_latest_skips_a_damaged_checkpoint_with_a_warning(small_shards, tmp_path):
+    """The newest checkpoint's model file is truncated (a crash or a full disk while copying): --resume falls back
+    to the previous checkpoint with a warning instead of a traceback; naming the damaged one is an error."""
+    from stofm.util import checkpointing
+    from stalign.training.trainer import train_from_config
+
+    common = {"data": str(small_shards("squidpy")), "max_steps": 4, "save_every": 2, "eval_every": 0,
+              "keep_checkpoints": 0, "output_dir": str(tmp_path)}
+    train_from_config(TINY, stop_after_steps=4, **{**common, "max_steps": 6})
+    newest = checkpointing.checkpoint_dir(tmp_path, 4)
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "model.safetensors changed since it was saved" in checkpointing.check_checkpoint(newest)
+    with pytest.warns(UserWarning, match=r"step_4 is damaged .*resuming from the older .*step_2"):
+        assert checkpointing.resolve_resume(tmp_path, "latest").name == "step_2"
+    with pytest.raises(ValueError, match="the checkpoint is damaged"):
+        checkpointing.resolve_resume(tmp_path, str(newest))
+    with pytest.warns(UserWarning, match="step_4 is damaged"):
+        res = train_from_config(TINY, resume="latest", **{**common, "max_steps": 6})
+    assert res.step == 6 and [s for s, _ in res.losses] == [3, 4, 5, 6]

@@ -26,13 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _annotations(adata, spec: str):
-    import anndata as ad
+    from stofm.util.safe_files import read_h5ad
 
     if ":" in spec and spec.split(":", 1)[0].endswith(".h5ad"):
         path, column = spec.split(":", 1)
         if not Path(path).is_file():
             raise FileNotFoundError(f"{path}: annotation file does not exist")
-        other = ad.read_h5ad(path)
+        other = read_h5ad(path, what="annotation file")
         if column not in other.obs:
             raise ValueError(f"{path}: no obs column {column!r} (has {list(other.obs.columns)})")
         return other.obs[column].reindex(adata.obs_names).astype(object).to_numpy()
@@ -42,14 +42,13 @@ def _annotations(adata, spec: str):
 
 
 def run(args: argparse.Namespace) -> int:
-    import anndata as ad
-
     from stalign.tasks.domains import cluster_domains, plot_domains, score_domains
+    from stofm.util.safe_files import read_h5ad
 
     path = Path(args.h5ad)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: AnnData file does not exist")
-    adata = ad.read_h5ad(path)
+    adata = read_h5ad(path, what="predicted AnnData")
     if args.obsm not in adata.obsm:
         raise ValueError(f"{path}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")
     coords = adata.obsm.get("spatial")

@@ -41,7 +41,8 @@ def run(args: argparse.Namespace) -> int:
 
     import stalign
     from stalign.tasks.embed import embed_shards
-    from stalign.tasks.fewshot import ExpressionHead, ExpressionProbe, save_head
+    from stalign.tasks.fewshot import ExpressionHead, ExpressionProbe
+    from stalign.tasks.fewshot_io import save_head
     from stalign.tasks.hest import cross_validate, group_splits
     from stalign.tasks.retrieval import gene_indices
 
@@ -92,8 +93,8 @@ def _labels(args: argparse.Namespace) -> int:
         PrototypeClassifier,
         cross_validate_labels,
         read_spot_labels,
-        save_head,
     )
+    from stalign.tasks.fewshot_io import save_head
 
     if not args.labels:
         raise ValueError(f"--kind {args.kind} needs --labels FILE (CSV: barcode,label)")
@@ -121,7 +122,8 @@ def _finetune(args: argparse.Namespace, model) -> int:
     from pathlib import Path
 
     from stalign.models.factory import save_checkpoint
-    from stalign.tasks.fewshot import finetune_expression, save_head
+    from stalign.tasks.fewshot import finetune_expression
+    from stalign.tasks.fewshot_io import save_head
 
     head = finetune_expression(model, args.shards, genes=args.genes, unfreeze_last=args.unfreeze_last,
                                hidden=args.hidden, epochs=args.epochs, lr=args.lr, encoder_lr=args.lr / 100,

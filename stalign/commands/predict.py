@@ -60,15 +60,53 @@ def slide_coords(args: argparse.Namespace):
     return read_coords(args.coords)
 
 
-def run(args: argparse.Namespace) -> int:
+def check_inputs(args: argparse.Namespace) -> tuple:
+    """Open every input before any heavy step (the reference is embedded only after this); all problems at once.
+    Returns (model, head, slide, coords, barcodes)."""
     import stalign
-    from stalign.tasks.fewshot import load_head
+    from stalign.tasks.fewshot_io import load_head
+    from stalign.tasks.predict import open_for_prediction
+    from stalign.tasks.retrieval import gene_indices
+
+    problems: list[str] = []
+
+    def attempt(fn, default=None):
+        try:
+            return fn()
+        except (ValueError, OSError) as err:
+            problems.append(" ".join(str(err).split()))
+            return default
+
+    model = attempt(lambda: stalign.load_checkpoint(args.model))
+    head = attempt(lambda: load_head(args.fewshot_head)) if args.fewshot_head else None
+    coords, barcodes = attempt(lambda: slide_coords(args), (None, None))
+    slide = attempt(lambda: open_for_prediction(args.slide, um_per_px=args.um_per_px))
+    if args.reference and not Path(args.reference).exists():
+        problems.append(f"{args.reference}: reference (bank or shards folder) does not exist")
+    if not args.reference and not args.fewshot_head:
+        problems.append("give --reference (zero-shot) and/or --fewshot-head")
+    if not str(args.out).endswith(".h5ad"):
+        problems.append(f"--out {args.out}: the output is an AnnData file and must end in .h5ad")
+    if model is not None:
+        genes = args.genes or list(model.genes)
+        attempt(lambda: gene_indices(model.genes, genes, what="the model"))
+        drawn = [g for g in args.heatmap_genes or [] if g.lower() != "none"]
+        attempt(lambda: gene_indices(genes, drawn, what="the predicted genes (--heatmap-genes)"))
+    for name in ("k", "batch_size"):
+        if getattr(args, name) < 1:
+            problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.temperature <= 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature}")
+    if problems:
+        raise ValueError(f"{len(problems)} problem(s): " + "; ".join(problems) if len(problems) > 1 else problems[0])
+    return model, head, slide, coords, barcodes
+
+
+def run(args: argparse.Namespace) -> int:
     from stalign.tasks.predict import predict_slide, write_heatmaps
 
-    model = stalign.load_checkpoint(args.model)
-    head = load_head(args.fewshot_head) if args.fewshot_head else None
-    coords, barcodes = slide_coords(args)
-    adata = predict_slide(model, args.slide, reference=args.reference, coords=coords, barcodes=barcodes,
+    model, head, slide, coords, barcodes = check_inputs(args)
+    adata = predict_slide(model, slide, reference=args.reference, coords=coords, barcodes=barcodes,
                           um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
                           step_um=args.step_um, k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
@@ -82,6 +120,6 @@ def run(args: argparse.Namespace) -> int:
     genes = args.heatmap_genes or list(adata.var_names[:4])
     if [g.lower() for g in genes] != ["none"]:
         folder = Path(args.heatmaps) if args.heatmaps else out.with_suffix("").with_name(out.stem + "_heatmaps")
-        paths = write_heatmaps(adata, args.slide, genes, folder, mode=args.heatmap_mode)
+        paths = write_heatmaps(adata, slide, genes, folder, mode=args.heatmap_mode)
         print(f"{len(paths)} heat maps -> {folder}")
     return 0

@@ -40,6 +40,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
+    p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
+                   help="when another prep writes into --out, wait at most this long (default: until it is done)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
@@ -127,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, spot_um=args.spot_um,
                        niche_um=args.niche_um, patch_px=args.patch_px, n_neighbors=args.neighbors,
                        workers=args.workers, tissue_filter=not args.no_tissue_filter, batch_size=args.batch_size,
-                       progress=not args.quiet, log=_log)
+                       progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout)
     print(summary_table(manifest))
     print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
           f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")

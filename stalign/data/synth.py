@@ -20,7 +20,6 @@ from pathlib import Path
 
 import numpy as np
 
-from stalign.data.fetch import sha256_file
 from stalign.data.synth_expression import (
     BACKGROUND_LIBRARY,
     DISPERSION,
@@ -38,6 +37,7 @@ from stalign.data.synth_expression import (
 )
 from stalign.data.synth_render import build_layout, render_blocks, write_pyramid
 from stalign.data.synth_texture import TISSUE_CLASSES
+from stofm.util.safe_files import sha256_of
 
 FORMAT = "stalign-synthetic"
 VERSION = 1
@@ -112,7 +112,7 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
     _write_h5ad(paths["adata"], counts=counts, centres_um=centres, rows=rows, cols=cols, truth_obs=truth_obs,
                 size=size, panel=panel, classes=[c.name for c in classes], slide_id=slide_id,
                 um_per_px=um_per_px, truth=truth)
-    truth["files"] = {k: {"name": paths[k].name, "sha256": sha256_file(paths[k])} for k in ("image", "adata")}
+    truth["files"] = {k: {"name": paths[k].name, "sha256": sha256_of(paths[k])} for k in ("image", "adata")}
     _atomic_write_text(paths["truth"], json.dumps(truth, indent=1))
     return SyntheticSlide(paths=paths, truth=truth, seconds=time.perf_counter() - t0)
 
@@ -204,7 +204,7 @@ def load_synthetic_slide(out_dir: str | os.PathLike, slide_id: str, *, verify: b
     for kind in ("image", "adata"):
         if not paths[kind].is_file():
             raise FileNotFoundError(f"{paths[kind]}: missing ({truth_path} lists it)")
-        if verify and sha256_file(paths[kind]) != truth["files"][kind]["sha256"]:
+        if verify and sha256_of(paths[kind]) != truth["files"][kind]["sha256"]:
             raise ValueError(f"{paths[kind]}: sha256 differs from the one in {truth_path}; the file changed")
     return SyntheticSlide(paths=paths, truth=truth)
 

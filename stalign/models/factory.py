@@ -110,10 +110,15 @@ def is_stalign_weights(path: str | os.PathLike | bool) -> bool:
     if path.is_dir():
         return (path / "config.json").is_file() and (path / "model.safetensors").is_file()
     if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
+        from safetensors import SafetensorError, safe_open
 
-        with safe_open(str(path), framework="pt") as fh:
-            return "logit_scale" in fh.keys()  # noqa: SIM118 (safe_open is not a dict)
+        from stofm.util.safe_files import DamagedFileError
+
+        try:
+            with safe_open(str(path), framework="pt") as fh:
+                return "logit_scale" in fh.keys()  # noqa: SIM118 (safe_open is not a dict)
+        except (SafetensorError, OSError) as err:
+            raise DamagedFileError(f"{path}: weights are damaged or not a safetensors file ({err})") from None
     return False
 
 
@@ -125,20 +130,19 @@ def _jsonable(obj: Any) -> Any:
     return copy.deepcopy(obj)
 
 
-def load_weights(model, path: str | os.PathLike) -> None:
+def load_weights(model, path: str | os.PathLike, *, sha256: str | None = None) -> None:
     """Load ``model.safetensors`` (a folder or the file) into ``model`` strictly.
 
     Shared modules (e.g. one image encoder for spot and niche) are stored once under one of their names; a model
     key absent from the file is missing only when no stored key shares its tensor. (safetensors' own strict
     ``load_model`` misreports BatchNorm ``num_batches_tracked`` of shared modules, which BatchNorm fills in itself.)
+    A damaged file (truncated, NaN/inf values, ``sha256`` recorded at save time not matching) is refused.
     """
-    from safetensors.torch import load_file
+    from stofm.util.safe_files import load_tensors
 
     path = Path(path)
     weights = path / "model.safetensors" if path.is_dir() else path
-    if not weights.is_file():
-        raise FileNotFoundError(f"{weights}: model weights not found")
-    state = load_file(str(weights))
+    state = load_tensors(weights, what="model weights", sha256=sha256)
     own = model.state_dict()
     try:
         model.load_state_dict(state, strict=False)
@@ -153,10 +157,12 @@ def load_weights(model, path: str | os.PathLike) -> None:
 
 
 def save_checkpoint(model, path: str | os.PathLike) -> Path:
-    """Write ``path/config.json`` and ``path/model.safetensors``; returns the folder."""
+    """Write ``path/model.safetensors`` and then ``path/config.json`` (with the weights' sha256, checked on load);
+    returns the folder."""
     from safetensors.torch import save_model
 
     from stalign import __version__
+    from stofm.util.safe_files import sha256_of
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -167,26 +173,29 @@ def save_checkpoint(model, path: str | os.PathLike) -> Path:
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "stalign_version": __version__,
             "name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
             "genes": list(model.genes), "config": config}
-    (path / "config.json").write_text(json.dumps(meta, indent=1))
     save_model(model, str(path / "model.safetensors"))
+    meta["weights_sha256"] = sha256_of(path / "model.safetensors")
+    (path / "config.json").write_text(json.dumps(meta, indent=1))
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
     """Rebuild a model saved by ``save_checkpoint`` (backbone weights come from the checkpoint, not the hub)."""
     from stalign.models.stalign_model import STAlign, STAlignConfig
+    from stofm.util.safe_files import read_json
 
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{path}: not a stalign checkpoint folder (no config.json)")
-    meta = json.loads(cfg_file.read_text())
-    if meta.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{cfg_file}: not a stalign model config (format {meta.get('format')!r})")
+    meta = read_json(cfg_file, what="stalign checkpoint config")
+    fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"{cfg_file}: not a stalign model config (format {fmt!r})")
     cfg = meta["config"]
     for key in ("spot_image", "niche_image"):
         cfg[key]["pretrained"] = None  # the weights follow from model.safetensors
     model = STAlign(config=STAlignConfig.from_dict(cfg), genes=meta["genes"])
     model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {})}
-    load_weights(model, path)
+    load_weights(model, path, sha256=meta.get("weights_sha256"))
     return model.to(device)

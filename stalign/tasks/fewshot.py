@@ -2,8 +2,6 @@
 and logistic classifiers for region labels, and a small torch head fine-tuned on the embeddings."""
 from __future__ import annotations
 
-import json
-import pickle
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -12,8 +10,6 @@ import numpy as np
 
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
-
-HEAD_FORMAT = "stalign-fewshot-head"
 
 
 class ExpressionProbe:
@@ -147,55 +143,10 @@ class ExpressionHead:
         with torch.no_grad():
             return self.net(torch.as_tensor(np.asarray(embeddings, np.float32))).numpy()
 
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        if self.net is not None:
-            state["net"] = {k: v.cpu().numpy() for k, v in self.net.state_dict().items()}
-            state["in_dim"] = int(self.net[0].normalized_shape[0])
-        return state
-
-    def __setstate__(self, state: dict) -> None:
-        import torch
-
-        weights, in_dim = state.pop("net"), state.pop("in_dim", None)
-        self.__dict__.update(state)
-        self.net = None
-        if weights is not None:
-            self.build(in_dim).load_state_dict({k: torch.as_tensor(v) for k, v in weights.items()})
-            self.net.eval()
-
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
     return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
-
-
-def save_head(head: Any, path: str | Path, *, embedding: dict | None = None) -> Path:
-    """Write a fitted head: ``path/head.pkl`` and ``path/head.json`` (kind, genes, what embedding it expects)."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    with open(path / "head.pkl", "wb") as f:
-        pickle.dump(head, f)
-    classes = getattr(head, "classes_", None)
-    info = {"format": HEAD_FORMAT, "kind": head.kind, "genes": getattr(head, "genes", None),
-            "classes": None if classes is None else [str(c) for c in classes], "embedding": embedding or {}}
-    (path / "head.json").write_text(json.dumps(info, indent=1))
-    return path
-
-
-def load_head(path: str | Path) -> Any:
-    """Read a head written by ``save_head`` (only load heads you trust: the weights are pickled)."""
-    path = Path(path)
-    info_file = path / "head.json"
-    if not info_file.is_file() or not (path / "head.pkl").is_file():
-        raise FileNotFoundError(f"{path}: not a few-shot head (needs head.json and head.pkl)")
-    info = json.loads(info_file.read_text())
-    if info.get("format") != HEAD_FORMAT:
-        raise ValueError(f"{info_file}: format {info.get('format')!r} is not {HEAD_FORMAT!r}")
-    with open(path / "head.pkl", "rb") as f:
-        head = pickle.load(f)
-    head.embedding_info = info.get("embedding", {})
-    return head
 
 
 def head_predict(head: Any, embeddings: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:

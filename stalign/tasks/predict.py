@@ -72,6 +72,33 @@ def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
     return table[["x", "y"]].to_numpy(np.float64), names
 
 
+def outside_image(coords: np.ndarray, slide: Any) -> np.ndarray:
+    """(N,) bool: spot centres (level-0 px) that lie outside the slide's image."""
+    width, height = slide.dimensions
+    c = np.asarray(coords, np.float64)
+    return (c[:, 0] < 0) | (c[:, 1] < 0) | (c[:, 0] >= width) | (c[:, 1] >= height)
+
+
+def check_coords(coords: Any, slide: Any) -> np.ndarray:
+    """Given spot centres as (N, 2) float64: non-finite values are an error; centres outside the image are kept
+    (their crops are blank padding) with a warning that counts them (``obs['outside_image']`` marks them)."""
+    import warnings
+
+    c = np.asarray(coords, np.float64)
+    if c.ndim != 2 or c.shape[1] < 2 or len(c) == 0:
+        raise ValueError(f"spot coordinates must be (n_spots, 2) level-0 px, got shape {c.shape}")
+    c = c[:, :2]
+    bad = ~np.isfinite(c).all(1)
+    if bad.any():
+        raise ValueError(f"{int(bad.sum())} spot coordinate(s) are NaN/inf (first at row {int(np.argmax(bad))})")
+    out = outside_image(c, slide)
+    if out.any():
+        width, height = slide.dimensions
+        warnings.warn(f"{int(out.sum())} of {len(c)} spot centres lie outside {slide.path} ({width} x {height} px): "
+                      "their predictions come from blank crops; obs['outside_image'] marks them", stacklevel=3)
+    return c
+
+
 def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float | None = None,
                 spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
                 step_um: float | None = None, settings: dict | None = None, batch_size: int = 32, workers: int = 0,
@@ -132,6 +159,9 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                          f"reference (bank or shards) too for the expression in X")
     genes = list(model.genes) if genes is None else [str(g) for g in genes]
     gene_indices(model.genes, genes, what="the model")  # lists every query gene the model lacks
+    slide = open_for_prediction(slide, um_per_px=um_per_px)  # a missing slide or pixel size fails before any work
+    if coords is not None:
+        coords = check_coords(coords, slide)
     bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
                           progress=progress) if reference is not None else None
     info = bank.info if bank is not None else getattr(fewshot_head, "embedding_info", {}) or {}
@@ -144,6 +174,11 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
         layers["zero_shot"] = bank.predict(emb, k=min(k, len(bank)), temperature=temperature, genes=genes)
     if fewshot_head is not None and not label_head:
         layers["fewshot"] = np.asarray(head_predict(fewshot_head, emb, genes), np.float32)
+    for name, values in layers.items():
+        bad = ~np.isfinite(values).all(1)
+        if bad.any():
+            raise ValueError(f"{int(bad.sum())} of {len(bad)} {name.replace('_', '-')} predictions are NaN/inf; the "
+                             "model, reference or head is damaged - nothing was written")
     x_source = "fewshot" if "fewshot" in layers else "zero_shot"
     names = list(barcodes) if barcodes is not None else [f"tile_{i}" for i in range(len(coords))]
     if len(names) != len(coords):
@@ -157,6 +192,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                 "reference_spots": len(bank) if bank is not None else 0,
                 "fewshot_head": getattr(fewshot_head, "kind", "") if fewshot_head is not None else ""}
     obs = pd.DataFrame(index=pd.Index(names, dtype=str))
+    obs["outside_image"] = outside_image(coords, slide)
     if label_head:
         obs["predicted_label"] = pd.Categorical(np.asarray(fewshot_head.predict(emb)).astype(str))
     return ad.AnnData(X=layers[x_source].copy(), obs=obs,

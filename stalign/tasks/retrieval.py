@@ -63,25 +63,31 @@ class ReferenceBank:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        from stofm.util.safe_files import sha256_of
+
         save_file({"embeddings": self.embeddings, "expression": self.expression}, str(path / "bank.safetensors"))
         meta = {k: v.tolist() for k, v in self.meta.items()}
         (path / "bank.json").write_text(json.dumps({"format": BANK_FORMAT, "version": 1, "genes": self.genes,
-                                                    "meta": meta, "info": self.info}))
+                                                    "meta": meta, "info": self.info,
+                                                    "sha256": sha256_of(path / "bank.safetensors")}))
         return path
 
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
-        """Read a bank written by ``save``."""
-        from safetensors.numpy import load_file
+        """Read a bank written by ``save`` (damaged files, NaN/inf values or a changed checksum are refused)."""
+        from stofm.util.safe_files import load_tensors, read_json
 
         path = Path(path)
         info_file, tensors = path / "bank.json", path / "bank.safetensors"
         if not info_file.is_file() or not tensors.is_file():
             raise FileNotFoundError(f"{path}: not a reference bank (needs bank.json and bank.safetensors)")
-        info = json.loads(info_file.read_text())
-        if info.get("format") != BANK_FORMAT:
-            raise ValueError(f"{info_file}: format {info.get('format')!r} is not {BANK_FORMAT!r}")
-        arrays = load_file(str(tensors))
+        info = read_json(info_file, what="reference bank description")
+        fmt = info.get("format") if isinstance(info, dict) else type(info).__name__
+        if fmt != BANK_FORMAT:
+            raise ValueError(f"{info_file}: format {fmt!r} is not {BANK_FORMAT!r}")
+        arrays = load_tensors(tensors, what="reference bank", framework="np", sha256=info.get("sha256"))
+        if set(arrays) != {"embeddings", "expression"}:
+            raise ValueError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")
         return cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
                    meta=info.get("meta") or {}, info=info.get("info") or {})
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-#: What a user's input can cause: a one-line message instead of a traceback.
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, RuntimeError)
+#: What a user's input can cause: a one-line message instead of a traceback (OSError: unreadable, unwritable or
+#: damaged files, a full disk; the message names the file).
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
 
 
 def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, prog: str) -> int:
@@ -23,5 +24,6 @@ def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, pro
     except USER_ERRORS as err:  # user-facing errors: no traceback
         if getattr(args, "debug", False):
             raise
-        print(f"{prog}{' ' + command if command else ''}: error: {err}", file=sys.stderr)
+        message = " ".join(str(err).split()) or type(err).__name__  # one line
+        print(f"{prog}{' ' + command if command else ''}: error: {message}", file=sys.stderr)
         return 1

@@ -1,0 +1,100 @@
+"""Reading the files a user hands over (JSON configs, safetensors weights and banks, AnnData) so that a damaged or
+wrong file is one error naming the file and the problem, never a traceback from deep inside a library and never
+silent garbage: loaded float tensors must be finite, and a sha256 recorded at save time is checked."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+PathLike = str | os.PathLike
+
+
+class DamagedFileError(ValueError):
+    """A file that exists but cannot be used: truncated, garbage, wrong format, non-finite values, bad checksum."""
+
+
+def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def read_json(path: PathLike, *, what: str) -> Any:
+    """The parsed JSON of ``path``; ``what`` names the kind of file in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise DamagedFileError(f"{path}: {what} is not valid JSON (line {err.lineno}: {err.msg})") from None
+    except UnicodeDecodeError:
+        raise DamagedFileError(f"{path}: {what} is not a text file") from None
+
+
+def load_tensors(path: PathLike, *, what: str, framework: str = "pt", sha256: str | None = None,
+                 finite: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """The tensors of a safetensors file (``framework`` "pt" -> torch, "np" -> numpy arrays).
+
+    Raises :class:`DamagedFileError` naming ``path`` when the file is truncated or not safetensors, when its sha256
+    differs from ``sha256`` (the digest recorded at save time, if any), or when ``finite`` and a float tensor holds
+    NaN/inf (random bytes written into a file's data load without complaint otherwise).
+    """
+    from safetensors import SafetensorError
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    if sha256 is not None:
+        digest = sha256_of(path)
+        if digest != sha256:
+            raise DamagedFileError(f"{path}: {what} is damaged (sha256 {digest[:12]}... differs from the "
+                                   f"{sha256[:12]}... recorded when it was saved)")
+    try:
+        if framework == "np":
+            from safetensors.numpy import load_file
+
+            tensors = load_file(str(path))
+        else:
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(path), device=device)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise DamagedFileError(f"{path}: {what} is damaged or not a safetensors file ({err})") from None
+    if finite:
+        bad = sorted(k for k, v in tensors.items() if not _all_finite(v))
+        if bad:
+            raise DamagedFileError(f"{path}: {what} holds NaN/inf values in {len(bad)} tensor(s) (e.g. {bad[:3]}); "
+                                   "the file is damaged")
+    return tensors
+
+
+def _all_finite(value: Any) -> bool:
+    import numpy as np
+
+    if hasattr(value, "is_floating_point"):  # torch
+        import torch
+
+        return not value.is_floating_point() or bool(torch.isfinite(value).all())
+    arr = np.asarray(value)
+    return not np.issubdtype(arr.dtype, np.floating) or bool(np.isfinite(arr).all())
+
+
+def read_h5ad(path: PathLike, *, what: str = "AnnData file") -> Any:
+    """``anndata.read_h5ad`` (or ``read_zarr`` for a ``.zarr`` folder) with a damaged file as one error."""
+    import anndata as ad
+
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: {what} does not exist")
+    try:
+        return ad.read_zarr(path) if path.suffix == ".zarr" or path.is_dir() else ad.read_h5ad(path)
+    except (OSError, KeyError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise DamagedFileError(f"{path}: {what} cannot be read as AnnData ({first[:200]})") from None
