@@ -313,3 +313,29 @@ def test_a_held_lock_makes_prep_wait_then_give_up_with_a_message(tmp_path, two_s
     with pytest.raises(DataPrepError):
         prepare([], tmp_path / "new", **SMALL)
     assert not (tmp_path / "new").exists()
+
+
+def test_prep_flags_for_real_folders_make_unique_genes_and_upsampling(tmp_path, squidpy_crop, fetched, capsys):
+    """--make-unique-genes (the flag the duplicate-gene error names) works; a lowres-only Visium folder warns once
+    that its crops are upsampled, naming the factor; --tissue-from in_tissue keeps every Space Ranger spot."""
+    import warnings
+
+    import anndata as ad
+
+    from stalign.cli import main
+
+    a = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    a.var_names = [a.var_names[0]] + list(a.var_names[:-1])  # the first gene name twice
+    a.write_h5ad(tmp_path / "dup.h5ad")
+    args = ["prep", "--h5ad", str(tmp_path / "dup.h5ad"), "--image", str(squidpy_crop / "test_img.jpg"),
+            "--n-top-genes", "5", "--patch-px", "32", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "a")]) == 1
+    assert "--make-unique-genes" in capsys.readouterr().err
+    assert main([*args, "--out", str(tmp_path / "b"), "--make-unique-genes"]) == 0
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert main(["prep", "--spaceranger", str(fetched("squidpy-spaceranger")), "--out", str(tmp_path / "sr"),
+                     "--tissue-from", "in_tissue", "--n-top-genes", "5", "--patch-px", "64", "--quiet"]) == 0
+    ups = [str(w.message) for w in seen if "upsampled" in str(w.message)]
+    assert len(ups) == 1 and "upsampled 7.8x" in ups[0], ups
+    assert shards.read_manifest(tmp_path / "sr")["slides"][0]["n_spots"] == 100

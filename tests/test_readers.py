@@ -129,12 +129,14 @@ def test_duplicated_genes_and_empty_data(crop_adata, squidpy_crop, tmp_path):
 
 def test_spaceranger_folder(fetched):
     folder = fetched("squidpy-spaceranger")
-    sample = read_spaceranger(folder)
-    scalef, diameter = 0.150015, 89.42751063343188
-    assert sample.image_path == folder / "spatial" / "tissue_hires_image.png"
+    # the fixture's hires PNG is an all-black placeholder beside a real lowres image: the lowres one is used
+    with pytest.warns(UserWarning, match="tissue_hires_image.png is a blank/uniform placeholder"):
+        sample = read_spaceranger(folder)
+    scalef, diameter = 0.045004502, 89.42751063343188
+    assert sample.image_path == folder / "spatial" / "tissue_lowres_image.png"
     assert sample.adata.shape == (100, 100) and sample.coords_px.shape == (100, 2)
     assert sample.um_per_px == pytest.approx(55 / (diameter * scalef))
-    assert "tissue_hires_scalef" in sample.pixel_size_source and "spot diameter" in sample.pixel_size_source
+    assert "tissue_lowres_scalef" in sample.pixel_size_source and "spot diameter" in sample.pixel_size_source
     # first row of tissue_positions_list.csv: AAACAAGTATCTCCCA-1,1,50,102,8513,9811 (row px, col px)
     i = list(sample.adata.obs_names).index("AAACAAGTATCTCCCA-1")
     np.testing.assert_allclose(sample.coords_px[i], [9811 * scalef, 8513 * scalef])
@@ -143,9 +145,9 @@ def test_spaceranger_folder(fetched):
     raw = read_10x_h5(folder / "filtered_feature_bc_matrix.h5")
     np.testing.assert_array_equal(raw[sample.adata.obs_names].X.toarray(), counts)
     assert {p.name for p in sample.source_files} >= {"filtered_feature_bc_matrix.h5", "scalefactors_json.json",
-                                                     "tissue_positions_list.csv", "tissue_hires_image.png"}
-    with open_slide(sample.image_path) as slide:  # the fixture's hires PNG is an all-black RGBA placeholder
-        crops, padded = slide.read_crops(sample.coords_px, 112 / sample.um_per_px, 32)
+                                                     "tissue_positions_list.csv", "tissue_lowres_image.png"}
+    with open_slide(folder / "spatial" / "tissue_hires_image.png") as slide:  # the all-black placeholder
+        crops, padded = slide.read_crops(sample.coords_px * 0.150015 / scalef, 112 / sample.um_per_px, 32)
         assert crops.shape == (100, 32, 32, 3) and not padded.any() and (crops == 0).all()
         assert not spots_on_tissue(slide, sample.coords_px).any()  # black is not stained tissue
 
@@ -188,10 +190,10 @@ def test_spaceranger_drops_spots_outside_tissue(fetched, tmp_path):
     extra = "ZZZZ-1,0,1,1,5000,5000"  # an off-tissue spot absent from the filtered matrix: fine, ignored
     pos.write_text("\n".join(lines + [extra]) + "\n")
     assert read_spaceranger(folder).adata.n_obs == 100
-    pos.write_text("\n".join(lines + ["ZZZZ-1,1,1,1,5000,5000"]) + "\n")  # in tissue but not in the matrix
-    with pytest.raises(BarcodeError, match=r"1 in-tissue barcodes of .*tissue_positions_list\.csv are not in "
-                                           r".*filtered_feature_bc_matrix\.h5, e\.g\. 'ZZZZ-1'"):
-        read_spaceranger(folder)
+    pos.write_text("\n".join(lines + ["ZZZZ-1,1,1,1,5000,5000"]) + "\n")  # in tissue, no counts (subset matrix)
+    with pytest.warns(UserWarning, match=r"1 in-tissue positions of .*tissue_positions_list\.csv have no counts in "
+                                         r".*filtered_feature_bc_matrix\.h5 .*'ZZZZ-1'.*the matrix's 100 barcodes"):
+        assert read_spaceranger(folder).adata.n_obs == 100  # the matrix's barcodes, as scanpy's read_visium
     lines[0] = lines[0].replace(",1,", ",0,", 1)  # a matrix barcode marked off-tissue: dropped
     pos.write_text("\n".join(lines) + "\n")
     sample = read_spaceranger(folder)
@@ -273,3 +275,22 @@ def test_duplicated_barcodes(crop_adata, squidpy_crop, tmp_path):
     crop_adata.obs_names = names
     with pytest.raises(BarcodeError, match=rf"dupbc\.h5ad: duplicated barcodes.*'{names[0]}'"):
         read_anndata_image(_write(crop_adata, tmp_path / "dupbc.h5ad"), squidpy_crop / "test_img.jpg")
+
+
+def test_spaceranger_blank_hires_falls_back_to_lowres_and_trusts_in_tissue(fetched, tmp_path):
+    folder = _copy_spaceranger(fetched, tmp_path)
+    spatial = folder / "spatial"
+    # the fixture's hires PNG is an all-black placeholder; give the folder a real lowres image
+    sf = json.loads((spatial / "scalefactors_json.json").read_text())
+    hires = Image.open(spatial / "tissue_hires_image.png")
+    w, h = (round(s * sf["tissue_lowres_scalef"] / sf["tissue_hires_scalef"]) for s in hires.size)
+    texture = np.random.default_rng(0).integers(60, 230, (h, w, 3), dtype=np.uint8)
+    Image.fromarray(texture).save(spatial / "tissue_lowres_image.png")
+    with pytest.warns(UserWarning, match=r"tissue_hires_image\.png is a blank/uniform placeholder; using "
+                                         r"tissue_lowres_image\.png"):
+        sample = read_spaceranger(folder)
+    assert sample.image_path.name == "tissue_lowres_image.png" and "lowres" in sample.pixel_size_source
+    assert sample.tissue_from == "image"
+    assert read_spaceranger(folder, tissue_from="in_tissue").tissue_from == "in_tissue"
+    with pytest.raises(ValueError, match="tissue_from"):
+        read_spaceranger(folder, tissue_from="mask")

@@ -99,8 +99,8 @@ def test_resume_ignores_interrupted_saves_and_reports_missing_ones(tmp_path):
 def test_resume_latest_skips_a_damaged_checkpoint_with_a_warning(small_shards, tmp_path):
     """The newest checkpoint's model file is truncated (a crash or a full disk while copying): --resume falls back
     to the previous checkpoint with a warning instead of a traceback; naming the damaged one is an error."""
-    from stofm.util import checkpointing
     from stalign.training.trainer import train_from_config
+    from stofm.util import checkpointing
 
     common = {"data": str(small_shards("squidpy")), "max_steps": 4, "save_every": 2, "eval_every": 0,
               "keep_checkpoints": 0, "output_dir": str(tmp_path)}

@@ -40,6 +40,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
+    p.add_argument("--tissue-from", choices=("image", "in_tissue"), default="image",
+                   help="Space Ranger slides: 'in_tissue' trusts the positions file's in_tissue column alone; 'image' "
+                        "(default) also applies the image tissue mask")
+    p.add_argument("--make-unique-genes", action="store_true",
+                   help="suffix repeated gene names -1, -2, ... (anndata's var_names_make_unique) instead of failing")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="when another prep writes into --out, wait at most this long (default: until it is done)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -92,13 +97,15 @@ def _loaders(args: argparse.Namespace) -> list:
 
     from stalign.data import readers
 
-    common = {"pixel_size_from": args.pixel_size_from, "crop_um": args.niche_um}
+    common = {"pixel_size_from": args.pixel_size_from, "crop_um": args.niche_um, "make_unique": args.make_unique_genes}
     h5ads, images = args.h5ad or [], args.image or []
     if len(h5ads) != len(images):
         raise ValueError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
     out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **common)
            for h, i in zip(h5ads, images)]
-    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **common) for d in args.spaceranger or []]
+    sr = {"tissue_from": args.tissue_from}
+    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **common)
+            for d in args.spaceranger or []]
     if args.ids and not args.hest:
         raise ValueError("--ids needs --hest ROOT")
     if args.hest:
@@ -112,7 +119,7 @@ def _loaders(args: argparse.Namespace) -> list:
             continue
         kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
         if row.get("spaceranger"):
-            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **kw))
+            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **sr, **kw))
         else:
             out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **kw))
     if not out:

@@ -195,6 +195,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
             log(f"{s.slide_id}: shard complete, skipped")
             continue
         entries.pop(s.slide_id, None)
+        _warn_upsampling(s, spot_um=spot_um, patch_px=patch_px)
         cols = ex.panel_columns(slide_genes[s.slide_id], panel)
         jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
                              pixel_size_source=str(s.pixel_size_source),
@@ -202,8 +203,8 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
                              expr=ex.take_columns(normed[s.slide_id], cols),
                              barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
-                             tissue_filter=tissue_filter, batch_size=batch_size,
-                             progress=progress))
+                             tissue_filter=tissue_filter and getattr(s, "tissue_from", "image") == "image",
+                             batch_size=batch_size, progress=progress))
     del normed
 
     def save() -> None:
@@ -224,6 +225,21 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
             raise failures[0]
         raise DataPrepError(f"{len(failures)} slides failed:\n" + "\n".join(f"  {f}" for f in failures))
     return manifest
+
+
+#: Crops resampled up by more than this from the source pixels (e.g. lowres-only Visium) get a warning.
+MAX_UPSAMPLING = 4.0
+
+
+def _warn_upsampling(sample: Any, *, spot_um: float, patch_px: int) -> None:
+    """One warning per slide whose spot crop is enlarged more than ``MAX_UPSAMPLING`` times from its pixels."""
+    import warnings
+
+    factor = patch_px / (spot_um / float(sample.um_per_px))
+    if factor > MAX_UPSAMPLING:
+        warnings.warn(f"{sample.slide_id}: spot crops are upsampled {factor:.1f}x from {sample.image_path} "
+                      f"({spot_um:g} µm = {spot_um / float(sample.um_per_px):.0f} px -> {patch_px} px); the image "
+                      "holds little detail at this size (a lowres image? give the full-resolution one)", stacklevel=3)
 
 
 def _expr_source(sample: Any) -> str:

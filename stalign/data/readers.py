@@ -185,8 +185,13 @@ def _spaceranger_root(folder: Path) -> Path:
 def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | None = None,
                      slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
                      spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, crop_um: float = 336.0,
-                     make_unique: bool = False, var_names: str = "gene_symbols") -> SlideSample:
-    """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG.
+                     make_unique: bool = False, var_names: str = "gene_symbols",
+                     tissue_from: str = "image") -> SlideSample:
+    """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG (a blank
+    placeholder hires PNG is skipped for the lowres one, with a warning).
+
+    ``tissue_from="in_tissue"`` trusts Space Ranger's ``in_tissue`` column alone (prep skips its image tissue mask
+    for this slide); ``"image"`` (default) applies the mask on top.
 
     Without ``image`` the spots are scaled by ``tissue_hires_scalef`` onto ``spatial/tissue_hires_image.png``
     (``tissue_lowres_image.png`` when there is no hires one) and the pixel size comes from the spot diameter
@@ -212,14 +217,20 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     if image is not None:
         image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["metadata", "spot-diameter"]
     else:
-        for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
-                          ("tissue_lowres_scalef", "tissue_lowres_image.png")):
-            if (spatial / name).is_file() and key in scalefactors:
-                image_path, scale, scale_note = spatial / name, float(scalefactors[key]), f"x {key} {scalefactors[key]}"
-                break
-        else:
+        found = [(spatial / name, key) for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
+                                                         ("tissue_lowres_scalef", "tissue_lowres_image.png"))
+                 if (spatial / name).is_file() and key in scalefactors]
+        if not found:
             raise FileNotFoundError(f"{spatial}: no tissue_hires_image.png/tissue_lowres_image.png with a scale "
                                     f"factor in {sf_path.name}; pass the full-resolution image")
+        usable = [(p, k) for p, k in found if not is_uniform_image(p)]
+        if usable and usable[0] != found[0]:
+            import warnings
+
+            warnings.warn(f"{found[0][0]} is a blank/uniform placeholder; using {usable[0][0].name} instead",
+                          stacklevel=2)
+        image_path, key = (usable or found)[0]
+        scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
         auto = ["spot-diameter"]
     coords = coords * scale
     adata.obsm["spatial"] = coords
@@ -236,11 +247,18 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
                          image_path=image_path, adata=adata, coords_px=coords, um_per_px=mpp,
                          pixel_size_source=source,
                          source_files=[matrix_path, positions_path, sf_path, image_path])
+    if tissue_from not in ("image", "in_tissue"):
+        raise ValueError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
+    sample.tissue_from = tissue_from
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=str(matrix_path), coords_file=f"{positions_path} (scaled {scale_note})")
 
 
 def _match_barcodes(barcodes, positions, matrix_path: Path, positions_path: Path) -> None:
+    """Every matrix barcode needs a position (else the two files are of different runs); in-tissue positions
+    without counts (a trimmed or subset matrix) are left out with a warning, as scanpy's ``read_visium`` does."""
+    import warnings
+
     missing = [b for b in barcodes if b not in positions.index]
     if missing:
         raise BarcodeError(f"{len(missing)} of {len(barcodes)} barcodes of {matrix_path} have no row in "
@@ -249,8 +267,20 @@ def _match_barcodes(barcodes, positions, matrix_path: Path, positions_path: Path
     in_tissue = positions.index[positions["in_tissue"].to_numpy()]
     absent = in_tissue.difference(barcodes)
     if len(absent):
-        raise BarcodeError(f"{len(absent)} in-tissue barcodes of {positions_path} are not in {matrix_path}, e.g. "
-                           f"{examples(absent)}: the matrix and positions come from different runs")
+        warnings.warn(f"{len(absent)} in-tissue positions of {positions_path} have no counts in {matrix_path} "
+                      f"(a subset or trimmed matrix?), e.g. {examples(absent)}; using the matrix's "
+                      f"{len(barcodes)} barcodes", stacklevel=3)
+
+
+def is_uniform_image(path: Path, *, max_std: float = 2.0) -> bool:
+    """True for a blank or single-colour placeholder image (every channel's std below ``max_std`` grey levels on a
+    256-px thumbnail)."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.draft("RGB", (256, 256))
+        thumb = np.asarray(im.convert("RGB").resize((256, 256)), dtype=np.float32)
+    return bool((thumb.reshape(-1, 3).std(0) < max_std).all())
 
 
 def list_hest_samples(root: str | os.PathLike) -> list[str]:

@@ -22,6 +22,7 @@ class SlideSample:
     um_per_px: float
     pixel_size_source: str
     source_files: list[Path] = field(default_factory=list)
+    tissue_from: str = "image"  # "image": prep's tissue mask decides; "in_tissue": the reader's spots are trusted
 
     @property
     def n_spots(self) -> int:
