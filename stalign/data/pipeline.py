@@ -14,6 +14,8 @@ from __future__ import annotations
 import json
 import os
 import platform
+import signal
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -126,12 +128,17 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
             except Timeout:
                 raise DataPrepError(f"{out}: another stalign prep is still writing here after {lock_timeout:g} s "
                                     f"(lock {out / LOCK_NAME}); wait for it or use another --out") from None
+        handler = None
+        if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds (temporaries removed)
+            handler = signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, spot_um=spot_um,
                                    niche_um=niche_um, patch_px=patch_px, n_neighbors=n_neighbors, workers=workers,
                                    tissue_filter=tissue_filter, batch_size=batch_size, progress=progress, log=log)
         finally:
             lock.release()
+            if handler is not None:
+                signal.signal(signal.SIGTERM, handler)
     except BaseException:
         if created and {p.name for p in out.iterdir()} <= {LOCK_NAME}:  # a folder this run made, left empty
             import shutil
@@ -276,7 +283,8 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
         import multiprocessing as mp
         from concurrent.futures import ProcessPoolExecutor
 
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"))
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
+                                   initializer=die_with_parent, initargs=(os.getpid(),))
     try:
         with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs) as bar:
             for job in jobs:
@@ -294,6 +302,38 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
             pool.shutdown(cancel_futures=True)
         _close_cached()
     return failures
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Crop-worker initializer: end this process as soon as its parent is gone (``kill -9`` of a prep), instead
+    of staying blocked in a pipe write: Linux's parent-death signal, and a watcher thread everywhere."""
+    import signal
+    import threading
+    import time
+
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    if os.getppid() != parent_pid:  # the parent died before the signal was armed
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
+
+
+class Terminated(SystemExit):
+    """SIGTERM during a prep: unwinds like an exception so temporaries are removed and workers shut down."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
 
 
 _OPEN: dict[str, Any] = {}  # per process: the slide the last crop task used
