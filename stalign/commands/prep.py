@@ -67,13 +67,13 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a CSV or YAML slide list as dicts."""
     import csv
 
-    import yaml
+    from stofm.util.config_io import parse_yaml
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: slide list does not exist")
     if path.suffix.lower() in (".yaml", ".yml"):
-        rows = yaml.safe_load(path.read_text())
+        rows = parse_yaml(path, what="slide list")
         rows = rows.get("slides", rows) if isinstance(rows, dict) else rows
     else:
         with open(path, newline="") as fh:

@@ -235,9 +235,9 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise ShardError(f"{path}: no manifest (run `stalign prep` to create shards)")
     try:
         manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ShardError(f"{path}: not valid JSON ({err})") from err
-    if manifest.get("format") != FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise ShardError(f"{path}: manifest version {manifest.get('version')}, this stalign reads {VERSION}")

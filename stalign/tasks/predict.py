@@ -59,9 +59,9 @@ def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: coordinates file does not exist")
     if path.suffix == ".h5ad":
-        import anndata as ad
+        from stofm.util.safe_files import read_h5ad
 
-        adata = ad.read_h5ad(path, backed="r")
+        adata = read_h5ad(path, what="coordinates file")
         if "spatial" not in adata.obsm:
             raise ValueError(f"{path}: no obsm['spatial'] with spot centres")
         return np.asarray(adata.obsm["spatial"], np.float64)[:, :2], list(adata.obs_names)
