@@ -298,28 +298,27 @@ def _folder_with(path: Path, files: dict[str, str]) -> Path:
     return path
 
 
-def _shards_with(ctx, t: Path, edit) -> Path:
-    folder = copy_tree(ctx.shards, t / "shards")
+def _copy_with(src: Path, dest: Path, edit) -> Path:
+    """A copy of the good folder ``src`` at ``dest`` with ``edit`` applied to it."""
+    folder = copy_tree(src, dest)
     edit(folder)
     return folder
+
+
+def _shards_with(ctx, t: Path, edit) -> Path:
+    return _copy_with(ctx.shards, t / "shards", edit)
 
 
 def _ckpt_with(ctx, t: Path, edit) -> Path:
-    folder = copy_tree(ctx.ckpt, t / "ckpt")
-    edit(folder)
-    return folder
+    return _copy_with(ctx.ckpt, t / "ckpt", edit)
 
 
 def _bank_with(ctx, t: Path, edit) -> Path:
-    folder = copy_tree(ctx.bank, t / "bank")
-    edit(folder)
-    return folder
+    return _copy_with(ctx.bank, t / "bank", edit)
 
 
 def _head_with(ctx, t: Path, edit) -> Path:
-    folder = copy_tree(ctx.head, t / "head")
-    edit(folder)
-    return folder
+    return _copy_with(ctx.head, t / "head", edit)
 
 
 def _scribble(folder: Path) -> None:
