@@ -14,6 +14,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="stofm", description="SToFM: spatial transcriptomics foundation model")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     c = sub.add_parser("pretrain-cells", help="masked-gene pretraining (domain adaptation) of the BERT cell encoder")
     if argv and argv[0] == "pretrain-cells":

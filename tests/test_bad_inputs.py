@@ -366,3 +366,12 @@ class _no_warning_filter:
 
     def __exit__(self, *exc):
         return self._ctx.__exit__(*exc)
+
+
+def test_debug_keeps_the_traceback(tmp_path):
+    from stofm.cli import main as stofm_main
+
+    garbage(tmp_path / "g.h5ad")
+    with pytest.raises(ValueError, match="g.h5ad"):
+        stofm_main(["--debug", "embed", str(tmp_path / "g.h5ad"), "--model", "stofm-tiny", "--out",
+                    str(tmp_path / "e.h5ad")])
