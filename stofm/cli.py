@@ -38,6 +38,19 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                    help="clustering for the virtual cells (leiden needs pip install 'stalign[leiden]')")
     e.add_argument("--cells-per-tile", type=int, default=None, help="cells per sub-slice (default: the model's)")
     e.set_defaults(func=_embed)
+    e.add_argument("--cell-embeddings", default=None, metavar="KEY",
+                   help="original SToFM only: precomputed cell embeddings in obsm[KEY] instead of its cell BERT")
+    e.add_argument("--leiden-labels", default=None, metavar="COLUMN",
+                   help="original SToFM only: cluster labels for the hypernodes from obs[COLUMN] (default: Leiden)")
+    c = sub.add_parser("convert", help="convert a released SToFM checkpoint (se2transformer.pth, cell_bert/) into "
+                                       "a folder that stofm embed --model reads")
+    c.add_argument("src", help="the original SE(2) state dict: se2transformer.pth (torch.save) or .safetensors")
+    c.add_argument("--out", required=True, help="output folder")
+    c.add_argument("--config", default=None, help="the original config.json (default: beside SRC, else from shapes)")
+    c.add_argument("--heads", action="store_true", help="also keep the MCM/PDR heads (SToFMForMaskedLM keys)")
+    c.add_argument("--cell-bert", default=None, help="the cell BERT folder (Hugging Face BertModel + cell_proj)")
+    c.add_argument("--cell-proj", default=None, help="cell_proj.bin (default: inside --cell-bert)")
+    c.set_defaults(func=_convert)
     m = sub.add_parser("models", help="list the registered model configs")
     m.set_defaults(func=_models)
     return parser
@@ -60,9 +73,11 @@ def _embed(args: argparse.Namespace) -> int:
 
     from stofm.embedding import embed, embed_niches
     from stofm.model import create_model
+    from stofm.original.convert import is_converted
     from stofm.util.safe_files import read_h5ad
 
     out = Path(args.out)
+    original = is_converted(args.model)
     if len(args.inputs) > 1:
         out.mkdir(parents=True, exist_ok=True)
     model = None
@@ -71,6 +86,18 @@ def _embed(args: argparse.Namespace) -> int:
         if not src.is_file():
             raise FileNotFoundError(f"stofm embed: {src} does not exist")
         adata = read_h5ad(src, what="stofm embed input")
+        if original:
+            from stofm.original.convert import load_converted
+            from stofm.original.embed import embed_original
+
+            if model is None:
+                model, cell = load_converted(args.model)
+            embed_original(adata, model, cell, cell_key=args.cell_embeddings, labels_key=args.leiden_labels,
+                           split_num=args.cells_per_tile or 1000)
+            dest = out / src.name if len(args.inputs) > 1 else out
+            adata.write_h5ad(dest)
+            print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape} (original SToFM)")
+            continue
         if model is None:
             model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
         kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method}
@@ -80,6 +107,18 @@ def _embed(args: argparse.Namespace) -> int:
         dest = out / src.name if len(args.inputs) > 1 else out
         adata.write_h5ad(dest)
         print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape}")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from stofm.original.convert import load_original, save_converted
+
+    model = load_original(args.src, config=args.config, heads=args.heads)
+    out = save_converted(model, args.out, cell_bert=args.cell_bert, cell_proj=args.cell_proj)
+    cfg = getattr(model, "model", model).config
+    print(f"{args.src} -> {out} (SToFM SE(2): {cfg.num_hidden_layers} layers, width {cfg.hidden_size}, "
+          f"{cfg.num_attention_heads} heads, FFN {cfg.ffn_embedding_dim}"
+          f"{'; cell BERT ' + str(args.cell_bert) if args.cell_bert else ''})")
     return 0
 
 

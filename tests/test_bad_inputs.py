@@ -272,6 +272,11 @@ CASES: dict[str, Callable] = {
         ["config.json"]),
     "stofm pretrain config malformed": lambda c, t, f: ("stofm", ["pretrain", "--config", str(_write(
         t / "p.yaml", "data: [a\n")), "--output-dir", str(t / "pre")], t / "pre", ["p.yaml"]),
+    "stofm convert truncated checkpoint": lambda c, t, f: ("stofm", ["convert", str(_write(t / "se2.pth", "PK\x03")),
+                                                           "--out", str(t / "conv")], t / "conv", ["se2.pth"]),
+    "stofm convert another architecture": lambda c, t, f: ("stofm", ["convert", str(_torch_save(
+        t / "resnet.pth", {"conv1.weight": np.zeros((2, 2), np.float32)})), "--out", str(t / "conv")], t / "conv",
+        ["resnet.pth", "not an SToFM"]),
     # data fetch
     "fetch unknown data set": lambda c, t, f: ("stalign", ["data", "fetch", "nonsense", "--dest", str(t / "d")],
                                                t / "d", ["nonsense"]),
@@ -283,6 +288,13 @@ CASES: dict[str, Callable] = {
 
 def _write(path: Path, text: str) -> Path:
     path.write_text(text)
+    return path
+
+
+def _torch_save(path: Path, arrays: dict) -> Path:
+    import torch
+
+    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path)
     return path
 
 

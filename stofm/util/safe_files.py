@@ -98,3 +98,27 @@ def read_h5ad(path: PathLike, *, what: str = "AnnData file") -> Any:
     except (OSError, KeyError, ValueError, TypeError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DamagedFileError(f"{path}: {what} cannot be read as AnnData ({first[:200]})") from None
+
+
+def load_state_dict(path: PathLike, *, what: str = "SToFM checkpoint") -> dict[str, Any]:
+    """Tensors of a safetensors file or a ``torch.save`` state dict (``weights_only=True``: no code runs)."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: {what} not found")
+    if path.suffix == ".safetensors":
+        return load_tensors(path, what=what)
+    try:
+        sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
+        raise DamagedFileError(f"{path}: {what} is damaged or not a torch state dict "
+                               f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise DamagedFileError(f"{path}: {what} is not a state dict of tensors")
+    bad = [k for k, v in sd.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise DamagedFileError(f"{path}: {what} holds NaN/inf values in {bad[:3]}")
+    return sd
