@@ -55,6 +55,27 @@ def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_m
             "transformer_s": info["seconds"]["transformer"], "tiles": info["n_tiles"], "peak_gib": peak}
 
 
+def run_original(adata, *, batch_size: int, split_num: int, device: str, layers: int = 12) -> dict:
+    """The original SToFM's SE(2) pipeline (released shape: width 256, 32 heads, FFN 768, ``layers`` layers; random
+    weights) on the same slide, from 256-d unit cell embeddings (its cell BERT is a separate step)."""
+    import numpy as np
+    import torch
+
+    from stofm.original.pipeline import embed_slice
+    from stofm.original.se2 import OriginalSE2, OriginalSE2Config
+
+    torch.manual_seed(0)
+    model = OriginalSE2(OriginalSE2Config(num_hidden_layers=layers)).to(device).eval()
+    emb = np.random.default_rng(0).standard_normal((adata.n_obs, 256)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    t: dict = {}
+    start = time.perf_counter()
+    embed_slice(model, np.asarray(adata.obsm["spatial"]), emb, split_num=split_num, batch_size=batch_size, timings=t)
+    total = time.perf_counter() - start
+    return {"seconds": total, "cells_per_s": adata.n_obs / total, "prepare_s": t["prepare"],
+            "transformer_s": t["transformer"], "tiles": t["tiles"], "peak_gib": float("nan")}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=100_000)
@@ -71,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "RESULTS.md")
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("--note", default="", help="free text recorded with the figures")
+    p.add_argument("--original", action="store_true",
+                   help="also time the original SToFM's SE(2) pipeline (released shape, Leiden hypernodes)")
+    p.add_argument("--original-layers", type=int, default=12, help="layers of the original model (released: 12)")
     args = p.parse_args(argv)
 
     import torch
@@ -98,6 +122,14 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append({"model": name, "attn": impl, "dtype": dtype, "clusters": cm, **res})
                 print(f"{name} {impl} {dtype} {cm}: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)",
                       flush=True)
+    if args.original:
+        kw = {"batch_size": args.batch_size, "split_num": args.cells_per_tile, "device": args.device,
+              "layers": args.original_layers}
+        run_original(warm, **kw)
+        res = run_original(slide, **kw)
+        rows.append({"model": f"original SToFM ({args.original_layers}x256, 32 heads)", "attn": "manual",
+                     "dtype": "fp32", "clusters": "leiden", **res})
+        print(f"original: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)", flush=True)
     header = ("| model | attention | dtype | virtual cells by | cells | tiles | total s | prepare s | SE(2) s | cells/s "
               "| peak GPU GiB |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {r['clusters']} | {args.cells:,} | {r['tiles']} | "

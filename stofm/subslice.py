@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-DIAMETER = 100.0
+from stofm.util.geometry import DIAMETER, slide_diameter
 
 
 class CoordinateError(ValueError):
@@ -31,27 +31,6 @@ def check_coords(coords: np.ndarray, *, what: str = "coordinates") -> np.ndarray
         raise CoordinateError(f"{what} contain NaN/inf values for {int(bad.sum())} of {arr.shape[0]} cells "
                               f"(first at index {int(np.flatnonzero(bad)[0])})")
     return arr
-
-
-def slide_diameter(coords: np.ndarray) -> float:
-    """Largest pairwise distance between cells (computed on the convex hull; rotation invariant)."""
-    arr = check_coords(coords)
-    pts = np.unique(arr, axis=0)
-    if len(pts) < 2:
-        return 0.0
-    if len(pts) > 3:
-        from scipy.spatial import ConvexHull, QhullError
-
-        try:
-            pts = pts[ConvexHull(pts).vertices]
-        except QhullError:  # collinear points: the diameter joins two of the axis extremes
-            pts = pts[[pts[:, 0].argmin(), pts[:, 0].argmax(), pts[:, 1].argmin(), pts[:, 1].argmax()]]
-    best = 0.0
-    for start in range(0, len(pts), 2048):  # bounded memory for large hulls
-        chunk = pts[start:start + 2048]
-        d = np.sqrt(((chunk[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).max()
-        best = max(best, float(d))
-    return best
 
 
 def scale_to_diameter(coords: np.ndarray, *, diameter: float = DIAMETER) -> tuple[np.ndarray, float]:

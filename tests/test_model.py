@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -33,7 +34,7 @@ def make_batch(b: int = 4, g: int = G, size: int = 32, seed: int = 0, virtual: b
         "niche_spot_expr": torch.rand(b, M, g, generator=gen) * 3,
         "niche_spot_coords": torch.rand(b, M, 2, generator=gen) * 200, "niche_spot_mask": mask,
         "coords_um": torch.rand(b, 2, generator=gen) * 1000, "slide_idx": torch.zeros(b, dtype=torch.long),
-        "index": torch.arange(b),
+        "index": torch.arange(b), "stofm_units_per_um": torch.full((b,), 0.015),  # as ShardDataset: a 6.7 mm slide
     }
     if virtual:
         batch["virtual_expr"] = torch.rand(b, 3, g, generator=gen) * 3
@@ -302,3 +303,35 @@ def test_checkpoint_of_stalign_demo_reloads(tmp_path: Path, fetched) -> None:
     assert any("num_batches_tracked" in k for k in stored)
     for key, value in stored.items():
         assert torch.equal(loaded[key], value), key
+
+
+def test_se2_niche_sees_the_distances_stofm_is_trained_on(small_shards):
+    """One coordinate convention (stofm.util.geometry: slide diameter = 100 units): the distances SE2Niche feeds the
+    SE(2) transformer for a niche equal those stofm.embed / pretraining feed for the same spots of the slide."""
+    from stalign.data.dataset import ShardDataset, collate
+    from stalign.models.gene_encoders import SE2Niche
+    from stofm.subslice import scale_to_diameter
+
+    class Recorder(torch.nn.Module):
+        dim = 8
+
+        def forward(self, emb, coords, pad, *virtual):
+            self.coords, self.pad = coords, pad
+            return {"cls": torch.zeros(len(coords), self.dim)}
+
+    ds = ShardDataset(small_shards("squidpy"), niche_spots=8)
+    batch = collate([ds[i] for i in (0, 17, 30)])
+    rec = Recorder()
+    niche = SE2Niche(cell_encoder=torch.nn.Identity(), se2=rec)
+    niche.cell.out_dim = len(ds.genes)
+    niche(batch)
+    all_um = np.concatenate([ds.slide_spots(0)["coords_um"]])
+    model_xy, _ = scale_to_diameter(all_um)  # what stofm.embed gives the model for this slide
+    for row, i in enumerate((0, 17, 30)):
+        nb = ds._arrays(0)["neighbors"][i][:8]
+        got = torch.cdist(rec.coords[row], rec.coords[row]).numpy()
+        want = np.linalg.norm(model_xy[nb][:, None] - model_xy[nb][None], axis=-1)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert 0.5 < float(batch["stofm_units_per_um"][0]) * 100 < 50  # ~1.x units per 100 µm spot pitch, not 35
+    with pytest.raises(ValueError, match="coord_scale"):
+        SE2Niche(cell_encoder=torch.nn.Identity(), se2=rec, coord_scale=0)

@@ -154,12 +154,14 @@ def test_embed_benchmark_runs_and_records_both_clusterings(tmp_path, subprocess_
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "stofm_embed.py"
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, str(script), "--cells", "2500", "--genes", "40", "--cells-per-tile", "500",
-                           "--cluster-method", "kmeans", "leiden", "--threads", "1", "--results", str(results)],
+                           "--cluster-method", "kmeans", "leiden", "--threads", "1", "--results", str(results), "--original",
+                           "--original-layers", "2"],
                           cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     text = results.read_text()
     assert "- command: `python benchmarks/stofm_embed.py" in text and "device: CPU" in text
     assert "| stofm-tiny | sdpa | fp32 | kmeans | 2,500 |" in text and "| fp32 | leiden | 2,500 |" in text
+    assert "| original SToFM (2x256, 32 heads) | manual | fp32 | leiden | 2,500 |" in text
 
 
 @pytest.mark.gpu
@@ -175,3 +177,28 @@ def test_cuda_embed_matches_cpu_and_bf16_stays_close(crop, tiny):
     low = stofm.embed(crop.copy(), on_gpu, dtype="bf16", progress=False).obsm["X_stofm"]
     cos = (ref * low).sum(1) / np.linalg.norm(ref, axis=1) / np.linalg.norm(low, axis=1)
     assert cos.min() > 0.95
+
+
+def test_tiled_embeddings_what_is_and_is_not_rotation_invariant(crop, tiny):
+    """Several tiles (docs/stofm.md): a translation changes nothing; under a rotation every cell whose sub-slice
+    holds the same cells gets the same embedding, and a cell whose axis-aligned tile changed may differ."""
+    from stofm.subslice import tile_slide
+
+    kw = dict(n_virtual=0, cells_per_tile=10, max_cells=14, progress=False)
+    ref = stofm.embed(crop.copy(), tiny, **kw)
+    assert ref.uns["stofm"]["n_tiles"] >= 4
+    moved = stofm.embed(_rotated(crop, 0.0, (5e3, -7e2)), tiny, **kw)
+    assert np.abs(moved.obsm["X_stofm"] - ref.obsm["X_stofm"]).max() < 1e-4
+
+    def tile_of(adata):
+        tiles = tile_slide(np.asarray(adata.obsm["spatial"], np.float64), cells_per_tile=10, max_cells=14)
+        return {int(i): frozenset(t.tolist()) for t in tiles for i in t}
+
+    rot = _rotated(crop, math.pi / 2, (0.0, 0.0))  # 13 of the 49 cells keep their tile here
+    turned = stofm.embed(rot, tiny, **kw)
+    before, after = tile_of(crop), tile_of(rot)
+    same = np.asarray([before[i] == after[i] for i in range(crop.n_obs)])
+    diff = np.abs(turned.obsm["X_stofm"] - ref.obsm["X_stofm"]).max(1)
+    assert same.any() and (~same).any()  # some tiles survive the rotation, some do not
+    assert diff[same].max() < 1e-4
+    assert diff[~same].max() > 1e-3

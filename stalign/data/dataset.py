@@ -90,8 +90,12 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _arrays(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._cache:
+            from stofm.util.geometry import units_per_um
+
             f = self._file(k)
             self._cache[k] = {name: f[name][()] for name in _CACHED}
+            # stofm's model units for this slide (its whole diameter = 100), from all of its spots
+            self._cache[k]["units_per_um"] = np.float32(units_per_um(self._cache[k]["coords_um"]))
         return self._cache[k]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -143,6 +147,7 @@ class ShardDataset(torch.utils.data.Dataset):
             "niche_spot_coords": torch.from_numpy(coords),
             "niche_spot_mask": torch.from_numpy(mask),
             "coords_um": torch.from_numpy(a["coords_um"][j].astype(np.float32)),
+            "stofm_units_per_um": torch.tensor(a["units_per_um"], dtype=torch.float32),
             "slide_idx": torch.tensor(k, dtype=torch.int64),
             "index": torch.tensor(g, dtype=torch.int64),
         }

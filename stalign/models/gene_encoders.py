@@ -157,25 +157,36 @@ class PoolNiche(NicheEncoder):
 class SE2Niche(NicheEncoder):
     """SToFM's SE(2) transformer over the niche's spots (+ virtual cells ``virtual_expr``/``virtual_coords``).
 
-    Coordinates (µm) are centred on the niche's first spot and scaled by ``coord_scale`` (SToFM scales a
-    sub-slice to a diagonal of 100; 0.35/µm does that for a 200 µm niche). Output: the [CLS] token.
+    Coordinates (µm) are centred on the niche's first spot and scaled to model units. ``coord_scale="slide"``
+    (default) uses stofm's convention (``stofm.util.geometry``: the whole slide's diameter = 100 units; the batch's
+    ``stofm_units_per_um`` from ``ShardDataset``), so a pretrained stofm sees the distances it was trained on; a
+    number is a fixed scale in units per µm. Output: the [CLS] token.
     """
 
-    def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module, coord_scale: float = 0.35) -> None:
+    def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module, coord_scale: float | str = "slide") -> None:
         super().__init__()
+        if coord_scale != "slide" and not (isinstance(coord_scale, (int, float)) and coord_scale > 0):
+            raise ValueError(f"coord_scale must be 'slide' or a positive number of units per µm, got {coord_scale!r}")
         self.cell, self.se2, self.coord_scale, self.out_dim = cell_encoder, se2, coord_scale, int(se2.dim)
+
+    def _scale(self, batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | float:
+        if self.coord_scale != "slide":
+            return float(self.coord_scale)
+        _need(batch, "stofm_units_per_um")
+        return batch["stofm_units_per_um"].to(like).view(-1, 1, 1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         _need(batch, "niche_spot_expr", "niche_spot_coords", "niche_spot_mask")
         emb = _encode_spots(self.cell, batch["niche_spot_expr"])
         coords = batch["niche_spot_coords"].float()
         origin = coords[:, :1]
-        coords = (coords - origin) * self.coord_scale
+        scale = self._scale(batch, coords)
+        coords = (coords - origin) * scale
         venb = vco = vpad = None
         if "virtual_expr" in batch:
             _need(batch, "virtual_coords")
             venb = _encode_spots(self.cell, batch["virtual_expr"])
-            vco = (batch["virtual_coords"].float() - origin) * self.coord_scale
+            vco = (batch["virtual_coords"].float() - origin) * scale
             vpad = ~batch["virtual_mask"].bool() if "virtual_mask" in batch else None
         out = self.se2(emb, coords, ~batch["niche_spot_mask"].bool(), venb, vco, vpad)
         return out["cls"]
@@ -192,7 +203,7 @@ def _pool(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) 
 
 
 @register_niche_encoder("se2")
-def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: float = 0.35,
+def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: float | str = "slide",
          **se2_cfg: Any) -> NicheEncoder:
     """The stofm SE(2) transformer (from the stofm model, or a fresh one from ``se2_cfg``: dim, depth, heads, ...)."""
     if se2 is None:

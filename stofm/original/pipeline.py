@@ -149,15 +149,20 @@ def collate(subs: list[SubSlice]) -> dict[str, Any]:
 
 def embed_slice(model: Any, xy: np.ndarray, emb: np.ndarray, *, labels: np.ndarray | None = None,
                 split_num: int = 1000, alpha: float = 0.2, resolution: float = 1.0, batch_size: int = 2,
-                progress: bool = False) -> np.ndarray:
+                progress: bool = False, timings: dict[str, float] | None = None) -> np.ndarray:
     """Per-cell SE(2) embeddings (N, D) float32 of one slice from raw coordinates and cell embeddings, as the
-    original ``get_embeddings.py`` assembles them (``model``: an ``OriginalSE2`` in eval mode)."""
+    original ``get_embeddings.py`` assembles them (``model``: an ``OriginalSE2`` in eval mode). ``timings``, when
+    given, receives the seconds of "prepare" (steps 1-5) and "transformer"."""
+    import time
+
     import torch
     from tqdm.auto import tqdm
 
+    t0 = time.perf_counter()
     norm = normalize_coords(xy)
     hxy, hemb, _ = hypernodes(norm, emb, labels, alpha=alpha, resolution=resolution)
     subs = build_subslices(norm, emb, hxy, hemb, split_num=split_num)
+    t1 = time.perf_counter()
     param = next(model.parameters())
     out = np.zeros((len(norm), model.config.hidden_size), np.float32)
     for start in tqdm(range(0, len(subs), batch_size), desc="sub-slices", disable=not progress):
@@ -167,4 +172,6 @@ def embed_slice(model: Any, xy: np.ndarray, emb: np.ndarray, *, labels: np.ndarr
                       batch["token_types"].to(param.device))["last_hidden_state"]
         keep = batch["indices"] >= 0
         out[batch["indices"][keep].numpy()] = h[keep.to(h.device)].float().cpu().numpy()
+    if timings is not None:
+        timings.update(prepare=t1 - t0, transformer=time.perf_counter() - t1, tiles=len(subs))
     return out
