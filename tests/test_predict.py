@@ -310,3 +310,37 @@ def test_predict_checks_every_input_before_embedding_the_reference(setup, tmp_pa
     err = capsys.readouterr().err
     assert rc == 1 and "3 problem(s)" in err and "missing.svs" in err and "NotAGene" in err and "--k" in err
     assert not out.exists()
+
+
+def test_prediction_plots_in_scanpy_and_carries_the_coords_obs(setup, tmp_path, capsys):
+    """`stalign predict` writes AnnData that scanpy.pl.spatial plots unchanged (uns['spatial'][library_id] with
+    hires/lowres images and scale factors, obsm['spatial'] in full-res px), with the --coords obs carried over and
+    uns['stalign'] saying what X holds (the crop's expression is given normalised)."""
+    import anndata as ad
+    import matplotlib
+
+    matplotlib.use("Agg")
+    sc = pytest.importorskip("scanpy")
+    from stalign.cli import main
+
+    coords = ad.read_h5ad(setup["h5ad"])
+    coords.obs["region"] = np.where(np.arange(coords.n_obs) % 2, "cortex", "striatum")
+    coords.write_h5ad(tmp_path / "coords.h5ad")
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(setup["ckpt"]), "--slide", str(setup["image"]), "--um-per-px", "0.6149",
+                 "--reference", str(setup["shards"]), "--coords", str(tmp_path / "coords.h5ad"), "--out", str(out),
+                 "--heatmap-genes", "none", "--quiet"]) == 0
+    pred = ad.read_h5ad(out)
+    lib = pred.uns["stalign"]["library_id"]
+    assert lib == "test_img" and set(pred.uns["spatial"]) == {lib}
+    space = pred.uns["spatial"][lib]
+    assert space["images"]["hires"].ndim == 3 and max(space["images"]["lowres"].shape[:2]) <= 600
+    assert space["scalefactors"]["spot_diameter_fullres"] == pytest.approx(112 / 0.6149)
+    assert list(pred.obs["region"]) == list(coords.obs["region"])
+    assert "given already normalised" in pred.uns["stalign"]["units"] and pred.uns["stalign"]["pixel_size_source"] == "user flag"
+    gene = str(pred.var_names[0])
+    sc.pl.spatial(pred, color=[gene, "region"], show=False)  # scanpy finds the image, scale and spot size itself
+    import matplotlib.pyplot as plt
+
+    plt.savefig(tmp_path / "spatial.png")
+    assert (tmp_path / "spatial.png").stat().st_size > 10_000

@@ -79,7 +79,10 @@ def check_inputs(args: argparse.Namespace) -> tuple:
 
     model = attempt(lambda: stalign.load_checkpoint(args.model))
     head = attempt(lambda: load_head(args.fewshot_head)) if args.fewshot_head else None
-    coords, barcodes = attempt(lambda: slide_coords(args), (None, None))
+    from stalign.tasks.predict import read_coords
+
+    coords, barcodes, obs = (attempt(lambda: read_coords(args.coords, with_obs=True), (None, None, None))
+                             if args.coords else (None, None, None))
     slide = attempt(lambda: open_for_prediction(args.slide, um_per_px=args.um_per_px))
     if args.reference and not Path(args.reference).exists():
         problems.append(f"{args.reference}: reference (bank or shards folder) does not exist")
@@ -99,18 +102,20 @@ def check_inputs(args: argparse.Namespace) -> tuple:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if problems:
         raise ValueError(f"{len(problems)} problem(s): " + "; ".join(problems) if len(problems) > 1 else problems[0])
-    return model, head, slide, coords, barcodes
+    return model, head, slide, coords, barcodes, obs
 
 
 def run(args: argparse.Namespace) -> int:
     from stalign.tasks.predict import predict_slide, write_heatmaps
+    from stalign.tasks.scverse import carry_obs
 
-    model, head, slide, coords, barcodes = check_inputs(args)
+    model, head, slide, coords, barcodes, obs = check_inputs(args)
     adata = predict_slide(model, slide, reference=args.reference, coords=coords, barcodes=barcodes,
                           um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
                           step_um=args.step_um, k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
                           progress=not args.quiet)
+    carry_obs(adata, obs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)

@@ -51,8 +51,9 @@ def tile_tissue(slide: Any, *, step_px: float, thumb_size: int = 1024, min_fract
     return grid[keep]
 
 
-def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
-    """Spot centres (level-0 px) from an AnnData (obsm['spatial']) or a CSV with x and y columns."""
+def read_coords(path: str | os.PathLike, *, with_obs: bool = False) -> tuple:
+    """Spot centres (level-0 px) from an AnnData (obsm['spatial']) or a CSV with x and y columns, and the spot
+    names; ``with_obs`` adds the other columns (the AnnData's obs, the CSV's other columns) as a DataFrame."""
     import pandas as pd
 
     path = Path(path)
@@ -64,12 +65,14 @@ def read_coords(path: str | os.PathLike) -> tuple[np.ndarray, list[str] | None]:
         adata = read_h5ad(path, what="coordinates file")
         if "spatial" not in adata.obsm:
             raise ValueError(f"{path}: no obsm['spatial'] with spot centres")
-        return np.asarray(adata.obsm["spatial"], np.float64)[:, :2], list(adata.obs_names)
+        out = np.asarray(adata.obsm["spatial"], np.float64)[:, :2], list(adata.obs_names)
+        return (*out, adata.obs.reset_index(drop=True)) if with_obs else out
     table = pd.read_csv(path)
     if not {"x", "y"} <= set(table.columns):
         raise ValueError(f"{path}: the CSV needs columns x and y (level-0 px), found {list(table.columns)}")
     names = table["barcode"].astype(str).tolist() if "barcode" in table.columns else None
-    return table[["x", "y"]].to_numpy(np.float64), names
+    out = table[["x", "y"]].to_numpy(np.float64), names
+    return (*out, table.drop(columns=[c for c in ("x", "y", "barcode") if c in table])) if with_obs else out
 
 
 def outside_image(coords: np.ndarray, slide: Any) -> np.ndarray:
@@ -187,6 +190,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                 "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
                 "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"], "tiled": e["tiled"],
                 "k": int(k), "temperature": float(temperature), "niche_weight": float(niche_weight), "X": x_source,
+                "units": _units(bank, fewshot_head),
                 "model": str(getattr(model, "meta", {}).get("name", "")),
                 "reference": bank.info.get("source", "") if bank is not None else "",
                 "reference_spots": len(bank) if bank is not None else 0,
@@ -195,9 +199,20 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     obs["outside_image"] = outside_image(coords, slide)
     if label_head:
         obs["predicted_label"] = pd.Categorical(np.asarray(fewshot_head.predict(emb)).astype(str))
-    return ad.AnnData(X=layers[x_source].copy(), obs=obs,
-                      var=pd.DataFrame(index=pd.Index(genes, dtype=str)), layers=layers,
-                      obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
+    from stalign.tasks.scverse import add_spatial_images
+
+    out = ad.AnnData(X=layers[x_source].copy(), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
+                     layers=layers, obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
+    settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=e["spot_um"] / float(slide.um_per_px))
+    return out
+
+
+def _units(bank: Any, head: Any) -> str:
+    """What the values of X are: the reference's expression units (log1p of counts per 10k, or as given)."""
+    info = bank.info if bank is not None else getattr(head, "embedding_info", {}) or {}
+    kind = info.get("expression")
+    return {"log1p_cp10k": "log1p(counts per 10,000) of the reference", "as_given": "the reference's own units "
+            "(given already normalised)"}.get(kind, "the units of the reference/head's training expression")
 
 
 def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
