@@ -197,3 +197,33 @@ def test_convert_and_embed_from_the_command_line(converted, tmp_path):
     expected = embed_slice(converted["se2"], xy, cell_emb, labels=adata.obs["cluster"].to_numpy(), split_num=12)
     assert got.shape == (30, 256)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+def test_pretraining_batch_matches_the_original_collator(converted):
+    """MCM + PDR batch of the original collator (rate 0.12, kept 0.03, -100 inputs; PDR noise sigma = 5 sqrt(area /
+    cells), full distances from the moved cells, clean kNN distances as targets), same draws after the same seed;
+    fed through the converted model it gives the original's losses."""
+    from stofm.original import pipeline as P
+    from stofm.original.masking import mask_batch
+
+    ref, pre = _np(SE2 / "inputs_mlm.safetensors"), _np(SE2 / "preprocess_sliceA.safetensors")
+    norm = P.normalize_coords(pre["raw_spatial"])
+    hxy, hemb, _ = P.hypernodes(norm, pre["cell_emb"], pre["leiden_labels"])
+    torch.manual_seed(1234)
+    batch = mask_batch(P.build_subslices(norm, pre["cell_emb"], hxy, hemb, split_num=100)[:2])
+    for key in ("token_embeddings", "labels", "token_types", "indices", "spatial"):
+        np.testing.assert_allclose(batch[key].numpy(), ref[key], **TOL)
+    np.testing.assert_allclose(batch["attn_bias"].numpy(), ref["attn_bias"], rtol=1e-5, atol=1e-4)  # float32 cdist
+    np.testing.assert_allclose(batch["pair_labels"].numpy(), ref["pair_labels"], rtol=1e-5, atol=1e-4)
+    for b, picks in enumerate(batch["picks"]):
+        for key in ("mcm_masked", "mcm_kept", "pdr_masked", "pdr_kept"):
+            assert picks[key].tolist() == ref[f"b{b}.{key}"].tolist(), (b, key)
+        np.testing.assert_allclose(picks["pdr_noise"].numpy(), ref[f"b{b}.pdr_noise"], **TOL)
+        m = len(ref[f"b{b}.noised_spatial"])
+        np.testing.assert_allclose(batch["noised_spatial"][b, :m].numpy(), ref[f"b{b}.noised_spatial"], **TOL)
+    with torch.no_grad():
+        out = converted["model"](batch["token_embeddings"], batch["attn_bias"], batch["token_types"],
+                                 labels=batch["labels"], pair_labels=batch["pair_labels"])
+    losses = _np(SE2 / "outputs_mlm.safetensors")
+    np.testing.assert_allclose(float(out["loss"]), float(losses["loss"][0]), rtol=1e-4)
+    np.testing.assert_allclose(float(out["pair_loss"]), float(losses["pair_loss"][0]), rtol=1e-4)
