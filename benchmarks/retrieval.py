@@ -4,9 +4,10 @@
     python benchmarks/retrieval.py --device cpu --bank 200000 --queries 512
     python benchmarks/retrieval.py --quick                       # 20,000-row bank (seconds)
 
-Rows: the plain way (one ``(q @ bank.T).topk(k)`` per query chunk, fp32 and bf16 bank) and the package's
-``stalign.tasks.fast_topk.search`` (what ``ReferenceBank.topk`` runs: bf16 bank + exact fp32 re-scoring on
-CUDA, fp32 on the CPU; fp16/bf16 storage rows too). Recall = overlap with the exact fp32 top-k. Embeddings are
+Rows: the plain way (one ``(q @ bank.T).topk(k)`` per query chunk, fp32 and bf16 bank), the peer faiss
+``IndexFlatIP`` (exact inner product, same threads; when ``faiss`` is installed: ``pip install faiss-cpu``, for the
+benchmark only) and the package's ``stalign.tasks.fast_topk.search`` (what ``ReferenceBank.topk`` runs: bf16 bank +
+exact fp32 re-scoring on CUDA and on CPUs with native bf16 matmuls, fp32 otherwise; fp16/bf16 storage rows too). Recall = overlap with the exact fp32 top-k. Embeddings are
 clustered (many near-ties, like spots of similar tissue), not uniform noise. Bank placement is not timed.
 """
 from __future__ import annotations
@@ -69,16 +70,30 @@ def main(argv: list[str] | None = None) -> None:
         print(rows[-1], flush=True)
 
     run("plain fp32 matmul + topk", lambda: plain_topk(qd, bank32, args.k, query_chunk=qchunk))
+    faiss_row = None
+    if not cuda:
+        try:
+            import faiss
+        except ImportError:
+            print("faiss not installed: no peer row (pip install faiss-cpu)")
+        else:
+            faiss.omp_set_num_threads(torch.get_num_threads())
+            index = faiss.IndexFlatIP(args.dim)
+            index.add(bank32.numpy())
+            qn = queries.numpy()
+            run(f"faiss {faiss.__version__} IndexFlatIP", lambda: [torch.from_numpy(a) for a in index.search(qn, args.k)])
+            faiss_row = rows[-1]
     bank16 = bank32.to(torch.bfloat16)
     if cuda:
         run("plain bf16 matmul + topk", lambda b=bank16: plain_topk(qd, b, args.k, query_chunk=qchunk))
     del bank16
     default = prepare_bank(bank32, device=device)  # what ReferenceBank.topk uses by default on this device
-    label = "bf16 + exact re-scoring" if cuda else "fp32"
+    label = "bf16 + exact re-scoring" if default.scores.dtype == torch.bfloat16 else "fp32"
     run(f"package default ({label})", lambda b=default: search(queries, b, args.k, query_chunk=qchunk))
+    default_dtype = default.scores.dtype
     del default
     for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-        if cuda and dtype == torch.bfloat16:
+        if dtype == default_dtype:
             continue  # the default row
         bank = prepare_bank(bank32, device=device, dtype=dtype)
         run(f"package {name} bank + exact re-scoring", lambda b=bank: search(queries, b, args.k, query_chunk=qchunk))
@@ -86,8 +101,11 @@ def main(argv: list[str] | None = None) -> None:
     base = rows[1 if cuda else 0]["queries/s"]
     for r in rows:
         r["x plain" + (" bf16" if cuda else " fp32")] = r["queries/s"] / base
+        if faiss_row is not None:
+            r["x faiss"] = r["queries/s"] / faiss_row["queries/s"]
     title = f"retrieval top-{args.k}: {n:,} x {args.dim} bank, {nq:,} queries on {device.type.upper()}"
-    notes = [f"bank rows {n:,}, dim {args.dim}, clustered random embeddings, query chunk {qchunk}"]
+    notes = [f"bank rows {n:,}, dim {args.dim}, clustered random embeddings, query chunk {qchunk}, "
+             f"{torch.get_num_threads()} torch thread(s) (faiss the same)"]
     if not cuda:
         notes.append("CPU figures (no GPU in this run); the 1M-bank targets are for an H100")
     record(args, title=title, device=device, body=table(rows), load_before=load_before, notes=notes)

@@ -202,3 +202,40 @@ def test_cuda_bank_search_recall():
     assert dev.scores.dtype == torch.bfloat16 and dev.exact is not None
     _, i = search(torch.tensor(q), dev, 50, chunk=16384)
     assert recall(i.cpu().numpy(), ei) >= 0.99
+
+
+def test_cpu_bf16_search_returns_exact_scores_at_full_recall(monkeypatch):
+    """The CPU path for banks in bf16 (native bf16 matmuls, int16-ordered top-k, exact fp32 re-scoring): the same
+    top-k as the exact fp32 search on a clustered bank with near-ties, and the fp32 similarities."""
+    from stalign.tasks import fast_topk
+    from stalign.tasks.fast_topk import exact_topk, prepare_bank, recall, search
+
+    monkeypatch.setattr(fast_topk, "cpu_has_fast_bf16", lambda: True)
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(64, 32, generator=g)
+    bank = centres[torch.randint(0, 64, (20_000,), generator=g)] + 0.5 * torch.randn(20_000, 32, generator=g)
+    queries = -bank[:40] + 0.1 * torch.randn(40, 32, generator=g)  # some rows have mostly negative scores
+    queries[:20] = bank[:20] + 0.1 * torch.randn(20, 32, generator=g)
+    ref_sims, ref_idx = exact_topk(queries.numpy(), bank.numpy(), 50)
+    sims, idx = search(queries, prepare_bank(bank, dtype=torch.bfloat16), 50, chunk=4096, query_chunk=16)
+    assert recall(idx.numpy(), ref_idx) >= 0.99
+    np.testing.assert_allclose(sims.numpy(), ref_sims, atol=1e-5)
+
+
+def test_bf16_topk_orders_negative_rows_correctly():
+    from stalign.tasks.fast_topk import _bf16_topk
+
+    s = torch.tensor([[-0.5, -0.1, -0.9, -0.2], [0.3, -0.4, 0.9, 0.1]]).to(torch.bfloat16)
+    v, i = _bf16_topk(s, 2)
+    assert sorted(i[0].tolist()) == [1, 3] and sorted(i[1].tolist()) == [0, 2]
+
+
+def test_search_dtype_follows_the_hardware_and_bank_size(monkeypatch):
+    from stalign.tasks import fast_topk
+
+    monkeypatch.setattr(fast_topk, "cpu_has_fast_bf16", lambda: True)
+    assert fast_topk.search_dtype("cpu", n_rows=200_000) == torch.bfloat16
+    assert fast_topk.search_dtype("cpu", n_rows=1_000) == torch.float32  # small banks stay fp32
+    assert fast_topk.search_dtype("cpu", torch.float16, n_rows=1_000) == torch.float16
+    monkeypatch.setattr(fast_topk, "cpu_has_fast_bf16", lambda: False)
+    assert fast_topk.search_dtype("cpu", n_rows=200_000) == torch.float32

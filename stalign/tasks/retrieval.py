@@ -127,7 +127,7 @@ class ReferenceBank:
         from stalign.tasks.fast_topk import search, search_dtype
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        bank = self._bank_tensor(device, search_dtype(device, dtype))
+        bank = self._bank_tensor(device, search_dtype(device, dtype, n_rows=len(self)))
         sims, idx = search(q, bank, k, chunk=chunk, query_chunk=query_chunk)
         return sims.cpu().numpy(), idx.cpu().numpy()
 
