@@ -22,6 +22,7 @@ COMMAND_MODULES = (
     "stalign.commands.domains",
     "stalign.commands.fewshot",
     "stalign.commands.bench",
+    "stalign.commands.heatmaps",
     "stalign.commands.demo",      # make demo
 )
 

@@ -99,6 +99,12 @@ def _embed(args: argparse.Namespace) -> int:
             print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape} (original SToFM)")
             continue
         if model is None:
+            if not Path(args.model).is_dir():
+                import warnings
+
+                warnings.warn(f"{args.model} is a config name: its weights are random (a smoke test, not SToFM); "
+                              "embed with a pretrained folder (stofm pretrain, or stofm convert of the released "
+                              "weights)", stacklevel=2)
             model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
         kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method}
         embed(adata, model, batch_size=args.batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)

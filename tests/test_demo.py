@@ -148,5 +148,5 @@ def test_demo_configs_are_found_from_another_folder(tmp_path, monkeypatch):
     """`stalign demo` run outside the checkout still finds configs/demo.yaml of the source tree."""
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    assert Path(demo_stages._config("configs/demo.yaml")) == repo / "configs" / "demo.yaml"
+    assert Path(demo_stages._config("configs/demo.yaml")).resolve() == (repo / "configs" / "demo.yaml").resolve()
     assert demo_stages._config("mine.yaml") == "mine.yaml"  # not in the checkout: left for the loader to report

@@ -117,3 +117,10 @@ def test_damaged_or_pickled_heads_are_refused(tmp_path, crop):
     with pytest.raises(ValueError, match="pickles can run code"):
         load_head(old)
     assert not marker.exists()
+
+
+def test_finetune_trains_the_last_blocks_by_default():
+    from stalign.cli import build_parser
+
+    args = build_parser().parse_args(["fewshot", "--model", "m", "--shards", "s", "--out", "o", "--kind", "finetune"])
+    assert args.unfreeze_last == 2

@@ -213,7 +213,7 @@ def test_local_checkpoint_path_needs_arch_and_loads(tmp_path: Path) -> None:
     with torch.no_grad():
         want = ref.forward_head(ref.forward_features(_normalise(x, enc.mean, enc.std)), pre_logits=True)
         assert torch.allclose(enc(x), want, atol=1e-5)
-    with pytest.raises(ValueError, match="needs arch"):
+    with pytest.raises(ValueError, match="needs its architecture"):
         create_image_encoder(str(f))
     with pytest.raises(FileNotFoundError, match="missing.safetensors"):
         create_image_encoder(str(tmp_path / "missing.safetensors"), arch="timm:test_resnet")

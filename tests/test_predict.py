@@ -344,3 +344,16 @@ def test_prediction_plots_in_scanpy_and_carries_the_coords_obs(setup, tmp_path, 
 
     plt.savefig(tmp_path / "spatial.png")
     assert (tmp_path / "spatial.png").stat().st_size > 10_000
+
+
+def test_heatmaps_command_redraws_from_a_prediction(setup, tmp_path, capsys):
+    from stalign.cli import main
+
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(setup["ckpt"]), "--slide", str(setup["image"]), "--um-per-px", "0.6149",
+                 "--reference", str(setup["shards"]), "--out", str(out), "--heatmap-genes", "none", "--quiet"]) == 0
+    genes = setup["manifest"]["genes"][:2]
+    assert main(["heatmaps", str(out), "--genes", *genes, "--out", str(tmp_path / "maps")]) == 0
+    assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == sorted(f"{g}.png" for g in genes)
+    assert main(["heatmaps", str(out), "--genes", "NotAGene", "--out", str(tmp_path / "m2")]) == 1
+    assert "NotAGene" in capsys.readouterr().err and not (tmp_path / "m2").exists()

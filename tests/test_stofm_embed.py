@@ -202,3 +202,11 @@ def test_tiled_embeddings_what_is_and_is_not_rotation_invariant(crop, tiny):
     assert same.any() and (~same).any()  # some tiles survive the rotation, some do not
     assert diff[same].max() < 1e-4
     assert diff[~same].max() > 1e-3
+
+
+def test_embedding_with_a_config_name_warns_that_weights_are_random(squidpy_crop, tmp_path):
+    from stofm.cli import main
+
+    with pytest.warns(UserWarning, match="weights are random"):
+        assert main(["embed", str(squidpy_crop / "test_data.h5ad"), "--model", "stofm-tiny", "--out",
+                     str(tmp_path / "e.h5ad")]) == 0

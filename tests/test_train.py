@@ -273,3 +273,35 @@ def test_bf16_after_fp32_in_one_process_and_no_validation_split(small_shards, tm
         assert result.step == 2 and result.metrics == {} and all(math.isfinite(v) for _, v in result.losses)
         assert (tmp_path / precision / "final" / "model.safetensors").is_file()
         assert not (tmp_path / precision / "val_log.csv").exists()
+
+
+def test_shipped_configs_list_resolve_by_name_and_every_option_has_help(capsys):
+    """Configs ship inside the package (a wheel has them), `--config NAME` finds them, `--list-configs` shows them,
+    and every `stalign train` option says what it does."""
+    from stalign.cli import build_parser, main
+    from stalign.training.config import CONFIG_DIR, resolve_config, shipped_configs
+
+    assert CONFIG_DIR.parent.name == "stalign" and {"demo", "hest_uni", "pretrain_base", "tiny_test"} <= set(
+        shipped_configs())
+    for name in shipped_configs():
+        cfg = resolve_config(name)  # every shipped config is valid
+        assert cfg.model
+    assert resolve_config("demo").model == "stalign-demo" and resolve_config("hest_uni").mixed_precision == "bf16"
+    assert main(["train", "--list-configs"]) == 0
+    assert "hest_uni" in capsys.readouterr().out
+    with pytest.raises(FileNotFoundError, match="shipped configs: .*demo"):
+        resolve_config("nonexistent_config")
+    train = next(a for a in build_parser()._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    missing = [a.option_strings for a in train._actions if a.option_strings and not a.help]
+    assert not missing, missing
+
+
+def test_block_split_reports_the_spots_it_leaves_out(small_shards, capsys):
+    from stalign.training.data import build_train_data
+
+    data = build_train_data(root=small_shards("synthetic"), slides=None, val_fraction=0.2, split_by="block", seed=0,
+                            niche_spots=4, train_transforms=None, eval_transforms=None, val_max_spots=0)
+    from stalign.data.dataset import ShardDataset
+
+    total = len(ShardDataset(small_shards("synthetic")))
+    assert data.n_left_out > 0 and data.n_train + data.n_val + data.n_left_out == total

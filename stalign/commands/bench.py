@@ -21,6 +21,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--folds", type=int, default=None, help="number of folds (default: one per slide / 5 spot folds)")
     p.add_argument("--genes", type=int, default=50, help="top highly variable genes (default 50; 0 = all)")
     p.add_argument("--latent-dim", type=int, default=256, help="PCA components (default 256)")
+    p.add_argument("--arch", default=None,
+                   help="architecture of encoders given as a bare weights file (e.g. uni for --encoders /path/uni.bin;"
+                        " or write uni:/path/uni.bin)")
     p.add_argument("--out", default=None, help="CSV of the table")
     add_run_args(p, seed=True)
     p.set_defaults(func=run)
@@ -31,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,
                          latent_dim=args.latent_dim, batch_size=args.batch_size, workers=args.workers,
-                         device=args.device, seed=args.seed, progress=not args.quiet)
+                         device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch)
     print(format_table(table))
     print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s), folds by {table.attrs['by']}, "
           f"{len(table.attrs['genes'])} genes")

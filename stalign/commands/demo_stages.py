@@ -108,9 +108,13 @@ def _shards(ctx: DemoContext, name: str) -> Path:
 
 
 def _config(path: str) -> str:
-    """A run config path as given, else relative to the source checkout (run from another folder)."""
-    here = Path(__file__).resolve().parents[2] / path
-    return str(here) if not Path(path).is_file() and here.is_file() else path
+    """A run config path as given, else the shipped config of that name (run from another folder, or installed)."""
+    from stalign.training.config import find_config
+
+    try:
+        return str(find_config(path))
+    except FileNotFoundError:
+        return path
 
 
 def _train_overrides(ctx: DemoContext, steps: int | None) -> dict[str, Any]:

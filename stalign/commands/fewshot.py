@@ -25,7 +25,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--labels", default=None,
                    help="prototype/logistic: CSV with columns barcode,label (slide_id,barcode,label for several "
                         "slides); spots without a label are left out")
-    p.add_argument("--unfreeze-last", type=int, default=0, help="finetune: trainable last blocks per image trunk")
+    p.add_argument("--unfreeze-last", type=int, default=2,
+                   help="finetune: trainable last blocks per image trunk (default 2; 0 trains the head only)")
     p.add_argument("--lr", type=float, default=1e-3, help="finetune: head learning rate (encoder: lr / 100)")
     p.add_argument("--genes", nargs="+", default=None, help="genes the head predicts (default: the model's panel)")
     p.add_argument("--latent-dim", type=int, default=256, help="ridge: PCA components (256)")

@@ -13,7 +13,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "train", help="train an stalign model (accelerate: `accelerate launch -m stalign train ...` for many GPUs)",
         description="Train image<->expression alignment from `stalign prep` shards. Settings come from the YAML "
                     "config, then --flags, then key=value overrides (e.g. max_steps=200 model_overrides.depth=2).")
-    p.add_argument("--config", default=None, help="YAML run config (configs/demo.yaml, configs/pretrain_base.yaml)")
+    p.add_argument("--config", default=None,
+                   help="YAML run config: a path, or the name of a shipped one (demo, hest_uni, ...; --list-configs)")
+    p.add_argument("--list-configs", action="store_true", help="list the run configs shipped with stalign and exit")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
     p.add_argument("--resume", nargs="?", const="latest", default=None, metavar="CKPT",
                    help="continue from the newest checkpoint of output_dir (or from the step_N folder given)")
@@ -26,6 +28,13 @@ def _run(args: argparse.Namespace) -> int:
     from stalign.training.config import flags_from_args, resolve_config
     from stalign.training.trainer import train
 
+    if args.list_configs:
+        from stalign.training.config import CONFIG_DIR, shipped_configs
+
+        for name, about in shipped_configs().items():
+            print(f"{name:16s} {about}")
+        print(f"(in {CONFIG_DIR}; use --config NAME)")
+        return 0
     overrides, resume = list(args.overrides), args.resume
     if resume and "=" in resume and not Path(resume).exists():  # `--resume key=value`: the override, not a path
         overrides, resume = [resume, *overrides], "latest"

@@ -6,6 +6,7 @@ into an ``ImageEncoder``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -132,6 +133,29 @@ def is_local_checkpoint(spec: Any) -> bool:
     return isinstance(spec, (str, os.PathLike)) and (Path(spec).exists() or str(spec).endswith(CHECKPOINT_SUFFIXES))
 
 
+@contextlib.contextmanager
+def hub_errors(name: str):
+    """Turn a failed hub download (gated repo, no login, offline, unknown repo) into one line that says what to do."""
+    try:
+        yield
+    except Exception as err:  # huggingface_hub and timm raise many kinds; only hub failures are rewritten
+        kind = type(err).__name__
+        text = " ".join(str(err).split())
+        hubby = kind in ("GatedRepoError", "RepositoryNotFoundError", "LocalEntryNotFoundError",
+                         "EntryNotFoundError", "HfHubHTTPError", "OfflineModeIsEnabled", "ConnectionError") or \
+            "huggingface" in text.lower() or "hf_hub" in text.lower()
+        if not hubby:
+            raise
+        from huggingface_hub.constants import HF_HUB_CACHE
+
+        repo = name.removeprefix("hf-hub:").split("@")[0]
+        raise RuntimeError(
+            f"{name}: could not get the weights from the Hugging Face hub ({kind}). If the model is gated, accept "
+            f"its licence at https://huggingface.co/{repo} and log in (`hf auth login` or HF_TOKEN); offline, "
+            f"set HF_HUB_OFFLINE=1 with the weights already in the cache ({HF_HUB_CACHE}), or pass a local file "
+            f"(NAME:/path/to/weights)") from None
+
+
 # ------------------------------------------------------------------------------------------------- timm
 def timm_backbone(name: str, *, pretrained: bool | str | os.PathLike | None = None, hub_name: str | None = None,
                   input_size: int | None = None, **kwargs: Any) -> Backbone:
@@ -140,7 +164,8 @@ def timm_backbone(name: str, *, pretrained: bool | str | os.PathLike | None = No
 
     kwargs.setdefault("num_classes", 0)
     if pretrained is True:
-        model = timm.create_model(hub_name or name, pretrained=True, **kwargs)
+        with hub_errors(hub_name or name):
+            model = timm.create_model(hub_name or name, pretrained=True, **kwargs)
     else:
         model = timm.create_model(name, pretrained=False, **kwargs)
         if pretrained:

@@ -31,9 +31,16 @@ __all__ = ["CheckpointMismatchError", "ImageEncoder", "UnknownImageEncoderError"
            "known_image_encoders", "load_state_dict_file"]
 
 
+#: TRIDENT-style names (as HEST and TRIDENT spell them) -> the names here.
+ALIASES = {"uni_v1": "uni", "uni_v2": "uni2", "uni2-h": "uni2", "conch_v1": "conch", "virchow_v1": "virchow",
+           "virchow_v2": "virchow2", "hoptimus0": "h-optimus-0", "h_optimus_0": "h-optimus-0", "phikon_v1": "phikon",
+           "resnet50": "timm:resnet50.tv_in1k"}
+
+
 def known_image_encoders() -> list[str]:
     """Registered names and spec prefixes (for error messages and ``--help``)."""
-    return sorted(IMAGE_ENCODERS) + [f"{p}:<name>" for p in sorted(PREFIX_BUILDERS)] + ["<local checkpoint path> + arch"]
+    return (sorted(IMAGE_ENCODERS) + sorted(ALIASES) + [f"{p}:<name>" for p in sorted(PREFIX_BUILDERS)]
+            + ["hf-hub:<org>/<name>", "<name>:<local weights file>", "<local checkpoint path> + arch"])
 
 
 # ------------------------------------------------------------------------------------------------ encoder
@@ -109,7 +116,12 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
     """
     from stalign.models.adapters import apply_trainability
 
-    spec = str(spec)
+    spec = ALIASES.get(str(spec), str(spec))
+    if spec.startswith("hf-hub:"):  # timm / open_clip semantics: a hub repo's own weights
+        spec, pretrained = "timm:" + spec, True if pretrained is None else pretrained
+    head, _, tail = spec.partition(":")
+    if tail and ALIASES.get(head, head) in IMAGE_ENCODERS and is_local_checkpoint(tail):
+        spec, arch = tail, ALIASES.get(head, head)  # name:PATH = the named architecture with local weights
     if spec in IMAGE_ENCODERS:
         backbone = IMAGE_ENCODERS[spec](pretrained=pretrained, **kwargs)
     elif ":" in spec and spec.split(":", 1)[0] in PREFIX_BUILDERS:
@@ -117,7 +129,8 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
         backbone = PREFIX_BUILDERS[prefix](name, pretrained=pretrained, **kwargs)
     elif is_local_checkpoint(spec):
         if arch is None:
-            raise ValueError(f"{spec}: a local checkpoint needs arch= (e.g. 'timm:vit_base_patch16_224' or 'uni')")
+            raise ValueError(f"{spec}: a local checkpoint needs its architecture: --arch NAME / arch= NAME, or "
+                             f"the spec NAME:{spec} (e.g. uni:{spec} or timm:vit_base_patch16_224)")
         if not Path(spec).exists():
             raise FileNotFoundError(f"{spec}: checkpoint file not found")
         return create_image_encoder(arch, pretrained=spec, freeze=freeze, unfreeze_last=unfreeze_last,

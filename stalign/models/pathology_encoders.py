@@ -22,6 +22,7 @@ from stalign.models.backbones import (
     Backbone,
     CheckpointMismatchError,
     backbone_from_timm,
+    hub_errors,
     load_into,
     load_state_dict_file,
     register_image_encoder,
@@ -205,7 +206,8 @@ def conch(*, pretrained: Pretrained = None, **arch: Any) -> Backbone:
     if pretrained is True:
         from huggingface_hub import hf_hub_download
 
-        pretrained = hf_hub_download("MahmoodLab/conch", "pytorch_model.bin")
+        with hub_errors("hf-hub:MahmoodLab/conch"):
+            pretrained = hf_hub_download("MahmoodLab/conch", "pytorch_model.bin")
     visual = ConchVisual(**arch)
     if pretrained:
         sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
@@ -244,7 +246,8 @@ def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **ove
     if pretrained is True:
         from huggingface_hub import hf_hub_download
 
-        pretrained = hf_hub_download("owkin/phikon", "model.safetensors")
+        with hub_errors("hf-hub:owkin/phikon"):
+            pretrained = hf_hub_download("owkin/phikon", "model.safetensors")
     kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
                               "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}
     sd = None

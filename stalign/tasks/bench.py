@@ -25,8 +25,10 @@ def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
 
 
 def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32, workers: int = 0,
-                     device: str | None = None, seed: int = 0, progress: bool = True) -> np.ndarray:
-    """(N, F) features of every shard spot (manifest order) for one encoder spec."""
+                     device: str | None = None, seed: int = 0, progress: bool = True,
+                     arch: str | None = None) -> np.ndarray:
+    """(N, F) features of every shard spot (manifest order) for one encoder spec (``arch``: the architecture of a
+    bare local weights file)."""
     import torch
     from tqdm import tqdm
 
@@ -45,7 +47,7 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
         torch.manual_seed(seed)
         net = create_image_encoder(rest, pretrained=False)
     else:
-        net = create_image_encoder(spec, pretrained=True)
+        net = create_image_encoder(spec, pretrained=True, arch=arch)
     net = net.to(device).eval()
     out = []
     with torch.inference_mode():
@@ -57,8 +59,9 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
 def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = "slide", n_splits: int | None = None,
                  k_genes: int | None = 50, latent_dim: int = 256, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, seed: int = 0, progress: bool = True,
-                 features: dict[str, np.ndarray] | None = None):
-    """HEST protocol table (pandas) for ``encoders`` on the shards under ``root``.
+                 features: dict[str, np.ndarray] | None = None, arch: str | None = None):
+    """HEST protocol table (pandas) for ``encoders`` on the shards under ``root`` (``arch``: the architecture of
+    encoders given as bare local weight files).
 
     ``by="slide"``: folds by slide (leave-one-slide-out unless ``n_splits``), the HEST protocol; ``by="spot"``:
     shuffled spot-level ``n_splits``-fold (default 5) within slides, for a single slide (not HEST: neighbouring
@@ -83,7 +86,7 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     feats = dict(features or {})
     for spec in encoders:
         feats[spec] = encoder_features(spec, root, batch_size=batch_size, workers=workers, device=device,
-                                       seed=seed, progress=progress)
+                                       seed=seed, progress=progress, arch=arch)
     if not feats:
         raise ValueError("no encoders to benchmark")
     log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")

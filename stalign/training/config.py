@@ -25,48 +25,48 @@ class TrainConfig:
     # data
     data: str = ""  # shard root: a ``stalign prep`` output folder (manifest.json + shards/)
     slides: list[str] | None = None  # restrict to these slide ids
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # share of spots held out for validation (0: none)
     split_by: str = "spot"  # "spot", "slide" or "block" (held-out squares with a niche-wide margin: no crop overlap)
-    niche_spots: int = 16
+    niche_spots: int = 16  # neighbouring spots (self first) given to the niche gene encoder
     virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none)
     augment: bool = True  # the image encoder's train_transform on the training split
-    num_workers: int = 0
+    num_workers: int = 0  # DataLoader worker processes
     # model
-    model: str = "stalign-tiny"
-    model_overrides: dict = dataclasses.field(default_factory=dict)
+    model: str = "stalign-tiny"  # model config name (stalign-tiny/-demo/-base) or a config .json
+    model_overrides: dict = dataclasses.field(default_factory=dict)  # keys of the model config to change
     pretrained: str | None = None  # backbone weights passed to create_model
     init: str | None = None  # fine-tune from this stalign checkpoint folder
     # loss
-    alpha: float = 0.3
-    beta: float = 0.3
+    alpha: float = 0.3  # weight of the spot image<->gene term
+    beta: float = 0.3  # weight of the niche term (the fused term gets 1 - alpha - beta)
     loss_kind: str = "infonce"  # "infonce" or "siglip"
     hard_negative_clusters: int = 0  # >1: same-cluster spots of a slide are not negatives (k-means on expression)
     # optimisation
     batch_size: int = 32  # per process; global batch = batch_size x processes x grad_accum
-    grad_accum: int = 1
-    lr: float = 3e-4
-    weight_decay: float = 0.05
-    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
-    eps: float = 1e-6
-    warmup_steps: int = 100
-    min_lr_ratio: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 3e-4  # peak learning rate (AdamW)
+    weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
+    eps: float = 1e-6  # AdamW epsilon
+    warmup_steps: int = 100  # linear warm-up steps before the cosine decay
+    min_lr_ratio: float = 0.0  # final learning rate as a fraction of lr
     max_steps: int = 1000  # optimizer steps; the cosine schedule spans them
     epochs: int | None = None  # when set, max_steps = epochs x optimizer steps per epoch
     max_grad_norm: float = 1.0  # 0 turns clipping off
     mixed_precision: str = "no"  # "no", "bf16" or "fp16"
-    cpu: bool = False
+    cpu: bool = False  # train on the CPU even with a GPU
     threads: int | None = None  # torch CPU threads per process (None: torch's default)
-    seed: int = 0
+    seed: int = 0  # seed of the split, initialisation, augmentation and data order
     # bookkeeping
-    output_dir: str = "runs/train"
-    log_every: int = 10
+    output_dir: str = "runs/train"  # logs, checkpoints/step_N and final/ go here
+    log_every: int = 10  # optimizer steps between rows of train_log.csv
     eval_every: int = 200  # 0: only at the end
     save_every: int = 500  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2  # newest step_N folders kept (0 keeps all)
-    val_max_spots: int = 5000
+    val_max_spots: int = 5000  # cap on held-out spots used for the retrieval metrics
     stop_after_steps: int | None = None  # end this run early (time-boxed jobs); resume later
-    tensorboard: bool = True
-    progress: bool = True
+    tensorboard: bool = True  # also write TensorBoard scalars (if installed)
+    progress: bool = True  # a progress bar
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -74,6 +74,19 @@ class TrainConfig:
 
 _CHOICES = {"split_by": ("spot", "slide", "block"), "loss_kind": ("infonce", "siglip"), "mixed_precision": ("no", "bf16", "fp16")}
 _HINTS = typing.get_type_hints(TrainConfig)
+
+
+def _field_help() -> dict[str, str]:
+    """The comment beside each field of :class:`TrainConfig` (one source for the docs and ``--help``)."""
+    import inspect
+    import re
+
+    out = {}
+    for line in inspect.getsource(TrainConfig).splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).replace("``", "")
+    return out
 FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 
 
@@ -178,9 +191,35 @@ def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
 def resolve_config(source: str | Path | dict | None = None, *, overrides: list[str] | None = None,
                    flags: dict[str, Any] | None = None) -> TrainConfig:
     """YAML path (or mapping) < flags < ``key=value`` overrides -> :class:`TrainConfig`."""
-    values = load_yaml(source) if isinstance(source, (str, Path)) else dict(source or {})
+    values = load_yaml(find_config(source)) if isinstance(source, (str, Path)) else dict(source or {})
     values.update({k: v for k, v in (flags or {}).items() if v is not None})
     return build_config(apply_overrides(values, list(overrides or [])))
+
+
+#: Run configs shipped with the package (``stalign train --list-configs``; ``--config NAME`` finds them).
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+def shipped_configs() -> dict[str, str]:
+    """Name -> first comment line of every shipped ``stalign train`` config (``stofm_*``: stofm pretraining)."""
+    out = {}
+    for path in sorted(CONFIG_DIR.glob("*.yaml")):
+        if path.stem.startswith("stofm_"):
+            continue
+        first = next((line for line in path.read_text().splitlines() if line.startswith("#")), "#")
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def find_config(source: str | Path) -> Path:
+    """A config path as given, else a shipped config of that name (``demo``, ``demo.yaml``, ``configs/demo.yaml``)."""
+    path = Path(source)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / (path.stem + ".yaml")
+    if path.suffix in ("", ".yaml", ".yml") and shipped.is_file():
+        return shipped
+    raise FileNotFoundError(f"train config {path} does not exist (shipped configs: {', '.join(shipped_configs())})")
 
 
 def write_config(cfg: TrainConfig, path: str | Path) -> Path:
@@ -194,19 +233,23 @@ def write_config(cfg: TrainConfig, path: str | Path) -> Path:
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One ``--flag`` per scalar or list config key; each defaults to "not given" so the YAML value stays."""
     group = parser.add_argument_group("config keys (override the YAML file)")
+    helps = _field_help()
+    defaults = TrainConfig().to_dict()
     for name in FIELDS:
+        text = f"{helps.get(name, name.replace('_', ' '))} (default {defaults[name]!r})".replace("%", "%%")
         hint, _ = _unwrap_optional(_HINTS[name])
         origin = typing.get_origin(hint) or hint
         flag = "--" + name.replace("_", "-")
         if origin is dict:
             continue  # dict keys only through key=value overrides
         if origin is bool:
-            group.add_argument(flag, dest=f"cfg_{name}", action=argparse.BooleanOptionalAction, default=None)
+            group.add_argument(flag, dest=f"cfg_{name}", action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
         elif origin is list:
-            group.add_argument(flag, dest=f"cfg_{name}", nargs="+", default=None, metavar="V")
+            group.add_argument(flag, dest=f"cfg_{name}", nargs="+", default=None, metavar="V", help=text)
         else:
             group.add_argument(flag, dest=f"cfg_{name}", default=None, metavar=name.upper(),
-                               choices=_CHOICES.get(name))
+                               choices=_CHOICES.get(name), help=text)
 
 
 def flags_from_args(args: argparse.Namespace) -> dict[str, Any]:

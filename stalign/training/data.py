@@ -125,6 +125,7 @@ class TrainData:
     root: Path
     n_train: int
     n_val: int
+    n_left_out: int = 0  # spots in neither set (split_by=block: the margin around held-out blocks; val_max_spots)
 
 
 def shard_genes(root: str | Path) -> list[str]:
@@ -180,4 +181,5 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
                                  seed=seed)
     train, val = wrap(train_shards, train_transforms), wrap(val_shards, eval_transforms)
     return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,
-                     n_train=len(train_idx), n_val=len(val_idx))
+                     n_train=len(train_idx), n_val=len(val_idx),
+                     n_left_out=len(full) - len(train_idx) - len(val_idx))

@@ -254,7 +254,8 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
     logger = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard, resume_step=pos.step if resume else None)
     if main:
         write_config(cfg, out / "config.yaml")
-        accelerator.print(f"training {data.n_train} spots ({data.n_val} held out) of {len(data.genes)} genes, "
+        left = f", {data.n_left_out} left out (split margin / val_max_spots)" if data.n_left_out else ""
+        accelerator.print(f"training {data.n_train} spots ({data.n_val} held out{left}) of {len(data.genes)} genes, "
                           f"{max_steps} steps, global batch {cfg.batch_size * accelerator.num_processes * cfg.grad_accum}"
                           f" on {accelerator.num_processes} process(es) [{accelerator.distributed_type}]")
     return _Run(cfg=cfg, accelerator=accelerator, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer,
