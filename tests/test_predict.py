@@ -357,3 +357,54 @@ def test_heatmaps_command_redraws_from_a_prediction(setup, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "maps").glob("*.png")) == sorted(f"{g}.png" for g in genes)
     assert main(["heatmaps", str(out), "--genes", "NotAGene", "--out", str(tmp_path / "m2")]) == 1
     assert "NotAGene" in capsys.readouterr().err and not (tmp_path / "m2").exists()
+
+
+def test_bench_keeps_rows_when_an_encoder_fails_and_takes_any_panel(setup, tmp_path, capsys):
+    """A model checkpoint of another gene panel is fine for bench (image features only); a failing encoder is
+    reported, and the rows already computed are kept in the table and the CSV."""
+    import pandas as pd
+    import torch
+
+    import stalign
+    from stalign.cli import main
+    from stalign.models.factory import save_checkpoint
+
+    torch.manual_seed(1)
+    other = save_checkpoint(stalign.create_model("stalign-tiny", genes=["g1", "g2", "g3"]), tmp_path / "other")
+    out = tmp_path / "bench.csv"
+    rc = main(["bench", "--shards", str(setup["shards"]), "--by", "spot", "--folds", "2", "--genes", "5",
+               "--latent-dim", "8", "--quiet", "--out", str(out), "--encoders", f"model:{other}", "no-such-encoder"])
+    err = capsys.readouterr().err
+    assert rc == 1 and "encoder no-such-encoder failed" in err
+    assert pd.read_csv(out)["encoder"].tolist() == [f"model:{other}"]
+
+
+def test_predict_reuses_the_reference_bank_it_embedded(setup, tmp_path, monkeypatch):
+    """A shards reference is embedded once per (model weights, shards): later predictions load the cached bank;
+    changed shards are embedded again."""
+    import os
+
+    import stalign
+    from stalign.tasks import embed
+    from stalign.tasks.predict import predict_slide
+
+    monkeypatch.setenv("STALIGN_BANK_CACHE", str(tmp_path / "cache" / "banks"))
+    model = stalign.load_checkpoint(setup["ckpt"])
+    coords = _shard(setup)["coords_px"][:5]
+    kw = dict(reference=setup["shards"], coords=coords, um_per_px=0.6149, k=3, progress=False)
+    first = predict_slide(model, setup["image"], **kw)
+    assert len(list((tmp_path / "cache" / "banks").iterdir())) == 1
+    real = embed.bank_from_shards
+
+    def no_embedding(*args, **kwargs):
+        raise AssertionError("the reference was embedded again")
+
+    monkeypatch.setattr(embed, "bank_from_shards", no_embedding)
+    again = predict_slide(model, setup["image"], **kw)
+    np.testing.assert_array_equal(again.X, first.X)
+    shard = next((setup["shards"] / "shards").glob("*.h5"))
+    st = shard.stat()
+    os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shards changed: embedded again
+    monkeypatch.setattr(embed, "bank_from_shards", real)
+    predict_slide(model, setup["image"], **kw)
+    assert len(list((tmp_path / "cache" / "banks").iterdir())) == 2

@@ -42,4 +42,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
         print(f"table -> {args.out}")
-    return 0
+    import sys
+
+    for spec, message in table.attrs.get("failed", {}).items():
+        print(f"stalign bench: error: encoder {spec} failed (its row is missing): {message}", file=sys.stderr)
+    return 1 if table.attrs.get("failed") else 0

@@ -196,6 +196,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
     for key in ("spot_image", "niche_image"):
         cfg[key]["pretrained"] = None  # the weights follow from model.safetensors
     model = STAlign(config=STAlignConfig.from_dict(cfg), genes=meta["genes"])
-    model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {})}
+    model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {}),
+                  "weights_sha256": meta.get("weights_sha256")}
     load_weights(model, path, sha256=meta.get("weights_sha256"))
     return model.to(device)

@@ -84,15 +84,20 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     else:
         raise ValueError(f"by must be 'slide' or 'spot', got {by!r}")
     feats = dict(features or {})
-    for spec in encoders:
-        feats[spec] = encoder_features(spec, root, batch_size=batch_size, workers=workers, device=device,
-                                       seed=seed, progress=progress, arch=arch)
+    failed: dict[str, str] = {}
+    for spec in encoders:  # one failing encoder does not throw away the others' (often long) feature runs
+        try:
+            feats[spec] = encoder_features(spec, root, batch_size=batch_size, workers=workers, device=device,
+                                           seed=seed, progress=progress, arch=arch)
+        except (ValueError, OSError, RuntimeError, ImportError) as err:
+            failed[spec] = " ".join(str(err).split())
     if not feats:
-        raise ValueError("no encoders to benchmark")
+        raise ValueError("no encoder could be benchmarked: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+                         if failed else "no encoders to benchmark")
     log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
     table = hest_benchmark(feats, expr, ds.genes, groups, n_splits=n_splits, k_genes=k_genes, log1p=log1p,
                            latent_dim=latent_dim, seed=seed, task=os.path.basename(os.path.normpath(root)))
-    table.attrs.update({"by": by, "n_spots": len(ds), "n_slides": len(set(slides.tolist()))})
+    table.attrs.update({"by": by, "n_spots": len(ds), "n_slides": len(set(slides.tolist())), "failed": failed})
     return table
 
 

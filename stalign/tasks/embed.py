@@ -73,7 +73,8 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
                  progress: bool = True, precision: str = "auto") -> dict[str, Any]:
     """Image (and gene) embeddings of shard spots, with their expression, slide ids and coordinates.
 
-    The shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise). ``precision``: see
+    With ``gene=True`` the shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise); image
+    embeddings alone (``gene=False``) take shards of any panel. ``precision``: see
     ``stalign.models.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default).
     """
     from tqdm import tqdm
@@ -82,7 +83,8 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     from stalign.models.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
-    model.check_genes(ds.genes, source=f"the shards under {root}")
+    if gene:
+        model.check_genes(ds.genes, source=f"the shards under {root}")
     device = default_device(device)
     image, genes_emb, slide_idx, coords = [], [], [], []
     with inference_context(model, device, precision):  # model moved in place, eval, autocast
@@ -114,6 +116,43 @@ def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> Refer
                                "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name")})
 
 
+def bank_cache_key(model: Any, root: Path, embed: dict[str, Any]) -> str | None:
+    """The cache key of a shards folder embedded by a saved model: the model's weights sha256, the shards' manifest
+    and files (size, mtime) and the niche weight; None for a model without a recorded checksum (never cached)."""
+    import hashlib
+    import json
+
+    weights = (getattr(model, "meta", None) or {}).get("weights_sha256")
+    if not weights:
+        return None
+    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (root / "shards").glob("*.h5"))
+    blob = json.dumps({"weights": weights, "manifest": (root / "manifest.json").read_text(), "files": files,
+                       "niche_weight": embed.get("niche_weight", 0.5)}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _cached_bank(model: Any, root: Path, embed: dict[str, Any]) -> ReferenceBank:
+    """``bank_from_shards``, reusing the bank saved under the bank cache (``$STALIGN_BANK_CACHE``, default
+    ``$STALIGN_CACHE/banks``) for the same model weights and shards; a damaged cached bank is rebuilt."""
+    from stalign.data.fetch import cache_dir
+
+    key = bank_cache_key(model, root, embed)
+    base = Path(os.environ.get("STALIGN_BANK_CACHE") or cache_dir() / "banks")
+    folder = base / key if key else None
+    if folder is not None and (folder / "bank.json").is_file():
+        try:
+            return ReferenceBank.load(folder)
+        except (ValueError, OSError):
+            pass
+    bank = bank_from_shards(model, root, **embed)
+    if folder is not None:
+        try:
+            bank.save(folder)
+        except OSError:  # a read-only cache: the bank is still returned
+            pass
+    return bank
+
+
 def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
     """A ``ReferenceBank`` from a bank, a saved bank folder, or a shards folder (embedded with ``model``);
     its gene panel must be the model's."""
@@ -124,7 +163,7 @@ def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
         if (path / "bank.json").is_file():
             bank = ReferenceBank.load(path)
         elif (path / "manifest.json").is_file():
-            bank = bank_from_shards(model, path, **embed)
+            bank = _cached_bank(model, path, embed)
         else:
             raise FileNotFoundError(f"{path}: not a reference bank (bank.json) nor a shards folder (manifest.json)")
     bank.check_genes(model.genes, what="the model")
