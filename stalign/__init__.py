@@ -17,6 +17,7 @@ _LAZY = {
     "STAlign": "stalign.models.stalign_model",
     "ThreeTargetLoss": "stalign.training.losses",
     "create_image_encoder": "stalign.models.image_encoders",
+    "push_to_hub": "stalign.models.hub",
 }
 
 

@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "stalign.commands.fewshot",
     "stalign.commands.bench",
     "stalign.commands.heatmaps",
+    "stalign.commands.hub",       # push
     "stalign.commands.demo",      # make demo
 )
 

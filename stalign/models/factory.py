@@ -156,7 +156,7 @@ def load_weights(model, path: str | os.PathLike, *, sha256: str | None = None) -
                          f"{unexpected[:10]}{' ...' if len(missing) > 10 or len(unexpected) > 10 else ''})")
 
 
-def save_checkpoint(model, path: str | os.PathLike) -> Path:
+def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
     """Write ``path/model.safetensors`` and then ``path/config.json`` (with the weights' sha256, checked on load);
     returns the folder."""
     from safetensors.torch import save_model
@@ -176,14 +176,22 @@ def save_checkpoint(model, path: str | os.PathLike) -> Path:
     save_model(model, str(path / "model.safetensors"))
     meta["weights_sha256"] = sha256_of(path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(meta, indent=1))
+    from stalign.models.hub import model_card
+
+    (path / "README.md").write_text(model_card(model, training=training))  # the Hugging Face model card
     return path
 
 
 def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
-    """Rebuild a model saved by ``save_checkpoint`` (backbone weights come from the checkpoint, not the hub)."""
+    """Rebuild a model saved by ``save_checkpoint`` from its folder, or from the hub as ``hf-hub:org/name[@rev]``
+    (through the Hugging Face cache; backbone weights come from the checkpoint)."""
     from stalign.models.stalign_model import STAlign, STAlignConfig
     from stofm.util.safe_files import read_json
 
+    if str(path).startswith("hf-hub:"):
+        from stalign.models.hub import resolve_hub_checkpoint
+
+        path = resolve_hub_checkpoint(str(path))
     path = Path(path)
     cfg_file = path / "config.json"
     if not cfg_file.is_file():

@@ -355,7 +355,9 @@ def _finish(run: _Run) -> Path | None:
         _validate(run)
         final = run.out / "final"
         if run.main:
-            save_checkpoint(run.accelerator.unwrap_model(run.model), final)
+            save_checkpoint(run.accelerator.unwrap_model(run.model), final,
+                            training={"data": str(run.cfg.data), "steps": run.pos.step, "spots": run.data.n_train,
+                                      "metrics": run.metrics})
             write_config(run.cfg, final / "train_config.yaml")
         run.accelerator.wait_for_everyone()
         run.accelerator.print(f"final weights: {final}")
