@@ -50,3 +50,25 @@ def test_panel_and_bad_input(tmp_path, crop):
         plot_gene_heatmaps(values, list(adata.var_names[:4]), adata.obsm["spatial"], tmp_path)
     with pytest.raises(ValueError, match="mode"):
         plot_gene_heatmaps(values, list(adata.var_names[:5]), adata.obsm["spatial"], tmp_path, mode="contour")
+
+
+def test_compared_maps_share_one_colour_scale_and_carry_a_scale_bar(tmp_path, monkeypatch):
+    """Predicted and measured maps drawn with heatmap_limits use the same (vmin, vmax); with um_per_px a scale bar
+    of a round length in µm is drawn."""
+    from stalign.tasks import heatmaps
+
+    rng = np.random.default_rng(0)
+    xy = rng.uniform(0, 2000, (40, 2))
+    pred, measured = rng.normal(0, 1, (40, 2)), rng.normal(3, 2, (40, 2))
+    seen, bars = [], []
+    real_draw, real_bar = heatmaps.draw_spots, heatmaps.draw_scale_bar
+    monkeypatch.setattr(heatmaps, "draw_spots", lambda *a, **k: seen.append((k["vmin"], k["vmax"])) or real_draw(*a, **k))
+    monkeypatch.setattr(heatmaps, "draw_scale_bar", lambda *a: bars.append(real_bar(*a)) or bars[-1])
+    limits = heatmaps.heatmap_limits(pred, measured)
+    for values, name in ((pred, "p"), (measured, "m")):
+        heatmaps.plot_gene_heatmaps(values, ["A", "B"], xy, tmp_path / name, limits=limits, um_per_px=0.5)
+    assert seen[0] == seen[2] == limits[0] and seen[1] == seen[3] == limits[1]
+    assert limits[0][0] < np.percentile(pred[:, 0], 5) and limits[0][1] > np.percentile(measured[:, 0], 95)
+    assert bars and all(b in heatmaps.SCALE_BAR_UM for b in bars) and bars[0] == 200  # ~1/5 of 1000 µm
+    with pytest.raises(ValueError, match="colour limits"):
+        heatmaps.plot_gene_heatmaps(pred, ["A", "B"], xy, tmp_path / "x", limits=limits[:1])

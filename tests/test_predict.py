@@ -134,9 +134,14 @@ def test_commands_end_to_end(setup, tmp_path, capsys):
     assert main(["retrieve", "signature", *common, "--reference", str(tmp_path / "bank"), "--genes", genes[0],
                  genes[3], "--out", str(tmp_path / "sig.png")]) == 0
     assert (tmp_path / "sig.png").stat().st_size > 5000 and len(pd.read_csv(tmp_path / "sig.csv")) == 12
+    sig = ad.read_h5ad(tmp_path / "sig.h5ad")  # scanpy-ready: scores, images and scale factors
+    assert sig.obs["signature_score"].shape == (12,) and "not expression" in sig.uns["stalign"]["X"]
+    assert sig.uns["stalign"]["library_id"] in sig.uns["spatial"]
     assert main(["domains", "--h5ad", str(tmp_path / "pred.h5ad"), "--n-domains", "2", "--annotations",
                  f"{setup['h5ad']}:leiden", "--slide", image, "--out", str(tmp_path / "domains.png")]) == 0
     assert "ARI" in capsys.readouterr().out and (tmp_path / "domains.png").stat().st_size > 5000
+    domains = ad.read_h5ad(tmp_path / "domains.h5ad")  # the prediction's images and scale factors carried over
+    assert "stalign_domain" in domains.obs and set(domains.uns["spatial"]) == {"test_img"}
     assert main(["fewshot", "--model", ckpt, "--shards", shards, "--out", str(tmp_path / "head"),
                  "--latent-dim", "8", "--quiet"]) == 0
     assert "Pearson" in capsys.readouterr().out

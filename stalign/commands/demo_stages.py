@@ -281,6 +281,7 @@ def predict_stage(ctx: DemoContext) -> None:
 
     import stalign
     from stalign.tasks.embed import bank_from_shards
+    from stalign.tasks.heatmaps import heatmap_limits
     from stalign.tasks.hest import pearson_per_gene
     from stalign.tasks.predict import predict_slide, write_heatmaps
 
@@ -317,9 +318,11 @@ def predict_stage(ctx: DemoContext) -> None:
     out.write_h5ad(folder / "heldout_zero_shot.h5ad")
     top = [genes[i] for i in np.argsort(-measured.var(axis=0), kind="stable")[:a.heatmap_genes]]
     spot_px = 55.0 / real.um_per_px  # Visium spots are 55 µm wide
-    shown = write_heatmaps(out, real.image_path, top, folder / "predicted", layer="zero_shot",
+    cols = [genes.index(g) for g in top]
+    limits = heatmap_limits(pred[:, cols], measured[:, cols])  # one colour scale for predicted and measured
+    shown = write_heatmaps(out, real.image_path, top, folder / "predicted", layer="zero_shot", limits=limits,
                            label="predicted expression (zero-shot, held out)", spot_diameter_px=spot_px)
-    truth = write_heatmaps(out, real.image_path, top, folder / "measured", layer="measured",
+    truth = write_heatmaps(out, real.image_path, top, folder / "measured", layer="measured", limits=limits,
                            label="measured expression", spot_diameter_px=spot_px)
     rows = ctx.rows.setdefault(HEATMAP_TABLE, [])
     for gene, p_png, m_png in zip(top, shown, truth):

@@ -100,12 +100,35 @@ def run_signature(args: argparse.Namespace) -> int:
     thumb, ds = e["slide"].thumbnail(1024)
     diameter = e["spot_um"] / e["slide"].um_per_px if e["tiled"] else None
     written = plot_gene_heatmaps(scores[:, None], [label], e["coords"], out.parent, thumbnail=thumb, downsample=ds,
-                                 spot_diameter_px=diameter, prefix=out.stem + "_")
+                                 spot_diameter_px=diameter, prefix=out.stem + "_",
+                                 label="signature score (cosine similarity)")
     Path(written[0]).replace(out)
     names = barcodes or [f"tile_{i}" for i in range(len(scores))]
     pd.DataFrame({"spot": names, "x": e["coords"][:, 0], "y": e["coords"][:, 1], "score": scores}).to_csv(
         out.with_suffix(".csv"), index=False)
+    _write_scores_h5ad(out.with_suffix(".h5ad"), scores, names, e, label=label)
     best = np.argsort(-scores)[:5]
     print("top regions: " + ", ".join(f"{names[i]} ({scores[i]:.3f})" for i in best))
-    print(f"heat map -> {out}; scores -> {out.with_suffix('.csv')}")
+    print(f"heat map -> {out}; scores -> {out.with_suffix('.csv')}, {out.with_suffix('.h5ad')} (scanpy-ready)")
     return 0
+
+
+def _write_scores_h5ad(path: Path, scores, names, e: dict, *, label: str) -> None:
+    """The signature scores as AnnData that scanpy.pl.spatial plots (obs['signature_score'], images, scale factors)."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from stalign.tasks.scverse import add_spatial_images
+
+    adata = ad.AnnData(X=np.asarray(scores, np.float32)[:, None], obs=pd.DataFrame(index=pd.Index(names, dtype=str)),
+                       var=pd.DataFrame(index=["signature_score"]), obsm={"spatial": e["coords"]})
+    adata.obs["signature_score"] = np.asarray(scores, np.float32)
+    slide = e["slide"]
+    lib = add_spatial_images(adata, slide, spot_diameter_px=e["spot_um"] / float(slide.um_per_px))
+    adata.uns["stalign"] = {"X": "signature score: cosine similarity of each spot's image embedding to the "
+                                  "signature's gene embedding (not expression)", "signature": label,
+                            "library_id": lib, "um_per_px": float(slide.um_per_px),
+                            "pixel_size_source": slide.pixel_size_source, "slide": str(slide.path)}
+    adata.write_h5ad(path)
+

@@ -75,16 +75,44 @@ def _grid(values: np.ndarray, coords_thumb: np.ndarray, shape: tuple[int, int], 
     return np.ma.masked_array(grid, far).reshape(h, w)
 
 
+SCALE_BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+
+def draw_scale_bar(ax: Any, um_per_thumb_px: float, width_thumb_px: float) -> float:
+    """A scale bar of a round length (about a fifth of the width) at the bottom left; returns its length in µm."""
+    target = width_thumb_px * um_per_thumb_px / 5
+    length = min(SCALE_BAR_UM, key=lambda v: abs(np.log(v / target)))
+    px = length / um_per_thumb_px
+    y0, y1 = ax.get_ylim()  # y down: y0 is the bottom
+    x = 0.04 * width_thumb_px
+    y = y0 - 0.05 * abs(y0 - y1)
+    ax.plot([x, x + px], [y, y], color="white", linewidth=4, solid_capstyle="butt")
+    ax.plot([x, x + px], [y, y], color="black", linewidth=1.5, solid_capstyle="butt")
+    label = f"{length / 1000:g} mm" if length >= 1000 else f"{length} µm"
+    ax.text(x + px / 2, y - 0.02 * abs(y0 - y1), label, ha="center", va="bottom", fontsize=8, color="black",
+            bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0, "pad": 1})
+    return float(length)
+
+
+def heatmap_limits(*arrays: np.ndarray) -> list[tuple[float, float]]:
+    """Per gene (column), the 1st-99th percentile range over all ``arrays`` together: one colour scale for
+    maps that are compared (predicted vs measured)."""
+    stacked = np.concatenate([np.asarray(a, np.float64) for a in arrays])
+    return [(float(np.nanpercentile(c, 1)), float(np.nanpercentile(c, 99))) for c in stacked.T]
+
+
 def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.ndarray, out_dir: str | Path, *,
                        thumbnail: np.ndarray | None = None, downsample: float = 1.0,
                        spot_diameter_px: float | None = None, mode: str = "spots", panel: bool = False,
                        cmap: str = "magma", alpha: float = 0.75, dpi: int = 120, prefix: str = "",
-                       label: str = "predicted expression") -> list[Path]:
+                       label: str = "predicted expression", limits: Sequence[tuple[float, float]] | None = None,
+                       um_per_px: float | None = None) -> list[Path]:
     """Heat maps of ``values`` (N, G) over the thumbnail: one PNG per gene, or one panel PNG.
 
     ``coords_px`` are level-0 (x, y) spot centres, ``downsample`` level-0 px per thumbnail px (as
     ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated);
-    ``label`` names the colour bar.
+    ``label`` names the colour bar; ``limits`` (vmin, vmax) per gene (default: its 1st-99th percentile; share
+    them with :func:`heatmap_limits` to compare maps); ``um_per_px`` (level 0) adds a scale bar.
     """
     plt = _pyplot()
     values = np.asarray(values, np.float64)
@@ -106,9 +134,14 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
     shape = thumbnail.shape[:2] if thumbnail is not None else (
         int(np.ceil(coords[:, 1].max() + diameter)), int(np.ceil(coords[:, 0].max() + diameter)))
 
+    if limits is not None and len(limits) != len(genes):
+        raise ValueError(f"{len(limits)} colour limits for {len(genes)} genes")
+
     def draw(ax: Any, g: int) -> Any:
         v = values[:, g]
-        lo, hi = np.nanpercentile(v, 1), np.nanpercentile(v, 99)
+        lo, hi = limits[g] if limits is not None else (np.nanpercentile(v, 1), np.nanpercentile(v, 99))
+        if um_per_px:
+            draw_scale_bar(ax, float(um_per_px) * float(downsample), shape[1])
         if mode == "spots":
             return draw_spots(ax, coords, diameter, values=v, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
         return ax.imshow(_grid(v, coords, shape, diameter), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,

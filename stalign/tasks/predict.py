@@ -217,7 +217,8 @@ def _units(bank: Any, head: Any) -> str:
 
 def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
                    layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024,
-                   label: str = "predicted expression", spot_diameter_px: float | None = None) -> list[Path]:
+                   label: str = "predicted expression", spot_diameter_px: float | None = None,
+                   limits: Sequence[tuple[float, float]] | None = None) -> list[Path]:
     """Heat-map PNGs of ``genes`` of a ``predict_slide`` result (or ``layer``) over the slide's thumbnail.
 
     Circles are ``spot_diameter_px`` wide (level-0 px; e.g. a Visium spot's 55 µm), else the tile width when the
@@ -234,4 +235,4 @@ def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | 
         diameter = float(settings["spot_um"]) / float(settings["um_per_px"])
     return plot_gene_heatmaps(np.asarray(values)[:, cols], list(genes), adata.obsm["spatial"], out_dir,
                               thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel,
-                              label=label)
+                              label=label, limits=limits, um_per_px=slide.um_per_px)
