@@ -9,10 +9,16 @@ from stalign.commands.predict import add_run_args
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="HEST-Benchmark protocol (PCA-256 + ridge, Pearson per gene) for encoders",
-                       description="Top-50 HVGs, PCA-256 + ridge on frozen features, folds by slide, Pearson r per "
-                                   "gene averaged; one row per encoder with Pearson mean ± std over folds, pooled "
-                                   "Pearson, MSE and MAE. Published HEST averages: ResNet50-ImageNet 0.33, best 0.42.")
-    p.add_argument("--shards", required=True, help="shards folder (stalign prep --out)")
+                       description="With --hest-bench TASK_FOLDER: HEST-Benchmark exactly (its genes, patient splits, "
+                                   "patches, PCA-256 + ridge with its alpha rule, per-split Pearson): rows comparable "
+                                   "with the HEST leaderboard. With --shards: the same probe on your own shards with "
+                                   "your own top genes and folds (not comparable with the leaderboard).")
+    p.add_argument("--shards", default=None, help="shards folder (stalign prep --out): own genes and folds")
+    p.add_argument("--hest-bench", default=None, metavar="TASK",
+                   help="a HEST-Bench task folder (bench_data/<TASK>: var_50genes.json, splits/, patches/, adata/)")
+    p.add_argument("--no-pca", action="store_true", help="HEST variant: ridge on the raw features (labelled)")
+    p.add_argument("--tuned-alpha", action="store_true", help="HEST variant: RidgeCV alpha on the training spots")
+    p.add_argument("--per-slide", action="store_true", help="HEST variant: Pearson per test slide, then averaged")
     p.add_argument("--encoders", nargs="+", required=True,
                    help="specs: model:CKPT, backbone:CKPT, random:SPEC, or an image-encoder spec (efficientnet-lite0, "
                         "timm:NAME, uni, ...) with its pretrained weights")
@@ -32,12 +38,17 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from stalign.tasks.bench import bench_shards, format_table
 
+    if bool(args.shards) == bool(args.hest_bench):
+        raise ValueError("give either --shards (own data) or --hest-bench TASK_FOLDER (the HEST-Benchmark)")
+    if args.hest_bench:
+        return _run_hest(args)
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,
                          latent_dim=args.latent_dim, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch)
     print(format_table(table))
     print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s), folds by {table.attrs['by']}, "
-          f"{len(table.attrs['genes'])} genes")
+          f"{len(table.attrs['genes'])} genes (own genes/folds: not comparable with the HEST leaderboard; use "
+          f"--hest-bench for that)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
@@ -47,3 +58,20 @@ def run(args: argparse.Namespace) -> int:
     for spec, message in table.attrs.get("failed", {}).items():
         print(f"stalign bench: error: encoder {spec} failed (its row is missing): {message}", file=sys.stderr)
     return 1 if table.attrs.get("failed") else 0
+
+
+def _run_hest(args: argparse.Namespace) -> int:
+    from stalign.tasks.hest_bench import hest_bench
+
+    table = hest_bench(args.hest_bench, args.encoders, pca=not args.no_pca, latent_dim=args.latent_dim,
+                       tuned_alpha=args.tuned_alpha, per_slide=args.per_slide, batch_size=args.batch_size,
+                       device=args.device, arch=args.arch, progress=not args.quiet)
+    for _, r in table.iterrows():
+        print(f"{r['task']:12s} {r['encoder']:34s} pearson {r['pearson_mean']:.4f} ± {r['pearson_std']:.4f} "
+              f"({r['splits']} splits; {r['variant']})")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print(f"table -> {args.out}")
+    return 0
+
