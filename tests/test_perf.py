@@ -173,7 +173,7 @@ def test_search_rejects_bad_k():
         search(torch.ones(2, 4), prepare_bank(np.ones((3, 4))), 4)
 
 
-@pytest.mark.parametrize("script", ["retrieval", "embed_throughput", "train_step", "wsi_predict"])
+@pytest.mark.parametrize("script", ["retrieval", "embed_throughput", "train_step", "wsi_predict", "resample_filter"])
 def test_benchmark_quick(script, tmp_path, subprocess_env):
     results = tmp_path / "RESULTS.md"
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{script}.py"), "--quick",
