@@ -10,7 +10,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from stalign.tasks.hest_bench import hest_bench, patch_features, read_task, write_patches
+from stalign.data.hest_bench_io import write_patches
+from stalign.tasks.hest_bench import hest_bench, patch_features, read_task
 
 GENES = 12
 
@@ -97,3 +98,36 @@ def test_hest_bench_errors(task, tmp_path, capsys):
     assert "PCA-256 needs at least 256 training spots" in capsys.readouterr().err  # 49 spots per sample here
     assert main(["bench", "--encoders", "efficientnet-lite0"]) == 1
     assert "either --shards" in capsys.readouterr().err
+
+
+def test_own_shards_export_to_a_hest_bench_task(tmp_path, squidpy_crop, capsys):
+    """`stalign data export-hest` turns two prepared slides into a task folder that --hest-bench runs; the
+    targets it reads back are the shards' own expression."""
+    from stalign.cli import main
+    from stalign.data.shards import read_manifest, read_shard
+
+    mirror = tmp_path / "mirror"
+    mirror.mkdir()
+    img = np.asarray(Image.open(squidpy_crop / "test_img.jpg").convert("RGB"))
+    Image.fromarray(np.ascontiguousarray(img[:, ::-1])).save(mirror / "m.png")
+    a = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    a.obsm["spatial"] = a.obsm["spatial"] * [-1, 1] + [img.shape[1], 0]
+    a.write_h5ad(mirror / "m.h5ad")
+    shards = tmp_path / "shards"
+    assert main(["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image", str(squidpy_crop / "test_img.jpg"),
+                 "--h5ad", str(mirror / "m.h5ad"), "--image", str(mirror / "m.png"), "--um-per-px", "0.6149",
+                 "--out", str(shards), "--n-top-genes", "8", "--patch-px", "32", "--quiet"]) == 0
+    task = tmp_path / "task"
+    assert main(["data", "export-hest", str(shards), "--out", str(task)]) == 0
+    t = read_task(task)
+    assert len(t["splits"]) == 2 and t["genes"] == read_manifest(shards)["genes"]
+    from stalign.tasks.hest_bench import sample_expression
+
+    shard = read_shard(next((shards / "shards").glob("*.h5")))
+    sid = next((shards / "shards").glob("*.h5")).stem
+    back = sample_expression(task / "adata" / f"{sid}.h5ad", t["genes"], list(shard["barcodes"]))
+    np.testing.assert_allclose(back, shard["expr"], atol=1e-6)
+    table = hest_bench(task, ["efficientnet-lite0"], latent_dim=8, progress=False)
+    assert table.iloc[0]["splits"] == 2 and np.isfinite(table.iloc[0]["pearson_mean"])
+    assert main(["data", "export-hest", str(shards), "--out", str(task)]) == 1  # never overwrites
+    assert "not empty" in capsys.readouterr().err

@@ -13,6 +13,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--dest", default=None, help="folder to extract into (default: the cache)")
     f.add_argument("--force", action="store_true", help="download again even when cached")
     f.set_defaults(func=_fetch)
+    x = dsub.add_parser("export-hest", help="export prepared shards as a HEST-Bench task folder (for --hest-bench)")
+    x.add_argument("shards", help="a stalign prep output folder with two or more slides")
+    x.add_argument("--out", required=True, help="new task folder (patches/, adata/, splits/, var_50genes.json)")
+    x.add_argument("--genes", default=None, help="gene list file (one per line; default: the shards' panel)")
+    x.set_defaults(func=_export_hest)
     s = dsub.add_parser("synth", help="generate synthetic slides (pyramidal TIFF + AnnData) with a known "
                                       "image -> expression link")
     s.add_argument("--out", required=True, help="output folder")
@@ -35,6 +40,15 @@ def _fetch(args: argparse.Namespace) -> int:
         return 0
     path = fetch(args.name, root=args.dest, force=args.force)
     print(path)
+    return 0
+
+
+def _export_hest(args: argparse.Namespace) -> int:
+    from stalign.commands.prep import read_gene_file
+    from stalign.data.hest_bench_io import export_task
+
+    out = export_task(args.shards, args.out, genes=read_gene_file(args.genes) if args.genes else None)
+    print(f"HEST-Bench task folder -> {out} (run: stalign bench --hest-bench {out} --encoders ...)")
     return 0
 
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.hest_bench_io import read_patches
+
 SEED = 1  # HEST's default seed
 
 
@@ -50,31 +52,6 @@ def read_task(root: str | os.PathLike, *, gene_list: str = "var_50genes.json") -
             raise ValueError(f"{split_dir}: split tables need columns sample_id, patches_path, expr_path "
                              f"(missing {sorted(missing)})")
     return {"name": root.name, "root": root, "genes": [str(g) for g in genes["genes"]], "splits": splits}
-
-
-def read_patches(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
-    """(img (N, H, W, 3) uint8, barcodes) of a HEST patch file."""
-    import h5py
-
-    try:
-        with h5py.File(path, "r") as f:
-            img, barcodes = f["img"][()], f["barcode"][()]
-    except (OSError, KeyError) as err:
-        raise ValueError(f"{path}: not a HEST patch file with img and barcode ({err})") from None
-    return np.asarray(img, np.uint8), [b.decode() if isinstance(b, bytes) else str(b) for b in np.ravel(barcodes)]
-
-
-def write_patches(path: str | os.PathLike, img: np.ndarray, barcodes: Sequence[str], coords: np.ndarray) -> Path:
-    """Write a HEST patch file (``img``, ``barcode``, ``coords``)."""
-    import h5py
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "w") as f:
-        f["img"] = np.asarray(img, np.uint8)
-        f["barcode"] = np.asarray([str(b).encode() for b in barcodes])[:, None]
-        f["coords"] = np.asarray(coords)
-    return path
 
 
 def sample_expression(path: str | os.PathLike, genes: Sequence[str], barcodes: Sequence[str]) -> np.ndarray:
