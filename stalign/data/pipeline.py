@@ -16,23 +16,21 @@ import os
 import platform
 import signal
 import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import islice
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from stalign.data import expression as ex
+from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
 from stalign.data.errors import DataPrepError
 from stalign.data.shards import (
     FORMAT,
     MANIFEST,
     VERSION,
     ShardWriter,
-    compress_patch,
     read_manifest,
     shard_attrs,
     shard_relpath,
@@ -280,11 +278,7 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
     failures: list[Exception] = []
     pool = None
     if workers > 1 and jobs:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"),
-                                   initializer=die_with_parent, initargs=(os.getpid(),))
+        pool = crop_pool(workers)
     try:
         with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs) as bar:
             for job in jobs:
@@ -300,32 +294,8 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
-        _close_cached()
+        close_cached()
     return failures
-
-
-def die_with_parent(parent_pid: int) -> None:
-    """Crop-worker initializer: end this process as soon as its parent is gone (``kill -9`` of a prep), instead
-    of staying blocked in a pipe write: Linux's parent-death signal, and a watcher thread everywhere."""
-    import signal
-    import threading
-    import time
-
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-    def watch() -> None:
-        while os.getppid() == parent_pid:
-            time.sleep(0.5)
-        os._exit(1)
-
-    if os.getppid() != parent_pid:  # the parent died before the signal was armed
-        os._exit(1)
-    threading.Thread(target=watch, daemon=True, name="die-with-parent").start()
 
 
 class Terminated(SystemExit):
@@ -334,44 +304,6 @@ class Terminated(SystemExit):
 
 def _raise_terminated(signum: int, frame: Any) -> None:
     raise Terminated(128 + signum)
-
-
-_OPEN: dict[str, Any] = {}  # per process: the slide the last crop task used
-
-
-def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: float, niche_px: float,
-               patch_px: int) -> tuple[list[bytes], list[bytes], np.ndarray, np.ndarray]:
-    """Spot and niche crops of a batch of centres, compressed as shard chunks, and whether each was padded
-    (a worker task: the process opens the slide itself, once, and keeps it open for the next batch)."""
-    from stalign.data.slide import open_slide
-
-    slide = _OPEN.get(image_path)
-    if slide is None:
-        _close_cached()
-        slide = _OPEN[image_path] = open_slide(image_path, um_per_px=um_per_px)
-    spot, pad_s = slide.read_crops(centres, spot_px, patch_px)
-    niche, pad_n = slide.read_crops(centres, niche_px, patch_px)
-    return [compress_patch(x) for x in spot], [compress_patch(x) for x in niche], pad_s, pad_n
-
-
-def _close_cached() -> None:
-    for slide in _OPEN.values():
-        slide.close()
-    _OPEN.clear()
-
-
-def _crop_batches(tasks: list[tuple], pool: Any, window: int) -> Iterator[tuple]:
-    """``read_batch`` results in task order; at most ``window`` tasks in flight on ``pool``."""
-    if pool is None:
-        yield from (read_batch(*t) for t in tasks)
-        return
-    pending: deque = deque()
-    todo = iter(tasks)
-    pending.extend(pool.submit(read_batch, *t) for t in islice(todo, window))
-    while pending:
-        result = pending.popleft().result()
-        pending.extend(pool.submit(read_batch, *t) for t in islice(todo, 1))
-        yield result
 
 
 def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str, Any]:
@@ -409,7 +341,7 @@ def write_slide(job: SlideJob, *, pool: Any = None, window: int = 2) -> dict[str
                      attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
             tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,
                  disable=not job.progress) as bar:
-        for rows, (spot, niche, pad_s, pad_n) in zip(batches, _crop_batches(tasks, pool, window)):
+        for rows, (spot, niche, pad_s, pad_n) in zip(batches, crop_batches(tasks, pool, window)):
             w.write_compressed(rows, spot, niche)
             padded[rows] = pad_s | pad_n
             spot_padded[rows] = pad_s
