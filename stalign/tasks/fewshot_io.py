@@ -104,7 +104,7 @@ def save_head(head: Any, path: str | Path, *, embedding: dict | None = None) -> 
 
 def load_head(path: str | Path) -> Any:
     """Read a head written by :func:`save_head`; damaged or foreign files are refused with one error."""
-    from stofm.util.safe_files import load_tensors, read_json
+    from stofm.util.safe_files import read_described_tensors
 
     path = Path(path)
     info_file, tensors = path / "head.json", path / "head.safetensors"
@@ -113,11 +113,7 @@ def load_head(path: str | Path) -> Any:
                          "longer loaded: fit the head again with `stalign fewshot`")
     if not info_file.is_file() or not tensors.is_file():
         raise FileNotFoundError(f"{path}: not a few-shot head (needs head.json and head.safetensors)")
-    info = read_json(info_file, what="few-shot head description")
-    fmt = info.get("format") if isinstance(info, dict) else type(info).__name__
-    if fmt != HEAD_FORMAT:
-        raise ValueError(f"{info_file}: format {fmt!r} is not {HEAD_FORMAT!r}")
-    arrays = load_tensors(tensors, what="few-shot head", framework="np", sha256=info.get("sha256"))
+    info, arrays = read_described_tensors(info_file, tensors, fmt=HEAD_FORMAT, what="few-shot head", framework="np")
     try:
         head = _rebuild(info, arrays)
     except (KeyError, TypeError, ValueError, IndexError) as err:

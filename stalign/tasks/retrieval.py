@@ -75,17 +75,14 @@ class ReferenceBank:
     @classmethod
     def load(cls, path: str | Path) -> ReferenceBank:
         """Read a bank written by ``save`` (damaged files, NaN/inf values or a changed checksum are refused)."""
-        from stofm.util.safe_files import load_tensors, read_json
+        from stofm.util.safe_files import read_described_tensors
 
         path = Path(path)
         info_file, tensors = path / "bank.json", path / "bank.safetensors"
         if not info_file.is_file() or not tensors.is_file():
             raise FileNotFoundError(f"{path}: not a reference bank (needs bank.json and bank.safetensors)")
-        info = read_json(info_file, what="reference bank description")
-        fmt = info.get("format") if isinstance(info, dict) else type(info).__name__
-        if fmt != BANK_FORMAT:
-            raise ValueError(f"{info_file}: format {fmt!r} is not {BANK_FORMAT!r}")
-        arrays = load_tensors(tensors, what="reference bank", framework="np", sha256=info.get("sha256"))
+        info, arrays = read_described_tensors(info_file, tensors, fmt=BANK_FORMAT, what="reference bank",
+                                              framework="np")
         if set(arrays) != {"embeddings", "expression"}:
             raise ValueError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")
         return cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],

@@ -75,6 +75,18 @@ def load_tensors(path: PathLike, *, what: str, framework: str = "pt", sha256: st
     return tensors
 
 
+def read_described_tensors(info_file: PathLike, tensor_file: PathLike, *, fmt: str, what: str,
+                           framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(description, tensors) of a JSON description beside a safetensors file: the JSON must say ``format: fmt``
+    and the tensors must match the sha256 it records (``sha256`` or ``weights_sha256``) and be finite."""
+    info = read_json(info_file, what=f"{what} description")
+    got = info.get("format") if isinstance(info, dict) else type(info).__name__
+    if got != fmt:
+        raise ValueError(f"{info_file}: format {got!r} is not {fmt!r}")
+    sha = info.get("sha256") or info.get("weights_sha256")
+    return info, load_tensors(tensor_file, what=what, framework=framework, sha256=sha)
+
+
 def _all_finite(value: Any) -> bool:
     import numpy as np
 
