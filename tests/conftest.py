@@ -1,6 +1,7 @@
 """Shared fixtures: real data locations and device markers."""
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -82,3 +83,26 @@ def _bank_cache_in_a_temporary_folder(tmp_path_factory):
         os.environ.pop("STALIGN_BANK_CACHE", None)
     else:
         os.environ["STALIGN_BANK_CACHE"] = old
+
+
+@pytest.fixture(scope="session")
+def predict_setup(tmp_path_factory, squidpy_crop):
+    """The real crop prepared at 32 px, a tiny model saved as a checkpoint, and the shard (test_predict*)."""
+    import torch
+
+    import stalign
+    from stalign.cli import main
+    from stalign.data.shards import read_shard
+    from stalign.models.factory import save_checkpoint
+
+    root = tmp_path_factory.mktemp("predict")
+    shards = root / "shards"
+    assert main(["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image", str(squidpy_crop / "test_img.jpg"),
+                 "--out", str(shards), "--n-top-genes", "20", "--patch-px", "32", "--quiet"]) == 0
+    manifest = json.loads((shards / "manifest.json").read_text())
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=manifest["genes"])
+    ckpt = save_checkpoint(model, root / "ckpt")
+    shard = read_shard(shards / manifest["slides"][0]["shard"])
+    return {"shard": shard, "root": root, "shards": shards, "manifest": manifest,
+            "model": stalign.load_checkpoint(ckpt), "ckpt": ckpt, "image": squidpy_crop / "test_img.jpg", "h5ad": squidpy_crop / "test_data.h5ad"}

@@ -98,16 +98,21 @@ def _tmp_shards(out: Path) -> list[Path]:
     return list((out / "shards").glob(".*.tmp")) if (out / "shards").is_dir() else []
 
 
+def _start_prep_with_workers(slides, out: Path, env: dict) -> tuple[subprocess.Popen, list[int]]:
+    """A `stalign prep --workers 2` process, returned once it writes a temporary shard with its workers running."""
+    proc = subprocess.Popen(_prep_cmd(slides, out, 2), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    parent = psutil.Process(proc.pid)
+    _wait_for(lambda: bool(_tmp_shards(out)) and len(parent.children(recursive=True)) >= 2, proc)
+    return proc, [c.pid for c in parent.children(recursive=True)]
+
+
 def test_prep_killed_with_two_workers_leaves_no_process_and_resumes_identically(tmp_path, slides, reference,
                                                                                  subprocess_env_module):
     """kill -9 of the parent while two crop workers read: the workers and the resource tracker end with it;
     the re-run skips finished slides and the shards equal an uninterrupted run's."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(_prep_cmd(slides, out, 2), env=subprocess_env_module, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    parent = psutil.Process(proc.pid)
-    _wait_for(lambda: bool(_tmp_shards(out)) and len(parent.children(recursive=True)) >= 2, proc)
-    children = [c.pid for c in parent.children(recursive=True)]
+    proc, children = _start_prep_with_workers(slides, out, subprocess_env_module)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not _gone(children), "worker processes outlived the killed prep"
@@ -120,11 +125,7 @@ def test_prep_killed_with_two_workers_leaves_no_process_and_resumes_identically(
 
 def test_prep_sigterm_removes_its_temporaries_and_workers(tmp_path, slides, reference, subprocess_env_module):
     out = tmp_path / "out"
-    proc = subprocess.Popen(_prep_cmd(slides, out, 2), env=subprocess_env_module, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-    parent = psutil.Process(proc.pid)
-    _wait_for(lambda: bool(_tmp_shards(out)) and len(parent.children(recursive=True)) >= 2, proc)
-    children = [c.pid for c in parent.children(recursive=True)]
+    proc, children = _start_prep_with_workers(slides, out, subprocess_env_module)
     os.kill(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=60) == 128 + signal.SIGTERM
     assert not _tmp_shards(out), "a SIGTERM left a temporary shard"
