@@ -24,9 +24,14 @@ def add_spatial_images(adata: Any, slide: Any, *, spot_diameter_px: float, libra
 
     ``slide`` is an opened ``stalign.data.slide.Slide``; ``spot_diameter_px`` in its level-0 pixels (what
     ``scanpy.pl.spatial`` draws as the spot size)."""
+    from PIL import Image
+
     library_id = library_id or library_id_of(slide)
     hires, ds_hi = slide.thumbnail(hires_px)
-    lowres, ds_lo = slide.thumbnail(lowres_px)
+    small = Image.fromarray(hires)  # the lowres image from the hires one: the slide is read once
+    small.thumbnail((lowres_px, lowres_px), Image.Resampling.LANCZOS)
+    lowres = np.asarray(small)
+    ds_lo = ds_hi * hires.shape[1] / lowres.shape[1]
     adata.uns.setdefault("spatial", {})[library_id] = {
         "images": {"hires": np.ascontiguousarray(hires), "lowres": np.ascontiguousarray(lowres)},
         "scalefactors": {"tissue_hires_scalef": float(1.0 / ds_hi), "tissue_lowres_scalef": float(1.0 / ds_lo),
@@ -36,7 +41,7 @@ def add_spatial_images(adata: Any, slide: Any, *, spot_diameter_px: float, libra
     return library_id
 
 
-def carry_obs(adata: Any, source_obs: Any, *, names: list[str] | None = None) -> None:
+def carry_obs(adata: Any, source_obs: Any) -> None:
     """Copy the columns of ``source_obs`` (e.g. the obs of a ``--coords`` AnnData) into ``adata.obs`` by row;
     existing columns of ``adata`` are kept (a clash gets the prefix ``input_``)."""
     if source_obs is None or len(source_obs.columns) == 0:
