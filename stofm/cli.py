@@ -34,8 +34,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--niches", type=int, default=0, help="also store per-niche embeddings of this many cells")
     e.add_argument("--virtual-cells", type=int, default=None, help="virtual cells per slide (default: the model's)")
-    e.add_argument("--cluster-method", choices=("kmeans", "leiden"), default="kmeans",
-                   help="clustering for the virtual cells (leiden needs pip install 'stalign[leiden]')")
+    e.add_argument("--cluster-method", choices=("kmeans", "leiden", "original"), default=None,
+                   help="clustering for the virtual cells (default: the model config's; leiden and original, the "
+                        "original SToFM's Leiden hypernodes, need pip install 'stalign[leiden]')")
     e.add_argument("--cells-per-tile", type=int, default=None, help="cells per sub-slice (default: the model's)")
     e.set_defaults(func=_embed)
     e.add_argument("--cell-embeddings", default=None, metavar="KEY",

@@ -57,9 +57,13 @@ def _looks_like_counts(X: Any, n: int = 2000) -> bool:
 def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_key: str = "spatial",
                   gene_key: str | None = None, input_kind: str = "auto", n_virtual: int | None = None,
                   cells_per_tile: int | None = None, max_cells: int | None = None, seed: int = 0,
-                  cluster_method: str = "kmeans", encode_batch_size: int = 512, progress: bool = False,
+                  cluster_method: str | None = None, encode_batch_size: int = 512, progress: bool = False,
                   where: str = "adata") -> Slide:
-    """Cell embeddings, scaled coordinates, virtual cells (computed once) and sub-slices of one slide."""
+    """Cell embeddings, scaled coordinates, virtual cells (computed once) and sub-slices of one slide.
+
+    The model config chooses the ``geometry`` ("diameter": slide diameter = 100, from 0; "bbox": the original's
+    bounding-box diagonal = 100, centred), the ``tiling`` ("grid" or the original's "original") and, unless given,
+    the ``cluster_method`` ("kmeans", "leiden", or "original": the original's Leiden hypernodes, count free)."""
     import torch
 
     from stofm.virtual_cells import virtual_cells
@@ -74,13 +78,26 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
     device = next(model.parameters()).device
     emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
     emb = emb.float().to(device)
-    xy, scale = scale_to_diameter(coords)
     cfg = model.config
+    cluster_method = cluster_method or cfg.get("cluster_method", "kmeans")
+    xy, scale = _model_frame(coords, cfg.get("geometry", "diameter"))
     n_virtual = int(cfg.get("n_virtual", 64) if n_virtual is None else n_virtual)
-    tiles = tile_slide(xy, cells_per_tile=int(cells_per_tile or cfg.get("cells_per_tile", 1000)),
-                       max_cells=max_cells if max_cells is not None else cfg.get("max_cells"), scale=False)
+    per_tile = int(cells_per_tile or cfg.get("cells_per_tile", 1000))
+    if cfg.get("tiling", "grid") == "original":
+        from stofm.original.pipeline import split_graph
+
+        tiles = [np.sort(t) for t in split_graph(xy, per_tile)]
+    else:
+        tiles = tile_slide(xy, cells_per_tile=per_tile,
+                           max_cells=max_cells if max_cells is not None else cfg.get("max_cells"), scale=False)
     txy = torch.as_tensor(xy, dtype=torch.float32, device=device)
-    if n_virtual > 0:
+    if cluster_method == "original":
+        from stofm.original.pipeline import hypernodes
+
+        hxy, hemb, _ = hypernodes(xy, emb.cpu().numpy(), seed=seed)
+        vxy = torch.as_tensor(hxy, dtype=torch.float32, device=device)
+        vemb = torch.as_tensor(hemb, dtype=torch.float32, device=device)
+    elif n_virtual > 0:
         vxy, vemb, _ = virtual_cells(txy.double(), emb, n_virtual, method=cluster_method, seed=seed)
         vxy, vemb = vxy.float(), vemb.float()
     else:
@@ -90,6 +107,18 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
             "genes_matched": matched, "genes_model": len(model.genes), "coord_scale": float(scale)}
     return Slide(coords=txy, cell_emb=emb, virtual_coords=vxy, virtual_emb=vemb, tiles=tiles, scale=scale,
                  info=info)
+
+
+def _model_frame(coords: np.ndarray, geometry: str) -> tuple[np.ndarray, float]:
+    """(model coordinates, units per input unit) of a slide under the config's ``geometry``."""
+    if geometry == "diameter":
+        return scale_to_diameter(coords)
+    if geometry != "bbox":
+        raise ValueError(f"geometry must be 'diameter' or 'bbox', got {geometry!r}")
+    from stofm.original.pipeline import normalize_coords
+    from stofm.util.geometry import bbox_units_per_um
+
+    return normalize_coords(coords), bbox_units_per_um(coords)
 
 
 def collate_subslices(parts: Sequence[tuple[Slide, np.ndarray]]) -> dict:

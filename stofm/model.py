@@ -27,8 +27,13 @@ from stofm.se2 import SE2Transformer
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 MODEL_FORMAT = "stofm-model"
-SE2_KEYS = ("dim", "depth", "heads", "n_gaussians", "k_neighbors", "far_distance", "dropout", "attn_impl")
-TOP_KEYS = ("n_virtual", "cells_per_tile", "max_cells")
+SE2_KEYS = ("dim", "depth", "heads", "n_gaussians", "k_neighbors", "far_distance", "dropout", "attn_impl", "arch",
+            "ffn_dim", "norm", "gaussian_act", "final_norm", "zero_distance_mask", "gaussian_bias", "carry_logits",
+            "cls", "knn_over", "activation")
+# geometry: "diameter" (slide diameter = 100, rotation invariant) or "bbox" (the original: bounding-box diagonal =
+# 100, centred); tiling: "grid" or "original" (its split_graph); cluster_method: "kmeans", "leiden" or "original"
+# (its Leiden at resolution 1 on 0.2 xy + 0.8 PCA2, count free)
+TOP_KEYS = ("n_virtual", "cells_per_tile", "max_cells", "geometry", "tiling", "cluster_method")
 
 
 class SToFM(nn.Module):
@@ -39,11 +44,22 @@ class SToFM(nn.Module):
         self.config = copy.deepcopy(config)
         self.cell_encoder = cell_encoder
         se2 = self.config["se2"]
-        self.se2 = SE2Transformer(in_dim=cell_encoder.out_dim, **se2)
-        dim = se2["dim"]
-        self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim),
-                                       nn.Linear(dim, cell_encoder.out_dim))
-        self.dist_head = PairDistanceHead(heads=se2["heads"])
+        dim, heads, out = se2["dim"], se2["heads"], cell_encoder.out_dim
+        if self.arch == "original":  # the original SE(2) and its MCM/PDR heads (lm_head, pair_head)
+            from stofm.se2_original import OriginalArchSE2
+
+            self.se2 = OriginalArchSE2(in_dim=out, **se2)
+            self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
+            self.dist_head = nn.Sequential(nn.Linear(heads, heads), nn.ReLU(), nn.Linear(heads, 1))
+        else:
+            self.se2 = SE2Transformer(in_dim=out, **se2)
+            self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, out))
+            self.dist_head = PairDistanceHead(heads=heads)
+
+    @property
+    def arch(self) -> str:
+        """"project" (``stofm.se2``) or "original" (``stofm.se2_original``, the released SToFM)."""
+        return str(self.config["se2"].get("arch", "project"))
 
     @property
     def genes(self) -> list[str]:
@@ -87,7 +103,8 @@ class SToFM(nn.Module):
                    batch.get("virtual_pad_mask"), mask=replace)
         v = out["virtual"].shape[1]
         out["cell_pred"] = self.cell_head(out["cells"])
-        out["dist_pred"] = self.dist_head(out["pair"][:, 1 + v:, 1 + v:])
+        dist = self.dist_head(out["pair"][:, 1 + v:, 1 + v:])
+        out["dist_pred"] = dist.squeeze(-1) if self.arch == "original" else dist
         out["mcm_target"], out["perturbed"] = target, perturbed
         return out
 
@@ -125,6 +142,10 @@ def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None
     """
     path = Path(name_or_path)
     if path.is_dir():
+        from stofm.original.convert import is_converted
+
+        if is_converted(path):
+            return from_converted(path, genes=genes, cell_encoder=cell_encoder, device=device, **overrides)
         return load_model(path, device=device, **overrides)
     cfg = model_config(str(name_or_path))
     enc_cfg = dict(cfg.pop("cell_encoder"))
@@ -142,6 +163,35 @@ def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None
     elif not isinstance(cell_encoder, nn.Module):
         cell_encoder = load_cell_encoder(cell_encoder)
     return SToFM(config=cfg, cell_encoder=cell_encoder).to(device)
+
+
+def from_converted(path: str | os.PathLike, *, genes: Sequence[str] | None = None,
+                   cell_encoder: CellEncoder | str | os.PathLike | None = None, device: Any = "cpu",
+                   **overrides: Any) -> SToFM:
+    """A ``stofm-original`` SToFM whose SE(2) (and MCM/PDR heads, when converted with ``--heads``) are the weights of a
+    ``stofm convert`` folder. The cell encoder is ``cell_encoder`` or a fresh one (``cell_encoder_cfg``) whose output
+    width is the checkpoint's input width; the converted Geneformer cell BERT runs through ``stofm embed --model``."""
+    from stofm.original.convert import load_converted
+    from stofm.original.se2 import OriginalSE2ForMaskedLM
+
+    net, _ = load_converted(path)
+    c = (net.model if isinstance(net, OriginalSE2ForMaskedLM) else net).config
+    shape = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
+             "ffn_dim": c.ffn_embedding_dim, "n_gaussians": c.gaussian_hidden_dim, "activation": c.activation_fn}
+    enc = {**dict(overrides.pop("cell_encoder_cfg", None) or {}), "out_dim": c.input_dim}
+    model = create_model("stofm-original", genes=genes, cell_encoder=cell_encoder, device="cpu",
+                         cell_encoder_cfg=enc, **shape, **overrides)
+    if model.cell_encoder.out_dim != c.input_dim:
+        raise ValueError(f"{path}: the SE(2) takes {c.input_dim}-d cell embeddings, the cell encoder gives "
+                         f"{model.cell_encoder.out_dim}")
+    if isinstance(net, OriginalSE2ForMaskedLM):
+        model.se2.model.load_state_dict(net.model.state_dict())
+        model.cell_head.load_state_dict(net.lm_head.state_dict())
+        model.dist_head.load_state_dict(net.pair_head.state_dict())
+    else:
+        model.se2.model.load_state_dict(net.state_dict())
+    model.config["converted_from"] = str(path)
+    return model.to(device)
 
 
 def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any) -> SToFM:

@@ -37,7 +37,7 @@ class PretrainConfig:
     n_virtual: int | None = None
     cells_per_tile: int | None = None
     max_cells: int | None = None
-    cluster_method: str = "kmeans"
+    cluster_method: str | None = None     # None: the model config's (kmeans; stofm-original: its Leiden)
     max_steps: int = 1000
     batch_size: int = 4
     grad_accum: int = 1
@@ -248,7 +248,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     for name, ok in (("batch_size", cfg.batch_size >= 1), ("grad_accum", cfg.grad_accum >= 1),
                      ("max_steps", cfg.max_steps >= 1), ("lr", cfg.lr > 0),
                      ("mixed_precision", cfg.mixed_precision in ("auto", "no", "bf16", "fp16")),
-                     ("cluster_method", cfg.cluster_method in ("kmeans", "leiden"))):
+                     ("cluster_method", cfg.cluster_method in (None, "kmeans", "leiden", "original"))):
         if not ok:
             raise ValueError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
     return cfg

@@ -35,3 +35,21 @@ def units_per_um(coords_um: np.ndarray) -> float:
     """Model units per µm of a slide whose spot/cell centres are ``coords_um`` (1.0 for a slide of one point)."""
     span = slide_diameter(coords_um)
     return DIAMETER / span if span > 0 else 1.0
+
+
+def bbox_units_per_um(coords_um: np.ndarray) -> float:
+    """The original SToFM's convention: model units per µm with the slide's bounding-box diagonal = 100 units (the
+    frame is centred on the box centre, :func:`bbox_center`); 1.0 for a slide of one point."""
+    arr = np.asarray(coords_um, np.float64).reshape(-1, 2)
+    arr = arr[np.isfinite(arr).all(1)]
+    if len(arr) == 0:
+        return 1.0
+    diag = float(np.sqrt(((arr.max(0) - arr.min(0)) ** 2).sum()))
+    return DIAMETER / diag if diag > 0 else 1.0
+
+
+def bbox_center(coords_um: np.ndarray) -> np.ndarray:
+    """Centre (2,) of the bounding box of a slide's coordinates (the origin of the original SToFM's frame)."""
+    arr = np.asarray(coords_um, np.float64).reshape(-1, 2)
+    arr = arr[np.isfinite(arr).all(1)]
+    return (arr.max(0) + arr.min(0)) / 2 if len(arr) else np.zeros(2)
