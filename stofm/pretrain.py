@@ -1,5 +1,9 @@
 """SToFM pretraining (MCM + PDR) with accelerate: ``stofm pretrain --config configs/stofm_tiny.yaml``.
 
+``objective: project`` (default) is the project's MCM/PDR (``stofm.objectives``); ``objective: original`` is the
+original SToFM's (``stofm.objectives_original``: its collator and its heads; needs a ``stofm-original`` model,
+``configs/stofm_original_tiny.yaml``).
+
 Data: AnnData files (``.h5ad`` or ``.zarr``) with ``obsm['spatial']``. Each slide is prepared once: the cell
 encoder (frozen, as in SToFM, where cell embeddings are computed before the spatial stage) embeds every cell,
 virtual cells are clustered, the slide is tiled into sub-slices. Batches of sub-slices are padded to one length
@@ -51,6 +55,7 @@ class PretrainConfig:
     sigma_factor: float = 5.0
     mcm_weight: float = 1.0
     pdr_weight: float = 1.0
+    objective: str = "project"            # or "original" (the original collator + heads; stofm-original models)
     mixed_precision: str = "auto"         # auto = bf16 on a GPU, no on CPU
     cpu: bool = False
     seed: int = 0
@@ -83,14 +88,18 @@ def _step_module(model: Any, cfg: PretrainConfig) -> Any:
     from torch import nn
 
     from stofm.objectives import SToFMPretrainLoss
+    from stofm.objectives_original import OriginalPretrainLoss
 
     class PretrainStep(nn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.model = model
-            self.loss = SToFMPretrainLoss(mcm_weight=cfg.mcm_weight, pdr_weight=cfg.pdr_weight)
+            weights = {"mcm_weight": cfg.mcm_weight, "pdr_weight": cfg.pdr_weight}
+            self.loss = OriginalPretrainLoss(**weights) if cfg.objective == "original" else SToFMPretrainLoss(**weights)
 
         def forward(self, batch: dict, generator: Any) -> dict:
+            if cfg.objective == "original":  # batch: the original collator's, masks already drawn
+                return self.loss(self.model, batch)
             out = self.model.pretrain_forward(batch, generator=generator, mask_ratio=cfg.mask_ratio,
                                               keep_ratio=cfg.keep_ratio, pdr_ratio=cfg.pdr_ratio,
                                               sigma_factor=cfg.sigma_factor)
@@ -153,7 +162,14 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
                             where=str(p))
               for a, p in zip(adatas, cfg.data)]
     del adatas
-    items = [(s, t) for s in slides for t in s.tiles]
+    if cfg.objective == "original":
+        from stofm.objectives_original import masked_batch, tile_subslices
+
+        if getattr(model, "arch", "project") != "original":
+            raise ValueError(f"objective 'original' needs a stofm-original model, not {cfg.model!r} (arch project)")
+        items: list = [sub for s in slides for sub in tile_subslices(s)]
+    else:
+        items = [(s, t) for s in slides for t in s.tiles]
     step_module = _step_module(model, cfg)
     optimizer = build_optimizer(step_module, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
@@ -189,9 +205,12 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
             idx = batch_items(len(items), step=step, micro=micro, grad_accum=cfg.grad_accum,
                               batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
                               world=accelerator.num_processes)
-            batch = collate_subslices([items[i] for i in idx])
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009
-                                                + accelerator.process_index)
+            draw = cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009 + accelerator.process_index
+            gen = torch.Generator().manual_seed(draw)
+            if cfg.objective == "original":
+                batch = masked_batch([items[i] for i in idx], seed=draw, rate=cfg.mask_ratio, keep=cfg.keep_ratio)
+            else:
+                batch = collate_subslices([items[i] for i in idx])
             with accelerator.accumulate(step_module):
                 terms = step_module(batch, gen)
                 if not torch.isfinite(terms["loss"]):
@@ -248,7 +267,8 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     for name, ok in (("batch_size", cfg.batch_size >= 1), ("grad_accum", cfg.grad_accum >= 1),
                      ("max_steps", cfg.max_steps >= 1), ("lr", cfg.lr > 0),
                      ("mixed_precision", cfg.mixed_precision in ("auto", "no", "bf16", "fp16")),
-                     ("cluster_method", cfg.cluster_method in (None, "kmeans", "leiden", "original"))):
+                     ("cluster_method", cfg.cluster_method in (None, "kmeans", "leiden", "original")),
+                     ("objective", cfg.objective in ("project", "original"))):
         if not ok:
             raise ValueError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
     return cfg
