@@ -10,7 +10,9 @@ form a square grid over the whole slide; when the slide is smaller than ``tiles`
 step is smaller than the spot, so tiles overlap (recorded in the notes). Each tile is a spot crop and a niche
 crop (112 / 336 µm, ``patch_px``), as ``stalign predict`` reads them.
 
-- package: ``SlideCrops`` read by ``--workers`` spawned reader processes (best pyramid level, pinned memory),
+- package: ``SlideCrops`` (one slide read per spot + niche pair, best pyramid level, the ``--resample`` filter of
+  the model's data) read as ``stalign.tasks.crop_reading.reading_plan`` says: ``--workers`` reader threads on the
+  CPU with torch on the cores they leave, spawned reader processes with pinned memory on CUDA;
   ``stalign.models.perf.FastEmbedder`` (bf16 autocast, channels-last CNNs, compile for large jobs on CUDA),
   ``ReferenceBank.predict`` (fast top-k), AnnData written to .h5ad. Stages: time the main process waited for
   crops (readers), embedding, retrieval, writing; plus ``predict_slide`` timed end to end on the same tiles.
@@ -19,6 +21,7 @@ crop (112 / 336 µm, ``patch_px``), as ``stalign predict`` reads them.
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import tempfile
 import time
@@ -85,31 +88,34 @@ def write(pred, emb, coords, genes, path: Path) -> None:
 
 
 def run_package(model, slide, coords, bank, *, device, args, out: Path) -> dict:
-    """Stage times of the package pipeline (the pieces ``predict_slide`` runs)."""
+    """Stage times of the package pipeline (the pieces ``predict_slide`` runs: ``reading_plan`` readers,
+    ``FastEmbedder``, ``ReferenceBank.predict``)."""
     import numpy as np
 
     from stalign.models.perf import FastEmbedder
-    from stalign.tasks.embed import SlideCrops, _loader
+    from stalign.tasks.crop_reading import SlideCrops, crop_batches, reading_plan, torch_threads
 
     mpp = slide.um_per_px
     crops = SlideCrops(slide=slide, centers_px=coords, spot_px=SPOT_UM / mpp, niche_px=NICHE_UM / mpp,
-                       patch_px=args.patch_px)
-    embedder = FastEmbedder(model=model, device=device, n_items=len(crops))
+                       patch_px=args.patch_px, resample=getattr(args, "resample", None))
+    plan = reading_plan(device, args.workers)
     t = {"read + decode (wait)": 0.0, "embed": 0.0}
     start = time.perf_counter()
+    embedder = FastEmbedder(model=model, device=device, n_items=len(crops))
     embs = []
-    it = iter(_loader(crops, batch_size=args.batch, workers=args.workers, pin_memory=device.type == "cuda"))
-    while True:
-        t0 = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
-            break
-        t1 = time.perf_counter()
-        embs.append(embedder(batch["spot_image"], batch["niche_image"]).cpu().numpy())
-        t2 = time.perf_counter()
-        t["read + decode (wait)"] += t1 - t0
-        t["embed"] += t2 - t1
+    with torch_threads(plan["torch_threads"]):
+        it = crop_batches(crops, batch_size=args.batch, plan=plan, pin_memory=device.type == "cuda")
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                break
+            t1 = time.perf_counter()
+            embs.append(embedder(batch["spot_image"], batch["niche_image"]).cpu().numpy())
+            t2 = time.perf_counter()
+            t["read + decode (wait)"] += t1 - t0
+            t["embed"] += t2 - t1
     emb = np.concatenate(embs)
     t0 = time.perf_counter()
     pred = bank.predict(emb, k=50, device=str(device))
@@ -118,7 +124,8 @@ def run_package(model, slide, coords, bank, *, device, args, out: Path) -> dict:
     write(pred, emb, coords, bank.genes, out / "package.h5ad")
     t["write"] = time.perf_counter() - t0
     t["total"] = time.perf_counter() - start
-    t["settings"] = embedder.settings()
+    t["settings"] = {**embedder.settings(), "readers": f"{plan['n']} {plan['readers']}",
+                     "torch_threads": plan["torch_threads"], "resample": crops.resample or "lanczos"}
     return t
 
 
@@ -165,6 +172,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--bank", type=int, default=None, help="reference spots (default 200,000 CUDA, 20,000 CPU)")
     p.add_argument("--genes", type=int, default=50)
     p.add_argument("--no-api", action="store_true", help="skip the second, end-to-end predict_slide run")
+    p.add_argument("--resample", choices=("bilinear", "lanczos"), default="bilinear",
+                   help="crop filter of the model's data, hence of the package's readers (default bilinear: the "
+                        "plain path's)")
+    p.add_argument("--repeat", type=int, default=None, help="runs of each pipeline, median reported (default 3)")
     args = p.parse_args(argv)
     import numpy as np
 
@@ -183,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
     args.patch_px = args.patch_px or (64 if args.quick else 224)
     args.batch = args.batch or (256 if cuda else 16)
     args.workers = args.workers if args.workers is not None else (0 if args.quick else 12 if cuda else 2)
+    args.repeat = args.repeat or (1 if args.quick else 3)
     n_bank = args.bank or (2000 if args.quick else 200_000 if cuda else 20_000)
     model_name = args.model or ("stalign-base" if cuda else "stalign-tiny")
     load_before = load_average()
@@ -200,37 +212,49 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(0)
     bank = ReferenceBank(embeddings=rng.normal(size=(n_bank, model.config.embed_dim)).astype(np.float32),
                          expression=rng.gamma(1.0, 1.0, (n_bank, args.genes)).astype(np.float32), genes=genes,
-                         info={"spot_um": SPOT_UM, "niche_um": NICHE_UM, "patch_px": args.patch_px})
+                         info={"spot_um": SPOT_UM, "niche_um": NICHE_UM, "patch_px": args.patch_px,
+                               "resample": args.resample})
     rows = []
+    pkgs, apis, plains = [], [], []
     with tempfile.TemporaryDirectory(prefix="stalign-wsi-bench-") as tmp:
         out = Path(tmp)
-        pkg = run_package(model, slide, coords, bank, device=device, args=args, out=out)
-        settings = pkg.pop("settings")
-        for stage, s in pkg.items():
-            rows.append({"pipeline": "package", "stage": stage, "seconds": s, "tiles": args.tiles,
-                         "tiles/s": args.tiles / s if s > 0 else float("nan")})
-        if not args.no_api:
-            t0 = time.perf_counter()
-            predict_slide(model, synth.paths["image"], reference=bank, coords=coords, batch_size=args.batch,
-                          workers=args.workers, device=str(device), progress=False).write_h5ad(out / "api.h5ad")
-            e2e = time.perf_counter() - t0
-            rows.append({"pipeline": "package", "stage": "predict_slide end to end (API)", "seconds": e2e,
-                         "tiles": args.tiles, "tiles/s": args.tiles / e2e})
-        plain = run_plain(model, str(synth.paths["image"]), coords[:args.plain_tiles], bank, mpp=slide.um_per_px,
-                          device=device, args=args, out=out)
-        for stage, s in plain.items():
-            rows.append({"pipeline": "plain", "stage": stage, "seconds": s, "tiles": args.plain_tiles,
-                         "tiles/s": args.plain_tiles / s if s > 0 else float("nan")})
+        for _ in range(args.repeat):  # interleaved, so a change of machine load hits both pipelines
+            pkgs.append(run_package(model, slide, coords, bank, device=device, args=args, out=out))
+            if not args.no_api:
+                t0 = time.perf_counter()
+                predict_slide(model, synth.paths["image"], reference=bank, coords=coords, batch_size=args.batch,
+                              workers=args.workers, device=str(device), progress=False).write_h5ad(out / "api.h5ad")
+                apis.append(time.perf_counter() - t0)
+            plains.append(run_plain(model, str(synth.paths["image"]), coords[:args.plain_tiles], bank,
+                                    mpp=slide.um_per_px, device=device, args=args, out=out))
+    pkg = sorted(pkgs, key=lambda t: t["total"])[len(pkgs) // 2]  # the median run's stages
+    plain = sorted(plains, key=lambda t: t["total"])[len(plains) // 2]
+    settings = pkg.pop("settings")
+    spread = {"package": [args.tiles / t["total"] for t in pkgs], "plain": [args.plain_tiles / t["total"] for t in plains],
+              "api": [args.tiles / s for s in apis]}
+    for stage, s in pkg.items():
+        rows.append({"pipeline": "package", "stage": stage, "seconds": s, "tiles": args.tiles,
+                     "tiles/s": args.tiles / s if s > 0 else float("nan")})
+    if apis:
+        e2e = statistics.median(apis)
+        rows.append({"pipeline": "package", "stage": "predict_slide end to end (API)", "seconds": e2e,
+                     "tiles": args.tiles, "tiles/s": args.tiles / e2e})
+    for stage, s in plain.items():
+        rows.append({"pipeline": "plain", "stage": stage, "seconds": s, "tiles": args.plain_tiles,
+                     "tiles/s": args.plain_tiles / s if s > 0 else float("nan")})
     ratio = (args.tiles / pkg["total"]) / (args.plain_tiles / plain["total"])
     bottleneck = max(("read + decode (wait)", "embed", "retrieve", "write"), key=lambda k: pkg[k])
     overlap = "overlapping" if step * slide.um_per_px < SPOT_UM - 1e-6 else "disjoint"
     notes = [(f"model {model_name} (random init), {args.genes} genes, bank {n_bank:,} spots, k=50; "
-              f"package settings {settings}; {args.workers} reader processes, batch {args.batch}"),
+              f"package settings {settings}; --workers {args.workers}, batch {args.batch}; "
+              f"median of {args.repeat} interleaved runs (stage rows: the median run)"),
              (f"slide {slide.dimensions[0]}x{slide.dimensions[1]} px at {slide.um_per_px} µm/px "
               f"({args.slide_spots} synthetic spots); grid step {step * slide.um_per_px:.0f} µm for "
               f"{SPOT_UM:.0f} µm spot crops ({overlap})"),
              (f"end to end: package {args.tiles / pkg['total']:,.1f} tiles/s vs plain "
-              f"{args.plain_tiles / plain['total']:,.1f} tiles/s = {ratio:.2f}x; largest package stage: {bottleneck}")]
+              f"{args.plain_tiles / plain['total']:,.1f} tiles/s = {ratio:.2f}x; largest package stage: {bottleneck}"),
+             "tiles/s of every run (min-max): " + "; ".join(f"{k} {min(v):,.1f}-{max(v):,.1f}"
+                                                           for k, v in spread.items() if v)]
     if not cuda:
         notes.append("CPU figures (no GPU in this run); the >= 2,000 tiles/s target is for an H100 with 12+ readers")
     record(args, title=f"WSI prediction, {args.tiles:,} tiles on {device.type.upper()}", device=device,

@@ -9,36 +9,16 @@ from typing import Any
 
 import numpy as np
 
+from stalign.tasks.crop_reading import SlideCrops, crop_batches, reading_plan, torch_threads
 from stalign.tasks.retrieval import ReferenceBank
+
+__all__ = ["SlideCrops", "bank_from_shards", "default_device", "embed_shards", "embed_slide_crops", "load_reference"]
 
 
 def default_device(device: str | None = None) -> str:
     import torch
 
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
-class SlideCrops:
-    """Map-style dataset of (spot, niche) uint8 crops (3, P, P) around level-0 centres of one slide.
-
-    Picklable: each DataLoader worker re-opens the slide by path (``Slide`` pickles as path + pixel size).
-    """
-
-    def __init__(self, *, slide: Any, centers_px: np.ndarray, spot_px: float, niche_px: float, patch_px: int) -> None:
-        self.slide, self.centers = slide, np.asarray(centers_px, np.float64).reshape(-1, 2)
-        self.spot_px, self.niche_px, self.patch_px = float(spot_px), float(niche_px), int(patch_px)
-
-    def __len__(self) -> int:
-        return len(self.centers)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-        from einops import rearrange
-
-        spot, _ = self.slide.read_crop(self.centers[i], self.spot_px, self.patch_px)
-        niche, _ = self.slide.read_crop(self.centers[i], self.niche_px, self.patch_px)
-        return {"spot_image": rearrange(torch.from_numpy(np.array(spot)), "h w c -> c h w"),
-                "niche_image": rearrange(torch.from_numpy(np.array(niche)), "h w c -> c h w")}
 
 
 def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None, pin_memory: bool = False):
@@ -52,18 +32,23 @@ def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None,
 def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, workers: int = 0,
                       device: str | None = None, niche_weight: float = 0.5, progress: bool = True,
                       precision: str = "auto", compile: bool | str = "auto") -> np.ndarray:
-    """(N, E) image embeddings (``model.encode_image``) of the crops, read by ``workers`` parallel readers,
-    on the fast path of ``stalign.models.perf.FastEmbedder`` (bf16 autocast etc. on CUDA; plain fp32 on the CPU)."""
+    """(N, E) image embeddings (``model.encode_image``) of the crops on the fast path of
+    ``stalign.models.perf.FastEmbedder`` (bf16 autocast etc. on CUDA; plain fp32 on the CPU), read beside the
+    model as ``reading_plan`` says: ``workers`` reader processes on a GPU, ``workers`` reader threads on the CPU
+    (the model then runs on the cores they leave), in the main thread for ``workers=0``."""
     from tqdm import tqdm
 
     from stalign.models.perf import FastEmbedder
 
     device = default_device(device)
+    plan = reading_plan(device, workers)
     embedder = FastEmbedder(model=model, device=device, precision=precision, compile=compile, n_items=len(crops))
+    batches = crop_batches(crops, batch_size=batch_size, plan=plan, pin_memory=str(device).startswith("cuda"))
     out = []
-    for batch in tqdm(_loader(crops, batch_size=batch_size, workers=workers, pin_memory=str(device).startswith("cuda")),
-                      desc="embedding crops", disable=not progress, unit="batch"):
-        out.append(embedder(batch["spot_image"], batch["niche_image"], niche_weight=niche_weight).cpu().numpy())
+    with torch_threads(plan["torch_threads"]):
+        for batch in tqdm(batches, total=-(-len(crops) // batch_size), desc="embedding crops",
+                          disable=not progress, unit="batch"):
+            out.append(embedder(batch["spot_image"], batch["niche_image"], niche_weight=niche_weight).cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
 
@@ -113,7 +98,8 @@ def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> Refer
                                "y_um": emb["coords_um"][:, 1]},
                          info={"source": str(Path(root).resolve()), "spot_um": m.get("spot_um"),
                                "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"),
-                               "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name")})
+                               "expression": m.get("expression"), "resample": m.get("resample"),
+                               "model": getattr(model, "meta", {}).get("name")})
 
 
 def bank_cache_key(model: Any, root: Path, embed: dict[str, Any]) -> str | None:

@@ -13,6 +13,7 @@ import numpy as np
 from stalign.tasks.retrieval import gene_indices
 
 DEFAULT_SPOT_UM, DEFAULT_NICHE_UM, DEFAULT_PATCH_PX = 112.0, 336.0, 224  # as `stalign prep`
+DEFAULT_RESAMPLE = "lanczos"  # the crop filter of shards whose manifest does not record one
 
 
 class NoTissueError(ValueError):
@@ -104,12 +105,15 @@ def check_coords(coords: Any, slide: Any) -> np.ndarray:
 
 def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float | None = None,
                 spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
-                step_um: float | None = None, settings: dict | None = None, batch_size: int = 32, workers: int = 0,
-                device: str | None = None, niche_weight: float = 0.5, progress: bool = True) -> dict[str, Any]:
+                step_um: float | None = None, settings: dict | None = None, resample: str | None = None,
+                batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
+                progress: bool = True) -> dict[str, Any]:
     """Image embeddings (N, E) of the spots of ``slide`` (``coords`` level-0 px, else tissue tiles).
 
-    Crop sizes default to ``settings`` (a reference bank's or head's ``info``), else 112/336 µm at 224 px.
-    Returns {"embeddings", "coords", "slide", "tiled", "spot_um", "niche_um", "patch_px"}.
+    Crop sizes and the resampling filter (``resample``: "lanczos" | "bilinear") default to ``settings`` (a
+    reference bank's or head's ``info``: those of the shards the model's data came from), else 112/336 µm at
+    224 px, Lanczos. ``workers``: readers beside the model (``stalign.tasks.crop_reading.reading_plan``).
+    Returns {"embeddings", "coords", "slide", "tiled", "spot_um", "niche_um", "patch_px", "resample"}.
     """
     from stalign.tasks.embed import SlideCrops, embed_slide_crops
 
@@ -117,6 +121,7 @@ def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float 
     spot_um = float(spot_um or settings.get("spot_um") or DEFAULT_SPOT_UM)
     niche_um = float(niche_um or settings.get("niche_um") or DEFAULT_NICHE_UM)
     patch_px = int(patch_px or settings.get("patch_px") or DEFAULT_PATCH_PX)
+    resample = str(resample or settings.get("resample") or DEFAULT_RESAMPLE)
     slide = open_for_prediction(slide, um_per_px=um_per_px)
     mpp = float(slide.um_per_px)
     tiled = coords is None
@@ -126,27 +131,27 @@ def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float 
     if len(coords) == 0:
         raise ValueError("no spot coordinates to embed")
     crops = SlideCrops(slide=slide, centers_px=coords, spot_px=spot_um / mpp, niche_px=niche_um / mpp,
-                       patch_px=patch_px)
+                       patch_px=patch_px, resample=resample)
     emb = embed_slide_crops(model, crops, batch_size=batch_size, workers=workers, device=device,
                             niche_weight=niche_weight, progress=progress)
     return {"embeddings": emb.astype(np.float32), "coords": coords, "slide": slide, "tiled": tiled,
-            "spot_um": spot_um, "niche_um": niche_um, "patch_px": patch_px}
+            "spot_um": spot_um, "niche_um": niche_um, "patch_px": patch_px, "resample": resample}
 
 
 def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any = None,
                   barcodes: Sequence[str] | None = None, um_per_px: float | None = None,
                   spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
-                  step_um: float | None = None, k: int = 50, temperature: float = 0.05, fewshot_head: Any = None,
-                  genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
+                  step_um: float | None = None, resample: str | None = None, k: int = 50, temperature: float = 0.05,
+                  fewshot_head: Any = None, genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
                   device: str | None = None, niche_weight: float = 0.5, progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
     softmax(similarity / ``temperature``)); ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
     ``coords`` (N, 2) level-0 px, else the tissue is tiled every ``step_um`` (default: the spot size).
-    Crop sizes default to the reference bank's (its shards'), else 112/336 µm at 224 px.
-    X holds the few-shot prediction when a head is given, else the zero-shot one; both are in ``layers``;
-    image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
+    Crop sizes and the resampling filter default to the reference bank's (its shards'), else 112/336 µm at
+    224 px, Lanczos. X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
+    ``layers``; image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
     """
     import anndata as ad
     import pandas as pd
@@ -169,8 +174,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                           progress=progress) if reference is not None else None
     info = bank.info if bank is not None else getattr(fewshot_head, "embedding_info", {}) or {}
     e = embed_slide(model, slide, coords=coords, um_per_px=um_per_px, spot_um=spot_um, niche_um=niche_um,
-                    patch_px=patch_px, step_um=step_um, settings=info, batch_size=batch_size, workers=workers,
-                    device=device, niche_weight=niche_weight, progress=progress)
+                    patch_px=patch_px, step_um=step_um, settings=info, resample=resample, batch_size=batch_size,
+                    workers=workers, device=device, niche_weight=niche_weight, progress=progress)
     emb, coords, slide = e["embeddings"], e["coords"], e["slide"]
     layers: dict[str, np.ndarray] = {}
     if bank is not None:
@@ -188,7 +193,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
         raise ValueError(f"{len(names)} barcodes for {len(coords)} spots")
     settings = {"slide": str(slide.path), "um_per_px": float(slide.um_per_px),
                 "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
-                "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"], "tiled": e["tiled"],
+                "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"],
+                "resample": e["resample"], "tiled": e["tiled"],
                 "k": int(k), "temperature": float(temperature), "niche_weight": float(niche_weight), "X": x_source,
                 "units": _units(bank, fewshot_head),
                 "model": str(getattr(model, "meta", {}).get("name", "")),
