@@ -77,8 +77,10 @@ def _mlp(*, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, None]:
 @register_cell_encoder("stofm")
 def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Mapping[str, Any] | None = None,
            **overrides: Any) -> tuple[nn.Module, nn.Module]:
-    """A SToFM by config name or ``save_pretrained`` folder (its weights), or from ``stofm_config`` (the
-    architecture a stalign checkpoint records; weights then come from the checkpoint): cell encoder + SE(2)."""
+    """A SToFM by config name (``stofm-tiny``, ``stofm-original``, ...), ``save_pretrained`` folder or ``stofm convert``
+    folder of the released SToFM (its SE(2) weights; a fresh cell encoder from ``cell_encoder_cfg`` with the SE(2)'s
+    input width), or from ``stofm_config`` (the architecture a stalign checkpoint records; weights then come from the
+    checkpoint): cell encoder + SE(2)."""
     import copy
 
     import stofm
@@ -96,7 +98,8 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
         raise ValueError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
                          f"{len(genes)} genes")
     se2 = sm.se2
-    se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
+    if getattr(se2, "mask_token", None) is not None:
+        se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
     arch = {**copy.deepcopy(sm.config), "cell_encoder": {"kind": sm.cell_encoder.kind,
                                                          "config": copy.deepcopy(sm.cell_encoder.config)}}
     return StofmCell(encoder=sm.cell_encoder, stofm_config=arch), se2
@@ -160,7 +163,12 @@ class SE2Niche(NicheEncoder):
     Coordinates (µm) are centred on the niche's first spot and scaled to model units. ``coord_scale="slide"``
     (default) uses stofm's convention (``stofm.util.geometry``: the whole slide's diameter = 100 units; the batch's
     ``stofm_units_per_um`` from ``ShardDataset``), so a pretrained stofm sees the distances it was trained on; a
-    number is a fixed scale in units per µm. Output: the [CLS] token.
+    number is a fixed scale in units per µm. The original SToFM architecture (``stofm-original``, a converted
+    checkpoint) was trained in the slide's bounding-box frame (diagonal = 100 units, origin at the box centre, where
+    its [CLS] node sits in the kNN graph): when the batch carries ``stofm_bbox_units_per_um`` and
+    ``stofm_bbox_center_um`` (``stofm.util.geometry.bbox_units_per_um`` / ``bbox_center`` of the slide), that frame is
+    used exactly; otherwise the slide-diameter scale (equal to the box diagonal for a rectangular capture area).
+    Output: the [CLS] token.
     """
 
     def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module, coord_scale: float | str = "slide") -> None:
@@ -169,18 +177,23 @@ class SE2Niche(NicheEncoder):
             raise ValueError(f"coord_scale must be 'slide' or a positive number of units per µm, got {coord_scale!r}")
         self.cell, self.se2, self.coord_scale, self.out_dim = cell_encoder, se2, coord_scale, int(se2.dim)
 
-    def _scale(self, batch: Mapping[str, torch.Tensor], like: torch.Tensor) -> torch.Tensor | float:
+    def _frame(self, batch: Mapping[str, torch.Tensor], coords: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor | float]:
+        """(origin (B, 1, 2) in µm, model units per µm)."""
         if self.coord_scale != "slide":
-            return float(self.coord_scale)
+            return coords[:, :1], float(self.coord_scale)
+        if getattr(self.se2, "arch", "project") == "original" and "stofm_bbox_units_per_um" in batch:
+            _need(batch, "stofm_bbox_center_um")
+            return (batch["stofm_bbox_center_um"].to(coords).view(-1, 1, 2),
+                    batch["stofm_bbox_units_per_um"].to(coords).view(-1, 1, 1))
         _need(batch, "stofm_units_per_um")
-        return batch["stofm_units_per_um"].to(like).view(-1, 1, 1)
+        return coords[:, :1], batch["stofm_units_per_um"].to(coords).view(-1, 1, 1)
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         _need(batch, "niche_spot_expr", "niche_spot_coords", "niche_spot_mask")
         emb = _encode_spots(self.cell, batch["niche_spot_expr"])
         coords = batch["niche_spot_coords"].float()
-        origin = coords[:, :1]
-        scale = self._scale(batch, coords)
+        origin, scale = self._frame(batch, coords)
         coords = (coords - origin) * scale
         venb = vco = vpad = None
         if "virtual_expr" in batch:
@@ -206,7 +219,11 @@ def _pool(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) 
 def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: float | str = "slide",
          **se2_cfg: Any) -> NicheEncoder:
     """The stofm SE(2) transformer (from the stofm model, or a fresh one from ``se2_cfg``: dim, depth, heads, ...)."""
-    if se2 is None:
+    if se2 is None and se2_cfg.get("arch") == "original":  # the original SToFM SE(2), fresh
+        from stofm.se2_original import OriginalArchSE2
+
+        se2 = OriginalArchSE2(in_dim=cell_encoder.out_dim, **{"dim": 64, "depth": 2, "heads": 4, **se2_cfg})
+    elif se2 is None:
         from stofm.se2 import SE2Transformer
 
         se2 = SE2Transformer(in_dim=cell_encoder.out_dim, **{"dim": 64, "depth": 2, "heads": 4, **se2_cfg})
