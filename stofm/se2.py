@@ -186,7 +186,10 @@ class SE2Transformer(nn.Module):
         cells = self.proj_in(cell_emb)
         if mask is not None:
             cells = torch.where(mask.bool()[..., None], self.mask_token.to(cells.dtype), cells)
-        cls = cells.new_zeros(b, 1, self.dim) if self.cls_token is None else self.cls_token.to(cells.dtype).expand(b, 1, -1)
+        if self.cls_token is None:  # the original: a zero input (through the input projection) of its own type
+            cls = self.proj_in(cell_emb.new_zeros(b, 1, cell_emb.shape[-1])).to(cells.dtype)
+        else:
+            cls = self.cls_token.to(cells.dtype).expand(b, 1, -1)
         x = torch.cat([cls, self.proj_in(virtual_emb), cells], 1)
         types = torch.tensor([CLS] + [VIRTUAL] * v + [CELL] * n, device=dev)
         x = x + self.type_emb(types).to(x.dtype)

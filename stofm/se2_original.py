@@ -124,3 +124,35 @@ class OriginalArchSE2(nn.Module):
         graph = (cd != self.far_distance) & real[:, :, None] & real[:, None, :]
         return {"cls": h[:, 0], "virtual": h[:, 1:v], "cells": h[:, v:],
                 "pair": out["pair_rep"] if return_pair else None, "cell_graph": graph}
+
+
+# the project SE(2)'s switches at the original's values (with ffn_dim 3 x dim and far_distance 100)
+ORIGINAL_SWITCHES = {"norm": "post", "gaussian_act": "relu", "final_norm": False, "zero_distance_mask": True,
+                     "gaussian_bias": "first", "carry_logits": True, "cls": "zero", "knn_over": "all"}
+
+
+def to_project_state_dict(sd: dict[str, torch.Tensor], *, n_edge_types: int = 9) -> dict[str, torch.Tensor]:
+    """An original ``SToFMModel`` state dict as the project ``SE2Transformer``'s (built with ``ORIGINAL_SWITCHES``
+    and an input projection, ``in_dim != dim``): fused qkv = [q; k; v], one Gaussian affine for every edge type,
+    token types mapped (project CLS, virtual, cell = original 1, 2, 0). The project's unused ``mask_token`` is
+    not part of it (load with ``strict=False``)."""
+    t = sd["token_type_embeddings.weight"]
+    out = {"proj_in.weight": sd["embedding_layer.weight"], "proj_in.bias": sd["embedding_layer.bias"],
+           "type_emb.weight": torch.stack([t[CLS_TYPE], t[HYPER], t[NORM]]),
+           "dist_enc.means": sd["gaussian.means.weight"].view(-1), "dist_enc.stds": sd["gaussian.stds.weight"].view(-1),
+           "dist_enc.mul.weight": sd["gaussian.linear.weight"].view(1, 1).expand(n_edge_types, 1).clone(),
+           "dist_enc.bias.weight": sd["gaussian.linear.bias"].view(1, 1).expand(n_edge_types, 1).clone()}
+    for i in (0, 2):
+        for p in ("weight", "bias"):
+            out[f"dist_enc.mlp.{i}.{p}"] = sd[f"gaussian.proj.{i}.{p}"]
+    layers = sorted({int(k.split(".")[2]) for k in sd if k.startswith("encoder.layers.")})
+    for i in layers:
+        o, n = f"encoder.layers.{i}.", f"layers.{i}."
+        for p in ("weight", "bias"):
+            out[n + "qkv." + p] = torch.cat([sd[o + f"self_attn.{x}_proj.{p}"] for x in "qkv"])
+            out[n + "out." + p] = sd[o + "self_attn.out_proj." + p]
+            out[n + "norm1." + p] = sd[o + "self_attn_layer_norm." + p]
+            out[n + "norm2." + p] = sd[o + "final_layer_norm." + p]
+            out[n + "ffn.0." + p] = sd[o + "fc1." + p]
+            out[n + "ffn.3." + p] = sd[o + "fc2." + p]
+    return out

@@ -184,3 +184,31 @@ def test_project_se2_with_knn_over_all_builds_the_original_distances():
     d, _, _, graph = model._distances(xy, pad, vxy, torch.zeros(2, 3, dtype=torch.bool), torch.tensor([0] * 16))
     torch.testing.assert_close(d, original_distances(nodes, types, k_neighbors=4, far=100.0))
     assert not graph[1, 9:].any()
+
+
+@needs_fixture
+@pytest.mark.parametrize("case", ["A", "B"])
+def test_project_se2_with_every_switch_at_the_original_value_is_the_original(case):
+    """The switches are exact: the project's SE(2) with ORIGINAL_SWITCHES and the fixture's weights (mapped by
+    to_project_state_dict) gives the original code's outputs from coordinates (cases A and B: unit and unnormalised
+    inputs, so carried logits matter)."""
+    from stofm.se2 import SE2Transformer
+    from stofm.se2_original import ORIGINAL_SWITCHES, to_project_state_dict
+
+    pre, ref = _np(SE2 / f"preprocess_slice{case}.safetensors"), _np(SE2 / f"outputs_{case}.safetensors")
+    sd = {k: torch.from_numpy(v) for k, v in _np(SE2 / "state_dict.safetensors").items()}
+    model = SE2Transformer(dim=256, depth=2, heads=32, n_gaussians=128, k_neighbors=50, far_distance=100.0,
+                           ffn_dim=768, in_dim=256, dropout=0.0, attn_impl="manual", **ORIGINAL_SWITCHES)
+    model.proj_in = torch.nn.Linear(256, 256)  # the original always projects its input (in_dim == dim here)
+    missing, unexpected = model.load_state_dict(to_project_state_dict(sd), strict=False)
+    assert missing == ["mask_token"] and not unexpected
+    model.eval()
+    h = len(pre["hyper_spatial"])
+    for b in (0, 1):
+        cells = pre[f"sub{b}.cell_indices"]
+        with torch.no_grad():
+            out = model(torch.from_numpy(pre["cell_emb"][cells])[None], torch.from_numpy(pre["norm_spatial"][cells])[None],
+                        None, torch.from_numpy(pre["hyper_emb"])[None], torch.from_numpy(pre["hyper_spatial"])[None])
+        np.testing.assert_allclose(out["cells"][0].numpy(), ref["last_hidden_state"][b, 1 + h:1 + h + len(cells)],
+                                   **TOL)
+        np.testing.assert_allclose(out["cls"][0].numpy(), ref["cls_state"][b], **TOL)
