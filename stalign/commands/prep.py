@@ -39,6 +39,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="crop-reading worker processes (default 1; they read crop batches of each slide, so one big slide uses them all)")
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
+    p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
+                   help="crop resampling filter, recorded in manifest.json and used by predict for models trained on "
+                        "these shards (default: bilinear (antialiased), or the existing manifest's filter)")
+    p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
+                   help="patch storage: none (raw, default: fastest) or gzip (level 1: ~1.3x smaller, ~8x the CPU)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
     p.add_argument("--tissue-from", choices=("image", "in_tissue"), default="image",
                    help="Space Ranger slides: 'in_tissue' trusts the positions file's in_tissue column alone; 'image' "
@@ -136,7 +141,8 @@ def run(args: argparse.Namespace) -> int:
     manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, spot_um=args.spot_um,
                        niche_um=args.niche_um, patch_px=args.patch_px, n_neighbors=args.neighbors,
                        workers=args.workers, tissue_filter=not args.no_tissue_filter, batch_size=args.batch_size,
-                       progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout)
+                       progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout, resample=args.resample,
+                       patch_compression=args.patch_compression)
     print(summary_table(manifest))
     print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
           f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")

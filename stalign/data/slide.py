@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 
@@ -18,6 +18,58 @@ from stalign.data.slide_backends import ArrayBackend, OpenSlideBackend, open_bac
 
 #: Pixel sizes outside this range (µm/px) are placeholders (72 dpi TIFF defaults etc.), not calibration.
 PLAUSIBLE_UM_PER_PX = (0.01, 50.0)
+#: Names of the crop resampling filters (``stalign prep --resample``); shards without the setting used Lanczos.
+RESAMPLE_FILTERS = ("bilinear", "lanczos")
+#: Most level pixels read at once for a group of neighbouring crops (``Slide.read_crops``).
+UNION_MAX_PX = 4_000_000
+
+
+def resample_filter(resample: int | str | None) -> int:
+    """The PIL filter of ``resample``: a name of ``RESAMPLE_FILTERS``, a PIL filter, or None (Lanczos)."""
+    from PIL import Image
+
+    if resample is None:
+        return Image.Resampling.LANCZOS
+    if isinstance(resample, str):
+        name = resample.lower()
+        if name not in RESAMPLE_FILTERS:
+            raise ValueError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}; got {resample!r}")
+        return Image.Resampling.LANCZOS if name == "lanczos" else Image.Resampling.BILINEAR
+    return int(resample)
+
+
+class _CropPlan(NamedTuple):
+    level: int
+    ix: int  # level pixels [ix, ix + n) x [iy, iy + m) to read
+    iy: int
+    n: int
+    m: int
+    box: tuple[float, float, float, float] | None  # resampling box in the region; None: the region is the crop
+    padded: bool
+
+
+def _union_groups(plans: list[_CropPlan], downsamples: tuple[float, ...]) -> list[list[int]]:
+    """Indices of ``plans`` in runs (in order) read as one region: same level, an integral downsample (level
+    pixels map to whole level-0 pixels, so a sub-window of a read equals its own read), the common region at most
+    ``UNION_MAX_PX`` pixels and at most twice the pixels of the crops' own regions."""
+    groups: list[list[int]] = []
+    box = None  # x0, y0, x1, y1, own pixels of the current group
+    for i, p in enumerate(plans):
+        ds = downsamples[p.level]
+        if box is not None and plans[groups[-1][0]].level == p.level and abs(ds - round(ds)) < 1e-9:
+            x0, y0 = min(box[0], p.ix), min(box[1], p.iy)
+            x1, y1 = max(box[2], p.ix + p.n), max(box[3], p.iy + p.m)
+            own = box[4] + p.n * p.m
+            area = (x1 - x0) * (y1 - y0)
+            if area <= UNION_MAX_PX and area <= 2 * own:
+                groups[-1].append(i)
+                box = (x0, y0, x1, y1, own)
+                continue
+        groups.append([i])
+        box = (p.ix, p.iy, p.ix + p.n, p.iy + p.m, p.n * p.m)
+    return groups
+
+
 
 
 class Slide:
@@ -78,16 +130,8 @@ class Slide:
         """Level-0 pixels [x, x+w) x [y, y+h) as (h, w, 3) uint8, white outside the image."""
         return self._read_level(0, int(x), int(y), int(w), int(h))
 
-    def read_crop(self, center_xy_px: Any, size_px: float, out_px: int, *,
-                  resample: int | None = None) -> tuple[np.ndarray, bool]:
-        """Square crop ``size_px`` level-0 px wide centred on (x, y), resampled to ``out_px``.
-
-        Reads the coarsest level whose downsample is <= size_px / out_px and resamples with Lanczos (or
-        ``resample``, a PIL filter). Returns the (out_px, out_px, 3) uint8 crop and whether it left the image
-        (the outside is white).
-        """
-        from PIL import Image
-
+    def _crop_plan(self, center_xy_px: Any, size_px: float, out_px: int) -> _CropPlan:
+        """Where the crop around (x, y) lies: its level, the level pixels to read and the resampling box."""
         cx, cy = (float(v) for v in np.asarray(center_xy_px, dtype=np.float64).reshape(2))
         size, out_px = float(size_px), int(out_px)
         if not (math.isfinite(cx) and math.isfinite(cy)):
@@ -101,25 +145,54 @@ class Slide:
         ds = self.level_downsamples[level]
         lx, ly, ls = x0 / ds, y0 / ds, size / ds
         if abs(ls - out_px) < 1e-6 and abs(lx - round(lx)) < 1e-6 and abs(ly - round(ly)) < 1e-6:
-            return self._read_level(level, round(lx), round(ly), out_px, out_px), padded
+            return _CropPlan(level, round(lx), round(ly), out_px, out_px, None, padded)
         margin = math.ceil(3 * max(ls / out_px, 1.0)) + 1  # filter support around the box
         ix, iy = math.floor(lx) - margin, math.floor(ly) - margin
         n = math.ceil(lx + ls) + margin - ix
         m = math.ceil(ly + ls) + margin - iy
-        region = Image.fromarray(self._read_level(level, ix, iy, n, m))
-        box = (lx - ix, ly - iy, lx - ix + ls, ly - iy + ls)
-        crop = region.resize((out_px, out_px), resample=Image.Resampling.LANCZOS if resample is None else resample,
-                             box=box)
-        return np.asarray(crop, dtype=np.uint8), padded
+        return _CropPlan(level, ix, iy, n, m, (lx - ix, ly - iy, lx - ix + ls, ly - iy + ls), padded)
+
+    def read_crop(self, center_xy_px: Any, size_px: float, out_px: int, *,
+                  resample: int | str | None = None) -> tuple[np.ndarray, bool]:
+        """Square crop ``size_px`` level-0 px wide centred on (x, y), resampled to ``out_px``.
+
+        Reads the coarsest level whose downsample is <= size_px / out_px and resamples with ``resample``
+        (``"lanczos"``, ``"bilinear"`` or a PIL filter; None: Lanczos). Returns the (out_px, out_px, 3) uint8
+        crop and whether it left the image (the outside is white).
+        """
+        crops, padded = self.read_crops(np.asarray(center_xy_px, dtype=np.float64).reshape(1, 2), size_px, out_px,
+                                        resample=resample)
+        return crops[0], bool(padded[0])
 
     def read_crops(self, centers: Any, size_px: float, out_px: int, *,
-                   resample: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``read_crop`` for each (x, y) row of ``centers``: ((N, out, out, 3) uint8, (N,) bool padded)."""
+                   resample: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``read_crop`` for each (x, y) row of ``centers``: ((N, out, out, 3) uint8, (N,) bool padded).
+
+        Crops whose level regions overlap or lie side by side (neighbouring spots in raster order) are cut
+        from one read of their common region (at most ``UNION_MAX_PX`` pixels, and only where it is not much
+        larger than the crops' own regions): the same pixels as reading each crop apart, fewer calls into the
+        slide reader and each shared pixel converted once."""
+        from PIL import Image
+
+        filt = resample_filter(resample)
         centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
+        plans = [self._crop_plan(c, size_px, out_px) for c in centers]
         crops = np.empty((len(centers), int(out_px), int(out_px), 3), dtype=np.uint8)
-        padded = np.zeros(len(centers), dtype=bool)
-        for i, c in enumerate(centers):
-            crops[i], padded[i] = self.read_crop(c, size_px, out_px, resample=resample)
+        padded = np.array([p.padded for p in plans], dtype=bool)
+        for group in _union_groups(plans, self.level_downsamples):
+            first = plans[group[0]]
+            ux, uy = min(plans[i].ix for i in group), min(plans[i].iy for i in group)
+            uw = max(plans[i].ix + plans[i].n for i in group) - ux
+            uh = max(plans[i].iy + plans[i].m for i in group) - uy
+            union = self._read_level(first.level, ux, uy, uw, uh)
+            for i in group:
+                p = plans[i]
+                region = union[p.iy - uy:p.iy - uy + p.m, p.ix - ux:p.ix - ux + p.n]
+                if p.box is None:
+                    crops[i] = region
+                else:
+                    crops[i] = np.asarray(Image.fromarray(region).resize((int(out_px), int(out_px)), resample=filt,
+                                                                         box=p.box))
         return crops, padded
 
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
