@@ -6,6 +6,12 @@ Outputs of ``model(batch)`` (all L2-normalised (B, E)): ``spot_image_features``,
 with ``siglip=True``, ``logit_bias``. Image-only inference uses the unimodal image embeddings, which the
 spot/niche loss terms align with the gene embeddings of the same spot: ``encode_image`` is comparable
 with ``encode_gene`` of a reference bank (the fused features need both modalities).
+
+Two architectures share this class: ``fusion="project"`` (the default: linear tokenisers, residual ABFN, token-axis
+concatenation, mean pooling, projection heads, learnable temperature) and ``fusion="paper"`` with
+``tokenizer="conv1d"`` (ST-Align as published, ``stalign.models.paper_fusion``: Conv1d tokens, residual-free ABFN
+with bottleneck FFNs, feature-axis concatenation, flatten heads K*D -> head_hidden -> ReLU -> E). A batch with a
+``negatives`` sub-batch (B*M rows, row-major per spot) also yields the negatives' gene-side keys (``negative_*``).
 """
 from __future__ import annotations
 
@@ -15,12 +21,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from stalign.models.abfn import ABFN, ProjectionHead, Tokenizer
 from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder, l2
 from stalign.models.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.image_encoders import create_image_encoder
+from stalign.models.paper_fusion import ConvTokenizer, FlattenHead, PaperABFN, TransformerTokenizer
 
 GenePanelMismatchError = GenePanelError  # the model's name for the shared gene-panel error
 
@@ -66,6 +74,12 @@ class STAlignConfig:
     max_logit_scale: float = 100.0
     siglip: bool = False
     init_logit_bias: float = -10.0
+    fusion: str = "project"  # "project" or "paper" (ST-Align's published ABFN + flatten heads)
+    tokenizer: str = "linear"  # "linear" (Linear + LayerNorm) or "conv1d" (the paper's Conv1d tokens)
+    tokenizer_widths: dict[str, int] = field(default_factory=dict)  # conv1d: a Linear to this width first, per side
+    niche_gene_tokenizer: dict[str, Any] = field(default_factory=dict)  # {"kind": "transformer", ...}: paper's path
+    head_hidden: int = 2048  # paper fusion: hidden width of the flatten heads
+    learn_temperature: bool = True  # False: logit_scale is a fixed buffer (1 / init_temperature)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> STAlignConfig:
@@ -84,8 +98,26 @@ class STAlignConfig:
                 kw[key] = sub(**kw[key])
         return cls(**kw)
 
+    def __post_init__(self) -> None:
+        """One-line errors for settings that cannot be built."""
+        if self.fusion not in FUSIONS:
+            raise ValueError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+        if self.tokenizer not in TOKENIZERS:
+            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; known: {', '.join(TOKENIZERS)}")
+        bad = sorted(set(self.tokenizer_widths) - set(SIDES))
+        if bad:
+            raise ValueError(f"tokenizer_widths: unknown sides {bad}; known: {', '.join(SIDES)}")
+        if self.niche_gene_tokenizer.get("kind", "transformer") != "transformer":
+            raise ValueError(f"niche_gene_tokenizer kind {self.niche_gene_tokenizer['kind']!r}: only 'transformer'")
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+FUSIONS = ("project", "paper")
+TOKENIZERS = ("linear", "conv1d")
+SIDES = ("spot_image", "niche_image", "spot_gene", "niche_gene")
+NEGATIVE_KEYS = ("spot_gene_features", "niche_gene_features", "fused_niche_features")
 
 
 def _image_encoder(cfg: ImageConfig) -> nn.Module:
@@ -108,20 +140,38 @@ class STAlign(nn.Module):
         cell, se2 = build_cell_encoder(c.gene.encoder, genes=self.genes, **c.gene.encoder_kwargs)
         self.spot_gene_encoder = cell
         self.niche_gene_encoder = build_niche_encoder(c.gene.niche, cell_encoder=cell, se2=se2, **c.gene.niche_kwargs)
+        widths = {"spot_image": self.spot_image_encoder.out_dim, "niche_image": self.niche_image_encoder.out_dim,
+                  "spot_gene": cell.out_dim, "niche_gene": self.niche_gene_encoder.out_dim}
+        self.tokenizers = nn.ModuleDict({name: self._make_tokenizer(name, w) for name, w in widths.items()})
         k, d, e = c.tokens, c.token_dim, c.embed_dim
-        self.tokenizers = nn.ModuleDict({
-            "spot_image": Tokenizer(in_dim=self.spot_image_encoder.out_dim, tokens=k, dim=d),
-            "niche_image": Tokenizer(in_dim=self.niche_image_encoder.out_dim, tokens=k, dim=d),
-            "spot_gene": Tokenizer(in_dim=cell.out_dim, tokens=k, dim=d),
-            "niche_gene": Tokenizer(in_dim=self.niche_gene_encoder.out_dim, tokens=k, dim=d),
-        })
-        self.heads = nn.ModuleDict({name: ProjectionHead(in_dim=d, out_dim=e) for name in self.tokenizers})
-        self.spot_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
-        self.niche_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / c.init_temperature)))
+        if c.fusion == "paper":
+            self.heads = nn.ModuleDict({n: FlattenHead(tokens=k, dim=d, hidden=c.head_hidden, out_dim=e) for n in SIDES})
+            self.spot_fusion = PaperABFN(dim=d, heads=c.heads, dropout=c.dropout)
+            self.niche_fusion = PaperABFN(dim=d, heads=c.heads, dropout=c.dropout)
+            self.fusion_heads = nn.ModuleDict({n: FlattenHead(tokens=k, dim=d, hidden=c.head_hidden, out_dim=e)
+                                               for n in ("spot", "niche")})
+        else:
+            self.heads = nn.ModuleDict({name: ProjectionHead(in_dim=d, out_dim=e) for name in SIDES})
+            self.spot_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
+            self.niche_fusion = ABFN(dim=d, out_dim=e, heads=c.heads, dropout=c.dropout)
+        scale = torch.tensor(math.log(1.0 / c.init_temperature))
+        if c.learn_temperature:
+            self.logit_scale = nn.Parameter(scale)
+        else:
+            self.register_buffer("logit_scale", scale)
         if c.siglip:
             self.logit_bias = nn.Parameter(torch.tensor(float(c.init_logit_bias)))
         self.meta: dict[str, Any] = {}  # set by create_model: name, overrides (for checkpoints)
+
+    def _make_tokenizer(self, name: str, in_dim: int) -> nn.Module:
+        c = self.config
+        if name == "niche_gene" and c.niche_gene_tokenizer:
+            kwargs = {k: v for k, v in c.niche_gene_tokenizer.items() if k != "kind"}
+            return TransformerTokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim, dropout=c.dropout, **kwargs)
+        if c.tokenizer == "conv1d":
+            return ConvTokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim, width=c.tokenizer_widths.get(name),
+                                 what=f"{name} features")
+        return Tokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim)
 
     # ------------------------------------------------------------------------------------- checks
     @property
@@ -145,7 +195,16 @@ class STAlign(nn.Module):
         return self.tokenizers[name](feats)
 
     def _embed(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
+        if self.config.fusion == "paper":
+            return l2(self.heads[name](tokens))  # flatten all K tokens
         return l2(self.heads[name](tokens.mean(dim=1)))
+
+    def _fuse(self, which: str, image: torch.Tensor, gene: torch.Tensor) -> torch.Tensor:
+        """L2-normalised fused (B, E) embedding of the spot or niche pair of token sets."""
+        fusion = self.spot_fusion if which == "spot" else self.niche_fusion
+        if self.config.fusion == "paper":
+            return l2(self.fusion_heads[which](fusion(image, gene)))
+        return l2(fusion(image, gene))
 
     def spot_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
         return self._tokens("spot_image", self.spot_image_encoder(x))
@@ -221,10 +280,25 @@ class STAlign(nn.Module):
             "spot_gene_features": self._embed("spot_gene", sg),
             "niche_image_features": self._embed("niche_image", ni),
             "niche_gene_features": self._embed("niche_gene", ng),
-            "fused_spot_features": l2(self.spot_fusion(si, sg)),
-            "fused_niche_features": l2(self.niche_fusion(ni, ng)),
+            "fused_spot_features": self._fuse("spot", si, sg),
+            "fused_niche_features": self._fuse("niche", ni, ng),
             "logit_scale": self.scale(),
         }
         if self.config.siglip:
             out["logit_bias"] = self.logit_bias
+        if "negatives" in batch:
+            out |= self.encode_negatives(batch["negatives"], batch_size=si.shape[0])
         return out
+
+    def encode_negatives(self, neg: Mapping[str, torch.Tensor], *, batch_size: int) -> dict[str, torch.Tensor]:
+        """Gene-side keys of paired negatives (the published extra forward passes): ``neg`` holds B*M spots, the M
+        negatives of each spot in a row; returns ``negative_<key>`` (B, M, E) for spot gene, niche gene and the
+        fused niche (niche image + niche gene of the negative)."""
+        n = neg["spot_expr"].shape[0]
+        if n == 0 or n % batch_size:
+            raise ValueError(f"{n} negative rows for {batch_size} spots: expected M > 0 negatives per spot")
+        sg, ng = self.spot_gene_tokens(neg["spot_expr"]), self.niche_gene_tokens(neg)
+        ni = self.niche_image_tokens(neg["niche_image"])
+        feats = {"spot_gene_features": self._embed("spot_gene", sg), "niche_gene_features": self._embed("niche_gene", ng),
+                 "fused_niche_features": self._fuse("niche", ni, ng)}
+        return {f"negative_{k}": rearrange(v, "(b m) e -> b m e", b=batch_size) for k, v in feats.items()}

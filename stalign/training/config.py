@@ -39,8 +39,8 @@ class TrainConfig:
     # loss
     alpha: float = 0.3  # weight of the spot image<->gene term
     beta: float = 0.3  # weight of the niche term (the fused term gets 1 - alpha - beta)
-    loss_kind: str = "infonce"  # "infonce" or "siglip"
-    hard_negative_clusters: int = 0  # >1: same-cluster spots of a slide are not negatives (k-means on expression)
+    loss_kind: str = "infonce"  # "infonce", "siglip" or "paper" (ST-Align's published paired-negative InfoNCE)
+    hard_negative_clusters: int = 0  # >1: expression k-means clusters per slide; infonce/siglip: same-cluster spots are not negatives; paper: one negative per other cluster (6 in the paper)
     # optimisation
     batch_size: int = 32  # per process; global batch = batch_size x processes x grad_accum
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -72,7 +72,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {"split_by": ("spot", "slide", "block"), "loss_kind": ("infonce", "siglip"), "mixed_precision": ("no", "bf16", "fp16")}
+_CHOICES = {"split_by": ("spot", "slide", "block"), "loss_kind": ("infonce", "siglip", "paper"), "mixed_precision": ("no", "bf16", "fp16")}
 _HINTS = typing.get_type_hints(TrainConfig)
 
 
@@ -181,6 +181,9 @@ def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
         (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta <= 1, "alpha, beta >= 0 with alpha + beta <= 1"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
         (cfg.warmup_steps >= 0 and cfg.max_grad_norm >= 0, "warmup_steps and max_grad_norm must be >= 0"),
+        (cfg.loss_kind != "paper" or cfg.hard_negative_clusters >= 2,
+         "loss_kind=paper draws one negative from each other expression cluster of a slide: set "
+         "hard_negative_clusters >= 2 (the paper: 6)"),
     ]
     for ok, message in checks:
         if not ok:

@@ -126,6 +126,7 @@ class TrainData:
     n_train: int
     n_val: int
     n_left_out: int = 0  # spots in neither set (split_by=block: the margin around held-out blocks; val_max_spots)
+    collate: Callable | None = None  # the training loader's collate (None: ``stalign.data.dataset.collate``)
 
 
 def shard_genes(root: str | Path) -> list[str]:
@@ -142,9 +143,10 @@ def shard_genes(root: str | Path) -> list[str]:
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
                      seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
-                     n_virtual: int = 0, hard_negative_clusters: int = 0) -> TrainData:
+                     n_virtual: int = 0, hard_negative_clusters: int = 0, paired_negatives: bool = False) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
-    ``*_transforms`` are (spot, niche) crop transforms."""
+    ``*_transforms`` are (spot, niche) crop transforms. ``paired_negatives``: training items carry one spot of each
+    other expression cluster of their slide (``stalign.training.paired_negatives``; needs hard_negative_clusters)."""
     from stalign.data.dataset import ShardDataset, split_indices
 
     root = Path(root)
@@ -180,6 +182,18 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         clusters = spot_clusters(train_shards, n_clusters=hard_negative_clusters, n_total=int(full.indices.max()) + 1,
                                  seed=seed)
     train, val = wrap(train_shards, train_transforms), wrap(val_shards, eval_transforms)
+    collate = None
+    if paired_negatives:
+        from stalign.training.paired_negatives import (
+            PairedNegativeDataset,
+            build_paired_negatives,
+            collate_with_negatives,
+        )
+
+        if clusters is None:
+            raise ValueError("paired negatives need expression clusters: set hard_negative_clusters >= 2")
+        train = PairedNegativeDataset(train, build_paired_negatives(train_shards, clusters), seed=seed)
+        collate = collate_with_negatives
     return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,
                      n_train=len(train_idx), n_val=len(val_idx),
-                     n_left_out=len(full) - len(train_idx) - len(val_idx))
+                     n_left_out=len(full) - len(train_idx) - len(val_idx), collate=collate)

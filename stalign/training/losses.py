@@ -5,7 +5,11 @@ symmetric InfoNCE with in-batch negatives (or a SigLIP sigmoid loss) whose colum
 across processes with gradient (``stalign.training.distributed``), so N processes with B rows each give the
 loss and gradient of one process with N*B rows. Optional hard negatives: pairs of different spots
 in the same cluster of the same slide are not negatives (masked out), so negatives come from other
-clusters (ST-Align's sampling).
+clusters.
+
+``PairedNegativeLoss`` is the objective of ST-Align's published code (``loss_kind: paper``): InfoNCE image->gene
+only, fixed temperature 0.1, each spot against its own paired negatives (one spot of each other expression
+cluster of its slide, ``stalign.training.paired_negatives``), no in-batch negatives.
 """
 from __future__ import annotations
 
@@ -28,6 +32,12 @@ TARGETS = {  # term -> (features a, features b)
     "fusion_loss": ("fused_spot_features", "fused_niche_features"),
 }
 LOSS_KINDS = ("infonce", "siglip")
+PAPER_TEMPERATURE = 0.1
+PAIRED_TARGETS = {  # term -> (query, positive key, negative keys (B, M, E))
+    "spot_loss": ("spot_image_features", "spot_gene_features", "negative_spot_gene_features"),
+    "niche_loss": ("niche_image_features", "niche_gene_features", "negative_niche_gene_features"),
+    "fusion_loss": ("fused_spot_features", "fused_niche_features", "negative_fused_niche_features"),
+}
 
 
 class NonFiniteLossError(ValueError):
@@ -144,4 +154,50 @@ class ThreeTargetLoss(nn.Module):
             inputs = [k for pair in TARGETS.values() for k in pair if not bool(torch.isfinite(out[k]).all().item())]
             raise NonFiniteLossError(f"non-finite contrastive loss in {bad}; non-finite model outputs: {inputs or 'none'}"
                                      f"; logit_scale={float(scale):.4g}")
+        return result
+
+
+def paired_infonce(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, *,
+                   temperature: float = PAPER_TEMPERATURE) -> torch.Tensor:
+    """Mean over rows i of cross-entropy([q_i.p_i, q_i.n_i1, ..., q_i.n_iM] / T, class 0) on L2-normalised
+    vectors: (B, E) queries, (B, E) positives, (B, M, E) negatives of each row (InfoNCE, ``negative_mode='paired'``)."""
+    if query.ndim != 2 or positive.shape != query.shape or negatives.ndim != 3 or negatives.shape[0] != query.shape[0]:
+        raise ValueError(f"paired InfoNCE needs (B, E) query and positive and (B, M, E) negatives, got "
+                         f"{tuple(query.shape)}, {tuple(positive.shape)}, {tuple(negatives.shape)}")
+    q, p, n = (F.normalize(x.float(), dim=-1) for x in (query, positive, negatives))
+    logits = torch.cat([(q * p).sum(-1, keepdim=True), torch.einsum("be,bme->bm", q, n)], dim=1) / temperature
+    return F.cross_entropy(logits, torch.zeros(q.shape[0], dtype=torch.long, device=q.device))
+
+
+class PairedNegativeLoss(nn.Module):
+    """ST-Align's published objective: ``alpha * spot + beta * niche + (1 - alpha - beta) * fusion``, each a paired
+    InfoNCE in one direction (image -> gene; fused spot -> fused niche) at a fixed temperature (not learned, the
+    model's ``logit_scale`` is ignored). ``out`` needs the ``negative_*`` keys (``STAlign.encode_negatives``).
+
+    Rows are independent (no in-batch negatives), so the per-process mean that DDP averages is the mean over
+    the global batch: nothing is gathered."""
+
+    def __init__(self, *, alpha: float = 0.3, beta: float = 0.3, temperature: float = PAPER_TEMPERATURE,
+                 check_finite: bool = True) -> None:
+        super().__init__()
+        if not (0.0 <= alpha and 0.0 <= beta and alpha + beta <= 1.0):
+            raise ValueError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.alpha, self.beta, self.temperature, self.check_finite = alpha, beta, float(temperature), check_finite
+        self.weights = {"spot_loss": alpha, "niche_loss": beta, "fusion_loss": 1.0 - alpha - beta}
+
+    def forward(self, out: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        missing = [k for keys in PAIRED_TARGETS.values() for k in keys if k not in out]
+        if missing:
+            raise KeyError(f"model output lacks {missing}: the paper loss needs batches with paired negatives "
+                           f"(batch['negatives'], loss_kind=paper)")
+        if out["spot_image_features"].shape[0] == 0:
+            raise EmptyBatchError("empty batch: the contrastive loss needs at least one spot per process")
+        result = {name: paired_infonce(out[q], out[p], out[n], temperature=self.temperature)
+                  for name, (q, p, n) in PAIRED_TARGETS.items()}
+        result["loss"] = sum(self.weights[k] * result[k] for k in PAIRED_TARGETS)
+        if self.check_finite and not bool(torch.isfinite(result["loss"]).item()):
+            bad = [k for k in PAIRED_TARGETS if not bool(torch.isfinite(result[k]).item())]
+            raise NonFiniteLossError(f"non-finite paired contrastive loss in {bad}")
         return result

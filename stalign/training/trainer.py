@@ -40,6 +40,8 @@ def train_from_config(source: str | Path | dict, *, resume: str | None = None, *
 
 def _model_parts(cfg: TrainConfig, genes: list[str]):
     """The model (new, or from ``cfg.init`` after the gene panel check)."""
+    import torch
+
     import stalign
 
     if cfg.init:
@@ -53,9 +55,13 @@ def _model_parts(cfg: TrainConfig, genes: list[str]):
         overrides = dict(cfg.model_overrides)
         if cfg.loss_kind == "siglip":
             overrides.setdefault("siglip", True)
+        if cfg.loss_kind == "paper":  # the paper's temperature is fixed: no trainable logit scale
+            overrides.setdefault("learn_temperature", False)
         model = stalign.create_model(cfg.model, genes=genes, pretrained=cfg.pretrained, **overrides)
     if cfg.loss_kind == "siglip" and not getattr(model.config, "siglip", False):
         raise ValueError(f"loss_kind=siglip needs a model with a logit bias; {cfg.init} was trained without one")
+    if cfg.loss_kind == "paper" and isinstance(model.logit_scale, torch.nn.Parameter):
+        model.logit_scale.requires_grad_(False)  # a checkpoint with a learned temperature: keep it out of training
     return model
 
 
@@ -79,7 +85,7 @@ def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
     # Own generators: starting an epoch (or a resumed, batch-skipping loader) must not draw from the global RNG
     # that dropout uses, or a resumed run would diverge from an uninterrupted one.
     train_dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=collate, num_workers=cfg.num_workers,
+                                           collate_fn=data.collate or collate, num_workers=cfg.num_workers,
                                            generator=torch.Generator().manual_seed(cfg.seed))
     val_dl = None
     if data.val is not None:
@@ -212,7 +218,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
     from accelerate.utils import set_seed
 
     from stalign.training.data import build_train_data, shard_genes
-    from stalign.training.losses import ThreeTargetLoss
+    from stalign.training.losses import PairedNegativeLoss, ThreeTargetLoss
     from stofm.util.optim import build_optimizer, build_scheduler
     from stofm.util.runlog import RunLogger
 
@@ -229,11 +235,15 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
                             train_transforms=_transforms(model, train=cfg.augment),
                             eval_transforms=_transforms(model, train=False),
                             val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells,
-                            hard_negative_clusters=cfg.hard_negative_clusters)
+                            hard_negative_clusters=cfg.hard_negative_clusters,
+                            paired_negatives=cfg.loss_kind == "paper")
     train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
-    loss_fn = ThreeTargetLoss(alpha=cfg.alpha, beta=cfg.beta, kind=cfg.loss_kind, check_finite=False)
+    if cfg.loss_kind == "paper":
+        loss_fn = PairedNegativeLoss(alpha=cfg.alpha, beta=cfg.beta, check_finite=False)
+    else:
+        loss_fn = ThreeTargetLoss(alpha=cfg.alpha, beta=cfg.beta, kind=cfg.loss_kind, check_finite=False)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=max_steps,
                                 min_lr_ratio=cfg.min_lr_ratio)
@@ -265,7 +275,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
 
 def _epoch_batches(run: _Run):
     """The batches of the current epoch (skipping those a resumed run already did), each with what the loss needs
-    besides the model's inputs: virtual cells and hard-negative clusters."""
+    besides the model's inputs: virtual cells (for the paired negatives too)."""
     from stalign.training.data import EmptyDataError
 
     run.train_dl.set_epoch(run.pos.epoch)
@@ -277,6 +287,8 @@ def _epoch_batches(run: _Run):
             raise EmptyDataError(f"empty training batch at step {run.pos.step + 1} (data under {run.cfg.data})")
         if run.data.virtual_cells is not None:
             batch = run.data.virtual_cells.attach(batch)
+            if "negatives" in batch:
+                batch["negatives"] = run.data.virtual_cells.attach(batch["negatives"])
         yield batch
 
 
@@ -285,7 +297,7 @@ def _train_step(run: _Run, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     Returns the loss terms and the gradient norm (None when not clipped at this micro-batch)."""
     acc, cfg, data = run.accelerator, run.cfg, run.data
     negatives = {}
-    if data.clusters is not None:
+    if data.clusters is not None and cfg.loss_kind != "paper":  # the paper loss gets its negatives in the batch
         data.clusters = data.clusters.to(batch["index"].device)
         negatives = {"cluster": data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
     with acc.accumulate(run.model):
