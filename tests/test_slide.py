@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from stalign.data.errors import DataPrepError, PixelSizeError, SlideError
-from stalign.data.slide import open_slide, write_pyramidal_tiff
+from stalign.data.slide import _union_groups, open_slide, write_pyramidal_tiff
 
 
 def textured_image(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -172,3 +172,27 @@ def test_boxes_fixture_tissue_and_pixels_agree_with_png(fetched):
         on = spots_on_tissue(slide, np.array([[60.0, 50.0], [130.0, 140.0], [240.0, 200.0], [10.0, 240.0],
                                               [290.0, 10.0]]))
         assert on.tolist() == [True, True, True, False, False]  # red, blue, green boxes; white corners
+
+
+@pytest.mark.parametrize("resample", ["lanczos", "bilinear"])
+def test_grouped_crop_reads_equal_single_reads_through_openslide(tmp_path, resample):
+    """``read_crops`` cuts neighbouring crops from one read of their common region: the same pixels as reading
+    each apart (openslide generic-tiff pyramid, levels 2x apart; crops on levels 0 and 1, some off the image)."""
+    from stalign.data.slide_backends import OpenSlideBackend
+
+    path = write_pyramidal_tiff(tmp_path / "pyr.tif", textured_image(600, 800, seed=3), um_per_px=0.5, tile=64)
+    rng = np.random.default_rng(0)
+    rows = np.repeat([-10.0, 150.0, 300.0, 610.0], 10)  # raster order: bands of spots, the first and last off the edge
+    centres = np.column_stack([np.tile(np.linspace(-15, 815, 10), 4) + rng.uniform(-3, 3, 40),
+                               rows + rng.uniform(-3, 3, 40)])
+    with open_slide(path) as slide:
+        assert isinstance(slide._backend, OpenSlideBackend) and slide.level_count >= 2
+        for size, out in ((50.3, 32), (131.7, 32), (64, 64)):
+            plans = [slide._crop_plan(c, size, out) for c in centres]
+            assert max(map(len, _union_groups(plans, slide.level_downsamples))) > 3  # crops do share reads
+            grouped, pad_g = slide.read_crops(centres, size, out, resample=resample)
+            single = [slide.read_crop(c, size, out, resample=resample) for c in centres]
+            np.testing.assert_array_equal(grouped, np.stack([s[0] for s in single]))
+            np.testing.assert_array_equal(pad_g, [s[1] for s in single])
+        with pytest.raises(ValueError, match="resample must be one of bilinear, lanczos"):
+            slide.read_crop(centres[0], 50, 32, resample="cubic")
