@@ -80,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cells", type=int, default=100_000)
     p.add_argument("--genes", type=int, default=500, help="synthetic gene panel size")
-    p.add_argument("--model", nargs="+", default=["stofm-tiny"], help="config names (stofm-tiny/-small/-base)")
+    p.add_argument("--model", nargs="+", default=["stofm-tiny"],
+                   help="config names (stofm-tiny/-small/-base, stofm-original(-tiny): the original architecture)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
     p.add_argument("--attn-impl", nargs="+", default=["sdpa"], choices=("manual", "sdpa"))
-    p.add_argument("--cluster-method", nargs="+", default=["kmeans"], choices=("kmeans", "leiden"),
+    p.add_argument("--cluster-method", nargs="+", default=["kmeans"], choices=("kmeans", "leiden", "original"),
                    help="virtual-cell clustering (leiden needs igraph: pip install 'stalign[leiden]')")
     p.add_argument("--batch-size", type=int, default=4, help="sub-slices per forward pass")
     p.add_argument("--cells-per-tile", type=int, default=1000)

@@ -279,7 +279,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help=f"YAML run config ({DEFAULTS_NOTE})")
     parser.add_argument("--data", nargs="+", help="AnnData files (.h5ad / .zarr) with obsm['spatial']")
     parser.add_argument("--output-dir", dest="output_dir")
-    parser.add_argument("--model", help="config name (stofm-tiny/-small/-base)")
+    parser.add_argument("--model", help="config name (stofm-tiny/-small/-base; stofm-original(-tiny): the original "
+                                        "architecture) or a saved/converted folder")
+    parser.add_argument("--objective", choices=("project", "original"),
+                        help="MCM/PDR of the project or of the original SToFM (its collator and heads; "
+                             "stofm-original models)")
     parser.add_argument("--cell-encoder", dest="cell_encoder", help="a pretrained cell encoder folder")
     for name, typ in (("max_steps", int), ("batch_size", int), ("grad_accum", int), ("lr", float),
                       ("save_every", int), ("log_every", int), ("seed", int), ("cells_per_tile", int),
@@ -294,7 +298,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, *, resolve_path: Callable[[str], Path] | None = None) -> int:
     """Entry point for the parsed flags of :func:`add_arguments` (``resolve_path``: see :func:`pretrain`)."""
-    keys = ("data", "output_dir", "model", "cell_encoder", "max_steps", "batch_size", "grad_accum", "lr",
+    keys = ("data", "output_dir", "model", "objective", "cell_encoder", "max_steps", "batch_size", "grad_accum", "lr",
             "save_every", "log_every", "seed", "cells_per_tile", "n_virtual", "mixed_precision", "cpu", "progress")
     cfg = load_config(args.config, **{k: getattr(args, k, None) for k in keys})
     res = pretrain(cfg, resume=args.resume, resolve_path=resolve_path)
