@@ -81,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     m = emb["manifest"]
     head = fit(make(), x, y)
     info = {"model": str(args.model), "shards": str(args.shards), "spot_um": m.get("spot_um"),
-            "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": result}
+            "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "resample": m.get("resample", "lanczos"),
+            "cv": result}
     print(f"head -> {save_head(head, args.out, embedding=info)}")
     return 0
 
@@ -114,7 +115,8 @@ def _labels(args: argparse.Namespace) -> int:
           f"{cv['baseline_balanced_accuracy']:>10.3f}")
     m = emb["manifest"]
     info = {"model": str(args.model), "shards": str(args.shards), "labels": str(args.labels),
-            "spot_um": m.get("spot_um"), "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "cv": cv}
+            "spot_um": m.get("spot_um"), "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"),
+            "resample": m.get("resample", "lanczos"), "cv": cv}
     print(f"head -> {save_head(make().fit(emb['image'], labels), args.out, embedding=info)}")
     return 0
 

@@ -229,7 +229,8 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
         head.history.append(total / n)
     net.cpu().eval()
     head.embedding_info = {"spot_um": ds.manifest.get("spot_um"), "niche_um": ds.manifest.get("niche_um"),
-                           "patch_px": ds.manifest.get("patch_px"), "unfreeze_last": unfreeze_last}
+                           "patch_px": ds.manifest.get("patch_px"), "resample": ds.manifest.get("resample", "lanczos"),
+                           "unfreeze_last": unfreeze_last}
     return head
 
 
