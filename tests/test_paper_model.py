@@ -163,3 +163,22 @@ def test_project_configs_keep_their_structure() -> None:
     assert (cfg.fusion, cfg.tokenizer, cfg.learn_temperature) == ("project", "linear", True)
     model = stalign.create_model("stalign-tiny", n_genes=20)
     assert "logit_scale" in dict(model.named_parameters()) and not hasattr(model, "fusion_heads")
+
+
+def _count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_counts_equal_the_published_modules_at_paper_sizes() -> None:
+    # Worked out layer by layer from the published code (model/stalign.py) at 512-wide tokens:
+    cross = 3 * 512 * 512 + (512 * 512 + 512) + 2 * (2 * 512)         # to_q/k/v (no bias), to_out, norm_q + norm_kv
+    ffn = (512 * 64 + 64) + (64 * 256 + 256)                          # 512 -> 64 -> 256
+    assert _count(PaperABFN(dim=512, heads=8)) == 2 * cross + 2 * ffn + 2 * 512 == 2_202_240  # + ln_fuse
+    assert _count(FlattenHead(tokens=8, dim=512, hidden=2048, out_dim=1024)) == (
+        (4096 * 2048 + 2048) + (2048 * 1024 + 1024)) == 10_488_832
+    mlp = (4384 * 1024 + 1024) + (1024 * 512 + 512) + (512 * 8 * 548 + 8 * 548)  # Flatten3DTo2D
+    layer = 2 * (2 * 548) + 548 * 3 * 512 + (512 * 548 + 548) + (548 * 1024 + 1024) + (1024 * 548 + 548)
+    out = (548 * 256 + 256) + (256 * 512 + 512)                                    # MLPReshapeTo512
+    path = TransformerTokenizer(in_dim=4384, tokens=8, dim=512)  # the paper's defaults: 548 wide, depth 6, 8 x 64
+    assert _count(path) == mlp + 6 * layer + out == 21_029_680
+    assert _count(ConvTokenizer(in_dim=1024, tokens=8, dim=512)) == 8 * 2 + 8  # ConvUNI: Conv1d(1, 8, 2, stride 2)
