@@ -230,6 +230,21 @@ def test_bf16_topk_orders_negative_rows_correctly():
     assert sorted(i[0].tolist()) == [1, 3] and sorted(i[1].tolist()) == [0, 2]
 
 
+def test_bf16_group_topk_finds_the_exact_top_k_values():
+    """The group-max path of ``_bf16_topk`` (wide chunks): the same k values as a float ``topk``, positive and
+    negative rows alike, and indices that point at them."""
+    from stalign.tasks.fast_topk import _bf16_topk
+
+    g = torch.Generator().manual_seed(0)
+    s = (torch.randn(12, 32768, generator=g) * 0.3).to(torch.bfloat16)
+    s[:4] += 0.5
+    s[4:8] -= 0.6  # rows whose top-k is negative (redone in float)
+    v, i = _bf16_topk(s, 100)
+    expected = s.float().topk(100, dim=1).values
+    torch.testing.assert_close(v.float().sort(dim=1, descending=True).values, expected, rtol=0, atol=0)
+    torch.testing.assert_close(s.float().gather(1, i).sort(dim=1, descending=True).values, expected, rtol=0, atol=0)
+
+
 def test_search_dtype_follows_the_hardware_and_bank_size(monkeypatch):
     from stalign.tasks import fast_topk
 

@@ -19,6 +19,25 @@ def add_slide_args(p: argparse.ArgumentParser) -> None:
     add_run_args(p, workers=2)
 
 
+def add_index_args(p: argparse.ArgumentParser) -> None:
+    """--index, --nprobe, --ef-search: the reference bank's search engine (``ReferenceBank.topk``)."""
+    p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
+                   help="bank search: flat = exact brute force; ivf/hnsw = faiss index (pip install 'stalign[faiss]'), "
+                        "built once and cached beside a saved bank, scores re-computed exactly; auto (default) = ivf "
+                        "for banks of >= 2M spots when faiss is installed, else flat")
+    p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default nlist/16, at least 8)")
+    p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default 128)")
+
+
+def index_args(args: argparse.Namespace) -> dict:
+    """``index=`` and ``index_params=`` keywords from --index/--nprobe/--ef-search."""
+    params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
+    for name, value in params.items():
+        if value < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return {"index": args.index, "index_params": params or None}
+
+
 def add_run_args(p: argparse.ArgumentParser, *, workers: int = 0, seed: bool = False) -> None:
     """--batch-size, --workers, --device, [--seed], --quiet, --debug."""
     p.add_argument("--batch-size", type=int, default=32, help="crops per batch (default 32)")
@@ -48,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--heatmap-genes", nargs="+", default=None,
                    help="genes to draw (default: the first 4 of --genes / the panel); 'none' for no PNGs")
     p.add_argument("--heatmap-mode", choices=("spots", "grid"), default="spots")
+    add_index_args(p)
     p.set_defaults(func=run)
 
 
@@ -114,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
                           um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
                           step_um=args.step_um, k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          progress=not args.quiet)
+                          progress=not args.quiet, **index_args(args))
     carry_obs(adata, obs)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

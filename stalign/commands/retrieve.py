@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.predict import add_run_args, add_slide_args, slide_coords
+from stalign.commands.predict import add_index_args, add_run_args, add_slide_args, index_args, slide_coords
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +15,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--model", required=True, help="checkpoint folder")
     b.add_argument("--shards", required=True, help="shards folder (stalign prep --out)")
     b.add_argument("--out", required=True, help="bank folder to write")
+    b.add_argument("--index", choices=("ivf", "hnsw"), default=None,
+                   help="also build a faiss index now, cached beside the bank (for banks of millions of spots)")
     add_run_args(b, workers=2)
     b.set_defaults(func=run_bank)
     for name, helptext in (("image", "spots of a slide -> most similar reference spots and their expression"),
@@ -26,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--out", required=True, help="CSV of hits (image) / PNG heat map (signature)")
         if name == "image":
             q.add_argument("--k", type=int, default=10, help="hits per query spot (default 10)")
+            add_index_args(q)
             q.set_defaults(func=run_image)
         else:
             g = q.add_mutually_exclusive_group(required=True)
@@ -43,6 +46,9 @@ def run_bank(args: argparse.Namespace) -> int:
     bank = bank_from_shards(model, args.shards, batch_size=args.batch_size, workers=args.workers,
                             device=args.device, progress=not args.quiet)
     print(f"{bank} -> {bank.save(args.out)}")
+    if args.index:
+        ann = bank.ann_index(args.index, progress=not args.quiet)
+        print(f"{args.index} index ({', '.join(f'{k} {v}' for k, v in ann.params.items())}) cached in {args.out}")
     return 0
 
 
@@ -63,7 +69,7 @@ def _embed(args: argparse.Namespace):
 
 def run_image(args: argparse.Namespace) -> int:
     bank, e, barcodes = _embed(args)
-    hits = bank.hits(e["embeddings"], k=min(args.k, len(bank)))
+    hits = bank.hits(e["embeddings"], k=min(args.k, len(bank)), **index_args(args))
     names = barcodes or [f"tile_{i}" for i in range(len(e["coords"]))]
     hits.insert(1, "query_spot", [names[q] for q in hits["query"]])
     hits.insert(2, "query_x", e["coords"][hits["query"], 0])

@@ -91,12 +91,24 @@ def _chunk_topk(s: Any, k: int, group: int):
     return vals, rearrange(cols, "q k g -> q (k g)").gather(1, pos)
 
 
-def _bf16_topk(s: Any, k: int):
-    """Top-``k`` of bf16 scores through their int16 bit patterns (same order for non-negative floats, faster on
-    the CPU); rows whose k-th value is negative (bits order negatives backwards) are redone in float."""
+def _bf16_topk(s: Any, k: int, group: int = 64):
+    """Top-``k`` of bf16 scores through their int16 bit patterns (same order for non-negative floats, and integer
+    reductions vectorise on the CPU): the maxima of groups of ``group`` columns pick the k groups that hold the
+    top-k (as ``_chunk_topk``), then ``topk`` runs over their k x ``group`` columns only. Rows whose k-th value is
+    negative (bits order negatives backwards) are redone in float."""
     import torch
 
-    v, i = s.view(torch.int16).topk(k, dim=1, sorted=False)
+    bits = s.view(torch.int16)
+    rows, n = bits.shape
+    if group > 1 and n % group == 0 and n >= 4 * k * group:
+        grouped = bits.view(rows, n // group, group)
+        top_groups = grouped.amax(dim=2).topk(k, dim=1, sorted=False).indices  # (q, k)
+        cand = grouped[torch.arange(rows)[:, None], top_groups].view(rows, k * group)  # (faster than gather here)
+        v, pos = cand.topk(k, dim=1, sorted=False)
+        cols = (top_groups[:, :, None] * group + torch.arange(group)).view(rows, k * group)
+        i = cols.gather(1, pos)
+    else:
+        v, i = bits.topk(k, dim=1, sorted=False)
     v = v.view(torch.bfloat16)
     bad = torch.nonzero(v.amin(dim=1) < 0).flatten()
     if len(bad):

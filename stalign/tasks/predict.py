@@ -143,11 +143,13 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                   spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
                   step_um: float | None = None, resample: str | None = None, k: int = 50, temperature: float = 0.05,
                   fewshot_head: Any = None, genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
-                  device: str | None = None, niche_weight: float = 0.5, progress: bool = True):
+                  device: str | None = None, niche_weight: float = 0.5, index: str = "auto",
+                  index_params: dict[str, int] | None = None, progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
-    softmax(similarity / ``temperature``)); ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
+    softmax(similarity / ``temperature``); ``index``/``index_params``: the search engine, ``ReferenceBank.topk``);
+    ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
     ``coords`` (N, 2) level-0 px, else the tissue is tiled every ``step_um`` (default: the spot size).
     Crop sizes and the resampling filter default to the reference bank's (its shards'), else 112/336 µm at
     224 px, Lanczos. X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
@@ -179,7 +181,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     emb, coords, slide = e["embeddings"], e["coords"], e["slide"]
     layers: dict[str, np.ndarray] = {}
     if bank is not None:
-        layers["zero_shot"] = bank.predict(emb, k=min(k, len(bank)), temperature=temperature, genes=genes)
+        layers["zero_shot"] = bank.predict(emb, k=min(k, len(bank)), temperature=temperature, genes=genes,
+                                           index=index, index_params=index_params)
     if fewshot_head is not None and not label_head:
         layers["fewshot"] = np.asarray(head_predict(fewshot_head, emb, genes), np.float32)
     for name, values in layers.items():
@@ -195,7 +198,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                 "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
                 "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"],
                 "resample": e["resample"], "tiled": e["tiled"],
-                "k": int(k), "temperature": float(temperature), "niche_weight": float(niche_weight), "X": x_source,
+                "k": int(k), "temperature": float(temperature), "index": index, "niche_weight": float(niche_weight), "X": x_source,
                 "units": _units(bank, fewshot_head),
                 "model": str(getattr(model, "meta", {}).get("name", "")),
                 "reference": bank.info.get("source", "") if bank is not None else "",

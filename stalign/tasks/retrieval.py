@@ -49,6 +49,9 @@ class ReferenceBank:
                 raise ValueError(f"meta[{key!r}] has {len(value)} rows, the bank has {len(emb)}")
         self.info = dict(info or {})
         self._cache: dict[tuple, Any] = {}
+        self._ann: dict[tuple, Any] = {}  # faiss indexes by (kind, build parameters)
+        self.path: Path | None = None  # the folder it was saved to / loaded from
+        self.sha256: str | None = None  # of that folder's bank.safetensors
 
     def __len__(self) -> int:
         return len(self.embeddings)
@@ -67,9 +70,18 @@ class ReferenceBank:
 
         save_file({"embeddings": self.embeddings, "expression": self.expression}, str(path / "bank.safetensors"))
         meta = {k: v.tolist() for k, v in self.meta.items()}
+        sha = sha256_of(path / "bank.safetensors")
         (path / "bank.json").write_text(json.dumps({"format": BANK_FORMAT, "version": 1, "genes": self.genes,
-                                                    "meta": meta, "info": self.info,
-                                                    "sha256": sha256_of(path / "bank.safetensors")}))
+                                                    "meta": meta, "info": self.info, "sha256": sha}))
+        for desc in path.glob("index-*.json"):  # cached faiss indexes of earlier contents of this folder
+            try:
+                stale = json.loads(desc.read_text()).get("bank_sha256") != sha
+            except ValueError:
+                stale = True
+            if stale:
+                desc.with_suffix(".faiss").unlink(missing_ok=True)
+                desc.unlink(missing_ok=True)
+        self.path, self.sha256 = path, sha
         return path
 
     @classmethod
@@ -85,8 +97,10 @@ class ReferenceBank:
                                               framework="np")
         if set(arrays) != {"embeddings", "expression"}:
             raise ValueError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")
-        return cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
+        bank = cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
                    meta=info.get("meta") or {}, info=info.get("info") or {})
+        bank.path, bank.sha256 = path, info.get("sha256")
+        return bank
 
     # ---------------------------------------------------------------- gene panels
     def check_genes(self, genes: Sequence[str], *, what: str = "the model") -> None:
@@ -106,15 +120,45 @@ class ReferenceBank:
             self._cache = {key: prepare_bank(self.embeddings, device=device, dtype=dtype)}  # keep one copy only
         return self._cache[key]
 
+    def ann_index(self, kind: str, params: dict[str, int] | None = None, *, progress: bool = False) -> Any:
+        """The faiss ``AnnIndex`` (``kind`` "ivf" or "hnsw") of this bank: built once, cached beside a saved bank
+        (``index-<kind>-<parameters>.faiss`` + ``.json`` with the bank's sha256; a cache built for other contents
+        is refused with ``IndexMismatchError``) and kept in memory. Search parameters (``nprobe``, ``ef_search``)
+        in ``params`` apply to this and later searches."""
+        from stalign.tasks.ann_index import BUILD_KEYS, build_index, default_params, load_index, save_index
+
+        params = {**default_params(kind, len(self)), **(params or {})}
+        key = (kind, tuple(params[k] for k in BUILD_KEYS[kind]))
+        if key not in self._ann:
+            ann = None
+            if self.path is not None and self.sha256:
+                ann = load_index(self.path, kind, params, bank_sha256=self.sha256, n_rows=len(self))
+            if ann is None:
+                ann = build_index(self.embeddings, kind, params, progress=progress)
+                if self.path is not None and self.sha256:
+                    try:
+                        save_index(ann, self.path, bank_sha256=self.sha256, n_rows=len(self))
+                    except OSError:  # a read-only bank folder: the index still serves this process
+                        pass
+            self._ann[key] = ann
+        self._ann[key].params.update(params)
+        return self._ann[key]
+
     def topk(self, queries: Any, k: int, *, chunk: int = 65536, query_chunk: int = 1024,
-             device: str | None = None, dtype: Any = None) -> tuple[np.ndarray, np.ndarray]:
+             device: str | None = None, dtype: Any = None, index: str = "auto",
+             index_params: dict[str, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Cosine top-``k`` of ``queries`` (Q, E) against the bank: (similarities (Q, k), indices (Q, k)).
 
-        Memory stays bounded by ``query_chunk`` x ``chunk`` similarities; ``dtype`` (default: bf16 on a GPU,
-        float32 on the CPU) stores the bank in lower precision, candidates are re-scored exactly in float32
-        (``stalign.tasks.fast_topk``).
+        ``index``: "flat" (exact brute force), "ivf" / "hnsw" (faiss, ``ann_index``; candidates re-scored exactly,
+        so similarities are exact and only recall depends on the index), "auto" (IVF for banks of at least
+        ``stalign.tasks.ann_index.AUTO_FAISS_MIN_ROWS`` rows when faiss is installed, else flat).
+        Flat search: memory stays bounded by ``query_chunk`` x ``chunk`` similarities; ``dtype`` (default: bf16 on
+        a GPU and on CPUs with native bf16 for large banks, float32 otherwise) stores the bank in lower precision,
+        candidates are re-scored exactly in float32 (``stalign.tasks.fast_topk``).
         """
         import torch
+
+        from stalign.tasks.ann_index import ann_search, choose_index
 
         q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
@@ -124,8 +168,17 @@ class ReferenceBank:
         from stalign.tasks.fast_topk import search, search_dtype
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-        bank = self._bank_tensor(device, search_dtype(device, dtype, n_rows=len(self)))
-        sims, idx = search(q, bank, k, chunk=chunk, query_chunk=query_chunk)
+
+        def flat(qs: Any):
+            bank = self._bank_tensor(device, search_dtype(device, dtype, n_rows=len(self)))
+            return search(torch.as_tensor(qs), bank, k, chunk=chunk, query_chunk=query_chunk)
+
+        kind = choose_index(index, len(self))
+        if kind == "flat":
+            sims, idx = flat(q)
+        else:
+            sims, idx = ann_search(q, self.embeddings, self.ann_index(kind, index_params), k,
+                                   exact_fallback=lambda qs: [t.cpu() for t in flat(qs)])
         return sims.cpu().numpy(), idx.cpu().numpy()
 
     def predict(self, queries: Any, *, k: int = 50, temperature: float = 0.05, genes: Sequence[str] | None = None,
