@@ -50,13 +50,14 @@ def cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def time_prep(samples: list, *, workers: int, progress: bool) -> tuple[float, float, dict]:
-    """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder."""
+def time_prep(samples: list, *, workers: int, progress: bool, **options) -> tuple[float, float, dict]:
+    """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder (``options``: resample,
+    patch_compression)."""
     from stalign.data.pipeline import prepare
 
     with tempfile.TemporaryDirectory(prefix="stalign-bench-") as out:
         t0, c0 = time.perf_counter(), cpu_seconds()
-        manifest = prepare(samples, out, workers=workers, progress=progress)
+        manifest = prepare(samples, out, workers=workers, progress=progress, **options)
         return time.perf_counter() - t0, cpu_seconds() - c0, manifest
 
 
@@ -93,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-record", action="store_true", help="print only; do not append to RESULTS.md")
     p.add_argument("--note", default="", help="free text recorded with the figures (e.g. machine load)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--resample", choices=("bilinear", "lanczos"), default="bilinear", help="crop filter (default bilinear)")
+    p.add_argument("--patch-compression", choices=("none", "gzip"), default="none", help="patch storage (default none)")
     args = p.parse_args(argv)
 
     tif, h5ad, gen_s = cached_slide(args.cache or cache_dir() / "bench", n_spots=args.n_spots,
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for workers in args.workers:
         samples = samples_for(tif, h5ad)
-        seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet)
+        seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet, resample=args.resample,
+                                           patch_compression=args.patch_compression)
         kept = sum(s["n_spots"] for s in manifest["slides"])
         dropped = sum(s["n_background_dropped"] for s in manifest["slides"])
         rows.append({"spots": args.n_spots, "kept": kept, "dropped": dropped,
@@ -124,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
             f"- command: `{shlex.join(['python', 'benchmarks/prep_throughput.py', *(argv or sys.argv[1:])])}`",
             f"- slide: {tif.name}, {args.n_spots:,} spots at {args.um_per_px:g} µm/px, {size:,.0f} MiB TIFF"
             + (f", generated in {gen_s:.0f} s" if gen_s is not None else ", reused from the cache"),
-            ("- timed: `stalign.data.pipeline.prepare` end to end (spot 112 µm + niche 336 µm crops at 224 px, "
+            (f"- timed: `stalign.data.pipeline.prepare` end to end ({args.resample} crops, patch storage "
+             f"{args.patch_compression}; spot 112 µm + niche 336 µm crops at 224 px, "
              "top-50 HVG panel, tissue mask, kNN, HDF5 shards); spots/s = kept spots / wall seconds; CPU "
              "seconds = user + system of this process and its worker processes"),
         ]
