@@ -113,3 +113,24 @@ def test_paper_loss_needs_clusters_in_the_run_config() -> None:
         "stalign-paper-tiny", "paper", 6, 0.3, 0.3)
     gpu = resolve_config("paper")
     assert (gpu.model, gpu.loss_kind, gpu.hard_negative_clusters, gpu.cpu) == ("stalign-paper", "paper", 6, False)
+
+
+def test_training_data_of_real_shards_carries_paired_negatives(small_shards) -> None:
+    from stalign.training.data import build_train_data
+
+    data = build_train_data(root=small_shards("squidpy"), slides=None, val_fraction=0.2, split_by="spot", seed=3,
+                            niche_spots=4, train_transforms=None, eval_transforms=None, val_max_spots=0,
+                            hard_negative_clusters=4, paired_negatives=True)
+    batch = data.collate([data.train[i] for i in range(5)])
+    neg = batch["negatives"]
+    assert neg["spot_expr"].shape == (15, batch["spot_expr"].shape[1])  # 4 clusters -> 3 negatives per spot
+    own = data.clusters[batch["index"]].repeat_interleave(3)
+    assert (data.clusters[neg["index"]] != own).all()                   # never the spot's own cluster
+    assert (neg["slide_idx"] == batch["slide_idx"].repeat_interleave(3)).all()
+    assert len(set(data.clusters[neg["index"][:3]].tolist())) == 3      # one from each other cluster
+    train_spots = set(data.train.dataset.indices.tolist())
+    assert set(neg["index"].tolist()) <= train_spots                    # held-out spots are never negatives
+    with pytest.raises(ValueError, match="hard_negative_clusters"):
+        build_train_data(root=small_shards("squidpy"), slides=None, val_fraction=0.2, split_by="spot", seed=3,
+                         niche_spots=4, train_transforms=None, eval_transforms=None, val_max_spots=0,
+                         paired_negatives=True)
