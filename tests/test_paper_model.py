@@ -150,7 +150,7 @@ def test_paper_model_outputs_entry_points_negatives_and_checkpoint_roundtrip(tmp
 
 @pytest.mark.parametrize("overrides, message", [
     ({"fusion": "nope"}, "unknown fusion"), ({"tokenizer": "pool"}, "unknown tokenizer"),
-    ({"tokenizer_widths": {"spot": 4}}, "unknown sides"),
+    ({"tokenizer_widths": {"spot": 4}}, "unknown sides"), ({"niche_gene_tokenizer": {"layers": 2}}, "unknown keys"),
     ({"gene": {"encoder_kwargs": {"out_dim": 48}}}, "spot_gene features are 48 wide, not a multiple of token_dim 32"),
 ])
 def test_bad_paper_settings_are_one_line_errors(overrides, message) -> None:

@@ -117,7 +117,6 @@ class STAlignConfig:
 FUSIONS = ("project", "paper")
 TOKENIZERS = ("linear", "conv1d")
 SIDES = ("spot_image", "niche_image", "spot_gene", "niche_gene")
-NEGATIVE_KEYS = ("spot_gene_features", "niche_gene_features", "fused_niche_features")
 
 
 def _image_encoder(cfg: ImageConfig) -> nn.Module:
@@ -167,6 +166,10 @@ class STAlign(nn.Module):
         c = self.config
         if name == "niche_gene" and c.niche_gene_tokenizer:
             kwargs = {k: v for k, v in c.niche_gene_tokenizer.items() if k != "kind"}
+            known = {"width", "depth", "heads", "dim_head", "mlp_dim", "hidden", "out_hidden"}
+            if set(kwargs) - known:
+                raise ValueError(f"niche_gene_tokenizer: unknown keys {sorted(set(kwargs) - known)}; known: "
+                                 f"kind, {', '.join(sorted(known))}")
             return TransformerTokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim, dropout=c.dropout, **kwargs)
         if c.tokenizer == "conv1d":
             return ConvTokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim, width=c.tokenizer_widths.get(name),
