@@ -27,6 +27,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-genes", type=int, default=200, help="genes per slide (programmes + housekeeping)")
     s.add_argument("--n-classes", type=int, default=4, help="tissue classes (1-6)")
     s.add_argument("--slides", type=int, default=1, help="number of slides (shared gene panel)")
+    s.add_argument("--version", type=int, default=2, choices=(1, 2),
+                   help="2 (default): spatial domains + context-driven genes; 1: expression from the spot alone "
+                        "(byte-identical to the original generator)")
+    s.add_argument("--n-domains", type=int, default=4, help="v2: spatial domains per slide (2-8)")
+    s.add_argument("--domains", default="layers", choices=("layers", "islands"),
+                   help="v2: domain geometry (bands like cortical layers, or patchy regions)")
+    s.add_argument("--report", action="store_true",
+                   help="v2: print how much variance each gene programme's driver explains (R² tables)")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=_synth)
 
@@ -55,9 +63,12 @@ def _export_hest(args: argparse.Namespace) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from stalign.data.synth import make_synthetic_dataset
 
+    if args.report and args.version < 2:
+        raise ValueError("--report needs synth v2 (v1 has no context programmes)")
     slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, n_spots=args.n_spots,
                                     um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,
-                                    progress=not args.quiet)
+                                    progress=not args.quiet, version=args.version, n_domains=args.n_domains,
+                                    domain_layout=args.domains)
     for s in slides:
         t = s.truth
         h, w = t["level_shapes_hw"][0]
@@ -66,4 +77,8 @@ def _synth(args: argparse.Namespace) -> int:
               f"{s.seconds:.1f} s")
         for kind, path in s.paths.items():
             print(f"  {kind:6s} {path}  ({path.stat().st_size / 1e6:.1f} MB)")
+        if args.report:
+            from stalign.data.synth_truth import report
+
+            print(report(s.paths["adata"]))
     return 0

@@ -40,7 +40,8 @@ from stalign.data.synth_texture import TISSUE_CLASSES
 from stofm.util.safe_files import sha256_of
 
 FORMAT = "stalign-synthetic"
-VERSION = 1
+VERSION = 2  # the default world; version 1 (spot-only expression) stays byte-reproducible
+VERSIONS = (1, 2)
 BACKGROUND = "background"
 
 
@@ -64,19 +65,32 @@ class SyntheticSlide:
 def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_per_px: float = 0.5,
                          n_genes: int = 200, n_classes: int = 4, seed: int = 0, slide_id: str | None = None,
                          programme_factor: float = 4.0, panel_seed: int = 0, margin_um: float = 400.0,
-                         progress: bool = True) -> SyntheticSlide:
+                         progress: bool = True, version: int = VERSION, n_domains: int = 4,
+                         domain_layout: str = "layers") -> SyntheticSlide:
     """Generate one synthetic slide into ``out_dir``; same arguments give byte-identical files.
 
     ``panel_seed`` fixes the gene programmes (shared by slides of one data set); ``seed`` draws the tissue.
+    ``version=2`` (default): spatial domains (``n_domains``, ``domain_layout`` "layers" or "islands") and
+    context-driven genes next to the spot-driven ones (``stalign.data.synth_world``); ``version=1``: expression
+    depends on the spot alone, byte-identical to the files this generator wrote before v2 existed.
     """
     _check(n_spots=n_spots, um_per_px=um_per_px, n_classes=n_classes, programme_factor=programme_factor,
            margin_um=margin_um)
+    if version not in VERSIONS:
+        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+    if version == 2:
+        from stalign.data.synth_context import make_context_panel
+        from stalign.data.synth_domains import DOMAIN_LAYOUTS, make_domains
+
+        if domain_layout not in DOMAIN_LAYOUTS:
+            raise ValueError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
+        names = [c.name for c in TISSUE_CLASSES[:n_classes]]
+        make_context_panel(n_genes=n_genes, class_names=names, factor=programme_factor, seed=panel_seed,
+                           domains=make_domains(names, n_domains, seed=panel_seed))  # argument checks first
     slide_id = slide_id or f"synth{seed}"
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = TISSUE_CLASSES[:n_classes]
-    panel = make_panel(n_genes=n_genes, class_names=[c.name for c in classes], factor=programme_factor,
-                       seed=panel_seed)
     layout_rng, render_rng, expr_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
     t0 = time.perf_counter()
@@ -84,17 +98,29 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
     box = (margin_um - PITCH_UM / 2, margin_um - PITCH_UM / 2,
            centres[:, 0].max() + PITCH_UM / 2, centres[:, 1].max() + PITCH_UM / 2)
     width_um, height_um = box[2] + margin_um - PITCH_UM / 2, box[3] + margin_um - PITCH_UM / 2
-    layout = build_layout(width_um=width_um, height_um=height_um, array_box=box, classes=classes,
-                          um_per_px=um_per_px, rng=layout_rng)
-    truth_obs = spot_truth(layout, centres)
-    counts, size = sample_counts(panel, truth_obs, expr_rng)
+    world = None
+    if version == 1:
+        panel = make_panel(n_genes=n_genes, class_names=[c.name for c in classes], factor=programme_factor,
+                           seed=panel_seed)
+        layout = build_layout(width_um=width_um, height_um=height_um, array_box=box, classes=classes,
+                              um_per_px=um_per_px, rng=layout_rng)
+        truth_obs = spot_truth(layout, centres)
+        counts, size = sample_counts(panel, truth_obs, expr_rng)
+    else:
+        from stalign.data.synth_world import build_world
+
+        world = build_world(width_um=width_um, height_um=height_um, array_box=box, centres_um=centres,
+                            classes=classes, um_per_px=um_per_px, n_genes=n_genes, programme_factor=programme_factor,
+                            panel_seed=panel_seed, n_domains=n_domains, domain_layout=domain_layout,
+                            layout_rng=layout_rng, expr_rng=expr_rng)
+        layout, truth_obs, counts, size, panel = world.layout, world.truth_obs, world.counts, world.size, world.panel
 
     paths = {"image": out / f"{slide_id}.tif", "adata": out / f"{slide_id}.h5ad",
              "truth": out / f"{slide_id}.truth.json"}
     shapes = write_pyramid(paths["image"], render_blocks(layout, rng=render_rng, progress=progress),
                            height=layout.height_px, width=layout.width_px, um_per_px=um_per_px)
     truth = {
-        "format": FORMAT, "version": VERSION, "slide_id": slide_id, "seed": seed, "panel_seed": panel_seed,
+        "format": FORMAT, "version": version, "slide_id": slide_id, "seed": seed, "panel_seed": panel_seed,
         "um_per_px": um_per_px, "spot_diameter_um": SPOT_DIAMETER_UM, "pitch_um": PITCH_UM,
         "level_shapes_hw": [list(map(int, s)) for s in shapes], "n_spots": n_spots,
         "n_in_tissue": int(truth_obs["in_tissue"].sum()), "n_nuclei": len(layout.nuclei),
@@ -109,9 +135,16 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
                   "background_library": BACKGROUND_LIBRARY},
         "genes": _panel_records(panel),
     }
+    if world is not None:
+        from stalign.data.synth_world import FORMULA_V2, gene_records, spot_table
+
+        truth["model"]["formula"] = FORMULA_V2
+        truth["genes"] = gene_records(panel)
+        truth["context"] = world.info
+        truth["spots"] = spot_table(world, barcodes(n_spots))
     _write_h5ad(paths["adata"], counts=counts, centres_um=centres, rows=rows, cols=cols, truth_obs=truth_obs,
                 size=size, panel=panel, classes=[c.name for c in classes], slide_id=slide_id,
-                um_per_px=um_per_px, truth=truth)
+                um_per_px=um_per_px, truth=truth, world=world)
     truth["files"] = {k: {"name": paths[k].name, "sha256": sha256_of(paths[k])} for k in ("image", "adata")}
     _atomic_write_text(paths["truth"], json.dumps(truth, indent=1))
     return SyntheticSlide(paths=paths, truth=truth, seconds=time.perf_counter() - t0)
@@ -150,7 +183,7 @@ def barcodes(n: int) -> list[str]:
 
 def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows: np.ndarray, cols: np.ndarray,
                 truth_obs: dict[str, np.ndarray], size: np.ndarray, panel: GenePanel, classes: list[str],
-                slide_id: str, um_per_px: float, truth: dict) -> None:
+                slide_id: str, um_per_px: float, truth: dict, world=None) -> None:
     import anndata as ad
     import pandas as pd
     import scipy.sparse as sp
@@ -169,6 +202,11 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
     var = pd.DataFrame({"programme": panel.programme, "programme_class": panel.programme_class,
                         "base_rate": panel.base, "class_factor": panel.factor, "beta_density": panel.beta,
                         "gamma_holes": panel.gamma}, index=pd.Index(panel.names, name="gene"))
+    if world is not None:  # synth v2: domains, context drivers, gene drivers
+        from stalign.data.synth_world import extra_obs, extra_var
+
+        obs = obs.assign(**extra_obs(world))
+        var = var.assign(**extra_var(world))
     adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     adata.obsm["spatial"] = (centres_um / um_per_px).astype(np.float64)
     adata.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": SPOT_DIAMETER_UM / um_per_px,
@@ -179,9 +217,24 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
                                                     "programme_factor")}
     adata.uns["synthetic"]["classes"] = classes
     adata.uns["synthetic"]["model"] = truth["model"]
+    if world is not None:
+        adata.uns["synthetic"]["context"] = _h5_safe(truth["context"])
     tmp = path.with_name(path.name + ".partial")
     adata.write_h5ad(tmp)
     tmp.replace(path)
+
+
+def _h5_safe(value):
+    """A JSON-like value that h5py can store in ``uns`` (None -> "none"; lists of dicts -> dicts by index)."""
+    if value is None:
+        return "none"
+    if isinstance(value, dict):
+        return {k: _h5_safe(v) for k, v in value.items()}
+    if isinstance(value, list) and value and isinstance(value[0], dict):
+        return {str(i): _h5_safe(v) for i, v in enumerate(value)}
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    return value
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -210,18 +263,20 @@ def load_synthetic_slide(out_dir: str | os.PathLike, slide_id: str, *, verify: b
 
 
 def ensure_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_per_px: float = 0.5,
-                           seed: int = 0, slide_id: str | None = None, **kwargs) -> SyntheticSlide:
-    """The slide in ``out_dir`` when one with these size/seed/pixel-size settings is there intact, else made anew."""
+                           seed: int = 0, slide_id: str | None = None, version: int = VERSION,
+                           **kwargs) -> SyntheticSlide:
+    """The slide in ``out_dir`` when one with these size/seed/pixel-size/version settings is there intact, else
+    made anew."""
     slide_id = slide_id or f"synth{seed}"
     try:
         slide = load_synthetic_slide(out_dir, slide_id)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
         slide = None
-    if slide is not None and (slide.truth["n_spots"], slide.truth["um_per_px"], slide.truth["seed"]) == (
-            n_spots, um_per_px, seed):
+    if slide is not None and (slide.truth["n_spots"], slide.truth["um_per_px"], slide.truth["seed"],
+                              slide.truth.get("version", 1)) == (n_spots, um_per_px, seed, version):
         return slide
     return make_synthetic_slide(out_dir, n_spots=n_spots, um_per_px=um_per_px, seed=seed, slide_id=slide_id,
-                                **kwargs)
+                                version=version, **kwargs)
 
 
 def make_synthetic_dataset(out_dir: str | os.PathLike, *, n_slides: int = 1, seed: int = 0,

@@ -167,8 +167,12 @@ def expression_rates(panel: GenePanel, truth: dict[str, np.ndarray]) -> np.ndarr
 def sample_counts(panel: GenePanel, truth: dict[str, np.ndarray], rng: np.random.Generator
                   ) -> tuple[np.ndarray, np.ndarray]:
     """Integer counts (n_spots, n_genes) and the size factor of each spot."""
-    rates = expression_rates(panel, truth)
-    on = truth["in_tissue"]
+    return counts_from_rates(expression_rates(panel, truth), truth["in_tissue"], rng)
+
+
+def counts_from_rates(rates: np.ndarray, on: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Negative-binomial counts around ``size_factor * rates``; glass spots (``~on``) get the mean tissue profile
+    at ``BACKGROUND_LIBRARY`` of the library size."""
     if on.any():
         rates[~on] = rates[on].mean(axis=0)
     size = LIBRARY_MEDIAN * rng.lognormal(0.0, LIBRARY_LOG_SD, len(rates))

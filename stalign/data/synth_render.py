@@ -29,6 +29,7 @@ from stalign.data.synth_texture import (
 
 TILE = 256
 HOLE_SCALES = np.array([0.6, 0.8, 1.0, 1.2, 1.4], dtype=np.float32)
+VESSEL_EOSIN = 1.6  # extra eosin optical density of a capillary full of red blood cells
 
 
 @dataclass
@@ -66,6 +67,8 @@ class SlideLayout:
     holes: Points
     nucleus_banks: tuple[StampBank, ...]
     hole_banks: tuple[StampBank | None, ...]
+    vessels: Points | None = None  # synth v2: capillaries (red blood cells), drawn as dense eosin discs
+    vessel_bank: StampBank | None = None
 
     def cell_of(self, x_um: np.ndarray, y_um: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Coarse cell (row, col) holding each point."""
@@ -78,13 +81,32 @@ class SlideLayout:
 def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, float, float, float],
                  classes: tuple[TissueClass, ...], um_per_px: float, rng: np.random.Generator,
                  coarse_um: float = 8.0, region_um: float = 700.0) -> SlideLayout:
-    """Draw the tissue outline, class regions, density field, nuclei and holes of one slide.
+    """Draw the tissue outline, class regions, density field, nuclei and holes of one slide (synth v1).
 
     The tissue is a noisy ellipse inscribed in ``array_box`` (x0, y0, x1, y1 in µm), so the box corners and the
     margin are glass; class regions are domain-warped Voronoi cells about ``region_um`` across.
     """
-    from scipy.spatial import cKDTree
+    grid = tissue_outline(width_um=width_um, height_um=height_um, array_box=array_box, rng=rng,
+                          coarse_um=coarse_um)
+    class_map = voronoi_classes(grid, array_box=array_box, n_classes=len(classes), region_um=region_um, rng=rng)
+    return populate_layout(grid, class_map, classes=classes, um_per_px=um_per_px, rng=rng)
 
+
+@dataclass(frozen=True)
+class CoarseGrid:
+    """Centres (µm) of the coarse cells of a slide and its tissue opacity on them."""
+
+    gx: np.ndarray  # (Hc, Wc) float32 x of each cell centre
+    gy: np.ndarray  # (Hc, Wc) float32 y of each cell centre
+    tissue: np.ndarray  # (Hc, Wc) float32 opacity 0..1
+    coarse_um: float
+    width_um: float
+    height_um: float
+
+
+def tissue_outline(*, width_um: float, height_um: float, array_box: tuple[float, float, float, float],
+                   rng: np.random.Generator, coarse_um: float = 8.0) -> CoarseGrid:
+    """The coarse grid and a noisy tissue ellipse inscribed in ``array_box`` with a ~4 µm soft edge."""
     hc, wc = int(np.ceil(height_um / coarse_um)) + 1, int(np.ceil(width_um / coarse_um)) + 1
     cy, cx = (np.arange(hc, dtype=np.float32) + 0.5) * coarse_um, (np.arange(wc, dtype=np.float32) + 0.5) * coarse_um
     gy, gx = np.meshgrid(cy, cx, indexing="ij")
@@ -94,16 +116,31 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
     r = r + 0.07 * smooth_noise((hc, wc), 200.0 / coarse_um, rng)
     edge = np.clip((r - 1.0) * (min(ax, ay) / 4.0), -60, 60)  # ~4 µm soft edge
     tissue = (1.0 / (1.0 + np.exp(edge))).astype(np.float32)
+    return CoarseGrid(gx=gx, gy=gy, tissue=tissue, coarse_um=coarse_um, width_um=width_um, height_um=height_um)
 
-    n_regions = max(3 * len(classes), round((x1 - x0) * (y1 - y0) / region_um**2))
+
+def voronoi_classes(grid: CoarseGrid, *, array_box: tuple[float, float, float, float], n_classes: int,
+                    region_um: float, rng: np.random.Generator) -> np.ndarray:
+    """Class map (Hc, Wc) int16: domain-warped Voronoi regions about ``region_um`` across, one random class each."""
+    from scipy.spatial import cKDTree
+
+    x0, y0, x1, y1 = array_box
+    hc, wc = grid.gx.shape
+    n_regions = max(3 * n_classes, round((x1 - x0) * (y1 - y0) / region_um**2))
     seeds = np.column_stack([rng.uniform(x0, x1, n_regions), rng.uniform(y0, y1, n_regions)])
-    region_class = rng.permutation(np.arange(n_regions) % len(classes))
+    region_class = rng.permutation(np.arange(n_regions) % n_classes)
     warp = 0.25 * region_um
-    wx = gx + warp * smooth_noise((hc, wc), 100.0 / coarse_um, rng)
-    wy = gy + warp * smooth_noise((hc, wc), 100.0 / coarse_um, rng)
+    wx = grid.gx + warp * smooth_noise((hc, wc), 100.0 / grid.coarse_um, rng)
+    wy = grid.gy + warp * smooth_noise((hc, wc), 100.0 / grid.coarse_um, rng)
     _, region = cKDTree(seeds).query(np.column_stack([wx.ravel(), wy.ravel()]))
-    class_map = region_class[region].reshape(hc, wc).astype(np.int16)
+    return region_class[region].reshape(hc, wc).astype(np.int16)
 
+
+def populate_layout(grid: CoarseGrid, class_map: np.ndarray, *, classes: tuple[TissueClass, ...],
+                    um_per_px: float, rng: np.random.Generator) -> SlideLayout:
+    """Density and fibre fields, stamp banks, holes and nuclei (none inside a hole) for a given class map."""
+    hc, wc = class_map.shape
+    coarse_um, tissue = grid.coarse_um, grid.tissue
     density = np.exp(0.5 * smooth_noise((hc, wc), 60.0 / coarse_um, rng)).clip(0.35, 2.8).astype(np.float32)
     orient = (1.0 / (1.0 + np.exp(-3.0 * smooth_noise((hc, wc), 150.0 / coarse_um, rng)))).astype(np.float32)
 
@@ -120,17 +157,27 @@ def build_layout(*, width_um: float, height_um: float, array_box: tuple[float, f
     nuclei = _scatter(rng, per_class[class_map] * density * tissue * cell_area_mm2, class_map, coarse_um,
                       n_sizes=len(nucleus_banks[0].radius_um), n_orient=nucleus_banks[0].stamps.shape[1],
                       darkness=np.array([c.darkness for c in classes], np.float32))
-    if len(holes):
-        hole_r = hole_radii(holes, hole_banks)
-        d, idx = cKDTree(np.column_stack([holes.x_um, holes.y_um])).query(
-            np.column_stack([nuclei.x_um, nuclei.y_um]), k=min(4, len(holes)), distance_upper_bound=hole_r.max())
-        d, idx = d.reshape(len(nuclei), -1), idx.reshape(len(nuclei), -1)
-        radius = np.append(hole_r, 0.0)[idx]  # idx == len(holes) where nothing was found
-        nuclei = nuclei.subset(~(d < radius).any(axis=1))
-    return SlideLayout(um_per_px=um_per_px, width_px=int(np.ceil(width_um / um_per_px)),
-                       height_px=int(np.ceil(height_um / um_per_px)), coarse_um=coarse_um,
-                       classes=classes, class_map=class_map, tissue=tissue, density=density, orient=orient,
-                       nuclei=nuclei, holes=holes, nucleus_banks=nucleus_banks, hole_banks=hole_banks)
+    layout = SlideLayout(um_per_px=um_per_px, width_px=int(np.ceil(grid.width_um / um_per_px)),
+                         height_px=int(np.ceil(grid.height_um / um_per_px)), coarse_um=coarse_um,
+                         classes=classes, class_map=class_map, tissue=tissue, density=density, orient=orient,
+                         nuclei=nuclei, holes=holes, nucleus_banks=nucleus_banks, hole_banks=hole_banks)
+    layout.nuclei = outside_holes(layout, nuclei)
+    return layout
+
+
+def outside_holes(layout: SlideLayout, points: Points) -> Points:
+    """The ``points`` whose centres lie in no hole of ``layout``."""
+    from scipy.spatial import cKDTree
+
+    holes = layout.holes
+    if not len(holes) or not len(points):
+        return points
+    hole_r = hole_radii(holes, layout.hole_banks)
+    d, idx = cKDTree(np.column_stack([holes.x_um, holes.y_um])).query(
+        np.column_stack([points.x_um, points.y_um]), k=min(4, len(holes)), distance_upper_bound=hole_r.max())
+    d, idx = d.reshape(len(points), -1), idx.reshape(len(points), -1)
+    radius = np.append(hole_r, 0.0)[idx]  # idx == len(holes) where nothing was found
+    return points.subset(~(d < radius).any(axis=1))
 
 
 def hole_radii(holes: Points, hole_banks: tuple[StampBank | None, ...]) -> np.ndarray:
@@ -208,6 +255,7 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
     grain = grain_texture(rng=rng)
     nuclei = _by_class(layout.nuclei, layout, n_cls)
     holes = _by_class(layout.holes, layout, n_cls)
+    vessels = _by_class(layout.vessels, layout, 1)[0] if layout.vessels is not None else None
     for y0 in tqdm(range(0, h_pad, TILE), desc="synth rows", unit="row", disable=not progress, leave=False):
         rows = np.arange(y0, y0 + TILE)
         r0, wy = iy.i0[rows], iy.w[0, rows][:, None]
@@ -217,6 +265,8 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
                      for c, b in enumerate(layout.nucleus_banks)]
         strip_hole = [_sort_x(_window(holes[c], "y", y0 - b.half, y0 + TILE + b.half)) if b is not None else None
                       for c, b in enumerate(layout.hole_banks)]
+        strip_ves = (_sort_x(_window(vessels, "y", y0 - layout.vessel_bank.half, y0 + TILE + layout.vessel_bank.half))
+                     if vessels is not None else None)
         for x0 in range(0, w_pad, block_w):
             bw = min(block_w, w_pad - x0)
             cols = np.arange(x0, x0 + bw)
@@ -234,6 +284,10 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
             fib = orient * periodic_take(fib_a, rows, cols) + (1 - orient) * periodic_take(fib_b, rows, cols)
             haem = (haem_bg + np.minimum(nuc, 2.0)) * open_
             eos = eosin * (1.0 + fibres * (2.0 * fib - 1.0)) * open_
+            if strip_ves is not None:
+                ves = np.zeros((TILE, bw), np.float32)
+                _stamp_window(ves, layout.vessel_bank, strip_ves, x0, y0)
+                eos = eos + VESSEL_EOSIN * np.minimum(ves, 1.0) * open_
             yield stain_to_rgb(haem=haem, eosin=eos, tissue=tissue, grain=periodic_take(grain, rows, cols))
 
 
