@@ -87,7 +87,14 @@ def test_reader_threads_predict_what_the_serial_path_predicts(slides):
     serial = embed_slide_crops(model, crops, batch_size=8, workers=0, progress=False)
     threaded = embed_slide_crops(model, crops, batch_size=8, workers=2, progress=False)
     np.testing.assert_allclose(threaded, serial, rtol=0, atol=1e-6)
-    out = {workers: predict_slide(model, slide, reference=bank, coords=coords, workers=workers, batch_size=8,
-                                  device="cpu", progress=False) for workers in (0, 2)}
-    assert out[2].uns["stalign"]["resample"] == "bilinear"  # the bank's filter
-    np.testing.assert_allclose(out[2].X, out[0].X, rtol=0, atol=1e-5)
+    # the old path: two read_crop calls per centre, the model in fp32 on the stacked crops
+    filt = pil_filter("bilinear")
+    old = [np.stack([slide.read_crop(c, size, 32, resample=filt)[0] for c in coords]) for size in (100, 300)]
+    with torch.inference_mode():
+        old_emb = model.eval().encode_image(*(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in old))
+    np.testing.assert_allclose(threaded, old_emb.numpy(), rtol=0, atol=1e-6)
+    out = predict_slide(model, slide, reference=bank, coords=coords, workers=2, batch_size=8, device="cpu",
+                        progress=False)
+    assert out.uns["stalign"]["resample"] == "bilinear"  # the bank's filter
+    np.testing.assert_allclose(out.obsm["X_stalign"], serial, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(out.X, bank.predict(serial, k=50), rtol=0, atol=1e-5)
