@@ -107,8 +107,11 @@ def _slide_h5ad(entry: dict, synth_dir) -> Path:
         if cand.is_file():
             return cand
         raise ValueError(f"{cand}: not found (slide {entry['slide_id']!r} of the shard folder)")
-    for f in entry.get("source_files", {}):
-        if f.endswith(".h5ad") and Path(f).is_file():
+    h5ads = [f for f in entry.get("source_files", {}) if f.endswith(".h5ad")]
+    if not h5ads:
+        raise ValueError(f"slide {entry['slide_id']!r} was not read from a .h5ad, so it is not a synthetic slide")
+    for f in h5ads:
+        if Path(f).is_file():
             return Path(f)
     raise ValueError(f"slide {entry['slide_id']!r}: its source .h5ad ({list(entry.get('source_files', {}))}) is "
                      "gone; pass synth_dir= (the folder the synthetic slides are in)")
