@@ -94,3 +94,6 @@ def test_original_objective_needs_the_original_architecture(squidpy_crop, tmp_pa
         pretrain(cfg)
     with pytest.raises(ValueError, match="objective"):
         load_config(CONFIG, objective="mlm")
+    full = load_config(REPO / "configs" / "stofm_original.yaml")  # the released shape's run config parses
+    assert (full.model, full.objective, full.cluster_method, full.cells_per_tile) == (
+        "stofm-original", "original", "original", 1000)
