@@ -8,7 +8,10 @@
   in level-0 pixels, the ground-truth image variables in ``obs``, the gene programmes in ``var`` and ``uns``;
 - ``<slide_id>.truth.json``: the same truth in plain JSON plus sha256 of both files (written last).
 
-See ``docs/synth.md`` and ``stalign.data.synth_expression`` for the model.
+Version 2 (default) adds spatial domains, capillaries along a slide gradient and context-driven genes
+(``stalign.data.synth_world``); version 1 (expression from the spot alone) stays byte-identical.
+See ``docs/synth.md``, ``stalign.data.synth_expression`` and ``stalign.data.synth_context`` for the model and
+``stalign.data.synth_truth.truth_of`` for reading the truth back.
 """
 from __future__ import annotations
 
