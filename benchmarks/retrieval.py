@@ -14,7 +14,7 @@ clustered (many near-ties, like spots of similar tissue), not uniform noise. Ban
 ``--index ivf hnsw`` adds the faiss indexes ``ReferenceBank.topk(index=...)`` uses for banks too large for brute
 force (``stalign.tasks.ann_index``: ``IndexIVFFlat`` / ``IndexHNSWFlat`` over unit vectors, 2k candidates
 re-scored exactly), one row per ``--nprobe`` / ``--ef-search`` value, with the one-off build time; ``--index ivf
-hnsw`` alone (without ``flat``) skips the brute-force rows except the exact reference.
+hnsw`` alone (without ``flat``) keeps only the package's own brute-force row (and the exact reference).
 """
 from __future__ import annotations
 
@@ -138,18 +138,18 @@ def main(argv: list[str] | None = None) -> None:
             qn = queries.numpy()
             run(f"faiss {faiss.__version__} IndexFlatIP", lambda: [torch.from_numpy(a) for a in index.search(qn, args.k)])
             faiss_row = rows[-1]
-    if flat:
+    if flat and cuda:
         bank16 = bank32.to(torch.bfloat16)
-        if cuda:
-            run("plain bf16 matmul + topk", lambda b=bank16: plain_topk(qd, b, args.k, query_chunk=qchunk))
+        run("plain bf16 matmul + topk", lambda b=bank16: plain_topk(qd, b, args.k, query_chunk=qchunk))
         del bank16
-        default = prepare_bank(bank32, device=device)  # what ReferenceBank.topk uses by default on this device
-        label = "bf16 + exact re-scoring" if default.scores.dtype == torch.bfloat16 else "fp32"
-        run(f"package default ({label})", lambda b=default: search(queries, b, args.k, query_chunk=qchunk))
-        default_dtype = default.scores.dtype
-        del default
+    default = prepare_bank(bank32, device=device)  # what ReferenceBank.topk uses by default on this device
+    label = "bf16 + exact re-scoring" if default.scores.dtype == torch.bfloat16 else "fp32"
+    run(f"package default, flat ({label})", lambda b=default: search(queries, b, args.k, query_chunk=qchunk))
+    default_dtype = default.scores.dtype
+    del default
+    if flat:
         for dtype, name in ((torch.float16, "fp16"), (torch.bfloat16, "bf16")):
-            if dtype == default_dtype or args.bank and n > 1_000_000:
+            if dtype == default_dtype or n >= 1_000_000:
                 continue  # the default row; no extra dtypes for huge banks
             bank = prepare_bank(bank32, device=device, dtype=dtype)
             run(f"package {name} bank + exact re-scoring",
