@@ -21,7 +21,7 @@ PLAUSIBLE_UM_PER_PX = (0.01, 50.0)
 #: Names of the crop resampling filters (``stalign prep --resample``); shards without the setting used Lanczos.
 RESAMPLE_FILTERS = ("bilinear", "lanczos")
 #: Most level pixels read at once for a group of neighbouring crops (``Slide.read_crops``).
-UNION_MAX_PX = 4_000_000
+UNION_MAX_PX = 2_000_000
 
 
 def resample_filter(resample: int | str | None) -> int:
