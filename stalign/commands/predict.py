@@ -24,7 +24,7 @@ def add_index_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index", choices=("auto", "flat", "ivf", "hnsw"), default="auto",
                    help="bank search: flat = exact brute force; ivf/hnsw = faiss index (pip install 'stalign[faiss]'), "
                         "built once and cached beside a saved bank, scores re-computed exactly; auto (default) = ivf "
-                        "for banks of >= 2M spots when faiss is installed, else flat")
+                        "for banks of >= 1M spots when faiss is installed, else flat")
     p.add_argument("--nprobe", type=int, default=None, help="IVF lists searched (default nlist/64, at least 32)")
     p.add_argument("--ef-search", type=int, default=None, help="HNSW search breadth (default 128)")
 

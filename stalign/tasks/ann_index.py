@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
-#: ``index="auto"`` uses IVF for banks of at least this many rows when faiss is installed (brute force below:
-#: exact, and at 1M rows on this project's 2-core machine still within a few times IVF's speed; see
-#: docs/performance.md).
-AUTO_FAISS_MIN_ROWS = 2_000_000
+#: ``index="auto"`` uses IVF for banks of at least this many rows when faiss is installed (exact brute force
+#: below). At 1M x 256 on a 2-core CPU brute force answers ~55 queries/s, IVF (nprobe 64) ~340 at recall 1.0
+#: (benchmarks/RESULTS.md): a 100,000-tile slide then takes minutes instead of half an hour.
+AUTO_FAISS_MIN_ROWS = 1_000_000
 INDEX_FORMAT = "stalign-faiss-index"
 _CHUNK = 262_144  # rows normalised and added at a time (bounded extra memory)
 
