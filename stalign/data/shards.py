@@ -113,9 +113,10 @@ class ShardWriter:
     def write_compressed(self, rows: Sequence[int], spot: Sequence[bytes], niche: Sequence[bytes]) -> None:
         """Store crops already encoded by ``encode_patch`` (with this writer's ``compression`` and ``gzip_level``)
         as they are: any deflate runs in the worker processes, the single writer only copies bytes."""
+        spot_id, niche_id = self._file["spot_patches"].id, self._file["niche_patches"].id  # looked up once
         for row, a, b in zip(rows, spot, niche):
-            self._file["spot_patches"].id.write_direct_chunk((int(row), 0, 0, 0), a)
-            self._file["niche_patches"].id.write_direct_chunk((int(row), 0, 0, 0), b)
+            spot_id.write_direct_chunk((int(row), 0, 0, 0), a)
+            niche_id.write_direct_chunk((int(row), 0, 0, 0), b)
 
     def set_attr(self, key: str, value: Any) -> None:
         """An extra HDF5 attribute, written by ``finish``."""
