@@ -17,7 +17,6 @@ from torch import nn
 
 from stofm.cell_encoder import (
     CellEncoder,
-    build_cell_encoder,
     load_cell_encoder,
     read_weights_folder,
     write_weights_folder,
@@ -115,6 +114,16 @@ class SToFM(nn.Module):
         return write_weights_folder(path, meta, self)
 
 
+def build_cell_encoder(kind: str, **cfg: Any) -> CellEncoder:
+    """``stofm.cell_encoder.build_cell_encoder`` that also knows ``"geneformer"`` (the original SToFM's cell BERT,
+    ``stofm.original.geneformer_encoder``; registered on first use, it needs transformers)."""
+    from stofm.cell_encoder import build_cell_encoder as build
+
+    if kind == "geneformer":
+        import stofm.original.geneformer_encoder  # noqa: F401 (registers the kind)
+    return build(kind, **cfg)
+
+
 def list_models() -> list[str]:
     """Names of the registered configs."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -169,13 +178,18 @@ def from_converted(path: str | os.PathLike, *, genes: Sequence[str] | None = Non
                    cell_encoder: CellEncoder | str | os.PathLike | None = None, device: Any = "cpu",
                    **overrides: Any) -> SToFM:
     """A ``stofm-original`` SToFM whose SE(2) (and MCM/PDR heads, when converted with ``--heads``) are the weights of a
-    ``stofm convert`` folder. The cell encoder is ``cell_encoder`` or a fresh one (``cell_encoder_cfg``) whose output
-    width is the checkpoint's input width; the converted Geneformer cell BERT runs through ``stofm embed --model``."""
+    ``stofm convert`` folder. The cell encoder is ``cell_encoder``, else the folder's converted cell BERT (kind
+    ``"geneformer"``: Geneformer's vocabulary as its genes), else (or with ``cell_encoder_cfg``) a fresh one whose
+    output width is the checkpoint's input width."""
     from stofm.original.convert import load_converted
     from stofm.original.se2 import OriginalSE2ForMaskedLM
 
-    net, _ = load_converted(path)
+    net, cell = load_converted(path)
     c = (net.model if isinstance(net, OriginalSE2ForMaskedLM) else net).config
+    if cell is not None and cell_encoder is None and "cell_encoder_cfg" not in overrides:
+        from stofm.original.geneformer_encoder import GeneformerCellEncoder
+
+        cell_encoder = GeneformerCellEncoder.from_cell_bert(cell)  # the converted cell BERT, Geneformer's genes
     shape = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
              "ffn_dim": c.ffn_embedding_dim, "n_gaussians": c.gaussian_hidden_dim, "activation": c.activation_fn}
     enc = {**dict(overrides.pop("cell_encoder_cfg", None) or {}), "out_dim": c.input_dim}

@@ -212,3 +212,34 @@ def test_project_se2_with_every_switch_at_the_original_value_is_the_original(cas
         np.testing.assert_allclose(out["cells"][0].numpy(), ref["last_hidden_state"][b, 1 + h:1 + h + len(cells)],
                                    **TOL)
         np.testing.assert_allclose(out["cls"][0].numpy(), ref["cls_state"][b], **TOL)
+
+
+@needs_fixture
+def test_converted_cell_bert_is_the_cell_encoder_of_the_model(tmp_path):
+    """A convert folder with the cell BERT gives an SToFM whose cell encoder (kind 'geneformer') reproduces the
+    original cell embeddings from counts, and from log1p cp10k (same tokens); save_pretrained keeps it."""
+    import json
+
+    pytest.importorskip("transformers")
+    from stofm.cli import main
+    from stofm.model import create_model
+
+    bert = FIX / "cell_bert"
+    out = tmp_path / "conv"
+    assert main(["convert", str(SE2 / "state_dict.safetensors"), "--config", str(SE2 / "config.json"),
+                 "--cell-bert", str(bert), "--out", str(out)]) == 0
+    model = create_model(out).eval()
+    assert model.cell_encoder.kind == "geneformer" and len(model.genes) == 300
+    counts = _np(bert / "counts.safetensors")["counts"].astype(np.float32)
+    genes = json.loads((bert / "genes.json").read_text())["genes"]
+    want = _np(bert / "outputs.safetensors")["cell_emb"]
+    with pytest.warns(UserWarning, match="absent from the input"):
+        got = model.encode_cells(counts, genes, input_kind="counts")
+    np.testing.assert_allclose(got.numpy(), want, **TOL)
+    log1p = np.log1p(counts / counts.sum(1, keepdims=True).clip(1) * 1e4)
+    with pytest.warns(UserWarning):
+        np.testing.assert_allclose(model.encode_cells(log1p, genes, input_kind="log1p").numpy(), want, **TOL)
+    again = create_model(model.save_pretrained(tmp_path / "saved")).eval()
+    with pytest.warns(UserWarning):
+        np.testing.assert_allclose(again.encode_cells(counts, genes).numpy(), want, **TOL)
+    torch.testing.assert_close(again.se2.model.encoder.layers[1].fc1.weight, model.se2.model.encoder.layers[1].fc1.weight)

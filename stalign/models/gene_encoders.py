@@ -86,8 +86,8 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
     import stofm
 
     if stofm_config is not None:
-        from stofm.cell_encoder import build_cell_encoder as build_stofm_cell
         from stofm.model import SToFM
+        from stofm.model import build_cell_encoder as build_stofm_cell
 
         meta = copy.deepcopy(dict(stofm_config))
         enc = meta.pop("cell_encoder")
