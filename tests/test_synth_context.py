@@ -210,6 +210,7 @@ def test_cli_version_flag_and_report(tmp_path, capsys):
     truth = json.loads((tmp_path / "v2" / "synth0.truth.json").read_text())
     assert truth["version"] == 2 and truth["context"]["domain_layout"] == "islands"
     assert len(truth["context"]["domains"]) == 3
+    assert "v2 (islands)" in out and "46 spot-driven, 24 context-driven" in out
     for row in ("| composition | context |", "| boundary | context |", "| receptor | context |",
                 "| density | spot |", "| domain (accuracy) |"):
         assert row in out, row

@@ -75,6 +75,11 @@ def _synth(args: argparse.Namespace) -> int:
         print(f"{s.slide_id}: {w}x{h} px at {t['um_per_px']} um/px, {len(t['level_shapes_hw'])} levels, "
               f"{t['n_spots']} spots ({t['n_in_tissue']} on tissue), {len(t['genes'])} genes, "
               f"{s.seconds:.1f} s")
+        if "context" in t:
+            counts = ", ".join(f"{k} {v}" for k, v in t["context"]["domain_spot_counts"].items())
+            drivers = [g.get("driver") for g in t["genes"]]
+            print(f"  v2 ({t['context']['domain_layout']}): {counts} spots; genes: {drivers.count('spot')} "
+                  f"spot-driven, {drivers.count('context')} context-driven, {drivers.count('none')} housekeeping")
         for kind, path in s.paths.items():
             print(f"  {kind:6s} {path}  ({path.stat().st_size / 1e6:.1f} MB)")
         if args.report:
