@@ -274,6 +274,24 @@ def test_checkpoint_of_a_stofm_folder_model_loads_without_the_folder(tmp_path: P
     assert torch.equal(a["niche_gene_features"], b["niche_gene_features"])
 
 
+def test_frozen_pretrained_stofm_gene_side_does_not_train(tmp_path: Path) -> None:
+    """``encoder_kwargs.freeze``: a pretrained SToFM used as a fixed gene encoder (cell encoder and SE(2))."""
+    pytest.importorskip("stofm.cell_encoder")
+    import stofm
+
+    genes = [f"g{i}" for i in range(G)]
+    folder = stofm.create_model("stofm-tiny", genes=genes).save_pretrained(tmp_path / "stofm")
+    model = stalign.create_model("stalign-tiny", genes=genes, gene={"encoder": "stofm", "niche": "se2",
+                                                                    "encoder_kwargs": {"model": str(folder),
+                                                                                       "freeze": True}})
+    gene_side = [*model.spot_gene_encoder.parameters(), *model.niche_gene_encoder.parameters()]
+    assert gene_side and not any(p.requires_grad for p in gene_side)
+    check_trains(model, make_batch(virtual=True))  # everything else gets gradients
+    assert all(p.grad is None for p in gene_side)
+    loaded = stalign.load_checkpoint(save_checkpoint(model, tmp_path / "ckpt"))
+    assert not any(p.requires_grad for p in loaded.spot_gene_encoder.parameters())
+
+
 def test_grad_checkpointing_gives_the_same_gradients() -> None:
     batch = make_batch()
     grads = []

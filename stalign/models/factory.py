@@ -169,7 +169,8 @@ def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] 
     config = model.config.to_dict()
     stofm_arch = getattr(model.spot_gene_encoder, "stofm_config", None)
     if stofm_arch is not None:  # record the SToFM architecture: loading needs no stofm folder or config name
-        config["gene"]["encoder_kwargs"] = {"stofm_config": stofm_arch}
+        frozen = {"freeze": True} if config["gene"]["encoder_kwargs"].get("freeze") else {}
+        config["gene"]["encoder_kwargs"] = {"stofm_config": stofm_arch, **frozen}
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "stalign_version": __version__,
             "name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
             "genes": list(model.genes), "config": config}

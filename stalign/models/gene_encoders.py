@@ -76,11 +76,11 @@ def _mlp(*, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, None]:
 
 @register_cell_encoder("stofm")
 def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Mapping[str, Any] | None = None,
-           **overrides: Any) -> tuple[nn.Module, nn.Module]:
+           freeze: bool = False, **overrides: Any) -> tuple[nn.Module, nn.Module]:
     """A SToFM by config name (``stofm-tiny``, ``stofm-original``, ...), ``save_pretrained`` folder or ``stofm convert``
     folder of the released SToFM (its SE(2) weights; a fresh cell encoder from ``cell_encoder_cfg`` with the SE(2)'s
     input width), or from ``stofm_config`` (the architecture a stalign checkpoint records; weights then come from the
-    checkpoint): cell encoder + SE(2)."""
+    checkpoint): cell encoder + SE(2). ``freeze``: neither trains (a pretrained SToFM used as a fixed encoder)."""
     import copy
 
     import stofm
@@ -98,6 +98,9 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
         raise ValueError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
                          f"{len(genes)} genes")
     se2 = sm.se2
+    if freeze:
+        for p in [*sm.cell_encoder.parameters(), *se2.parameters()]:
+            p.requires_grad_(False)
     if getattr(se2, "mask_token", None) is not None:
         se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
     arch = {**copy.deepcopy(sm.config), "cell_encoder": {"kind": sm.cell_encoder.kind,
