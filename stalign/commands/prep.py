@@ -36,7 +36,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
     p.add_argument("--pixel-size-from", choices=PIXEL_SIZE_FROM, default="auto",
                    help="where the pixel size comes from when --um-per-px is not given (default auto)")
-    p.add_argument("--workers", type=int, default=1, help="crop-reading worker processes (default 1; they read crop batches of each slide, so one big slide uses them all)")
+    p.add_argument("--workers", type=int, default=1, help="processes reading crops, this one included (default 1; each reads its own run of crop batches of "
+                        "each slide, so one big slide uses them all)")
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
     p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
