@@ -1,6 +1,6 @@
 """Prep side of ``benchmarks/peers.py``: the generated slide and the three ways of cutting its spots into HDF5.
 
-- ``make_slide``: a JPEG-compressed tiled pyramidal TIFF (levels 2x apart, H&E-like periodic texture, an
+- ``make_slide``: a JPEG-compressed (deflate without ``imagecodecs``) tiled pyramidal TIFF (levels 2x apart, H&E-like periodic texture, an
   elliptical tissue region on white) that openslide opens, written tile by tile in bounded memory, plus an
   AnnData of Poisson counts whose ``obsm['spatial']`` holds spot centres on a square grid inside the tissue.
 - ``run_stalign``: ``stalign.data.pipeline.prepare`` (spot + niche crops, expression, tissue mask, kNN, shard).
@@ -71,7 +71,14 @@ def make_slide(folder: Path, *, size_px: int, n_spots: int, um_per_px: float = 0
 
     folder.mkdir(parents=True, exist_ok=True)
     tif, h5ad, spec_file = folder / "slide.tif", folder / "slide.h5ad", folder / "spec.json"
-    spec = {"size_px": size_px, "n_spots": n_spots, "um_per_px": um_per_px, "n_genes": n_genes, "seed": seed}
+    try:
+        import imagecodecs  # noqa: F401  (tifffile's JPEG encoder)
+        codec = {"compression": "jpeg", "compressionargs": {"level": 90}}
+    except ImportError:
+        print("imagecodecs not installed: slide tiles deflate-compressed instead of JPEG (pip install imagecodecs)")
+        codec = {"compression": "zlib"}
+    spec = {"size_px": size_px, "n_spots": n_spots, "um_per_px": um_per_px, "n_genes": n_genes, "seed": seed,
+            "tiles": codec["compression"]}
     if tif.exists() and h5ad.exists() and spec_file.exists() and json.loads(spec_file.read_text()) == spec:
         return tif, h5ad
     spec_file.unlink(missing_ok=True)
@@ -82,7 +89,7 @@ def make_slide(folder: Path, *, size_px: int, n_spots: int, um_per_px: float = 0
         while True:
             side = -(-size_px // ds)
             tw.write(_level_tiles(tex, size_px, ds), shape=(side, side, 3), dtype=np.uint8, tile=(TILE, TILE),
-                     photometric="rgb", compression="jpeg", compressionargs={"level": 90},
+                     photometric="rgb", **codec,
                      subfiletype=0 if ds == 1 else 1, resolution=(res, res), resolutionunit="CENTIMETER",
                      metadata=None)
             if side <= 2048:

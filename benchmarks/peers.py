@@ -41,6 +41,13 @@ def spread(values: list[float], digits: str = ".3g") -> str:
     return f"{format(med, digits)} ({format(min(values), digits)}-{format(max(values), digits)})"
 
 
+def slide_tiles(folder: Path, args) -> str:
+    """The generated slide's tile compression ('JPEG (q90)', or deflate where imagecodecs was missing)."""
+    spec = folder / f"slide-{args.slide_px}-{args.spots}" / "spec.json"
+    tiles = json.loads(spec.read_text()).get("tiles") if spec.exists() else None
+    return "JPEG (q90)" if tiles == "jpeg" else "deflate" if tiles == "zlib" else "(no slide)"
+
+
 def prep_section(args, folder: Path) -> list[dict]:
     from peer_prep import make_slide
 
@@ -211,7 +218,8 @@ def main(argv: list[str] | None = None) -> None:
                "peak MiB (tree)", "output MiB", "load (1 min)"]
     columns = [c for c in columns if any(c in r for r in rows)]
     notes = [f"median (min-max) of {args.repeat} interleaved repetition(s); ratios per repetition",
-             f"slide: generated JPEG (q90) tiled pyramidal TIFF, {args.slide_px:,}² px at 0.25 µm/px, levels 2x apart, "
+             f"slide: generated {slide_tiles(folder, args)} tiled pyramidal TIFF, {args.slide_px:,}² px at 0.25 µm/px, "
+             "levels 2x apart, "
              f"{args.spots:,} spots requested on a square grid inside the tissue ellipse"]
     record(args, title="stalign vs peers, same run (benchmarks/peers.py)", device="cpu", body=table(rows, columns),
            load_before=load_before, notes=notes)
