@@ -8,11 +8,17 @@ from typing import Any
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
-    """``--out``, ``--um-per-px``, ``--n-top-genes``, ``--patch-px``, ``--no-tissue-filter``, ``--quiet``."""
+    """``--out``, ``--um-per-px``, ``--n-top-genes``, ``--patch-px``, ``--resample``, ``--patch-compression``,
+    ``--workers``, ``--no-tissue-filter``, ``--quiet``."""
     p.add_argument("--out", required=True, help="shard folder (manifest.json + shards/); a re-run resumes")
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
     p.add_argument("--n-top-genes", type=int, default=50, help="gene panel: top-N highly variable genes (default 50)")
     p.add_argument("--patch-px", type=int, default=224, help="crop size in px (default 224)")
+    p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
+                   help="crop filter, recorded in the manifest (default bilinear, or the existing folder's)")
+    p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
+                   help="patch storage: none (raw, default) or gzip level 1")
+    p.add_argument("--workers", type=int, default=1, help="processes reading crops, this one included (default 1)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots whose crop shows no stained tissue")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -22,7 +28,8 @@ def prepare_from_args(samples: list[Any], args: argparse.Namespace) -> dict[str,
     from stalign.data.pipeline import prepare
 
     manifest = prepare(samples, args.out, n_top_genes=args.n_top_genes, patch_px=args.patch_px,
-                       tissue_filter=not args.no_tissue_filter, progress=not args.quiet)
+                       tissue_filter=not args.no_tissue_filter, progress=not args.quiet, resample=args.resample,
+                       patch_compression=args.patch_compression, workers=args.workers)
     print(summary_table(manifest))
     print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
           f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")
