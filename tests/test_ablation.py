@@ -1,0 +1,86 @@
+"""``benchmarks/ablation.py --quick``: every arm and baseline runs on synthetic slides with spot- and context-driven
+genes and lands in the table; bad requests are one-line errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINES = ("neighbour average (6 nearest training spots, no image)", "colour statistics (spot) + ridge",
+             "colour statistics (spot + niche) + ridge", "ImageNet features (spot) + ridge",
+             "ImageNet features (spot + niche) + ridge")
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablation")
+    results = out / "RESULTS.md"
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--quick", "--out",
+                           str(out / "run"), "--results", str(results)], capture_output=True, text=True, cwd=out,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, proc.stdout, pd.read_csv(out / "run" / "ablation_rows.csv"), results.read_text()
+
+
+def test_every_arm_and_baseline_has_a_row(quick_run):
+    from stalign.tasks.ablation import arms
+
+    _, _, rows, _ = quick_run
+    assert sorted(rows.loc[rows["arm"] != "baseline", "arm"]) == sorted(arms())
+    assert set(BASELINES) <= set(rows.loc[rows["arm"] == "baseline", "method"])
+    models = rows[rows["arm"] != "baseline"]
+    for col in ("recall@1", "recall@10", "r_spot", "r_context", "mse_spot", "mse_context", "ridge_r_context",
+                "domain_ari", "domain_nmi", "loss_first", "loss_last"):
+        assert models[col].notna().all(), col
+    assert ((models["recall@10"] >= 0) & (models["recall@10"] <= 1)).all()
+    assert (models["chance@10"] == models["chance@10"].iloc[0]).all()  # one held-out set for every arm
+    assert (models["mse_spot"] > 0).all() and (rows["mse_context"] > 0).all()
+
+
+def test_table_is_recorded_with_every_method(quick_run):
+    _, stdout, rows, results = quick_run
+    assert "Ablation: niche, fusion and the gene side" in results and "machine:" in results
+    table = [line for line in results.splitlines() if line.startswith("| ")]
+    assert len(table) == 1 + rows["method"].nunique()  # header + one line per method
+    assert all(line.count("|") == table[0].count("|") for line in table)
+    assert "chance: recall@1" in results and "seed 0:" in stdout
+
+
+def test_unknown_arm_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--quick", "--no-record",
+                           "--out", str(tmp_path), "--arms", "spot", "nonsense"], capture_output=True, text=True)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: unknown ablation arm(s) nonsense")
+    assert "Traceback" not in proc.stderr
+
+
+def test_summary_is_mean_and_std_over_seeds():
+    from stalign.tasks.ablation import summarise
+
+    rows = [{"method": "a", "seed": s, "recall@1": v, "chance@1": 0.1, "chance@10": 0.5} for s, v in
+            enumerate([0.2, 0.4, 0.6])]
+    text = summarise(rows)
+    assert f"| a | 3 | {np.mean([0.2, 0.4, 0.6]):.3f} ± {np.std([0.2, 0.4, 0.6]):.3f} |" in text
+
+
+def test_shards_without_context_truth_are_a_one_line_error(tmp_path):
+    """Slides made by synth v1 have no domains or context genes: the ablation refuses them before training."""
+    from stalign.data.pipeline import prepare
+    from stalign.data.readers import read_anndata_image
+    from stalign.data.synth import make_synthetic_slide
+
+    slide = make_synthetic_slide(tmp_path / "v1", n_spots=40, um_per_px=2.0, version=1, progress=False)
+    prepare([read_anndata_image(slide.paths["adata"], slide.paths["image"], slide_id=slide.slide_id)],
+            tmp_path / "shards", n_top_genes=20, patch_px=32, progress=False)
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--quick", "--no-record",
+                           "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "shards")],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: context-gene and domain measures need synth v2 ground truth") and "v1" in last
+    assert not (tmp_path / "out" / "seed0").exists()  # nothing trained
