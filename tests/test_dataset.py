@@ -68,6 +68,23 @@ def test_item_contents_match_the_shard(root):
     np.testing.assert_allclose(item["niche_expr"].numpy(), data["expr"][all_inside].mean(0), atol=2e-3)
 
 
+def test_items_carry_both_stofm_frames_of_their_slide(root):
+    """The project's frame (slide diameter = 100 units) and the original SToFM's (bounding-box diagonal = 100,
+    origin at the box centre), each computed over the whole slide, so SE2Niche feeds either model its own units."""
+    from stofm.util.geometry import bbox_center, bbox_units_per_um, units_per_um
+
+    ds = ShardDataset(root)
+    data = shards.read_shard(root / "shards" / "mirror.h5")
+    item = ds[49 + 3]
+    assert float(item["stofm_units_per_um"]) == pytest.approx(units_per_um(data["coords_um"]), rel=1e-6)
+    assert float(item["stofm_bbox_units_per_um"]) == pytest.approx(bbox_units_per_um(data["coords_um"]), rel=1e-6)
+    np.testing.assert_allclose(item["stofm_bbox_center_um"].numpy(), bbox_center(data["coords_um"]), rtol=1e-6)
+    # the box's corners sit 50 units from its centre
+    box = np.array([data["coords_um"].min(0), data["coords_um"].max(0)])
+    half = (box - item["stofm_bbox_center_um"].numpy()) * float(item["stofm_bbox_units_per_um"])
+    np.testing.assert_allclose(np.linalg.norm(half, axis=1), [50.0, 50.0], rtol=1e-5)
+
+
 def test_transform_is_applied_to_both_images(root):
     ds = ShardDataset(root, transform=lambda x: x.float() / 255)
     item = ds[0]

@@ -90,12 +90,15 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _arrays(self, k: int) -> dict[str, np.ndarray]:
         if k not in self._cache:
-            from stofm.util.geometry import units_per_um
+            from stofm.util.geometry import bbox_center, bbox_units_per_um, units_per_um
 
             f = self._file(k)
             self._cache[k] = {name: f[name][()] for name in _CACHED}
             # stofm's model units for this slide (its whole diameter = 100), from all of its spots
             self._cache[k]["units_per_um"] = np.float32(units_per_um(self._cache[k]["coords_um"]))
+            # the original SToFM's frame: bounding-box diagonal = 100 units, origin at the box centre
+            self._cache[k]["bbox_units_per_um"] = np.float32(bbox_units_per_um(self._cache[k]["coords_um"]))
+            self._cache[k]["bbox_center_um"] = bbox_center(self._cache[k]["coords_um"]).astype(np.float32)
         return self._cache[k]
 
     def __getstate__(self) -> dict[str, Any]:
@@ -148,6 +151,8 @@ class ShardDataset(torch.utils.data.Dataset):
             "niche_spot_mask": torch.from_numpy(mask),
             "coords_um": torch.from_numpy(a["coords_um"][j].astype(np.float32)),
             "stofm_units_per_um": torch.tensor(a["units_per_um"], dtype=torch.float32),
+            "stofm_bbox_units_per_um": torch.tensor(a["bbox_units_per_um"], dtype=torch.float32),
+            "stofm_bbox_center_um": torch.from_numpy(a["bbox_center_um"]),
             "slide_idx": torch.tensor(k, dtype=torch.int64),
             "index": torch.tensor(g, dtype=torch.int64),
         }
