@@ -109,8 +109,9 @@ class SlideCrops:
         spot, niche = np.empty((len(indices), p, p, 3), np.uint8), np.empty((len(indices), p, p, 3), np.uint8)
         for j, i in enumerate(indices):
             spot[j], niche[j] = self.read(int(i))
-        return {"spot_image": torch.from_numpy(spot).permute(0, 3, 1, 2).contiguous(),
-                "niche_image": torch.from_numpy(niche).permute(0, 3, 1, 2).contiguous()}
+        # numpy's uint8 transpose copy is ~3x faster than torch's permute(...).contiguous()
+        return {"spot_image": torch.from_numpy(np.ascontiguousarray(spot.transpose(0, 3, 1, 2))),
+                "niche_image": torch.from_numpy(np.ascontiguousarray(niche.transpose(0, 3, 1, 2)))}
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         batch = self.read_batch([i])
