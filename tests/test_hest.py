@@ -25,6 +25,15 @@ def test_pearson_matches_a_hand_computed_case():
     assert np.isnan(pearson_per_gene(y, np.ones((4, 1)))[0])  # constant prediction: undefined, as scipy
 
 
+def test_pearson_is_undefined_for_constant_float32_predictions():
+    """A float32 column of one value (e.g. the training mean) must centre to exactly 0: r is NaN, not float32
+    rounding noise scored as a correlation."""
+    rng = np.random.default_rng(0)
+    y = rng.normal(size=(9, 50)).astype(np.float32)
+    constant = np.tile(rng.normal(size=(1, 50)).astype(np.float32) * 3, (9, 1))
+    assert np.isnan(pearson_per_gene(y, constant)).all()
+
+
 def test_cross_validate_scores_each_fold_then_averages_over_genes_and_folds():
     y = np.array([[1.0, 0.0], [2.0, 1.0], [3.0, 0.0], [4.0, 1.0], [1.0, 2.0], [3.0, 5.0], [2.0, 1.0]])
     fixed = np.array([[1.0, 0.0], [3.0, 1.0], [2.0, 1.0], [4.0, 0.0], [2.0, 2.0], [1.0, 4.0], [3.0, 1.0]])

@@ -147,10 +147,10 @@ def ridge_probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, **
 
 def pearson_per_gene(y_true: np.ndarray, y_pred: np.ndarray) -> np.ndarray:
     """Pearson r of each column (NaN where either side is constant, as scipy)."""
-    a = np.asarray(y_true, np.float64) - np.mean(y_true, 0)
-    b = np.asarray(y_pred, np.float64) - np.mean(y_pred, 0)
+    t, p = np.asarray(y_true, np.float64), np.asarray(y_pred, np.float64)  # means in float64: a constant float32
+    a, b = t - t.mean(0), p - p.mean(0)  # column must centre to exactly 0, not to float32 rounding
     denom = np.sqrt((a * a).sum(0) * (b * b).sum(0))
-    scale = np.maximum(np.abs(np.asarray(y_true, np.float64)).max(0), np.abs(np.asarray(y_pred, np.float64)).max(0))
+    scale = np.maximum(np.abs(t).max(0), np.abs(p).max(0))
     ok = denom > 1e-12 * np.maximum(scale, 1e-300) ** 2 * len(a)
     return np.where(ok, (a * b).sum(0) / np.where(ok, denom, 1.0), np.nan)
 
