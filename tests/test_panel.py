@@ -57,3 +57,19 @@ def test_finetune_on_shards_of_another_panel(small_shards):
     moved = [k for k, v in new.state_dict().items() if k.startswith("spot_image_encoder.") and not torch.equal(v, before[k])]
     assert moved  # the last block of the image trunk was trained
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # the source model is untouched
+
+
+def test_fewshot_finetune_command_takes_a_model_of_another_panel(small_shards, tmp_path, capsys):
+    from stalign.cli import main
+    from stalign.models.factory import save_checkpoint
+    from stalign.tasks.fewshot_io import load_head
+
+    shards = small_shards("squidpy")
+    ckpt = save_checkpoint(_trained_tiny([f"other{i}" for i in range(10)]), tmp_path / "model")
+    assert main(["fewshot", "--model", str(ckpt), "--shards", str(shards), "--out", str(tmp_path / "ft"), "--kind",
+                 "finetune", "--unfreeze-last", "1", "--epochs", "1", "--hidden", "8", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "gene panel differs" in out and "training MSE" in out
+    saved = stalign.load_checkpoint(tmp_path / "ft" / "model")
+    assert saved.genes == list(read_manifest(shards)["genes"])
+    assert load_head(tmp_path / "ft").genes == saved.genes

@@ -124,10 +124,18 @@ def _labels(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace, model) -> int:
     from pathlib import Path
 
+    from stalign.data.shards import read_manifest
     from stalign.models.factory import save_checkpoint
     from stalign.tasks.fewshot import finetune_expression
     from stalign.tasks.fewshot_io import save_head
+    from stalign.tasks.panel import with_gene_panel
 
+    genes = [str(g) for g in read_manifest(args.shards)["genes"]]
+    if list(model.genes) != genes:  # fine-tuning uses the image side only: carry it over to the shards' panel
+        model = with_gene_panel(model, genes)
+        print(f"note: the model's {len(model.genes)}-gene panel differs from the shards' {len(genes)} genes; its "
+              "trained image side is fine-tuned on the shards' panel (its gene side is untrained: the saved model "
+              "is for --fewshot-head predictions, not zero-shot retrieval)")
     head = finetune_expression(model, args.shards, genes=args.genes, unfreeze_last=args.unfreeze_last,
                                hidden=args.hidden, epochs=args.epochs, lr=args.lr, encoder_lr=args.lr / 100,
                                batch_size=args.batch_size, workers=args.workers, device=args.device, seed=args.seed,
