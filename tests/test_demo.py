@@ -11,11 +11,11 @@ import h5py
 import numpy as np
 import pytest
 
-from stalign.commands import demo, demo_stages
+from stalign.commands import demo, demo_ablation, demo_stages
 
 TINY = ["--synth-spots", "60", "--synth-um-per-px", "2", "--n-top-genes", "20", "--patch-px", "64",
         "--train-steps", "2", "--split-by", "spot", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",
-        "--quiet"]
+        "--ablation-spots", "100", "--ablation-steps", "2", "--quiet"]
 METHODS = ("zero-shot retrieval (k=10)", "few-shot ridge on stalign embeddings", "mean expression",
            "neighbour average (6 nearest, no image)", "efficientnet-lite0 features + ridge")
 
@@ -31,7 +31,7 @@ def run(tmp_path_factory):
 
 def test_demo_runs_every_stage_in_order(run):
     _, text, summary = run
-    assert list(summary["stages"]) == ["fetch", "prep", "train", "evaluate", "predict"]
+    assert list(summary["stages"]) == ["fetch", "prep", "train", "evaluate", "predict", "ablation"]
     positions = [text.index(f"=== stage {name}") for name in summary["stages"]]
     assert positions == sorted(positions)
     assert text.index("=== results") > positions[-1]
@@ -150,3 +150,17 @@ def test_demo_configs_are_found_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert Path(demo_stages._config("configs/demo.yaml")).resolve() == (repo / "configs" / "demo.yaml").resolve()
     assert demo_stages._config("mine.yaml") == "mine.yaml"  # not in the checkout: left for the loader to report
+
+
+def test_short_ablation_table(run):
+    """One seed of the spot-only, + niche, project and published arms next to the baselines, with the pointer to
+    the full table."""
+    out, text, summary = run
+    rows = {r["method"]: r for r in summary["tables"][demo_ablation.ABLATION_TABLE]}
+    assert {"spot image only (spot loss)", "+ niche image (spot + niche losses)", "three targets, project variant",
+            "three targets, ST-Align as published"} <= set(rows)
+    assert any(m.startswith("neighbour average") for m in rows) and any(m.startswith("ImageNet") for m in rows)
+    for r in rows.values():
+        for key in ("r spot genes", "r context genes"):
+            assert -1.0 <= float(r[key]) <= 1.0
+    assert "benchmarks/RESULTS.md" in text and (out / "ablation" / "ablation_rows.csv").is_file()

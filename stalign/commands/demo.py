@@ -1,6 +1,6 @@
 """``stalign demo`` (``make demo``): the whole job end to end on real data, in stages, printing a result table.
 
-    stalign demo [--out runs/demo] [--stages fetch,prep,train,evaluate,predict] [--synth-spots 1000]
+    stalign demo [--out runs/demo] [--stages fetch,prep,train,evaluate,predict,ablation] [--synth-spots 1000]
 
 The stages live in ``stalign.commands.demo_stages``; this module parses the options, runs the chosen stages in
 order under a header with their elapsed time, prints the tables and writes ``<out>/summary.json``.
@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from stalign.commands import demo_ablation  # noqa: F401  (registers the ablation stage after the others)
 from stalign.commands.demo_stages import STAGES, DemoContext
 from stalign.commands.text_table import format_table
 
@@ -38,6 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads for training (default: the configs')")
     p.add_argument("--k", type=int, default=10, help="reference spots averaged by zero-shot retrieval")
     p.add_argument("--heatmap-genes", type=int, default=3, help="genes drawn as heat maps")
+    p.add_argument("--ablation-spots", type=int, default=400, help="spots per synthetic slide of the ablation stage")
+    p.add_argument("--ablation-steps", type=int, default=60, help="optimizer steps per arm of the ablation stage")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
