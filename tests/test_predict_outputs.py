@@ -106,7 +106,12 @@ def test_prediction_plots_in_scanpy_and_carries_the_coords_obs(setup, tmp_path, 
     assert lib == "test_img" and set(pred.uns["spatial"]) == {lib}
     space = pred.uns["spatial"][lib]
     assert space["images"]["hires"].ndim == 3 and max(space["images"]["lowres"].shape[:2]) <= 600
-    assert space["scalefactors"]["spot_diameter_fullres"] == pytest.approx(112 / 0.6149)
+    from scipy.spatial import cKDTree
+
+    xy = coords.obsm["spatial"].astype(float)
+    pitch_px = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))  # Visium: spots 55 µm wide at a 100 µm pitch
+    assert space["scalefactors"]["spot_diameter_fullres"] == pytest.approx(0.55 * pitch_px)
+    assert 0.55 * pitch_px < 112 / 0.6149  # not the crop width: circles would overlap
     assert list(pred.obs["region"]) == list(coords.obs["region"])
     assert "given already normalised" in pred.uns["stalign"]["units"] and pred.uns["stalign"]["pixel_size_source"] == "user flag"
     gene = str(pred.var_names[0])
@@ -115,6 +120,21 @@ def test_prediction_plots_in_scanpy_and_carries_the_coords_obs(setup, tmp_path, 
 
     plt.savefig(tmp_path / "spatial.png")
     assert (tmp_path / "spatial.png").stat().st_size > 10_000
+
+
+def test_spot_diameter_can_be_given(setup, tmp_path):
+    import anndata as ad
+
+    from stalign.cli import main
+
+    out = tmp_path / "pred.h5ad"
+    assert main(["predict", "--model", str(setup["ckpt"]), "--slide", str(setup["image"]), "--um-per-px", "0.6149",
+                 "--reference", str(setup["shards"]), "--coords", str(setup["h5ad"]), "--out", str(out),
+                 "--spot-diameter-um", "55", "--heatmap-genes", "none", "--quiet"]) == 0
+    pred = ad.read_h5ad(out)
+    lib = pred.uns["stalign"]["library_id"]
+    assert pred.uns["spatial"][lib]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55 / 0.6149)
+    assert pred.uns["stalign"]["spot_diameter_um"] == 55
 
 
 def test_heatmaps_command_redraws_from_a_prediction(setup, tmp_path, capsys):

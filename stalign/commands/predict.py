@@ -16,6 +16,11 @@ def add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spot-um", type=float, default=None, help="spot crop width (default: the reference's, else 112)")
     p.add_argument("--niche-um", type=float, default=None, help="niche crop width (default: the reference's, else 336)")
     p.add_argument("--step-um", type=float, default=None, help="tile pitch when tiling (default: the spot width)")
+    p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
+                   help="crop resampling filter (default: the reference's shards', else lanczos; match the training data)")
+    p.add_argument("--spot-diameter-um", type=float, default=None,
+                   help="spot size drawn by sc.pl.spatial and the heat maps (default: the tile width when tiling; "
+                        "0.55 x the spot pitch for --coords, e.g. 55 µm for Visium)")
     add_run_args(p, workers=2)
 
 
@@ -132,7 +137,8 @@ def run(args: argparse.Namespace) -> int:
     model, head, slide, coords, barcodes, obs = check_inputs(args)
     adata = predict_slide(model, slide, reference=args.reference, coords=coords, barcodes=barcodes,
                           um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
-                          step_um=args.step_um, k=args.k, temperature=args.temperature, fewshot_head=head,
+                          step_um=args.step_um, resample=args.resample, spot_diameter_um=args.spot_diameter_um,
+                          k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
                           progress=not args.quiet, **index_args(args))
     carry_obs(adata, obs)
@@ -145,6 +151,7 @@ def run(args: argparse.Namespace) -> int:
     genes = args.heatmap_genes or list(adata.var_names[:4])
     if [g.lower() for g in genes] != ["none"]:
         folder = Path(args.heatmaps) if args.heatmaps else out.with_suffix("").with_name(out.stem + "_heatmaps")
-        paths = write_heatmaps(adata, slide, genes, folder, mode=args.heatmap_mode)
+        paths = write_heatmaps(adata, slide, genes, folder, mode=args.heatmap_mode,
+                               spot_diameter_px=s["spot_diameter_um"] / s["um_per_px"])
         print(f"{len(paths)} heat maps -> {folder}")
     return 0

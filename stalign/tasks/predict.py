@@ -144,7 +144,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                   step_um: float | None = None, resample: str | None = None, k: int = 50, temperature: float = 0.05,
                   fewshot_head: Any = None, genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
                   device: str | None = None, niche_weight: float = 0.5, index: str = "auto",
-                  index_params: dict[str, int] | None = None, progress: bool = True):
+                  index_params: dict[str, int] | None = None, spot_diameter_um: float | None = None,
+                  progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
@@ -154,6 +155,9 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     Crop sizes and the resampling filter default to the reference bank's (its shards'), else 112/336 µm at
     224 px, Lanczos. X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
     ``layers``; image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
+    ``spot_diameter_um`` (what ``sc.pl.spatial`` draws, ``spot_diameter_fullres``): the tile width for tiles; for
+    given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at
+    most the crop width.
     """
     import anndata as ad
     import pandas as pd
@@ -212,8 +216,26 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
     out = ad.AnnData(X=layers[x_source].copy(), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
                      layers=layers, obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
-    settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=e["spot_um"] / float(slide.um_per_px))
+    diameter_um = _spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, e["spot_um"],
+                                    float(slide.um_per_px))
+    settings["spot_diameter_um"] = diameter_um
+    settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px))
     return out
+
+
+def _spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: float, um_per_px: float) -> float:
+    """The drawn spot diameter in µm (see ``predict_slide``)."""
+    if given is not None:
+        if not given > 0:
+            raise ValueError(f"spot_diameter_um must be > 0, got {given}")
+        return float(given)
+    if coords is None or len(coords) < 2:
+        return float(spot_um)
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(coords, np.float64) * um_per_px
+    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+    return float(min(spot_um, 0.55 * pitch)) if pitch > 0 else float(spot_um)
 
 
 def _units(bank: Any, head: Any) -> str:
