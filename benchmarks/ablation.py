@@ -41,8 +41,12 @@ def main() -> None:
     p.add_argument("--no-imagenet", action="store_true", help="skip the ImageNet-features baseline")
     p.add_argument("--shards", type=Path, help="run on this prep folder of synth v2 slides instead of making data")
     p.add_argument("--synth-dir", type=Path, help="where the slides of --shards are (default: where prep read them)")
+    p.add_argument("--from-rows", type=Path, nargs="+", help="only summarise and record these ablation_rows.csv "
+                   "files (e.g. one per seed, run as separate processes)")
     args = p.parse_args()
     device = setup(args)
+    if args.from_rows:
+        return _record_rows(args, device)
     if args.quick:
         s = AblationSettings.quick(args.out, arms=args.arms, imagenet=not args.no_imagenet, shards=args.shards,
                                    synth_dir=args.synth_dir)
@@ -67,6 +71,22 @@ def main() -> None:
              f"{time.perf_counter() - started:.0f} s in all; rows: {s.out / 'ablation_rows.csv'}"]
     record(args, title="Ablation: niche, fusion and the gene side", device=device, body=summarise(rows),
            load_before=load_before, notes=notes)
+
+
+def _record_rows(args, device) -> None:
+    import pandas as pd
+
+    from stalign.tasks.ablation import summarise
+
+    rows = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
+    dup = rows.duplicated(["method", "seed"])
+    if dup.any():
+        raise SystemExit(f"error: {int(dup.sum())} (method, seed) rows appear twice in {args.from_rows}")
+    arms = rows[rows["arm"] != "baseline"]
+    notes = [f"rows of {', '.join(map(str, args.from_rows))}: seeds {sorted(rows['seed'].unique().tolist())}, "
+             f"{arms['arm'].nunique()} arms, {arms['seconds'].sum():.0f} s of training + evaluation in all"]
+    record(args, title="Ablation: niche, fusion and the gene side", device=device,
+           body=summarise(rows.to_dict("records")), load_before=load_average(), notes=notes)
 
 
 if __name__ == "__main__":

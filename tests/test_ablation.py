@@ -84,3 +84,19 @@ def test_shards_without_context_truth_are_a_one_line_error(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("error: context-gene and domain measures need synth v2 ground truth") and "v1" in last
     assert not (tmp_path / "out" / "seed0").exists()  # nothing trained
+
+
+def test_rows_of_separate_runs_are_summarised_together(quick_run, tmp_path):
+    """Seeds run as separate processes: --from-rows joins their rows into one table; a row given twice is refused."""
+    out, _, rows, _ = quick_run
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    rows.to_csv(a, index=False)
+    rows.assign(seed=1).to_csv(b, index=False)
+    script = [sys.executable, str(REPO / "benchmarks" / "ablation.py")]
+    proc = subprocess.run([*script, "--from-rows", str(a), str(b), "--results", str(tmp_path / "R.md")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = (tmp_path / "R.md").read_text()
+    assert "seeds [0, 1]" in text and f"| {rows['method'].iloc[0]} | 2 |" in text
+    proc = subprocess.run([*script, "--from-rows", str(a), str(a), "--no-record"], capture_output=True, text=True)
+    assert proc.returncode != 0 and "appear twice" in proc.stderr.strip().splitlines()[-1]

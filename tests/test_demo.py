@@ -153,12 +153,12 @@ def test_demo_configs_are_found_from_another_folder(tmp_path, monkeypatch):
 
 
 def test_short_ablation_table(run):
-    """One seed of the spot-only, + niche, project and published arms next to the baselines, with the pointer to
-    the full table."""
+    """One seed of the spot-only, + niche and three-target arms next to the baselines, with the pointer to the full
+    table."""
     out, text, summary = run
     rows = {r["method"]: r for r in summary["tables"][demo_ablation.ABLATION_TABLE]}
-    assert {"spot image only (spot loss)", "+ niche image (spot + niche losses)", "three targets, project variant",
-            "three targets, ST-Align as published"} <= set(rows)
+    assert {"spot image only (spot loss)", "+ niche image (spot + niche losses)", "three targets, project variant"
+            } <= set(rows)
     assert any(m.startswith("neighbour average") for m in rows) and any(m.startswith("ImageNet") for m in rows)
     for r in rows.values():
         for key in ("r spot genes", "r context genes"):

@@ -188,6 +188,23 @@ def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int) -
     return stalign.load_checkpoint(result.checkpoint), result
 
 
+def _cached_features(root: Path, s: AblationSettings) -> dict[str, np.ndarray]:
+    """Baseline features of the shards, kept beside them (several seeds or processes share one computation)."""
+    from stalign.data.shards import read_manifest
+
+    path = root / f"ablation_features{'' if s.imagenet else '_noimagenet'}.npz"
+    stamp = str(sorted((e["slide_id"], e["n_spots"]) for e in read_manifest(root)["slides"]))
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["__stamp__"]) == stamp:
+                return {k: z[k] for k in z.files if k != "__stamp__"}
+    feats = baseline_features(root, imagenet=s.imagenet)
+    tmp = path.with_suffix(".partial.npz")
+    np.savez(tmp, __stamp__=np.asarray(stamp), **feats)
+    tmp.replace(path)
+    return feats
+
+
 def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:
     """The ground truth the measures need; data without it (synth v1, real slides) is an :class:`AblationError`."""
     try:
@@ -203,7 +220,7 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
     chosen = check_arms(s.arms)
     root = Path(s.shards) if s.shards is not None else make_data(s)
     truth = ablation_truth(root, s.synth_dir if s.shards is not None else slides_dir(s))
-    feats = baseline_features(root, imagenet=s.imagenet)
+    feats = _cached_features(root, s)
     rows: list[dict[str, Any]] = []
     for seed in s.seeds:
         train, test = split_indices(ShardDataset(root), val_fraction=s.val_fraction, by="block", seed=seed)
