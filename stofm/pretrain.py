@@ -135,6 +135,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     from stofm.embedding import collate_subslices, prepare_slide
     from stofm.model import create_model
     from stofm.util import checkpointing as ckpt
+    from stofm.util.accelerate_state import fresh_accelerate_state
     from stofm.util.optim import build_optimizer, build_scheduler
     from stofm.util.runlog import RunLogger
 
@@ -145,6 +146,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     mp = cfg.mixed_precision
     if mp == "auto":
         mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    fresh_accelerate_state()  # an earlier run in this process (other precision/cpu flag) does not block this one
     accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu)
     main = accelerator.is_main_process
     set_seed(cfg.seed)

@@ -12,6 +12,7 @@ from typing import Any
 from stalign.training.config import TrainConfig, resolve_config, write_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
 from stofm.util import checkpointing as ckpt
+from stofm.util.accelerate_state import fresh_accelerate_state
 
 
 class NonFiniteLossError(RuntimeError):
@@ -223,7 +224,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
     from stofm.util.runlog import RunLogger
 
     out = Path(cfg.output_dir)
-    _fresh_accelerate_state()
+    fresh_accelerate_state()
     accelerator = Accelerator(
         mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
@@ -376,14 +377,3 @@ def _finish(run: _Run) -> Path | None:
     run.logger.close()
     run.accelerator.end_training()
     return final
-
-
-def _fresh_accelerate_state() -> None:
-    """Let a single-process caller run several trainings with different settings (mixed precision, cpu) in one
-    Python process: accelerate keeps its state in process-wide singletons that refuse a second configuration.
-    Distributed processes keep theirs (the process group lives in it)."""
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    if PartialState._shared_state and PartialState().num_processes == 1:
-        AcceleratorState._reset_state(reset_partial_state=True)
-        GradientState._reset_state()
