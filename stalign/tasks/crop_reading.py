@@ -19,21 +19,7 @@ from typing import Any
 
 import numpy as np
 
-RESAMPLE_FILTERS = ("lanczos", "bilinear")
-
-
-def pil_filter(resample: str | int | None) -> int:
-    """The PIL filter of ``resample`` (a name of ``RESAMPLE_FILTERS``, a PIL filter, or None = Lanczos)."""
-    from PIL import Image
-
-    if resample is None:
-        return Image.Resampling.LANCZOS
-    if isinstance(resample, str):
-        name = resample.lower()
-        if name not in RESAMPLE_FILTERS:
-            raise ValueError(f"resample must be one of {RESAMPLE_FILTERS}, got {resample!r}")
-        return Image.Resampling.LANCZOS if name == "lanczos" else Image.Resampling.BILINEAR
-    return int(resample)
+from stalign.data.slide import resample_filter as pil_filter  # noqa: F401  (the one filter-name reader; tests use it)
 
 
 def _crop_box(slide: Any, center: np.ndarray, size: float, out_px: int) -> tuple[int, float, float, float, bool]:
