@@ -45,6 +45,37 @@ def subprocess_env() -> dict:
     return env
 
 
+@pytest.fixture()
+def two_process_train(subprocess_env):
+    """``two_process_train(train_args, timeout)`` -> the output of ``stalign train TRAIN_ARGS`` on 2 CPU processes
+    (``accelerate launch``, gloo); the launcher and both workers are killed and the test fails on a timeout."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+
+    def run(train_args: list[str], timeout: float) -> str:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+               "--main_process_port", str(port), "-m", "stalign", "train", *train_args]
+        env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True)
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
+            output, _ = proc.communicate()
+            pytest.fail(f"2-process run timed out:\n{output[-3000:]}")
+        assert proc.returncode == 0, output[-5000:]
+        return output
+
+    return run
+
+
 @pytest.fixture(scope="session")
 def small_shards(tmp_path_factory, squidpy_crop):
     """``small_shards(name)`` -> a ``stalign prep`` folder at 32 px (64 HVG genes), made once per session:

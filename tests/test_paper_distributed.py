@@ -4,11 +4,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,37 +15,19 @@ KEYS = ["max_steps=3", "warmup_steps=1", "lr=1e-3", "eval_every=0", "save_every=
         "cpu=true", "hard_negative_clusters=4", "progress=false", f"model_overrides={json.dumps(MODEL)}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _losses(path: Path) -> list[float]:
     return [float(row["loss"]) for row in csv.DictReader(path.open())]
 
 
 @pytest.mark.slow
-def test_paper_objective_on_two_cpu_processes_matches_one_process(small_shards, tmp_path, subprocess_env):
+def test_paper_objective_on_two_cpu_processes_matches_one_process(small_shards, tmp_path, two_process_train):
     from safetensors.torch import load_file
 
     from stalign.commands.train import main
 
     shards, two, one = small_shards("squidpy"), tmp_path / "two", tmp_path / "one"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "stalign", "train", "--config", "paper_tiny",
-           f"data={shards}", f"output_dir={two}", "batch_size=4", *KEYS]
-    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        output, _ = proc.communicate()
-        pytest.fail(f"2-process run timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    output = two_process_train(
+        ["--config", "paper_tiny", f"data={shards}", f"output_dir={two}", "batch_size=4", *KEYS], timeout=300)
     assert "global batch 8 on 2 process(es) [DistributedType.MULTI_CPU]" in output
 
     assert main(["--config", "paper_tiny", f"data={shards}", f"output_dir={one}", "batch_size=8", *KEYS]) == 0

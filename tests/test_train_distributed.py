@@ -8,11 +8,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,37 +22,19 @@ KEYS = ["max_steps=4", "warmup_steps=1", "lr=1e-3", "eval_every=2", "save_every=
         "cpu=true", f"model_overrides={json.dumps(MODEL)}"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _csv(path: Path) -> list[dict[str, float]]:
     return [{k: float(v) for k, v in row.items() if v != ""} for row in csv.DictReader(path.open())]
 
 
 def test_accelerate_launch_two_cpu_processes_match_one_process_on_the_same_global_batch(small_shards, tmp_path,
-                                                                                       subprocess_env):
+                                                                                       two_process_train):
     from safetensors.torch import load_file
 
     from stalign.commands.train import main
 
     shards, two, one = small_shards("squidpy"), tmp_path / "two", tmp_path / "one"
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-           "--main_process_port", str(_free_port()), "-m", "stalign", "train", "--config", "configs/tiny_test.yaml",
-           f"data={shards}", f"output_dir={two}", "batch_size=4", *KEYS]
-    env = {**subprocess_env, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    try:
-        output, _ = proc.communicate(timeout=240)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both workers
-        output, _ = proc.communicate()
-        pytest.fail(f"2-process run timed out:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-5000:]
+    output = two_process_train(
+        ["--config", "configs/tiny_test.yaml", f"data={shards}", f"output_dir={two}", "batch_size=4", *KEYS], timeout=240)
     assert "global batch 8 on 2 process(es) [DistributedType.MULTI_CPU]" in output
 
     # one process with batch 8 = the 2 x 4 global batch (the seedable sampler orders the data identically)
