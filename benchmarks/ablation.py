@@ -61,10 +61,6 @@ def main() -> None:
         rows = run_ablation(s)
     except AblationError as err:
         raise SystemExit(f"error: {err}") from None
-    import pandas as pd
-
-    s.out.mkdir(parents=True, exist_ok=True)
-    pd.DataFrame(rows).to_csv(s.out / "ablation_rows.csv", index=False)
     notes = [f"{s.slides} synthetic slides x {s.spots} spots at {s.um_per_px} µm/px, {s.genes} genes, "
              f"{s.patch_px}-px crops, {s.steps} steps per run (batch {s.batch_size}), seeds {s.seeds}, "
              f"{'stalign-tiny' if s.tiny_model else 'stalign-demo with a frozen ImageNet EfficientNet-Lite0'}, "

@@ -20,8 +20,7 @@ def ablation_stage(ctx: DemoContext) -> None:
     s = AblationSettings(out=ctx.out / "ablation", seeds=[0], arms=list(DEMO_ARMS), slides=2,
                          spots=a.ablation_spots, um_per_px=1.0, genes=60, patch_px=64, steps=a.ablation_steps,
                          batch_size=a.batch_size or 32, imagenet=True, threads=a.threads or 1, progress=not a.quiet)
-    rows = run_ablation(s)
-    pd.DataFrame(rows).to_csv(s.out / "ablation_rows.csv", index=False)
+    rows = run_ablation(s)  # also writes OUT/ablation_rows.csv
     out = ctx.rows.setdefault(ABLATION_TABLE, [])
     for r in rows:
         if r["arm"] == "baseline" and not r["method"].startswith(("neighbour", "ImageNet features (spot + niche)")):

@@ -214,7 +214,8 @@ def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:
 
 
 def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
-    """Every chosen arm and the baselines for every seed; one row of measures per (method, seed)."""
+    """Every chosen arm and the baselines for every seed; one row of measures per (method, seed), also written to
+    ``OUT/ablation_rows.csv`` after every arm."""
     from stalign.data.dataset import ShardDataset, split_indices
 
     chosen = check_arms(s.arms)
