@@ -187,3 +187,35 @@ def test_train_killed_after_a_checkpoint_resumes_to_the_same_weights(tmp_path, s
     assert a.keys() == b.keys() and max(float((a[k] - b[k]).abs().max()) for k in a) < 1e-6
     steps = [int(r.split(",")[0]) for r in (out / "train_log.csv").read_text().splitlines()[1:]]
     assert steps == list(range(1, 41))
+
+
+def test_a_sigterm_lost_in_a_weakref_callback_still_stops_the_prep(tmp_path, slides, monkeypatch):
+    """Python prints and drops an exception raised inside a weakref callback or ``__del__``: when the SIGTERM
+    handler's exception lands there (garbage collection of a finished future), the prep must still stop at its
+    next batch, remove its temporary shard and report the signal."""
+    import weakref
+
+    from stalign.data import pipeline, prep_signals, shards
+    from stalign.data.readers import read_anndata_image
+
+    class Anything:
+        pass
+
+    calls = []
+    write = shards.ShardWriter.write_compressed
+
+    def write_then_lose_a_sigterm(self, *args):
+        write(self, *args)
+        calls.append(1)
+        if len(calls) == 2:
+            obj = Anything()
+            weakref.finalize(obj, prep_signals.raise_terminated, signal.SIGTERM, None)
+            del obj  # the handler runs in the finalizer: its exception is printed and ignored
+
+    monkeypatch.setattr(shards.ShardWriter, "write_compressed", write_then_lose_a_sigterm)
+    samples = [read_anndata_image(h5ad, image, slide_id=name, um_per_px=1.0) for name, h5ad, image in slides]
+    with pytest.raises(SystemExit) as stop:
+        pipeline.prepare(samples, tmp_path / "out", n_top_genes=10, spot_um=64, niche_um=300, patch_px=32,
+                         batch_size=4, progress=False)
+    assert stop.value.code == 128 + signal.SIGTERM and len(calls) == 2
+    assert not _tmp_shards(tmp_path / "out") and not list((tmp_path / "out" / "shards").glob("*.h5"))

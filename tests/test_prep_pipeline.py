@@ -13,6 +13,7 @@ from stalign.data import shards
 from stalign.data.errors import DataPrepError, GeneNameError
 from stalign.data.pipeline import prepare
 from stalign.data.readers import read_anndata_image, read_spaceranger
+from stalign.data.shards import read_manifest
 
 # 1 µm/px (explicit flag) so a 64 µm spot crop at 64 px is an exact, unresampled read of the JPEG
 SMALL = {"spot_um": 64.0, "niche_um": 500.0, "patch_px": 64, "n_neighbors": 6, "progress": False}
@@ -196,6 +197,24 @@ def test_zero_spots_on_tissue_names_the_slide_and_writes_nothing(tmp_path, two_s
     # without the tissue filter the same slide is prepared
     m = prepare([sample], tmp_path / "out", tissue_filter=False, **SMALL)
     assert m["slides"][0]["n_spots"] == 49 and m["slides"][0]["n_background_dropped"] == 0
+
+
+def test_a_blank_slide_after_a_good_one_with_two_workers_fails_alone(tmp_path, two_slides):
+    """With two workers the second slide's tissue mask is made in the worker process while the first slide is
+    written: its error still names it, and the first slide's shard is kept and equals a one-process run's."""
+    blank = tmp_path / "blank.png"
+    Image.new("RGB", (950, 1717), "white").save(blank)
+    samples = [*_samples(two_slides, names=("crop",)),
+               read_anndata_image(two_slides["crop"][0], blank, slide_id="blank", um_per_px=1.0, crop_um=500)]
+    with pytest.raises(DataPrepError, match=r"slide blank \(.*blank.png\): none of its 49 spots lie on tissue"):
+        prepare(samples, tmp_path / "w2", n_top_genes=10, workers=2, **SMALL)
+    m2 = read_manifest(tmp_path / "w2")
+    assert [e["slide_id"] for e in m2["slides"]] == ["crop"] and _shard_files(tmp_path / "w2") == ["crop.h5"]
+    m1 = prepare(samples[:1], tmp_path / "w1", n_top_genes=10, workers=1, **SMALL)
+    assert m1["slides"] == m2["slides"]
+    with h5py.File(tmp_path / "w1" / "shards" / "crop.h5") as a, h5py.File(tmp_path / "w2" / "shards" / "crop.h5") as b:
+        for key in a:
+            np.testing.assert_array_equal(a[key][()], b[key][()], err_msg=key)
 
 
 def test_missing_genes_and_panel_changes_are_refused(tmp_path, two_slides):

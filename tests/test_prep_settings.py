@@ -125,3 +125,50 @@ def test_runs_split_contiguously_and_idle_processes_steal_from_the_back():
     assert list(runs[1]) == [3, 4, 5]
     rest = sorted(i for i in iter(lambda: _take(runs, 2), None))
     assert rest == [3, 4, 5, 7, 8, 9] and _take(runs, 1) is None
+
+
+@pytest.mark.parametrize("compression", ["none", "gzip"])
+def test_pool_results_equal_reads_in_this_process_and_shared_memory_is_removed(squidpy_crop, compression):
+    """A pool process hands raw crops back through shared memory (gzip chunks through the pipe): every batch's
+    chunks equal the same batch read in this process, and shutting the pool down removes the shared memory."""
+    from multiprocessing.shared_memory import SharedMemory
+
+    from stalign.data.crop_workers import close_cached, crop_batches, crop_pool, read_batch
+
+    sample = _sample(squidpy_crop)
+    xy, um = np.asarray(sample.coords_px), float(sample.um_per_px)
+    tasks = [(str(sample.image_path), um, xy[i:i + 8], 112 / um, 336 / um, 40, "bilinear", compression)
+             for i in range(0, len(xy), 8)]
+    pool = crop_pool(1)
+    try:
+        got = {}
+        for i, (spot, niche, pad_s, pad_n) in crop_batches(tasks, pool):  # chunks valid until the next item
+            got[i] = ([bytes(np.ascontiguousarray(c)) for c in spot], [bytes(np.ascontiguousarray(c)) for c in niche],
+                      pad_s.copy(), pad_n.copy())
+        names = [shm.name for shm in pool._slots]
+    finally:
+        pool.shutdown()
+        close_cached()
+    assert sorted(got) == list(range(len(tasks)))
+    assert bool(names) == (compression == "none")  # raw crops of the pool process came through shared memory
+    for i, task in enumerate(tasks):
+        spot, niche, pad_s, pad_n = read_batch(*task)
+        assert got[i][0] == [bytes(np.ascontiguousarray(c)) for c in spot]
+        assert got[i][1] == [bytes(np.ascontiguousarray(c)) for c in niche]
+        np.testing.assert_array_equal(got[i][2], pad_s)
+        np.testing.assert_array_equal(got[i][3], pad_n)
+    for name in names:
+        with pytest.raises(FileNotFoundError):
+            SharedMemory(name=name)
+    close_cached()
+
+
+def test_read_crops_into_a_buffer_of_the_wrong_shape_is_refused(squidpy_crop):
+    from stalign.data.slide import open_slide
+
+    with open_slide(squidpy_crop / "test_img.jpg", um_per_px=1.0) as slide:
+        good = np.empty((2, 16, 16, 3), dtype=np.uint8)
+        crops, _ = slide.read_crops([[300, 300], [500, 500]], 40, 16, out=good)
+        assert crops is good and good.any()
+        with pytest.raises(ValueError, match=r"expected uint8 \(2, 16, 16, 3\)"):
+            slide.read_crops([[300, 300], [500, 500]], 40, 16, out=np.empty((2, 16, 16, 4), dtype=np.uint8))

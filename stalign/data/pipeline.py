@@ -4,8 +4,9 @@
    same folder reuses the manifest's panel; asking for a different one is an error).
 2. Slides are then written one after another: tissue mask, niche means, neighbours, and the spot and niche
    crops at fixed physical sizes, read in batches of spots by ``workers`` processes ('spawn' pool; each
-   process opens the slide itself), so several workers speed up one large slide as well as many slides. The
-   main process is the only writer; the shard goes under a temporary name, renamed when complete.
+   process opens the slide itself; raw crops come back in shared memory), so several workers speed up one
+   large slide as well as many slides; the pool makes the next slide's tissue mask while this one is written.
+   The main process is the only writer; the shard goes under a temporary name, renamed when complete.
 3. The manifest is rewritten (atomically) after every finished slide, so a killed run can resume: slides
    whose shard is complete and built from the same source files (sha256) and settings are skipped.
 """
@@ -24,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from stalign.data import expression as ex
-from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
+from stalign.data.crop_workers import close_cached, crop_batches, crop_pool, slide_tissue
 from stalign.data.errors import DataPrepError
+from stalign.data.prep_signals import SIGNALLED, check_terminated, raise_terminated
 from stalign.data.shards import (
     FORMAT,
     MANIFEST,
@@ -139,7 +141,8 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
                                     f"(lock {out / LOCK_NAME}); wait for it or use another --out") from None
         handler = None
         if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds (temporaries removed)
-            handler = signal.signal(signal.SIGTERM, _raise_terminated)
+            SIGNALLED.clear()
+            handler = signal.signal(signal.SIGTERM, raise_terminated)
         try:
             return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, spot_um=spot_um,
                                    niche_um=niche_um, patch_px=patch_px, n_neighbors=n_neighbors, workers=workers,
@@ -305,11 +308,17 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
     pool = None
     if workers > 1 and jobs:
         pool = crop_pool(workers - 1)
+    ahead: dict[int, Any] = {}  # job index -> future of its tissue mask, made in the pool one slide ahead
     try:
         with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs) as bar:
-            for job in jobs:
+            for k, job in enumerate(jobs):
+                if pool is not None and k + 1 < len(jobs):
+                    nxt = jobs[k + 1]
+                    ahead[k + 1] = pool.submit(slide_tissue, nxt.image_path, nxt.um_per_px, nxt.coords_px,
+                                               nxt.tissue_filter)
                 try:
-                    on_done(write_slide(job, pool=pool))
+                    check_terminated()
+                    on_done(write_slide(job, pool=pool, tissue=ahead.pop(k, None)))
                 except DataPrepError as err:
                     failures.append(err)
                 except BrokenProcessPool as err:
@@ -317,6 +326,7 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
                                        "prepare(workers>1) runs from a script, guard it with "
                                        "`if __name__ == '__main__':`") from err
                 bar.update()
+        check_terminated()
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
@@ -324,27 +334,18 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
     return failures
 
 
-class Terminated(SystemExit):
-    """SIGTERM during a prep: unwinds like an exception so temporaries are removed and workers shut down."""
-
-
-def _raise_terminated(signum: int, frame: Any) -> None:
-    raise Terminated(128 + signum)
-
-
-def write_slide(job: SlideJob, *, pool: Any = None) -> dict[str, Any]:
-    """Tissue filter, niche means, neighbours and crops of one slide into its shard; returns its manifest entry."""
+def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[str, Any]:
+    """Tissue filter, niche means, neighbours and crops of one slide into its shard; returns its manifest entry.
+    ``tissue``: a future of ``slide_tissue`` for this job made in ``pool`` (None: made here)."""
     from tqdm.auto import tqdm
-
-    from stalign.data.slide import open_slide
-    from stalign.data.tissue import spots_on_tissue
 
     st = job.settings
     spot_px, niche_px = st["spot_um"] / job.um_per_px, st["niche_um"] / job.um_per_px
     n_in = len(job.coords_px)
-    with open_slide(job.image_path, um_per_px=job.um_per_px) as slide:
-        keep = spots_on_tissue(slide, job.coords_px) if job.tissue_filter else np.ones(n_in, dtype=bool)
-        dims = list(slide.dimensions)
+    if tissue is None:
+        keep, dims = slide_tissue(job.image_path, job.um_per_px, job.coords_px, job.tissue_filter)
+    else:
+        keep, dims = tissue.result()
     if not keep.any():
         raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
                             "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
@@ -368,15 +369,19 @@ def write_slide(job: SlideJob, *, pool: Any = None) -> dict[str, Any]:
                      attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
             tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,
                  disable=not job.progress) as bar:
+        spot_arrays = None
         for i, (spot, niche, pad_s, pad_n) in crop_batches(tasks, pool):
             rows = batches[i]
             w.write_compressed(rows, spot, niche)
             padded[rows] = pad_s | pad_n
             spot_padded[rows] = pad_s
             bar.update(len(rows))
+            check_terminated()
+            if spot_arrays is None:  # here, not after the crops: the pool's processes are reading meanwhile
+                spot_arrays = {"niche_expr": ex.niche_expression(expr, um, st["niche_um"]),
+                               "neighbors": neighbor_indices(um, st["n_neighbors"])}
         entry.update(n_padded=int(padded.sum()), n_spot_padded=int(spot_padded.sum()))
         w.set_attr("manifest_entry", json.dumps(entry))
-        w.finish(expr=expr, niche_expr=ex.niche_expression(expr, um, st["niche_um"]), coords_px=xy, coords_um=um,
-                 neighbors=neighbor_indices(um, st["n_neighbors"]), padded=padded,
-                 barcodes=[job.barcodes[i] for i in kept])
+        w.finish(expr=expr, coords_px=xy, coords_um=um, padded=padded, barcodes=[job.barcodes[i] for i in kept],
+                 **spot_arrays)
     return entry

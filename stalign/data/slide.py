@@ -164,9 +164,10 @@ class Slide:
                                         resample=resample)
         return crops[0], bool(padded[0])
 
-    def read_crops(self, centers: Any, size_px: float, out_px: int, *,
-                   resample: int | str | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """``read_crop`` for each (x, y) row of ``centers``: ((N, out, out, 3) uint8, (N,) bool padded).
+    def read_crops(self, centers: Any, size_px: float, out_px: int, *, resample: int | str | None = None,
+                   out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``read_crop`` for each (x, y) row of ``centers``: ((N, out, out, 3) uint8, (N,) bool padded), written
+        into ``out`` when given (e.g. shared memory).
 
         Crops whose level regions overlap or lie side by side (neighbouring spots in raster order) are cut
         from one read of their common region (at most ``UNION_MAX_PX`` pixels, and only where it is not much
@@ -177,7 +178,10 @@ class Slide:
         filt = resample_filter(resample)
         centers = np.asarray(centers, dtype=np.float64).reshape(-1, 2)
         plans = [self._crop_plan(c, size_px, out_px) for c in centers]
-        crops = np.empty((len(centers), int(out_px), int(out_px), 3), dtype=np.uint8)
+        shape = (len(centers), int(out_px), int(out_px), 3)
+        if out is not None and (out.shape != shape or out.dtype != np.uint8):
+            raise ValueError(f"read_crops: out is {out.dtype} {out.shape}, expected uint8 {shape}")
+        crops = np.empty(shape, dtype=np.uint8) if out is None else out
         padded = np.array([p.padded for p in plans], dtype=bool)
         for group in _union_groups(plans, self.level_downsamples):
             first = plans[group[0]]
