@@ -2,10 +2,12 @@
 
     python benchmarks/stofm_embed.py --cells 100000 --model stofm-tiny --device cpu --dtype fp32
     python benchmarks/stofm_embed.py --cells 100000 --model stofm-small --device cuda --dtype fp32 bf16
+    python benchmarks/stofm_embed.py --cells 5000 20000 80000 --threads 1   # linear in cells? (last column)
 
 Each configuration (model × attention path × dtype × virtual-cell clustering) embeds the whole slide once
 after a warm-up on a small slide; the table splits the time into "prepare" (cell encoder + virtual cells +
-tiling) and the SE(2) transformer. The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
+tiling) and the SE(2) transformer; with several ``--cells`` the last column is each run's time per cell over the
+smallest slide's (1.0 = linear). The table is printed and, unless ``--no-record``, appended to ``benchmarks/RESULTS.md``.
 """
 from __future__ import annotations
 
@@ -76,9 +78,40 @@ def run_original(adata, *, batch_size: int, split_num: int, device: str, layers:
             "transformer_s": t["transformer"], "tiles": t["tiles"], "peak_gib": float("nan")}
 
 
+def _runs(args, slide, warm) -> list[dict]:
+    """Every configuration of ``args`` on ``slide`` (each after a warm-up on ``warm``)."""
+    import torch
+
+    from stofm.model import create_model
+
+    rows = []
+    for name in args.model:
+        torch.manual_seed(0)
+        model = create_model(name, genes=list(slide.var_names), device=args.device,
+                             cells_per_tile=args.cells_per_tile)
+        for impl in args.attn_impl:
+            model.se2.set_attn_impl(impl)
+            for dtype, cm in itertools.product(args.dtype, args.cluster_method):
+                kw = {"batch_size": args.batch_size, "dtype": dtype, "device": args.device, "cluster_method": cm}
+                run_one(warm.copy(), model, **kw)
+                res = run_one(slide.copy(), model, **kw)
+                rows.append({"model": name, "attn": impl, "dtype": dtype, "clusters": cm, "cells": slide.n_obs, **res})
+                print(f"{name} {impl} {dtype} {cm} {slide.n_obs} cells: {res['cells_per_s']:.0f} cells/s "
+                      f"({res['seconds']:.1f}s)", flush=True)
+    if args.original:
+        kw = {"batch_size": args.batch_size, "split_num": args.cells_per_tile, "device": args.device,
+              "layers": args.original_layers}
+        run_original(warm, **kw)
+        res = run_original(slide, **kw)
+        rows.append({"model": f"original SToFM ({args.original_layers}x256, 32 heads)", "attn": "manual",
+                     "dtype": "fp32", "clusters": "leiden", "cells": slide.n_obs, **res})
+        print(f"original: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cells", type=int, default=100_000)
+    p.add_argument("--cells", type=int, nargs="+", default=[100_000], help="cells per slide; several: a sweep")
     p.add_argument("--genes", type=int, default=500, help="synthetic gene panel size")
     p.add_argument("--model", nargs="+", default=["stofm-tiny"],
                    help="config names (stofm-tiny/-small/-base, stofm-original(-tiny): the original architecture)")
@@ -100,43 +133,29 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from stofm.model import create_model
-
     if args.threads:
         torch.set_num_threads(args.threads)
-    t0 = time.perf_counter()
-    slide = synthetic_slide(args.cells, args.genes)
-    warm = synthetic_slide(min(args.cells, 2000), args.genes, seed=1)
-    print(f"synthetic slide: {args.cells} cells x {args.genes} genes ({time.perf_counter() - t0:.1f}s)")
     load_before = load()
     rows = []
-    for name in args.model:
-        torch.manual_seed(0)
-        model = create_model(name, genes=list(slide.var_names), device=args.device,
-                             cells_per_tile=args.cells_per_tile)
-        for impl in args.attn_impl:
-            model.se2.set_attn_impl(impl)
-            for dtype, cm in itertools.product(args.dtype, args.cluster_method):
-                kw = {"batch_size": args.batch_size, "dtype": dtype, "device": args.device, "cluster_method": cm}
-                run_one(warm.copy(), model, **kw)
-                res = run_one(slide.copy(), model, **kw)
-                rows.append({"model": name, "attn": impl, "dtype": dtype, "clusters": cm, **res})
-                print(f"{name} {impl} {dtype} {cm}: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)",
-                      flush=True)
-    if args.original:
-        kw = {"batch_size": args.batch_size, "split_num": args.cells_per_tile, "device": args.device,
-              "layers": args.original_layers}
-        run_original(warm, **kw)
-        res = run_original(slide, **kw)
-        rows.append({"model": f"original SToFM ({args.original_layers}x256, 32 heads)", "attn": "manual",
-                     "dtype": "fp32", "clusters": "leiden", **res})
-        print(f"original: {res['cells_per_s']:.0f} cells/s ({res['seconds']:.1f}s)", flush=True)
+    for n_cells in args.cells:
+        t0 = time.perf_counter()
+        slide = synthetic_slide(n_cells, args.genes)
+        warm = synthetic_slide(min(n_cells, 2000), args.genes, seed=1)
+        print(f"synthetic slide: {n_cells} cells x {args.genes} genes ({time.perf_counter() - t0:.1f}s)")
+        rows += _runs(args, slide, warm)
+    per_cell = {}  # time per cell of the smallest slide, per configuration
+    for r in sorted(rows, key=lambda r: r["cells"]):
+        key = (r["model"], r["attn"], r["dtype"], r["clusters"])
+        per_cell.setdefault(key, r["seconds"] / r["cells"])
+        r["linear"] = r["seconds"] / r["cells"] / per_cell[key]
     header = ("| model | attention | dtype | virtual cells by | cells | tiles | total s | prepare s | SE(2) s | cells/s "
-              "| peak GPU GiB |\n| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {r['clusters']} | {args.cells:,} | {r['tiles']} | "
+              "| peak GPU GiB | time per cell / smallest slide's |\n"
+              "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    lines = [f"| {r['model']} | {r['attn']} | {r['dtype']} | {r['clusters']} | {r['cells']:,} | {r['tiles']} | "
              f"{r['seconds']:.1f} | "
              f"{r['prepare_s']:.1f} | {r['transformer_s']:.1f} | {r['cells_per_s']:,.0f} | "
-             + ("n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}") + " |" for r in rows]
+             + ("n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.1f}") + f" | {r['linear']:.2f} |"
+             for r in rows]
     table = "\n".join([header, *lines])
     print(table)
     if not args.no_record:

@@ -153,7 +153,7 @@ def test_embed_benchmark_runs_and_records_both_clusterings(tmp_path, subprocess_
     pytest.importorskip("igraph")
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "stofm_embed.py"
     results = tmp_path / "RESULTS.md"
-    proc = subprocess.run([sys.executable, str(script), "--cells", "2500", "--genes", "40", "--cells-per-tile", "500",
+    proc = subprocess.run([sys.executable, str(script), "--cells", "1000", "2500", "--genes", "40", "--cells-per-tile", "500",
                            "--cluster-method", "kmeans", "leiden", "--threads", "1", "--results", str(results), "--original",
                            "--original-layers", "2"],
                           cwd=tmp_path, env=subprocess_env, capture_output=True, text=True, timeout=300, check=False)
@@ -162,6 +162,10 @@ def test_embed_benchmark_runs_and_records_both_clusterings(tmp_path, subprocess_
     assert "- command: `python benchmarks/stofm_embed.py" in text and "device: CPU" in text
     assert "| stofm-tiny | sdpa | fp32 | kmeans | 2,500 |" in text and "| fp32 | leiden | 2,500 |" in text
     assert "| original SToFM (2x256, 32 heads) | manual | fp32 | leiden | 2,500 |" in text
+    # the sweep: each configuration's time per cell against its smallest slide's (1.00 on that slide itself)
+    rows = [line.split("|") for line in text.splitlines() if line.startswith("| stofm-tiny | sdpa | fp32 | kmeans |")]
+    assert [r[5].strip() for r in rows] == ["1,000", "2,500"] and rows[0][-2].strip() == "1.00"
+    assert 0 < float(rows[1][-2]) < 10
 
 
 @pytest.mark.gpu
