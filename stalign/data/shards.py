@@ -110,9 +110,10 @@ class ShardWriter:
         self._file["spot_patches"][sel] = spot[order]
         self._file["niche_patches"][sel] = niche[order]
 
-    def write_compressed(self, rows: Sequence[int], spot: Sequence[bytes], niche: Sequence[bytes]) -> None:
+    def write_compressed(self, rows: Sequence[int], spot: Sequence[Any], niche: Sequence[Any]) -> None:
         """Store crops already encoded by ``encode_patch`` (with this writer's ``compression`` and ``gzip_level``)
-        as they are: any deflate runs in the worker processes, the single writer only copies bytes."""
+        as they are: any deflate runs in the worker processes, the single writer only copies bytes. For raw
+        storage a chunk may be any C-contiguous (P, P, 3) uint8 buffer (a crop array, a view of shared memory)."""
         spot_id, niche_id = self._file["spot_patches"].id, self._file["niche_patches"].id  # looked up once
         for row, a, b in zip(rows, spot, niche):
             spot_id.write_direct_chunk((int(row), 0, 0, 0), a)
