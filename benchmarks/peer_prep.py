@@ -138,23 +138,28 @@ def _read_resized(osr, cx: float, cy: float, size_px: float, out_px: int):
     return np.asarray(tile)
 
 
-def run_plain(tif: Path, h5ad: Path, out: Path, *, spot_um: float = 112.0, patch_px: int = 224) -> int:
-    """The plain openslide + h5py loop (spot crops only); returns the number of spots written."""
+def run_plain(tif: Path, h5ad: Path, out: Path, *, spot_um: float = 112.0, patch_px: int = 224,
+              slides: int = 1) -> int:
+    """The plain openslide + h5py loop (spot crops only), over ``slides`` copies of the slide one after another
+    (``plain.h5``, then ``plain_1.h5``, ...); returns the number of spots written."""
     import anndata as ad
     import h5py
     import openslide
 
-    xy = np.asarray(ad.read_h5ad(h5ad, backed="r").obsm["spatial"], dtype=np.float64)
-    osr = openslide.OpenSlide(str(tif))
-    size = spot_um / float(osr.properties["openslide.mpp-x"])
-    with h5py.File(out / "plain.h5", "w") as f:
-        img = f.create_dataset("img", shape=(len(xy), patch_px, patch_px, 3), dtype=np.uint8,
-                               chunks=(1, patch_px, patch_px, 3))
-        for i, (cx, cy) in enumerate(xy):
-            img[i] = _read_resized(osr, cx, cy, size, patch_px)
-        f.create_dataset("coords", data=xy)
-    osr.close()
-    return len(xy)
+    total = 0
+    for k in range(slides):
+        xy = np.asarray(ad.read_h5ad(h5ad, backed="r").obsm["spatial"], dtype=np.float64)
+        osr = openslide.OpenSlide(str(tif))
+        size = spot_um / float(osr.properties["openslide.mpp-x"])
+        with h5py.File(out / ("plain.h5" if k == 0 else f"plain_{k}.h5"), "w") as f:
+            img = f.create_dataset("img", shape=(len(xy), patch_px, patch_px, 3), dtype=np.uint8,
+                                   chunks=(1, patch_px, patch_px, 3))
+            for i, (cx, cy) in enumerate(xy):
+                img[i] = _read_resized(osr, cx, cy, size, patch_px)
+            f.create_dataset("coords", data=xy)
+        osr.close()
+        total += len(xy)
+    return total
 
 
 def _append(path: Path, arrays: dict[str, np.ndarray], first: bool) -> None:
@@ -171,31 +176,40 @@ def _append(path: Path, arrays: dict[str, np.ndarray], first: bool) -> None:
                 ds[-len(val):] = val
 
 
-def run_hest(tif: Path, h5ad: Path, out: Path, *, spot_um: float = 112.0, patch_px: int = 224) -> int:
-    """HEST-style per-patch dump (spot crops only, target 0.5 µm/px x 224 px = 112 µm)."""
+def run_hest(tif: Path, h5ad: Path, out: Path, *, spot_um: float = 112.0, patch_px: int = 224,
+             slides: int = 1) -> int:
+    """HEST-style per-patch dump (spot crops only, target 0.5 µm/px x 224 px = 112 µm), over ``slides`` copies of
+    the slide one after another (``hest_patches.h5``, then ``hest_patches_1.h5``, ...)."""
     import anndata as ad
     import openslide
 
-    xy = np.asarray(ad.read_h5ad(h5ad, backed="r").obsm["spatial"], dtype=np.float64)
-    barcodes = np.asarray(ad.read_h5ad(h5ad, backed="r").obs_names, dtype="S")
-    osr = openslide.OpenSlide(str(tif))
-    size = spot_um / float(osr.properties["openslide.mpp-x"])
-    path = out / "hest_patches.h5"
-    for i, (cx, cy) in enumerate(xy):
-        tile = _read_resized(osr, cx, cy, size, patch_px)
-        _append(path, {"img": tile[None], "barcode": barcodes[i:i + 1, None],
-                       "coords": np.array([[cx - size / 2, cy - size / 2]], dtype=np.int64)}, first=i == 0)
-    osr.close()
-    return len(xy)
+    total = 0
+    for k in range(slides):
+        xy = np.asarray(ad.read_h5ad(h5ad, backed="r").obsm["spatial"], dtype=np.float64)
+        barcodes = np.asarray(ad.read_h5ad(h5ad, backed="r").obs_names, dtype="S")
+        osr = openslide.OpenSlide(str(tif))
+        size = spot_um / float(osr.properties["openslide.mpp-x"])
+        path = out / ("hest_patches.h5" if k == 0 else f"hest_patches_{k}.h5")
+        for i, (cx, cy) in enumerate(xy):
+            tile = _read_resized(osr, cx, cy, size, patch_px)
+            _append(path, {"img": tile[None], "barcode": barcodes[i:i + 1, None],
+                           "coords": np.array([[cx - size / 2, cy - size / 2]], dtype=np.int64)}, first=i == 0)
+        osr.close()
+        total += len(xy)
+    return total
 
 
-def run_stalign(tif: Path, h5ad: Path, out: Path, *, workers: int = 1, **options) -> int:
-    """``stalign.data.pipeline.prepare`` of the slide (spot + niche crops); returns the spots written."""
+def run_stalign(tif: Path, h5ad: Path, out: Path, *, workers: int = 1, slides: int = 1, **options) -> int:
+    """``stalign.data.pipeline.prepare`` of the slide (spot + niche crops), or of ``slides`` copies of it in one
+    prep (ids ``slide``, ``slide_1``, ...); returns the spots written."""
+    from functools import partial
+
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
 
-    manifest = prepare([read_anndata_image(h5ad, tif, slide_id="slide")], out, workers=workers, progress=False,
-                       **options)
+    samples = [partial(read_anndata_image, h5ad, tif, slide_id="slide" if k == 0 else f"slide_{k}")
+               for k in range(slides)]
+    manifest = prepare(samples, out, workers=workers, progress=False, **options)
     return sum(s["n_spots"] for s in manifest["slides"])
 
 

@@ -2,6 +2,7 @@
 
     python benchmarks/peers.py                          # 40,000² px JPEG pyramid at 0.25 µm/px, 10,000 spots, 3 reps
     python benchmarks/peers.py --slide-px 16384 --spots 1500 --sections prep
+    python benchmarks/peers.py --slide-px 16384 --spots 1500 --sections prep --slides 8   # a folder of slides
     python benchmarks/peers.py --quick                  # tiny sizes, 1 repetition, prints only (the test suite)
 
 - prep (``benchmarks/peer_prep.py``, each run in its own process, peak memory of its process tree): ``stalign
@@ -54,10 +55,13 @@ def prep_section(args, folder: Path) -> list[dict]:
     t0 = time.perf_counter()
     tif, h5ad = make_slide(folder / f"slide-{args.slide_px}-{args.spots}", size_px=args.slide_px, n_spots=args.spots)
     print(f"slide {tif} ({tif.stat().st_size / 2**20:,.0f} MiB) ready in {time.perf_counter() - t0:.0f} s", flush=True)
-    configs = [(f"stalign prep, {w} worker{'s' * (w > 1)} (spot + niche)", "stalign", {"workers": w})
+    many = {"slides": args.slides}  # copies of the slide, one after another (each method's own loop over slides)
+    configs = [(f"stalign prep, {w} worker{'s' * (w > 1)} (spot + niche)", "stalign", {"workers": w, **many})
                for w in args.workers]
-    configs += [("HEST-style per-patch dump (spot only)", "hest", {}),
-                ("plain openslide + h5py loop (spot only)", "plain", {})]
+    configs += [("HEST-style per-patch dump (spot only)", "hest", many),
+                ("plain openslide + h5py loop (spot only)", "plain", many)]
+    if args.slides > 1:
+        print(f"{args.slides} copies of the slide per run", flush=True)
     runs: dict[str, list[dict]] = {name: [] for name, _, _ in configs}
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for rep in range(args.repeat):
@@ -77,7 +81,7 @@ def prep_section(args, folder: Path) -> list[dict]:
     for name, _, _ in configs:
         rs = runs[name]
         rate = [r["spots"] / r["seconds"] for r in rs]
-        rows.append({"workload": "prep", "method": name, "figure": f"{spread(rate)} spots/s",
+        rows.append({"workload": "prep" if args.slides == 1 else f"prep, {args.slides} slides", "method": name, "figure": f"{spread(rate)} spots/s",
                      "CPU ms/spot": spread([r["cpu"] / r["spots"] * 1e3 for r in rs]),
                      "peak MiB (tree)": spread([r["peak_mib"] for r in rs], ".0f"),
                      "output MiB": spread([r["output_mib"] for r in rs], ".0f"),
@@ -86,7 +90,7 @@ def prep_section(args, folder: Path) -> list[dict]:
                      "load (1 min)": spread([r["load"] for r in rs], ".1f")})
     if len(args.workers) > 1:
         one, many = runs[configs[0][0]], runs[configs[len(args.workers) - 1][0]]
-        rows.append({"workload": "prep", "method": f"scaling, {args.workers[-1]} vs {args.workers[0]} workers",
+        rows.append({"workload": "prep" if args.slides == 1 else f"prep, {args.slides} slides", "method": f"scaling, {args.workers[-1]} vs {args.workers[0]} workers",
                      "figure": spread([(b["spots"] / b["seconds"]) / (a["spots"] / a["seconds"])
                                        for a, b in zip(one, many)]) + "x"})
     return rows
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--slide-px", type=int, default=None, help="slide side in px (default 40,000; 4,096 --quick)")
     p.add_argument("--spots", type=int, default=None, help="spots (default 10,000; 24 --quick)")
     p.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="stalign prep workers to run")
+    p.add_argument("--slides", type=int, default=1,
+                   help="prep: slides per run (copies of the generated one, as from a folder of many slides)")
     p.add_argument("--bank", type=int, default=None, help="retrieval bank rows (default 200,000; 5,000 --quick)")
     p.add_argument("--queries", type=int, default=None, help="default 1,000; 64 --quick")
     p.add_argument("--k", type=int, default=50)

@@ -45,3 +45,22 @@ def test_quick_run_prints_and_records_every_workload(tmp_path, capsys):
         assert "faiss not installed" in capsys.readouterr().out
     else:
         assert "IndexFlatIP" in text
+
+
+def test_runners_prepare_several_slides_in_one_run(tmp_path):
+    """``--slides N``: each method prepares N copies one after another; stalign writes one shard per slide, each
+    equal to a one-slide prep's, with one and with two workers."""
+    from peer_prep import make_slide, run_hest, run_plain, run_stalign
+
+    tif, h5ad = make_slide(tmp_path / "slide", size_px=4096, n_spots=12)
+    assert run_plain(tif, h5ad, tmp_path, slides=3) == run_hest(tif, h5ad, tmp_path, slides=3) == 36
+    assert sorted(p.name for p in tmp_path.glob("plain*.h5")) == ["plain.h5", "plain_1.h5", "plain_2.h5"]
+    assert run_stalign(tif, h5ad, tmp_path / "one", n_top_genes=5) == 12
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        assert run_stalign(tif, h5ad, out, workers=workers, slides=3, n_top_genes=5) == 36
+        assert sorted(p.name for p in (out / "shards").glob("*.h5")) == ["slide.h5", "slide_1.h5", "slide_2.h5"]
+        for name in ("slide.h5", "slide_2.h5"):
+            with h5py.File(tmp_path / "one/shards/slide.h5") as a, h5py.File(out / "shards" / name) as b:
+                for key in ("spot_patches", "niche_patches", "expr", "niche_expr", "neighbors"):
+                    np.testing.assert_array_equal(a[key][()], b[key][()], err_msg=f"{name} {key}")
