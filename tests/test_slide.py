@@ -196,3 +196,25 @@ def test_grouped_crop_reads_equal_single_reads_through_openslide(tmp_path, resam
             np.testing.assert_array_equal(pad_g, [s[1] for s in single])
         with pytest.raises(ValueError, match="resample must be one of bilinear, lanczos"):
             slide.read_crop(centres[0], 50, 32, resample="cubic")
+
+
+def test_thumbnail_read_in_bands_and_crops_without_a_tile_cache_are_unchanged(tmp_path, monkeypatch):
+    """The thumbnail reads its level in bands (bounded memory on slides with a large coarsest level) and equals
+    the thumbnail of the level read at once; a slide handle without a tile cache reads the same crops."""
+    from stalign.data import slide as slide_module
+
+    img = textured_image(600, 800, seed=5)
+    path = write_pyramidal_tiff(tmp_path / "pyr.tif", img, um_per_px=0.5, tile=64)
+    centres = np.array([[100.0, 120.0], [400.0, 300.0], [790.0, 590.0]])
+    with open_slide(path) as slide:
+        level = slide.best_level(800 / 256)
+        lw, lh = slide.level_dimensions[level]
+        whole = Image.fromarray(slide._read_level(level, 0, 0, lw, lh))
+        whole.thumbnail((256, 256), Image.Resampling.LANCZOS)
+        crops, _ = slide.read_crops(centres, 131.7, 32)
+        monkeypatch.setattr(slide_module, "UNION_MAX_PX", lw * 7)  # 7-row bands, the last one shorter
+        thumb, ds = slide.thumbnail(256)
+        np.testing.assert_array_equal(thumb, np.asarray(whole))
+        assert ds == 800 / whole.size[0]
+        slide.set_tile_cache(0)
+        np.testing.assert_array_equal(slide.read_crops(centres, 131.7, 32)[0], crops)

@@ -199,6 +199,13 @@ class Slide:
                                                                          box=p.box))
         return crops, padded
 
+    def set_tile_cache(self, capacity_bytes: int) -> None:
+        """Size of the reader's cache of decoded tiles (openslide slides; others hold decoded levels): 0 for one
+        pass over a whole level (a thumbnail), where cached tiles are never read again."""
+        setter = getattr(self._backend, "set_tile_cache", None)
+        if setter is not None:
+            setter(capacity_bytes)
+
     def thumbnail(self, max_size: int = 1024) -> tuple[np.ndarray, float]:
         """RGB thumbnail whose longer side is <= ``max_size``, and its downsample (level-0 px per thumb px)."""
         from PIL import Image
@@ -207,7 +214,12 @@ class Slide:
         target = max(width, height) / float(max_size)
         level = self.best_level(target)
         lw, lh = self._backend.level_dimensions[level]
-        img = Image.fromarray(self._read_level(level, 0, 0, lw, lh))
+        pixels = np.empty((lh, lw, 3), dtype=np.uint8)
+        band = max(1, UNION_MAX_PX // max(lw, 1))  # read in bands: the reader's copies of a whole level
+        for y in range(0, lh, band):              # (RGBA, alpha, RGB: ~18 bytes/px) never exist at once
+            pixels[y:y + band] = self._read_level(level, 0, y, lw, min(band, lh - y))
+        img = Image.fromarray(pixels)
+        del pixels
         if max(lw, lh) > max_size:
             img.thumbnail((max_size, max_size), Image.Resampling.LANCZOS)
         return np.asarray(img, dtype=np.uint8), width / img.size[0]

@@ -66,6 +66,13 @@ class OpenSlideBackend:
             img = white
         return np.asarray(img.convert("RGB"))
 
+    def set_tile_cache(self, capacity_bytes: int) -> None:
+        """Give this slide its own decoded-tile cache of ``capacity_bytes`` (OpenSlide >= 4; default 32 MiB)."""
+        import openslide
+
+        if hasattr(openslide, "OpenSlideCache") and hasattr(self.osr, "set_cache"):
+            self.osr.set_cache(openslide.OpenSlideCache(int(capacity_bytes)))
+
     def pixel_size(self) -> tuple[float | None, str]:
         props = self.osr.properties
         try:
