@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -148,6 +149,8 @@ def test_killed_run_leaves_no_half_shard_and_resumes(tmp_path, two_slides, subpr
            "--um-per-px", "1", "--spot-um", "64", "--niche-um", "300", "--patch-px", "160", "--quiet"]
     for name in ("crop", "mirror"):
         cmd += ["--h5ad", str(two_slides[name][0]), "--image", str(two_slides[name][1])]
+    shm = Path("/dev/shm")
+    before = {p.name for p in shm.glob("psm_*")} if shm.is_dir() else set()
     proc = subprocess.Popen(cmd, env=subprocess_env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE)
     deadline = time.time() + 120
@@ -155,6 +158,8 @@ def test_killed_run_leaves_no_half_shard_and_resumes(tmp_path, two_slides, subpr
         time.sleep(0.01)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    if shm.is_dir():  # the crops' shared memory had no name left to leak (its resource tracker died too)
+        assert {p.name for p in shm.glob("psm_*")} <= before
     for path in (tmp_path / "shards").glob("*.h5"):  # whatever is under a final name is complete
         assert shards.shard_attrs(path) is not None
     finished = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "shards").glob("*.h5")}

@@ -37,22 +37,35 @@ class CropPool:
         """Run ``fn(*args)`` in the pool's first process (a future)."""
         return self.executors[0].submit(fn, *args)
 
-    def take_slot(self, nbytes: int) -> Any:
-        """A shared-memory slot (``SharedMemory``) of at least ``nbytes``, reused after :meth:`give_back`."""
-        from multiprocessing.shared_memory import SharedMemory
-
+    def take_slot(self, nbytes: int, count: int = 1) -> Any:
+        """A shared-memory slot (``SharedMemory``) of at least ``nbytes``, reused after :meth:`give_back`; when none
+        is free, ``count`` new ones are made (one per batch that may be in flight)."""
         for k, shm in enumerate(self._free):
             if shm.size >= nbytes:
                 return self._free.pop(k)
-        shm = SharedMemory(create=True, size=int(nbytes))
-        self._slots.append(shm)
-        return shm
+        self._add_slots(nbytes, max(1, count))
+        return self._free.pop()
+
+    def _add_slots(self, nbytes: int, count: int) -> None:
+        """``count`` slots, mapped by every pool process and then unlinked: no name is left in /dev/shm, and the
+        memory goes with the last process mapping it, also when the whole process group is killed (-9)."""
+        from multiprocessing.shared_memory import SharedMemory
+
+        new = [SharedMemory(create=True, size=int(nbytes)) for _ in range(count)]
+        try:
+            for attached in [ex.submit(attach_slots, [shm.name for shm in new]) for ex in self.executors]:
+                attached.result()
+        finally:
+            for shm in new:
+                shm.unlink()
+        self._slots += new
+        self._free += new
 
     def give_back(self, shm: Any) -> None:
         self._free.append(shm)
 
     def shutdown(self, cancel_futures: bool = True) -> None:
-        """Stop the processes and remove the shared memory (released when the last view of it is gone)."""
+        """Stop the processes and unmap the shared memory (freed when the last view of it is gone)."""
         for ex in self.executors:
             ex.shutdown(cancel_futures=cancel_futures)
         for shm in self._slots:
@@ -60,7 +73,6 @@ class CropPool:
                 shm.close()
             except BufferError:  # a view is still referenced (an exception's traceback): unmapped with it
                 pass
-            shm.unlink()
         self._slots, self._free = [], []
 
 
@@ -142,7 +154,7 @@ def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: 
         slide.set_tile_cache(CROP_TILE_CACHE)
     spot_out = niche_out = None
     if out is not None:
-        buf = slot_array(_attach(out), len(centres), patch_px)
+        buf = slot_array(_ATTACHED[out], len(centres), patch_px)
         spot_out, niche_out = buf[0], buf[1]
     spot, pad_s = slide.read_crops(centres, spot_px, patch_px, resample=resample, out=spot_out)
     niche, pad_n = slide.read_crops(centres, niche_px, patch_px, resample=resample, out=niche_out)
@@ -159,14 +171,14 @@ def slot_array(shm: Any, n: int, patch_px: int) -> np.ndarray:
     return np.ndarray((2, n, patch_px, patch_px, 3), dtype=np.uint8, buffer=shm.buf)
 
 
-def _attach(name: str) -> Any:
-    """The parent's shared-memory slot ``name`` (attached once per process; the parent unlinks it)."""
+def attach_slots(names: list[str]) -> int:
+    """Pool task: map the parent's new shared-memory slots (by name, before the parent unlinks the names)."""
     from multiprocessing.shared_memory import SharedMemory
 
-    shm = _ATTACHED.get(name)
-    if shm is None:  # spawned children share the parent's resource tracker: registering the name again is a no-op
-        shm = _ATTACHED[name] = SharedMemory(name=name)
-    return shm
+    for name in names:  # spawned children share the parent's resource tracker: registering again is a no-op
+        if name not in _ATTACHED:
+            _ATTACHED[name] = SharedMemory(name=name)
+    return len(names)
 
 
 def close_cached() -> None:
@@ -210,7 +222,8 @@ def crop_batches(tasks: list[tuple], pool: CropPool | None, in_flight: int = 2) 
         for w, ex in enumerate(pool.executors):
             while load[w] < in_flight and (i := _take(runs, w + 1)) is not None:
                 n, patch_px, compression = len(tasks[i][2]), tasks[i][5], tasks[i][7]
-                slot = pool.take_slot(2 * n * patch_px * patch_px * 3) if compression == "none" else None
+                slot = (pool.take_slot(2 * n * patch_px * patch_px * 3, count=in_flight * len(pool.executors))
+                        if compression == "none" else None)
                 future = ex.submit(read_batch, *tasks[i], *(() if slot is None else (slot.name,)))
                 pending[future] = (i, w, slot)
                 load[w] += 1
