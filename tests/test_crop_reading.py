@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from stalign.tasks.crop_reading import SlideCrops, pil_filter, read_crop_pair, reading_plan
+from stalign.data.slide import resample_filter
+from stalign.tasks.crop_reading import SlideCrops, read_crop_pair, reading_plan
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +35,7 @@ def test_pair_read_equals_two_read_crops_bit_for_bit(slides, kind, resample):
         for c in centres:
             pair = read_crop_pair(slide, c, spot_px, niche_px, patch, resample=resample)
             for crop, size in zip(pair, (spot_px, niche_px), strict=True):
-                expected, _ = slide.read_crop(c, size, patch, resample=pil_filter(resample))
+                expected, _ = slide.read_crop(c, size, patch, resample=resample_filter(resample))
                 np.testing.assert_array_equal(crop, expected)
 
 
@@ -88,7 +89,7 @@ def test_reader_threads_predict_what_the_serial_path_predicts(slides):
     threaded = embed_slide_crops(model, crops, batch_size=8, workers=2, progress=False)
     np.testing.assert_allclose(threaded, serial, rtol=0, atol=1e-6)
     # the old path: two read_crop calls per centre, the model in fp32 on the stacked crops
-    filt = pil_filter("bilinear")
+    filt = resample_filter("bilinear")
     old = [np.stack([slide.read_crop(c, size, 32, resample=filt)[0] for c in coords]) for size in (100, 300)]
     with torch.inference_mode():
         old_emb = model.eval().encode_image(*(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in old))

@@ -1,6 +1,7 @@
 """Crop reading in worker processes for ``stalign prep``: a 'spawn' pool whose workers die with their parent,
 each worker keeping its slide open between batches; the parent reads too, every process works through its own
-contiguous run of batches, results are handed back as they finish (at most two waiting per worker; raw crops in shared memory).
+contiguous run of batches, results are handed back as they finish (at most two waiting per worker; raw
+crops in shared memory).
 
 The pool's processes are started (and their slide readers imported) as soon as it is made, while the parent
 still prepares its first slide, and the next slide's tissue mask is made in the pool while the parent works on
@@ -216,16 +217,19 @@ def crop_batches(tasks: list[tuple], pool: CropPool | None, in_flight: int = 2) 
         yield from ((i, read_batch(*t)) for i, t in enumerate(tasks))
         return
     runs = _split(len(tasks), len(pool.executors) + 1)  # run 0: this process
-    pending: dict[Any, tuple[int, int, Any]] = {}  # future -> (task, executor, shared-memory slot or None)
+    pending: dict[Any, tuple[int, int, Any, Any]] = {}  # future -> (task, executor, slot, its crops) or Nones
     load = [0] * len(pool.executors)
     while True:
         for w, ex in enumerate(pool.executors):
             while load[w] < in_flight and (i := _take(runs, w + 1)) is not None:
-                n, patch_px, compression = len(tasks[i][2]), tasks[i][5], tasks[i][7]
-                slot = (pool.take_slot(2 * n * patch_px * patch_px * 3, count=in_flight * len(pool.executors))
-                        if compression == "none" else None)
+                _, _, centres, _, _, patch_px, _, compression = tasks[i]
+                slot = crops = None
+                if compression == "none":
+                    slot = pool.take_slot(2 * len(centres) * patch_px * patch_px * 3,
+                                          count=in_flight * len(pool.executors))
+                    crops = slot_array(slot, len(centres), patch_px)
                 future = ex.submit(read_batch, *tasks[i], *(() if slot is None else (slot.name,)))
-                pending[future] = (i, w, slot)
+                pending[future] = (i, w, slot, crops)
                 load[w] += 1
         finished = [f for f in pending if f.done()]
         if not finished:
@@ -237,11 +241,10 @@ def crop_batches(tasks: list[tuple], pool: CropPool | None, in_flight: int = 2) 
                 return
             finished = list(wait(list(pending), return_when=FIRST_COMPLETED).done)
         for f in finished:
-            i, w, slot = pending.pop(f)
+            i, w, slot, crops = pending.pop(f)
             load[w] -= 1
             spot, niche, pad_s, pad_n = f.result()
             if slot is not None:
-                crops = slot_array(slot, len(tasks[i][2]), tasks[i][5])
                 spot, niche = list(crops[0]), list(crops[1])
             yield i, (spot, niche, pad_s, pad_n)
             if slot is not None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.data.slide import resample_filter as pil_filter  # noqa: F401  (the one filter-name reader; tests use it)
+from stalign.data.slide import resample_filter
 
 
 def _crop_box(slide: Any, center: np.ndarray, size: float, out_px: int) -> tuple[int, float, float, float, bool]:
@@ -43,7 +43,7 @@ def read_crop_pair(slide: Any, center: Any, spot_px: float, niche_px: float, pat
     from PIL import Image
 
     center = np.asarray(center, dtype=np.float64).reshape(2)
-    filt = pil_filter(resample)
+    filt = resample_filter(resample)
     if not np.isfinite(center).all() or not (spot_px > 0 and niche_px > 0 and patch_px > 0):  # read_crop's errors
         return tuple(slide.read_crop(center, size, patch_px, resample=filt)[0] for size in (spot_px, niche_px))
     boxes = [_crop_box(slide, center, float(size), int(patch_px)) for size in (spot_px, niche_px)]
@@ -76,7 +76,7 @@ class SlideCrops:
                  resample: str | int | None = None) -> None:
         self.slide, self.centers = slide, np.asarray(centers_px, np.float64).reshape(-1, 2)
         self.spot_px, self.niche_px, self.patch_px = float(spot_px), float(niche_px), int(patch_px)
-        pil_filter(resample)  # a bad name fails here, not in a reader
+        resample_filter(resample)  # a bad name fails here, not in a reader
         self.resample = resample
 
     def __len__(self) -> int:
