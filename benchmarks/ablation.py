@@ -1,5 +1,5 @@
 """What niche images, three-target fusion and the SToFM gene side add: the ablation of
-``stalign.tasks.ablation`` on synthetic slides with spot-driven and context-driven genes (synth v2).
+``stalign.lab.ablation`` on synthetic slides with spot-driven and context-driven genes (synth v2).
 
     python benchmarks/ablation.py                       # 3 seeds, every arm, CPU (table in benchmarks/RESULTS.md)
     python benchmarks/ablation.py --arms spot niche project --seeds 0 1 2 --steps 300
@@ -22,7 +22,7 @@ from common import load_average, parser, record, setup  # noqa: E402
 
 
 def main() -> None:
-    from stalign.tasks.ablation import AblationError, AblationSettings, arms, run_ablation, summarise
+    from stalign.lab.ablation import AblationError, AblationSettings, arms, run_ablation, summarise
 
     p = parser(__doc__)
     d = AblationSettings()
@@ -72,7 +72,7 @@ def main() -> None:
 def _record_rows(args, device) -> None:
     import pandas as pd
 
-    from stalign.tasks.ablation import summarise
+    from stalign.lab.ablation import summarise
 
     rows = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
     dup = rows.duplicated(["method", "seed"])

@@ -27,7 +27,7 @@ sys.path.insert(0, str(REPO))
 
 def cached_slide(root: Path, *, n_spots: int, um_per_px: float, seed: int) -> tuple[Path, Path, float | None]:
     """(tif, h5ad, generation seconds or None when reused) of the benchmark slide."""
-    from stalign.data.synth import ensure_synthetic_slide
+    from stalign.lab.synth import ensure_synthetic_slide
 
     folder = root / f"synth-{n_spots}-{um_per_px:g}umpx-seed{seed}"
     print(f"synthetic slide: {folder} (generated unless an intact one is there) ...", flush=True)

@@ -5,7 +5,7 @@ the package way vs the plain way, time split by stage.
     python benchmarks/wsi_predict.py --device cpu --tiles 1000
     python benchmarks/wsi_predict.py --quick                           # 48 tiles, stalign-tiny (seconds)
 
-The slide is ``stalign.data.synth`` output (pyramidal TIFF, cached under ``~/.cache/stalign/bench``). Tile centres
+The slide is ``stalign.lab.synth`` output (pyramidal TIFF, cached under ``~/.cache/stalign/bench``). Tile centres
 form a square grid over the whole slide; when the slide is smaller than ``tiles`` spot-sized tiles the grid
 step is smaller than the spot, so tiles overlap (recorded in the notes). Each tile is a spot crop and a niche
 crop (112 / 336 µm, ``patch_px``), as ``stalign predict`` reads them.
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
 
     import stalign
     from stalign.data.slide import open_slide
-    from stalign.data.synth import ensure_synthetic_slide
+    from stalign.lab.synth import ensure_synthetic_slide
     from stalign.tasks.embed import default_device  # noqa: F401  (the package's device rule, via setup)
     from stalign.tasks.predict import predict_slide
     from stalign.tasks.retrieval import ReferenceBank

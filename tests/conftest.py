@@ -91,7 +91,7 @@ def small_shards(tmp_path_factory, squidpy_crop):
             if name == "squidpy":
                 sample = read_anndata_image(squidpy_crop / "test_data.h5ad", squidpy_crop / "test_img.jpg")
             elif name == "synthetic":
-                from stalign.data.synth import make_synthetic_slide
+                from stalign.lab.synth import make_synthetic_slide
 
                 slide = make_synthetic_slide(root / "raw", n_spots=300, progress=False)
                 sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])

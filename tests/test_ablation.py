@@ -28,7 +28,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_every_arm_and_baseline_has_a_row(quick_run):
-    from stalign.tasks.ablation import arms
+    from stalign.lab.ablation import arms
 
     _, _, rows, _ = quick_run
     assert sorted(rows.loc[rows["arm"] != "baseline", "arm"]) == sorted(arms())
@@ -60,7 +60,7 @@ def test_unknown_arm_is_a_one_line_error(tmp_path):
 
 
 def test_summary_is_mean_and_std_over_seeds():
-    from stalign.tasks.ablation import summarise
+    from stalign.lab.ablation import summarise
 
     rows = [{"method": "a", "seed": s, "recall@1": v, "chance@1": 0.1, "chance@10": 0.5} for s, v in
             enumerate([0.2, 0.4, 0.6])]
@@ -72,7 +72,7 @@ def test_shards_without_context_truth_are_a_one_line_error(tmp_path):
     """Slides made by synth v1 have no domains or context genes: the ablation refuses them before training."""
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
-    from stalign.data.synth import make_synthetic_slide
+    from stalign.lab.synth import make_synthetic_slide
 
     slide = make_synthetic_slide(tmp_path / "v1", n_spots=40, um_per_px=2.0, version=1, progress=False)
     prepare([read_anndata_image(slide.paths["adata"], slide.paths["image"], slide_id=slide.slide_id)],

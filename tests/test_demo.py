@@ -11,7 +11,8 @@ import h5py
 import numpy as np
 import pytest
 
-from stalign.commands import demo, demo_ablation, demo_stages
+from stalign.commands import demo
+from stalign.lab import demo_ablation, demo_stages
 
 TINY = ["--synth-spots", "60", "--synth-um-per-px", "2", "--n-top-genes", "20", "--patch-px", "64",
         "--train-steps", "2", "--split-by", "spot", "--crop-steps", "2", "--crop-folds", "2", "--batch-size", "8", "--heatmap-genes", "2",

@@ -1,4 +1,5 @@
-"""The package layout keeps its dependency order: data -> stofm -> stalign models -> training -> tasks -> commands.
+"""The package layout keeps its dependency order: data -> stofm -> stalign models -> training -> tasks -> lab ->
+commands (``stalign.lab``: synthetic slides, the ablation and the demo stages; only commands import it).
 
 Every import statement of ``stalign/`` and ``stofm/`` (module level, inside functions and under TYPE_CHECKING) is
 read with ``ast``; an import that points up the order, out of standalone ``stofm`` into ``stalign``, or that
@@ -25,9 +26,10 @@ LAYERS = (
     ("stalign.models", 3, "stalign.models"),
     ("stalign.training", 4, "stalign.training"),
     ("stalign.tasks", 5, "stalign.tasks"),
-    ("stalign.commands", 6, "stalign.commands"),
-    ("stalign.cli", 6, "stalign.commands"),
-    ("stalign.__main__", 6, "stalign.commands"),
+    ("stalign.lab", 6, "stalign.lab"),
+    ("stalign.commands", 7, "stalign.commands"),
+    ("stalign.cli", 7, "stalign.commands"),
+    ("stalign.__main__", 7, "stalign.commands"),
 )
 
 

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from stalign.cli import main
-from stalign.data.synth import make_synthetic_slide
-from stalign.data.synth_expression import covered_fraction
-from stalign.data.synth_texture import dark_fraction
+from stalign.lab.synth import make_synthetic_slide
+from stalign.lab.synth_expression import covered_fraction
+from stalign.lab.synth_texture import dark_fraction
 from stofm.util.safe_files import sha256_of
 
 UM_PER_PX = 1.0
@@ -184,7 +184,7 @@ def test_cli_writes_several_slides(tmp_path, capsys):
 
 
 def test_ensure_reuses_an_intact_slide_and_remakes_a_changed_one(slide):
-    from stalign.data.synth import ensure_synthetic_slide, load_synthetic_slide
+    from stalign.lab.synth import ensure_synthetic_slide, load_synthetic_slide
 
     folder = slide.paths["image"].parent
     mtime = slide.paths["image"].stat().st_mtime_ns

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from stalign.cli import main
-from stalign.data.synth import make_synthetic_slide
-from stalign.data.synth_truth import log_normalised, truth_of
+from stalign.lab.synth import make_synthetic_slide
+from stalign.lab.synth_truth import log_normalised, truth_of
 from stofm.util.safe_files import sha256_of
 
 UM_PER_PX = 2.0

@@ -61,7 +61,7 @@ def _export_hest(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from stalign.data.synth import make_synthetic_dataset
+    from stalign.lab.synth import make_synthetic_dataset
 
     if args.report and args.version < 2:
         raise ValueError("--report needs synth v2 (v1 has no context programmes)")
@@ -83,7 +83,7 @@ def _synth(args: argparse.Namespace) -> int:
         for kind, path in s.paths.items():
             print(f"  {kind:6s} {path}  ({path.stat().st_size / 1e6:.1f} MB)")
         if args.report:
-            from stalign.data.synth_truth import report
+            from stalign.lab.synth_truth import report
 
             print(report(s.paths["adata"]))
     return 0

@@ -2,7 +2,7 @@
 
     stalign demo [--out runs/demo] [--stages fetch,prep,train,evaluate,predict,ablation] [--synth-spots 1000]
 
-The stages live in ``stalign.commands.demo_stages``; this module parses the options, runs the chosen stages in
+The stages live in ``stalign.lab.demo_stages``; this module parses the options, runs the chosen stages in
 order under a header with their elapsed time, prints the tables and writes ``<out>/summary.json``.
 """
 from __future__ import annotations
@@ -13,9 +13,9 @@ import sys
 import time
 from pathlib import Path
 
-from stalign.commands import demo_ablation  # noqa: F401  (registers the ablation stage after the others)
-from stalign.commands.demo_stages import STAGES, DemoContext
 from stalign.commands.text_table import format_table
+from stalign.lab import demo_ablation  # noqa: F401  (registers the ablation stage after the others)
+from stalign.lab.demo_stages import STAGES, DemoContext
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

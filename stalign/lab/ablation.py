@@ -3,7 +3,7 @@ spot-driven and context-driven genes (synth v2, docs/synth.md): same data, same 
 
 Each seed draws its own held-out blocks (``split_by: block``: squares with a niche-wide margin, so no training
 crop, niche or neighbour overlaps a held-out spot); every arm of that seed trains on the same training spots from
-the same seed. Measures and baselines: :mod:`stalign.tasks.ablation_eval`. ``benchmarks/ablation.py`` is the
+the same seed. Measures and baselines: :mod:`stalign.lab.ablation_eval`. ``benchmarks/ablation.py`` is the
 command line; ``stalign demo`` runs a short version.
 """
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.tasks.ablation_eval import baseline_features, evaluate_baselines, evaluate_model, shard_truth
+from stalign.lab.ablation_eval import baseline_features, evaluate_baselines, evaluate_model, shard_truth
 
 
 class AblationError(ValueError):
@@ -138,7 +138,7 @@ def make_data(s: AblationSettings) -> Path:
     """Synthetic slides (spot- and context-driven genes, known domains) and their shards, made once."""
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
-    from stalign.data.synth import ensure_synthetic_slide
+    from stalign.lab.synth import ensure_synthetic_slide
 
     samples = []
     for i in range(s.slides):

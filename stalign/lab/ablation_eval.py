@@ -1,4 +1,4 @@
-"""Measures of the ablation (:mod:`stalign.tasks.ablation`) on held-out spots of prepared synthetic slides.
+"""Measures of the ablation (:mod:`stalign.lab.ablation`) on held-out spots of prepared synthetic slides.
 
 Per model: image->gene recall@1/10 on the held-out spots (chance k/N), zero-shot retrieval and few-shot ridge
 Pearson r / MSE **separately for spot-driven and context-driven genes** (the synthetic truth says which), and
@@ -27,11 +27,11 @@ class ShardTruth:
 
 
 def shard_truth(root: str | Path, *, synth_dir: str | Path | None = None) -> ShardTruth:
-    """The synth v2 truth (``stalign.data.synth_truth.truth_of``) of the spots of a shard root, in
+    """The synth v2 truth (``stalign.lab.synth_truth.truth_of``) of the spots of a shard root, in
     ``ShardDataset(root)`` order (``synth_dir``: where the slides' .h5ad files are, if not where prep read them);
     shards of other slides (synth v1, real data) raise ``ValueError``."""
     from stalign.data.shards import read_manifest, read_shard
-    from stalign.data.synth_truth import truth_of
+    from stalign.lab.synth_truth import truth_of
 
     root = Path(root)
     truth = truth_of(root, synth_dir=synth_dir)

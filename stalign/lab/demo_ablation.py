@@ -3,7 +3,7 @@ synthetic slides with spot-driven and context-driven genes; the full table (3 se
 benchmarks/RESULTS.md and docs/model.md."""
 from __future__ import annotations
 
-from stalign.commands.demo_stages import DemoContext, stage
+from stalign.lab.demo_stages import DemoContext, stage
 
 ABLATION_TABLE = "ablation (short): what niche images and three-target fusion add"
 DEMO_ARMS = ("spot", "niche", "project")  # the published model: full table only (its 100 steps took ~10x an arm here)
@@ -14,7 +14,7 @@ def ablation_stage(ctx: DemoContext) -> None:
     """One seed of the spot-only, + niche and three-target (project) arms, plus the baselines."""
     import pandas as pd
 
-    from stalign.tasks.ablation import AblationSettings, run_ablation
+    from stalign.lab.ablation import AblationSettings, run_ablation
 
     a = ctx.args
     s = AblationSettings(out=ctx.out / "ablation", seeds=[0], arms=list(DEMO_ARMS), slides=2,

@@ -62,7 +62,7 @@ def prep_stage(ctx: DemoContext) -> None:
     """Shards for the real crop and for a synthetic slide (separate folders: their genes differ)."""
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
-    from stalign.data.synth import ensure_synthetic_slide
+    from stalign.lab.synth import ensure_synthetic_slide
 
     a = ctx.args
     real = _real_sample(ctx)

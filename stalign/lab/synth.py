@@ -9,9 +9,9 @@
 - ``<slide_id>.truth.json``: the same truth in plain JSON plus sha256 of both files (written last).
 
 Version 2 (default) adds spatial domains, capillaries along a slide gradient and context-driven genes
-(``stalign.data.synth_world``); version 1 (expression from the spot alone) stays byte-identical.
-See ``docs/synth.md``, ``stalign.data.synth_expression`` and ``stalign.data.synth_context`` for the model and
-``stalign.data.synth_truth.truth_of`` for reading the truth back.
+(``stalign.lab.synth_world``); version 1 (expression from the spot alone) stays byte-identical.
+See ``docs/synth.md``, ``stalign.lab.synth_expression`` and ``stalign.lab.synth_context`` for the model and
+``stalign.lab.synth_truth.truth_of`` for reading the truth back.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stalign.data.synth_expression import (
+from stalign.lab.synth_expression import (
     BACKGROUND_LIBRARY,
     DISPERSION,
     LIBRARY_LOG_SD,
@@ -38,8 +38,8 @@ from stalign.data.synth_expression import (
     sample_counts,
     spot_truth,
 )
-from stalign.data.synth_render import build_layout, render_blocks, write_pyramid
-from stalign.data.synth_texture import TISSUE_CLASSES
+from stalign.lab.synth_render import build_layout, render_blocks, write_pyramid
+from stalign.lab.synth_texture import TISSUE_CLASSES
 from stofm.util.safe_files import sha256_of
 
 FORMAT = "stalign-synthetic"
@@ -74,7 +74,7 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
 
     ``panel_seed`` fixes the gene programmes (shared by slides of one data set); ``seed`` draws the tissue.
     ``version=2`` (default): spatial domains (``n_domains``, ``domain_layout`` "layers" or "islands") and
-    context-driven genes next to the spot-driven ones (``stalign.data.synth_world``); ``version=1``: expression
+    context-driven genes next to the spot-driven ones (``stalign.lab.synth_world``); ``version=1``: expression
     depends on the spot alone, byte-identical to the files this generator wrote before v2 existed.
     """
     _check(n_spots=n_spots, um_per_px=um_per_px, n_classes=n_classes, programme_factor=programme_factor,
@@ -82,8 +82,8 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
     if version not in VERSIONS:
         raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
     if version == 2:
-        from stalign.data.synth_context import make_context_panel
-        from stalign.data.synth_domains import DOMAIN_LAYOUTS, make_domains
+        from stalign.lab.synth_context import make_context_panel
+        from stalign.lab.synth_domains import DOMAIN_LAYOUTS, make_domains
 
         if domain_layout not in DOMAIN_LAYOUTS:
             raise ValueError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
@@ -110,7 +110,7 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
         truth_obs = spot_truth(layout, centres)
         counts, size = sample_counts(panel, truth_obs, expr_rng)
     else:
-        from stalign.data.synth_world import build_world
+        from stalign.lab.synth_world import build_world
 
         world = build_world(width_um=width_um, height_um=height_um, array_box=box, centres_um=centres,
                             classes=classes, um_per_px=um_per_px, n_genes=n_genes, programme_factor=programme_factor,
@@ -139,7 +139,7 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
         "genes": _panel_records(panel),
     }
     if world is not None:
-        from stalign.data.synth_world import FORMULA_V2, gene_records, spot_table
+        from stalign.lab.synth_world import FORMULA_V2, gene_records, spot_table
 
         truth["model"]["formula"] = FORMULA_V2
         truth["genes"] = gene_records(panel)
@@ -206,7 +206,7 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
                         "base_rate": panel.base, "class_factor": panel.factor, "beta_density": panel.beta,
                         "gamma_holes": panel.gamma}, index=pd.Index(panel.names, name="gene"))
     if world is not None:  # synth v2: domains, context drivers, gene drivers
-        from stalign.data.synth_world import extra_obs, extra_var
+        from stalign.lab.synth_world import extra_obs, extra_var
 
         obs = obs.assign(**extra_obs(world))
         var = var.assign(**extra_var(world))

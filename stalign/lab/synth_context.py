@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stalign.data.synth_domains import ContextMaps, Domain
-from stalign.data.synth_expression import (
+from stalign.lab.synth_domains import ContextMaps, Domain
+from stalign.lab.synth_expression import (
     NAF_REF,
     NAF_SCALE,
     PITCH_UM,
@@ -29,7 +29,7 @@ from stalign.data.synth_expression import (
     expression_rates,
     make_panel,
 )
-from stalign.data.synth_render import SlideLayout
+from stalign.lab.synth_render import SlideLayout
 
 CONTEXT_UM = 300.0  # diameter of the disc whose class composition drives the niche genes
 BOUNDARY_SCALE_UM = 100.0

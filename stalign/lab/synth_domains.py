@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stalign.data.synth_render import (
+from stalign.lab.synth_render import (
     Points,
     SlideLayout,
     _scatter,
@@ -22,7 +22,7 @@ from stalign.data.synth_render import (
     populate_layout,
     tissue_outline,
 )
-from stalign.data.synth_texture import TissueClass, ellipse_bank, smooth_noise
+from stalign.lab.synth_texture import TissueClass, ellipse_bank, smooth_noise
 
 DOMAIN_LAYOUTS = ("layers", "islands")
 DOMINANT_WEIGHT = 0.75  # share of a domain's dominant class in its mixture

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from stalign.data.synth_render import SlideLayout, hole_radii
+from stalign.lab.synth_render import SlideLayout, hole_radii
 
 SPOT_DIAMETER_UM = 55.0
 PITCH_UM = 100.0

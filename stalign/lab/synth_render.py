@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from stalign.data.synth_texture import (
+from stalign.lab.synth_texture import (
     StampBank,
     TissueClass,
     ellipse_bank,

@@ -143,7 +143,7 @@ def _driver_matrix(adata, gene: str) -> np.ndarray:
     if var.startswith("domain=="):
         return (obs["domain"].astype(str).to_numpy() == var[len("domain=="):]).astype(float)[:, None]
     if var == "nuclear_area_fraction":
-        from stalign.data.synth_expression import NAF_REF, NAF_SCALE
+        from stalign.lab.synth_expression import NAF_REF, NAF_SCALE
 
         return np.clip((obs[var].to_numpy(float) - NAF_REF) / NAF_SCALE, -4, 6)[:, None]
     return obs[var].to_numpy(float)[:, None]

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from stalign.data.synth_context import (
+from stalign.lab.synth_context import (
     BOUNDARY_SCALE_UM,
     CONTEXT_UM,
     LIGAND_CAP,
@@ -20,7 +20,7 @@ from stalign.data.synth_context import (
     ligand_class,
     make_context_panel,
 )
-from stalign.data.synth_domains import (
+from stalign.lab.synth_domains import (
     PATCH_UM,
     VESSEL_GRADIENT,
     VESSELS_PER_MM2,
@@ -28,9 +28,9 @@ from stalign.data.synth_domains import (
     build_context_layout,
     make_domains,
 )
-from stalign.data.synth_expression import counts_from_rates, spot_truth
-from stalign.data.synth_render import SlideLayout
-from stalign.data.synth_texture import TissueClass
+from stalign.lab.synth_expression import counts_from_rates, spot_truth
+from stalign.lab.synth_render import SlideLayout
+from stalign.lab.synth_texture import TissueClass
 
 BACKGROUND = "background"
 FORMULA_V2 = ("log rate = log base + log(factor) * [class == programme_class] + beta * (naf - naf_ref) / naf_scale "
