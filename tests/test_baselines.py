@@ -52,8 +52,7 @@ def test_splits_and_knn():
 
 
 def test_colour_and_imagenet_features_on_real_crops(squidpy_crop, fetched, crop):
-    slide_mod = pytest.importorskip("stalign.data.slide")
-    pytest.importorskip("stalign.models.image_encoders")
+    import stalign.data.slide as slide_mod
     from stalign.tasks.baselines import image_features
 
     fetched("efficientnet-lite0")

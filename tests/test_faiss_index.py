@@ -34,7 +34,6 @@ def data():
 
 @pytest.mark.parametrize("kind", ["ivf", "hnsw"])
 def test_index_recall_and_exact_scores(data, kind):
-    pytest.importorskip("faiss")
     emb, queries, expr, (exact_sims, exact_idx) = data
     bank = ReferenceBank(embeddings=emb * 3.0, expression=expr, genes=["a", "b", "c"])  # not unit: cosine anyway
     sims, idx = bank.topk(queries, 50, index=kind)
@@ -51,7 +50,6 @@ def test_index_recall_and_exact_scores(data, kind):
 
 
 def test_index_is_cached_beside_the_bank_reused_and_refused_for_other_contents(data, tmp_path, monkeypatch):
-    pytest.importorskip("faiss")
     emb, queries, expr, _ = data
     folder = ReferenceBank(embeddings=emb, expression=expr, genes=["a", "b", "c"]).save(tmp_path / "bank")
     first = ReferenceBank.load(folder)
@@ -80,7 +78,6 @@ def test_index_is_cached_beside_the_bank_reused_and_refused_for_other_contents(d
 
 
 def test_auto_picks_faiss_only_for_huge_banks(data, monkeypatch):
-    pytest.importorskip("faiss")
     emb, queries, expr, (_, exact_idx) = data
     assert choose_index("auto", 10_000_000) == "ivf" and choose_index("auto", 1000) == "flat"
     with pytest.raises(ValueError, match="index must be one of"):
@@ -104,7 +101,6 @@ def test_missing_faiss_is_one_clear_error_and_auto_stays_exact(data, monkeypatch
 
 
 def test_commands_build_the_index_with_the_bank_and_search_through_it(predict_setup, tmp_path, capsys):
-    pytest.importorskip("faiss")
     from stalign.cli import main
 
     s = predict_setup

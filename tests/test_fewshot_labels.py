@@ -8,8 +8,6 @@ import re
 import numpy as np
 import pytest
 
-pytest.importorskip("stalign.models.factory")
-pytest.importorskip("stalign.data.pipeline")
 
 
 def _predict_tests():

@@ -105,8 +105,6 @@ GENE_KINDS = {
 
 @pytest.mark.parametrize("kind", sorted(GENE_KINDS))
 def test_every_gene_encoder_kind_trains(kind: str) -> None:
-    if GENE_KINDS[kind]["encoder"] == "stofm":
-        pytest.importorskip("stofm.cell_encoder")  # the stofm cell encoder lands separately
     torch.manual_seed(0)
     model = stalign.create_model("stalign-tiny", n_genes=G, gene=GENE_KINDS[kind])
     check_trains(model, make_batch(virtual="se2" in kind))
@@ -232,7 +230,6 @@ def test_pretrained_backbone_file_goes_to_both_image_encoders(tmp_path: Path) ->
 
 def test_real_shard_batch_with_virtual_cells_trains(small_shards) -> None:
     """A ShardDataset batch of the real Visium crop (+ the slide's virtual cells) through the SToFM gene path."""
-    pytest.importorskip("stofm.cell_encoder")
     from stalign.data.dataset import ShardDataset, collate
 
     ds = ShardDataset(small_shards("squidpy"), niche_spots=8)
@@ -255,7 +252,6 @@ def test_real_shard_batch_with_virtual_cells_trains(small_shards) -> None:
 
 
 def test_checkpoint_of_a_stofm_folder_model_loads_without_the_folder(tmp_path: Path) -> None:
-    pytest.importorskip("stofm.cell_encoder")
     import shutil
 
     import stofm
@@ -276,7 +272,6 @@ def test_checkpoint_of_a_stofm_folder_model_loads_without_the_folder(tmp_path: P
 
 def test_frozen_pretrained_stofm_gene_side_does_not_train(tmp_path: Path) -> None:
     """``encoder_kwargs.freeze``: a pretrained SToFM used as a fixed gene encoder (cell encoder and SE(2))."""
-    pytest.importorskip("stofm.cell_encoder")
     import stofm
 
     genes = [f"g{i}" for i in range(G)]

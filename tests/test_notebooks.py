@@ -11,8 +11,6 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytest.importorskip("nbclient")
 pytest.importorskip("scanpy")
-pytest.importorskip("stalign.models.factory")
-pytest.importorskip("stalign.data.pipeline")
 
 
 def _run(name: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, crop: Path) -> tuple[list, str]:

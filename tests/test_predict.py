@@ -5,8 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("stalign.models.factory")
-pytest.importorskip("stalign.data.pipeline")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-pytest.importorskip("stalign.models.factory")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 
-pytest.importorskip("stofm.cell_encoder")  # the other developer's cell encoders
 
 import stofm
 from stofm.subslice import CoordinateError

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("stofm.cell_encoder")  # the other developer's cell encoders
 
 from stofm.pretrain import batch_items, load_config, pretrain
 

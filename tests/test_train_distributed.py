@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("stalign.models.factory")  # another developer's module; skipped only until it lands
 
 REPO = Path(__file__).resolve().parents[1]
 # Exact equality needs a model whose forward does not depend on how the batch is split: no dropout (per-process

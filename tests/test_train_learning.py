@@ -6,7 +6,6 @@ import csv
 
 import pytest
 
-pytest.importorskip("stalign.models.factory")  # another developer's module; skipped only until it lands
 
 
 def test_heldout_image_to_gene_recall_rises_well_above_chance(small_shards, tmp_path):

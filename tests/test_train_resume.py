@@ -6,7 +6,6 @@ import csv
 
 import pytest
 
-pytest.importorskip("stalign.models.factory")  # another developer's module; skipped only until it lands
 
 TINY = "configs/tiny_test.yaml"
 
