@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from stalign.commands.predict import add_run_args
+from stalign.commands.common_args import add_run_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:

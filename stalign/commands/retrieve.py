@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.predict import add_index_args, add_run_args, add_slide_args, index_args, slide_coords
+from stalign.commands.common_args import add_index_args, add_run_args, add_slide_args, index_args, slide_coords
 
 
 def register(sub: argparse._SubParsersAction) -> None:
