@@ -18,6 +18,7 @@ _LAZY = {
     "ThreeTargetLoss": "stalign.training.losses",
     "create_image_encoder": "stalign.models.image_encoders",
     "push_to_hub": "stalign.models.hub",
+    "StalignError": "stofm.util.errors",  # base of every user-facing error (docs/ARCHITECTURE.md, Errors)
 }
 
 

@@ -19,6 +19,8 @@ _LAZY = {
     "virtual_cells": "stofm.virtual_cells",
     "SE2Transformer": "stofm.se2",
     "tile_slide": "stofm.subslice",
+    "StalignError": "stofm.util.errors",
+    "StofmError": "stofm.util.errors",
 }
 
 __all__ = list(_LAZY)

@@ -12,11 +12,8 @@ import math
 
 import numpy as np
 
+from stofm.util.errors import CoordinateError
 from stofm.util.geometry import DIAMETER, slide_diameter
-
-
-class CoordinateError(ValueError):
-    """Missing, malformed or non-finite coordinates."""
 
 
 def check_coords(coords: np.ndarray, *, what: str = "coordinates") -> np.ndarray:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
+from stofm.util.errors import StofmError
 from stofm.vocab import GeneVocab
 
 if TYPE_CHECKING:
@@ -23,7 +24,7 @@ InputKind = Literal["counts", "log1p"]
 TARGET_SUM = 1e4
 
 
-class TokenizeError(ValueError):
+class TokenizeError(StofmError, ValueError):
     """Expression input that cannot be tokenised."""
 
 

@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 
+from stofm.util.errors import StofmError
+
 SPECIAL_TOKENS = ("<pad>", "<cls>", "<mask>", "<unk>")
 VOCAB_FORMAT = "stofm-gene-vocab"
 
 
-class GeneVocabError(ValueError):
+class GeneVocabError(StofmError, ValueError):
     """A vocabulary file or a gene list could not be used."""
 
 

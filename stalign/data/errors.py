@@ -1,14 +1,21 @@
 """Errors raised on bad input anywhere in ``stalign.data``.
 
-Every error derives from :class:`DataPrepError` (a ``ValueError``) and its message names the file and the
-problem, so a user can fix the input without reading a traceback.
+Every error derives from :class:`DataPrepError` (a ``ValueError``, an ``InputError`` of ``stofm.util.errors``) and
+its message names the file and the problem, so a user can fix the input without reading a traceback. Coordinate
+problems raise :class:`CoordinateError`, the one class shared with ``stofm`` (``stofm.util.errors``, re-exported
+here; not a ``DataPrepError``: catch both where a slide's bad input is collected).
 """
 from __future__ import annotations
 
 from collections.abc import Iterable
 
+from stofm.util.errors import CoordinateError, InputError
 
-class DataPrepError(ValueError):
+__all__ = ["BarcodeError", "CoordinateError", "DataPrepError", "ExpressionError", "GeneNameError", "PixelSizeError",
+           "SlideError", "examples"]
+
+
+class DataPrepError(InputError):
     """Bad input to data preparation: the message names the file and the problem."""
 
 
@@ -18,10 +25,6 @@ class SlideError(DataPrepError):
 
 class PixelSizeError(DataPrepError):
     """No trustworthy pixel size (µm/px) for a slide, or an invalid one was given."""
-
-
-class CoordinateError(DataPrepError):
-    """Spot coordinates are missing, not finite, or outside the image."""
 
 
 class BarcodeError(DataPrepError):

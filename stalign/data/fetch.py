@@ -15,6 +15,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from stofm.util.errors import StalignError
 from stofm.util.safe_files import sha256_of
 
 
@@ -83,7 +84,7 @@ DATASETS: dict[str, RemoteArchive] = {
 }
 
 
-class FetchError(RuntimeError):
+class FetchError(StalignError, RuntimeError):
     """A data set could not be fetched or did not verify."""
 
 

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from stalign.lab.ablation_eval import baseline_features, evaluate_baselines, evaluate_model, shard_truth
+from stofm.util.errors import InputError
 
 
-class AblationError(ValueError):
+class AblationError(InputError):
     """A bad ablation request (unknown arm, data without ground truth, incompatible settings)."""
 
 

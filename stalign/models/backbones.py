@@ -16,17 +16,19 @@ from typing import Any
 import torch
 from torch import nn
 
+from stofm.util.errors import InputError
+
 IMAGE_ENCODERS: dict[str, Callable[..., Backbone]] = {}
 PREFIX_BUILDERS: dict[str, Callable[..., Backbone]] = {}
 CHECKPOINT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-class UnknownImageEncoderError(ValueError):
+class UnknownImageEncoderError(InputError):
     """An image encoder spec that no registry entry, prefix or local file matches."""
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(InputError):
     """A state dict that does not fit the architecture it is loaded into."""
 
 

@@ -3,8 +3,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from stofm.util.errors import InputError
 
-class GenePanelError(ValueError):
+
+class GenePanelError(InputError):
     """Expression over one gene panel used where another one was expected, or genes missing from a panel."""
 
 

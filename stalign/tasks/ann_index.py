@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError, MissingDependencyError
+
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 #: ``index="auto"`` uses IVF for banks of at least this many rows when faiss is installed (exact brute force
 #: below). At 1M x 256 on a 2-core CPU brute force answers ~55 queries/s, IVF (nprobe 64) ~340 at recall 1.0
@@ -25,11 +27,11 @@ INDEX_FORMAT = "stalign-faiss-index"
 _CHUNK = 262_144  # rows normalised and added at a time (bounded extra memory)
 
 
-class FaissMissingError(RuntimeError):
+class FaissMissingError(MissingDependencyError, RuntimeError):
     """An IVF/HNSW index was asked for but faiss is not installed."""
 
 
-class IndexMismatchError(ValueError):
+class IndexMismatchError(InputError):
     """A cached index was built for other bank contents or parameters."""
 
 

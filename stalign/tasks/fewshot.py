@@ -10,6 +10,7 @@ import numpy as np
 
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
+from stofm.util.errors import InputError
 
 
 class ExpressionProbe:
@@ -234,7 +235,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     return head
 
 
-class SpotLabelsError(ValueError):
+class SpotLabelsError(InputError):
     """A region-label file that cannot be matched to the shard spots or cannot train a classifier."""
 
 

@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import StalignError
+
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train_idx, test_idx) -> (n_test, G)
 
 
-class LeakageError(AssertionError):
+class LeakageError(StalignError, AssertionError):
     """A patient/slide (group) ended up on both sides of a split."""
 
 

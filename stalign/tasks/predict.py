@@ -11,12 +11,13 @@ from typing import Any
 import numpy as np
 
 from stalign.tasks.retrieval import gene_indices
+from stofm.util.errors import InputError
 
 DEFAULT_SPOT_UM, DEFAULT_NICHE_UM, DEFAULT_PATCH_PX = 112.0, 336.0, 224  # as `stalign prep`
 DEFAULT_RESAMPLE = "lanczos"  # the crop filter of shards whose manifest does not record one
 
 
-class NoTissueError(ValueError):
+class NoTissueError(InputError):
     """The slide shows no tissue to predict on."""
 
 

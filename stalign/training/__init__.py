@@ -13,7 +13,7 @@ _LAZY = {
     "train": "stalign.training.trainer",
     "train_from_config": "stalign.training.trainer",
     "TrainResult": "stalign.training.trainer",
-    "NonFiniteLossError": "stalign.training.trainer",
+    "NonFiniteLossError": "stofm.util.errors",
     "retrieval_metrics": "stalign.training.metrics",
 }
 

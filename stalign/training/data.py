@@ -9,8 +9,10 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
 
-class EmptyDataError(ValueError):
+
+class EmptyDataError(InputError):
     """No spots (or too few for one batch) to train or validate on."""
 
 

@@ -25,6 +25,7 @@ from stalign.training.distributed import (
     gather_sizes,
     rank_and_world,
 )
+from stofm.util.errors import InputError, NonFiniteLossError
 
 TARGETS = {  # term -> (features a, features b)
     "spot_loss": ("spot_image_features", "spot_gene_features"),
@@ -40,11 +41,7 @@ PAIRED_TARGETS = {  # term -> (query, positive key, negative keys (B, M, E))
 }
 
 
-class NonFiniteLossError(ValueError):
-    """The loss (or its inputs) is NaN or infinite."""
-
-
-class EmptyBatchError(ValueError):
+class EmptyBatchError(InputError):
     """A batch without rows reached the loss."""
 
 

@@ -13,10 +13,7 @@ from stalign.training.config import TrainConfig, resolve_config, write_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
 from stofm.util import checkpointing as ckpt
 from stofm.util.accelerate_state import fresh_accelerate_state
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training produced a NaN/inf loss or gradient; the message names the step and the last good checkpoint."""
+from stofm.util.errors import NonFiniteLossError
 
 
 @dataclasses.dataclass

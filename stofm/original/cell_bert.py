@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stofm.util.errors import StofmError
+
 MAX_TOKENS = 2048
 _ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
 
 
-class _Refused(pickle.UnpicklingError):
+class _Refused(StofmError, pickle.UnpicklingError):
     """A pickle that asks for anything beyond numbers and strings."""
 
 

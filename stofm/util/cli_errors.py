@@ -1,29 +1,64 @@
-"""Dispatch of a parsed command line with user-facing errors as one line (``--debug`` keeps the traceback);
-shared by the ``stofm`` and ``stalign`` commands."""
+"""Dispatch of a parsed command line, shared by the ``stalign`` and ``stofm`` commands (and the ``data_prep``
+scripts).
+
+What a failing command prints:
+
+- a :class:`~stofm.util.errors.StalignError` (bad input, flags, settings or files; a missing optional package; a
+  machine that cannot do what was asked): one line ``PROG COMMAND: error: MESSAGE``, exit code 1;
+- an ``OSError`` (a missing, unreadable or unwritable file, a full disk; its message names the file) and running
+  out of memory (``MemoryError``, torch's ``OutOfMemoryError``): also one line, exit code 1. These come from the
+  machine and the files, not from a bug, and are raised by Python and the libraries themselves, so they are not
+  wrapped into project errors one by one;
+- anything else (a plain ``ValueError``, ``RuntimeError``, ``KeyError``, ...) is a bug: the traceback, then one
+  line asking to report it with the traceback and the command line, exit code 1;
+- ``--debug``: every error is raised with its traceback; Ctrl-C: ``interrupted``, exit code 130.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
-#: What a user's input can cause: a one-line message instead of a traceback (OSError: unreadable, unwritable or
-#: damaged files, a full disk; the message names the file).
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError, RuntimeError)
+from stofm.util.errors import StalignError
+
+#: What the user or the machine can cause: a one-line message instead of a traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (StalignError, OSError, MemoryError)
+
+
+def _is_user_error(err: BaseException) -> bool:
+    # torch.OutOfMemoryError (a RuntimeError) without importing torch
+    return isinstance(err, USER_ERRORS) or type(err).__name__ == "OutOfMemoryError"
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stalign")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without an install
+        return "(version unknown)"
 
 
 def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, prog: str) -> int:
-    """Dispatch parsed ``args`` to their ``func``; returns the exit code (1 after a user-facing error)."""
+    """Dispatch parsed ``args`` to their ``func``; returns the exit code (1 after an error)."""
     command = getattr(args, "command", None)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0 if command is None else 2
+    where = f"{prog}{' ' + command if command else ''}"
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as err:  # user-facing errors: no traceback
+    except Exception as err:
         if getattr(args, "debug", False):
             raise
-        message = " ".join(str(err).split()) or type(err).__name__  # one line
-        print(f"{prog}{' ' + command if command else ''}: error: {message}", file=sys.stderr)
+        if _is_user_error(err):  # the user's input or the machine: no traceback
+            message = " ".join(str(err).split()) or type(err).__name__  # one line
+            print(f"{where}: error: {message}", file=sys.stderr)
+            return 1
+        traceback.print_exc()
+        print(f"{where}: error: this is a bug in stalign {_version()} ({type(err).__name__}); please report it "
+              "with the traceback above and the command line", file=sys.stderr)
         return 1

@@ -4,8 +4,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
 
-class ConfigError(ValueError):
+
+class ConfigError(InputError):
     """A run config that cannot be used (unknown key, wrong type, malformed file)."""
 
 

@@ -9,10 +9,12 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
+
 PathLike = str | os.PathLike
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(InputError):
     """A file that exists but cannot be used: truncated, garbage, wrong format, non-finite values, bad checksum."""
 
 
