@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from stofm.subslice import CoordinateError, check_coords, scale_to_diameter, tile_slide
+from stofm.util.errors import InputError
 
 
 @dataclass
@@ -39,7 +40,7 @@ def slide_inputs(adata: Any, *, layer: str | None = None, spatial_key: str = "sp
     coords = check_coords(np.asarray(adata.obsm[spatial_key])[:, :2], what=f"{where}.obsm[{spatial_key!r}]")
     X = adata.layers[layer] if layer is not None else adata.X
     if X is None:
-        raise ValueError(f"{where} has no expression matrix (X is None)")
+        raise InputError(f"{where} has no expression matrix (X is None)")
     genes = list(map(str, adata.var[gene_key] if gene_key else adata.var_names))
     if input_kind == "auto":
         input_kind = "counts" if _looks_like_counts(X) else "log1p"
@@ -72,7 +73,7 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
                                           input_kind=input_kind, where=where)
     matched = len(set(model.genes) & set(genes))
     if matched == 0:
-        raise ValueError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of {where} "
+        raise InputError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of {where} "
                          f"(e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
                          "try gene_key='gene_ids'")
     device = next(model.parameters()).device
@@ -114,7 +115,7 @@ def _model_frame(coords: np.ndarray, geometry: str) -> tuple[np.ndarray, float]:
     if geometry == "diameter":
         return scale_to_diameter(coords)
     if geometry != "bbox":
-        raise ValueError(f"geometry must be 'diameter' or 'bbox', got {geometry!r}")
+        raise InputError(f"geometry must be 'diameter' or 'bbox', got {geometry!r}")
     from stofm.original.pipeline import normalize_coords
     from stofm.util.geometry import bbox_units_per_um
 
@@ -152,7 +153,7 @@ def _autocast(device: Any, dtype: str | None):
     if dtype in (None, "fp32", "float32"):
         return contextlib.nullcontext()
     if dtype not in ("bf16", "bfloat16"):
-        raise ValueError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
+        raise InputError(f"dtype must be 'fp32' or 'bf16', got {dtype!r}")
     return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
 
 
@@ -219,7 +220,7 @@ def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np
     else:
         nb = np.asarray(neighbors)
         if nb.ndim != 2 or nb.shape[0] != n or (nb >= n).any():
-            raise ValueError(f"neighbors must be (N={n}, K) indices < {n}, got shape {nb.shape}")
+            raise InputError(f"neighbors must be (N={n}, K) indices < {n}, got shape {nb.shape}")
     out = torch.empty(n, model.dim, dtype=torch.float32)
     with torch.no_grad(), _autocast(slide.coords.device, dtype):
         for start in tqdm(range(0, n, batch_size), desc="stofm niches", disable=not progress):

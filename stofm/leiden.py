@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 MISSING = "Leiden clustering needs igraph: pip install 'stalign[leiden]'"
 
 
@@ -34,7 +36,7 @@ def knn(x: Any, n_neighbors: int, *, chunk: int = 2048) -> tuple[np.ndarray, np.
     n = t.shape[0]
     k = min(int(n_neighbors), n - 1)
     if k < 1:
-        raise ValueError(f"a kNN graph needs at least 2 points, got {n}")
+        raise InputError(f"a kNN graph needs at least 2 points, got {n}")
     idx, dist = [], []
     for s in range(0, n, chunk):
         d = torch.cdist(t[s:s + chunk], t)
@@ -80,7 +82,7 @@ def leiden_graph(g: Any, *, resolution: float = 1.0, seed: int = 0, n_iterations
 def leiden(x: Any, *, resolution: float = 1.0, n_neighbors: int = 15, seed: int = 0) -> np.ndarray:
     """Leiden labels (N,) of the rows of ``x`` at a given ``resolution``."""
     if resolution <= 0:
-        raise ValueError(f"resolution must be > 0, got {resolution}")
+        raise InputError(f"resolution must be > 0, got {resolution}")
     return leiden_graph(knn_graph(x, n_neighbors), resolution=resolution, seed=seed)
 
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from stofm.original.masking import IGNORE, mask_batch
 from stofm.original.pipeline import SubSlice, distance_matrix
+from stofm.util.errors import InputError
 
 
 def tile_subslices(slide: Any) -> list[SubSlice]:
@@ -45,7 +46,7 @@ def mlm_outputs(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``SToFMForMaskedLM.forward`` with the model's SE(2) (``model.se2.model``), ``cell_head`` (``lm_head``) and
     ``dist_head`` (``pair_head``): ``logits``, ``loss`` (MCM), ``pair_pred``, ``pair_loss`` (PDR)."""
     if getattr(model, "arch", "project") != "original":
-        raise ValueError("the original objective needs a stofm-original model (se2 arch 'original')")
+        raise InputError("the original objective needs a stofm-original model (se2 arch 'original')")
     dev = next(model.parameters()).device
     out = model.se2.model(batch["token_embeddings"].to(dev), batch["attn_bias"].to(dev),
                           batch["token_types"].to(dev))

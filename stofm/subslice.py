@@ -12,7 +12,7 @@ import math
 
 import numpy as np
 
-from stofm.util.errors import CoordinateError
+from stofm.util.errors import CoordinateError, InputError
 from stofm.util.geometry import DIAMETER, slide_diameter
 
 
@@ -47,10 +47,10 @@ def tile_slide(coords: np.ndarray, *, cells_per_tile: int = 1000, max_cells: int
     position, into chunks.
     """
     if cells_per_tile < 1:
-        raise ValueError(f"cells_per_tile must be >= 1, got {cells_per_tile}")
+        raise InputError(f"cells_per_tile must be >= 1, got {cells_per_tile}")
     limit = int(max_cells) if max_cells is not None else max(1, int(math.ceil(1.5 * cells_per_tile)))
     if limit < 1:
-        raise ValueError(f"max_cells must be >= 1, got {max_cells}")
+        raise InputError(f"max_cells must be >= 1, got {max_cells}")
     xy = scale_to_diameter(coords)[0] if scale else check_coords(coords) - check_coords(coords).min(axis=0)
     n = len(xy)
     span = xy.max(axis=0)

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from stofm.subslice import check_coords
+from stofm.util.errors import InputError
 
 XY_WEIGHT, EMB_WEIGHT = 0.2, 0.8
 
@@ -37,7 +38,7 @@ def virtual_cells(coords: Any, emb: Any, n_clusters: int, *, method: str = "kmea
     if not torch.isfinite(e).all():
         raise ValueError("embeddings contain NaN/inf values")
     if n_clusters < 1:
-        raise ValueError(f"n_clusters must be >= 1, got {n_clusters}")
+        raise InputError(f"n_clusters must be >= 1, got {n_clusters}")
     xy = torch.as_tensor(xy_np, dtype=torch.float64, device=dev)
     feats = clustering_features(xy, e, n_pcs=n_pcs)
     if method == "kmeans":
@@ -45,7 +46,7 @@ def virtual_cells(coords: Any, emb: Any, n_clusters: int, *, method: str = "kmea
     elif method == "leiden":
         labels = torch.as_tensor(leiden(feats, n_clusters, seed=seed), device=dev)
     else:
-        raise ValueError(f"unknown clustering method {method!r}; use 'kmeans' or 'leiden'")
+        raise InputError(f"unknown clustering method {method!r}; use 'kmeans' or 'leiden'")
     labels = torch.unique(labels, return_inverse=True)[1]  # drop empty clusters, labels 0..V-1
     n = int(labels.max()) + 1
     counts = torch.bincount(labels, minlength=n).to(torch.float64)[:, None]

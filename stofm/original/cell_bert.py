@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stofm.util.errors import StofmError
+from stofm.util.errors import InputError, StofmError
 
 MAX_TOKENS = 2048
 _ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
@@ -53,15 +53,15 @@ def read_dictionary(path: str | os.PathLike, *, what: str = "gene dictionary") -
         else:
             raw = json.loads(path.read_text())
     except _Refused as err:
-        raise ValueError(f"{path}: {what}: {err}") from None
+        raise InputError(f"{path}: {what}: {err}") from None
     except (pickle.UnpicklingError, EOFError, ValueError, UnicodeDecodeError, TypeError, AttributeError) as err:
-        raise ValueError(f"{path}: {what} is damaged or not a dictionary ({type(err).__name__}: {err})") from None
+        raise InputError(f"{path}: {what} is damaged or not a dictionary ({type(err).__name__}: {err})") from None
     if not isinstance(raw, dict) or not all(isinstance(k, str) for k in raw):
-        raise ValueError(f"{path}: {what} must map gene ids (str) to numbers, got {type(raw).__name__}")
+        raise InputError(f"{path}: {what} must map gene ids (str) to numbers, got {type(raw).__name__}")
     out = {}
     for key, value in raw.items():
         if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool):
-            raise ValueError(f"{path}: {what} value of {key!r} is {type(value).__name__}, not a number")
+            raise InputError(f"{path}: {what} value of {key!r} is {type(value).__name__}, not a number")
         out[key] = value.item() if isinstance(value, np.generic) else value
     return out
 
@@ -90,7 +90,7 @@ class GeneformerTokenizer:
             raise ValueError(f"counts must be (cells, {len(genes)} genes), got {counts.shape}")
         cols = np.asarray([i for i, g in enumerate(genes) if g in self.medians and g in self.token_dict], np.int64)
         if len(cols) == 0:
-            raise ValueError(f"none of the {len(genes)} genes (e.g. {genes[:3]}) is in the Geneformer dictionaries; "
+            raise InputError(f"none of the {len(genes)} genes (e.g. {genes[:3]}) is in the Geneformer dictionaries; "
                              "Geneformer expects Ensembl ids (var['gene_ids'])")
         n_counts = counts.sum(1).astype(np.float64)
         medians = np.asarray([self.medians[genes[c]] for c in cols], np.float64)
@@ -128,7 +128,7 @@ class CellBert(nn.Module):
     def encode_counts(self, counts: Any, genes: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
         """(N, out_dim) float32 embeddings of the cells of a counts matrix over ``genes`` (Ensembl ids)."""
         if self.tokenizer is None:
-            raise ValueError("this cell encoder was loaded without Geneformer dictionaries")
+            raise InputError("this cell encoder was loaded without Geneformer dictionaries")
         tokens = self.tokenizer.rank_tokens(counts, genes)
         device = next(self.parameters()).device
         out = []
@@ -156,12 +156,12 @@ def load_cell_bert(folder: str | os.PathLike, *, proj: str | os.PathLike | None 
     try:
         bert = _quiet_from_pretrained(BertModel, folder)
     except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{folder}: cannot load the BertModel ({' '.join(str(err).split())[:300]})") from None
+        raise InputError(f"{folder}: cannot load the BertModel ({' '.join(str(err).split())[:300]})") from None
     proj_path = Path(proj) if proj else _first(folder, ("cell_proj.safetensors", "cell_proj.bin", "cell_proj.pth"))
     sd = load_state_dict(proj_path, what="cell projection")
     sd = {k.removeprefix("pooler.proj."): v for k, v in sd.items()}
     if set(sd) != {"weight", "bias"} or sd["weight"].shape[1] != bert.config.hidden_size:
-        raise ValueError(f"{proj_path}: expected a Linear({bert.config.hidden_size}, D) state dict (weight, bias), "
+        raise InputError(f"{proj_path}: expected a Linear({bert.config.hidden_size}, D) state dict (weight, bias), "
                          f"got {[(k, tuple(v.shape)) for k, v in sd.items()]}")
     linear = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
     linear.load_state_dict(sd)
@@ -172,7 +172,7 @@ def load_cell_bert(folder: str | os.PathLike, *, proj: str | os.PathLike | None 
     if td is not None and md is not None:
         tok = GeneformerTokenizer.from_files(td, md)
         if tok.cls_id >= bert.config.vocab_size:
-            raise ValueError(f"{td}: <cls> id {tok.cls_id} is outside the BERT vocabulary ({bert.config.vocab_size})")
+            raise InputError(f"{td}: <cls> id {tok.cls_id} is outside the BERT vocabulary ({bert.config.vocab_size})")
     return CellBert(bert.eval(), linear, tok).eval()
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from stofm.original.se2 import OriginalSE2, OriginalSE2Config, OriginalSE2ForMaskedLM
+from stofm.util.errors import InputError
 from stofm.util.safe_files import load_state_dict
 
 FORMAT = "stofm-original"
@@ -29,7 +30,7 @@ def infer_config(sd: dict[str, torch.Tensor]) -> OriginalSE2Config:
                                  ffn_embedding_dim=sd["encoder.layers.0.fc1.weight"].shape[0],
                                  gaussian_hidden_dim=sd["gaussian.means.weight"].shape[1])
     except KeyError as err:
-        raise ValueError(f"not an SToFM SE(2) state dict: no {err.args[0]!r} (keys e.g. {sorted(sd)[:5]})") from None
+        raise InputError(f"not an SToFM SE(2) state dict: no {err.args[0]!r} (keys e.g. {sorted(sd)[:5]})") from None
 
 
 def load_original(path: str | os.PathLike, *, config: str | os.PathLike | dict | None = None,
@@ -53,7 +54,7 @@ def load_original(path: str | os.PathLike, *, config: str | os.PathLike | dict |
     try:
         cfg = OriginalSE2Config.from_dict(config) if isinstance(config, dict) else infer_config(backbone)
     except ValueError as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise InputError(f"{path}: {err}") from None
     model: Any = OriginalSE2ForMaskedLM(cfg) if heads else OriginalSE2(cfg)
     target = {**{f"model.{k}": v for k, v in backbone.items()}, **head_sd} if heads else backbone
     _load_strict(model, target, path)
@@ -67,7 +68,7 @@ def _load_strict(model: torch.nn.Module, sd: dict[str, torch.Tensor], source: Pa
     if missing or unexpected or shapes:
         parts = [f"missing {missing[:8]}" if missing else "", f"unexpected {unexpected[:8]}" if unexpected else "",
                  f"shape mismatches {shapes[:4]}" if shapes else ""]
-        raise ValueError(f"{source}: not the SToFM architecture of its config ({'; '.join(p for p in parts if p)})")
+        raise InputError(f"{source}: not the SToFM architecture of its config ({'; '.join(p for p in parts if p)})")
     model.load_state_dict(sd)
 
 
@@ -122,7 +123,7 @@ def load_converted(path: str | os.PathLike) -> tuple[OriginalSE2 | OriginalSE2Fo
     path = Path(path)
     meta = read_json(path / "config.json", what="converted SToFM config")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise ValueError(f"{path / 'config.json'}: not a converted SToFM folder (format is not {FORMAT!r})")
+        raise InputError(f"{path / 'config.json'}: not a converted SToFM folder (format is not {FORMAT!r})")
     cfg = OriginalSE2Config.from_dict(meta["se2"])
     model: Any = OriginalSE2ForMaskedLM(cfg) if meta.get("heads") else OriginalSE2(cfg)
     sd = load_tensors(path / "model.safetensors", what="SToFM weights", sha256=meta.get("weights_sha256"))

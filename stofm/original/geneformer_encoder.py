@@ -17,6 +17,7 @@ from torch import nn
 
 from stofm.cell_encoder import CellEncoder, check_expr, register_cell_encoder
 from stofm.original.cell_bert import CellBert, GeneformerTokenizer
+from stofm.util.errors import InputError
 
 
 @register_cell_encoder("geneformer")
@@ -34,7 +35,7 @@ class GeneformerCellEncoder(CellEncoder):
         self.tokenizer = GeneformerTokenizer(token_dict, medians)
         self.genes = [g for g in token_dict if g in medians]
         if not self.genes:
-            raise ValueError("the Geneformer token and median dictionaries share no gene")
+            raise InputError("the Geneformer token and median dictionaries share no gene")
         cfg = BertConfig(**bert_config)
         self.bert = BertModel(cfg, add_pooling_layer=False)
         self.proj = nn.Linear(cfg.hidden_size, int(out_dim))
@@ -46,7 +47,7 @@ class GeneformerCellEncoder(CellEncoder):
     def from_cell_bert(cls, cell: CellBert) -> GeneformerCellEncoder:
         """The same weights and dictionaries as a loaded ``CellBert`` (``stofm.original.cell_bert.load_cell_bert``)."""
         if cell.tokenizer is None:
-            raise ValueError("the cell BERT was loaded without its Geneformer dictionaries")
+            raise InputError("the cell BERT was loaded without its Geneformer dictionaries")
         enc = cls(bert_config=cell.bert.config.to_dict(), token_dict=cell.tokenizer.token_dict,
                   medians=cell.tokenizer.medians, out_dim=cell.proj.out_features)
         enc.bert.load_state_dict(cell.bert.state_dict())
@@ -57,7 +58,7 @@ class GeneformerCellEncoder(CellEncoder):
         """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes`` (counts or log1p)."""
         check_expr(expr, len(self.genes))
         if input_kind not in ("counts", "log1p"):
-            raise ValueError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
+            raise InputError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
         x = torch.expm1(expr.double()) if input_kind == "log1p" else expr.double()
         tokens = self.tokenizer.rank_tokens(x.cpu().numpy(), self.genes)
         batch = self.tokenizer.batch([np.asarray(t, np.int64) for t in tokens])

@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import CoordinateError
+
 FAR = 100.0
 K_NEIGHBORS = 50
 
@@ -27,7 +29,7 @@ def normalize_coords(xy: np.ndarray) -> np.ndarray:
     lo, hi = xy.min(0), xy.max(0)
     diag = float(np.sqrt(((hi - lo) ** 2).sum()))
     if not np.isfinite(diag) or diag == 0:
-        raise ValueError("the coordinates span no area (all cells at one point, or NaN/inf)")
+        raise CoordinateError("the coordinates span no area (all cells at one point, or NaN/inf)")
     return (xy - (hi + lo) / 2) / diag * 100.0
 
 

@@ -11,6 +11,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from stofm.util.safe_files import DamagedFileError
+
 STATE_FILE = "trainer_state.json"
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
@@ -45,14 +47,14 @@ def resolve_resume(output_dir: str | Path, resume: str) -> Path:
                     warnings.warn(f"--resume: {'; '.join(problems)}; resuming from the older {path}", stacklevel=2)
                 return path
             problems.append(f"{path} is damaged ({problem})")
-        raise ValueError(f"--resume: every checkpoint under {Path(output_dir) / 'checkpoints'} is damaged: "
-                         + "; ".join(problems))
+        raise DamagedFileError(f"--resume: every checkpoint under {Path(output_dir) / 'checkpoints'} is damaged: "
+                               + "; ".join(problems))
     path = Path(resume)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume {path}: not a training checkpoint (no {STATE_FILE} in it)")
     problem = check_checkpoint(path)
     if problem is not None:
-        raise ValueError(f"--resume {path}: the checkpoint is damaged ({problem}); resume from an older one")
+        raise DamagedFileError(f"--resume {path}: the checkpoint is damaged ({problem}); resume from an older one")
     return path
 
 

@@ -5,6 +5,8 @@ import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from stofm.util.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -46,7 +48,7 @@ def param_groups(model: torch.nn.Module, *, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (no_decay if name in skip else decay).append(param)
     if not decay and not no_decay:
-        raise ValueError("the model has no trainable parameters (everything is frozen)")
+        raise InputError("the model has no trainable parameters (everything is frozen)")
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -62,7 +64,7 @@ def cosine_with_warmup(*, warmup_steps: int, total_steps: int, min_lr_ratio: flo
     """LR multiplier per optimizer step: linear warm-up to 1 over ``warmup_steps``, then a cosine down to
     ``min_lr_ratio`` at ``total_steps``."""
     if total_steps < 1:
-        raise ValueError(f"total_steps must be >= 1, got {total_steps}")
+        raise InputError(f"total_steps must be >= 1, got {total_steps}")
     warmup_steps = min(warmup_steps, total_steps)
 
     def factor(step: int) -> float:

@@ -84,7 +84,7 @@ def read_described_tensors(info_file: PathLike, tensor_file: PathLike, *, fmt: s
     info = read_json(info_file, what=f"{what} description")
     got = info.get("format") if isinstance(info, dict) else type(info).__name__
     if got != fmt:
-        raise ValueError(f"{info_file}: format {got!r} is not {fmt!r}")
+        raise DamagedFileError(f"{info_file}: format {got!r} is not {fmt!r}")
     sha = info.get("sha256") or info.get("weights_sha256")
     return info, load_tensors(tensor_file, what=what, framework=framework, sha256=sha)
 
