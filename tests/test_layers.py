@@ -87,6 +87,12 @@ def test_every_module_has_a_layer():
     assert not unplaced, f"modules outside the layered folders (move them into one): {unplaced}"
 
 
+def test_the_lab_sits_between_tasks_and_commands():
+    """Synthetic slides, the ablation and the demo stages (``stalign.lab``) use the tasks; only commands use them."""
+    tasks, lab, commands = (_layer(m)[0] for m in ("stalign.tasks.bench", "stalign.lab.synth", "stalign.commands.demo"))
+    assert tasks < lab < commands
+
+
 def test_no_import_points_up_the_order():
     mods, graph = _graph()
     bad = []
