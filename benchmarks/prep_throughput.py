@@ -51,7 +51,7 @@ def cpu_seconds() -> float:
 
 
 def time_prep(samples: list, *, workers: int, progress: bool, **options) -> tuple[float, float, dict]:
-    """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder (``options``: resample,
+    """(wall seconds, CPU seconds, manifest) of one ``prepare`` run into a fresh folder (``options``: crop,
     patch_compression)."""
     from stalign.data.pipeline import prepare
 
@@ -82,6 +82,7 @@ def load() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.fetch import cache_dir
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for workers in args.workers:
         samples = samples_for(tif, h5ad)
-        seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet, resample=args.resample,
+        seconds, cpu, manifest = time_prep(samples, workers=workers, progress=not args.quiet,
+                                           crop=CropSpec(resample=args.resample),
                                            patch_compression=args.patch_compression)
         kept = sum(s["n_spots"] for s in manifest["slides"])
         dropped = sum(s["n_background_dropped"] for s in manifest["slides"])

@@ -10,8 +10,8 @@ form a square grid over the whole slide; when the slide is smaller than ``tiles`
 step is smaller than the spot, so tiles overlap (recorded in the notes). Each tile is a spot crop and a niche
 crop (112 / 336 µm, ``patch_px``), as ``stalign predict`` reads them.
 
-- package: ``SlideCrops`` (one slide read per spot + niche pair, best pyramid level, the ``--resample`` filter of
-  the model's data) read as ``stalign.tasks.crop_reading.reading_plan`` says: ``--workers`` reader threads on the
+- package: ``SlideCrops`` (``stalign.data.crop_spec.read_crop_pairs``: neighbouring crops of a batch cut from
+  shared reads, best pyramid level, the ``--resample`` filter of the model's data) read as ``stalign.tasks.crop_reading.reading_plan`` says: ``--workers`` reader threads on the
   CPU with torch on the cores they leave, spawned reader processes with pinned memory on CUDA;
   ``stalign.models.perf.FastEmbedder`` (bf16 autocast, channels-last CNNs, compile for large jobs on CUDA),
   ``ReferenceBank.predict`` (fast top-k), AnnData written to .h5ad. Stages: time the main process waited for
@@ -92,12 +92,13 @@ def run_package(model, slide, coords, bank, *, device, args, out: Path) -> dict:
     ``FastEmbedder``, ``ReferenceBank.predict``)."""
     import numpy as np
 
+    from stalign.data.crop_spec import CropSpec
     from stalign.models.perf import FastEmbedder
     from stalign.tasks.crop_reading import SlideCrops, crop_batches, reading_plan, torch_threads
 
-    mpp = slide.um_per_px
-    crops = SlideCrops(slide=slide, centers_px=coords, spot_px=SPOT_UM / mpp, niche_px=NICHE_UM / mpp,
-                       patch_px=args.patch_px, resample=getattr(args, "resample", None))
+    crop = CropSpec(spot_um=SPOT_UM, niche_um=NICHE_UM, patch_px=args.patch_px,
+                    resample=getattr(args, "resample", None) or "bilinear")
+    crops = SlideCrops(slide=slide, centers_px=coords, crop=crop)
     plan = reading_plan(device, args.workers)
     t = {"read + decode (wait)": 0.0, "embed": 0.0}
     start = time.perf_counter()
@@ -125,7 +126,7 @@ def run_package(model, slide, coords, bank, *, device, args, out: Path) -> dict:
     t["write"] = time.perf_counter() - t0
     t["total"] = time.perf_counter() - start
     t["settings"] = {**embedder.settings(), "readers": f"{plan['n']} {plan['readers']}",
-                     "torch_threads": plan["torch_threads"], "resample": crops.resample or "lanczos"}
+                     "torch_threads": plan["torch_threads"], "resample": crop.resample}
     return t
 
 

@@ -84,6 +84,7 @@ def small_shards(tmp_path_factory, squidpy_crop):
 
     def make(name: str) -> Path:
         if name not in made:
+            from stalign.data.crop_spec import CropSpec
             from stalign.data.pipeline import prepare
             from stalign.data.readers import read_anndata_image
 
@@ -97,7 +98,7 @@ def small_shards(tmp_path_factory, squidpy_crop):
                 sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])
             else:
                 raise ValueError(f"unknown small_shards data set {name!r}")
-            prepare([sample], root / "shards", n_top_genes=64, patch_px=32, progress=False)
+            prepare([sample], root / "shards", n_top_genes=64, crop=CropSpec(patch_px=32), progress=False)
             made[name] = root / "shards"
         return made[name]
 

@@ -196,6 +196,7 @@ def test_a_sigterm_lost_in_a_weakref_callback_still_stops_the_prep(tmp_path, sli
     import weakref
 
     from stalign.data import pipeline, prep_signals, shards
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.readers import read_anndata_image
 
     class Anything:
@@ -215,7 +216,7 @@ def test_a_sigterm_lost_in_a_weakref_callback_still_stops_the_prep(tmp_path, sli
     monkeypatch.setattr(shards.ShardWriter, "write_compressed", write_then_lose_a_sigterm)
     samples = [read_anndata_image(h5ad, image, slide_id=name, um_per_px=1.0) for name, h5ad, image in slides]
     with pytest.raises(SystemExit) as stop:
-        pipeline.prepare(samples, tmp_path / "out", n_top_genes=10, spot_um=64, niche_um=300, patch_px=32,
+        pipeline.prepare(samples, tmp_path / "out", n_top_genes=10, crop=CropSpec(spot_um=64, niche_um=300, patch_px=32),
                          batch_size=4, progress=False)
     assert stop.value.code == 128 + signal.SIGTERM and len(calls) == 2
     assert not _tmp_shards(tmp_path / "out") and not list((tmp_path / "out" / "shards").glob("*.h5"))

@@ -1,13 +1,15 @@
-"""Whole-slide crop reading for prediction: one read per spot + niche pair gives read_crop's crops bit for bit,
-reader threads give the serial embeddings and predictions, and the reading plan follows the device and cores."""
+"""Whole-slide crop reading for prediction: the one crop reader (read_crop_pairs, also prep's) gives read_crop's
+crops bit for bit, reader threads give the serial embeddings and predictions, and the reading plan follows the
+device and cores."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
 
+from stalign.data.crop_spec import CropSpec, CropSpecError, read_crop_pairs
 from stalign.data.slide import resample_filter
-from stalign.tasks.crop_reading import SlideCrops, read_crop_pair, reading_plan
+from stalign.tasks.crop_reading import SlideCrops, reading_plan
 
 
 @pytest.fixture(scope="module")
@@ -25,29 +27,31 @@ def slides(squidpy_crop, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", ["jpeg", "pyramid"])
 @pytest.mark.parametrize("resample", ["lanczos", "bilinear"])
-def test_pair_read_equals_two_read_crops_bit_for_bit(slides, kind, resample):
+def test_crop_pairs_equal_read_crop_one_by_one_bit_for_bit(slides, kind, resample):
     slide = slides[kind]
     w, h = slide.dimensions
     rng = np.random.default_rng(1)
     centres = np.c_[rng.uniform(-40, w + 40, 40), rng.uniform(-40, h + 40, 40)]  # edges and outside included
-    # (spot, niche, patch): same level for both (one read), different levels (two reads), an exact unscaled crop
+    mpp = slide.um_per_px
+    # (spot, niche, patch): same level for both, different levels, a crop read at its own size
     for spot_px, niche_px, patch in ((90.0, 270.0, 64), (60.0, 540.0, 32), (64.0, 192.0, 64)):
-        for c in centres:
-            pair = read_crop_pair(slide, c, spot_px, niche_px, patch, resample=resample)
-            for crop, size in zip(pair, (spot_px, niche_px), strict=True):
-                expected, _ = slide.read_crop(c, size, patch, resample=resample_filter(resample))
-                np.testing.assert_array_equal(crop, expected)
+        crop = CropSpec(spot_um=spot_px * mpp, niche_um=niche_px * mpp, patch_px=patch, resample=resample)
+        spot, niche, pad_s, pad_n = read_crop_pairs(slide, centres, crop)
+        for got, pads, size in ((spot, pad_s, crop.pixels(mpp)[0]), (niche, pad_n, crop.pixels(mpp)[1])):
+            for c, crop_c, pad in zip(centres, got, pads, strict=True):
+                expected, padded = slide.read_crop(c, size, patch, resample=resample_filter(resample))
+                np.testing.assert_array_equal(crop_c, expected)
+                assert pad == padded
 
 
 def test_slide_crops_batches_are_contiguous_nchw_and_bad_filters_fail_early(slides):
-    crops = SlideCrops(slide=slides["jpeg"], centers_px=[[300.0, 500.0], [600.0, 900.0]], spot_px=180,
-                       niche_px=540, patch_px=32, resample="bilinear")
+    crops = SlideCrops(slide=slides["jpeg"], centers_px=[[300.0, 500.0], [600.0, 900.0]],
+                       crop=CropSpec(spot_um=108.0, niche_um=324.0, patch_px=32))
     batch = crops.read_batch([0, 1])
     assert batch["spot_image"].shape == (2, 3, 32, 32) and batch["spot_image"].is_contiguous()
     assert torch.equal(crops[1]["niche_image"], batch["niche_image"][1])
-    with pytest.raises(ValueError, match="resample must be one of"):
-        SlideCrops(slide=slides["jpeg"], centers_px=[[1.0, 1.0]], spot_px=10, niche_px=30, patch_px=8,
-                   resample="bicubic")
+    with pytest.raises(CropSpecError, match="resample must be one of"):
+        CropSpec(resample="bicubic")
 
 
 def test_reading_plan_by_device_and_cores():
@@ -84,13 +88,15 @@ def test_reader_threads_predict_what_the_serial_path_predicts(slides):
     slide = slides["pyramid"]
     w, h = slide.dimensions
     coords = np.c_[rng.uniform(0, w, 37), rng.uniform(0, h, 37)]
-    crops = SlideCrops(slide=slide, centers_px=coords, spot_px=100, niche_px=300, patch_px=32, resample="bilinear")
+    crop = CropSpec(spot_um=60.0, niche_um=180.0, patch_px=32)  # the bank's (bilinear)
+    crops = SlideCrops(slide=slide, centers_px=coords, crop=crop)
     serial = embed_slide_crops(model, crops, batch_size=8, workers=0, progress=False)
     threaded = embed_slide_crops(model, crops, batch_size=8, workers=2, progress=False)
     np.testing.assert_allclose(threaded, serial, rtol=0, atol=1e-6)
     # the old path: two read_crop calls per centre, the model in fp32 on the stacked crops
     filt = resample_filter("bilinear")
-    old = [np.stack([slide.read_crop(c, size, 32, resample=filt)[0] for c in coords]) for size in (100, 300)]
+    old = [np.stack([slide.read_crop(c, size, 32, resample=filt)[0] for c in coords])
+           for size in crop.pixels(slide.um_per_px)]
     with torch.inference_mode():
         old_emb = model.eval().encode_image(*(torch.from_numpy(a).permute(0, 3, 1, 2).contiguous() for a in old))
     np.testing.assert_allclose(threaded, old_emb.numpy(), rtol=0, atol=1e-6)

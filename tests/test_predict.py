@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def setup(predict_setup):
     return predict_setup
@@ -169,6 +168,7 @@ def test_fewshot_command_finetunes_and_saves_model_and_head(setup, tmp_path, cap
 
 
 def test_heldout_table_and_parallel_readers(setup):
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.slide import open_slide
     from stalign.tasks.bench import heldout_table
     from stalign.tasks.embed import SlideCrops, embed_slide_crops
@@ -181,8 +181,8 @@ def test_heldout_table_and_parallel_readers(setup):
     with pytest.raises(ValueError, match="overlap"):
         heldout_table(setup["model"], setup["shards"], train=[0, 1], test=[1, 2], image_spec=None)
     slide = open_slide(setup["image"], um_per_px=setup["manifest"]["slides"][0]["um_per_px"])
-    crops = SlideCrops(slide=slide, centers_px=[[300.0, 500.0], [600.0, 900.0], [400.0, 700.0]], spot_px=180,
-                       niche_px=540, patch_px=32)
+    crops = SlideCrops(slide=slide, centers_px=[[300.0, 500.0], [600.0, 900.0], [400.0, 700.0]],
+                       crop=CropSpec(spot_um=180 * slide.um_per_px, niche_um=540 * slide.um_per_px, patch_px=32))
     serial = embed_slide_crops(setup["model"], crops, batch_size=2, workers=0, progress=False)
     parallel = embed_slide_crops(setup["model"], crops, batch_size=2, workers=2, progress=False)
     np.testing.assert_allclose(parallel, serial, rtol=1e-5, atol=1e-6)

@@ -11,13 +11,14 @@ import pytest
 from PIL import Image
 
 from stalign.data import shards
+from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import DataPrepError, GeneNameError
 from stalign.data.pipeline import prepare
 from stalign.data.readers import read_anndata_image, read_spaceranger
 from stalign.data.shards import read_manifest
 
 # 1 µm/px (explicit flag) so a 64 µm spot crop at 64 px is an exact, unresampled read of the JPEG
-SMALL = {"spot_um": 64.0, "niche_um": 500.0, "patch_px": 64, "n_neighbors": 6, "progress": False}
+SMALL = {"crop": CropSpec(spot_um=64.0, niche_um=500.0, patch_px=64), "n_neighbors": 6, "progress": False}
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +102,7 @@ def test_raw_counts_are_log_normalised_over_all_genes(tmp_path, fetched):
     no tissue filter."""
     sample = read_spaceranger(fetched("squidpy-spaceranger"))
     counts = sample.adata.X.toarray()
-    m = prepare([sample], tmp_path, n_top_genes=10, spot_um=112.0, niche_um=336.0, patch_px=32, progress=False,
+    m = prepare([sample], tmp_path, n_top_genes=10, crop=CropSpec(patch_px=32), progress=False,
                 tissue_filter=False)
     assert m["expression"] == "log1p_cp10k"
     data = shards.read_shard(tmp_path / m["slides"][0]["shard"])
@@ -234,7 +235,7 @@ def test_missing_genes_and_panel_changes_are_refused(tmp_path, two_slides):
     with pytest.raises(DataPrepError, match="n_top_genes': 10.*n_top_genes': 20"):
         prepare(samples, tmp_path, n_top_genes=20, **SMALL)
     with pytest.raises(DataPrepError, match="patch_px=64, this run asks for 32"):
-        prepare(samples, tmp_path, n_top_genes=10, **dict(SMALL, patch_px=32))
+        prepare(samples, tmp_path, n_top_genes=10, **dict(SMALL, crop=CropSpec(spot_um=64.0, niche_um=500.0, patch_px=32)))
     assert (tmp_path / "manifest.json").read_text() == before and _shard_files(tmp_path) == ["crop.h5"]
     # the same panel given explicitly is accepted and the new slide is added
     m2 = prepare(samples, tmp_path, genes=m["genes"], **SMALL)

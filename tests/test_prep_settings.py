@@ -11,13 +11,16 @@ import pytest
 from PIL import Image
 
 from stalign.data import shards
+from stalign.data.crop_spec import CropSpec
 from stalign.data.crop_workers import _split, _take
 from stalign.data.errors import DataPrepError
 from stalign.data.pipeline import prepare
 from stalign.data.readers import read_anndata_image
 
 # the real Visium crop at its own pixel size (0.615 µm/px): both crops are resampled
-REAL = {"spot_um": 112.0, "niche_um": 336.0, "patch_px": 48, "n_neighbors": 4, "n_top_genes": 10, "progress": False}
+CROP = CropSpec(spot_um=112.0, niche_um=336.0, patch_px=48)  # bilinear, the default filter
+LANCZOS = CROP.with_overrides(resample="lanczos")
+REAL = {"n_neighbors": 4, "n_top_genes": 10, "progress": False}
 #: Antialiased bilinear vs Lanczos crops of the same spots, 48 px: mean absolute difference per patch in grey
 #: levels (measured 1.6-4.0 on the real crop; Lanczos is the sharper of the two).
 FILTER_TOLERANCE = 6.0
@@ -51,8 +54,8 @@ def _lanczos_by_hand(img, xy, size, out_px):
 
 
 def test_storage_is_lossless_and_lanczos_crops_are_unchanged(tmp_path, squidpy_crop):
-    old = prepare([_sample(squidpy_crop)], tmp_path / "old", resample="lanczos", patch_compression="gzip", **REAL)
-    raw = prepare([_sample(squidpy_crop)], tmp_path / "raw", resample="lanczos", **REAL, workers=2)
+    old = prepare([_sample(squidpy_crop)], tmp_path / "old", crop=LANCZOS, patch_compression="gzip", **REAL)
+    raw = prepare([_sample(squidpy_crop)], tmp_path / "raw", crop=LANCZOS, **REAL, workers=2)
     assert old["resample"] == raw["resample"] == "lanczos"
     assert (old["patch_compression"], raw["patch_compression"]) == ("gzip", "none")
     for key in ("spot_patches", "niche_patches"):
@@ -63,15 +66,16 @@ def test_storage_is_lossless_and_lanczos_crops_are_unchanged(tmp_path, squidpy_c
         # and both equal each crop resampled on its own from the decoded image (grouped reads change nothing)
         um = old["slides"][0]["um_per_px"]
         img = np.asarray(Image.open(squidpy_crop / "test_img.jpg").convert("RGB"))
-        size = (REAL["spot_um"] if key == "spot_patches" else REAL["niche_um"]) / um
-        np.testing.assert_array_equal(a, _lanczos_by_hand(img, xy, size, REAL["patch_px"]), err_msg=key)
+        size = (CROP.spot_um if key == "spot_patches" else CROP.niche_um) / um
+        np.testing.assert_array_equal(a, _lanczos_by_hand(img, xy, size, CROP.patch_px), err_msg=key)
     assert (tmp_path / "raw/shards/crop.h5").stat().st_size > (tmp_path / "old/shards/crop.h5").stat().st_size
     assert (tmp_path / "raw/shards/crop.h5").stat().st_size < 1.05 * 2 * a.nbytes  # not larger than raw patches
 
 
 def test_bilinear_is_the_default_and_close_to_lanczos(tmp_path, squidpy_crop):
-    prepare([_sample(squidpy_crop)], tmp_path / "lz", resample="lanczos", **REAL)
-    bl = prepare([_sample(squidpy_crop)], tmp_path / "bl", **REAL)
+    prepare([_sample(squidpy_crop)], tmp_path / "lz", crop=LANCZOS, **REAL)
+    bl = prepare([_sample(squidpy_crop)], tmp_path / "bl", crop=CropSpec(spot_um=112.0, niche_um=336.0, patch_px=48),
+                 **REAL)
     assert bl["resample"] == "bilinear" and json.loads(
         shards.shard_attrs(tmp_path / "bl/shards/crop.h5")["settings"])["resample"] == "bilinear"
     for key in ("spot_patches", "niche_patches"):
@@ -84,7 +88,7 @@ def test_bilinear_is_the_default_and_close_to_lanczos(tmp_path, squidpy_crop):
 
 def test_old_manifests_mean_lanczos_and_resume(tmp_path, squidpy_crop):
     out = tmp_path / "old"
-    prepare([_sample(squidpy_crop)], out, resample="lanczos", patch_compression="gzip", **REAL)
+    prepare([_sample(squidpy_crop)], out, crop=LANCZOS, patch_compression="gzip", **REAL)
     # make it a folder written before the setting existed: no "resample" in the manifest or the shard
     manifest = json.loads((out / "manifest.json").read_text())
     del manifest["resample"], manifest["patch_compression"]
@@ -99,11 +103,11 @@ def test_old_manifests_mean_lanczos_and_resume(tmp_path, squidpy_crop):
     assert again["resample"] == "lanczos" and "crop: shard complete, skipped" in logs
     assert (out / "shards/crop.h5").stat().st_mtime_ns == mtime
     with pytest.raises(DataPrepError, match="resample='lanczos', this run asks for 'bilinear'"):
-        prepare([_sample(squidpy_crop)], out, resample="bilinear", **REAL)
+        prepare([_sample(squidpy_crop)], out, crop=CROP, **REAL)
     with pytest.raises(DataPrepError, match="resample must be one of bilinear, lanczos"):
-        prepare([_sample(squidpy_crop)], tmp_path / "bad", resample="cubic", **REAL)
+        prepare([_sample(squidpy_crop)], tmp_path / "bad", crop=CROP.with_overrides(resample="cubic"), **REAL)
     with pytest.raises(DataPrepError, match="patch compression must be one of none, gzip"):
-        prepare([_sample(squidpy_crop)], tmp_path / "bad", patch_compression="lz4", **REAL)
+        prepare([_sample(squidpy_crop)], tmp_path / "bad", crop=CROP, patch_compression="lz4", **REAL)
 
 
 def test_cli_flags_reach_the_manifest(tmp_path, squidpy_crop, capsys):
@@ -137,8 +141,8 @@ def test_pool_results_equal_reads_in_this_process_and_shared_memory_has_no_name(
 
     sample = _sample(squidpy_crop)
     xy, um = np.asarray(sample.coords_px), float(sample.um_per_px)
-    tasks = [(str(sample.image_path), um, xy[i:i + 8], 112 / um, 336 / um, 40, "bilinear", compression)
-             for i in range(0, len(xy), 8)]
+    crop = CropSpec(spot_um=112.0, niche_um=336.0, patch_px=40)
+    tasks = [(str(sample.image_path), um, xy[i:i + 8], crop, compression) for i in range(0, len(xy), 8)]
     pool = crop_pool(1)
     try:
         got = {}

@@ -174,12 +174,13 @@ def test_same_seed_same_bytes(slide, tmp_path):
 
 
 def test_prep_reads_v2_and_truth_of_maps_shards_to_domains(slide, tmp_path):
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.data.shards import read_shard
 
     sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])
-    manifest = prepare([sample], tmp_path / "shards", n_top_genes=64, patch_px=32, progress=False)
+    manifest = prepare([sample], tmp_path / "shards", n_top_genes=64, crop=CropSpec(patch_px=32), progress=False)
     truth = truth_of(tmp_path / "shards")
     assert truth.version == 2 and truth.genes == manifest["genes"]
     assert set(truth.spot_genes) | set(truth.context_genes) | set(truth.housekeeping_genes) == set(truth.genes)

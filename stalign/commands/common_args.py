@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from stofm.util.errors import InputError
+
 
 def add_slide_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that read crops from a slide."""
@@ -13,15 +15,23 @@ def add_slide_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--coords", default=None,
                    help="spot centres: .h5ad (obsm['spatial'], level-0 px) or CSV with x,y[,barcode] "
                         "(default: tile the tissue)")
-    p.add_argument("--spot-um", type=float, default=None, help="spot crop width (default: the reference's, else 112)")
-    p.add_argument("--niche-um", type=float, default=None, help="niche crop width (default: the reference's, else 336)")
+    p.add_argument("--spot-um", type=float, default=None,
+                   help="spot crop width (default: the reference bank's, else the few-shot head's, else the model's)")
+    p.add_argument("--niche-um", type=float, default=None, help="niche crop width (default: as --spot-um)")
     p.add_argument("--step-um", type=float, default=None, help="tile pitch when tiling (default: the spot width)")
     p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
-                   help="crop resampling filter (default: the reference's shards', else lanczos; match the training data)")
+                   help="crop resampling filter (default: as --spot-um; match the training data)")
     p.add_argument("--spot-diameter-um", type=float, default=None,
                    help="spot size drawn by sc.pl.spatial and the heat maps (default: the tile width when tiling; "
                         "0.55 x the spot pitch for --coords, e.g. 55 µm for Visium)")
     add_run_args(p, workers=2)
+
+
+def crop_args(args: argparse.Namespace) -> dict | None:
+    """The crop settings --spot-um/--niche-um/--resample change (None: the model's / reference's crops)."""
+    given = {k: v for k, v in (("spot_um", args.spot_um), ("niche_um", args.niche_um),
+                               ("resample", args.resample)) if v is not None}
+    return given or None
 
 
 def add_index_args(p: argparse.ArgumentParser) -> None:
@@ -39,7 +49,7 @@ def index_args(args: argparse.Namespace) -> dict:
     params = {k: v for k, v in (("nprobe", args.nprobe), ("ef_search", args.ef_search)) if v is not None}
     for name, value in params.items():
         if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return {"index": args.index, "index_params": params or None}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 
 from stalign.commands.common_args import add_run_args
+from stalign.data.crop_spec import CropSpec
+from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kind in ("prototype", "logistic"):
         return _labels(args)
     if args.labels:
-        raise ValueError(f"--labels {args.labels}: region labels need --kind prototype or logistic")
+        raise InputError(f"--labels {args.labels}: region labels need --kind prototype or logistic")
     model = stalign.load_checkpoint(args.model)
     if args.kind == "finetune":
         return _finetune(args, model)
@@ -80,9 +82,7 @@ def run(args: argparse.Namespace) -> int:
           f"MSE {result['mse']:.3f}, MAE {result['mae']:.3f}")
     m = emb["manifest"]
     head = fit(make(), x, y)
-    info = {"model": str(args.model), "shards": str(args.shards), "spot_um": m.get("spot_um"),
-            "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"), "resample": m.get("resample", "lanczos"),
-            "cv": result}
+    info = {"model": str(args.model), "shards": str(args.shards), **CropSpec.from_dict(m).to_dict(), "cv": result}
     print(f"head -> {save_head(head, args.out, embedding=info)}")
     return 0
 
@@ -99,7 +99,7 @@ def _labels(args: argparse.Namespace) -> int:
     from stalign.tasks.fewshot_io import save_head
 
     if not args.labels:
-        raise ValueError(f"--kind {args.kind} needs --labels FILE (CSV: barcode,label)")
+        raise InputError(f"--kind {args.kind} needs --labels FILE (CSV: barcode,label)")
     indices, labels = read_spot_labels(args.labels, args.shards)  # bad labels fail before the model loads
     model = stalign.load_checkpoint(args.model)
     emb = embed_shards(model, args.shards, indices=indices, gene=False, batch_size=args.batch_size,
@@ -115,8 +115,7 @@ def _labels(args: argparse.Namespace) -> int:
           f"{cv['baseline_balanced_accuracy']:>10.3f}")
     m = emb["manifest"]
     info = {"model": str(args.model), "shards": str(args.shards), "labels": str(args.labels),
-            "spot_um": m.get("spot_um"), "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"),
-            "resample": m.get("resample", "lanczos"), "cv": cv}
+            **CropSpec.from_dict(m).to_dict(), "cv": cv}
     print(f"head -> {save_head(make().fit(emb['image'], labels), args.out, embedding=info)}")
     return 0
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.common_args import add_index_args, add_slide_args, index_args
+from stalign.commands.common_args import add_index_args, add_slide_args, crop_args, index_args
+from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -69,7 +70,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
     if args.temperature <= 0:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if problems:
-        raise ValueError(f"{len(problems)} problem(s): " + "; ".join(problems) if len(problems) > 1 else problems[0])
+        raise InputError(f"{len(problems)} problem(s): " + "; ".join(problems) if len(problems) > 1 else problems[0])
     return model, head, slide, coords, barcodes, obs
 
 
@@ -79,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
 
     model, head, slide, coords, barcodes, obs = check_inputs(args)
     adata = predict_slide(model, slide, reference=args.reference, coords=coords, barcodes=barcodes,
-                          um_per_px=args.um_per_px, spot_um=args.spot_um, niche_um=args.niche_um,
-                          step_um=args.step_um, resample=args.resample, spot_diameter_um=args.spot_diameter_um,
+                          um_per_px=args.um_per_px, crop=crop_args(args), step_um=args.step_um,
+                          spot_diameter_um=args.spot_diameter_um,
                           k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
                           progress=not args.quiet, **index_args(args))
@@ -90,7 +91,8 @@ def run(args: argparse.Namespace) -> int:
     adata.write_h5ad(out)
     s = adata.uns["stalign"]
     print(f"{adata.n_obs} spots x {adata.n_vars} genes -> {out} (X = {s['X']}; {s['um_per_px']:.4g} µm/px from "
-          f"{s['pixel_size_source']}; crops {s['spot_um']:g}/{s['niche_um']:g} µm)")
+          f"{s['pixel_size_source']}; crops {s['spot_um']:g}/{s['niche_um']:g} µm at {s['patch_px']} px, "
+          f"{s['resample']})")
     genes = args.heatmap_genes or list(adata.var_names[:4])
     if [g.lower() for g in genes] != ["none"]:
         folder = Path(args.heatmaps) if args.heatmaps else out.with_suffix("").with_name(out.stem + "_heatmaps")

@@ -5,6 +5,9 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stalign.data.prep_options import add_crop_options, crop_from_args
+from stofm.util.errors import InputError
+
 # = stalign.data.readers.PIXEL_SIZE_CHOICES (not imported here: it loads openslide at CLI start-up)
 PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
 
@@ -30,9 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     genes.add_argument("--genes", metavar="FILE", help="gene panel: one gene per line ('#' comments)")
     genes.add_argument("--n-top-genes", type=int, default=50, metavar="N",
                        help="else the top N highly variable genes shared by all slides (default 50)")
-    p.add_argument("--spot-um", type=float, default=112.0, help="spot crop width in µm (default 112)")
-    p.add_argument("--niche-um", type=float, default=336.0, help="niche crop width in µm (default 336)")
-    p.add_argument("--patch-px", type=int, default=224, help="crops are resampled to this many px (default 224)")
+    add_crop_options(p)
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
     p.add_argument("--pixel-size-from", choices=PIXEL_SIZE_FROM, default="auto",
                    help="where the pixel size comes from when --um-per-px is not given (default auto)")
@@ -40,9 +41,6 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "each slide, so one big slide uses them all)")
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
-    p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
-                   help="crop resampling filter, recorded in manifest.json and used by predict for models trained on "
-                        "these shards (default: bilinear (antialiased), or the existing manifest's filter)")
     p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
                    help="patch storage: none (raw, default: fastest) or gzip (level 1: ~1.3x smaller, ~8x the CPU)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
@@ -65,7 +63,7 @@ def read_gene_file(path: str | Path) -> list[str]:
         raise FileNotFoundError(f"{path}: gene panel file does not exist")
     genes = [g for line in path.read_text().splitlines() for g in line.split("#")[0].replace(",", " ").split()]
     if not genes:
-        raise ValueError(f"{path}: the gene panel file lists no genes")
+        raise InputError(f"{path}: the gene panel file lists no genes")
     return genes
 
 
@@ -85,7 +83,7 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
         with open(path, newline="") as fh:
             rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise ValueError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
+        raise InputError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
     base = path.parent
     for i, row in enumerate(rows):
         for key in ("h5ad", "image", "spaceranger", "hest"):
@@ -93,7 +91,7 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
                 row[key] = str(base / Path(row[key]).expanduser())
         if not (row.get("h5ad") and row.get("image")) and not row.get("spaceranger") \
                 and not (row.get("hest") and row.get("id")):
-            raise ValueError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, or hest+id; got {sorted(row)}")
+            raise InputError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, or hest+id; got {sorted(row)}")
     return rows
 
 
@@ -103,17 +101,18 @@ def _loaders(args: argparse.Namespace) -> list:
 
     from stalign.data import readers
 
-    common = {"pixel_size_from": args.pixel_size_from, "crop_um": args.niche_um, "make_unique": args.make_unique_genes}
+    common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop_from_args(args).niche_um,
+              "make_unique": args.make_unique_genes}
     h5ads, images = args.h5ad or [], args.image or []
     if len(h5ads) != len(images):
-        raise ValueError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
+        raise InputError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
     out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **common)
            for h, i in zip(h5ads, images)]
     sr = {"tissue_from": args.tissue_from}
     out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **common)
             for d in args.spaceranger or []]
     if args.ids and not args.hest:
-        raise ValueError("--ids needs --hest ROOT")
+        raise InputError("--ids needs --hest ROOT")
     if args.hest:
         for sid in args.ids or readers.list_hest_samples(args.hest):
             out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **common))
@@ -129,7 +128,7 @@ def _loaders(args: argparse.Namespace) -> list:
         else:
             out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **kw))
     if not out:
-        raise ValueError("no slides given: use --h5ad/--image, --samples, --spaceranger or --hest")
+        raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger or --hest")
     return out
 
 
@@ -139,10 +138,9 @@ def run(args: argparse.Namespace) -> int:
 
     genes = read_gene_file(args.genes) if args.genes else None
     samples = [load() for load in _loaders(args)]
-    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, spot_um=args.spot_um,
-                       niche_um=args.niche_um, patch_px=args.patch_px, n_neighbors=args.neighbors,
-                       workers=args.workers, tissue_filter=not args.no_tissue_filter, batch_size=args.batch_size,
-                       progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout, resample=args.resample,
+    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, crop=crop_from_args(args),
+                       n_neighbors=args.neighbors, workers=args.workers, tissue_filter=not args.no_tissue_filter,
+                       batch_size=args.batch_size, progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout,
                        patch_compression=args.patch_compression)
     print(summary_table(manifest))
     print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "

@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.common_args import add_index_args, add_run_args, add_slide_args, index_args, slide_coords
+from stalign.commands.common_args import (
+    add_index_args,
+    add_run_args,
+    add_slide_args,
+    crop_args,
+    index_args,
+    slide_coords,
+)
+from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -55,15 +63,15 @@ def run_bank(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace):
     import stalign
     from stalign.tasks.embed import load_reference
-    from stalign.tasks.predict import embed_slide
+    from stalign.tasks.predict import embed_slide, settle_crop
 
     model = stalign.load_checkpoint(args.model)
     bank = load_reference(args.reference, model, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, progress=not args.quiet)
     coords, barcodes = slide_coords(args)
-    e = embed_slide(model, args.slide, coords=coords, um_per_px=args.um_per_px, spot_um=args.spot_um,
-                    niche_um=args.niche_um, step_um=args.step_um, settings=bank.info, batch_size=args.batch_size,
-                    workers=args.workers, device=args.device, progress=not args.quiet)
+    crop = settle_crop(model, bank=bank, crop=crop_args(args))
+    e = embed_slide(model, args.slide, crop=crop, coords=coords, um_per_px=args.um_per_px, step_um=args.step_um,
+                    batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
     return bank, e, barcodes
 
 
@@ -99,12 +107,12 @@ def run_signature(args: argparse.Namespace) -> int:
         signature[cols] = table["value"].to_numpy(float)
         if np.isnan(signature).any():
             missing = [g for g, v in zip(bank.genes, signature) if np.isnan(v)]
-            raise ValueError(f"{args.expression}: no value for {len(missing)} reference genes, e.g. {missing[:5]}")
+            raise InputError(f"{args.expression}: no value for {len(missing)} reference genes, e.g. {missing[:5]}")
         label = f"signature {Path(args.expression).stem}"
     scores = query_signature(signature, bank=bank, embeddings=e["embeddings"], top=args.top)
     out = Path(args.out)
     thumb, ds = e["slide"].thumbnail(1024)
-    diameter = e["spot_um"] / e["slide"].um_per_px if e["tiled"] else None
+    diameter = e["crop"].spot_um / e["slide"].um_per_px if e["tiled"] else None
     written = plot_gene_heatmaps(scores[:, None], [label], e["coords"], out.parent, thumbnail=thumb, downsample=ds,
                                  spot_diameter_px=diameter, prefix=out.stem + "_",
                                  label="signature score (cosine similarity)")
@@ -131,7 +139,7 @@ def _write_scores_h5ad(path: Path, scores, names, e: dict, *, label: str) -> Non
                        var=pd.DataFrame(index=["signature_score"]), obsm={"spatial": e["coords"]})
     adata.obs["signature_score"] = np.asarray(scores, np.float32)
     slide = e["slide"]
-    lib = add_spatial_images(adata, slide, spot_diameter_px=e["spot_um"] / float(slide.um_per_px))
+    lib = add_spatial_images(adata, slide, spot_diameter_px=e["crop"].spot_um / float(slide.um_per_px))
     adata.uns["stalign"] = {"X": "signature score: cosine similarity of each spot's image embedding to the "
                                   "signature's gene embedding (not expression)", "signature": label,
                             "library_id": lib, "um_per_px": float(slide.um_per_px),

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.crop_spec import CropSpec, read_crop_pairs
 from stalign.data.shards import encode_patch
 
 
@@ -138,12 +139,11 @@ _OPEN: dict[str, Any] = {}  # per process: the slide the last crop task used
 _ATTACHED: dict[str, Any] = {}  # per pool process: shared-memory slots of the parent, by name
 
 
-def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: float, niche_px: float,
-               patch_px: int, resample: str = "lanczos", compression: str = "gzip",
+def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, crop: CropSpec, compression: str = "gzip",
                out: str | None = None) -> tuple[list[Any] | None, list[Any] | None, np.ndarray, np.ndarray]:
-    """Spot and niche crops of a batch of centres (resampled with ``resample``) as shard chunks, and whether
-    each was padded (a worker task: the process opens the slide itself, once, and keeps it open for the next
-    batch). Chunks are ``encode_patch`` bytes for ``compression="gzip"``, the crops' own (P, P, 3) rows for raw
+    """Spot and niche crops of ``crop`` around a batch of centres (``read_crop_pairs``) as shard chunks, and
+    whether each was padded (a worker task: the process opens the slide itself, once, and keeps it open for the
+    next batch). Chunks are ``encode_patch`` bytes for ``compression="gzip"``, the crops' own (P, P, 3) rows for raw
     storage, or, with ``out`` (the name of a shared-memory slot of the parent, raw storage), written into the
     slot as (2, N, P, P, 3) and returned as None: 9.6 MB per batch of 32 no longer goes through a pipe."""
     from stalign.data.slide import open_slide
@@ -153,12 +153,8 @@ def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, spot_px: 
         close_cached()
         slide = _OPEN[image_path] = open_slide(image_path, um_per_px=um_per_px)
         slide.set_tile_cache(CROP_TILE_CACHE)
-    spot_out = niche_out = None
-    if out is not None:
-        buf = slot_array(_ATTACHED[out], len(centres), patch_px)
-        spot_out, niche_out = buf[0], buf[1]
-    spot, pad_s = slide.read_crops(centres, spot_px, patch_px, resample=resample, out=spot_out)
-    niche, pad_n = slide.read_crops(centres, niche_px, patch_px, resample=resample, out=niche_out)
+    buf = None if out is None else slot_array(_ATTACHED[out], len(centres), crop.patch_px)
+    spot, niche, pad_s, pad_n = read_crop_pairs(slide, centres, crop, um_per_px=um_per_px, out=buf)
     if out is not None:
         return None, None, pad_s, pad_n
     if compression == "none":
@@ -222,7 +218,8 @@ def crop_batches(tasks: list[tuple], pool: CropPool | None, in_flight: int = 2) 
     while True:
         for w, ex in enumerate(pool.executors):
             while load[w] < in_flight and (i := _take(runs, w + 1)) is not None:
-                _, _, centres, _, _, patch_px, _, compression = tasks[i]
+                _, _, centres, crop, compression = tasks[i]
+                patch_px = crop.patch_px
                 slot = crops = None
                 if compression == "none":
                     slot = pool.take_slot(2 * len(centres) * patch_px * patch_px * 3,

@@ -25,8 +25,9 @@ from typing import Any
 import numpy as np
 
 from stalign.data import expression as ex
+from stalign.data.crop_spec import LEGACY_RESAMPLE, CropSpec
 from stalign.data.crop_workers import close_cached, crop_batches, crop_pool, slide_tissue
-from stalign.data.errors import DataPrepError
+from stalign.data.errors import CoordinateError, DataPrepError
 from stalign.data.prep_signals import SIGNALLED, check_terminated, raise_terminated
 from stalign.data.shards import (
     FORMAT,
@@ -42,10 +43,7 @@ from stofm.util.knn import neighbor_indices
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression", "resample")
 #: Settings a manifest or shard written before they existed had (read as these values).
-LEGACY_SETTINGS = {"resample": "lanczos"}
-#: Crop resampling of a new prep: antialiased bilinear, measured 2.1x faster than Lanczos for a cosine of 0.994
-#: between the two filters' embeddings (docs/performance.md).
-DEFAULT_RESAMPLE = "bilinear"
+LEGACY_SETTINGS = {"resample": LEGACY_RESAMPLE}
 
 
 @dataclass(frozen=True)
@@ -107,11 +105,9 @@ LOCK_NAME = ".prep.lock"
 
 
 def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterable[str] | None = None,
-            n_top_genes: int = 50, spot_um: float = 112.0, niche_um: float = 336.0, patch_px: int = 224,
-            n_neighbors: int = 16, workers: int = 1, tissue_filter: bool = True, batch_size: int = 32,
+            n_top_genes: int = 50, crop: CropSpec | None = None, n_neighbors: int = 16, workers: int = 1, tissue_filter: bool = True, batch_size: int = 32,
             progress: bool = True, log: Callable[[str], None] | None = None,
-            lock_timeout: float | None = None, resample: str | None = None,
-            patch_compression: str = "none") -> dict[str, Any]:
+            lock_timeout: float | None = None, patch_compression: str = "none") -> dict[str, Any]:
     """Prepare shards for ``samples`` (``SlideSample``s or callables returning one) under ``out_dir``;
     returns the manifest. Raises ``DataPrepError`` naming each slide that failed (the others are kept).
 
@@ -119,9 +115,8 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
     (``filelock``; released by the OS if the holder dies) for up to ``lock_timeout`` seconds (None: as long as it
     takes), then reads the manifest the first one wrote and adds its slides to it.
 
-    ``resample`` ("bilinear" or "lanczos"; None: the existing manifest's, else ``DEFAULT_RESAMPLE``) is the crop
-    filter, recorded in the manifest for every later reader of the crops (prediction on slides);
-    ``patch_compression`` ("none" or "gzip") how patch chunks are stored."""
+    ``crop`` (None: the existing manifest's, else ``CropSpec()``) is recorded in the manifest for every later reader
+    of the crops (training, checkpoints, prediction on slides); ``patch_compression`` ("none" or "gzip") how patch chunks are stored."""
     from filelock import FileLock, Timeout
 
     out = Path(out_dir)
@@ -144,10 +139,10 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
             SIGNALLED.clear()
             handler = signal.signal(signal.SIGTERM, raise_terminated)
         try:
-            return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, spot_um=spot_um,
-                                   niche_um=niche_um, patch_px=patch_px, n_neighbors=n_neighbors, workers=workers,
-                                   tissue_filter=tissue_filter, batch_size=batch_size, progress=progress, log=log,
-                                   resample=resample, patch_compression=patch_compression)
+            return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, crop=crop,
+                                   n_neighbors=n_neighbors, workers=workers, tissue_filter=tissue_filter,
+                                   batch_size=batch_size, progress=progress, log=log,
+                                   patch_compression=patch_compression)
         finally:
             lock.release()
             if handler is not None:
@@ -161,26 +156,21 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
 
 
 def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] | None, n_top_genes: int,
-                    spot_um: float, niche_um: float, patch_px: int, n_neighbors: int, workers: int,
-                    tissue_filter: bool, batch_size: int, progress: bool, log: Callable[[str], None],
-                    resample: str | None, patch_compression: str) -> dict[str, Any]:
+                    crop: CropSpec | None, n_neighbors: int, workers: int, tissue_filter: bool, batch_size: int,
+                    progress: bool, log: Callable[[str], None], patch_compression: str) -> dict[str, Any]:
     from stalign import __version__
     from stalign.data.shards import check_compression
-    from stalign.data.slide import resample_filter
 
-    if spot_um <= 0 or niche_um <= 0 or patch_px < 1 or n_neighbors < 1 or workers < 1:
-        raise DataPrepError("spot_um, niche_um, patch_px, n_neighbors and workers must be positive")
+    if n_neighbors < 1 or workers < 1:
+        raise DataPrepError("n_neighbors and workers must be positive")
+    if crop is not None and not isinstance(crop, CropSpec):
+        raise DataPrepError(f"crop must be a CropSpec, got {type(crop).__name__}")
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
-    if resample is None:
-        resample = (existing or {}).get("resample", LEGACY_SETTINGS["resample"]) if existing else DEFAULT_RESAMPLE
-    if not isinstance(resample, str):
-        raise DataPrepError(f"resample must be a filter name (bilinear or lanczos), got {resample!r}")
+    crop = crop or CropSpec.from_dict(existing) or CropSpec()
     try:
-        resample_filter(resample)
         check_compression(patch_compression)
     except ValueError as err:
         raise DataPrepError(str(err)) from None
-    resample = resample.lower()
     samples = [_sample(s) for s in samples]
     if not samples:
         raise DataPrepError("no slides to prepare")
@@ -201,8 +191,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         given = sorted(k for k, v in modes.items() if v == ex.AS_GIVEN)
         raise DataPrepError(f"slides mix raw counts ({raw}) and already-normalised expression ({given}); "
                             "give all slides as raw counts or all normalised")
-    settings = {"spot_um": float(spot_um), "niche_um": float(niche_um), "patch_px": int(patch_px),
-                "n_neighbors": int(n_neighbors), "expression": next(iter(modes.values())), "resample": resample}
+    settings = {**crop.to_dict(), "n_neighbors": int(n_neighbors), "expression": next(iter(modes.values()))}
     user_genes = None if genes is None else [str(g) for g in genes]
     request = _panel_request(user_genes, n_top_genes)
     if existing is not None:
@@ -229,7 +218,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
             log(f"{s.slide_id}: shard complete, skipped")
             continue
         entries.pop(s.slide_id, None)
-        _warn_upsampling(s, spot_um=spot_um, patch_px=patch_px)
+        _warn_upsampling(s, crop)
         cols = ex.panel_columns(slide_genes[s.slide_id], panel)
         jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
                              pixel_size_source=str(s.pixel_size_source),
@@ -265,10 +254,11 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
 MAX_UPSAMPLING = 4.0
 
 
-def _warn_upsampling(sample: Any, *, spot_um: float, patch_px: int) -> None:
+def _warn_upsampling(sample: Any, crop: CropSpec) -> None:
     """One warning per slide whose spot crop is enlarged more than ``MAX_UPSAMPLING`` times from its pixels."""
     import warnings
 
+    spot_um, patch_px = crop.spot_um, crop.patch_px
     factor = patch_px / (spot_um / float(sample.um_per_px))
     if factor > MAX_UPSAMPLING:
         warnings.warn(f"{sample.slide_id}: spot crops are upsampled {factor:.1f}x from {sample.image_path} "
@@ -319,7 +309,7 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
                 try:
                     check_terminated()
                     on_done(write_slide(job, pool=pool, tissue=ahead.pop(k, None)))
-                except DataPrepError as err:
+                except (DataPrepError, CoordinateError) as err:  # a slide's bad input: reported with the others
                     failures.append(err)
                 except BrokenProcessPool as err:
                     raise RuntimeError(f"a crop worker process died while preparing {job.slide_id} ({err}); when "
@@ -340,7 +330,8 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
     from tqdm.auto import tqdm
 
     st = job.settings
-    spot_px, niche_px = st["spot_um"] / job.um_per_px, st["niche_um"] / job.um_per_px
+    crop = CropSpec.from_dict(st)
+    spot_px, niche_px = crop.pixels(job.um_per_px)
     n_in = len(job.coords_px)
     if tissue is None:
         keep, dims = slide_tissue(job.image_path, job.um_per_px, job.coords_px, job.tissue_filter)
@@ -362,9 +353,8 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
              "niche_px": niche_px, "image_size": dims, "source_files": job.source_files}
     batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]
-    tasks = [(job.image_path, job.um_per_px, xy[rows], spot_px, niche_px, st["patch_px"],
-              st.get("resample", "lanczos"), job.compression) for rows in batches]
-    with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=st["patch_px"],
+    tasks = [(job.image_path, job.um_per_px, xy[rows], crop, job.compression) for rows in batches]
+    with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=crop.patch_px,
                      genes=job.genes, um_per_px=job.um_per_px, compression=job.compression,
                      attrs={"pixel_size_source": job.pixel_size_source, "settings": json.dumps(st)}) as w, \
             tqdm(total=len(xy), desc=job.slide_id, unit="spot", position=1, leave=False,

@@ -6,16 +6,41 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stalign.data.crop_spec import CropSpec
+from stalign.data.slide import RESAMPLE_FILTERS
+
+
+def add_crop_options(p: argparse.ArgumentParser) -> None:
+    """``--spot-um``, ``--niche-um``, ``--patch-px``, ``--resample``: the ``CropSpec`` of a prep (defaults: the
+    existing folder's, else ``CropSpec()``)."""
+    d = CropSpec()
+    p.add_argument("--spot-um", type=float, default=None, help=f"spot crop width in µm (default {d.spot_um:g})")
+    p.add_argument("--niche-um", type=float, default=None, help=f"niche crop width in µm (default {d.niche_um:g})")
+    p.add_argument("--patch-px", type=int, default=None,
+                   help=f"crops are resampled to this many px (default {d.patch_px})")
+    p.add_argument("--resample", choices=RESAMPLE_FILTERS, default=None,
+                   help=f"crop resampling filter (default {d.resample}, antialiased). The crop spec is recorded in "
+                        "manifest.json and in every checkpoint trained on the shards; predict cuts the same crops. "
+                        "Defaults of a re-run: the existing folder's")
+
+
+def crop_from_args(args: argparse.Namespace) -> CropSpec:
+    """The crop spec of ``--out`` with the crop options given on top (the existing manifest's, else the default)."""
+    from stalign.data.shards import MANIFEST, read_manifest
+
+    out = Path(args.out) / MANIFEST
+    base = (CropSpec.from_dict(read_manifest(out.parent)) if out.is_file() else None) or CropSpec()
+    return base.with_overrides(spot_um=args.spot_um, niche_um=args.niche_um, patch_px=args.patch_px,
+                               resample=args.resample)
+
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
-    """``--out``, ``--um-per-px``, ``--n-top-genes``, ``--patch-px``, ``--resample``, ``--patch-compression``,
-    ``--workers``, ``--no-tissue-filter``, ``--quiet``."""
+    """``--out``, ``--um-per-px``, ``--n-top-genes``, the crop options, ``--patch-compression``, ``--workers``,
+    ``--no-tissue-filter``, ``--quiet``."""
     p.add_argument("--out", required=True, help="shard folder (manifest.json + shards/); a re-run resumes")
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
     p.add_argument("--n-top-genes", type=int, default=50, help="gene panel: top-N highly variable genes (default 50)")
-    p.add_argument("--patch-px", type=int, default=224, help="crop size in px (default 224)")
-    p.add_argument("--resample", choices=("bilinear", "lanczos"), default=None,
-                   help="crop filter, recorded in the manifest (default bilinear, or the existing folder's)")
+    add_crop_options(p)
     p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
                    help="patch storage: none (raw, default) or gzip level 1")
     p.add_argument("--workers", type=int, default=1, help="processes reading crops, this one included (default 1)")
@@ -27,8 +52,8 @@ def prepare_from_args(samples: list[Any], args: argparse.Namespace) -> dict[str,
     """:func:`prepare` the read ``samples`` with the options of :func:`add_output_options`; prints the summary."""
     from stalign.data.pipeline import prepare
 
-    manifest = prepare(samples, args.out, n_top_genes=args.n_top_genes, patch_px=args.patch_px,
-                       tissue_filter=not args.no_tissue_filter, progress=not args.quiet, resample=args.resample,
+    manifest = prepare(samples, args.out, n_top_genes=args.n_top_genes, crop=crop_from_args(args),
+                       tissue_filter=not args.no_tissue_filter, progress=not args.quiet,
                        patch_compression=args.patch_compression, workers=args.workers)
     print(summary_table(manifest))
     print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "

@@ -15,10 +15,12 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
 from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
 from stalign.data.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
+from stofm.util.errors import InputError
 
 #: ``pixel_size_from`` values every reader accepts; ``read_hest`` also takes "hest-estimated"/"hest-embedded".
 PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch")
@@ -145,7 +147,7 @@ def _load_h5ad(path: Path) -> Any:
 def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, *, slide_id: str | None = None,
                        um_per_px: float | None = None, pixel_size_from: str = "auto",
                        spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, spatial_key: str = "spatial",
-                       library_id: str | None = None, crop_um: float = 336.0,
+                       library_id: str | None = None, crop_um: float = CropSpec.niche_um,
                        make_unique: bool = False) -> SlideSample:
     """An AnnData (path or object) whose ``obsm[spatial_key]`` holds (x, y) level-0 px of ``image``.
 
@@ -184,7 +186,7 @@ def _spaceranger_root(folder: Path) -> Path:
 
 def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | None = None,
                      slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
-                     spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, crop_um: float = 336.0,
+                     spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, crop_um: float = CropSpec.niche_um,
                      make_unique: bool = False, var_names: str = "gene_symbols",
                      tissue_from: str = "image") -> SlideSample:
     """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG (a blank
@@ -248,7 +250,7 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
                          pixel_size_source=source,
                          source_files=[matrix_path, positions_path, sf_path, image_path])
     if tissue_from not in ("image", "in_tissue"):
-        raise ValueError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
+        raise InputError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
     sample.tissue_from = tissue_from
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=str(matrix_path), coords_file=f"{positions_path} (scaled {scale_note})")
@@ -313,7 +315,7 @@ def _hest_candidate(meta: dict, key: str, meta_path: Path) -> PixelSizeCandidate
 
 def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | None = None,
               pixel_size_from: str = "auto", spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0,
-              spatial_key: str = "spatial", library_id: str | None = None, crop_um: float = 336.0,
+              spatial_key: str = "spatial", library_id: str | None = None, crop_um: float = CropSpec.niche_um,
               make_unique: bool = False) -> SlideSample:
     """A HEST-1k sample: ``st/<id>.h5ad`` (spots in ``obsm['spatial']``, level-0 px), ``wsis/<id>.tif``,
     ``metadata/<id>.json``. ``"auto"`` pixel size: ``pixel_size_um_estimated`` (what HEST itself uses), then

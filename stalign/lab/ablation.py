@@ -137,6 +137,7 @@ def slides_dir(s: AblationSettings) -> Path:
 
 def make_data(s: AblationSettings) -> Path:
     """Synthetic slides (spot- and context-driven genes, known domains) and their shards, made once."""
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.lab.synth import ensure_synthetic_slide
@@ -148,7 +149,7 @@ def make_data(s: AblationSettings) -> Path:
         samples.append(read_anndata_image(slide.paths["adata"], slide.paths["image"], slide_id=slide.slide_id))
     root = s.out / f"shards_{s.slides}x{s.spots}_{s.um_per_px:g}um_{s.genes}g_{s.patch_px}px"
     if not (root / "manifest.json").is_file():
-        prepare(samples, root, n_top_genes=s.genes, patch_px=s.patch_px, workers=1, progress=s.progress)
+        prepare(samples, root, n_top_genes=s.genes, crop=CropSpec(patch_px=s.patch_px), workers=1, progress=s.progress)
     return root
 
 

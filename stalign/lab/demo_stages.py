@@ -60,6 +60,7 @@ def fetch_stage(ctx: DemoContext) -> None:
 @stage("prep")
 def prep_stage(ctx: DemoContext) -> None:
     """Shards for the real crop and for a synthetic slide (separate folders: their genes differ)."""
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.lab.synth import ensure_synthetic_slide
@@ -79,7 +80,7 @@ def prep_stage(ctx: DemoContext) -> None:
     rows = ctx.rows.setdefault("prep", [])
     for name, sample in (("squidpy", real), ("synthetic", fake)):
         shards = ctx.out / "shards" / name
-        manifest = prepare([sample], shards, n_top_genes=a.n_top_genes, patch_px=a.patch_px, workers=1,
+        manifest = prepare([sample], shards, n_top_genes=a.n_top_genes, crop=CropSpec(patch_px=a.patch_px), workers=1,
                            progress=not a.quiet)
         _check_pixel_size(manifest, [sample], shards)
         ctx.data[f"shards_{name}"] = shards
@@ -211,6 +212,7 @@ def evaluate_stage(ctx: DemoContext) -> None:
     import pandas as pd
 
     import stalign
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.dataset import ShardDataset
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
@@ -232,7 +234,7 @@ def evaluate_stage(ctx: DemoContext) -> None:
         samples = [read_anndata_image(real.adata[mask].copy(), real.image_path, slide_id=slide,
                                       pixel_size_from=a.pixel_size_from)
                    for mask, slide in ((folds != f, TRAIN_SLIDE), (folds == f, HELDOUT_SLIDE))]
-        _check_pixel_size(prepare(samples, root, genes=genes, patch_px=a.patch_px, workers=1, progress=False),
+        _check_pixel_size(prepare(samples, root, genes=genes, crop=CropSpec(patch_px=a.patch_px), workers=1, progress=False),
                           samples, root)
         result = train_from_config(_config(a.crop_config), data=str(root), slides=[TRAIN_SLIDE],
                                    output_dir=str(_fold_dir(ctx, f) / "train"), **_train_overrides(ctx, a.crop_steps))

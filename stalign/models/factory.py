@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
+
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
 CHECKPOINT_FORMAT = "stalign-model"
 
@@ -29,7 +31,7 @@ def model_config(name: str | os.PathLike) -> dict[str, Any]:
         return json.loads(path.read_text())
     f = CONFIG_DIR / f"{name}.json"
     if not f.is_file():
-        raise ValueError(f"unknown stalign model {str(name)!r}; known: {', '.join(list_models())} "
+        raise InputError(f"unknown stalign model {str(name)!r}; known: {', '.join(list_models())} "
                          "(or a checkpoint folder / config .json)")
     return json.loads(f.read_text())
 
@@ -64,12 +66,12 @@ def _genes(genes: Sequence[str] | None, n_genes: int | None) -> list[str]:
     if genes is not None:
         genes = [str(g) for g in genes]
         if n_genes is not None and n_genes != len(genes):
-            raise ValueError(f"n_genes={n_genes} but {len(genes)} genes were given")
+            raise InputError(f"n_genes={n_genes} but {len(genes)} genes were given")
         if len(set(genes)) != len(genes):
-            raise ValueError("the gene panel has duplicate names")
+            raise InputError("the gene panel has duplicate names")
         return genes
     if n_genes is None or n_genes < 1:
-        raise ValueError("create_model needs genes=[...] (the shards' panel) or n_genes >= 1")
+        raise InputError("create_model needs genes=[...] (the shards' panel) or n_genes >= 1")
     return [f"gene{i}" for i in range(n_genes)]
 
 
@@ -126,7 +128,7 @@ def _jsonable(obj: Any) -> Any:
     try:
         json.dumps(obj)
     except TypeError as err:
-        raise ValueError(f"model overrides must be JSON-serialisable to be saved in checkpoints: {err}") from err
+        raise InputError(f"model overrides must be JSON-serialisable to be saved in checkpoints: {err}") from err
     return copy.deepcopy(obj)
 
 
@@ -147,18 +149,18 @@ def load_weights(model, path: str | os.PathLike, *, sha256: str | None = None) -
     try:
         model.load_state_dict(state, strict=False)
     except RuntimeError as err:  # shape mismatches
-        raise ValueError(f"{weights}: weights do not fit the model ({str(err)[:500]})") from err
+        raise InputError(f"{weights}: weights do not fit the model ({str(err)[:500]})") from err
     stored = {own[k].data_ptr() for k in state if k in own}
     missing = sorted(k for k in own if k not in state and own[k].data_ptr() not in stored)
     unexpected = sorted(k for k in state if k not in own)
     if missing or unexpected:
-        raise ValueError(f"{weights}: weights do not fit the model (missing {missing[:10]}, unexpected "
+        raise InputError(f"{weights}: weights do not fit the model (missing {missing[:10]}, unexpected "
                          f"{unexpected[:10]}{' ...' if len(missing) > 10 or len(unexpected) > 10 else ''})")
 
 
 def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] | None = None) -> Path:
-    """Write ``path/model.safetensors`` and then ``path/config.json`` (with the weights' sha256, checked on load);
-    returns the folder."""
+    """Write ``path/model.safetensors`` and then ``path/config.json`` (with the weights' sha256, checked on load,
+    and ``model.crop_spec``, the crops it was trained on, read back by ``load_checkpoint``); returns the folder."""
     from safetensors.torch import save_model
 
     from stalign import __version__
@@ -174,6 +176,8 @@ def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] 
     meta = {"format": CHECKPOINT_FORMAT, "version": 1, "stalign_version": __version__,
             "name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
             "genes": list(model.genes), "config": config}
+    if getattr(model, "crop_spec", None) is not None:  # the crops it was trained on: predict cuts the same
+        meta["crop"] = model.crop_spec.to_dict()
     save_model(model, str(path / "model.safetensors"))
     meta["weights_sha256"] = sha256_of(path / "model.safetensors")
     (path / "config.json").write_text(json.dumps(meta, indent=1))
@@ -186,6 +190,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] 
 def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
     """Rebuild a model saved by ``save_checkpoint`` from its folder, or from the hub as ``hf-hub:org/name[@rev]``
     (through the Hugging Face cache; backbone weights come from the checkpoint)."""
+    from stalign.data.crop_spec import CropSpec
     from stalign.models.stalign_model import STAlign, STAlignConfig
     from stofm.util.safe_files import read_json
 
@@ -200,12 +205,13 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
     meta = read_json(cfg_file, what="stalign checkpoint config")
     fmt = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
     if fmt != CHECKPOINT_FORMAT:
-        raise ValueError(f"{cfg_file}: not a stalign model config (format {fmt!r})")
+        raise InputError(f"{cfg_file}: not a stalign model config (format {fmt!r})")
     cfg = meta["config"]
     for key in ("spot_image", "niche_image"):
         cfg[key]["pretrained"] = None  # the weights follow from model.safetensors
     model = STAlign(config=STAlignConfig.from_dict(cfg), genes=meta["genes"])
     model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {}),
                   "weights_sha256": meta.get("weights_sha256")}
+    model.crop_spec = CropSpec.from_dict(meta.get("crop"))
     load_weights(model, path, sha256=meta.get("weights_sha256"))
     return model.to(device)

@@ -24,11 +24,13 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from stalign.data.crop_spec import CropSpec
 from stalign.models.abfn import ABFN, ProjectionHead, Tokenizer
 from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder, l2
 from stalign.models.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.image_encoders import create_image_encoder
 from stalign.models.paper_fusion import ConvTokenizer, FlattenHead, PaperABFN, TransformerTokenizer
+from stofm.util.errors import InputError
 
 GenePanelMismatchError = GenePanelError  # the model's name for the shared gene-panel error
 
@@ -49,7 +51,8 @@ class ImageConfig:
 
 @dataclass
 class GeneConfig:
-    """Gene side: ``encoder`` kind ("mlp" / "stofm") with ``encoder_kwargs``; ``niche`` ("se2" / "pool" / "mean_expr")."""
+    """Gene side: ``encoder`` kind ("stofm", or a stofm cell-encoder kind: "mlp", "bert", ...) with
+    ``encoder_kwargs``; ``niche`` ("se2" / "pool" / "mean_expr")."""
 
     encoder: str = "mlp"
     encoder_kwargs: dict[str, Any] = field(default_factory=dict)
@@ -87,28 +90,28 @@ class STAlignConfig:
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known - {"name", "description"})
         if bad:
-            raise ValueError(f"unknown STAlign config keys {bad}; known: {sorted(known)}")
+            raise InputError(f"unknown STAlign config keys {bad}; known: {sorted(known)}")
         kw = {k: v for k, v in d.items() if k in known}
         for key, sub in (("spot_image", ImageConfig), ("niche_image", ImageConfig), ("gene", GeneConfig)):
             if key in kw and isinstance(kw[key], Mapping):
                 sub_known = {f.name for f in fields(sub)}
                 sub_bad = sorted(set(kw[key]) - sub_known)
                 if sub_bad:
-                    raise ValueError(f"unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
+                    raise InputError(f"unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
                 kw[key] = sub(**kw[key])
         return cls(**kw)
 
     def __post_init__(self) -> None:
         """One-line errors for settings that cannot be built."""
         if self.fusion not in FUSIONS:
-            raise ValueError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
+            raise InputError(f"unknown fusion {self.fusion!r}; known: {', '.join(FUSIONS)}")
         if self.tokenizer not in TOKENIZERS:
-            raise ValueError(f"unknown tokenizer {self.tokenizer!r}; known: {', '.join(TOKENIZERS)}")
+            raise InputError(f"unknown tokenizer {self.tokenizer!r}; known: {', '.join(TOKENIZERS)}")
         bad = sorted(set(self.tokenizer_widths) - set(SIDES))
         if bad:
-            raise ValueError(f"tokenizer_widths: unknown sides {bad}; known: {', '.join(SIDES)}")
+            raise InputError(f"tokenizer_widths: unknown sides {bad}; known: {', '.join(SIDES)}")
         if self.niche_gene_tokenizer.get("kind", "transformer") != "transformer":
-            raise ValueError(f"niche_gene_tokenizer kind {self.niche_gene_tokenizer['kind']!r}: only 'transformer'")
+            raise InputError(f"niche_gene_tokenizer kind {self.niche_gene_tokenizer['kind']!r}: only 'transformer'")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,7 +134,7 @@ class STAlign(nn.Module):
     def __init__(self, *, config: STAlignConfig, genes: Sequence[str]) -> None:
         super().__init__()
         if len(genes) == 0:
-            raise ValueError("the model needs a non-empty gene panel")
+            raise InputError("the model needs a non-empty gene panel")
         self.config, self.genes = config, [str(g) for g in genes]
         c = config
         self.spot_image_encoder = _image_encoder(c.spot_image)
@@ -161,6 +164,7 @@ class STAlign(nn.Module):
         if c.siglip:
             self.logit_bias = nn.Parameter(torch.tensor(float(c.init_logit_bias)))
         self.meta: dict[str, Any] = {}  # set by create_model: name, overrides (for checkpoints)
+        self.crop_spec: CropSpec | None = None  # the crops of the shards it was trained on (set by training)
 
     def _make_tokenizer(self, name: str, in_dim: int) -> nn.Module:
         c = self.config
@@ -168,7 +172,7 @@ class STAlign(nn.Module):
             kwargs = {k: v for k, v in c.niche_gene_tokenizer.items() if k != "kind"}
             known = {"width", "depth", "heads", "dim_head", "mlp_dim", "hidden", "out_hidden"}
             if set(kwargs) - known:
-                raise ValueError(f"niche_gene_tokenizer: unknown keys {sorted(set(kwargs) - known)}; known: "
+                raise InputError(f"niche_gene_tokenizer: unknown keys {sorted(set(kwargs) - known)}; known: "
                                  f"kind, {', '.join(sorted(known))}")
             return TransformerTokenizer(in_dim=in_dim, tokens=c.tokens, dim=c.token_dim, dropout=c.dropout, **kwargs)
         if c.tokenizer == "conv1d":
@@ -191,7 +195,7 @@ class STAlign(nn.Module):
             raise GenePanelMismatchError(f"batch[{key!r}] has {expr.shape[-1]} genes, the model's panel has "
                                          f"{self.n_genes}: shards from a different gene panel than the model")
         if expr.numel() and not bool(torch.isfinite(expr).all()):
-            raise ValueError(f"batch[{key!r}] contains NaN/inf expression values")
+            raise InputError(f"batch[{key!r}] contains NaN/inf expression values")
 
     # ------------------------------------------------------------------------------------- pieces
     def _tokens(self, name: str, feats: torch.Tensor) -> torch.Tensor:
@@ -217,7 +221,7 @@ class STAlign(nn.Module):
 
     def spot_gene_tokens(self, expr: torch.Tensor) -> torch.Tensor:
         self._check_expr(expr, "spot_expr")
-        return self._tokens("spot_gene", self.spot_gene_encoder(expr))
+        return self._tokens("spot_gene", self.spot_gene_encoder(expr, input_kind="log1p"))
 
     def niche_gene_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         for key in ("niche_spot_expr", "niche_expr", "virtual_expr"):
@@ -246,7 +250,7 @@ class STAlign(nn.Module):
     def combine(spot: torch.Tensor, niche: torch.Tensor, niche_weight: float = 0.5) -> torch.Tensor:
         """L2-normalised ``(1 - w) * spot + w * niche``: one embedding per spot from its two scales."""
         if not 0.0 <= niche_weight <= 1.0:
-            raise ValueError(f"niche_weight must lie in [0, 1], got {niche_weight}")
+            raise InputError(f"niche_weight must lie in [0, 1], got {niche_weight}")
         return l2((1.0 - niche_weight) * spot + niche_weight * niche)
 
     def encode_image(self, spot: torch.Tensor, niche: torch.Tensor, *, niche_weight: float = 0.5) -> torch.Tensor:

@@ -1,8 +1,8 @@
-"""Reading the (spot, niche) crop pairs of a slide for embedding: one slide read per pair when both crops come
-from the same pyramid level, and batches read by reader threads (CPU) or reader processes (GPU).
+"""Reading the (spot, niche) crop pairs of a slide for embedding, in batches read by reader threads (CPU) or
+reader processes (GPU).
 
-Crops are those of ``Slide.read_crop`` (best pyramid level, white outside the image), resampled with the filter
-the model's data used (``resample``: ``"lanczos"``, the default of ``stalign prep``, or ``"bilinear"``).
+Crops are cut by the one crop reader of prep and prediction (``stalign.data.crop_spec.read_crop_pairs``: those of
+``Slide.read_crop``, best pyramid level, white outside the image) with the model's ``CropSpec``.
 
 Why threads on the CPU: openslide's decoding and PIL's resampling release the GIL, so reader threads overlap
 with the model in one process, without the start-up cost of spawned processes; the model gets the cores the
@@ -11,7 +11,6 @@ readers leave (``reading_plan``), because torch threads that share a core with a
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,82 +18,30 @@ from typing import Any
 
 import numpy as np
 
-from stalign.data.slide import resample_filter
-
-
-def _crop_box(slide: Any, center: np.ndarray, size: float, out_px: int) -> tuple[int, float, float, float, bool]:
-    """(level, x, y, width) of a ``read_crop`` box in that level's pixels, and whether it is an exact read
-    (no resampling: ``read_crop`` then copies pixels)."""
-    level = slide.best_level(size / out_px)
-    ds = slide.level_downsamples[level]
-    lx, ly, ls = (center[0] - size / 2) / ds, (center[1] - size / 2) / ds, size / ds
-    exact = abs(ls - out_px) < 1e-6 and abs(lx - round(lx)) < 1e-6 and abs(ly - round(ly)) < 1e-6
-    return level, lx, ly, ls, exact
-
-
-def read_crop_pair(slide: Any, center: Any, spot_px: float, niche_px: float, patch_px: int, *,
-                   resample: str | int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """The spot and niche crops (``patch_px``², RGB uint8) of ``Slide.read_crop`` around ``center`` (level-0 px).
-
-    When both crops come from the same pyramid level, one region covering both (with the filter's margin) is
-    read and each crop is resampled from its own part of it, exactly as ``read_crop`` does (bit-identical
-    output); otherwise (or for an exact, unresampled crop) each is read apart.
-    """
-    from PIL import Image
-
-    center = np.asarray(center, dtype=np.float64).reshape(2)
-    filt = resample_filter(resample)
-    if not np.isfinite(center).all() or not (spot_px > 0 and niche_px > 0 and patch_px > 0):  # read_crop's errors
-        return tuple(slide.read_crop(center, size, patch_px, resample=filt)[0] for size in (spot_px, niche_px))
-    boxes = [_crop_box(slide, center, float(size), int(patch_px)) for size in (spot_px, niche_px)]
-    if boxes[0][0] != boxes[1][0] or boxes[0][4] or boxes[1][4]:
-        return tuple(slide.read_crop(center, size, patch_px, resample=filt)[0] for size in (spot_px, niche_px))
-    spans = []
-    for _, lx, ly, ls, _ in boxes:  # the region read_crop would read for this box (its filter margin included)
-        margin = math.ceil(3 * max(ls / patch_px, 1.0)) + 1
-        ix, iy = math.floor(lx) - margin, math.floor(ly) - margin
-        spans.append((ix, iy, math.ceil(lx + ls) + margin, math.ceil(ly + ls) + margin))
-    x0, y0 = min(s[0] for s in spans), min(s[1] for s in spans)
-    x1, y1 = max(s[2] for s in spans), max(s[3] for s in spans)
-    region = slide._read_level(boxes[0][0], x0, y0, x1 - x0, y1 - y0)
-    crops = []
-    for (_, lx, ly, ls, _), (ix, iy, jx, jy) in zip(boxes, spans, strict=True):  # read_crop's own region and box
-        sub = Image.fromarray(np.ascontiguousarray(region[iy - y0:jy - y0, ix - x0:jx - x0]))
-        crops.append(np.asarray(sub.resize((patch_px, patch_px), resample=filt,
-                                           box=(lx - ix, ly - iy, lx - ix + ls, ly - iy + ls)), dtype=np.uint8))
-    return crops[0], crops[1]
+from stalign.data.crop_spec import CropSpec, read_crop_pairs
+from stalign.data.errors import PixelSizeError
+from stofm.util.errors import InputError
 
 
 class SlideCrops:
-    """Map-style dataset of (spot, niche) uint8 crops (3, P, P) around level-0 centres of one slide.
+    """Map-style dataset of (spot, niche) uint8 crops (3, P, P) of ``crop`` around level-0 centres of one slide.
 
     Picklable: each DataLoader worker re-opens the slide by path (``Slide`` pickles as path + pixel size).
-    ``resample``: the filter the model's data used (``"lanczos"`` (default) or ``"bilinear"``).
     """
 
-    def __init__(self, *, slide: Any, centers_px: np.ndarray, spot_px: float, niche_px: float, patch_px: int,
-                 resample: str | int | None = None) -> None:
-        self.slide, self.centers = slide, np.asarray(centers_px, np.float64).reshape(-1, 2)
-        self.spot_px, self.niche_px, self.patch_px = float(spot_px), float(niche_px), int(patch_px)
-        resample_filter(resample)  # a bad name fails here, not in a reader
-        self.resample = resample
+    def __init__(self, *, slide: Any, centers_px: np.ndarray, crop: CropSpec) -> None:
+        if slide.um_per_px is None:
+            raise PixelSizeError(f"{slide.path}: crops are cut at fixed µm and need the slide's pixel size")
+        self.slide, self.centers, self.crop = slide, np.asarray(centers_px, np.float64).reshape(-1, 2), crop
 
     def __len__(self) -> int:
         return len(self.centers)
-
-    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """(spot, niche) crops of centre ``i`` as (P, P, 3) uint8."""
-        return read_crop_pair(self.slide, self.centers[i], self.spot_px, self.niche_px, self.patch_px,
-                              resample=self.resample)
 
     def read_batch(self, indices: Sequence[int]) -> dict[str, Any]:
         """{"spot_image", "niche_image"}: (B, 3, P, P) contiguous uint8 tensors of the centres ``indices``."""
         import torch
 
-        p = self.patch_px
-        spot, niche = np.empty((len(indices), p, p, 3), np.uint8), np.empty((len(indices), p, p, 3), np.uint8)
-        for j, i in enumerate(indices):
-            spot[j], niche[j] = self.read(int(i))
+        spot, niche, _, _ = read_crop_pairs(self.slide, self.centers[np.asarray(indices, dtype=np.int64)], self.crop)
         # numpy's uint8 transpose copy is ~3x faster than torch's permute(...).contiguous()
         return {"spot_image": torch.from_numpy(np.ascontiguousarray(spot.transpose(0, 3, 1, 2))),
                 "niche_image": torch.from_numpy(np.ascontiguousarray(niche.transpose(0, 3, 1, 2)))}
@@ -124,7 +71,7 @@ def reading_plan(device: Any, workers: int, *, cores: int | None = None) -> dict
 
     workers = int(workers)
     if workers < 0:
-        raise ValueError(f"workers must be >= 0, got {workers}")
+        raise InputError(f"workers must be >= 0, got {workers}")
     if workers == 0:
         return {"readers": "none", "n": 0, "torch_threads": None}
     if torch.device(device).type != "cpu":

@@ -64,10 +64,13 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     """
     from tqdm import tqdm
 
+    from stalign.data.crop_spec import CropSpec, warn_if_differs
     from stalign.data.dataset import ShardDataset, collate
     from stalign.models.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
+    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root}", getattr(model, "crop_spec", None),
+                    "the model was trained on")
     if gene:
         model.check_genes(ds.genes, source=f"the shards under {root}")
     device = default_device(device)
@@ -90,16 +93,17 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
 
 
 def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> ReferenceBank:
-    """A reference bank of the shards' gene embeddings (``model.encode_gene``) and their expression."""
+    """A reference bank of the shards' gene embeddings (``model.encode_gene``) and their expression; its ``info``
+    records the shards' crop spec (the crops a query must be cut with)."""
+    from stalign.data.crop_spec import CropSpec
+
     emb = embed_shards(model, root, gene=True, **embed)
     m = emb["manifest"]
     return ReferenceBank(embeddings=emb["gene"], expression=emb["expression"], genes=emb["genes"],
                          meta={"slide_id": emb["slide_id"], "x_um": emb["coords_um"][:, 0],
                                "y_um": emb["coords_um"][:, 1]},
-                         info={"source": str(Path(root).resolve()), "spot_um": m.get("spot_um"),
-                               "niche_um": m.get("niche_um"), "patch_px": m.get("patch_px"),
-                               "expression": m.get("expression"), "resample": m.get("resample"),
-                               "model": getattr(model, "meta", {}).get("name")})
+                         info={"source": str(Path(root).resolve()), **CropSpec.from_dict(m).to_dict(),
+                               "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name")})
 
 
 def bank_cache_key(model: Any, root: Path, embed: dict[str, Any]) -> str | None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.crop_spec import CropSpec, warn_if_differs
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
 from stofm.util.errors import InputError
@@ -27,7 +28,7 @@ class ExpressionProbe:
     def fit(self, embeddings: np.ndarray, expression: np.ndarray) -> ExpressionProbe:
         expression = np.asarray(expression)
         if expression.shape[1] != len(self.genes):
-            raise ValueError(f"expression has {expression.shape[1]} genes, the probe {len(self.genes)}")
+            raise InputError(f"expression has {expression.shape[1]} genes, the probe {len(self.genes)}")
         self.probe.fit(embeddings, expression)
         return self
 
@@ -117,7 +118,7 @@ class ExpressionHead:
         x = torch.as_tensor(np.asarray(embeddings, np.float32))
         y = torch.as_tensor(np.asarray(expression, np.float32))
         if y.shape[1] != len(self.genes):
-            raise ValueError(f"expression has {y.shape[1]} genes, the head {len(self.genes)}")
+            raise InputError(f"expression has {y.shape[1]} genes, the head {len(self.genes)}")
         net = self.build(x.shape[1])
         with torch.no_grad():
             net[-1].bias.copy_(y.mean(0))
@@ -153,7 +154,7 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def head_predict(head: Any, embeddings: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
     """Expression of ``genes`` (default: all the head's genes, in its order) from an expression head."""
     if not hasattr(head, "genes"):
-        raise ValueError(f"a {head.kind} head predicts labels, not expression")
+        raise InputError(f"a {head.kind} head predicts labels, not expression")
     pred = head.predict(embeddings)
     return pred if genes is None else pred[:, gene_indices(head.genes, list(genes), what="the few-shot head")]
 
@@ -165,7 +166,7 @@ def few_shot_accuracy(classifier_factory: Any, embeddings: np.ndarray, labels: S
     labels = np.asarray(labels)
     classes = [c for c in np.unique(labels) if (labels == c).sum() > shots]
     if len(classes) < 2:
-        raise ValueError(f"need two classes with more than {shots} spots each")
+        raise SpotLabelsError(f"need two classes with more than {shots} spots each")
     mask = np.isin(labels, classes)
     accs = []
     for _ in range(repeats):
@@ -192,6 +193,8 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     from stalign.tasks.embed import default_device
 
     ds = ShardDataset(root, indices=indices)
+    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root}", getattr(model, "crop_spec", None),
+                    "the model was trained on")
     model.check_genes(ds.genes, source=f"the shards under {root}")
     genes = list(ds.genes) if genes is None else [str(g) for g in genes]
     cols = torch.as_tensor(gene_indices(ds.genes, genes, what="the shards"))
@@ -229,9 +232,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
             total, n = total + float(loss.detach()) * len(emb), n + len(emb)
         head.history.append(total / n)
     net.cpu().eval()
-    head.embedding_info = {"spot_um": ds.manifest.get("spot_um"), "niche_um": ds.manifest.get("niche_um"),
-                           "patch_px": ds.manifest.get("patch_px"), "resample": ds.manifest.get("resample", "lanczos"),
-                           "unfreeze_last": unfreeze_last}
+    head.embedding_info = {**CropSpec.from_dict(ds.manifest).to_dict(), "unfreeze_last": unfreeze_last}
     return head
 
 

@@ -10,11 +10,9 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.crop_spec import CropSpec
 from stalign.tasks.retrieval import gene_indices
-from stofm.util.errors import InputError
-
-DEFAULT_SPOT_UM, DEFAULT_NICHE_UM, DEFAULT_PATCH_PX = 112.0, 336.0, 224  # as `stalign prep`
-DEFAULT_RESAMPLE = "lanczos"  # the crop filter of shards whose manifest does not record one
+from stofm.util.errors import CoordinateError, InputError
 
 
 class NoTissueError(InputError):
@@ -66,12 +64,12 @@ def read_coords(path: str | os.PathLike, *, with_obs: bool = False) -> tuple:
 
         adata = read_h5ad(path, what="coordinates file")
         if "spatial" not in adata.obsm:
-            raise ValueError(f"{path}: no obsm['spatial'] with spot centres")
+            raise CoordinateError(f"{path}: no obsm['spatial'] with spot centres")
         out = np.asarray(adata.obsm["spatial"], np.float64)[:, :2], list(adata.obs_names)
         return (*out, adata.obs.reset_index(drop=True)) if with_obs else out
     table = pd.read_csv(path)
     if not {"x", "y"} <= set(table.columns):
-        raise ValueError(f"{path}: the CSV needs columns x and y (level-0 px), found {list(table.columns)}")
+        raise CoordinateError(f"{path}: the CSV needs columns x and y (level-0 px), found {list(table.columns)}")
     names = table["barcode"].astype(str).tolist() if "barcode" in table.columns else None
     out = table[["x", "y"]].to_numpy(np.float64), names
     return (*out, table.drop(columns=[c for c in ("x", "y", "barcode") if c in table])) if with_obs else out
@@ -91,11 +89,11 @@ def check_coords(coords: Any, slide: Any) -> np.ndarray:
 
     c = np.asarray(coords, np.float64)
     if c.ndim != 2 or c.shape[1] < 2 or len(c) == 0:
-        raise ValueError(f"spot coordinates must be (n_spots, 2) level-0 px, got shape {c.shape}")
+        raise CoordinateError(f"spot coordinates must be (n_spots, 2) level-0 px, got shape {c.shape}")
     c = c[:, :2]
     bad = ~np.isfinite(c).all(1)
     if bad.any():
-        raise ValueError(f"{int(bad.sum())} spot coordinate(s) are NaN/inf (first at row {int(np.argmax(bad))})")
+        raise CoordinateError(f"{int(bad.sum())} spot coordinate(s) are NaN/inf (first at row {int(np.argmax(bad))})")
     out = outside_image(c, slide)
     if out.any():
         width, height = slide.dimensions
@@ -104,47 +102,71 @@ def check_coords(coords: Any, slide: Any) -> np.ndarray:
     return c
 
 
-def embed_slide(model: Any, slide: Any, *, coords: Any = None, um_per_px: float | None = None,
-                spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
-                step_um: float | None = None, settings: dict | None = None, resample: str | None = None,
-                batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
-                progress: bool = True) -> dict[str, Any]:
-    """Image embeddings (N, E) of the spots of ``slide`` (``coords`` level-0 px, else tissue tiles).
+def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
+                crop: CropSpec | dict[str, Any] | None = None) -> CropSpec:
+    """The crops to cut for ``model``: those of the reference ``bank``, else of the few-shot ``head``, else the
+    model's own (its checkpoint's), else ``CropSpec()``; a source that differs from the one taken is warned about
+    with both specs named. ``crop``: a whole ``CropSpec``, or a dict of the settings to change (e.g.
+    ``{"resample": "lanczos"}``); other crop sizes than the bank's are refused (its embeddings would not be
+    comparable), other settings warned about."""
+    import warnings
 
-    Crop sizes and the resampling filter (``resample``: "lanczos" | "bilinear") default to ``settings`` (a
-    reference bank's or head's ``info``: those of the shards the model's data came from), else 112/336 µm at
-    224 px, Lanczos. ``workers``: readers beside the model (``stalign.tasks.crop_reading.reading_plan``).
-    Returns {"embeddings", "coords", "slide", "tiled", "spot_um", "niche_um", "patch_px", "resample"}.
+    from stalign.data.crop_spec import CropSpecError, CropSpecWarning, warn_if_differs
+
+    sources = [("the reference bank", CropSpec.from_dict(getattr(bank, "info", None))),
+               ("the few-shot head", CropSpec.from_dict(getattr(head, "embedding_info", None))),
+               ("the model", getattr(model, "crop_spec", None))]
+    known = [(name, spec) for name, spec in sources if spec is not None]
+    if known:
+        (name, base), *others = known
+        for other_name, other in others:
+            warn_if_differs(base, name, other, f"{other_name} was made with")
+    else:
+        name, base = "the default", CropSpec()
+        if crop is None:
+            warnings.warn(f"the model, reference and head record no crop spec: cutting the default crops ({base})",
+                          CropSpecWarning, stacklevel=3)
+    if crop is None:
+        return base
+    asked = crop if isinstance(crop, CropSpec) else base.with_overrides(**crop)
+    if known and name == "the reference bank" and (asked.spot_um, asked.niche_um, asked.patch_px) != \
+            (base.spot_um, base.niche_um, base.patch_px):
+        raise CropSpecError(f"the reference bank was embedded from crops {base}; this prediction asks for {asked}: "
+                            "query and bank embeddings would not be comparable (drop the crop options, or build the "
+                            "bank from shards prepared with these crops)")
+    warn_if_differs(asked, "this prediction", base, f"{name} was made with")
+    return asked
+
+
+def embed_slide(model: Any, slide: Any, *, crop: CropSpec, coords: Any = None, um_per_px: float | None = None,
+                step_um: float | None = None, batch_size: int = 32, workers: int = 0, device: str | None = None,
+                niche_weight: float = 0.5, progress: bool = True) -> dict[str, Any]:
+    """Image embeddings (N, E) of the ``crop`` crops around the spots of ``slide`` (``coords`` level-0 px, else
+    tissue tiles every ``step_um``, default the spot width). ``workers``: readers beside the model
+    (``stalign.tasks.crop_reading.reading_plan``). Returns {"embeddings", "coords", "slide", "tiled", "crop"}.
     """
     from stalign.tasks.embed import SlideCrops, embed_slide_crops
 
-    settings = settings or {}
-    spot_um = float(spot_um or settings.get("spot_um") or DEFAULT_SPOT_UM)
-    niche_um = float(niche_um or settings.get("niche_um") or DEFAULT_NICHE_UM)
-    patch_px = int(patch_px or settings.get("patch_px") or DEFAULT_PATCH_PX)
-    resample = str(resample or settings.get("resample") or DEFAULT_RESAMPLE)
     slide = open_for_prediction(slide, um_per_px=um_per_px)
     mpp = float(slide.um_per_px)
     tiled = coords is None
     if tiled:
-        coords = tile_tissue(slide, step_px=float(step_um or spot_um) / mpp)
+        coords = tile_tissue(slide, step_px=float(step_um or crop.spot_um) / mpp)
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     if len(coords) == 0:
-        raise ValueError("no spot coordinates to embed")
-    crops = SlideCrops(slide=slide, centers_px=coords, spot_px=spot_um / mpp, niche_px=niche_um / mpp,
-                       patch_px=patch_px, resample=resample)
+        raise CoordinateError("no spot coordinates to embed")
+    crops = SlideCrops(slide=slide, centers_px=coords, crop=crop)
     emb = embed_slide_crops(model, crops, batch_size=batch_size, workers=workers, device=device,
                             niche_weight=niche_weight, progress=progress)
-    return {"embeddings": emb.astype(np.float32), "coords": coords, "slide": slide, "tiled": tiled,
-            "spot_um": spot_um, "niche_um": niche_um, "patch_px": patch_px, "resample": resample}
+    return {"embeddings": emb.astype(np.float32), "coords": coords, "slide": slide, "tiled": tiled, "crop": crop}
 
 
 def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any = None,
                   barcodes: Sequence[str] | None = None, um_per_px: float | None = None,
-                  spot_um: float | None = None, niche_um: float | None = None, patch_px: int | None = None,
-                  step_um: float | None = None, resample: str | None = None, k: int = 50, temperature: float = 0.05,
-                  fewshot_head: Any = None, genes: Sequence[str] | None = None, batch_size: int = 32, workers: int = 0,
-                  device: str | None = None, niche_weight: float = 0.5, index: str = "auto",
+                  crop: CropSpec | dict[str, Any] | None = None, step_um: float | None = None, k: int = 50,
+                  temperature: float = 0.05, fewshot_head: Any = None, genes: Sequence[str] | None = None,
+                  batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
+                  index: str = "auto",
                   index_params: dict[str, int] | None = None, spot_diameter_um: float | None = None,
                   progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
@@ -153,8 +175,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     softmax(similarity / ``temperature``); ``index``/``index_params``: the search engine, ``ReferenceBank.topk``);
     ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
     ``coords`` (N, 2) level-0 px, else the tissue is tiled every ``step_um`` (default: the spot size).
-    Crop sizes and the resampling filter default to the reference bank's (its shards'), else 112/336 µm at
-    224 px, Lanczos. X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
+    ``crop``: see :func:`settle_crop` (default: the crops of the bank, else of the head, else the model's). X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
     ``layers``; image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
     ``spot_diameter_um`` (what ``sc.pl.spatial`` draws, ``spot_diameter_fullres``): the tile width for tiles; for
     given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at
@@ -167,10 +188,10 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     from stalign.tasks.fewshot import head_predict
 
     if reference is None and fewshot_head is None:
-        raise ValueError("give a reference (bank or shards) for zero-shot prediction and/or a few-shot head")
+        raise InputError("give a reference (bank or shards) for zero-shot prediction and/or a few-shot head")
     label_head = fewshot_head is not None and not hasattr(fewshot_head, "genes")  # prototype/logistic
     if label_head and reference is None:
-        raise ValueError(f"the {fewshot_head.kind} few-shot head predicts region labels, not expression: give a "
+        raise InputError(f"the {fewshot_head.kind} few-shot head predicts region labels, not expression: give a "
                          f"reference (bank or shards) too for the expression in X")
     genes = list(model.genes) if genes is None else [str(g) for g in genes]
     gene_indices(model.genes, genes, what="the model")  # lists every query gene the model lacks
@@ -179,10 +200,10 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
         coords = check_coords(coords, slide)
     bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
                           progress=progress) if reference is not None else None
-    info = bank.info if bank is not None else getattr(fewshot_head, "embedding_info", {}) or {}
-    e = embed_slide(model, slide, coords=coords, um_per_px=um_per_px, spot_um=spot_um, niche_um=niche_um,
-                    patch_px=patch_px, step_um=step_um, settings=info, resample=resample, batch_size=batch_size,
-                    workers=workers, device=device, niche_weight=niche_weight, progress=progress)
+    crop = settle_crop(model, bank=bank, head=fewshot_head, crop=crop)
+    e = embed_slide(model, slide, crop=crop, coords=coords, um_per_px=um_per_px, step_um=step_um,
+                    batch_size=batch_size, workers=workers, device=device, niche_weight=niche_weight,
+                    progress=progress)
     emb, coords, slide = e["embeddings"], e["coords"], e["slide"]
     layers: dict[str, np.ndarray] = {}
     if bank is not None:
@@ -193,16 +214,15 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     for name, values in layers.items():
         bad = ~np.isfinite(values).all(1)
         if bad.any():
-            raise ValueError(f"{int(bad.sum())} of {len(bad)} {name.replace('_', '-')} predictions are NaN/inf; the "
+            raise InputError(f"{int(bad.sum())} of {len(bad)} {name.replace('_', '-')} predictions are NaN/inf; the "
                              "model, reference or head is damaged - nothing was written")
     x_source = "fewshot" if "fewshot" in layers else "zero_shot"
     names = list(barcodes) if barcodes is not None else [f"tile_{i}" for i in range(len(coords))]
     if len(names) != len(coords):
-        raise ValueError(f"{len(names)} barcodes for {len(coords)} spots")
+        raise InputError(f"{len(names)} barcodes for {len(coords)} spots")
     settings = {"slide": str(slide.path), "um_per_px": float(slide.um_per_px),
                 "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
-                "spot_um": e["spot_um"], "niche_um": e["niche_um"], "patch_px": e["patch_px"],
-                "resample": e["resample"], "tiled": e["tiled"],
+                **crop.to_dict(), "tiled": e["tiled"],
                 "k": int(k), "temperature": float(temperature), "index": index, "niche_weight": float(niche_weight), "X": x_source,
                 "units": _units(bank, fewshot_head),
                 "model": str(getattr(model, "meta", {}).get("name", "")),
@@ -217,7 +237,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
     out = ad.AnnData(X=layers[x_source].copy(), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
                      layers=layers, obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
-    diameter_um = _spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, e["spot_um"],
+    diameter_um = _spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, crop.spot_um,
                                     float(slide.um_per_px))
     settings["spot_diameter_um"] = diameter_um
     settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px))
@@ -228,7 +248,7 @@ def _spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: f
     """The drawn spot diameter in µm (see ``predict_slide``)."""
     if given is not None:
         if not given > 0:
-            raise ValueError(f"spot_diameter_um must be > 0, got {given}")
+            raise InputError(f"spot_diameter_um must be > 0, got {given}")
         return float(given)
     if coords is None or len(coords) < 2:
         return float(spot_um)
