@@ -18,6 +18,7 @@ from pathlib import Path
 from stalign.data.prep_options import add_output_options, prepare_from_args
 from stalign.data.readers import list_hest_samples, read_hest
 from stofm.util.cli_errors import run_parsed
+from stofm.util.errors import InputError
 
 
 def _organ(root: Path, sample_id: str) -> str:
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if args.organ:
         ids = [i for i in ids if _organ(root, i).lower() == args.organ.lower()]
         if not ids:
-            raise ValueError(f"{root}: no sample with organ {args.organ!r} in metadata/*.json")
+            raise InputError(f"{root}: no sample with organ {args.organ!r} in metadata/*.json")
     samples = [read_hest(root, sid, um_per_px=args.um_per_px) for sid in ids]
     prepare_from_args(samples, args)
     return 0

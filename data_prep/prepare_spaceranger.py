@@ -16,11 +16,12 @@ import sys
 from stalign.data.prep_options import add_output_options, prepare_from_args
 from stalign.data.readers import read_spaceranger
 from stofm.util.cli_errors import run_parsed
+from stofm.util.errors import InputError
 
 
 def run(args: argparse.Namespace) -> int:
     if args.image and len(args.folders) != 1:
-        raise ValueError("--image goes with exactly one Space Ranger folder")
+        raise InputError("--image goes with exactly one Space Ranger folder")
     samples = [read_spaceranger(folder, image=args.image, um_per_px=args.um_per_px) for folder in args.folders]
     prepare_from_args(samples, args)
     return 0

@@ -16,11 +16,12 @@ import sys
 from stalign.data.prep_options import add_output_options, prepare_from_args
 from stalign.data.readers import read_anndata_image
 from stofm.util.cli_errors import run_parsed
+from stofm.util.errors import InputError
 
 
 def run(args: argparse.Namespace) -> int:
     if len(args.pairs) % 2:
-        raise ValueError(f"give H5AD IMAGE pairs; got {len(args.pairs)} paths")
+        raise InputError(f"give H5AD IMAGE pairs; got {len(args.pairs)} paths")
     pairs = list(zip(args.pairs[::2], args.pairs[1::2]))
     samples = [read_anndata_image(h5ad, image, um_per_px=args.um_per_px) for h5ad, image in pairs]
     prepare_from_args(samples, args)

@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from stalign.commands.common_args import add_run_args
+from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     from stalign.tasks.bench import bench_shards, format_table
 
     if bool(args.shards) == bool(args.hest_bench):
-        raise ValueError("give either --shards (own data) or --hest-bench TASK_FOLDER (the HEST-Benchmark)")
+        raise InputError("give either --shards (own data) or --hest-bench TASK_FOLDER (the HEST-Benchmark)")
     if args.hest_bench:
         return _run_hest(args)
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import argparse
 
+from stofm.util.errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="fetch real demo data or generate synthetic slides")
@@ -64,7 +66,7 @@ def _synth(args: argparse.Namespace) -> int:
     from stalign.lab.synth import make_synthetic_dataset
 
     if args.report and args.version < 2:
-        raise ValueError("--report needs synth v2 (v1 has no context programmes)")
+        raise InputError("--report needs synth v2 (v1 has no context programmes)")
     slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, n_spots=args.n_spots,
                                     um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,
                                     progress=not args.quiet, version=args.version, n_domains=args.n_domains,

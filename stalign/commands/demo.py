@@ -16,6 +16,7 @@ from pathlib import Path
 from stalign.commands.text_table import format_table
 from stalign.lab import demo_ablation  # noqa: F401  (registers the ablation stage after the others)
 from stalign.lab.demo_stages import STAGES, DemoContext
+from stofm.util.errors import InputError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -54,7 +55,7 @@ def _stage_names(stages: str) -> list[str]:
     names = [s.strip() for s in stages.split(",") if s.strip()]
     unknown = [n for n in names if n not in STAGES]
     if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
+        raise InputError(f"unknown stage(s) {unknown}; known: {list(STAGES)}")
     return names
 
 

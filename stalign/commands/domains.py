@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stofm.util.errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("domains", help="cluster a slide's embeddings into spatial domains (+ ARI/NMI, plot)",
@@ -34,10 +36,10 @@ def _annotations(adata, spec: str):
             raise FileNotFoundError(f"{path}: annotation file does not exist")
         other = read_h5ad(path, what="annotation file")
         if column not in other.obs:
-            raise ValueError(f"{path}: no obs column {column!r} (has {list(other.obs.columns)})")
+            raise InputError(f"{path}: no obs column {column!r} (has {list(other.obs.columns)})")
         return other.obs[column].reindex(adata.obs_names).astype(object).to_numpy()
     if spec not in adata.obs:
-        raise ValueError(f"no obs column {spec!r} in the AnnData (has {list(adata.obs.columns)})")
+        raise InputError(f"no obs column {spec!r} in the AnnData (has {list(adata.obs.columns)})")
     return adata.obs[spec].astype(object).to_numpy()
 
 
@@ -50,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{path}: AnnData file does not exist")
     adata = read_h5ad(path, what="predicted AnnData")
     if args.obsm not in adata.obsm:
-        raise ValueError(f"{path}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")
+        raise InputError(f"{path}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")
     coords = adata.obsm.get("spatial")
     labels = cluster_domains(adata.obsm[args.obsm], n_domains=args.n_domains, method=args.method,
                              coords=coords, spatial_weight=args.spatial_weight, resolution=args.resolution,

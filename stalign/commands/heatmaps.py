@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from stofm.util.errors import InputError
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("heatmaps", help="redraw heat maps of genes from a prediction (.h5ad of stalign predict)")
@@ -27,13 +29,13 @@ def run(args: argparse.Namespace) -> int:
     adata = read_h5ad(args.prediction, what="prediction")
     info = dict(adata.uns.get("stalign", {}))
     if "spatial" not in adata.obsm:
-        raise ValueError(f"{args.prediction}: no obsm['spatial'] (not a stalign prediction?)")
+        raise InputError(f"{args.prediction}: no obsm['spatial'] (not a stalign prediction?)")
     if args.layer and args.layer not in adata.layers:
-        raise ValueError(f"{args.prediction}: no layer {args.layer!r} (layers: {list(adata.layers)})")
+        raise InputError(f"{args.prediction}: no layer {args.layer!r} (layers: {list(adata.layers)})")
     gene_indices(list(adata.var_names), args.genes, what=f"the prediction {args.prediction}")
     slide_path = args.slide or info.get("slide")
     if not slide_path:
-        raise ValueError(f"{args.prediction}: no slide recorded; pass --slide")
+        raise InputError(f"{args.prediction}: no slide recorded; pass --slide")
     slide = open_for_prediction(slide_path, um_per_px=args.um_per_px or info.get("um_per_px"))
     label = f"predicted expression ({args.layer or info.get('X', 'X')})"
     paths = write_heatmaps(adata, slide, args.genes, Path(args.out), layer=args.layer, mode=args.mode, label=label)

@@ -17,6 +17,7 @@ import numpy as np
 import torch.utils.data
 
 from stalign.data.shards import ShardError, read_manifest, shard_attrs
+from stofm.util.errors import InputError
 
 _CACHED = ("expr", "niche_expr", "coords_um", "neighbors")
 
@@ -200,12 +201,12 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
     - ``by="spot"``: random spots; their niche crops and neighbours still overlap training spots.
     """
     if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+        raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
     rng = np.random.default_rng(seed)
     idx = ds.indices
     if by == "spot":
         if len(idx) < 2:
-            raise ValueError("need at least two spots to split")
+            raise InputError("need at least two spots to split")
         perm = rng.permutation(len(idx))
         n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
         val = np.sort(idx[perm[:n_val]])
@@ -213,7 +214,7 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
     if by == "slide":
         slides = np.asarray(sorted(ds._by_slide()))
         if len(slides) < 2:
-            raise ValueError("a split by slide needs at least two slides")
+            raise InputError("a split by slide needs at least two slides")
         n_val = min(len(slides) - 1, max(1, round(val_fraction * len(slides))))
         val_slides = rng.permutation(slides)[:n_val]
         owner = np.searchsorted(ds._offsets, idx, side="right") - 1
@@ -221,7 +222,7 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
         return idx[~in_val], idx[in_val]
     if by == "block":
         return _split_blocks(ds, val_fraction=val_fraction, rng=rng)
-    raise ValueError(f"by must be 'spot', 'block' or 'slide', got {by!r}")
+    raise InputError(f"by must be 'spot', 'block' or 'slide', got {by!r}")
 
 
 def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -235,7 +236,7 @@ def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Gener
         groups.append((g, xy, np.floor((xy - xy.min(0)) / (2 * niche)).astype(np.int64)))
     blocks = sorted({(i, *b) for i, (_, _, keys) in enumerate(groups) for b in map(tuple, keys)})
     if len(blocks) < 2:
-        raise ValueError(f"the {len(ds)} spots lie in a single {2 * niche:g} µm block; split by spot or by slide")
+        raise InputError(f"the {len(ds)} spots lie in a single {2 * niche:g} µm block; split by spot or by slide")
     n_val = min(len(blocks) - 1, max(1, round(val_fraction * len(blocks))))
     held = {blocks[j] for j in rng.permutation(len(blocks))[:n_val]}
     train, val = [], []
@@ -248,6 +249,6 @@ def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Gener
         val.append(g[in_val])
     train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
     if len(train_idx) == 0:
-        raise ValueError(f"a split by block of {len(ds)} spots left no training spot outside the {niche:g} µm "
+        raise InputError(f"a split by block of {len(ds)} spots left no training spot outside the {niche:g} µm "
                          "margin around the validation blocks; use a smaller val_fraction or split by spot")
     return train_idx, val_idx

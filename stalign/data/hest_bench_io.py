@@ -10,6 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
+from stalign.data.errors import DataPrepError
+from stofm.util.errors import InputError
+
 
 def read_patches(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
     """(img (N, H, W, 3) uint8, barcodes) of a HEST patch file."""
@@ -19,7 +22,7 @@ def read_patches(path: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
         with h5py.File(path, "r") as f:
             img, barcodes = f["img"][()], f["barcode"][()]
     except (OSError, KeyError) as err:
-        raise ValueError(f"{path}: not a HEST patch file with img and barcode ({err})") from None
+        raise DataPrepError(f"{path}: not a HEST patch file with img and barcode ({err})") from None
     return np.asarray(img, np.uint8), [b.decode() if isinstance(b, bytes) else str(b) for b in np.ravel(barcodes)]
 
 
@@ -49,12 +52,12 @@ def export_task(shards: str | os.PathLike, out: str | os.PathLike, *, genes: Seq
     manifest = read_manifest(root)
     slides = manifest["slides"]
     if len(slides) < 2:
-        raise ValueError(f"{root}: HEST-Bench splits by slide; export needs two or more slides (has {len(slides)})")
+        raise InputError(f"{root}: HEST-Bench splits by slide; export needs two or more slides (has {len(slides)})")
     panel = list(manifest["genes"])
     chosen = list(genes) if genes else panel
     missing = [g for g in chosen if g not in panel]
     if missing:
-        raise ValueError(f"genes not in the shards' panel: {missing[:10]}")
+        raise InputError(f"genes not in the shards' panel: {missing[:10]}")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: exists and is not empty; choose a new folder")
     for s in slides:

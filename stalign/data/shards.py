@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.errors import DataPrepError
+from stofm.util.errors import InputError
 
 FORMAT = "stalign-shards"
 VERSION = 1
@@ -32,7 +33,7 @@ ARRAYS = ("expr", "niche_expr", "coords_px", "coords_um", "neighbors", "padded",
 def check_compression(compression: str) -> str:
     """``compression`` if it is one of ``PATCH_COMPRESSIONS``, else a one-line ``ValueError``."""
     if compression not in PATCH_COMPRESSIONS:
-        raise ValueError(f"patch compression must be one of {', '.join(PATCH_COMPRESSIONS)}; got {compression!r}")
+        raise InputError(f"patch compression must be one of {', '.join(PATCH_COMPRESSIONS)}; got {compression!r}")
     return compression
 
 

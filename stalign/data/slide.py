@@ -15,6 +15,7 @@ import numpy as np
 
 from stalign.data.errors import CoordinateError, PixelSizeError, SlideError
 from stalign.data.slide_backends import ArrayBackend, OpenSlideBackend, open_backend
+from stofm.util.errors import InputError
 
 #: Pixel sizes outside this range (µm/px) are placeholders (72 dpi TIFF defaults etc.), not calibration.
 PLAUSIBLE_UM_PER_PX = (0.01, 50.0)
@@ -33,7 +34,7 @@ def resample_filter(resample: int | str | None) -> int:
     if isinstance(resample, str):
         name = resample.lower()
         if name not in RESAMPLE_FILTERS:
-            raise ValueError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}; got {resample!r}")
+            raise InputError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}; got {resample!r}")
         return Image.Resampling.LANCZOS if name == "lanczos" else Image.Resampling.BILINEAR
     return int(resample)
 
@@ -137,7 +138,7 @@ class Slide:
         if not (math.isfinite(cx) and math.isfinite(cy)):
             raise CoordinateError(f"{self.path}: crop centre ({cx}, {cy}) is not finite")
         if not (size > 0 and math.isfinite(size)) or out_px <= 0:
-            raise ValueError(f"{self.path}: crop size must be > 0 (got size_px={size_px}, out_px={out_px})")
+            raise InputError(f"{self.path}: crop size must be > 0 (got size_px={size_px}, out_px={out_px})")
         width, height = self.dimensions
         x0, y0 = cx - size / 2, cy - size / 2
         padded = bool(x0 < 0 or y0 < 0 or x0 + size > width or y0 + size > height)

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError
+from stofm.util.errors import InputError
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 
@@ -31,7 +32,7 @@ def read_10x_h5(path: str | Path, *, var_names: str = "gene_symbols",
 
     path = Path(path)
     if var_names not in ("gene_symbols", "gene_ids"):
-        raise ValueError(f"var_names must be 'gene_symbols' or 'gene_ids', got {var_names!r}")
+        raise InputError(f"var_names must be 'gene_symbols' or 'gene_ids', got {var_names!r}")
     try:
         with h5py.File(path, "r") as f:
             if "matrix" in f:

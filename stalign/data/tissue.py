@@ -5,6 +5,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 if TYPE_CHECKING:
     from stalign.data.slide import Slide
 
@@ -24,7 +26,7 @@ def tissue_signal(thumb_rgb: np.ndarray, *, channel: str = "saturation") -> np.n
     darkness = 1.0 - rgb.mean(axis=-1)
     channels = {"saturation": saturation, "darkness": darkness, "max": np.maximum(saturation, darkness)}
     if channel not in channels:
-        raise ValueError(f"tissue channel must be one of {sorted(channels)}, got {channel!r}")
+        raise InputError(f"tissue channel must be one of {sorted(channels)}, got {channel!r}")
     return channels[channel]
 
 

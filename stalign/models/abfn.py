@@ -10,6 +10,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from stofm.util.errors import InputError
+
 
 class CrossAttentionBlock(nn.Module):
     """``q + Attn(LN(q), LN(kv))`` then ``+ FFN(LN(.))``; ``kv_pad`` (B, Nk) True = padding (ignored)."""
@@ -17,7 +19,7 @@ class CrossAttentionBlock(nn.Module):
     def __init__(self, *, dim: int, heads: int = 8, dropout: float = 0.1, ffn_mult: int = 4) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"token width {dim} is not divisible by {heads} heads")
+            raise InputError(f"token width {dim} is not divisible by {heads} heads")
         self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
         self.drop = nn.Dropout(dropout)

@@ -10,6 +10,8 @@ import math
 import torch
 from torch import nn
 
+from stofm.util.errors import InputError
+
 LORA_TARGETS = ("qkv", "proj", "fc1", "fc2", "out_proj", "c_fc", "c_proj", "query", "key", "value", "dense")
 
 
@@ -19,7 +21,7 @@ class LoRALinear(nn.Module):
     def __init__(self, *, base: nn.Linear, rank: int, alpha: float = 16.0) -> None:
         super().__init__()
         if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+            raise InputError(f"LoRA rank must be >= 1, got {rank}")
         self.base, self.rank, self.scaling = base, rank, alpha / rank
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
@@ -60,7 +62,7 @@ def apply_lora(module: nn.Module, *, rank: int, alpha: float = 16.0,
                 setattr(parent, name, LoRALinear(base=child, rank=rank, alpha=alpha))
                 replaced += 1
     if replaced == 0:
-        raise ValueError(f"LoRA found no nn.Linear layer named one of {targets} in {type(module).__name__} "
+        raise InputError(f"LoRA found no nn.Linear layer named one of {targets} in {type(module).__name__} "
                          "(convolutional backbones: use freeze / unfreeze_last instead)")
     return replaced
 
@@ -86,7 +88,7 @@ def unfreeze_last_blocks(module: nn.Module, n: int) -> None:
     """Freeze ``module`` except its last ``n`` blocks and every module after the block list (final norms, heads)."""
     blocks = block_list(module)
     if blocks is None:
-        raise ValueError(f"cannot find a block list in {type(module).__name__} for unfreeze_last={n}")
+        raise InputError(f"cannot find a block list in {type(module).__name__} for unfreeze_last={n}")
     for p in module.parameters():
         p.requires_grad_(False)
     for blk in list(blocks)[-n:]:

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from stofm.util.errors import InputError
+from stofm.util.errors import InputError, SetupError
 
 IMAGE_ENCODERS: dict[str, Callable[..., Backbone]] = {}
 PREFIX_BUILDERS: dict[str, Callable[..., Backbone]] = {}
@@ -151,7 +151,7 @@ def hub_errors(name: str):
         from huggingface_hub.constants import HF_HUB_CACHE
 
         repo = name.removeprefix("hf-hub:").split("@")[0]
-        raise RuntimeError(
+        raise SetupError(
             f"{name}: could not get the weights from the Hugging Face hub ({kind}). If the model is gated, accept "
             f"its licence at https://huggingface.co/{repo} and log in (`hf auth login` or HF_TOKEN); offline, "
             f"set HF_HUB_OFFLINE=1 with the weights already in the cache ({HF_HUB_CACHE}), or pass a local file "

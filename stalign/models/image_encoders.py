@@ -26,6 +26,7 @@ from stalign.models.backbones import (
     is_local_checkpoint,
     load_state_dict_file,
 )
+from stofm.util.errors import InputError
 
 __all__ = ["CheckpointMismatchError", "ImageEncoder", "UnknownImageEncoderError", "create_image_encoder",
            "known_image_encoders", "load_state_dict_file"]
@@ -129,7 +130,7 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
         backbone = PREFIX_BUILDERS[prefix](name, pretrained=pretrained, **kwargs)
     elif is_local_checkpoint(spec):
         if arch is None:
-            raise ValueError(f"{spec}: a local checkpoint needs its architecture: --arch NAME / arch= NAME, or "
+            raise InputError(f"{spec}: a local checkpoint needs its architecture: --arch NAME / arch= NAME, or "
                              f"the spec NAME:{spec} (e.g. uni:{spec} or timm:vit_base_patch16_224)")
         if not Path(spec).exists():
             raise FileNotFoundError(f"{spec}: checkpoint file not found")

@@ -19,6 +19,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
+from stofm.util.errors import InputError
+
 
 class ConvTokenizer(nn.Module):
     """(B, in_dim) -> (B, tokens, dim): optional Linear to ``width``, then Conv1d(1, tokens, s, stride=s)."""
@@ -27,7 +29,7 @@ class ConvTokenizer(nn.Module):
         super().__init__()
         width = int(width or in_dim)
         if width % dim:
-            raise ValueError(f"conv1d tokenizer: {what} are {width} wide, not a multiple of token_dim {dim}; set "
+            raise InputError(f"conv1d tokenizer: {what} are {width} wide, not a multiple of token_dim {dim}; set "
                              f"tokenizer_widths.{what.split()[0]} (a Linear to a multiple of {dim}) or use an encoder "
                              f"whose features are {dim} wide")
         self.proj = nn.Linear(in_dim, width) if width != in_dim else None
@@ -92,7 +94,7 @@ class PaperCrossAttention(nn.Module):
     def __init__(self, *, dim: int, heads: int = 8, dropout: float = 0.1) -> None:
         super().__init__()
         if dim % heads:
-            raise ValueError(f"token width {dim} is not divisible by {heads} heads")
+            raise InputError(f"token width {dim} is not divisible by {heads} heads")
         self.heads, self.scale = heads, (dim // heads) ** -0.5
         self.norm_q, self.norm_kv = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, dim, bias=False)
@@ -112,7 +114,7 @@ class PaperCrossAttention(nn.Module):
 def bottleneck_ffn(dim: int) -> nn.Sequential:
     """The paper's per-stream FFN: Linear(D, D/8) -> GELU -> Linear(D/8, D/2) (512 -> 64 -> 256), no residual."""
     if dim % 8:
-        raise ValueError(f"paper fusion needs a token width divisible by 8, got {dim}")
+        raise InputError(f"paper fusion needs a token width divisible by 8, got {dim}")
     return nn.Sequential(nn.Linear(dim, dim // 8), nn.GELU(), nn.Linear(dim // 8, dim // 2))
 
 

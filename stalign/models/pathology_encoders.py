@@ -30,6 +30,7 @@ from stalign.models.backbones import (
     strip_prefixes,
     timm_backbone,
 )
+from stofm.util.errors import InputError
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 Pretrained = bool | str | os.PathLike | None
@@ -141,7 +142,7 @@ def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides:
     else:
         cfg = open_clip.get_model_config(name)
         if cfg is None:
-            raise ValueError(f"open_clip has no model config {name!r}; known: {', '.join(open_clip.list_models())}")
+            raise InputError(f"open_clip has no model config {name!r}; known: {', '.join(open_clip.list_models())}")
         model = open_clip.create_model(name, pretrained=None, **_deep_merge(cfg, overrides))
         if pretrained:
             sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
@@ -305,7 +306,7 @@ def efficientnet_lite0(*, pretrained: Pretrained = None, **overrides: Any) -> Ba
     input_size = overrides.pop("input_size", None)
     if pretrained:
         if overrides:
-            raise ValueError(f"efficientnet-lite0 with ImageNet weights takes no architecture overrides {overrides}")
+            raise InputError(f"efficientnet-lite0 with ImageNet weights takes no architecture overrides {overrides}")
         model = efficientnet_lite0_imagenet(None if pretrained is True else pretrained)
         model.reset_classifier(0)
     else:

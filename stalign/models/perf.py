@@ -20,6 +20,8 @@ import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from stofm.util.errors import InputError
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 # Break-even estimate from issue 6's H100 figures (ViT-B: 8,721 img/s bf16 -> 10,749 with compile, i.e. 22 us saved
 # per image) and ~1 min to compile (an assumption still to be measured): ~3M images, 2 per tile.
@@ -43,7 +45,7 @@ def autocast_dtype(device: Any = None, precision: str = "auto"):
     import torch
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     device = resolve_device(device)
     if precision == "fp32":
         return None

@@ -57,7 +57,7 @@ def choose_index(kind: str, n_rows: int) -> str:
     """``flat``, ``ivf`` or ``hnsw`` for ``kind``: ``auto`` = IVF for banks of >= ``AUTO_FAISS_MIN_ROWS`` rows when
     faiss is installed, else flat (exact brute force)."""
     if kind not in INDEX_KINDS:
-        raise ValueError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
+        raise InputError(f"index must be one of {INDEX_KINDS}, got {kind!r}")
     if kind == "auto":
         return "ivf" if n_rows >= AUTO_FAISS_MIN_ROWS and faiss_available() else "flat"
     return kind

@@ -7,7 +7,9 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.errors import PixelSizeError
 from stalign.tasks.hest import Predictor, cross_validate, group_splits, ridge_probe
+from stofm.util.errors import InputError
 
 
 def top_variance_genes(expression: np.ndarray, genes: Sequence[str], k: int = 50) -> list[str]:
@@ -89,7 +91,7 @@ def evaluation_splits(n: int, scheme: str, *, seed: int = 0) -> list[tuple[np.nd
         return group_splits(spots)
     if scheme.endswith("-fold") and scheme[:-5].isdigit():
         return group_splits(spots, n_splits=int(scheme[:-5]), shuffle_seed=seed)
-    raise ValueError(f"unknown evaluation scheme {scheme!r}: use 'loo' or '<k>-fold'")
+    raise InputError(f"unknown evaluation scheme {scheme!r}: use 'loo' or '<k>-fold'")
 
 
 def run_baselines(predictors: Mapping[str, Callable[[np.ndarray], Predictor] | Predictor], y: np.ndarray,
@@ -113,7 +115,7 @@ def slide_baselines(adata: Any, slide: Any, *, patch_um: float = 112.0, patch_px
     from ``stalign.data.slide.open_slide`` with a pixel size): the top-``k_genes`` variance genes, crops of
     ``patch_um`` µm. Returns the table of ``run_baselines`` with the settings in ``table.attrs``."""
     if slide.um_per_px is None:
-        raise ValueError(f"{slide.path}: no pixel size; open the slide with um_per_px=... to crop {patch_um} µm")
+        raise PixelSizeError(f"{slide.path}: no pixel size; open the slide with um_per_px=... to crop {patch_um} µm")
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     genes = top_variance_genes(x, list(adata.var_names), k_genes)
     y = x[:, [list(adata.var_names).index(g) for g in genes]].astype(np.float64)

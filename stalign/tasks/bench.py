@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 
 def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
     import torch
@@ -75,14 +77,14 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
     if by == "slide":
         if len(set(slides.tolist())) < 2:
-            raise ValueError(f"{root}: one slide only; the HEST protocol splits by slide/patient. Prepare more "
+            raise InputError(f"{root}: one slide only; the HEST protocol splits by slide/patient. Prepare more "
                              f"slides, or use by='spot' (stalign bench --by spot) for a within-slide estimate")
         groups: Any = slides
     elif by == "spot":
         groups = np.random.default_rng(seed).permutation(len(ds))
         n_splits = n_splits or 5
     else:
-        raise ValueError(f"by must be 'slide' or 'spot', got {by!r}")
+        raise InputError(f"by must be 'slide' or 'spot', got {by!r}")
     feats = dict(features or {})
     failed: dict[str, str] = {}
     for spec in encoders:  # one failing encoder does not throw away the others' (often long) feature runs
@@ -92,7 +94,7 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
         except (ValueError, OSError, RuntimeError, ImportError) as err:
             failed[spec] = " ".join(str(err).split())
     if not feats:
-        raise ValueError("no encoder could be benchmarked: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
+        raise InputError("no encoder could be benchmarked: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
                          if failed else "no encoders to benchmark")
     log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
     table = hest_benchmark(feats, expr, ds.genes, groups, n_splits=n_splits, k_genes=k_genes, log1p=log1p,

@@ -8,6 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     x = np.asarray(x, np.float64)
@@ -25,17 +27,17 @@ def cluster_domains(embeddings: np.ndarray, *, n_domains: int | None = None, met
     x = _unit(embeddings)
     if spatial_weight > 0:
         if coords is None:
-            raise ValueError("spatial_weight > 0 needs coords")
+            raise InputError("spatial_weight > 0 needs coords")
         c = np.asarray(coords, np.float64)
         c = (c - c.mean(0)) / (c.std(0).mean() + 1e-12)
         x = np.hstack([x, spatial_weight * c / np.sqrt(c.shape[1])])
     if len(x) < 2:
-        raise ValueError(f"need at least 2 spots to find domains, got {len(x)}")
+        raise InputError(f"need at least 2 spots to find domains, got {len(x)}")
     if method == "kmeans":
         return _kmeans(x, n_domains, seed)
     if method == "leiden":
         return _leiden(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
-    raise ValueError(f"unknown clustering method {method!r}: use 'kmeans' or 'leiden'")
+    raise InputError(f"unknown clustering method {method!r}: use 'kmeans' or 'leiden'")
 
 
 def _kmeans(x: np.ndarray, n_domains: int | None, seed: int) -> np.ndarray:
@@ -44,7 +46,7 @@ def _kmeans(x: np.ndarray, n_domains: int | None, seed: int) -> np.ndarray:
 
     if n_domains is not None:
         if not 1 <= n_domains <= len(x):
-            raise ValueError(f"n_domains must lie in 1..{len(x)} (the number of spots), got {n_domains}")
+            raise InputError(f"n_domains must lie in 1..{len(x)} (the number of spots), got {n_domains}")
         return KMeans(n_clusters=n_domains, n_init=10, random_state=seed).fit_predict(x)
     best, best_score = None, -np.inf
     for k in range(2, min(10, len(x) - 1) + 1):
@@ -67,12 +69,12 @@ def score_domains(labels: Sequence[Any], annotations: Sequence[Any]) -> dict[str
 
     labels, truth = np.asarray(labels), np.asarray(annotations, dtype=object)
     if len(labels) != len(truth):
-        raise ValueError(f"{len(labels)} domain labels but {len(truth)} annotations")
+        raise InputError(f"{len(labels)} domain labels but {len(truth)} annotations")
     import pandas as pd
 
     keep = np.array([not pd.isna(t) and str(t) != "" for t in truth])
     if keep.sum() < 2:
-        raise ValueError("fewer than two annotated spots: cannot score domains")
+        raise InputError("fewer than two annotated spots: cannot score domains")
     t = truth[keep].astype(str)
     return {"ari": float(adjusted_rand_score(t, labels[keep])),
             "nmi": float(normalized_mutual_info_score(t, labels[keep])), "n_scored": int(keep.sum())}
@@ -90,7 +92,7 @@ def plot_domains(coords_px: np.ndarray, labels: Sequence[Any], path: str | Path,
     coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
     labels = np.asarray(labels)
     if len(labels) != len(coords):
-        raise ValueError(f"{len(labels)} labels for {len(coords)} spots")
+        raise InputError(f"{len(labels)} labels for {len(coords)} spots")
     if spot_diameter_px is None:
         from scipy.spatial import cKDTree
 

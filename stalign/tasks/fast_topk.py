@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+from stofm.util.errors import InputError
+
 #: On a CPU with native bf16 matmuls, banks of at least this many rows are searched in bf16 (with exact fp32
 #: re-scoring); smaller banks stay fp32 (the matmul is not what takes the time there).
 CPU_BF16_MIN_ROWS = 50_000
@@ -127,7 +129,7 @@ def search(queries: Any, bank: DeviceBank, k: int, *, chunk: int = 65536, query_
 
     n = len(bank)
     if not 1 <= k <= n:
-        raise ValueError(f"k must lie in 1..{n} (the bank size), got {k}")
+        raise InputError(f"k must lie in 1..{n} (the bank size), got {k}")
     device, dtype = bank.scores.device, bank.scores.dtype
     rescoring = bank.exact is not None
     group = (16 if device.type == "cuda" else 0) if group is None else group

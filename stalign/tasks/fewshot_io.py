@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 
 from stalign.tasks.fewshot import ExpressionHead, ExpressionProbe, LogisticProbe, PrototypeClassifier
+from stofm.util.errors import InputError
+from stofm.util.safe_files import DamagedFileError
 
 HEAD_FORMAT = "stalign-fewshot-head"
 HEAD_VERSION = 2
@@ -109,7 +111,7 @@ def load_head(path: str | Path) -> Any:
     path = Path(path)
     info_file, tensors = path / "head.json", path / "head.safetensors"
     if (path / "head.pkl").is_file() and not tensors.is_file():
-        raise ValueError(f"{path}: a pickled head (head.pkl) from an older stalign; pickles can run code and are no "
+        raise InputError(f"{path}: a pickled head (head.pkl) from an older stalign; pickles can run code and are no "
                          "longer loaded: fit the head again with `stalign fewshot`")
     if not info_file.is_file() or not tensors.is_file():
         raise FileNotFoundError(f"{path}: not a few-shot head (needs head.json and head.safetensors)")
@@ -117,7 +119,7 @@ def load_head(path: str | Path) -> Any:
     try:
         head = _rebuild(info, arrays)
     except (KeyError, TypeError, ValueError, IndexError) as err:
-        raise ValueError(f"{path}: the few-shot head is inconsistent ({type(err).__name__}: {err})") from None
+        raise DamagedFileError(f"{path}: the few-shot head is inconsistent ({type(err).__name__}: {err})") from None
     head.embedding_info = info.get("embedding", {})
     return head
 
@@ -146,11 +148,11 @@ def _rebuild(info: dict[str, Any], arrays: dict[str, np.ndarray]) -> Any:
         head.build(int(settings["in_dim"])).load_state_dict(state)
         head.net.eval()
     else:
-        raise ValueError(f"unknown head kind {kind!r}")
+        raise InputError(f"unknown head kind {kind!r}")
     return head
 
 
 def _check_width(got: int, expected: int, what: str) -> None:
     if got != expected:
-        raise ValueError(f"the arrays have {got} columns for {expected} {what}")
+        raise InputError(f"the arrays have {got} columns for {expected} {what}")
 

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 
 def _pyplot():
     import matplotlib
@@ -118,11 +120,11 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
     values = np.asarray(values, np.float64)
     coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
     if values.ndim != 2 or values.shape != (len(coords), len(genes)):
-        raise ValueError(f"values must be (n_spots={len(coords)}, n_genes={len(genes)}), got {values.shape}")
+        raise InputError(f"values must be (n_spots={len(coords)}, n_genes={len(genes)}), got {values.shape}")
     if mode not in ("spots", "grid"):
-        raise ValueError(f"heat map mode must be 'spots' or 'grid', got {mode!r}")
+        raise InputError(f"heat map mode must be 'spots' or 'grid', got {mode!r}")
     if len(coords) == 0:
-        raise ValueError("no spots to draw")
+        raise InputError("no spots to draw")
     if spot_diameter_px is None:
         from scipy.spatial import cKDTree
 
@@ -135,7 +137,7 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
         int(np.ceil(coords[:, 1].max() + diameter)), int(np.ceil(coords[:, 0].max() + diameter)))
 
     if limits is not None and len(limits) != len(genes):
-        raise ValueError(f"{len(limits)} colour limits for {len(genes)} genes")
+        raise InputError(f"{len(limits)} colour limits for {len(genes)} genes")
 
     def draw(ax: Any, g: int) -> Any:
         v = values[:, g]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from stofm.util.errors import StalignError
+from stofm.util.errors import InputError, StalignError
 
 Predictor = Callable[[np.ndarray, np.ndarray], np.ndarray]  # (train_idx, test_idx) -> (n_test, G)
 
@@ -47,7 +47,7 @@ def seurat_hvg(log_expr: np.ndarray, k: int, *, n_bins: int = 20) -> np.ndarray:
     norm = ((df["dispersions"].values - bin_mean[df["mean_bin"]].values) / bin_std[df["mean_bin"]].values)
     valid = np.sort(norm[~np.isnan(norm)])[::-1]
     if len(valid) == 0:
-        raise ValueError("no gene varies: cannot choose highly variable genes")
+        raise InputError("no gene varies: cannot choose highly variable genes")
     cutoff = valid[min(k, len(valid)) - 1]
     return np.nan_to_num(norm, nan=-np.inf) >= cutoff
 
@@ -59,7 +59,7 @@ def hest_gene_panel(expression: np.ndarray, genes: Sequence[str], *, groups: Seq
     ``expression`` is already log-transformed."""
     expr = np.asarray(expression, dtype=np.float64)
     if expr.shape[1] != len(genes):
-        raise ValueError(f"expression has {expr.shape[1]} genes, the panel {len(genes)}")
+        raise InputError(f"expression has {expr.shape[1]} genes, the panel {len(genes)}")
     groups = np.zeros(len(expr)) if groups is None else np.asarray(groups)
     keep = np.ones(len(genes), dtype=bool)
     for g in np.unique(groups):
@@ -67,7 +67,7 @@ def hest_gene_panel(expression: np.ndarray, genes: Sequence[str], *, groups: Seq
         keep &= (sub > 0).sum(0) >= np.ceil(min_cells_pct * len(sub))
     keep &= np.array(["BLANK" not in g and "Control" not in g for g in genes])
     if keep.sum() == 0:
-        raise ValueError("no gene is detected in enough spots of every slide")
+        raise InputError("no gene is detected in enough spots of every slide")
     cols = np.flatnonzero(keep)
     log_expr = np.log1p(expr[:, cols]) if log1p else expr[:, cols]
     chosen = cols[seurat_hvg(log_expr, k)][:k]
@@ -95,7 +95,7 @@ def group_splits(groups: Sequence[Any], *, n_splits: int | None = None, shuffle_
     groups = np.asarray(groups)
     uniq = np.unique(groups)
     if len(uniq) < 2:
-        raise ValueError("the protocol needs at least two patients/slides (groups) to split by")
+        raise InputError("the protocol needs at least two patients/slides (groups) to split by")
     if n_splits is None or n_splits >= len(uniq):
         splits = [(np.flatnonzero(groups != g), np.flatnonzero(groups == g)) for g in uniq]
     else:
@@ -222,7 +222,7 @@ def hest_benchmark(features: Mapping[str, np.ndarray], expression: np.ndarray, g
     for name, x in features.items():
         x = np.asarray(x)
         if len(x) != len(y):
-            raise ValueError(f"features {name!r} have {len(x)} rows, the expression {len(y)}")
+            raise InputError(f"features {name!r} have {len(x)} rows, the expression {len(y)}")
         result = cross_validate(lambda tr, te, x=x: ridge_probe(x[tr], y[tr], x[te], latent_dim=latent_dim,
                                                                 seed=seed), y, splits, panel)
         rows.append({"task": task, "encoder": name, **result.summary()})

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.hest_bench_io import read_patches
+from stofm.util.errors import InputError
 
 SEED = 1  # HEST's default seed
 
@@ -39,7 +40,7 @@ def read_task(root: str | os.PathLike, *, gene_list: str = "var_50genes.json") -
 
     genes = read_json(genes_file, what="HEST-Bench gene list")
     if not isinstance(genes, dict) or not isinstance(genes.get("genes"), list) or not genes["genes"]:
-        raise ValueError(f"{genes_file}: expected {{\"genes\": [...]}}")
+        raise InputError(f"{genes_file}: expected {{\"genes\": [...]}}")
     splits, i = [], 0
     while (split_dir / f"train_{i}.csv").is_file() and (split_dir / f"test_{i}.csv").is_file():
         splits.append(tuple(pd.read_csv(split_dir / f"{kind}_{i}.csv") for kind in ("train", "test")))
@@ -49,7 +50,7 @@ def read_task(root: str | os.PathLike, *, gene_list: str = "var_50genes.json") -
     for df in (d for pair in splits for d in pair):
         missing = {"sample_id", "patches_path", "expr_path"} - set(df.columns)
         if missing:
-            raise ValueError(f"{split_dir}: split tables need columns sample_id, patches_path, expr_path "
+            raise InputError(f"{split_dir}: split tables need columns sample_id, patches_path, expr_path "
                              f"(missing {sorted(missing)})")
     return {"name": root.name, "root": root, "genes": [str(g) for g in genes["genes"]], "splits": splits}
 
@@ -62,7 +63,7 @@ def sample_expression(path: str | os.PathLike, genes: Sequence[str], barcodes: S
     missing = [g for g in genes if g not in adata.var_names]
     absent = [b for b in barcodes if b not in adata.obs_names]
     if missing or absent:
-        raise ValueError(f"{path}: lacks genes {missing[:5]} / barcodes {absent[:3]} of the patch file")
+        raise InputError(f"{path}: lacks genes {missing[:5]} / barcodes {absent[:3]} of the patch file")
     x = adata[list(barcodes)][:, list(genes)].X
     x = x.toarray() if hasattr(x, "toarray") else np.asarray(x)
     return np.log1p(x.astype(np.float64))
@@ -89,7 +90,7 @@ def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, pca: 
 
     if pca:
         if latent_dim > min(x_train.shape):
-            raise ValueError(f"PCA-{latent_dim} needs at least {latent_dim} training spots and features (have "
+            raise InputError(f"PCA-{latent_dim} needs at least {latent_dim} training spots and features (have "
                              f"{x_train.shape[0]} x {x_train.shape[1]}); lower --latent-dim or use --no-pca")
         pipe = Pipeline([("scaler", StandardScaler()), ("PCA", PCA(n_components=latent_dim, random_state=SEED))])
         x_train, x_test = pipe.fit_transform(x_train), pipe.transform(x_test)

@@ -10,6 +10,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from stalign.models.gene_panel import GenePanelError
+from stofm.util.errors import InputError
+
 GENE_SIDE = ("spot_gene_encoder.", "niche_gene_encoder.")  # modules whose inputs are the genes
 
 
@@ -24,10 +27,10 @@ def with_gene_panel(model: Any, genes: Sequence[str]) -> Any:
 
     genes = [str(g) for g in genes]
     if not genes:
-        raise ValueError("with_gene_panel needs a non-empty gene list")
+        raise GenePanelError("with_gene_panel needs a non-empty gene list")
     if len(set(genes)) != len(genes):
         dup = sorted({g for g in genes if genes.count(g) > 1})
-        raise ValueError(f"with_gene_panel: genes listed twice: {dup[:10]}")
+        raise GenePanelError(f"with_gene_panel: genes listed twice: {dup[:10]}")
     config = model.config.to_dict()
     for key in ("spot_image", "niche_image"):
         config[key]["pretrained"] = None  # the trained weights are copied below, nothing is downloaded
@@ -39,7 +42,7 @@ def with_gene_panel(model: Any, genes: Sequence[str]) -> Any:
     image_side = {k: v for k, v in model.state_dict().items() if not k.startswith(GENE_SIDE)}
     bad = sorted(k for k, v in image_side.items() if k not in target or target[k].shape != v.shape)
     if bad:
-        raise ValueError(f"with_gene_panel: {len(bad)} image-side weights do not fit the new model (e.g. {bad[:3]})")
+        raise InputError(f"with_gene_panel: {len(bad)} image-side weights do not fit the new model (e.g. {bad[:3]})")
     new.load_state_dict(image_side, strict=False)
     new.meta = {"name": model.meta.get("name"), "overrides": model.meta.get("overrides", {}),
                 "image_side_from": model.meta.get("weights_sha256")}

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from stalign.models.gene_panel import GenePanelError, check_gene_panel
+from stofm.util.errors import InputError
 
 BANK_FORMAT = "stalign-reference-bank"
 
@@ -36,7 +37,7 @@ class ReferenceBank:
         emb = np.asarray(embeddings, dtype=np.float32)
         expr = np.asarray(expression, dtype=np.float32)
         if emb.ndim != 2 or expr.ndim != 2 or len(emb) != len(expr):
-            raise ValueError(f"reference bank needs embeddings (N, E) and expression (N, G) with the same N, "
+            raise InputError(f"reference bank needs embeddings (N, E) and expression (N, G) with the same N, "
                              f"got {emb.shape} and {expr.shape}")
         if expr.shape[1] != len(genes):
             raise GenePanelError(f"expression has {expr.shape[1]} columns but {len(genes)} genes were given")
@@ -46,7 +47,7 @@ class ReferenceBank:
         self.meta = {k: np.asarray(v) for k, v in (meta or {}).items()}
         for key, value in self.meta.items():
             if len(value) != len(emb):
-                raise ValueError(f"meta[{key!r}] has {len(value)} rows, the bank has {len(emb)}")
+                raise InputError(f"meta[{key!r}] has {len(value)} rows, the bank has {len(emb)}")
         self.info = dict(info or {})
         self._cache: dict[tuple, Any] = {}
         self._ann: dict[tuple, Any] = {}  # faiss indexes by (kind, build parameters)
@@ -96,7 +97,7 @@ class ReferenceBank:
         info, arrays = read_described_tensors(info_file, tensors, fmt=BANK_FORMAT, what="reference bank",
                                               framework="np")
         if set(arrays) != {"embeddings", "expression"}:
-            raise ValueError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")
+            raise InputError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")
         bank = cls(embeddings=arrays["embeddings"], expression=arrays["expression"], genes=info["genes"],
                    meta=info.get("meta") or {}, info=info.get("info") or {})
         bank.path, bank.sha256 = path, info.get("sha256")
@@ -162,9 +163,9 @@ class ReferenceBank:
 
         q = torch.as_tensor(np.asarray(queries, dtype=np.float32))
         if q.ndim != 2 or q.shape[1] != self.embeddings.shape[1]:
-            raise ValueError(f"queries must be (Q, {self.embeddings.shape[1]}), got {tuple(q.shape)}")
+            raise InputError(f"queries must be (Q, {self.embeddings.shape[1]}), got {tuple(q.shape)}")
         if not 1 <= k <= len(self):
-            raise ValueError(f"k must lie in 1..{len(self)} (the bank size), got {k}")
+            raise InputError(f"k must lie in 1..{len(self)} (the bank size), got {k}")
         from stalign.tasks.fast_topk import search, search_dtype
 
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -186,7 +187,7 @@ class ReferenceBank:
         """Zero-shot expression (Q, G): softmax(top-k similarity / temperature)-weighted mean of the
         reference expression (only ``genes``, in that order, when given)."""
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         sims, idx = self.topk(queries, min(k, len(self)), **search)
         weights = np.exp((sims - sims.max(axis=1, keepdims=True)) / temperature)
         weights /= weights.sum(axis=1, keepdims=True)
@@ -246,7 +247,7 @@ def query_signature(signature: Sequence[str] | Any, *, bank: ReferenceBank, embe
     """
     emb = np.asarray(embeddings, dtype=np.float32)
     if emb.ndim != 2 or emb.shape[1] != bank.embeddings.shape[1]:
-        raise ValueError(f"slide embeddings must be (N, {bank.embeddings.shape[1]}), got {emb.shape}")
+        raise InputError(f"slide embeddings must be (N, {bank.embeddings.shape[1]}), got {emb.shape}")
     scores = signature_scores(signature, bank.expression, bank.genes)
     is_vector = not (len(signature) and isinstance(next(iter(signature)), str))
     if encode_gene is not None and is_vector:

@@ -193,7 +193,7 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         )
 
         if clusters is None:
-            raise ValueError("paired negatives need expression clusters: set hard_negative_clusters >= 2")
+            raise InputError("paired negatives need expression clusters: set hard_negative_clusters >= 2")
         train = PairedNegativeDataset(train, build_paired_negatives(train_shards, clusters), seed=seed)
         collate = collate_with_negatives
     return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,

@@ -92,9 +92,9 @@ class ThreeTargetLoss(nn.Module):
                  check_finite: bool = True) -> None:
         super().__init__()
         if kind not in LOSS_KINDS:
-            raise ValueError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
+            raise InputError(f"unknown loss kind {kind!r}; known: {', '.join(LOSS_KINDS)}")
         if not (0.0 <= alpha and 0.0 <= beta and alpha + beta <= 1.0):
-            raise ValueError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
+            raise InputError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
         self.alpha, self.beta, self.kind, self.gather, self.check_finite = alpha, beta, kind, gather, check_finite
         self.weights = {"spot_loss": alpha, "niche_loss": beta, "fusion_loss": 1.0 - alpha - beta}
 
@@ -126,7 +126,7 @@ class ThreeTargetLoss(nn.Module):
             total = _infonce_rows(a, b_all, scale, offset, exclude) + _infonce_rows(b, a_all, scale, offset, exclude)
             return total / (2 * per_rank)
         if bias is None:
-            raise ValueError("the SigLIP loss needs out['logit_bias']: build the model with siglip=True")
+            raise InputError("the SigLIP loss needs out['logit_bias']: build the model with siglip=True")
         return _siglip_rows(a, b_all, scale, bias, offset, exclude) / per_rank
 
     def forward(self, out: Mapping[str, torch.Tensor], *, cluster: torch.Tensor | None = None,
@@ -178,9 +178,9 @@ class PairedNegativeLoss(nn.Module):
                  check_finite: bool = True) -> None:
         super().__init__()
         if not (0.0 <= alpha and 0.0 <= beta and alpha + beta <= 1.0):
-            raise ValueError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
+            raise InputError(f"need alpha, beta >= 0 and alpha + beta <= 1, got alpha={alpha}, beta={beta}")
         if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+            raise InputError(f"temperature must be > 0, got {temperature}")
         self.alpha, self.beta, self.temperature, self.check_finite = alpha, beta, float(temperature), check_finite
         self.weights = {"spot_loss": alpha, "niche_loss": beta, "fusion_loss": 1.0 - alpha - beta}
 

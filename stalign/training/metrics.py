@@ -4,6 +4,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from stofm.util.errors import InputError
+
 if TYPE_CHECKING:
     import torch
 
@@ -51,7 +53,7 @@ def retrieval_metrics(image_emb: torch.Tensor, gene_emb: torch.Tensor, *,
     """
     n = int(image_emb.shape[0])
     if n == 0:
-        raise ValueError("retrieval metrics need at least one held-out spot")
+        raise InputError("retrieval metrics need at least one held-out spot")
     out: dict[str, float] = {"n_spots": float(n)}
     i2g = recall_at_k(image_emb, gene_emb, ks=ks)
     g2i = recall_at_k(gene_emb, image_emb, ks=ks)

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 #: Keys of a negative's dataset item that the gene side and the fused niche need (the spot crop is not used).
 DROPPED_NEGATIVE_KEYS = ("spot_image",)
 
@@ -38,7 +40,7 @@ class PairedNegatives:
                 self.groups[(int(s), int(c))] = np.flatnonzero(in_slide & (clusters == c))
         counts = {s: len(c) for s, c in self.slide_clusters.items()}
         if min(counts.values()) < 2 or len(set(counts.values())) > 1:
-            raise ValueError(f"paired negatives need the same number (>= 2) of expression clusters in every slide; "
+            raise InputError(f"paired negatives need the same number (>= 2) of expression clusters in every slide; "
                              f"found {counts} (slide: clusters): use fewer hard_negative_clusters or drop small slides")
         self.per_spot = next(iter(counts.values())) - 1
 
