@@ -96,11 +96,11 @@ class CropSpec:
 
 
 def warn_if_differs(spec: CropSpec | None, what: str, reference: CropSpec | None, reference_what: str) -> bool:
-    """Warn (:class:`CropSpecWarning`, both specs named) when ``spec`` and ``reference`` differ; True if they do.
-    Nothing when either is unknown."""
+    """Warn (:class:`CropSpecWarning`: "WHAT crops A, but REFERENCE_WHAT B (the differences)") when ``spec`` and
+    ``reference`` differ; True if they do. Nothing when either is unknown."""
     if spec is None or reference is None or spec == reference:
         return False
-    warnings.warn(f"{what} uses crops {spec}, but {reference_what} {reference} "
+    warnings.warn(f"{what} crops {spec}, but {reference_what} {reference} "
                   f"({'; '.join(spec.differences(reference))}): embeddings of other crops are not comparable",
                   CropSpecWarning, stacklevel=3)
     return True

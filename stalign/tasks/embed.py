@@ -69,7 +69,7 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     from stalign.models.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
-    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root}", getattr(model, "crop_spec", None),
+    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root} hold", getattr(model, "crop_spec", None),
                     "the model was trained on")
     if gene:
         model.check_genes(ds.genes, source=f"the shards under {root}")

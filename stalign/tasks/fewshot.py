@@ -193,7 +193,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     from stalign.tasks.embed import default_device
 
     ds = ShardDataset(root, indices=indices)
-    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root}", getattr(model, "crop_spec", None),
+    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root} hold", getattr(model, "crop_spec", None),
                     "the model was trained on")
     model.check_genes(ds.genes, source=f"the shards under {root}")
     genes = list(ds.genes) if genes is None else [str(g) for g in genes]

@@ -113,28 +113,28 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
 
     from stalign.data.crop_spec import CropSpecError, CropSpecWarning, warn_if_differs
 
-    sources = [("the reference bank", CropSpec.from_dict(getattr(bank, "info", None))),
-               ("the few-shot head", CropSpec.from_dict(getattr(head, "embedding_info", None))),
-               ("the model", getattr(model, "crop_spec", None))]
-    known = [(name, spec) for name, spec in sources if spec is not None]
+    sources = [("the reference bank", "was embedded from", CropSpec.from_dict(getattr(bank, "info", None))),
+               ("the few-shot head", "was fitted on", CropSpec.from_dict(getattr(head, "embedding_info", None))),
+               ("the model", "was trained on", getattr(model, "crop_spec", None))]
+    known = [(name, verb, spec) for name, verb, spec in sources if spec is not None]
     if known:
-        (name, base), *others = known
-        for other_name, other in others:
-            warn_if_differs(base, name, other, f"{other_name} was made with")
+        (name, verb, base), *others = known
+        for other_name, other_verb, other in others:
+            warn_if_differs(base, f"{name} {verb}", other, f"{other_name} {other_verb}")
     else:
-        name, base = "the default", CropSpec()
+        name, verb, base = "the default", "is", CropSpec()
         if crop is None:
             warnings.warn(f"the model, reference and head record no crop spec: cutting the default crops ({base})",
                           CropSpecWarning, stacklevel=3)
     if crop is None:
         return base
     asked = crop if isinstance(crop, CropSpec) else base.with_overrides(**crop)
-    if known and name == "the reference bank" and (asked.spot_um, asked.niche_um, asked.patch_px) != \
+    if name == "the reference bank" and (asked.spot_um, asked.niche_um, asked.patch_px) != \
             (base.spot_um, base.niche_um, base.patch_px):
         raise CropSpecError(f"the reference bank was embedded from crops {base}; this prediction asks for {asked}: "
                             "query and bank embeddings would not be comparable (drop the crop options, or build the "
                             "bank from shards prepared with these crops)")
-    warn_if_differs(asked, "this prediction", base, f"{name} was made with")
+    warn_if_differs(asked, "this prediction asks for", base, f"{name} {verb}")
     return asked
 
 
