@@ -3,7 +3,7 @@
 Encoder specs: ``model:CKPT`` (our aligned image embedding, ``encode_image`` of spot + niche crops),
 ``backbone:CKPT`` (the checkpoint's trained spot-image trunk, before tokens/projection), ``random:SPEC``
 (the architecture of SPEC, randomly initialised, seeded), or any image-encoder spec with its pretrained weights
-(e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the spot crop (112 µm by default, as HEST).
+(e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the shards' spot crop (their crop spec; 112 µm by default, as HEST).
 """
 from __future__ import annotations
 
