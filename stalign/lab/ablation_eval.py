@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 
 @dataclass
 class ShardTruth:
@@ -46,7 +48,7 @@ def shard_truth(root: str | Path, *, synth_dir: str | Path | None = None) -> Sha
         slides.append(np.full(len(shard["barcodes"]), sid, dtype=object))
     sets = {"spot": np.isin(genes, truth.spot_genes), "context": np.isin(genes, truth.context_genes)}
     if not sets["context"].any():
-        raise ValueError(f"{root}: none of the {len(genes)} genes of the panel is context-driven; prepare the "
+        raise InputError(f"{root}: none of the {len(genes)} genes of the panel is context-driven; prepare the "
                          "slides with more genes (--n-top-genes)")
     return ShardTruth(genes=genes, gene_sets=sets, domains=np.concatenate(domains),
                       coords_um=np.concatenate(coords), slide=np.concatenate(slides))

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
+
 SQUIDPY = "squidpy-visium-crop"
 
 
@@ -136,7 +138,7 @@ def train_stage(ctx: DemoContext) -> None:
                                **_train_overrides(ctx, a.train_steps))
     m = result.metrics
     if not m:
-        raise ValueError(f"{a.config}: the demo needs held-out spots (val_fraction > 0) to report recall")
+        raise InputError(f"{a.config}: the demo needs held-out spots (val_fraction > 0) to report recall")
     ctx.data["train_checkpoint"] = result.checkpoint
     print(f"held-out retrieval after {result.step} steps ({result.seconds:.0f} s): {format_retrieval(m)}")
     rows = ctx.rows.setdefault(TRAIN_TABLE, [])
@@ -180,7 +182,7 @@ def _check_pixel_size(manifest: dict[str, Any], samples: list[Any], root: Path) 
     kept = {e["slide_id"]: e["um_per_px"] for e in manifest["slides"]}
     for s in samples:
         if abs(kept[s.slide_id] - s.um_per_px) > 1e-9 * s.um_per_px:
-            raise ValueError(f"{root}: shards of {s.slide_id} were cut at {kept[s.slide_id]:.4f} µm/px, this run "
+            raise InputError(f"{root}: shards of {s.slide_id} were cut at {kept[s.slide_id]:.4f} µm/px, this run "
                              f"asks {s.um_per_px:.4f}; use another --out (or delete {root})")
 
 
@@ -190,12 +192,12 @@ def spatial_folds(xy: Any, n_folds: int) -> Any:
 
     xy = np.asarray(xy, np.float64)
     if n_folds < 2:
-        raise ValueError(f"need at least 2 folds, got {n_folds}")
+        raise InputError(f"need at least 2 folds, got {n_folds}")
     v = xy[:, int(np.ptp(xy[:, 1]) >= np.ptp(xy[:, 0]))]
     folds = np.minimum(((v - v.min()) / (np.ptp(v) or 1.0) * n_folds).astype(np.int64), n_folds - 1)
     empty = sorted(set(range(n_folds)) - set(folds.tolist()))
     if empty:
-        raise ValueError(f"{len(xy)} spots leave fold(s) {empty} empty; use fewer folds")
+        raise InputError(f"{len(xy)} spots leave fold(s) {empty} empty; use fewer folds")
     return folds
 
 

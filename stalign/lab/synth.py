@@ -40,7 +40,8 @@ from stalign.lab.synth_expression import (
 )
 from stalign.lab.synth_render import build_layout, render_blocks, write_pyramid
 from stalign.lab.synth_texture import TISSUE_CLASSES
-from stofm.util.safe_files import sha256_of
+from stofm.util.errors import InputError
+from stofm.util.safe_files import DamagedFileError, sha256_of
 
 FORMAT = "stalign-synthetic"
 VERSION = 2  # the default world; version 1 (spot-only expression) stays byte-reproducible
@@ -80,13 +81,13 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
     _check(n_spots=n_spots, um_per_px=um_per_px, n_classes=n_classes, programme_factor=programme_factor,
            margin_um=margin_um)
     if version not in VERSIONS:
-        raise ValueError(f"version must be one of {VERSIONS}, got {version!r}")
+        raise InputError(f"version must be one of {VERSIONS}, got {version!r}")
     if version == 2:
         from stalign.lab.synth_context import make_context_panel
         from stalign.lab.synth_domains import DOMAIN_LAYOUTS, make_domains
 
         if domain_layout not in DOMAIN_LAYOUTS:
-            raise ValueError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
+            raise InputError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
         names = [c.name for c in TISSUE_CLASSES[:n_classes]]
         make_context_panel(n_genes=n_genes, class_names=names, factor=programme_factor, seed=panel_seed,
                            domains=make_domains(names, n_domains, seed=panel_seed))  # argument checks first
@@ -155,15 +156,15 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
 
 def _check(*, n_spots: int, um_per_px: float, n_classes: int, programme_factor: float, margin_um: float) -> None:
     if n_spots < 1:
-        raise ValueError(f"n_spots must be >= 1, got {n_spots}")
+        raise InputError(f"n_spots must be >= 1, got {n_spots}")
     if not 0.05 <= um_per_px <= 20:
-        raise ValueError(f"um_per_px must lie in [0.05, 20], got {um_per_px}")
+        raise InputError(f"um_per_px must lie in [0.05, 20], got {um_per_px}")
     if not 1 <= n_classes <= len(TISSUE_CLASSES):
-        raise ValueError(f"n_classes must lie in [1, {len(TISSUE_CLASSES)}], got {n_classes}")
+        raise InputError(f"n_classes must lie in [1, {len(TISSUE_CLASSES)}], got {n_classes}")
     if programme_factor <= 0:
-        raise ValueError(f"programme_factor must be > 0, got {programme_factor}")
+        raise InputError(f"programme_factor must be > 0, got {programme_factor}")
     if margin_um < SPOT_DIAMETER_UM:
-        raise ValueError(f"margin_um must be >= {SPOT_DIAMETER_UM}, got {margin_um}")
+        raise InputError(f"margin_um must be >= {SPOT_DIAMETER_UM}, got {margin_um}")
 
 
 def _panel_records(panel: GenePanel) -> list[dict]:
@@ -254,14 +255,14 @@ def load_synthetic_slide(out_dir: str | os.PathLike, slide_id: str, *, verify: b
         raise FileNotFoundError(f"{truth_path}: no synthetic slide {slide_id!r} here (truth.json is written last)")
     truth = json.loads(truth_path.read_text())
     if truth.get("format") != FORMAT:
-        raise ValueError(f"{truth_path}: not a {FORMAT} truth file")
+        raise InputError(f"{truth_path}: not a {FORMAT} truth file")
     paths = {"image": out / truth["files"]["image"]["name"], "adata": out / truth["files"]["adata"]["name"],
              "truth": truth_path}
     for kind in ("image", "adata"):
         if not paths[kind].is_file():
             raise FileNotFoundError(f"{paths[kind]}: missing ({truth_path} lists it)")
         if verify and sha256_of(paths[kind]) != truth["files"][kind]["sha256"]:
-            raise ValueError(f"{paths[kind]}: sha256 differs from the one in {truth_path}; the file changed")
+            raise DamagedFileError(f"{paths[kind]}: sha256 differs from the one in {truth_path}; the file changed")
     return SyntheticSlide(paths=paths, truth=truth)
 
 
@@ -286,5 +287,5 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, *, n_slides: int = 1, see
                            **kwargs) -> list[SyntheticSlide]:
     """``n_slides`` slides with seeds ``seed, seed+1, ...`` and one shared gene panel (ids ``synth<seed>``)."""
     if n_slides < 1:
-        raise ValueError(f"n_slides must be >= 1, got {n_slides}")
+        raise InputError(f"n_slides must be >= 1, got {n_slides}")
     return [make_synthetic_slide(out_dir, seed=seed + i, **kwargs) for i in range(n_slides)]

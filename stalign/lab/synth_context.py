@@ -30,6 +30,7 @@ from stalign.lab.synth_expression import (
     make_panel,
 )
 from stalign.lab.synth_render import SlideLayout
+from stofm.util.errors import InputError
 
 CONTEXT_UM = 300.0  # diameter of the disc whose class composition drives the niche genes
 BOUNDARY_SCALE_UM = 100.0
@@ -139,7 +140,7 @@ def make_context_panel(*, n_genes: int, class_names: list[str], domains: tuple[D
                          float(np.log(DOMAIN_FACTOR)), d))
     n_v1_signal = len(class_names) * PROGRAMME_GENES_PER_CLASS + 12
     if n_genes < n_v1_signal + len(rows) + 1:
-        raise ValueError(f"n_genes={n_genes} is too small: synth v2 with {len(class_names)} classes and "
+        raise InputError(f"n_genes={n_genes} is too small: synth v2 with {len(class_names)} classes and "
                          f"{len(domains)} domains needs at least {n_v1_signal + len(rows) + 1}")
     v1 = make_panel(n_genes=n_genes - len(rows), class_names=class_names, factor=factor, seed=seed)
     n_sig = int(np.sum(np.array(v1.programme) != "housekeeping"))

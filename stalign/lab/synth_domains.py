@@ -23,6 +23,7 @@ from stalign.lab.synth_render import (
     tissue_outline,
 )
 from stalign.lab.synth_texture import TissueClass, ellipse_bank, smooth_noise
+from stofm.util.errors import InputError
 
 DOMAIN_LAYOUTS = ("layers", "islands")
 DOMINANT_WEIGHT = 0.75  # share of a domain's dominant class in its mixture
@@ -47,9 +48,9 @@ def make_domains(class_names: list[str], n_domains: int, *, seed: int) -> tuple[
     slides of one data set share their domains."""
     n_cls = len(class_names)
     if n_cls < 2:
-        raise ValueError("synth v2 needs n_classes >= 2 (its domains are drawn as tissue-class mixtures)")
+        raise InputError("synth v2 needs n_classes >= 2 (its domains are drawn as tissue-class mixtures)")
     if not 2 <= n_domains <= 8:
-        raise ValueError(f"n_domains must lie in [2, 8], got {n_domains}")
+        raise InputError(f"n_domains must lie in [2, 8], got {n_domains}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 11]))
     out = []
     for d in range(n_domains):
@@ -77,7 +78,7 @@ def build_context_layout(*, width_um: float, height_um: float, array_box: tuple[
                          coarse_um: float = 8.0) -> tuple[SlideLayout, ContextMaps]:
     """Tissue outline, domains, class patches, gradient, then nuclei/holes (``populate_layout``) and capillaries."""
     if domain_layout not in DOMAIN_LAYOUTS:
-        raise ValueError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
+        raise InputError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
     grid = tissue_outline(width_um=width_um, height_um=height_um, array_box=array_box, rng=rng,
                           coarse_um=coarse_um)
     on = grid.tissue > 0.5

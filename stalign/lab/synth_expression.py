@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from stalign.lab.synth_render import SlideLayout, hole_radii
+from stofm.util.errors import InputError
 
 SPOT_DIAMETER_UM = 55.0
 PITCH_UM = 100.0
@@ -118,7 +119,7 @@ def make_panel(*, n_genes: int, class_names: list[str], factor: float, seed: int
     """Class programmes, nuclear-density genes, hole genes, then housekeeping genes up to ``n_genes``."""
     n_signal = len(class_names) * PROGRAMME_GENES_PER_CLASS + N_DENSITY_GENES + N_HOLE_GENES
     if n_genes < n_signal + 1:
-        raise ValueError(f"n_genes={n_genes} is too small: {len(class_names)} classes need at least {n_signal + 1}")
+        raise InputError(f"n_genes={n_genes} is too small: {len(class_names)} classes need at least {n_signal + 1}")
     rng = np.random.default_rng(np.random.SeedSequence([seed, 7]))
     names, programme, pclass = [], [], []
     for k, cname in enumerate(class_names):

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 SPOT_FEATURES = "class one-hot, nuclear_area_fraction, hole_fraction, vessels_in_spot"
 NICHE_FEATURES = ("the spot features + comp300_<class>, vessels_in_context, ring-1 neighbours' mean class one-hot "
                   "and nuclear_area_fraction, half_contrast within 2.1 pitch")
@@ -67,7 +69,7 @@ def truth_of(path: str | os.PathLike, *, synth_dir: str | os.PathLike | None = N
         sid = _check_v2(a, p)
         return _truth(a, list(map(str, a.var_names)), {sid: a.obs.copy()})
     if not (p / "manifest.json").is_file():
-        raise ValueError(f"{p}: neither a synthetic .h5ad nor a stalign prep folder (no manifest.json)")
+        raise InputError(f"{p}: neither a synthetic .h5ad nor a stalign prep folder (no manifest.json)")
     from stalign.data.shards import read_manifest, read_shard
 
     manifest = read_manifest(p)
@@ -79,24 +81,24 @@ def truth_of(path: str | os.PathLike, *, synth_dir: str | os.PathLike | None = N
         barcodes = read_shard(p / entry["shard"])["barcodes"]
         missing = [b for b in barcodes if b not in a.obs_names]
         if missing:
-            raise ValueError(f"{h5ad}: {len(missing)} spots of shard {entry['shard']} are not in it "
+            raise InputError(f"{h5ad}: {len(missing)} spots of shard {entry['shard']} are not in it "
                              f"(e.g. {missing[0]}); not the slide this shard was made from")
         spots[entry["slide_id"]] = a.obs.loc[barcodes].copy()
         first = first or a
     genes = [g for g in manifest["genes"]]
     unknown = [g for g in genes if g not in first.var_names]
     if unknown:
-        raise ValueError(f"{p}: genes {unknown[:3]} of the shard panel are not in the synthetic panel")
+        raise InputError(f"{p}: genes {unknown[:3]} of the shard panel are not in the synthetic panel")
     return _truth(first, genes, spots)
 
 
 def _check_v2(adata, path: Path) -> str:
     syn = adata.uns.get("synthetic")
     if syn is None:
-        raise ValueError(f"{path}: not a synthetic slide (no uns['synthetic'])")
+        raise InputError(f"{path}: not a synthetic slide (no uns['synthetic'])")
     version = int(syn.get("version", 1))
     if version < 2 or "driver" not in adata.var or "domain" not in adata.obs:
-        raise ValueError(f"{path}: made by synth v{version}, which has no context ground truth "
+        raise InputError(f"{path}: made by synth v{version}, which has no context ground truth "
                          "(domains, context genes); make the slides with synth v2 (the default)")
     return str(syn["slide_id"])
 
@@ -106,14 +108,14 @@ def _slide_h5ad(entry: dict, synth_dir) -> Path:
         cand = Path(synth_dir) / f"{entry['slide_id']}.h5ad"
         if cand.is_file():
             return cand
-        raise ValueError(f"{cand}: not found (slide {entry['slide_id']!r} of the shard folder)")
+        raise InputError(f"{cand}: not found (slide {entry['slide_id']!r} of the shard folder)")
     h5ads = [f for f in entry.get("source_files", {}) if f.endswith(".h5ad")]
     if not h5ads:
-        raise ValueError(f"slide {entry['slide_id']!r} was not read from a .h5ad, so it is not a synthetic slide")
+        raise InputError(f"slide {entry['slide_id']!r} was not read from a .h5ad, so it is not a synthetic slide")
     for f in h5ads:
         if Path(f).is_file():
             return Path(f)
-    raise ValueError(f"slide {entry['slide_id']!r}: its source .h5ad ({list(entry.get('source_files', {}))}) is "
+    raise InputError(f"slide {entry['slide_id']!r}: its source .h5ad ({list(entry.get('source_files', {}))}) is "
                      "gone; pass synth_dir= (the folder the synthetic slides are in)")
 
 
