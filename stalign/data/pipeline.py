@@ -39,6 +39,7 @@ from stalign.data.shards import (
     shard_relpath,
     write_manifest,
 )
+from stofm.util.errors import SetupError
 from stofm.util.knn import neighbor_indices
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression", "resample")
@@ -312,9 +313,9 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
                 except (DataPrepError, CoordinateError) as err:  # a slide's bad input: reported with the others
                     failures.append(err)
                 except BrokenProcessPool as err:
-                    raise RuntimeError(f"a crop worker process died while preparing {job.slide_id} ({err}); when "
-                                       "prepare(workers>1) runs from a script, guard it with "
-                                       "`if __name__ == '__main__':`") from err
+                    raise SetupError(f"a crop worker process died while preparing {job.slide_id} ({err}); when "
+                                     "prepare(workers>1) runs from a script, guard it with "
+                                     "`if __name__ == '__main__':`") from err
                 bar.update()
         check_terminated()
     finally:
