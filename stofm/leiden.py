@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from stofm.util.errors import InputError
+from stofm.util.errors import InputError, MissingDependencyError
 
 MISSING = "Leiden clustering needs igraph: pip install 'stalign[leiden]'"
 
@@ -22,7 +22,7 @@ def _igraph() -> Any:
     try:
         import igraph
     except ImportError as err:
-        raise ImportError(MISSING) from err
+        raise MissingDependencyError(MISSING) from err
     return igraph
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from stofm.subslice import check_coords
-from stofm.util.errors import InputError
+from stofm.util.errors import InputError, MissingDependencyError
 
 XY_WEIGHT, EMB_WEIGHT = 0.2, 0.8
 
@@ -121,4 +121,4 @@ def leiden(feats: Any, n_clusters: int, *, seed: int = 0, n_neighbors: int = 15)
     try:
         return leiden_n_clusters(feats, n_clusters, n_neighbors=n_neighbors, seed=seed)
     except ImportError as err:
-        raise ImportError(f"virtual cells with method='leiden': {MISSING} (or use method='kmeans')") from err
+        raise MissingDependencyError(f"virtual cells with method='leiden': {MISSING} (or use method='kmeans')") from err

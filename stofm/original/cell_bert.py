@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stofm.util.errors import InputError, StofmError
+from stofm.util.errors import InputError, MissingDependencyError, StofmError
 
 MAX_TOKENS = 2048
 _ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
@@ -147,7 +147,7 @@ def load_cell_bert(folder: str | os.PathLike, *, proj: str | os.PathLike | None 
     try:
         from transformers import BertModel
     except ImportError:
-        raise ImportError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
+        raise MissingDependencyError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
     from stofm.util.safe_files import load_state_dict
 
     folder = Path(folder)

@@ -17,7 +17,7 @@ from torch import nn
 
 from stofm.cell_encoder import CellEncoder, check_expr, register_cell_encoder
 from stofm.original.cell_bert import CellBert, GeneformerTokenizer
-from stofm.util.errors import InputError
+from stofm.util.errors import InputError, MissingDependencyError
 
 
 @register_cell_encoder("geneformer")
@@ -31,7 +31,7 @@ class GeneformerCellEncoder(CellEncoder):
         try:
             from transformers import BertConfig, BertModel
         except ImportError:
-            raise ImportError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
+            raise MissingDependencyError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
         self.tokenizer = GeneformerTokenizer(token_dict, medians)
         self.genes = [g for g in token_dict if g in medians]
         if not self.genes:
