@@ -20,6 +20,7 @@ from einops import rearrange
 from torch import nn
 
 from stofm.tokenize import TARGET_SUM, InputKind, medians_for, rank_tokens
+from stofm.util.errors import InputError
 from stofm.vocab import GeneVocab
 
 CELL_ENCODERS: dict[str, type[CellEncoder]] = {}
@@ -37,10 +38,18 @@ def register_cell_encoder(name: str) -> Callable[[type], type]:
     return deco
 
 
+# kinds registered by importing their module on first use (they need optional packages)
+LAZY_KINDS = {"geneformer": "stofm.original.geneformer_encoder"}
+
+
 def build_cell_encoder(kind: str, **cfg) -> CellEncoder:
-    """A registered cell encoder by name (``"bert"``, ``"mlp"``, ...) with its keyword config."""
+    """A registered cell encoder by name (``"bert"``, ``"mlp"``, ``"geneformer"``, ...) with its keyword config."""
+    if kind not in CELL_ENCODERS and kind in LAZY_KINDS:
+        import importlib
+
+        importlib.import_module(LAZY_KINDS[kind])
     if kind not in CELL_ENCODERS:
-        raise ValueError(f"unknown cell encoder {kind!r}; registered: {', '.join(sorted(CELL_ENCODERS))}")
+        raise InputError(f"unknown cell encoder {kind!r}; registered: {', '.join(sorted(CELL_ENCODERS))}")
     return CELL_ENCODERS[kind](**cfg)
 
 
@@ -68,11 +77,11 @@ class CellEncoder(nn.Module):
 
         genes = [str(g) for g in (self.genes if genes is None else genes)]
         if expr.shape[1] != len(genes):
-            raise ValueError(f"expression has {expr.shape[1]} columns but {len(genes)} genes were given")
+            raise InputError(f"expression has {expr.shape[1]} columns but {len(genes)} genes were given")
         col = {g: i for i, g in enumerate(genes)}
         src = torch.tensor([col.get(g, -1) for g in self.genes])
         if (src < 0).all():
-            raise ValueError(f"none of the encoder's {len(self.genes)} genes is among the {len(genes)} given "
+            raise InputError(f"none of the encoder's {len(self.genes)} genes is among the {len(genes)} given "
                              f"(e.g. encoder {self.genes[:3]}, input {genes[:3]})")
         if (src < 0).any():
             warnings.warn(f"{int((src < 0).sum())} of the encoder's {len(self.genes)} genes are absent from the "
@@ -98,7 +107,7 @@ def check_expr(expr: torch.Tensor, n_genes: int) -> None:
     if expr.ndim != 2 or expr.shape[1] != n_genes:
         raise ValueError(f"expr must be (B, {n_genes}) over the encoder's genes, got {tuple(expr.shape)}")
     if not bool(torch.isfinite(expr).all()) or bool((expr < 0).any()):
-        raise ValueError("expr has NaN, infinite or negative values; pass counts or log1p-normalised values")
+        raise InputError("expr has NaN, infinite or negative values; pass counts or log1p-normalised values")
 
 
 class PreLNBlock(nn.Module):
@@ -107,7 +116,7 @@ class PreLNBlock(nn.Module):
     def __init__(self, *, width: int, heads: int, dropout: float, mlp_ratio: float = 4.0) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"width {width} is not divisible by heads {heads}")
+            raise InputError(f"width {width} is not divisible by heads {heads}")
         self.heads, self.dropout = heads, dropout
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv = nn.Linear(width, 3 * width)
@@ -176,7 +185,7 @@ class BertCellEncoder(CellEncoder):
         med = medians_for(self.genes, gene_medians)
         ok = np.isfinite(med) & (med > 0)
         if not ok.any():
-            raise ValueError("no gene of the encoder has a positive median")
+            raise InputError("no gene of the encoder has a positive median")
         if not ok.all():
             warnings.warn(f"{int((~ok).sum())} of the encoder's {len(ok)} genes have no median (never expressed "
                           f"where fitted?) and are left out of the tokens (e.g. "
@@ -227,22 +236,24 @@ def log1p_cp10k(expr: torch.Tensor, input_kind: InputKind) -> torch.Tensor:
     if input_kind == "log1p":
         return expr.float()
     if input_kind != "counts":
-        raise ValueError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
+        raise InputError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
     expr = expr.float()
     return torch.log1p(expr * TARGET_SUM / expr.sum(dim=1, keepdim=True).clamp_min(1e-12))
 
 
 @register_cell_encoder("mlp")
 class MLPCellEncoder(CellEncoder):
-    """An MLP over log1p cp10k of a fixed gene panel: [Linear -> LayerNorm -> GELU -> Dropout] × depth -> Linear."""
+    """An MLP over log1p cp10k of a fixed gene panel: [Linear -> LayerNorm -> GELU -> Dropout] × depth -> Linear,
+    L2-normalised (``normalize=False``: the raw Linear output, as stalign's gene side uses it)."""
 
     def __init__(self, *, genes: Sequence[str], hidden: int = 512, depth: int = 2, out_dim: int = 256,
-                 dropout: float = 0.1) -> None:
+                 dropout: float = 0.1, normalize: bool = True) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self.genes, self.out_dim = [str(g) for g in genes], int(out_dim)
-        self.config = {"genes": self.genes, "hidden": hidden, "depth": depth, "out_dim": out_dim, "dropout": dropout}
+            raise InputError(f"depth must be >= 1, got {depth}")
+        self.genes, self.out_dim, self.normalize = [str(g) for g in genes], int(out_dim), bool(normalize)
+        self.config = {"genes": self.genes, "hidden": hidden, "depth": depth, "out_dim": out_dim, "dropout": dropout,
+                       "normalize": self.normalize}
         layers: list[nn.Module] = []
         width = len(self.genes)
         for _ in range(depth):
@@ -252,9 +263,10 @@ class MLPCellEncoder(CellEncoder):
         self.head = nn.Linear(width, self.out_dim)
 
     def forward(self, expr: torch.Tensor, *, input_kind: InputKind = "counts") -> torch.Tensor:
-        """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes``."""
+        """(B, out_dim) embeddings of ``expr`` (B, G) over ``self.genes``."""
         check_expr(expr, len(self.genes))
-        return F.normalize(self.head(self.body(log1p_cp10k(expr, input_kind))).float(), dim=-1)
+        out = self.head(self.body(log1p_cp10k(expr, input_kind)))
+        return F.normalize(out.float(), dim=-1) if self.normalize else out
 
 
 def write_weights_folder(path: str | os.PathLike, meta: dict, module: nn.Module) -> Path:
@@ -286,7 +298,7 @@ def read_weights_folder(path: str | os.PathLike, *, fmt: str, what: str) -> tupl
             raise FileNotFoundError(f"{what} folder {path} lacks {f.name}")
     meta = read_json(cfg_file, what=f"{what} config")
     if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise ValueError(f"{cfg_file}: not a {what} config (format is not {fmt!r})")
+        raise InputError(f"{cfg_file}: not a {what} config (format is not {fmt!r})")
     return meta, load_tensors(weights, what=f"{what} weights", sha256=meta.get("weights_sha256"))
 
 

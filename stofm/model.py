@@ -17,18 +17,19 @@ from torch import nn
 
 from stofm.cell_encoder import (
     CellEncoder,
+    build_cell_encoder,
     load_cell_encoder,
     read_weights_folder,
     write_weights_folder,
 )
 from stofm.objectives import PairDistanceHead, mcm_masks, perturb_coords
 from stofm.se2 import SE2Transformer
+from stofm.util.errors import InputError
 
 CONFIG_DIR = Path(__file__).with_name("model_configs")
 MODEL_FORMAT = "stofm-model"
 SE2_KEYS = ("dim", "depth", "heads", "n_gaussians", "k_neighbors", "far_distance", "dropout", "attn_impl", "arch",
-            "ffn_dim", "norm", "gaussian_act", "final_norm", "zero_distance_mask", "gaussian_bias", "carry_logits",
-            "cls", "knn_over", "activation")
+            "ffn_dim", "activation")
 # geometry: "diameter" (slide diameter = 100, rotation invariant) or "bbox" (the original: bounding-box diagonal =
 # 100, centred); tiling: "grid" or "original" (its split_graph); cluster_method: "kmeans", "leiden" or "original"
 # (its Leiden at resolution 1 on 0.2 xy + 0.8 PCA2, count free)
@@ -45,7 +46,7 @@ class SToFM(nn.Module):
         se2 = self.config["se2"]
         dim, heads, out = se2["dim"], se2["heads"], cell_encoder.out_dim
         if self.arch == "original":  # the original SE(2) and its MCM/PDR heads (lm_head, pair_head)
-            from stofm.se2_original import OriginalArchSE2
+            from stofm.original.se2 import OriginalArchSE2
 
             self.se2 = OriginalArchSE2(in_dim=out, **se2)
             self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, out))
@@ -57,7 +58,7 @@ class SToFM(nn.Module):
 
     @property
     def arch(self) -> str:
-        """"project" (``stofm.se2``) or "original" (``stofm.se2_original``, the released SToFM)."""
+        """"project" (``stofm.se2``) or "original" (``stofm.original.se2``, the released SToFM)."""
         return str(self.config["se2"].get("arch", "project"))
 
     @property
@@ -114,16 +115,6 @@ class SToFM(nn.Module):
         return write_weights_folder(path, meta, self)
 
 
-def build_cell_encoder(kind: str, **cfg: Any) -> CellEncoder:
-    """``stofm.cell_encoder.build_cell_encoder`` that also knows ``"geneformer"`` (the original SToFM's cell BERT,
-    ``stofm.original.geneformer_encoder``; registered on first use, it needs transformers)."""
-    from stofm.cell_encoder import build_cell_encoder as build
-
-    if kind == "geneformer":
-        import stofm.original.geneformer_encoder  # noqa: F401 (registers the kind)
-    return build(kind, **cfg)
-
-
 def list_models() -> list[str]:
     """Names of the registered configs."""
     return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
@@ -133,7 +124,7 @@ def model_config(name: str) -> dict:
     """The JSON config registered as ``name``."""
     f = CONFIG_DIR / f"{name}.json"
     if not f.is_file():
-        raise ValueError(f"unknown stofm model {name!r}; known: {', '.join(list_models())} (or a saved folder)")
+        raise InputError(f"unknown stofm model {name!r}; known: {', '.join(list_models())} (or a saved folder)")
     cfg = json.loads(f.read_text())
     cfg["name"] = name
     return cfg
@@ -166,7 +157,7 @@ def create_model(name_or_path: str | os.PathLike, *, genes: Sequence[str] | None
     kind = enc_cfg.pop("kind")
     if cell_encoder is None:
         if genes is None:
-            raise ValueError(f"create_model({name_or_path!r}) needs genes=[...] (the gene panel/vocabulary) "
+            raise InputError(f"create_model({name_or_path!r}) needs genes=[...] (the gene panel/vocabulary) "
                              "or a pretrained cell_encoder")
         cell_encoder = build_cell_encoder(kind, genes=list(genes), **enc_cfg)
     elif not isinstance(cell_encoder, nn.Module):
@@ -196,7 +187,7 @@ def from_converted(path: str | os.PathLike, *, genes: Sequence[str] | None = Non
     model = create_model("stofm-original", genes=genes, cell_encoder=cell_encoder, device="cpu",
                          cell_encoder_cfg=enc, **shape, **overrides)
     if model.cell_encoder.out_dim != c.input_dim:
-        raise ValueError(f"{path}: the SE(2) takes {c.input_dim}-d cell embeddings, the cell encoder gives "
+        raise InputError(f"{path}: the SE(2) takes {c.input_dim}-d cell embeddings, the cell encoder gives "
                          f"{model.cell_encoder.out_dim}")
     if isinstance(net, OriginalSE2ForMaskedLM):
         model.se2.model.load_state_dict(net.model.state_dict())
@@ -217,7 +208,7 @@ def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any
     enc = meta.pop("cell_encoder")
     bad = set(overrides) - set(TOP_KEYS) - {"attn_impl"}
     if bad:
-        raise ValueError(f"cannot override {sorted(bad)} of a trained model")
+        raise InputError(f"cannot override {sorted(bad)} of a trained model")
     _apply_overrides(meta, overrides)
     model = SToFM(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
     model.load_state_dict(tensors)
@@ -231,5 +222,5 @@ def _apply_overrides(cfg: dict, overrides: dict) -> None:
         elif key in TOP_KEYS:
             cfg[key] = value
         else:
-            raise ValueError(f"unknown stofm model option {key!r}; use one of {SE2_KEYS + TOP_KEYS} "
+            raise InputError(f"unknown stofm model option {key!r}; use one of {SE2_KEYS + TOP_KEYS} "
                              "or cell_encoder_cfg={...}")

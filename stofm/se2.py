@@ -8,13 +8,8 @@ to all tokens, told apart by its own edge type. Each distance goes through learn
 (per-edge-type affine, learnable means/stds) and an MLP to one attention bias per head. Each layer's
 pre-softmax logits (q·k/√d + bias) become the next layer's bias (the pair representation, as in Uni-Mol).
 
-Switches (model-config keys, project default first, the original SToFM's value second): ``norm`` "pre"/"post",
-``ffn_dim`` 4·dim/3·dim, ``gaussian_act`` "gelu"/"relu", ``final_norm`` True/False, ``zero_distance_mask``
-False/True (bias 0 wherever the distance is 0), ``gaussian_bias`` "first"/"first" ("all" adds it in every layer),
-``carry_logits`` True/True, ``cls`` "learned"/"zero" (zero input + its type embedding), ``knn_over`` "cells"/"all"
-(the original's distance rule: kNN over CLS at the origin + virtual cells + cells, self counted, see
-``stofm.se2_original.original_distances``). ``arch: "original"`` builds the original implementation itself
-(``stofm.se2_original.OriginalArchSE2``: its key names, separate q/k/v projections).
+This is the project's variant (``stofm-tiny/-small/-base``). The original SToFM (``arch: "original"``,
+``stofm-original``, the released weights) is one other implementation: ``stofm.original.se2``.
 """
 from __future__ import annotations
 
@@ -26,16 +21,21 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
+from stofm.util.errors import InputError
+
 CLS, VIRTUAL, CELL = 0, 1, 2
 N_TYPES = 3
 PAD_LOGIT = -1e4
+# options that once moved this SE(2) towards the original SToFM (removed); a saved config may still name them at the
+# project's values, which is all this SE(2) is
+RETIRED = {"norm": "pre", "gaussian_act": "gelu", "final_norm": True, "zero_distance_mask": False,
+           "gaussian_bias": "first", "carry_logits": True, "cls": "learned", "knn_over": "cells"}
 
 
 class GaussianDistanceEncoding(nn.Module):
     """Distance -> ``n_gaussians`` Gaussian kernels (learnable means/stds, per-edge-type affine) -> MLP -> heads."""
 
-    def __init__(self, *, n_gaussians: int, heads: int, max_distance: float, n_edge_types: int = N_TYPES ** 2,
-                 act: str = "gelu"):
+    def __init__(self, *, n_gaussians: int, heads: int, max_distance: float, n_edge_types: int = N_TYPES ** 2):
         super().__init__()
         self.means = nn.Parameter(torch.from_numpy(_geomspace(1e-2, max_distance, n_gaussians)).float())
         self.stds = nn.Parameter(0.5 * self.means.detach().clone() + 1e-2)
@@ -43,7 +43,7 @@ class GaussianDistanceEncoding(nn.Module):
         self.bias = nn.Embedding(n_edge_types, 1)
         nn.init.ones_(self.mul.weight)
         nn.init.zeros_(self.bias.weight)
-        self.mlp = nn.Sequential(nn.Linear(n_gaussians, n_gaussians), _activation(act), nn.Linear(n_gaussians, heads))
+        self.mlp = nn.Sequential(nn.Linear(n_gaussians, n_gaussians), nn.GELU(), nn.Linear(n_gaussians, heads))
 
     def forward(self, dist: torch.Tensor, etype: torch.Tensor) -> torch.Tensor:
         """``dist`` (...,) float, ``etype`` (...,) long -> (..., heads), computed in float32."""
@@ -54,12 +54,6 @@ class GaussianDistanceEncoding(nn.Module):
             return self.mlp(g.float())
 
 
-def _activation(name: str) -> nn.Module:
-    if name not in ("gelu", "relu"):
-        raise ValueError(f"activation must be 'gelu' or 'relu', got {name!r}")
-    return nn.GELU() if name == "gelu" else nn.ReLU()
-
-
 def _geomspace(lo: float, hi: float, n: int) -> Any:
     import numpy as np
 
@@ -67,19 +61,16 @@ def _geomspace(lo: float, hi: float, n: int) -> Any:
 
 
 class SE2Layer(nn.Module):
-    """Self-attention with an additive pair bias + FFN, pre-norm (default) or post-norm (``norm="post"``, the
-    original's); returns (tokens, pre-softmax logits)."""
+    """Pre-norm self-attention with an additive pair bias + FFN; returns (tokens, pre-softmax logits)."""
 
     def __init__(self, *, dim: int, heads: int, dropout: float, ffn_dim: int | None = None,
-                 attn_impl: str = "manual", norm: str = "pre"):
+                 attn_impl: str = "manual"):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"dim={dim} must be divisible by heads={heads}")
+            raise InputError(f"dim={dim} must be divisible by heads={heads}")
         if attn_impl not in ("manual", "sdpa"):
-            raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {attn_impl!r}")
-        if norm not in ("pre", "post"):
-            raise ValueError(f"norm must be 'pre' or 'post', got {norm!r}")
-        self.heads, self.attn_impl, self.dropout, self.post = heads, attn_impl, dropout, norm == "post"
+            raise InputError(f"attn_impl must be 'manual' or 'sdpa', got {attn_impl!r}")
+        self.heads, self.attn_impl, self.dropout = heads, attn_impl, dropout
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
         self.out = nn.Linear(dim, dim)
@@ -94,7 +85,7 @@ class SE2Layer(nn.Module):
         The logits are computed explicitly (one fused baddbmm) whenever the next layer or the caller needs
         them; ``attn_impl="sdpa"`` uses ``scaled_dot_product_attention`` where they are not needed.
         """
-        q, k, v = rearrange(self.qkv(x if self.post else self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
+        q, k, v = rearrange(self.qkv(self.norm1(x)), "b t (three h d) -> three b h t d", three=3, h=self.heads)
         p = self.dropout if self.training else 0.0
         logits = None
         bias = bias.to(q.dtype)
@@ -107,9 +98,6 @@ class SE2Layer(nn.Module):
             o = torch.bmm(attn, v.reshape(b * h, t, -1)).view(b, h, t, -1)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-        if self.post:
-            x = self.norm1(x + self.drop(self.out(rearrange(o, "b h t d -> b t (h d)"))))
-            return self.norm2(x + self.drop(self.ffn(x))), logits
         x = x + self.drop(self.out(rearrange(o, "b h t d -> b t (h d)")))
         x = x + self.drop(self.ffn(self.norm2(x)))
         return x, logits
@@ -120,41 +108,33 @@ class SE2Transformer(nn.Module):
 
     def __init__(self, *, dim: int, depth: int, heads: int, n_gaussians: int = 128, k_neighbors: int = 50,
                  far_distance: float = 200.0, dropout: float = 0.1, in_dim: int | None = None,
-                 attn_impl: str = "sdpa", norm: str = "pre", ffn_dim: int | None = None, gaussian_act: str = "gelu",
-                 final_norm: bool = True, zero_distance_mask: bool = False, gaussian_bias: str = "first",
-                 carry_logits: bool = True, cls: str = "learned", knn_over: str = "cells", arch: str = "project"):
+                 attn_impl: str = "sdpa", ffn_dim: int | None = None, arch: str = "project", **retired: Any):
         super().__init__()
         if arch != "project":
-            raise ValueError(f"SE2Transformer builds arch='project' (arch='original': stofm.se2_original), got {arch!r}")
+            raise InputError(f"SE2Transformer builds arch='project' (arch='original': stofm.original.se2), got {arch!r}")
+        bad = sorted(k for k, v in retired.items() if RETIRED.get(k, object()) != v)
+        if bad:
+            raise InputError(f"SE2Transformer has no option {bad} (the switches towards the original SToFM are gone: "
+                             "the original is arch 'original', e.g. stofm-original)")
         if k_neighbors < 1:
-            raise ValueError(f"k_neighbors must be >= 1, got {k_neighbors}")
-        for key, value, allowed in (("gaussian_bias", gaussian_bias, ("first", "all")), ("cls", cls, ("learned", "zero")),
-                                    ("knn_over", knn_over, ("cells", "all"))):
-            if value not in allowed:
-                raise ValueError(f"{key} must be one of {allowed}, got {value!r}")
+            raise InputError(f"k_neighbors must be >= 1, got {k_neighbors}")
         self.dim, self.heads, self.k_neighbors, self.far_distance = dim, heads, k_neighbors, float(far_distance)
-        self.zero_distance_mask, self.gaussian_bias, self.carry_logits = zero_distance_mask, gaussian_bias, carry_logits
-        self.knn_over = knn_over
         self.proj_in = nn.Linear(in_dim, dim) if in_dim and in_dim != dim else nn.Identity()
-        if cls == "learned":
-            self.cls_token = nn.Parameter(torch.zeros(dim))
-            nn.init.normal_(self.cls_token, std=0.02)
-        else:
-            self.register_parameter("cls_token", None)
+        self.cls_token = nn.Parameter(torch.zeros(dim))
+        nn.init.normal_(self.cls_token, std=0.02)
         self.mask_token = nn.Parameter(torch.zeros(dim))
         nn.init.normal_(self.mask_token, std=0.02)
         self.type_emb = nn.Embedding(N_TYPES, dim)
-        self.dist_enc = GaussianDistanceEncoding(n_gaussians=n_gaussians, heads=heads, max_distance=far_distance,
-                                                 act=gaussian_act)
-        self.layers = nn.ModuleList(SE2Layer(dim=dim, heads=heads, dropout=dropout, attn_impl=attn_impl, norm=norm,
+        self.dist_enc = GaussianDistanceEncoding(n_gaussians=n_gaussians, heads=heads, max_distance=far_distance)
+        self.layers = nn.ModuleList(SE2Layer(dim=dim, heads=heads, dropout=dropout, attn_impl=attn_impl,
                                              ffn_dim=ffn_dim) for _ in range(depth))
-        self.norm = nn.LayerNorm(dim) if final_norm else nn.Identity()
+        self.norm = nn.LayerNorm(dim)
 
     def set_attn_impl(self, impl: str) -> None:
         """Switch every layer between the manual softmax path and ``scaled_dot_product_attention``."""
         for layer in self.layers:
             if impl not in ("manual", "sdpa"):
-                raise ValueError(f"attn_impl must be 'manual' or 'sdpa', got {impl!r}")
+                raise InputError(f"attn_impl must be 'manual' or 'sdpa', got {impl!r}")
             layer.attn_impl = impl
 
     def forward(self, cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None = None,
@@ -186,18 +166,12 @@ class SE2Transformer(nn.Module):
         cells = self.proj_in(cell_emb)
         if mask is not None:
             cells = torch.where(mask.bool()[..., None], self.mask_token.to(cells.dtype), cells)
-        if self.cls_token is None:  # the original: a zero input (through the input projection) of its own type
-            cls = self.proj_in(cell_emb.new_zeros(b, 1, cell_emb.shape[-1])).to(cells.dtype)
-        else:
-            cls = self.cls_token.to(cells.dtype).expand(b, 1, -1)
-        x = torch.cat([cls, self.proj_in(virtual_emb), cells], 1)
+        x = torch.cat([self.cls_token.to(cells.dtype).expand(b, 1, -1), self.proj_in(virtual_emb), cells], 1)
         types = torch.tensor([CLS] + [VIRTUAL] * v + [CELL] * n, device=dev)
         x = x + self.type_emb(types).to(x.dtype)
 
         dist, etype, const, graph = self._distances(coords, pad, virtual_coords, vpad, types)
         gauss = self._bias(dist, etype, const)
-        if self.zero_distance_mask:  # the original: no spatial bias wherever the distance is 0 (CLS, diagonal)
-            gauss = gauss.masked_fill((dist == 0)[:, None], 0.0)
         token_pad = torch.cat([torch.zeros(b, 1, dtype=torch.bool, device=dev), vpad, pad], 1)
         # padded keys: a large finite negative (not -inf), so the carried pair representation stays finite;
         # softmax gives them exactly 0 weight (exp(-1e4) underflows), as with -inf
@@ -205,11 +179,8 @@ class SE2Transformer(nn.Module):
         bias = gauss + pad_bias
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x, logits = layer(x, bias, need_logits=return_pair or (i < last and self.carry_logits))
-            if i < last:
-                base = logits if self.carry_logits else pad_bias.expand_as(gauss)
-                bias = base + gauss if self.gaussian_bias == "all" else base
-            elif logits is not None:
+            x, logits = layer(x, bias, need_logits=return_pair or i < last)
+            if logits is not None:
                 bias = logits
         x = self.norm(x)
         return {"cls": x[:, 0], "virtual": x[:, 1:1 + v], "cells": x[:, 1 + v:],
@@ -221,16 +192,6 @@ class SE2Transformer(nn.Module):
         n = pad.shape[1]
         v = vcoords.shape[1]
         etype = types[:, None] * N_TYPES + types[None, :]
-        if self.knn_over == "all":  # the original's rule over all nodes (CLS at the origin)
-            from stofm.se2_original import original_distances
-
-            b = pad.shape[0]
-            otypes = torch.tensor([1] + [2] * v + [0] * n, device=pad.device).expand(b, -1).clone()
-            otypes[torch.cat([torch.zeros_like(pad[:, :1]), vpad, pad], 1)] = 3
-            nodes = torch.cat([coords.new_zeros(b, 1, 2), vcoords.to(coords.dtype), coords], 1)
-            d = original_distances(nodes, otypes, k_neighbors=self.k_neighbors, far=self.far_distance)
-            graph = (d[:, 1 + v:, 1 + v:] != self.far_distance) & ~pad[:, None, :] & ~pad[:, :, None]
-            return d, etype, F.pad(~graph, (1 + v, 0, 1 + v, 0), value=False), graph
         xy = torch.cat([vcoords, coords], 1).float()
         xy = torch.where(torch.cat([vpad, pad], 1)[..., None], torch.zeros_like(xy), xy)
         d = (xy[:, :, None, :] - xy[:, None, :, :]).pow(2).sum(-1).sqrt()  # (B, V+N, V+N), exact in fp32

@@ -323,6 +323,7 @@ def test_se2_niche_sees_the_distances_stofm_is_trained_on(small_shards):
     SE(2) transformer for a niche equal those stofm.embed / pretraining feed for the same spots of the slide."""
     from stalign.data.dataset import ShardDataset, collate
     from stalign.models.gene_encoders import SE2Niche
+    from stofm.cell_encoder import MLPCellEncoder
     from stofm.subslice import scale_to_diameter
 
     class Recorder(torch.nn.Module):
@@ -335,8 +336,7 @@ def test_se2_niche_sees_the_distances_stofm_is_trained_on(small_shards):
     ds = ShardDataset(small_shards("squidpy"), niche_spots=8)
     batch = collate([ds[i] for i in (0, 17, 30)])
     rec = Recorder()
-    niche = SE2Niche(cell_encoder=torch.nn.Identity(), se2=rec)
-    niche.cell.out_dim = len(ds.genes)
+    niche = SE2Niche(cell_encoder=MLPCellEncoder(genes=ds.genes, hidden=4, depth=1, out_dim=4), se2=rec)
     niche(batch)
     all_um = np.concatenate([ds.slide_spots(0)["coords_um"]])
     model_xy, _ = scale_to_diameter(all_um)  # what stofm.embed gives the model for this slide

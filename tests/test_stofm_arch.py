@@ -1,6 +1,6 @@
 """``stofm-original`` as a model config: the released shape, the original SE(2) fed from coordinates (distance
 matrices and outputs equal the original code's, from the golden fixtures), the original geometry/tiling in
-``prepare_slide``, and the project SE(2)'s switches for each point where the two architectures differ."""
+``prepare_slide``; the project SE(2) keeps no switches towards the original (old configs naming them still load)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -52,7 +52,7 @@ def test_stofm_original_has_the_released_shape():
     assert (m.config["geometry"], m.config["tiling"], m.config["cluster_method"]) == ("bbox", "original", "original")
     keys = set(m.se2.model.state_dict())  # the original's key names, separate q/k/v, no final LayerNorm
     assert "encoder.layers.11.self_attn.k_proj.weight" in keys and not any("qkv" in k for k in keys)
-    with pytest.raises(ValueError, match="switches of the project"):
+    with pytest.raises(ValueError, match="unknown stofm model option 'norm'"):
         create_model("stofm-original-tiny", genes=GENES, norm="pre")
 
 
@@ -61,7 +61,7 @@ def test_stofm_original_has_the_released_shape():
 def test_original_arch_feeds_the_original_distance_matrices(sub):
     """Node coordinates in the original frame -> the distance matrix its pipeline builds (kNN over all nodes incl.
     CLS and hypernodes, far 100, union), for every sub-slice of slice A, also with padding inside the batch."""
-    from stofm.se2_original import OriginalArchSE2
+    from stofm.original.se2 import OriginalArchSE2
 
     pre = _np(SE2 / "preprocess_sliceA.safetensors")
     se2 = OriginalArchSE2(dim=8, depth=1, heads=2, in_dim=256)
@@ -133,85 +133,18 @@ def test_prepare_slide_uses_the_original_geometry_and_tiles():
     assert float(project.coords.max(0).values.min()) > 0  # the project's frame starts at 0, diameter 100
 
 
-def _project(**switches):
-    from stofm.se2 import SE2Transformer
+def test_configs_naming_the_retired_switches_at_project_values_still_build():
+    """A project SE(2) config saved while it had switches towards the original (norm, cls, knn_over, ...) builds
+    the same model when they hold the project's values; any other value is one error pointing at arch 'original'."""
+    from stofm.se2 import RETIRED, SE2Transformer
 
     torch.manual_seed(0)
-    return SE2Transformer(dim=16, depth=2, heads=4, n_gaussians=8, k_neighbors=4, dropout=0.0, **switches).eval()
-
-
-def _run(model, seed: int = 1):
-    g = torch.Generator().manual_seed(seed)
-    emb, xy = torch.randn(2, 12, 16, generator=g), torch.rand(2, 12, 2, generator=g) * 30 - 15
-    pad = torch.zeros(2, 12, dtype=torch.bool)
-    pad[1, 9:] = True
-    vemb, vxy = torch.randn(2, 3, 16, generator=g), torch.rand(2, 3, 2, generator=g) * 30 - 15
-    with torch.no_grad():
-        return model(emb, xy, pad, vemb, vxy), (emb, xy, pad, vemb, vxy)
-
-
-SWITCHES = [{"norm": "post"}, {"ffn_dim": 24}, {"gaussian_act": "relu"}, {"final_norm": False},
-            {"zero_distance_mask": True}, {"gaussian_bias": "all"}, {"carry_logits": False}, {"cls": "zero"},
-            {"knn_over": "all"}]
-
-
-@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: next(iter(s)))
-def test_each_switch_of_the_project_se2_changes_the_model_and_keeps_it_sound(switch):
-    """Each point the two architectures differ in is a config key of the project's SE(2): it changes the output
-    (same seed, same weights where shapes agree), outputs stay finite, and rotations about the origin leave
-    them unchanged."""
-    base, _ = _run(_project())
-    model = _project(**switch)
-    if "ffn_dim" not in switch and "cls" not in switch:
-        model.load_state_dict(_project().state_dict(), strict=False)
-    out, (emb, xy, pad, vemb, vxy) = _run(model)
-    assert torch.isfinite(out["cells"]).all()
-    assert (out["cells"][~pad] - base["cells"][~pad]).abs().max() > 1e-4
-    rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]])
-    with torch.no_grad():
-        turned = model(emb, xy @ rot.T, pad, vemb, vxy @ rot.T)
-    torch.testing.assert_close(turned["cells"][~pad], out["cells"][~pad], atol=1e-4, rtol=1e-4)
-
-
-def test_project_se2_with_knn_over_all_builds_the_original_distances():
-    from stofm.se2_original import original_distances
-
-    model = _project(knn_over="all", far_distance=100.0)
-    _, (emb, xy, pad, vemb, vxy) = _run(model)
-    types = torch.tensor([1, 2, 2, 2] + [0] * 12).expand(2, -1).clone()
-    types[:, 4:][pad] = 3
-    nodes = torch.cat([torch.zeros(2, 1, 2), vxy, xy], 1)
-    d, _, _, graph = model._distances(xy, pad, vxy, torch.zeros(2, 3, dtype=torch.bool), torch.tensor([0] * 16))
-    torch.testing.assert_close(d, original_distances(nodes, types, k_neighbors=4, far=100.0))
-    assert not graph[1, 9:].any()
-
-
-@needs_fixture
-@pytest.mark.parametrize("case", ["A", "B"])
-def test_project_se2_with_every_switch_at_the_original_value_is_the_original(case):
-    """The switches are exact: the project's SE(2) with ORIGINAL_SWITCHES and the fixture's weights (mapped by
-    to_project_state_dict) gives the original code's outputs from coordinates (cases A and B: unit and unnormalised
-    inputs, so carried logits matter)."""
-    from stofm.se2 import SE2Transformer
-    from stofm.se2_original import ORIGINAL_SWITCHES, to_project_state_dict
-
-    pre, ref = _np(SE2 / f"preprocess_slice{case}.safetensors"), _np(SE2 / f"outputs_{case}.safetensors")
-    sd = {k: torch.from_numpy(v) for k, v in _np(SE2 / "state_dict.safetensors").items()}
-    model = SE2Transformer(dim=256, depth=2, heads=32, n_gaussians=128, k_neighbors=50, far_distance=100.0,
-                           ffn_dim=768, in_dim=256, dropout=0.0, attn_impl="manual", **ORIGINAL_SWITCHES)
-    model.proj_in = torch.nn.Linear(256, 256)  # the original always projects its input (in_dim == dim here)
-    missing, unexpected = model.load_state_dict(to_project_state_dict(sd), strict=False)
-    assert missing == ["mask_token"] and not unexpected
-    model.eval()
-    h = len(pre["hyper_spatial"])
-    for b in (0, 1):
-        cells = pre[f"sub{b}.cell_indices"]
-        with torch.no_grad():
-            out = model(torch.from_numpy(pre["cell_emb"][cells])[None], torch.from_numpy(pre["norm_spatial"][cells])[None],
-                        None, torch.from_numpy(pre["hyper_emb"])[None], torch.from_numpy(pre["hyper_spatial"])[None])
-        np.testing.assert_allclose(out["cells"][0].numpy(), ref["last_hidden_state"][b, 1 + h:1 + h + len(cells)],
-                                   **TOL)
-        np.testing.assert_allclose(out["cls"][0].numpy(), ref["cls_state"][b], **TOL)
+    plain = SE2Transformer(dim=16, depth=1, heads=4, n_gaussians=8)
+    torch.manual_seed(0)
+    old = SE2Transformer(dim=16, depth=1, heads=4, n_gaussians=8, **RETIRED)
+    assert plain.state_dict().keys() == old.state_dict().keys()
+    with pytest.raises(ValueError, match=r"no option \['norm'\].*arch 'original'"):
+        SE2Transformer(dim=16, depth=1, heads=4, norm="post")
 
 
 @needs_fixture

@@ -100,8 +100,9 @@ def test_se2_niche_feeds_the_original_distance_matrix():
     """With the slide's bounding-box frame in the batch, the distance matrix SE2Niche hands the original SE(2) equals
     stofm.original.pipeline.distance_matrix of the same spots and virtual cells normalised as the original does."""
     from stalign.models.gene_encoders import SE2Niche
+    from stofm.cell_encoder import MLPCellEncoder
     from stofm.original.pipeline import distance_matrix, normalize_coords
-    from stofm.se2_original import OriginalArchSE2
+    from stofm.original.se2 import OriginalArchSE2
     from stofm.util.geometry import bbox_center, bbox_units_per_um
 
     rng = np.random.default_rng(0)
@@ -116,7 +117,7 @@ def test_se2_niche_feeds_the_original_distance_matrix():
         return forward(feats, dist, types, **kw)
 
     se2.model.forward = record
-    niche = SE2Niche(cell_encoder=torch.nn.Linear(G, 4), se2=se2)
+    niche = SE2Niche(cell_encoder=MLPCellEncoder(genes=GENES, hidden=4, depth=1, out_dim=4), se2=se2)
     rows = [np.argsort(((slide - slide[i]) ** 2).sum(1))[:M] for i in (3, 150)]
     batch = {"niche_spot_expr": torch.rand(2, M, G), "niche_spot_coords": torch.from_numpy(slide[rows]).float(),
              "niche_spot_mask": torch.ones(2, M, dtype=torch.bool),

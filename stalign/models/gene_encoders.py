@@ -1,9 +1,11 @@
-"""Gene encoders: spot expression -> features (a stofm cell encoder or an MLP over the panel) and niche
-expression -> features (the SToFM SE(2) transformer over the spots of the niche, with the slide's virtual
+"""Gene encoders: spot expression -> features (a stofm cell encoder, e.g. the MLP over the panel, or a whole SToFM)
+and niche expression -> features (the SToFM SE(2) transformer over the spots of the niche, with the slide's virtual
 cells when the batch carries them; or a masked mean of the spot embeddings; or the niche mean expression).
 
-Builders register by name (``@register_cell_encoder``, ``@register_niche_encoder``); inputs are log1p cp10k
-over the model's gene panel (the shards' ``expression: log1p_cp10k``).
+Cell-encoder kinds are stofm's (``stofm.cell_encoder.CELL_ENCODERS``: "mlp", "bert", "geneformer", ...; a new kind
+registers there with ``@stofm.cell_encoder.register_cell_encoder``), plus "stofm" (a whole SToFM: its cell encoder
+and its SE(2)). Niche kinds register with ``@register_niche_encoder``. Inputs are log1p cp10k over the model's gene
+panel (the shards' ``expression: log1p_cp10k``); every cell encoder is called with ``input_kind="log1p"``.
 """
 from __future__ import annotations
 
@@ -16,19 +18,13 @@ from einops import rearrange
 from torch import nn
 
 from stalign.models.abfn import masked_mean
+from stalign.models.gene_panel import GenePanelError
+from stofm.util.errors import InputError
 
-CELL_ENCODERS: dict[str, Callable[..., tuple[nn.Module, nn.Module | None]]] = {}
 NICHE_ENCODERS: dict[str, Callable[..., NicheEncoder]] = {}
-
-
-def register_cell_encoder(name: str) -> Callable:
-    """Decorator: ``fn(*, genes, **cfg) -> (cell_encoder, se2 or None)``; the encoder maps (B, G) -> (B, out_dim)."""
-
-    def deco(fn: Callable) -> Callable:
-        CELL_ENCODERS[name] = fn
-        return fn
-
-    return deco
+# stalign's defaults for stofm's kinds: its MLP features are not L2-normalised and 256 wide inside (what stalign
+# checkpoints that name the kind without these keys were built with)
+KIND_DEFAULTS: dict[str, dict[str, Any]] = {"mlp": {"hidden": 256, "normalize": False}}
 
 
 def register_niche_encoder(name: str) -> Callable:
@@ -41,40 +37,17 @@ def register_niche_encoder(name: str) -> Callable:
     return deco
 
 
-class PanelMLP(nn.Module):
-    """[Linear -> LayerNorm -> GELU -> Dropout] x depth -> Linear over log1p expression of a fixed panel."""
-
-    def __init__(self, *, n_genes: int, hidden: int = 256, depth: int = 2, out_dim: int = 256,
-                 dropout: float = 0.1) -> None:
-        super().__init__()
-        layers: list[nn.Module] = []
-        width = n_genes
-        for _ in range(depth):
-            layers += [nn.Linear(width, hidden), nn.LayerNorm(hidden), nn.GELU(), nn.Dropout(dropout)]
-            width = hidden
-        self.body, self.head, self.out_dim, self.n_genes = nn.Sequential(*layers), nn.Linear(width, out_dim), out_dim, n_genes
-
-    def forward(self, expr: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(expr.float()))
-
-
 class StofmCell(nn.Module):
-    """A stofm cell encoder called on log1p input; ``stofm_config`` rebuilds the SToFM architecture."""
+    """A whole SToFM's cell encoder; ``stofm_config`` rebuilds the SToFM architecture."""
 
     def __init__(self, *, encoder: nn.Module, stofm_config: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.encoder, self.out_dim, self.stofm_config = encoder, int(encoder.out_dim), stofm_config
 
-    def forward(self, expr: torch.Tensor) -> torch.Tensor:
-        return self.encoder(expr, input_kind="log1p")
+    def forward(self, expr: torch.Tensor, *, input_kind: str = "log1p") -> torch.Tensor:
+        return self.encoder(expr, input_kind=input_kind)
 
 
-@register_cell_encoder("mlp")
-def _mlp(*, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, None]:
-    return PanelMLP(n_genes=len(genes), **cfg), None
-
-
-@register_cell_encoder("stofm")
 def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Mapping[str, Any] | None = None,
            freeze: bool = False, **overrides: Any) -> tuple[nn.Module, nn.Module]:
     """A SToFM by config name (``stofm-tiny``, ``stofm-original``, ...), ``save_pretrained`` folder or ``stofm convert``
@@ -86,8 +59,8 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
     import stofm
 
     if stofm_config is not None:
+        from stofm.cell_encoder import build_cell_encoder as build_stofm_cell
         from stofm.model import SToFM
-        from stofm.model import build_cell_encoder as build_stofm_cell
 
         meta = copy.deepcopy(dict(stofm_config))
         enc = meta.pop("cell_encoder")
@@ -95,8 +68,8 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
     else:
         sm = stofm.create_model(model, genes=list(genes), **overrides)
     if list(sm.genes) != list(genes):
-        raise ValueError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
-                         f"{len(genes)} genes")
+        raise GenePanelError(f"stofm model {model!r} has a {len(sm.genes)}-gene panel that differs from the model's "
+                             f"{len(genes)} genes")
     se2 = sm.se2
     if freeze:
         for p in [*sm.cell_encoder.parameters(), *se2.parameters()]:
@@ -109,10 +82,15 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
 
 
 def build_cell_encoder(kind: str, *, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, nn.Module | None]:
-    """(cell encoder, SE(2) transformer or None) of a registered kind."""
-    if kind not in CELL_ENCODERS:
-        raise ValueError(f"unknown gene encoder {kind!r}; known: {', '.join(sorted(CELL_ENCODERS))}")
-    return CELL_ENCODERS[kind](genes=genes, **cfg)
+    """(cell encoder, SE(2) transformer or None): "stofm", or a kind of stofm's registry over ``genes``."""
+    from stofm.cell_encoder import CELL_ENCODERS, LAZY_KINDS
+    from stofm.cell_encoder import build_cell_encoder as build_stofm_cell
+
+    if kind == "stofm":
+        return _stofm(genes=genes, **cfg)
+    if kind not in CELL_ENCODERS and kind not in LAZY_KINDS:
+        raise InputError(f"unknown gene encoder {kind!r}; known: stofm, {', '.join(sorted({*CELL_ENCODERS, *LAZY_KINDS}))}")
+    return build_stofm_cell(kind, genes=list(genes), **{**KIND_DEFAULTS.get(kind, {}), **cfg}), None
 
 
 class NicheEncoder(nn.Module):
@@ -132,7 +110,7 @@ def _need(batch: Mapping[str, torch.Tensor], *keys: str) -> None:
 
 def _encode_spots(cell: nn.Module, expr: torch.Tensor) -> torch.Tensor:
     b = expr.shape[0]
-    return rearrange(cell(rearrange(expr, "b m g -> (b m) g")), "(b m) d -> b m d", b=b)
+    return rearrange(cell(rearrange(expr, "b m g -> (b m) g"), input_kind="log1p"), "(b m) d -> b m d", b=b)
 
 
 class MeanExprNiche(NicheEncoder):
@@ -144,7 +122,7 @@ class MeanExprNiche(NicheEncoder):
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         _need(batch, "niche_expr")
-        return self.cell(batch["niche_expr"])
+        return self.cell(batch["niche_expr"], input_kind="log1p")
 
 
 class PoolNiche(NicheEncoder):
@@ -177,7 +155,7 @@ class SE2Niche(NicheEncoder):
     def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module, coord_scale: float | str = "slide") -> None:
         super().__init__()
         if coord_scale != "slide" and not (isinstance(coord_scale, (int, float)) and coord_scale > 0):
-            raise ValueError(f"coord_scale must be 'slide' or a positive number of units per µm, got {coord_scale!r}")
+            raise InputError(f"coord_scale must be 'slide' or a positive number of units per µm, got {coord_scale!r}")
         self.cell, self.se2, self.coord_scale, self.out_dim = cell_encoder, se2, coord_scale, int(se2.dim)
 
     def _frame(self, batch: Mapping[str, torch.Tensor], coords: torch.Tensor
@@ -223,7 +201,7 @@ def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: 
          **se2_cfg: Any) -> NicheEncoder:
     """The stofm SE(2) transformer (from the stofm model, or a fresh one from ``se2_cfg``: dim, depth, heads, ...)."""
     if se2 is None and se2_cfg.get("arch") == "original":  # the original SToFM SE(2), fresh
-        from stofm.se2_original import OriginalArchSE2
+        from stofm.original.se2 import OriginalArchSE2
 
         se2 = OriginalArchSE2(in_dim=cell_encoder.out_dim, **{"dim": 64, "depth": 2, "heads": 4, **se2_cfg})
     elif se2 is None:
@@ -237,7 +215,7 @@ def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: 
 def build_niche_encoder(kind: str, *, cell_encoder: nn.Module, se2: nn.Module | None, **cfg: Any) -> NicheEncoder:
     """A registered niche gene encoder."""
     if kind not in NICHE_ENCODERS:
-        raise ValueError(f"unknown niche gene encoder {kind!r}; known: {', '.join(sorted(NICHE_ENCODERS))}")
+        raise InputError(f"unknown niche gene encoder {kind!r}; known: {', '.join(sorted(NICHE_ENCODERS))}")
     return NICHE_ENCODERS[kind](cell_encoder=cell_encoder, se2=se2, **cfg)
 
 
