@@ -32,7 +32,9 @@ def test_every_exception_class_derives_from_the_base():
     for name in _project_modules():
         try:
             module = importlib.import_module(name)
-        except ImportError as err:  # a module of an optional dependency that is not installed here
+        except ModuleNotFoundError as err:  # a module of an optional dependency that is not installed here
+            if (err.name or "").split(".")[0] in ("stalign", "stofm"):
+                raise
             skipped.append(f"{name}: {err}")
             continue
         for _, cls in inspect.getmembers(module, inspect.isclass):
