@@ -1,19 +1,17 @@
-"""The ``stalign train`` loop on accelerate: mixed precision, accumulation, clipping, checkpoints, resume,
-validation retrieval metrics, CSV/TensorBoard logs."""
+"""``stalign train``: its objective on the shared training engine (``stofm.util.train_engine``: accelerate, mixed
+precision, accumulation, clipping, checkpoints, resume, CSV/TensorBoard logs) with validation retrieval metrics."""
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from stalign.training.config import TrainConfig, resolve_config, write_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
-from stofm.util import checkpointing as ckpt
-from stofm.util.accelerate_state import fresh_accelerate_state
-from stofm.util.errors import NonFiniteLossError
+from stofm.util.train_engine import Engine, Hooks, make_accelerator
 
 
 @dataclasses.dataclass
@@ -93,47 +91,6 @@ def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
     return train_dl, val_dl, len(data.train) // per_step
 
 
-@dataclasses.dataclass
-class _Position:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-
-
-def _evaluate(model: Any, val_dl: Any, accelerator: Any, virtual_cells: Any) -> dict[str, float]:
-    """Retrieval recall image->gene / gene->image over all held-out spots (gathered across processes)."""
-    import torch
-
-    inner = accelerator.unwrap_model(model)
-    was_training = inner.training
-    inner.eval()
-    images, genes = [], []
-    with torch.no_grad(), accelerator.autocast():
-        for batch in val_dl:
-            if virtual_cells is not None:
-                batch = virtual_cells.attach(batch)
-            img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
-            gene = inner.encode_gene(batch).float()
-            img, gene = accelerator.gather_for_metrics((img, gene))
-            images.append(img.cpu())
-            genes.append(gene.cpu())
-    inner.train(was_training)
-    return retrieval_metrics(torch.cat(images), torch.cat(genes))
-
-
-def _check_finite(value: Any, accelerator: Any, *, what: str, pos: _Position, last_good: Path | None) -> None:
-    """Stop every process together when any of them sees a non-finite ``value``."""
-    import torch
-
-    bad = torch.tensor([0.0 if torch.isfinite(value).all() else 1.0], device=accelerator.device)
-    if float(accelerator.reduce(bad, reduction="sum")) > 0:
-        where = f"step {pos.step + 1} (epoch {pos.epoch}, batch {pos.batch_in_epoch})"
-        keep = (f"the last good checkpoint is {last_good} (resume with --resume {last_good}, e.g. with a lower lr)"
-                if last_good else "no checkpoint was saved before it")
-        raise NonFiniteLossError(f"non-finite {what} ({float(value.float().sum())}) at {where}; "
-                                 f"training stopped, {keep}")
-
-
 def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     """Run (or resume: ``"latest"`` or a checkpoint folder) the training described by ``cfg``."""
     import torch
@@ -142,92 +99,28 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return _train(cfg, resume)
+        started = time.perf_counter()
+        engine, objective = _set_up(cfg, resume)
+        engine.run(objective.micro_batches(engine), lambda batch: objective.loss(engine, batch), objective)
+        final = objective.finish(engine)
+        engine.close()
+        return TrainResult(checkpoint=final, output_dir=Path(cfg.output_dir), metrics=objective.metrics,
+                           step=engine.step, losses=[(r["step"], r["loss"]) for r in engine.history],
+                           seconds=time.perf_counter() - started)
     finally:
         torch.set_num_threads(threads)
 
 
-@dataclasses.dataclass
-class _Run:
-    """Everything one training run holds between its steps (built by :func:`_set_up`)."""
-
-    cfg: TrainConfig
-    accelerator: Any
-    model: Any
-    data: Any
-    loss_fn: Any
-    optimizer: Any
-    scheduler: Any
-    train_dl: Any
-    val_dl: Any
-    logger: Any
-    max_steps: int
-    stop_at: int
-    pos: _Position = dataclasses.field(default_factory=_Position)
-    last_good: Path | None = None  # newest checkpoint written or resumed from
-    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last validation metrics
-    losses: list[tuple[int, float]] = dataclasses.field(default_factory=list)
-
-    @property
-    def out(self) -> Path:
-        return Path(self.cfg.output_dir)
-
-    @property
-    def main(self) -> bool:
-        return self.accelerator.is_main_process
-
-
-def _train(cfg: TrainConfig, resume: str | None) -> TrainResult:
-    """Set up, then epochs of optimizer steps (log, validate, checkpoint after each), then the final weights."""
-    from tqdm.auto import tqdm
-
-    started = time.perf_counter()
-    run = _set_up(cfg, resume)
-    bar = tqdm(total=run.max_steps, initial=run.pos.step, disable=not (run.main and cfg.progress), desc="train")
-    parts: dict[str, list[float]] = {}  # loss terms of the micro-batches of the current optimizer step
-    run.model.train()
-    while run.pos.step < run.stop_at:
-        for batch in _epoch_batches(run):
-            terms, grad_norm = _train_step(run, batch)
-            for key, value in terms.items():
-                parts.setdefault(key, []).append(float(run.accelerator.reduce(value.detach().float(), "mean")))
-            if not run.accelerator.sync_gradients:
-                continue  # gradient accumulation: not an optimizer step yet
-            run.scheduler.step()
-            run.pos.step += 1
-            row = {k: sum(v) / len(v) for k, v in parts.items()}
-            parts = {}
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.4f}")
-            _after_step(run, row, grad_norm)
-            if run.pos.step >= run.stop_at:
-                break
-        if run.pos.batch_in_epoch >= len(run.train_dl):
-            run.pos.epoch, run.pos.batch_in_epoch = run.pos.epoch + 1, 0
-    bar.close()
-    final = _finish(run)
-    return TrainResult(checkpoint=final, output_dir=run.out, metrics=run.metrics, step=run.pos.step,
-                       losses=run.losses, seconds=time.perf_counter() - started)
-
-
-def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
-    """Accelerator, model, data and loaders, loss, optimizer and schedule, the resumed position, the run logger."""
-    from accelerate import Accelerator, DataLoaderConfiguration
-    from accelerate.utils import set_seed
-
-    from stalign.training.data import build_train_data, shard_genes
+def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]:
+    """Accelerator, model, data and loaders, loss, optimizer and schedule, the engine (resumed position, run log)."""
+    from stalign.training.data import adopt_shard_crops, build_train_data, shard_genes
     from stalign.training.losses import PairedNegativeLoss, ThreeTargetLoss
     from stofm.util.optim import build_optimizer, build_scheduler
-    from stofm.util.runlog import RunLogger
 
-    out = Path(cfg.output_dir)
-    fresh_accelerate_state()
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=cfg.seed),
-        step_scheduler_with_optimizer=False)
-    set_seed(cfg.seed)
+    accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, cpu=cfg.cpu,
+                                   seed=cfg.seed, data_seed=cfg.seed)
     model = _model_parts(cfg, shard_genes(cfg.data))
+    adopt_shard_crops(model, cfg.data)
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
                             seed=cfg.seed, niche_spots=cfg.niche_spots,
                             train_transforms=_transforms(model, train=cfg.augment),
@@ -247,130 +140,116 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> _Run:
                                 min_lr_ratio=cfg.min_lr_ratio)
     prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([val_dl] if val_dl else []))
     model, optimizer, train_dl, scheduler = prepared[:4]
-    val_dl = prepared[4] if val_dl else None
-
-    pos, last_good = _Position(), None
-    if resume:
-        last_good = ckpt.resolve_resume(out, resume)
-        accelerator.load_state(str(last_good))
-        saved = ckpt.read_state(last_good)
-        pos = _Position(**{k: saved[k] for k in ("step", "epoch", "batch_in_epoch")})
-        if pos.batch_in_epoch >= len(train_dl):
-            pos.epoch, pos.batch_in_epoch = pos.epoch + 1, 0
-        accelerator.print(f"resumed from {last_good} at step {pos.step}")
-    main = accelerator.is_main_process
-    logger = RunLogger(out, enabled=main, tensorboard=cfg.tensorboard, resume_step=pos.step if resume else None)
-    if main:
-        write_config(cfg, out / "config.yaml")
+    engine = Engine(accelerator, model, optimizer, scheduler, max_steps=max_steps, output_dir=Path(cfg.output_dir),
+                    config=cfg.to_dict(), stop_at=cfg.stop_after_steps or None, max_grad_norm=cfg.max_grad_norm,
+                    log_every=cfg.log_every, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
+                    tensorboard=cfg.tensorboard, progress=cfg.progress, desc="train")
+    objective = _Contrastive(cfg, data, loss_fn, train_dl, prepared[4] if val_dl else None)
+    objective.restore(engine.start(resume))
+    if engine.main:
         left = f", {data.n_left_out} left out (split margin / val_max_spots)" if data.n_left_out else ""
         accelerator.print(f"training {data.n_train} spots ({data.n_val} held out{left}) of {len(data.genes)} genes, "
                           f"{max_steps} steps, global batch {cfg.batch_size * accelerator.num_processes * cfg.grad_accum}"
                           f" on {accelerator.num_processes} process(es) [{accelerator.distributed_type}]")
-    return _Run(cfg=cfg, accelerator=accelerator, model=model, data=data, loss_fn=loss_fn, optimizer=optimizer,
-                scheduler=scheduler, train_dl=train_dl, val_dl=val_dl, logger=logger, max_steps=max_steps,
-                stop_at=min(max_steps, cfg.stop_after_steps or max_steps), pos=pos, last_good=last_good)
+    return engine, objective
 
 
-def _epoch_batches(run: _Run):
-    """The batches of the current epoch (skipping those a resumed run already did), each with what the loss needs
-    besides the model's inputs: virtual cells (for the paired negatives too)."""
-    from stalign.training.data import EmptyDataError
+@dataclasses.dataclass
+class _Contrastive(Hooks):
+    """``stalign train``'s objective: the three-target contrastive loss (or the paper's paired negatives) over
+    epochs of shard batches with virtual cells and hard negatives; held-out retrieval; the final weights."""
 
-    run.train_dl.set_epoch(run.pos.epoch)
-    if hasattr(run.data.train, "epoch"):
-        run.data.train.epoch = run.pos.epoch
-    skip = run.pos.batch_in_epoch
-    for batch in run.accelerator.skip_first_batches(run.train_dl, skip) if skip else run.train_dl:
-        if batch["spot_image"].shape[0] == 0:
-            raise EmptyDataError(f"empty training batch at step {run.pos.step + 1} (data under {run.cfg.data})")
-        if run.data.virtual_cells is not None:
-            batch = run.data.virtual_cells.attach(batch)
-            if "negatives" in batch:
-                batch["negatives"] = run.data.virtual_cells.attach(batch["negatives"])
-        yield batch
+    cfg: TrainConfig
+    data: Any
+    loss_fn: Any
+    train_dl: Any
+    val_dl: Any
+    epoch: int = 0
+    batch_in_epoch: int = 0  # batches of the current epoch taken (a checkpoint resumes after them)
+    metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last validation metrics
 
+    def micro_batches(self, engine: Engine) -> Iterator[dict[str, Any]]:
+        """Epochs of batches (skipping those a resumed run did) with virtual cells (the paired negatives' too)."""
+        from stalign.training.data import EmptyDataError
 
-def _train_step(run: _Run, batch: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-    """One micro-batch: forward, loss, backward, clipping and (when gradients sync) the optimizer step.
-    Returns the loss terms and the gradient norm (None when not clipped at this micro-batch)."""
-    acc, cfg, data = run.accelerator, run.cfg, run.data
-    negatives = {}
-    if data.clusters is not None and cfg.loss_kind != "paper":  # the paper loss gets its negatives in the batch
-        data.clusters = data.clusters.to(batch["index"].device)
-        negatives = {"cluster": data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
-    with acc.accumulate(run.model):
-        terms = run.loss_fn(run.model(batch), **negatives)
-        _check_finite(terms["loss"].detach(), acc, what="loss", pos=run.pos, last_good=run.last_good)
-        acc.backward(terms["loss"])
-        grad_norm = None
-        if acc.sync_gradients and cfg.max_grad_norm > 0:
-            grad_norm = acc.clip_grad_norm_(run.model.parameters(), cfg.max_grad_norm)
-            if cfg.mixed_precision != "fp16":  # fp16 overflow is the grad scaler's to skip
-                _check_finite(grad_norm.detach(), acc, what="gradient norm", pos=run.pos, last_good=run.last_good)
-        run.optimizer.step()
-        run.optimizer.zero_grad(set_to_none=True)
-    run.pos.batch_in_epoch += 1
-    return terms, grad_norm
+        while True:
+            self.train_dl.set_epoch(self.epoch)
+            if hasattr(self.data.train, "epoch"):
+                self.data.train.epoch = self.epoch
+            skip = self.batch_in_epoch
+            for batch in engine.accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl:
+                if batch["spot_image"].shape[0] == 0:
+                    raise EmptyDataError(f"empty training batch at step {engine.step + 1} (data under {self.cfg.data})")
+                if self.data.virtual_cells is not None:
+                    batch = self.data.virtual_cells.attach(batch)
+                    if "negatives" in batch:
+                        batch["negatives"] = self.data.virtual_cells.attach(batch["negatives"])
+                self.batch_in_epoch += 1
+                yield batch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
+    def loss(self, engine: Engine, batch: dict[str, Any]) -> dict[str, Any]:
+        negatives = {}
+        if self.data.clusters is not None and self.cfg.loss_kind != "paper":  # paper: negatives are in the batch
+            self.data.clusters = self.data.clusters.to(batch["index"].device)
+            negatives = {"cluster": self.data.clusters[batch["index"]], "slide_idx": batch["slide_idx"]}
+        return self.loss_fn(engine.model(batch), **negatives)
 
-def _after_step(run: _Run, row: dict[str, float], grad_norm: Any) -> None:
-    """After an optimizer step: record and log the loss, validate and checkpoint when due."""
-    cfg, step = run.cfg, run.pos.step
-    run.losses.append((step, row["loss"]))
-    if step % cfg.log_every == 0 or step == run.stop_at:
-        row |= {"lr": run.scheduler.get_last_lr()[0], "epoch": run.pos.epoch}
-        if grad_norm is not None:
-            row["grad_norm"] = float(grad_norm)
-        run.logger.log("train", step, row)
-    if cfg.eval_every and step % cfg.eval_every == 0 and step < run.max_steps:
-        _validate(run)
-    if (cfg.save_every and step % cfg.save_every == 0) or step == run.stop_at < run.max_steps:
-        run.last_good = _save_checkpoint(run)
+    def where(self) -> str:
+        return f" (epoch {self.epoch}, batch {self.batch_in_epoch - 1})"
 
+    def log_row(self, engine: Engine, row: dict[str, float], grad_norm: Any) -> dict[str, float]:
+        row = super().log_row(engine, row, grad_norm) | {"epoch": self.epoch}
+        return row if grad_norm is None else row | {"grad_norm": float(grad_norm)}
 
-def _validate(run: _Run) -> None:
-    """Held-out retrieval metrics at the current step (nothing without a validation split)."""
-    if run.val_dl is None:
-        return
-    run.metrics = _evaluate(run.model, run.val_dl, run.accelerator, run.data.virtual_cells)
-    run.logger.log("val", run.pos.step, run.metrics)
-    run.accelerator.print(f"step {run.pos.step} held-out retrieval: {format_retrieval(run.metrics)}")
+    def after_step(self, engine: Engine) -> None:
+        if self.cfg.eval_every and engine.step % self.cfg.eval_every == 0 and engine.step < engine.max_steps:
+            self.validate(engine)
 
+    def position(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
-def _save_checkpoint(run: _Run) -> Path:
-    """A resumable checkpoint of the current step (accelerate state, then the config and ``trainer_state.json``
-    last); older ones pruned to ``keep_checkpoints``."""
-    path = ckpt.checkpoint_dir(run.out, run.pos.step)
-    quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        run.accelerator.save_state(str(path))
-    finally:
-        quiet.setLevel(level)
-    if run.main:
-        write_config(run.cfg, path / "train_config.yaml")
-        ckpt.write_state(path, dataclasses.asdict(run.pos) | {"max_steps": run.max_steps})
-        ckpt.prune_checkpoints(run.out, keep=run.cfg.keep_checkpoints)
-    run.accelerator.wait_for_everyone()
-    return path
+    def restore(self, saved: dict[str, Any]) -> None:
+        self.epoch, self.batch_in_epoch = saved.get("epoch", 0), saved.get("batch_in_epoch", 0)
+        if self.batch_in_epoch >= len(self.train_dl):  # saved at the end of an epoch
+            self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
+    def validate(self, engine: Engine) -> None:
+        """Retrieval recall image->gene / gene->image over all held-out spots (gathered across processes)."""
+        import torch
 
-def _finish(run: _Run) -> Path | None:
-    """After the last step: validate and write the final weights (None when the run stopped early)."""
-    from stalign.models.factory import save_checkpoint
+        if self.val_dl is None:
+            return
+        acc, inner = engine.accelerator, engine.accelerator.unwrap_model(engine.model)
+        inner.eval()
+        images, genes = [], []
+        with torch.no_grad(), acc.autocast():
+            for batch in self.val_dl:
+                if self.data.virtual_cells is not None:
+                    batch = self.data.virtual_cells.attach(batch)
+                img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
+                gene = inner.encode_gene(batch).float()
+                img, gene = acc.gather_for_metrics((img, gene))
+                images.append(img.cpu())
+                genes.append(gene.cpu())
+        inner.train()  # validation runs between training steps
+        self.metrics = retrieval_metrics(torch.cat(images), torch.cat(genes))
+        engine.logger.log("val", engine.step, self.metrics)
+        acc.print(f"step {engine.step} held-out retrieval: {format_retrieval(self.metrics)}")
 
-    final = None
-    if run.pos.step >= run.max_steps:
-        _validate(run)
-        final = run.out / "final"
-        if run.main:
-            save_checkpoint(run.accelerator.unwrap_model(run.model), final,
-                            training={"data": str(run.cfg.data), "steps": run.pos.step, "spots": run.data.n_train,
-                                      "metrics": run.metrics})
-            write_config(run.cfg, final / "train_config.yaml")
-        run.accelerator.wait_for_everyone()
-        run.accelerator.print(f"final weights: {final}")
-    run.logger.close()
-    run.accelerator.end_training()
-    return final
+    def finish(self, engine: Engine) -> Path | None:
+        """Validate and write the final weights (None when the run stopped early)."""
+        from stalign.models.factory import save_checkpoint
+
+        if engine.step < engine.max_steps:
+            return None
+        self.validate(engine)
+        final = engine.output_dir / "final"
+        if engine.main:
+            save_checkpoint(engine.accelerator.unwrap_model(engine.model), final,
+                            training={"data": str(self.cfg.data), "steps": engine.step, "spots": self.data.n_train,
+                                      "metrics": self.metrics})
+            write_config(self.cfg, final / "train_config.yaml")
+        engine.accelerator.wait_for_everyone()
+        engine.accelerator.print(f"final weights: {final}")
+        return final
