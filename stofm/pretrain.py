@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+from stofm.util.train_engine import Engine, make_accelerator
 
 DEFAULTS_NOTE = "YAML keys become defaults; command-line flags override them"
 
@@ -128,28 +130,18 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     """Run (or resume: ``"latest"`` or a checkpoint folder) a pretraining run; returns a summary dict.
     ``resolve_path`` turns data entries into files (``stalign pretrain-stofm`` resolves ``fetch:`` with it)."""
     import torch
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-    from tqdm.auto import tqdm
 
-    from stofm.embedding import collate_subslices, prepare_slide
+    from stofm.embedding import prepare_slide
     from stofm.model import create_model
-    from stofm.util import checkpointing as ckpt
-    from stofm.util.accelerate_state import fresh_accelerate_state
     from stofm.util.optim import build_optimizer, build_scheduler
-    from stofm.util.runlog import RunLogger
 
     if not cfg.data:
         raise ValueError("pretraining needs data: a list of .h5ad/.zarr files (config key 'data')")
     started = time.perf_counter()
     out = Path(cfg.output_dir)
-    mp = cfg.mixed_precision
-    if mp == "auto":
-        mp = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
-    fresh_accelerate_state()  # an earlier run in this process (other precision/cpu flag) does not block this one
-    accelerator = Accelerator(mixed_precision=mp, gradient_accumulation_steps=cfg.grad_accum, cpu=cfg.cpu)
-    main = accelerator.is_main_process
-    set_seed(cfg.seed)
+    auto = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
+    mp = auto if cfg.mixed_precision == "auto" else cfg.mixed_precision
+    accelerator = make_accelerator(mixed_precision=mp, grad_accum=cfg.grad_accum, cpu=cfg.cpu, seed=cfg.seed)
     adatas = [_read_adata(p, resolve_path) for p in cfg.data]
     genes = cfg.genes or list(map(str, adatas[0].var[cfg.gene_key] if cfg.gene_key else adatas[0].var_names))
     if cfg.init_from:
@@ -165,7 +157,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
               for a, p in zip(adatas, cfg.data)]
     del adatas
     if cfg.objective == "original":
-        from stofm.objectives_original import masked_batch, tile_subslices
+        from stofm.objectives_original import tile_subslices
 
         if getattr(model, "arch", "project") != "original":
             raise ValueError(f"objective 'original' needs a stofm-original model, not {cfg.model!r} (arch project)")
@@ -175,82 +167,44 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     step_module = _step_module(model, cfg)
     optimizer = build_optimizer(step_module, lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=cfg.max_steps)
-    step_module, optimizer, scheduler = accelerator.prepare(step_module, optimizer, scheduler)
-
-    step = 0
-    if resume:
-        path = ckpt.resolve_resume(out, resume)
-        accelerator.load_state(str(path))
-        step = int(ckpt.read_state(path)["step"])
-        accelerator.print(f"resumed from {path} at step {step}")
-    logger = RunLogger(out, enabled=main, tensorboard=False, resume_step=step if resume else None)
-    if main:
-        _write_yaml(cfg, out / "config.yaml")
-        accelerator.print(f"pretraining on {sum(len(s.coords) for s in slides)} cells of {len(slides)} slide(s), "
-                          f"{len(items)} sub-slices, {cfg.max_steps} steps [{accelerator.distributed_type}, {mp}]")
-
-    def save(at: int) -> Path:
-        path = ckpt.checkpoint_dir(out, at)
-        accelerator.save_state(str(path))
-        if main:
-            ckpt.write_state(path, {"step": at, "max_steps": cfg.max_steps})
-            ckpt.prune_checkpoints(out, keep=cfg.keep_checkpoints)
-        accelerator.wait_for_everyone()
-        return path
-
-    losses: list[dict] = []
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not (main and cfg.progress), desc="stofm pretrain")
-    step_module.train()
-    while step < cfg.max_steps:
-        parts: dict[str, list[float]] = {}
-        for micro in range(cfg.grad_accum):
-            idx = batch_items(len(items), step=step, micro=micro, grad_accum=cfg.grad_accum,
-                              batch_size=cfg.batch_size, seed=cfg.seed, rank=accelerator.process_index,
-                              world=accelerator.num_processes)
-            draw = cfg.seed * 1_000_003 + (step * cfg.grad_accum + micro) * 1009 + accelerator.process_index
-            gen = torch.Generator().manual_seed(draw)
-            if cfg.objective == "original":
-                batch = masked_batch([items[i] for i in idx], seed=draw, rate=cfg.mask_ratio, keep=cfg.keep_ratio)
-            else:
-                batch = collate_subslices([items[i] for i in idx])
-            with accelerator.accumulate(step_module):
-                terms = step_module(batch, gen)
-                if not torch.isfinite(terms["loss"]):
-                    raise RuntimeError(f"non-finite loss at step {step + 1}; lower lr or check the data")
-                accelerator.backward(terms["loss"])
-                if accelerator.sync_gradients and cfg.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(step_module.parameters(), cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            for k, v in terms.items():
-                parts.setdefault(k, []).append(float(accelerator.reduce(v.detach().float(), "mean")))
-        scheduler.step()
-        step += 1
-        row = {k: sum(v) / len(v) for k, v in parts.items()}
-        losses.append({"step": step, **row})
-        bar.update(1)
-        bar.set_postfix(loss=f"{row['loss']:.4f}")
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            logger.log("train", step, {**row, "lr": scheduler.get_last_lr()[0]})
-        if cfg.save_every and step % cfg.save_every == 0:
-            save(step)
-    bar.close()
+    engine = Engine(accelerator, *accelerator.prepare(step_module, optimizer, scheduler), max_steps=cfg.max_steps,
+                    output_dir=out, config=asdict(cfg), max_grad_norm=cfg.max_grad_norm, log_every=cfg.log_every,
+                    save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints, progress=cfg.progress,
+                    desc="stofm pretrain")
+    engine.start(resume)
+    accelerator.print(f"pretraining on {sum(len(s.coords) for s in slides)} cells of {len(slides)} slide(s), "
+                      f"{len(items)} sub-slices, {cfg.max_steps} steps [{accelerator.distributed_type}, {mp}]")
+    engine.run(_micro_batches(cfg, items, engine), lambda batch: engine.model(*batch))
     final = out / "model"
-    if main:
-        accelerator.unwrap_model(step_module).model.save_pretrained(final)
+    if engine.main:
+        accelerator.unwrap_model(engine.model).model.save_pretrained(final)
         accelerator.print(f"pretrained model: {final}")
     accelerator.wait_for_everyone()
-    logger.close()
-    accelerator.end_training()
-    return {"model": final, "output_dir": out, "step": step, "losses": losses,
+    engine.close()
+    return {"model": final, "output_dir": out, "step": engine.step, "losses": engine.history,
             "seconds": time.perf_counter() - started}
 
 
-def _write_yaml(cfg: PretrainConfig, path: Path) -> None:
-    import yaml
+def _micro_batches(cfg: PretrainConfig, items: list, engine: Engine) -> Iterator[tuple[dict, Any]]:
+    """(batch, generator) per micro-batch: its sub-slices (:func:`batch_items`) and masking draws are functions of
+    (seed, step, micro-batch, rank), so a resumed run continues exactly as an uninterrupted one."""
+    import torch
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(asdict(cfg), sort_keys=False))
+    from stofm.embedding import collate_subslices
+    from stofm.objectives_original import masked_batch
+
+    acc = engine.accelerator
+    while True:
+        for micro in range(cfg.grad_accum):
+            idx = batch_items(len(items), step=engine.step, micro=micro, grad_accum=cfg.grad_accum,
+                              batch_size=cfg.batch_size, seed=cfg.seed, rank=acc.process_index,
+                              world=acc.num_processes)
+            draw = cfg.seed * 1_000_003 + (engine.step * cfg.grad_accum + micro) * 1009 + acc.process_index
+            if cfg.objective == "original":  # the original collator draws its masks here
+                batch = masked_batch([items[i] for i in idx], seed=draw, rate=cfg.mask_ratio, keep=cfg.keep_ratio)
+            else:
+                batch = collate_subslices([items[i] for i in idx])
+            yield batch, torch.Generator().manual_seed(draw)
 
 
 def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-
 from stofm.pretrain import batch_items, load_config, pretrain
 
 REPO = Path(__file__).resolve().parents[1]
@@ -154,3 +153,22 @@ def test_gene_then_spatial_pretraining_pipeline(squidpy_crop, tmp_path, capsys):
     assert model.cell_encoder.kind == "bert" and model.cell_encoder.out_dim == 16
     a = stofm.embed(ad.read_h5ad(data), model, progress=False)
     assert a.obsm["X_stofm"].shape == (49, model.dim) and np.isfinite(a.obsm["X_stofm"]).all()
+
+
+def test_nan_loss_stops_naming_the_step(squidpy_crop, tmp_path, monkeypatch):
+    """A NaN loss stops the run with the shared engine's error (step named, nothing saved after it)."""
+    import stofm.pretrain
+    from stofm.util.errors import NonFiniteLossError
+
+    real = stofm.pretrain._step_module
+
+    def poisoned(model, cfg):
+        module = real(model, cfg)
+        forward = module.forward
+        module.forward = lambda batch, gen: (terms := forward(batch, gen)) | {"loss": terms["loss"] * float("nan")}
+        return module
+
+    monkeypatch.setattr(stofm.pretrain, "_step_module", poisoned)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss \(nan\) at step 1; .*no checkpoint"):
+        pretrain(_cfg(squidpy_crop, tmp_path / "nan", max_steps=2, save_every=1))
+    assert not (tmp_path / "nan" / "checkpoints").exists() and not (tmp_path / "nan" / "model").exists()
