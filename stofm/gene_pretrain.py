@@ -7,8 +7,7 @@ or backed AnnData matrices, so memory stays bounded.
 """
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -17,6 +16,8 @@ from torch import nn
 
 from stofm.cell_encoder import BertCellEncoder
 from stofm.tokenize import InputKind
+from stofm.util.optim import build_scheduler
+from stofm.util.train_engine import Engine, make_accelerator
 from stofm.vocab import GeneVocab
 
 IGNORE = -100
@@ -83,14 +84,6 @@ def _matrix_and_genes(data, genes: Sequence[str] | None, gene_key: str | None):
     return data, list(genes)
 
 
-def lr_at(step: int, *, steps: int, warmup: int, lr: float) -> float:
-    """Linear warm-up to ``lr`` over ``warmup`` steps, then cosine decay to 0.1 × lr."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
-
-
 def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEncoder, *, steps: int = 1000,
                           batch_size: int = 32, lr: float = 1e-4, weight_decay: float = 0.01,
                           warmup: int | None = None, device: str | torch.device | None = None,
@@ -101,12 +94,11 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
     """Masked-gene pretraining of ``encoder`` on an AnnData or a (cells, genes) matrix of counts.
 
     Medians are fitted on the data first when ``fit_medians`` (default: when the encoder has none).
-    AdamW with warm-up + cosine decay, gradient clipping at 1, bf16 autocast (default: on CUDA only).
-    ``max_cells`` uses a random subset of the cells. Returns ``{"step", "loss", "accuracy", "lr"}`` per step; the encoder is
-    trained in place (``head``, when given, too).
+    AdamW with warm-up + cosine decay to 0.1 × lr (``stofm.util.optim``), gradient clipping at 1, bf16 autocast
+    (default: on CUDA only), on the shared training engine (``stofm.util.train_engine``). ``max_cells`` uses a random
+    subset of the cells. Returns ``{"step", "loss", "accuracy", "lr"}`` per step; the encoder is trained in place
+    (``head``, when given, too).
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(encoder, BertCellEncoder):
         raise TypeError(f"masked-gene pretraining needs a BertCellEncoder, got {type(encoder).__name__}")
     X, genes = _matrix_and_genes(data, genes, gene_key)
@@ -114,49 +106,46 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
         raise ValueError(f"data has {X.shape[1]} genes but {len(genes)} gene names were given")
     if X.shape[0] == 0:
         raise ValueError("no cells to pretrain on")
-    torch.manual_seed(seed)
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    accelerator = make_accelerator(mixed_precision="no", cpu=device.type == "cpu", seed=seed)
     rng = np.random.default_rng(seed)
     cells = np.arange(X.shape[0])
     if max_cells is not None and max_cells < len(cells):
         cells = np.sort(rng.choice(cells, size=max_cells, replace=False))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if fit_medians or (fit_medians is None and not bool(encoder.medians_fitted)):
         encoder.fit_medians(X if max_cells is None else _rows(X, cells), genes, input_kind=input_kind)
     tokenizer = encoder.tokenizer()
     head = head or MaskedGeneHead(width=encoder.width, vocab_size=len(encoder.vocab))
-    encoder.to(device).train()
-    head.to(device).train()
-    params = [p for m in (encoder, head) for p in m.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warmup = max(1, steps // 10 if warmup is None else warmup)
+    both = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
+    optimizer = torch.optim.AdamW([p for p in both.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    scheduler = build_scheduler(optimizer, warmup_steps=max(1, steps // 10 if warmup is None else warmup),
+                                total_steps=steps, min_lr_ratio=0.1)
+    engine = Engine(accelerator, *accelerator.prepare(both, optimizer, scheduler, device_placement=[False] * 3),
+                    max_steps=steps, max_grad_norm=1.0, progress=progress, desc="masked-gene pretraining")
     gen = torch.Generator().manual_seed(seed)
     use_bf16 = device.type == "cuda" if bf16 is None else bool(bf16)
-    history: dict[str, list[float]] = {"step": [], "loss": [], "accuracy": [], "lr": []}
-    order = rng.permutation(cells)
-    pos = 0
-    bar = tqdm(range(steps), desc="masked-gene pretraining", disable=not progress)
-    for step in bar:
-        if pos + batch_size > len(order):
-            order, pos = rng.permutation(cells), 0
-        batch = np.sort(order[pos:pos + batch_size])
-        pos += batch_size
-        ids, pad = tokenizer(_rows(X, batch), genes, input=input_kind)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, steps=steps, warmup=warmup, lr=lr)
+    lrs: list[float] = []  # the learning rate of each step
+
+    def batches() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:  # per-pass permutations of the cells
+        order, pos = rng.permutation(cells), 0
+        while True:
+            if pos + batch_size > len(order):
+                order, pos = rng.permutation(cells), 0
+            ids, pad = tokenizer(_rows(X, np.sort(order[pos:pos + batch_size])), genes, input=input_kind)
+            pos += batch_size
+            yield ids.to(device), pad.to(device)
+
+    def loss(batch: tuple[torch.Tensor, torch.Tensor]) -> dict[str, torch.Tensor]:
+        lrs.append(optimizer.param_groups[0]["lr"])
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            out = masked_gene_loss(encoder, head, ids.to(device), pad.to(device), mask_prob=mask_prob,
-                                   generator=gen)
-        optimizer.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        loss, acc = out["loss"].item(), out["accuracy"].item()
-        for key, val in (("step", step), ("loss", loss), ("accuracy", acc), ("lr", optimizer.param_groups[0]["lr"])):
-            history[key].append(val)
-        bar.set_postfix(loss=f"{loss:.3f}", acc=f"{acc:.2f}")
-    encoder.eval()
-    head.eval()
-    return history
+            return masked_gene_loss(encoder, head, *batch, mask_prob=mask_prob, generator=gen)
+
+    engine.start()
+    engine.run(batches(), loss)
+    engine.close()
+    both.eval()
+    return {"step": [r["step"] - 1 for r in engine.history], "loss": [r["loss"] for r in engine.history],
+            "accuracy": [r["accuracy"] for r in engine.history], "lr": lrs}
 
 
 def _stack_on_common_genes(parts: list[tuple]) -> tuple:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from stofm.cell_encoder import BertCellEncoder, MLPCellEncoder, load_cell_encoder, save_cell_encoder
-from stofm.gene_pretrain import IGNORE, MaskedGeneHead, lr_at, mask_gene_tokens, masked_gene_loss, pretrain_cell_encoder
+from stofm.gene_pretrain import IGNORE, MaskedGeneHead, mask_gene_tokens, masked_gene_loss, pretrain_cell_encoder
+from stofm.util.optim import cosine_with_warmup
 from stofm.vocab import GeneVocab
 
 
@@ -38,7 +39,8 @@ def test_masking_follows_bert_rule():
 
 
 def test_warmup_then_decay():
-    lrs = [lr_at(s, steps=100, warmup=10, lr=1.0) for s in range(100)]
+    schedule = cosine_with_warmup(warmup_steps=10, total_steps=100, min_lr_ratio=0.1)  # masked-gene pretraining's
+    lrs = [schedule(s) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] > 0.1
 
@@ -104,6 +106,7 @@ def test_matrix_input_and_errors(adata):
     enc = BertCellEncoder(genes=genes, width=16, depth=1, heads=2, max_len=16, out_dim=8, dropout=0.0)
     hist = pretrain_cell_encoder(X, genes, enc, steps=3, batch_size=8, device="cpu", progress=False)
     assert set(hist) == {"step", "loss", "accuracy", "lr"} and len(hist["loss"]) == 3
+    assert hist["step"] == [0, 1, 2] and hist["lr"] == pytest.approx([1e-4, 1e-4, 0.55e-4])  # warm-up, cosine
     hist = pretrain_cell_encoder(X, genes, enc, steps=3, batch_size=8, device="cpu", progress=False, bf16=True)
     assert np.isfinite(hist["loss"]).all()  # the bf16 autocast path (used on GPUs) runs on CPU too
     with pytest.raises(ValueError, match="genes=..."):
