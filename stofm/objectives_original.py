@@ -7,31 +7,20 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from stofm.original.masking import IGNORE, mask_batch
-from stofm.original.pipeline import SubSlice, distance_matrix
+from stofm.original.pipeline import SubSlice, build_subslices
 from stofm.util.errors import InputError
 
 
 def tile_subslices(slide: Any) -> list[SubSlice]:
     """The original's sub-slices of a prepared slide (``stofm.embedding.Slide`` in the original frame): per tile,
     nodes [CLS (0, 0)] + the slide's virtual cells + the tile's cells, the original distance matrix."""
-    xy = slide.coords.double().cpu().numpy()
-    emb = slide.cell_emb.float().cpu().numpy()
-    vxy = slide.virtual_coords.double().cpu().numpy()
-    vemb = slide.virtual_emb.float().cpu().numpy()
-    h, d = len(vxy), emb.shape[1]
-    out = []
-    for cells in slide.tiles:
-        nodes = np.concatenate([np.zeros((1, 2)), vxy, xy[cells]])
-        feats = np.concatenate([np.zeros((1, d), np.float32), vemb, emb[cells]]).astype(np.float32)
-        types = np.concatenate([[1], np.full(h, 2), np.zeros(len(cells))]).astype(np.int64)
-        idx = np.concatenate([np.full(1 + h, -1), cells]).astype(np.int64)
-        out.append(SubSlice(feats, nodes, distance_matrix(nodes, h), types, idx))
-    return out
+    return build_subslices(slide.coords.double().cpu().numpy(), slide.cell_emb.float().cpu().numpy(),
+                           slide.virtual_coords.double().cpu().numpy(), slide.virtual_emb.float().cpu().numpy(),
+                           tiles=slide.tiles)
 
 
 def masked_batch(subs: list[SubSlice], *, seed: int, rate: float = 0.12, keep: float = 0.03) -> dict[str, Any]:

@@ -149,20 +149,9 @@ class SE2Transformer(nn.Module):
         """
         b, n, _ = cell_emb.shape
         dev = cell_emb.device
-        pad = torch.zeros(b, n, dtype=torch.bool, device=dev) if pad_mask is None else pad_mask.bool()
-        if virtual_emb is None:
-            virtual_emb = cell_emb.new_zeros(b, 0, cell_emb.shape[-1])
-            virtual_coords = coords.new_zeros(b, 0, 2)
-        if virtual_coords is None:
-            raise ValueError("virtual_emb given without virtual_coords")
+        pad, virtual_emb, virtual_coords, vpad = check_inputs(cell_emb, coords, pad_mask, virtual_emb, virtual_coords,
+                                                              virtual_pad_mask)
         v = virtual_emb.shape[1]
-        vpad = (torch.zeros(b, v, dtype=torch.bool, device=dev) if virtual_pad_mask is None
-                else virtual_pad_mask.bool())
-        _check_finite(coords, pad, "coords")
-        _check_finite(virtual_coords, vpad, "virtual_coords")
-        if (pad.all(1) & vpad.all(1)).any():
-            raise ValueError("a sub-slice in the batch has no cells (all padding)")
-
         cells = self.proj_in(cell_emb)
         if mask is not None:
             cells = torch.where(mask.bool()[..., None], self.mask_token.to(cells.dtype), cells)
@@ -217,7 +206,25 @@ class SE2Transformer(nn.Module):
         return rearrange(out, "b i j h -> b h i j").contiguous()
 
 
-def _check_finite(coords: torch.Tensor, pad: torch.Tensor, name: str) -> None:
-    bad = ~torch.isfinite(coords).all(-1) & ~pad
-    if bad.any():
-        raise ValueError(f"{name} contain NaN/inf values at {int(bad.sum())} non-padded positions")
+def check_inputs(cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None,
+                 virtual_emb: torch.Tensor | None, virtual_coords: torch.Tensor | None,
+                 virtual_pad_mask: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """(pad (B, N), virtual_emb (B, V, C), virtual_coords (B, V, 2), virtual pad (B, V)) of an SE(2) call (both
+    architectures): masks default to no padding, no virtual cells to empty ones; NaN/inf coordinates at non-padded
+    positions and sub-slices that are all padding are errors."""
+    b, n, c = cell_emb.shape
+    dev = cell_emb.device
+    pad = torch.zeros(b, n, dtype=torch.bool, device=dev) if pad_mask is None else pad_mask.bool()
+    if virtual_emb is None:
+        virtual_emb, virtual_coords = cell_emb.new_zeros(b, 0, c), coords.new_zeros(b, 0, 2)
+    if virtual_coords is None:
+        raise ValueError("virtual_emb given without virtual_coords")
+    v = virtual_emb.shape[1]
+    vpad = torch.zeros(b, v, dtype=torch.bool, device=dev) if virtual_pad_mask is None else virtual_pad_mask.bool()
+    for xy, p, name in ((coords, pad, "coords"), (virtual_coords, vpad, "virtual_coords")):
+        bad = ~torch.isfinite(xy).all(-1) & ~p
+        if bad.any():
+            raise ValueError(f"{name} contain NaN/inf values at {int(bad.sum())} non-padded positions")
+    if (pad.all(1) & vpad.all(1)).any():
+        raise ValueError("a sub-slice in the batch has no cells (all padding)")
+    return pad, virtual_emb, virtual_coords, vpad

@@ -82,30 +82,16 @@ def split_graph(norm_xy: np.ndarray, split_num: int) -> list[np.ndarray]:
 
 
 def distance_matrix(nodes: np.ndarray, n_hyper: int) -> np.ndarray:
-    """The original's (n, n) float32 distance matrix of one sub-slice (nodes: CLS, hypernodes, cells)."""
-    from scipy.spatial.distance import cdist
+    """The original's (n, n) float32 distance matrix of one sub-slice (nodes: CLS, hypernodes, cells; step 5 of the
+    module doc, ``stofm.original.se2.original_distances`` on one sub-slice)."""
+    import torch
+
+    from stofm.original.se2 import original_distances
 
     nodes = np.asarray(nodes, np.float64)
-    n = len(nodes)
-    full = cdist(nodes, nodes)
-    k = min(K_NEIGHBORS, n - 1)
-    knn = np.zeros((n, n))
-    if k > 0:
-        nearest = np.argsort(full, axis=1, kind="stable")[:, :k]
-        rows = np.repeat(np.arange(n), k)
-        knn[rows, nearest.ravel()] = full[rows, nearest.ravel()]
-    a = np.zeros((n, n))
-    a[1:, 1:] = knn[1:, 1:]
-    h = slice(1, 1 + n_hyper)
-    a[h, 1:] = full[h, 1:]
-    a[1:, h] = full[1:, h]
-    a[a == 0] = FAR
-    a[0, :] = 0
-    a[:, 0] = 0
-    sym = (a == FAR) & (a.T != FAR)
-    a[sym] = a.T[sym]
-    np.fill_diagonal(a, 0)
-    return a.astype(np.float32)
+    types = np.r_[1, np.full(n_hyper, 2), np.zeros(len(nodes) - 1 - n_hyper)].astype(np.int64)
+    return original_distances(torch.from_numpy(nodes)[None], torch.from_numpy(types)[None], k_neighbors=K_NEIGHBORS,
+                              far=FAR)[0].numpy()
 
 
 @dataclass
@@ -121,12 +107,12 @@ class SubSlice:
 
 
 def build_subslices(norm_xy: np.ndarray, emb: np.ndarray, hyper_xy: np.ndarray, hyper_emb: np.ndarray, *,
-                    split_num: int = 1000) -> list[SubSlice]:
-    """The sub-slices of a slice (step 3-5 of the module doc)."""
+                    split_num: int = 1000, tiles: list[np.ndarray] | None = None) -> list[SubSlice]:
+    """The sub-slices of a slice (step 3-5 of the module doc); ``tiles`` (cell indices) replace step 3."""
     emb = np.asarray(emb, np.float32)
     h, d = len(hyper_xy), emb.shape[1]
     out = []
-    for cells in split_graph(norm_xy, split_num):
+    for cells in split_graph(norm_xy, split_num) if tiles is None else tiles:
         nodes = np.concatenate([np.zeros((1, 2)), hyper_xy, np.asarray(norm_xy, np.float64)[cells]])
         feats = np.concatenate([np.zeros((1, d), np.float32), hyper_emb, emb[cells]]).astype(np.float32)
         types = np.concatenate([[1], np.full(h, 2), np.zeros(len(cells))]).astype(np.int64)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stofm.se2 import check_inputs
 from stofm.util.errors import InputError
 
 NORM, CLS_TYPE, HYPER, PAD = 0, 1, 2, 3  # token types of the original
@@ -256,19 +257,9 @@ class OriginalArchSE2(nn.Module):
         ``token_types`` (B, T), node coordinates ``nodes`` (B, T, 2); T = 1 + V + N."""
         b, n, c = cell_emb.shape
         dev = cell_emb.device
-        pad = torch.zeros(b, n, dtype=torch.bool, device=dev) if pad_mask is None else pad_mask.bool()
-        if virtual_emb is None:
-            virtual_emb, virtual_coords = cell_emb.new_zeros(b, 0, c), coords.new_zeros(b, 0, 2)
-        if virtual_coords is None:
-            raise ValueError("virtual_emb given without virtual_coords")
+        pad, virtual_emb, virtual_coords, vpad = check_inputs(cell_emb, coords, pad_mask, virtual_emb, virtual_coords,
+                                                              virtual_pad_mask)
         v = virtual_emb.shape[1]
-        vpad = (torch.zeros(b, v, dtype=torch.bool, device=dev) if virtual_pad_mask is None
-                else virtual_pad_mask.bool())
-        for xy, p, name in ((coords, pad, "coords"), (virtual_coords, vpad, "virtual_coords")):
-            if (~torch.isfinite(xy).all(-1) & ~p).any():
-                raise ValueError(f"{name} contain NaN/inf values at non-padded positions")
-        if (pad.all(1) & vpad.all(1)).any():
-            raise ValueError("a sub-slice in the batch has no cells (all padding)")
         cells = cell_emb
         if mask is not None:
             cells = cells.masked_fill(mask.bool()[..., None], MCM_INPUT)
