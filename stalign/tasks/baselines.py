@@ -7,9 +7,13 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import PixelSizeError
 from stalign.tasks.hest import Predictor, cross_validate, group_splits, ridge_probe
 from stofm.util.errors import InputError
+
+#: The crops of the baseline figures in docs/tasks.md (measured before the default filter became bilinear).
+LANCZOS_CROPS = CropSpec(resample="lanczos")
 
 
 def top_variance_genes(expression: np.ndarray, genes: Sequence[str], k: int = 50) -> list[str]:
@@ -108,19 +112,19 @@ def run_baselines(predictors: Mapping[str, Callable[[np.ndarray], Predictor] | P
     return pd.DataFrame(rows)
 
 
-def slide_baselines(adata: Any, slide: Any, *, patch_um: float = 112.0, patch_px: int = 224, k_genes: int = 50,
+def slide_baselines(adata: Any, slide: Any, *, crop: CropSpec = LANCZOS_CROPS, k_genes: int = 50,
                     image_specs: Sequence[str] = ("efficientnet-lite0",), schemes: Sequence[str] = ("loo", "5-fold"),
                     neighbours: int = 6, seed: int = 0):
     """All baselines on one slide's spots (``adata``: X log-normalised, obsm['spatial'] level-0 px; ``slide``
-    from ``stalign.data.slide.open_slide`` with a pixel size): the top-``k_genes`` variance genes, crops of
-    ``patch_um`` µm. Returns the table of ``run_baselines`` with the settings in ``table.attrs``."""
+    from ``stalign.data.slide.open_slide`` with a pixel size): the top-``k_genes`` variance genes, the spot crops
+    of ``crop`` (default 112 µm at 224 px, Lanczos, as the figures of docs/tasks.md). Returns the table of ``run_baselines`` with the settings in ``table.attrs``."""
     if slide.um_per_px is None:
-        raise PixelSizeError(f"{slide.path}: no pixel size; open the slide with um_per_px=... to crop {patch_um} µm")
+        raise PixelSizeError(f"{slide.path}: no pixel size; open the slide with um_per_px=... to crop {crop.spot_um:g} µm")
     x = adata.X.toarray() if hasattr(adata.X, "toarray") else np.asarray(adata.X)
     genes = top_variance_genes(x, list(adata.var_names), k_genes)
     y = x[:, [list(adata.var_names).index(g) for g in genes]].astype(np.float64)
     coords = np.asarray(adata.obsm["spatial"], np.float64)
-    patches, _ = slide.read_crops(coords, patch_um / slide.um_per_px, patch_px)
+    patches, _ = slide.read_crops(coords, crop.pixels(slide.um_per_px)[0], crop.patch_px, resample=crop.resample)
     colour = colour_features(patches)
     predictors: dict[str, Predictor] = {"mean expression": mean_predictor(y),
                                         f"neighbour average ({neighbours} nearest, no image)":
@@ -132,6 +136,6 @@ def slide_baselines(adata: Any, slide: Any, *, patch_um: float = 112.0, patch_px
         predictors[f"{spec} ImageNet + ridge"] = ridge_predictor(feats, y)
         predictors[f"{spec} ImageNet + kNN"] = knn_predictor(feats, y)
     table = run_baselines(predictors, y, genes, schemes=schemes, seed=seed)
-    table.attrs.update({"genes": genes, "patch_um": patch_um, "um_per_px": slide.um_per_px,
+    table.attrs.update({"genes": genes, "crop": crop.to_dict(), "um_per_px": slide.um_per_px,
                         "pixel_size_source": slide.pixel_size_source})
     return table
