@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from stofm.original.masking import IGNORE, mask_batch
 from stofm.original.pipeline import SubSlice, build_subslices
+from stofm.original.se2 import mlm_heads
 from stofm.util.errors import InputError
 
 
@@ -33,21 +33,14 @@ def masked_batch(subs: list[SubSlice], *, seed: int, rate: float = 0.12, keep: f
 
 def mlm_outputs(model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
     """``SToFMForMaskedLM.forward`` with the model's SE(2) (``model.se2.model``), ``cell_head`` (``lm_head``) and
-    ``dist_head`` (``pair_head``): ``logits``, ``loss`` (MCM), ``pair_pred``, ``pair_loss`` (PDR)."""
+    ``dist_head`` (``pair_head``): ``logits``, ``loss`` (MCM), ``pair_pred``, ``pair_loss`` (PDR); ``mlm_heads``."""
     if getattr(model, "arch", "project") != "original":
         raise InputError("the original objective needs a stofm-original model (se2 arch 'original')")
     dev = next(model.parameters()).device
     out = model.se2.model(batch["token_embeddings"].to(dev), batch["attn_bias"].to(dev),
                           batch["token_types"].to(dev))
-    labels, pair_labels = batch["labels"].to(dev), batch["pair_labels"].to(dev)
-    rows = (labels != IGNORE).any(-1)
-    logits = F.normalize(model.cell_head(out["last_hidden_state"][rows]), dim=-1)
-    pairs = pair_labels != IGNORE
-    pair_pred = model.dist_head(out["pair_rep"]).squeeze(-1)[pairs]
-    zero = out["last_hidden_state"].sum() * 0  # a batch without labelled rows/pairs still backpropagates
-    mcm = (1 - F.cosine_similarity(logits, labels[rows], dim=-1)).mean() if rows.any() else zero
-    pdr = F.mse_loss(pair_pred, pair_labels[pairs]) if pairs.any() else zero
-    return {"logits": logits, "loss": mcm, "pair_pred": pair_pred, "pair_loss": pdr}
+    return mlm_heads(out, model.cell_head, model.dist_head, batch["labels"].to(dev), batch["pair_labels"].to(dev),
+                     ignore=IGNORE)
 
 
 class OriginalPretrainLoss(torch.nn.Module):

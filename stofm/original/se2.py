@@ -178,19 +178,29 @@ class OriginalSE2ForMaskedLM(nn.Module):
     def forward(self, token_embeddings: torch.Tensor, attn_bias: torch.Tensor, token_types: torch.Tensor, *,
                 labels: torch.Tensor | None = None, pair_labels: torch.Tensor | None = None,
                 ignore: float = -100.0) -> dict[str, torch.Tensor]:
-        """MCM: L2-normalised ``lm_head`` outputs at the labelled rows (row-major), cosine-embedding loss; PDR:
-        ``pair_head`` at labelled pairs, MSE against the clean distances."""
+        """The backbone's outputs + ``mlm_heads``."""
         out = self.model(token_embeddings, attn_bias, token_types)
-        if labels is not None:
-            rows = (labels != ignore).any(-1)
-            logits = F.normalize(self.lm_head(out["last_hidden_state"][rows]), dim=-1)
-            out["logits"] = logits
-            out["loss"] = (1 - F.cosine_similarity(logits, labels[rows], dim=-1)).mean()
-        if pair_labels is not None:
-            mask = pair_labels != ignore
-            out["pair_pred"] = self.pair_head(out["pair_rep"]).squeeze(-1)[mask]
-            out["pair_loss"] = F.mse_loss(out["pair_pred"], pair_labels[mask])
-        return out
+        return out | mlm_heads(out, self.lm_head, self.pair_head, labels, pair_labels, ignore=ignore)
+
+
+def mlm_heads(out: dict[str, torch.Tensor], lm_head: nn.Module, pair_head: nn.Module,
+              labels: torch.Tensor | None = None, pair_labels: torch.Tensor | None = None, *,
+              ignore: float = -100.0) -> dict[str, torch.Tensor]:
+    """``SToFMForMaskedLM``'s heads and losses on a backbone output: MCM: L2-normalised ``lm_head`` outputs at the
+    labelled rows (row-major) -> ``logits``, ``loss`` = mean(1 - cos); PDR: ``pair_head`` at the labelled pairs ->
+    ``pair_pred``, ``pair_loss`` = MSE against the clean distances. No labelled row/pair: a zero loss that still
+    backpropagates."""
+    zero = out["last_hidden_state"].sum() * 0
+    res: dict[str, torch.Tensor] = {}
+    if labels is not None:
+        rows = (labels != ignore).any(-1)
+        res["logits"] = F.normalize(lm_head(out["last_hidden_state"][rows]), dim=-1)
+        res["loss"] = (1 - F.cosine_similarity(res["logits"], labels[rows], dim=-1)).mean() if rows.any() else zero
+    if pair_labels is not None:
+        pairs = pair_labels != ignore
+        res["pair_pred"] = pair_head(out["pair_rep"]).squeeze(-1)[pairs]
+        res["pair_loss"] = F.mse_loss(res["pair_pred"], pair_labels[pairs]) if pairs.any() else zero
+    return res
 
 
 def original_distances(nodes: torch.Tensor, types: torch.Tensor, *, k_neighbors: int = 50,
