@@ -19,7 +19,7 @@ from stofm.util.errors import NonFiniteLossError
 from stofm.util.runlog import RunLogger
 
 
-def make_accelerator(*, mixed_precision: str, grad_accum: int = 1, cpu: bool = False, seed: int | None = None,
+def make_accelerator(*, mixed_precision: str, seed: int, grad_accum: int = 1, cpu: bool = False,
                      data_seed: int | None = None) -> Any:
     """An ``Accelerator`` from a fresh state (a single process may train several times with other settings);
     ``seed`` seeds every RNG, ``data_seed`` makes the samplers of prepared loaders seedable."""
@@ -33,8 +33,7 @@ def make_accelerator(*, mixed_precision: str, grad_accum: int = 1, cpu: bool = F
     loaders = None if data_seed is None else DataLoaderConfiguration(use_seedable_sampler=True, data_seed=data_seed)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=grad_accum, cpu=cpu,
                               dataloader_config=loaders, step_scheduler_with_optimizer=False)
-    if seed is not None:
-        set_seed(seed)
+    set_seed(seed)
     return accelerator
 
 
@@ -170,7 +169,7 @@ class Engine:
             raise NonFiniteLossError(f"non-finite {what} ({float(value.float().sum())}) at step {self.step + 1}"
                                      f"{hooks.where()}; training stopped, {keep}")
 
-    def save_checkpoint(self, hooks: Hooks) -> Path:
+    def save_checkpoint(self, hooks: Hooks) -> None:
         """Accelerate's state, the config, ``trainer_state.json`` last; older checkpoints pruned."""
         path = ckpt.checkpoint_dir(self.output_dir, self.step)
         quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
@@ -186,4 +185,3 @@ class Engine:
             ckpt.prune_checkpoints(self.output_dir, keep=self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_good = path
-        return path
