@@ -16,6 +16,7 @@ from torch import nn
 
 from stofm.cell_encoder import BertCellEncoder
 from stofm.tokenize import InputKind
+from stofm.util.errors import InputError
 from stofm.util.optim import build_scheduler
 from stofm.util.train_engine import Engine, make_accelerator
 from stofm.vocab import GeneVocab
@@ -39,7 +40,7 @@ def mask_gene_tokens(ids: torch.Tensor, pad_mask: torch.Tensor, *, vocab: GeneVo
                      generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """BERT masking of gene tokens: returns (corrupted ids, labels with -100 where not chosen)."""
     if not 0.0 < mask_prob < 1.0:
-        raise ValueError(f"mask_prob must be in (0, 1), got {mask_prob}")
+        raise InputError(f"mask_prob must be in (0, 1), got {mask_prob}")
     dev = ids.device
     rand = lambda: torch.rand(ids.shape, generator=generator, device="cpu").to(dev)  # noqa: E731
     genes = ~pad_mask & (ids != vocab.cls_id)
@@ -80,7 +81,7 @@ def _matrix_and_genes(data, genes: Sequence[str] | None, gene_key: str | None):
             genes = data.var[gene_key].astype(str).tolist() if gene_key else data.var_names.astype(str).tolist()
         return data.X, list(genes)
     if genes is None:
-        raise ValueError("pass genes=... with a matrix (they come from var_names only for AnnData)")
+        raise InputError("pass genes=... with a matrix (they come from var_names only for AnnData)")
     return data, list(genes)
 
 
@@ -103,9 +104,9 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
         raise TypeError(f"masked-gene pretraining needs a BertCellEncoder, got {type(encoder).__name__}")
     X, genes = _matrix_and_genes(data, genes, gene_key)
     if X.shape[1] != len(genes):
-        raise ValueError(f"data has {X.shape[1]} genes but {len(genes)} gene names were given")
+        raise InputError(f"data has {X.shape[1]} genes but {len(genes)} gene names were given")
     if X.shape[0] == 0:
-        raise ValueError("no cells to pretrain on")
+        raise InputError("no cells to pretrain on")
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     accelerator = make_accelerator(mixed_precision="no", cpu=device.type == "cpu", seed=seed)
     rng = np.random.default_rng(seed)
@@ -155,7 +156,7 @@ def _stack_on_common_genes(parts: list[tuple]) -> tuple:
     common = set(parts[0][1]).intersection(*(set(g) for _, g in parts[1:]))
     genes = [g for g in dict.fromkeys(parts[0][1]) if g in common]
     if not genes:
-        raise ValueError("the inputs share no gene names")
+        raise InputError("the inputs share no gene names")
     blocks = []
     for X, names in parts:
         first = {g: i for i, g in reversed(list(enumerate(names)))}
@@ -206,9 +207,9 @@ def run_from_args(args) -> int:
             raise FileNotFoundError(f"masked-gene pretraining: {src} does not exist")
         adata = read_h5ad(src, what="masked-gene pretraining data")
         if args.layer and args.layer not in adata.layers:
-            raise ValueError(f"{src}: no layer {args.layer!r} (layers: {list(adata.layers)})")
+            raise InputError(f"{src}: no layer {args.layer!r} (layers: {list(adata.layers)})")
         if args.gene_key and args.gene_key not in adata.var:
-            raise ValueError(f"{src}: no var column {args.gene_key!r} (columns: {list(adata.var.columns)})")
+            raise InputError(f"{src}: no var column {args.gene_key!r} (columns: {list(adata.var.columns)})")
         names = (adata.var[args.gene_key] if args.gene_key else adata.var_names).astype(str).tolist()
         parts.append((adata.layers[args.layer] if args.layer else adata.X, names))
     X, genes = parts[0] if len(parts) == 1 else _stack_on_common_genes(parts)

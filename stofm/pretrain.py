@@ -20,6 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
 from stofm.util.train_engine import Engine, make_accelerator
 
 DEFAULTS_NOTE = "YAML keys become defaults; command-line flags override them"
@@ -74,14 +75,14 @@ def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
     if resolve_path is not None:
         p = Path(resolve_path(str(path)))
     elif str(path).startswith("fetch:"):
-        raise ValueError(f"pretraining data {path}: fetch: data sets live in stalign's cache; run "
+        raise InputError(f"pretraining data {path}: fetch: data sets live in stalign's cache; run "
                          "`stalign pretrain-stofm` (it fetches them) or give a local .h5ad/.zarr path")
     else:
         p = Path(path).expanduser()
     if not p.exists():
         raise FileNotFoundError(f"pretraining data {p} does not exist")
     if p.suffix not in (".h5ad", ".zarr") and not p.is_dir():
-        raise ValueError(f"pretraining data {p}: expected an .h5ad file or a .zarr folder")
+        raise InputError(f"pretraining data {p}: expected an .h5ad file or a .zarr folder")
     return read_h5ad(p, what="pretraining data")
 
 
@@ -136,7 +137,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     from stofm.util.optim import build_optimizer, build_scheduler
 
     if not cfg.data:
-        raise ValueError("pretraining needs data: a list of .h5ad/.zarr files (config key 'data')")
+        raise InputError("pretraining needs data: a list of .h5ad/.zarr files (config key 'data')")
     started = time.perf_counter()
     out = Path(cfg.output_dir)
     auto = "bf16" if torch.cuda.is_available() and not cfg.cpu else "no"
@@ -160,7 +161,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
         from stofm.objectives_original import tile_subslices
 
         if getattr(model, "arch", "project") != "original":
-            raise ValueError(f"objective 'original' needs a stofm-original model, not {cfg.model!r} (arch project)")
+            raise InputError(f"objective 'original' needs a stofm-original model, not {cfg.model!r} (arch project)")
         items: list = [sub for s in slides for sub in tile_subslices(s)]
     else:
         items = [(s, t) for s in slides for t in s.tiles]
@@ -216,7 +217,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
     known = {f.name for f in fields(PretrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise ValueError(f"unknown stofm pretrain config key(s) {unknown}; known: {sorted(known)}")
+        raise InputError(f"unknown stofm pretrain config key(s) {unknown}; known: {sorted(known)}")
     if isinstance(values.get("data"), str):
         values["data"] = [values["data"]]
     cfg = PretrainConfig(**values)
@@ -226,7 +227,7 @@ def load_config(path: str | Path | None, **overrides: Any) -> PretrainConfig:
                      ("cluster_method", cfg.cluster_method in (None, "kmeans", "leiden", "original")),
                      ("objective", cfg.objective in ("project", "original"))):
         if not ok:
-            raise ValueError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
+            raise InputError(f"stofm pretrain config: invalid {name}={getattr(cfg, name)!r}")
     return cfg
 
 

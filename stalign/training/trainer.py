@@ -11,6 +11,7 @@ from typing import Any
 
 from stalign.training.config import TrainConfig, resolve_config, write_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
+from stofm.util.errors import InputError
 from stofm.util.train_engine import Engine, Hooks, make_accelerator
 
 
@@ -55,7 +56,7 @@ def _model_parts(cfg: TrainConfig, genes: list[str]):
             overrides.setdefault("learn_temperature", False)
         model = stalign.create_model(cfg.model, genes=genes, pretrained=cfg.pretrained, **overrides)
     if cfg.loss_kind == "siglip" and not getattr(model.config, "siglip", False):
-        raise ValueError(f"loss_kind=siglip needs a model with a logit bias; {cfg.init} was trained without one")
+        raise InputError(f"loss_kind=siglip needs a model with a logit bias; {cfg.init} was trained without one")
     if cfg.loss_kind == "paper" and isinstance(model.logit_scale, torch.nn.Parameter):
         model.logit_scale.requires_grad_(False)  # a checkpoint with a learned temperature: keep it out of training
     return model
