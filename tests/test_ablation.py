@@ -70,13 +70,14 @@ def test_summary_is_mean_and_std_over_seeds():
 
 def test_shards_without_context_truth_are_a_one_line_error(tmp_path):
     """Slides made by synth v1 have no domains or context genes: the ablation refuses them before training."""
+    from stalign.data.crop_spec import CropSpec
     from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.lab.synth import make_synthetic_slide
 
     slide = make_synthetic_slide(tmp_path / "v1", n_spots=40, um_per_px=2.0, version=1, progress=False)
     prepare([read_anndata_image(slide.paths["adata"], slide.paths["image"], slide_id=slide.slide_id)],
-            tmp_path / "shards", n_top_genes=20, patch_px=32, progress=False)
+            tmp_path / "shards", n_top_genes=20, crop=CropSpec(patch_px=32), progress=False)
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--quick", "--no-record",
                            "--out", str(tmp_path / "out"), "--shards", str(tmp_path / "shards")],
                           capture_output=True, text=True)
