@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 
-
 def _predict_tests():
     """tests/test_predict.py as a module (pytest's importlib mode puts no test folder on sys.path)."""
     import importlib.util

@@ -6,7 +6,6 @@ import csv
 
 import pytest
 
-
 FAST = ["augment=false", "eval_every=0", "save_every=0", "log_every=1", "progress=false", "warmup_steps=2"]
 
 

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 
-
 @pytest.fixture(scope="module")
 def setup(predict_setup):
     return predict_setup

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[1]
 # Exact equality needs a model whose forward does not depend on how the batch is split: no dropout (per-process
 # RNG streams) and no BatchNorm (per-process batch statistics), so both image encoders are the tiny ViT.

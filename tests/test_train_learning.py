@@ -7,7 +7,6 @@ import csv
 import pytest
 
 
-
 def test_heldout_image_to_gene_recall_rises_well_above_chance(small_shards, tmp_path):
     from stalign.training.trainer import train_from_config
 

@@ -6,7 +6,6 @@ import csv
 
 import pytest
 
-
 TINY = "configs/tiny_test.yaml"
 
 
