@@ -1,8 +1,10 @@
 """Command-line options and their readers shared by several commands (``predict``, ``retrieve``, ``fewshot``,
-``bench``): a slide's crops, the reference bank's search engine, batch/workers/device/seed/quiet/debug."""
+``bench``, ``prep``, ``data``): a slide's crops, the reference bank's search engine, batch/workers/device/seed/quiet/debug,
+a gene panel file."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from stofm.util.errors import InputError
 
@@ -72,3 +74,14 @@ def slide_coords(args: argparse.Namespace):
     from stalign.tasks.predict import read_coords
 
     return read_coords(args.coords)
+
+
+def read_gene_file(path: str | Path) -> list[str]:
+    """Genes of a panel file: one per line (commas/whitespace also separate), '#' starts a comment."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: gene panel file does not exist")
+    genes = [g for line in path.read_text().splitlines() for g in line.split("#")[0].replace(",", " ").split()]
+    if not genes:
+        raise InputError(f"{path}: the gene panel file lists no genes")
+    return genes

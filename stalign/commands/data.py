@@ -54,7 +54,7 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 def _export_hest(args: argparse.Namespace) -> int:
-    from stalign.commands.prep import read_gene_file
+    from stalign.commands.common_args import read_gene_file
     from stalign.data.hest_bench_io import export_task
 
     out = export_task(args.shards, args.out, genes=read_gene_file(args.genes) if args.genes else None)

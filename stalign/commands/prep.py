@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from stalign.commands.common_args import read_gene_file
 from stalign.data.prep_options import add_crop_options, crop_from_args
 from stofm.util.errors import InputError
 
@@ -54,17 +55,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
-
-
-def read_gene_file(path: str | Path) -> list[str]:
-    """Genes of a panel file: one per line (commas/whitespace also separate), '#' starts a comment."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: gene panel file does not exist")
-    genes = [g for line in path.read_text().splitlines() for g in line.split("#")[0].replace(",", " ").split()]
-    if not genes:
-        raise InputError(f"{path}: the gene panel file lists no genes")
-    return genes
 
 
 def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
