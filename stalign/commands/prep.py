@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from stalign.commands.common_args import read_gene_file
+from stalign.data.crop_spec import CropSpec
 from stalign.data.prep_options import add_crop_options, crop_from_args
 from stofm.util.errors import InputError
 
@@ -85,13 +86,14 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _loaders(args: argparse.Namespace) -> list:
-    """Zero-argument callables, one per slide, that read it (so errors name the slide's files)."""
+def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
+    """Zero-argument callables, one per slide, that read it (so errors name the slide's files); a spot may lie
+    half a niche crop of ``crop`` outside the image."""
     from functools import partial
 
     from stalign.data import readers
 
-    common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop_from_args(args).niche_um,
+    common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop.niche_um,
               "make_unique": args.make_unique_genes}
     h5ads, images = args.h5ad or [], args.image or []
     if len(h5ads) != len(images):
@@ -127,8 +129,9 @@ def run(args: argparse.Namespace) -> int:
     from stalign.data.prep_options import summary_table
 
     genes = read_gene_file(args.genes) if args.genes else None
-    samples = [load() for load in _loaders(args)]
-    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, crop=crop_from_args(args),
+    crop = crop_from_args(args)
+    samples = [load() for load in _loaders(args, crop)]
+    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, crop=crop,
                        n_neighbors=args.neighbors, workers=args.workers, tissue_filter=not args.no_tissue_filter,
                        batch_size=args.batch_size, progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout,
                        patch_compression=args.patch_compression)

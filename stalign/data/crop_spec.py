@@ -106,12 +106,20 @@ def warn_if_differs(spec: CropSpec | None, what: str, reference: CropSpec | None
     return True
 
 
-def read_crop_pairs(slide: Any, centers: Any, spec: CropSpec, *, um_per_px: float | None = None,
+def shard_crops(manifest: Mapping[str, Any], root: Any, model: Any,
+                model_what: str = "the model was trained on") -> CropSpec | None:
+    """The crop spec of the shards under ``root`` (their ``manifest``), warned about when ``model``'s differs."""
+    crops = CropSpec.from_dict(manifest)
+    warn_if_differs(crops, f"the shards under {root} hold", getattr(model, "crop_spec", None), model_what)
+    return crops
+
+
+def read_crop_pairs(slide: Any, centers: Any, spec: CropSpec, *,
                     out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Spot and niche crops of ``spec`` around ``centers`` ((N, 2) level-0 px) of ``slide``: ((N, P, P, 3) uint8
-    spot crops, the same for the niches, (N,) bool spot padded, (N,) bool niche padded). ``out`` ((2, N, P, P, 3)
-    uint8, e.g. shared memory) receives the crops. ``um_per_px``: the slide's pixel size (default its own)."""
-    spot_px, niche_px = spec.pixels(um_per_px or slide.um_per_px)
+    """Spot and niche crops of ``spec`` around ``centers`` ((N, 2) level-0 px) of ``slide`` (opened with its pixel
+    size): ((N, P, P, 3) uint8 spot crops, the same for the niches, (N,) bool spot padded, (N,) bool niche
+    padded). ``out`` ((2, N, P, P, 3) uint8, e.g. shared memory) receives the crops."""
+    spot_px, niche_px = spec.pixels(slide.um_per_px)
     spot, pad_s = slide.read_crops(centers, spot_px, spec.patch_px, resample=spec.resample,
                                    out=None if out is None else out[0])
     niche, pad_n = slide.read_crops(centers, niche_px, spec.patch_px, resample=spec.resample,

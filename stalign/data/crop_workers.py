@@ -154,7 +154,7 @@ def read_batch(image_path: str, um_per_px: float, centres: np.ndarray, crop: Cro
         slide = _OPEN[image_path] = open_slide(image_path, um_per_px=um_per_px)
         slide.set_tile_cache(CROP_TILE_CACHE)
     buf = None if out is None else slot_array(_ATTACHED[out], len(centres), crop.patch_px)
-    spot, niche, pad_s, pad_n = read_crop_pairs(slide, centres, crop, um_per_px=um_per_px, out=buf)
+    spot, niche, pad_s, pad_n = read_crop_pairs(slide, centres, crop, out=buf)
     if out is not None:
         return None, None, pad_s, pad_n
     if compression == "none":

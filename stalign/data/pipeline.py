@@ -106,9 +106,10 @@ LOCK_NAME = ".prep.lock"
 
 
 def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterable[str] | None = None,
-            n_top_genes: int = 50, crop: CropSpec | None = None, n_neighbors: int = 16, workers: int = 1, tissue_filter: bool = True, batch_size: int = 32,
-            progress: bool = True, log: Callable[[str], None] | None = None,
-            lock_timeout: float | None = None, patch_compression: str = "none") -> dict[str, Any]:
+            n_top_genes: int = 50, crop: CropSpec | None = None, n_neighbors: int = 16, workers: int = 1,
+            tissue_filter: bool = True, batch_size: int = 32, progress: bool = True,
+            log: Callable[[str], None] | None = None, lock_timeout: float | None = None,
+            patch_compression: str = "none") -> dict[str, Any]:
     """Prepare shards for ``samples`` (``SlideSample``s or callables returning one) under ``out_dir``;
     returns the manifest. Raises ``DataPrepError`` naming each slide that failed (the others are kept).
 
@@ -117,7 +118,8 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
     takes), then reads the manifest the first one wrote and adds its slides to it.
 
     ``crop`` (None: the existing manifest's, else ``CropSpec()``) is recorded in the manifest for every later reader
-    of the crops (training, checkpoints, prediction on slides); ``patch_compression`` ("none" or "gzip") how patch chunks are stored."""
+    of the crops (training, checkpoints, prediction on slides); ``patch_compression`` ("none" or "gzip") how patch
+    chunks are stored."""
     from filelock import FileLock, Timeout
 
     out = Path(out_dir)

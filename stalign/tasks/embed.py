@@ -64,13 +64,12 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     """
     from tqdm import tqdm
 
-    from stalign.data.crop_spec import CropSpec, warn_if_differs
+    from stalign.data.crop_spec import shard_crops
     from stalign.data.dataset import ShardDataset, collate
     from stalign.models.perf import inference_context
 
     ds = ShardDataset(root, slides=slides, indices=indices)
-    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root} hold", getattr(model, "crop_spec", None),
-                    "the model was trained on")
+    shard_crops(ds.manifest, root, model)
     if gene:
         model.check_genes(ds.genes, source=f"the shards under {root}")
     device = default_device(device)

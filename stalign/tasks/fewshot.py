@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.data.crop_spec import CropSpec, warn_if_differs
+from stalign.data.crop_spec import shard_crops
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
 from stofm.util.errors import InputError
@@ -193,8 +193,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     from stalign.tasks.embed import default_device
 
     ds = ShardDataset(root, indices=indices)
-    warn_if_differs(CropSpec.from_dict(ds.manifest), f"the shards under {root} hold", getattr(model, "crop_spec", None),
-                    "the model was trained on")
+    crops = shard_crops(ds.manifest, root, model)
     model.check_genes(ds.genes, source=f"the shards under {root}")
     genes = list(ds.genes) if genes is None else [str(g) for g in genes]
     cols = torch.as_tensor(gene_indices(ds.genes, genes, what="the shards"))
@@ -232,7 +231,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
             total, n = total + float(loss.detach()) * len(emb), n + len(emb)
         head.history.append(total / n)
     net.cpu().eval()
-    head.embedding_info = {**CropSpec.from_dict(ds.manifest).to_dict(), "unfreeze_last": unfreeze_last}
+    head.embedding_info = {**crops.to_dict(), "unfreeze_last": unfreeze_last}
     return head
 
 

@@ -116,6 +116,7 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
     sources = [("the reference bank", "was embedded from", CropSpec.from_dict(getattr(bank, "info", None))),
                ("the few-shot head", "was fitted on", CropSpec.from_dict(getattr(head, "embedding_info", None))),
                ("the model", "was trained on", getattr(model, "crop_spec", None))]
+    bank_crops = sources[0][2]
     known = [(name, verb, spec) for name, verb, spec in sources if spec is not None]
     if known:
         (name, verb, base), *others = known
@@ -129,7 +130,7 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
     if crop is None:
         return base
     asked = crop if isinstance(crop, CropSpec) else base.with_overrides(**crop)
-    if name == "the reference bank" and (asked.spot_um, asked.niche_um, asked.patch_px) != \
+    if bank_crops is not None and (asked.spot_um, asked.niche_um, asked.patch_px) != \
             (base.spot_um, base.niche_um, base.patch_px):
         raise CropSpecError(f"the reference bank was embedded from crops {base}; this prediction asks for {asked}: "
                             "query and bank embeddings would not be comparable (drop the crop options, or build the "
@@ -175,7 +176,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     softmax(similarity / ``temperature``); ``index``/``index_params``: the search engine, ``ReferenceBank.topk``);
     ``fewshot_head``: a fitted expression head (``stalign.tasks.fewshot``).
     ``coords`` (N, 2) level-0 px, else the tissue is tiled every ``step_um`` (default: the spot size).
-    ``crop``: see :func:`settle_crop` (default: the crops of the bank, else of the head, else the model's). X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
+    ``crop``: see :func:`settle_crop` (default: the crops of the bank, else of the head, else the model's).
+    X holds the few-shot prediction when a head is given, else the zero-shot one; both are in
     ``layers``; image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
     ``spot_diameter_um`` (what ``sc.pl.spatial`` draws, ``spot_diameter_fullres``): the tile width for tiles; for
     given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at

@@ -146,13 +146,10 @@ def adopt_shard_crops(model: Any, root: str | Path) -> None:
     """The model is trained on the crops of the shards under ``root``: ``model.crop_spec`` becomes their crop spec
     (saved with its checkpoints, so predict cuts the same crops); a model already trained on other crops (``init``)
     is warned about with both specs named."""
-    from stalign.data.crop_spec import CropSpec, warn_if_differs
+    from stalign.data.crop_spec import shard_crops
     from stalign.data.shards import read_manifest
 
-    crops = CropSpec.from_dict(read_manifest(Path(root)))
-    warn_if_differs(crops, f"the shards under {root} hold", getattr(model, "crop_spec", None),
-                    "the initial model was trained on")
-    model.crop_spec = crops
+    model.crop_spec = shard_crops(read_manifest(Path(root)), root, model, "the initial model was trained on")
 
 
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
