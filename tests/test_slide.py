@@ -142,6 +142,21 @@ def test_missing_file_and_empty_folder(tmp_path):
         open_slide(tmp_path)
 
 
+def test_plain_images_are_bounded_in_pixels_and_pils_guard_is_restored(tmp_path, squidpy_crop, monkeypatch):
+    """A plain image is decoded whole: above MAX_PLAIN_IMAGE_PIXELS it is refused with a hint, PIL's own
+    decompression-bomb limit is raised only while it opens (a legitimate 4-Mpx JPEG opens under a 1-Mpx PIL limit)."""
+    from stalign.data import slide_backends
+
+    w, h = Image.open(squidpy_crop / "test_img.jpg").size
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", (w * h) // 4)  # PIL alone would refuse this JPEG
+    assert open_slide(squidpy_crop / "test_img.jpg", um_per_px=1.0).dimensions == (w, h)
+    assert Image.MAX_IMAGE_PIXELS == (w * h) // 4
+    monkeypatch.setattr(slide_backends, "MAX_PLAIN_IMAGE_PIXELS", w * h - 1)
+    with pytest.raises(SlideError, match=f"{w} x {h} px is more than a plain image may hold.*pyramidal TIFF"):
+        open_slide(squidpy_crop / "test_img.jpg", um_per_px=1.0)
+    assert Image.MAX_IMAGE_PIXELS == (w * h) // 4
+
+
 def test_slide_pickles_by_path_and_thumbnail(fetched):
     path = fetched("openslide-fixtures") / "boxes.tiff"
     with open_slide(path, um_per_px=0.5) as slide:

@@ -121,13 +121,29 @@ class ArrayBackend:
             self._close = None
 
 
+#: Most pixels of a plain image (JPEG, PNG, ...), which is decoded whole into memory (3-4 bytes a pixel, more while
+#: PIL converts it): 2**31 px (e.g. 46,000²) is ~8 GiB. PIL's own decompression-bomb limit (89 Mpx) would refuse
+#: legitimate whole-slide JPEGs, so it is raised to this bound while a plain image opens, never switched off.
+MAX_PLAIN_IMAGE_PIXELS = 2 ** 31
+
+
 def _pil_backend(path: Path) -> ArrayBackend:
+    import warnings
+
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None  # whole-slide JPEGs are legitimately huge
+    Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
     try:
-        with Image.open(path) as img:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a hint
+            img = Image.open(path)
+        with img:
+            width, height = img.size
+            if width * height > MAX_PLAIN_IMAGE_PIXELS:
+                raise SlideError(f"{path}: {width} x {height} px is more than a plain image may hold "
+                                 f"({MAX_PLAIN_IMAGE_PIXELS:,} px: it is decoded whole into memory); convert it to a "
+                                 "tiled pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)")
             img.load()
             dpi = img.info.get("dpi")
             if img.mode in ("P", "PA"):
