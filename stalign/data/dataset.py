@@ -190,25 +190,32 @@ def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
 
 
-def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
-                  seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Global indices (train, val) of ``ds``'s spots for ``ShardDataset(root, indices=...)``.
+def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot", seed: int = 0,
+                  max_val: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Global indices (train, val) of ``ds``'s spots for ``ShardDataset(root, indices=...)``; ``val`` holds the
+    spots scored in validation, at most ``max_val`` of them (0: no cap).
 
-    - ``by="slide"``: whole slides are held out; nothing of a validation slide is seen in training.
-    - ``by="block"``: square blocks (2 × niche_um wide) of every slide are held out, and training spots closer
-      than niche_um (in x or y) to a validation spot are left out of both sets, so no training crop, niche
-      mean or neighbour overlaps a validation spot. The validation share is close to ``val_fraction``.
-    - ``by="spot"``: random spots; their niche crops and neighbours still overlap training spots.
+    - ``by="spot"``: random spots; their niche crops and neighbours still overlap training spots. Every spot is
+      in one of the two sets.
+    - ``by="block"``: square blocks (2 × niche_um wide) of every slide are held out (close to ``val_fraction`` of
+      the spots); with a cap, whole blocks are scored in their drawn order and the last one from its centre out.
+      Training spots closer than niche_um (in x or y) to a scored spot are left out of both sets, so no training
+      crop, niche mean or neighbour overlaps a scored spot; every other spot (held-out ones beyond the cap
+      included) is trained on.
+    - ``by="slide"``: whole slides are held out; nothing of a validation slide is seen in training, so the spots
+      of held-out slides beyond the cap (a random sample is scored) are in neither set.
     """
     if not 0.0 < val_fraction < 1.0:
         raise InputError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if max_val < 0:
+        raise InputError(f"val_max_spots must be >= 0, got {max_val}")
     rng = np.random.default_rng(seed)
     idx = ds.indices
     if by == "spot":
         if len(idx) < 2:
             raise InputError("need at least two spots to split")
         perm = rng.permutation(len(idx))
-        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))))
+        n_val = min(len(idx) - 1, max(1, round(val_fraction * len(idx))), max_val or len(idx))
         val = np.sort(idx[perm[:n_val]])
         return np.sort(idx[perm[n_val:]]), val
     if by == "slide":
@@ -219,13 +226,17 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot",
         val_slides = rng.permutation(slides)[:n_val]
         owner = np.searchsorted(ds._offsets, idx, side="right") - 1
         in_val = np.isin(owner, val_slides)
-        return idx[~in_val], idx[in_val]
+        val = idx[in_val]
+        if max_val and len(val) > max_val:
+            val = np.sort(np.random.default_rng(seed).choice(val, size=max_val, replace=False))
+        return idx[~in_val], val
     if by == "block":
-        return _split_blocks(ds, val_fraction=val_fraction, rng=rng)
+        return _split_blocks(ds, val_fraction=val_fraction, rng=rng, max_val=max_val)
     raise InputError(f"by must be 'spot', 'block' or 'slide', got {by!r}")
 
 
-def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator,
+                  max_val: int) -> tuple[np.ndarray, np.ndarray]:
     from scipy.spatial import cKDTree
 
     niche = float(ds.manifest["niche_um"])
@@ -238,16 +249,25 @@ def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Gener
     if len(blocks) < 2:
         raise InputError(f"the {len(ds)} spots lie in a single {2 * niche:g} µm block; split by spot or by slide")
     n_val = min(len(blocks) - 1, max(1, round(val_fraction * len(blocks))))
-    held = {blocks[j] for j in rng.permutation(len(blocks))[:n_val]}
-    train, val = [], []
+    rank = {blocks[j]: r for r, j in enumerate(rng.permutation(len(blocks))[:n_val])}  # held blocks, drawn order
+    # held-out spots in scoring order: block rank, then distance from the block centre (a capped last block is
+    # a compact patch), then index
+    held = []
     for i, (g, xy, keys) in enumerate(groups):
-        in_val = np.asarray([(i, *b) in held for b in map(tuple, keys)], dtype=bool)
-        near = np.zeros(int((~in_val).sum()), dtype=bool)
-        if in_val.any():
-            near = cKDTree(xy[in_val]).query(xy[~in_val], p=np.inf, distance_upper_bound=niche)[0] < np.inf
-        train.append(g[~in_val][~near])
-        val.append(g[in_val])
-    train_idx, val_idx = np.sort(np.concatenate(train)), np.sort(np.concatenate(val))
+        r = np.asarray([rank.get((i, *b), -1) for b in map(tuple, keys)], dtype=np.int64)
+        centre = xy.min(0) + (keys + 0.5) * 2 * niche
+        held.append(np.stack([r, np.hypot(*(xy - centre).T), g])[:, r >= 0])
+    order = np.concatenate(held, axis=1)
+    order = order[:, np.lexsort(order[::-1])]
+    val_idx = np.sort(order[2, : max_val or order.shape[1]].astype(np.int64))
+    train = []
+    for g, xy, _ in groups:
+        scored = np.isin(g, val_idx)
+        near = np.zeros(int((~scored).sum()), dtype=bool)
+        if scored.any():
+            near = cKDTree(xy[scored]).query(xy[~scored], p=np.inf, distance_upper_bound=niche)[0] < np.inf
+        train.append(g[~scored][~near])
+    train_idx = np.sort(np.concatenate(train))
     if len(train_idx) == 0:
         raise InputError(f"a split by block of {len(ds)} spots left no training spot outside the {niche:g} µm "
                          "margin around the validation blocks; use a smaller val_fraction or split by spot")

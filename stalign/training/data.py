@@ -127,8 +127,19 @@ class TrainData:
     root: Path
     n_train: int
     n_val: int
-    n_left_out: int = 0  # spots in neither set (split_by=block: the margin around held-out blocks; val_max_spots)
+    n_left_out: int = 0  # spots in neither set (block: the margin around scored spots; slide: unscored spots)
+    split_by: str = "spot"
     collate: Callable | None = None  # the training loader's collate (None: ``stalign.data.dataset.collate``)
+
+
+LEFT_OUT_WHY = {"block": "the niche-wide margin around the scored validation spots",
+                "slide": "spots of held-out slides beyond val_max_spots"}
+
+
+def split_summary(data: TrainData) -> str:
+    """The split as ``stalign train`` prints it: spots trained on, scored, and left out (with why)."""
+    left = f", {data.n_left_out} left out: {LEFT_OUT_WHY.get(data.split_by, '')}" if data.n_left_out else ""
+    return f"training {data.n_train} spots ({data.n_val} held out for scoring{left})"
 
 
 def shard_genes(root: str | Path) -> list[str]:
@@ -172,9 +183,8 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
     if len(full) == 0:
         raise EmptyDataError(f"the shards under {root} hold no spots" + (f" of slides {slides}" if slides else ""))
     if val_fraction > 0:
-        train_idx, val_idx = split_indices(full, val_fraction=val_fraction, by=split_by, seed=seed)
-        if val_max_spots and len(val_idx) > val_max_spots:
-            val_idx = np.sort(np.random.default_rng(seed).choice(val_idx, size=val_max_spots, replace=False))
+        train_idx, val_idx = split_indices(full, val_fraction=val_fraction, by=split_by, seed=seed,
+                                           max_val=val_max_spots)
     else:
         train_idx, val_idx = full.indices, np.zeros(0, dtype=np.int64)
     if len(train_idx) == 0:
@@ -208,4 +218,4 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         collate = collate_with_negatives
     return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,
                      n_train=len(train_idx), n_val=len(val_idx),
-                     n_left_out=len(full) - len(train_idx) - len(val_idx), collate=collate)
+                     n_left_out=len(full) - len(train_idx) - len(val_idx), split_by=split_by, collate=collate)

@@ -114,7 +114,7 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
 def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]:
     """Accelerator, model, data and loaders, loss, optimizer and schedule, the engine (resumed position, run log)."""
-    from stalign.training.data import adopt_shard_crops, build_train_data, shard_genes
+    from stalign.training.data import adopt_shard_crops, build_train_data, shard_genes, split_summary
     from stalign.training.losses import PairedNegativeLoss, ThreeTargetLoss
     from stofm.util.optim import build_optimizer, build_scheduler
 
@@ -148,8 +148,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
     objective = _Contrastive(cfg, data, loss_fn, train_dl, prepared[4] if val_dl else None)
     objective.restore(engine.start(resume))
     if engine.main:
-        left = f", {data.n_left_out} left out (split margin / val_max_spots)" if data.n_left_out else ""
-        accelerator.print(f"training {data.n_train} spots ({data.n_val} held out{left}) of {len(data.genes)} genes, "
+        accelerator.print(f"{split_summary(data)} of {len(data.genes)} genes, "
                           f"{max_steps} steps, global batch {cfg.batch_size * accelerator.num_processes * cfg.grad_accum}"
                           f" on {accelerator.num_processes} process(es) [{accelerator.distributed_type}]")
     return engine, objective
