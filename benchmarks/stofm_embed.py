@@ -38,7 +38,8 @@ def synthetic_slide(n_cells: int, n_genes: int, *, seed: int = 0):
     return a
 
 
-def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_method: str = "kmeans") -> dict:
+def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_method: str = "kmeans",
+            **embed_kw) -> dict:
     import torch
 
     from stofm.embedding import embed
@@ -47,7 +48,7 @@ def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_m
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    embed(adata, model, batch_size=batch_size, dtype=dtype, progress=False, cluster_method=cluster_method)
+    embed(adata, model, batch_size=batch_size, dtype=dtype, progress=False, cluster_method=cluster_method, **embed_kw)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     total = time.perf_counter() - start
@@ -58,24 +59,22 @@ def run_one(adata, model, *, batch_size: int, dtype: str, device: str, cluster_m
 
 
 def run_original(adata, *, batch_size: int, split_num: int, device: str, layers: int = 12) -> dict:
-    """The original SToFM's SE(2) pipeline (released shape: width 256, 32 heads, FFN 768, ``layers`` layers; random
-    weights) on the same slide, from 256-d unit cell embeddings (its cell BERT is a separate step)."""
+    """The original SToFM (``stofm-original``: released shape, ``layers`` layers, random weights, its Leiden
+    hypernodes and tiles) through ``stofm.embed`` on the same slide, from 256-d unit cell embeddings (its cell BERT
+    is a separate step)."""
     import numpy as np
     import torch
 
-    from stofm.original.pipeline import embed_slice
-    from stofm.original.se2 import OriginalSE2, OriginalSE2Config
+    from stofm.model import create_model
 
     torch.manual_seed(0)
-    model = OriginalSE2(OriginalSE2Config(num_hidden_layers=layers)).to(device).eval()
+    model = create_model("stofm-original", genes=list(adata.var_names), depth=layers, cells_per_tile=split_num,
+                         device=device)
     emb = np.random.default_rng(0).standard_normal((adata.n_obs, 256)).astype(np.float32)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-    t: dict = {}
-    start = time.perf_counter()
-    embed_slice(model, np.asarray(adata.obsm["spatial"]), emb, split_num=split_num, batch_size=batch_size, timings=t)
-    total = time.perf_counter() - start
-    return {"seconds": total, "cells_per_s": adata.n_obs / total, "prepare_s": t["prepare"],
-            "transformer_s": t["transformer"], "tiles": t["tiles"], "peak_gib": float("nan")}
+    adata = adata.copy()
+    adata.obsm["X_cells"] = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    return run_one(adata, model, batch_size=batch_size, dtype="fp32", device=device, cluster_method="original",
+                   cell_key="X_cells")
 
 
 def _runs(args, slide, warm) -> list[dict]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -27,7 +28,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     p.set_defaults(func=_pretrain)
     e = sub.add_parser("embed", help="embed the cells of slides (AnnData) into obsm['X_stofm']")
     e.add_argument("inputs", nargs="+", help=".h5ad files with obsm['spatial']")
-    e.add_argument("--model", required=True, help="config name or a save_pretrained folder")
+    e.add_argument("--model", required=True, help="config name, a save_pretrained folder or a stofm convert folder")
     e.add_argument("--out", required=True, help="output .h5ad (one input) or folder (several)")
     e.add_argument("--batch-size", type=int, default=8)
     e.add_argument("--device", default=None)
@@ -40,9 +41,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--cells-per-tile", type=int, default=None, help="cells per sub-slice (default: the model's)")
     e.set_defaults(func=_embed)
     e.add_argument("--cell-embeddings", default=None, metavar="KEY",
-                   help="original SToFM only: precomputed cell embeddings in obsm[KEY] instead of its cell BERT")
+                   help="precomputed cell embeddings in obsm[KEY] instead of the model's cell encoder")
     e.add_argument("--leiden-labels", default=None, metavar="COLUMN",
-                   help="original SToFM only: cluster labels for the hypernodes from obs[COLUMN] (default: Leiden)")
+                   help="one virtual cell (hypernode) per cluster label of obs[COLUMN] (default: clustered)")
     c = sub.add_parser("convert", help="convert a released SToFM checkpoint (se2transformer.pth, cell_bert/) into "
                                        "a folder that stofm embed --model reads")
     c.add_argument("src", help="the original SE(2) state dict: se2transformer.pth (torch.save) or .safetensors")
@@ -73,41 +74,21 @@ def _embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from stofm.embedding import embed, embed_niches
-    from stofm.model import create_model
-    from stofm.original.convert import is_converted
     from stofm.util.safe_files import read_h5ad
 
     out = Path(args.out)
-    original = is_converted(args.model)
     if len(args.inputs) > 1:
         out.mkdir(parents=True, exist_ok=True)
     model = None
+    kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method, "cell_key": args.cell_embeddings,
+          "labels_key": args.leiden_labels}
     for src in args.inputs:
         src = Path(src)
         if not src.is_file():
             raise FileNotFoundError(f"stofm embed: {src} does not exist")
         adata = read_h5ad(src, what="stofm embed input")
-        if original:
-            from stofm.original.convert import load_converted
-            from stofm.original.embed import embed_original
-
-            if model is None:
-                model, cell = load_converted(args.model)
-            embed_original(adata, model, cell, cell_key=args.cell_embeddings, labels_key=args.leiden_labels,
-                           split_num=args.cells_per_tile or 1000)
-            dest = out / src.name if len(args.inputs) > 1 else out
-            adata.write_h5ad(dest)
-            print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape} (original SToFM)")
-            continue
         if model is None:
-            if not Path(args.model).is_dir():
-                import warnings
-
-                warnings.warn(f"{args.model} is a config name: its weights are random (a smoke test, not SToFM); "
-                              "embed with a pretrained folder (stofm pretrain, or stofm convert of the released "
-                              "weights)", stacklevel=2)
-            model = create_model(args.model, genes=list(map(str, adata.var_names)), device=args.device or "cpu")
-        kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method}
+            model = _embed_model(args, list(map(str, adata.var_names)))
         embed(adata, model, batch_size=args.batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
         if args.niches:
             embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
@@ -115,6 +96,28 @@ def _embed(args: argparse.Namespace) -> int:
         adata.write_h5ad(dest)
         print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape}")
     return 0
+
+
+def _embed_model(args: argparse.Namespace, genes: list[str]) -> Any:
+    """The model of ``stofm embed --model``: a saved or converted folder, or a config name (random weights: a
+    warning); a converted folder without its cell BERT needs ``--cell-embeddings``."""
+    from pathlib import Path
+
+    from stofm.model import create_model
+    from stofm.original.convert import is_converted
+    from stofm.util.errors import InputError
+
+    if not Path(args.model).is_dir():
+        import warnings
+
+        warnings.warn(f"{args.model} is a config name: its weights are random (a smoke test, not SToFM); "
+                      "embed with a pretrained folder (stofm pretrain, or stofm convert of the released "
+                      "weights)", stacklevel=3)
+    model = create_model(args.model, genes=genes, device=args.device or "cpu")
+    if is_converted(args.model) and model.cell_encoder.kind != "geneformer" and args.cell_embeddings is None:
+        raise InputError(f"{args.model} has no cell BERT: give precomputed cell embeddings (--cell-embeddings KEY) "
+                         "or convert with --cell-bert")
+    return model
 
 
 def _convert(args: argparse.Namespace) -> int:

@@ -58,26 +58,32 @@ def _looks_like_counts(X: Any, n: int = 2000) -> bool:
 def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_key: str = "spatial",
                   gene_key: str | None = None, input_kind: str = "auto", n_virtual: int | None = None,
                   cells_per_tile: int | None = None, max_cells: int | None = None, seed: int = 0,
-                  cluster_method: str | None = None, encode_batch_size: int = 512, progress: bool = False,
-                  where: str = "adata") -> Slide:
+                  cluster_method: str | None = None, cell_key: str | None = None, labels_key: str | None = None,
+                  encode_batch_size: int = 512, progress: bool = False, where: str = "adata") -> Slide:
     """Cell embeddings, scaled coordinates, virtual cells (computed once) and sub-slices of one slide.
 
     The model config chooses the ``geometry`` ("diameter": slide diameter = 100, from 0; "bbox": the original's
     bounding-box diagonal = 100, centred), the ``tiling`` ("grid" or the original's "original") and, unless given,
-    the ``cluster_method`` ("kmeans", "leiden", or "original": the original's Leiden hypernodes, count free)."""
+    the ``cluster_method`` ("kmeans", "leiden", or "original": the original's Leiden hypernodes, count free).
+    ``cell_key``: precomputed cell embeddings in ``obsm[cell_key]`` instead of the cell encoder; ``labels_key``:
+    one virtual cell per label of ``obs[labels_key]`` (the original's hypernodes from given Leiden labels). A
+    Geneformer cell encoder matches genes by ``var['gene_ids']`` (Ensembl) when present and no ``gene_key`` is given."""
     import torch
 
-    from stofm.virtual_cells import virtual_cells
-
+    if gene_key is None and model.cell_encoder.kind == "geneformer" and "gene_ids" in adata.var:
+        gene_key = "gene_ids"
     X, genes, coords, kind = slide_inputs(adata, layer=layer, spatial_key=spatial_key, gene_key=gene_key,
                                           input_kind=input_kind, where=where)
-    matched = len(set(model.genes) & set(genes))
-    if matched == 0:
-        raise InputError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of {where} "
-                         f"(e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
-                         "try gene_key='gene_ids'")
     device = next(model.parameters()).device
-    emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
+    if cell_key is None:
+        matched = len(set(model.genes) & set(genes))
+        if matched == 0:
+            raise InputError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of "
+                             f"{where} (e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
+                             "try gene_key='gene_ids'")
+        emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
+    else:
+        matched, emb = 0, torch.as_tensor(_given_cell_embeddings(adata, cell_key, model, where))
     emb = emb.float().to(device)
     cfg = model.config
     cluster_method = cluster_method or cfg.get("cluster_method", "kmeans")
@@ -92,22 +98,47 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
         tiles = tile_slide(xy, cells_per_tile=per_tile,
                            max_cells=max_cells if max_cells is not None else cfg.get("max_cells"), scale=False)
     txy = torch.as_tensor(xy, dtype=torch.float32, device=device)
-    if cluster_method == "original":
+    if labels_key is not None:
+        cluster_method = f"obs[{labels_key!r}]"
+    if cluster_method == "original" or labels_key is not None:
         from stofm.original.pipeline import hypernodes
 
-        hxy, hemb, _ = hypernodes(xy, emb.cpu().numpy(), seed=seed)
+        hxy, hemb, _ = hypernodes(xy, emb.cpu().numpy(), _given_labels(adata, labels_key, where), seed=seed)
         vxy = torch.as_tensor(hxy, dtype=torch.float32, device=device)
         vemb = torch.as_tensor(hemb, dtype=torch.float32, device=device)
     elif n_virtual > 0:
+        from stofm.virtual_cells import virtual_cells
+
         vxy, vemb, _ = virtual_cells(txy.double(), emb, n_virtual, method=cluster_method, seed=seed)
         vxy, vemb = vxy.float(), vemb.float()
     else:
         vxy, vemb = txy.new_zeros(0, 2), emb.new_zeros(0, emb.shape[1])
     info = {"n_cells": len(xy), "n_tiles": len(tiles), "n_virtual": len(vxy), "cluster_method": cluster_method,
-            "input_kind": kind,
+            "input_kind": kind, "cell_embeddings": cell_key or "cell encoder",
             "genes_matched": matched, "genes_model": len(model.genes), "coord_scale": float(scale)}
     return Slide(coords=txy, cell_emb=emb, virtual_coords=vxy, virtual_emb=vemb, tiles=tiles, scale=scale,
                  info=info)
+
+
+def _given_cell_embeddings(adata: Any, key: str, model: Any, where: str) -> np.ndarray:
+    """``obsm[key]`` as (N, C) float32 cell embeddings, C the model's cell-embedding width."""
+    if key not in adata.obsm:
+        raise InputError(f"{where} has no obsm[{key!r}] with cell embeddings (obsm keys: {list(adata.obsm)})")
+    emb = np.asarray(adata.obsm[key], np.float32)
+    width = model.cell_encoder.out_dim
+    if emb.ndim != 2 or emb.shape[1] != width:
+        raise InputError(f"{where}.obsm[{key!r}] has shape {emb.shape}; the SE(2) model takes {width}-d cell "
+                         "embeddings")
+    return emb
+
+
+def _given_labels(adata: Any, key: str | None, where: str) -> np.ndarray | None:
+    """``obs[key]`` as an array (None without a key)."""
+    if key is None:
+        return None
+    if key not in adata.obs:
+        raise InputError(f"{where} has no obs[{key!r}] with cluster labels (obs columns: {list(adata.obs)})")
+    return adata.obs[key].to_numpy()
 
 
 def _model_frame(coords: np.ndarray, geometry: str) -> tuple[np.ndarray, float]:
@@ -162,8 +193,8 @@ def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_st
     """Per-cell SToFM embeddings of a whole slide into ``adata.obsm[key_added]`` (N, dim); returns ``adata``.
 
     ``slide_kw`` go to ``prepare_slide`` (layer, spatial_key, gene_key, input_kind, n_virtual, cells_per_tile,
-    max_cells, seed, cluster_method). ``key_cells`` also stores the cell encoder's embeddings. A summary goes
-    to ``adata.uns['stofm']``.
+    max_cells, seed, cluster_method, cell_key, labels_key). ``key_cells`` also stores the cell encoder's
+    embeddings. A summary goes to ``adata.uns['stofm']``.
     """
     import torch
     from tqdm.auto import tqdm

@@ -113,6 +113,21 @@ def test_stofm_original_from_converted_weights_reproduces_the_original(converted
 
 
 @needs_fixture
+def test_embedding_a_converted_folder_without_cell_bert_needs_cell_embeddings(converted, tmp_path):
+    """No cell BERT in the folder and no ``--cell-embeddings``: one error (not a random cell encoder)."""
+    import anndata as ad
+
+    from stofm.cli import main
+
+    a = ad.AnnData(X=np.ones((12, len(GENES)), np.float32),
+                   obsm={"spatial": np.random.default_rng(0).uniform(0, 50, (12, 2))})
+    a.var_names = GENES
+    a.write_h5ad(tmp_path / "a.h5ad")
+    with pytest.raises(ValueError, match=r"has no cell BERT: give precomputed cell embeddings \(--cell-embeddings"):
+        main(["--debug", "embed", str(tmp_path / "a.h5ad"), "--model", str(converted), "--out", str(tmp_path / "o.h5ad")])
+
+
+@needs_fixture
 def test_prepare_slide_uses_the_original_geometry_and_tiles():
     """geometry 'bbox' = the original's normalised coordinates; tiling 'original' = its sub-slices (slice A)."""
     import anndata as ad

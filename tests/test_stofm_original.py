@@ -98,12 +98,20 @@ def test_preprocessing_matches_the_original(case, split_num):
 
 
 def test_whole_slice_embeddings_match_the_original(converted):
-    from stofm.original.pipeline import embed_slice
+    """``stofm.embed`` of the converted folder as a ``stofm-original`` SToFM (the one embedding path): raw
+    coordinates + the fixture's cell embeddings and Leiden labels -> the original's per-cell embeddings."""
+    import anndata as ad
+
+    from stofm.embedding import embed
+    from stofm.model import create_model
 
     ref = _np(SE2 / "preprocess_sliceA.safetensors")
-    emb = embed_slice(converted["se2"], ref["raw_spatial"], ref["cell_emb"], labels=ref["leiden_labels"],
-                      split_num=100)
-    np.testing.assert_allclose(emb, _np(SE2 / "slice_embeddings_A.safetensors")["stofm_emb"], **TOL)
+    adata = ad.AnnData(X=np.zeros((len(ref["cell_emb"]), 1), np.float32),
+                       obsm={"spatial": ref["raw_spatial"], "cells": ref["cell_emb"]})
+    adata.obs["leiden"] = ref["leiden_labels"]
+    embed(adata, create_model(converted["folder"]), cell_key="cells", labels_key="leiden", cells_per_tile=100,
+          progress=False)
+    np.testing.assert_allclose(adata.obsm["X_stofm"], _np(SE2 / "slice_embeddings_A.safetensors")["stofm_emb"], **TOL)
 
 
 def test_geneformer_tokens_and_cell_embeddings_match_the_original(converted):
@@ -176,11 +184,12 @@ def test_vocabulary_without_the_matrix_genes_is_one_error(converted):
 
 def test_convert_and_embed_from_the_command_line(converted, tmp_path):
     """`stofm convert` + `stofm embed` on the fixture weights: counts -> cell BERT -> original pipeline; the CLI's
-    embeddings equal the pipeline's run in Python."""
+    embeddings equal those of the original cell BERT's embeddings through ``stofm.embed``."""
     import anndata as ad
 
     from stofm.cli import main
-    from stofm.original.pipeline import embed_slice
+    from stofm.embedding import embed
+    from stofm.model import create_model
 
     genes = json.loads((BERT / "genes.json").read_text())["genes"]
     counts = _np(BERT / "counts.safetensors")["counts"].astype(np.float32)
@@ -193,10 +202,14 @@ def test_convert_and_embed_from_the_command_line(converted, tmp_path):
     assert main(["embed", str(tmp_path / "cells.h5ad"), "--model", str(converted["folder"]), "--out",
                  str(tmp_path / "out.h5ad"), "--leiden-labels", "cluster", "--cells-per-tile", "12"]) == 0
     got = ad.read_h5ad(tmp_path / "out.h5ad").obsm["X_stofm"]
-    cell_emb = converted["cell"].encode_counts(counts, genes)
-    expected = embed_slice(converted["se2"], xy, cell_emb, labels=adata.obs["cluster"].to_numpy(), split_num=12)
+    adata.obsm["cells"] = converted["cell"].encode_counts(counts, genes)
+    expected = embed(adata, create_model(converted["folder"]), cell_key="cells", labels_key="cluster",
+                     cells_per_tile=12, progress=False).obsm["X_stofm"]
     assert got.shape == (30, 256)
     np.testing.assert_allclose(got, expected, atol=1e-6)
+    with pytest.raises(ValueError, match=r"obsm\['missing'\]"):
+        main(["--debug", "embed", str(tmp_path / "cells.h5ad"), "--model", str(converted["folder"]), "--out",
+              str(tmp_path / "x.h5ad"), "--cell-embeddings", "missing"])
 
 
 def test_pretraining_batch_matches_the_original_collator(converted):

@@ -1,5 +1,6 @@
-"""The original SToFM's path from raw coordinates and cell embeddings to per-cell SE(2) embeddings
-(``model/extraction.py`` of PharMolix/SToFM), step by step:
+"""The original SToFM's path from raw coordinates and cell embeddings to SE(2) inputs (``model/extraction.py`` of
+PharMolix/SToFM), step by step (``stofm.embed`` of a ``stofm-original`` model runs steps 1-3, ``OriginalArchSE2``
+steps 4-6; these functions are the reference the golden tests and the original pretraining collator use):
 
 1. coordinates centred on the bounding box and scaled so that its diagonal is 100;
 2. hypernodes (virtual cells) for the whole slice: Leiden clusters of ``alpha * xy/max|xy| + (1-alpha) *
@@ -8,7 +9,7 @@
 4. per tile the nodes [CLS at (0,0), zero features] + all hypernodes + the tile's cells, types 1, 2.., 0..;
 5. the distance matrix: exact kNN over all nodes (k = min(50, n-1), self counted), hypernode rows/columns full
    distances, every other 0 -> 100, CLS row/column 0, symmetrised by union, diagonal 0, float32;
-6. batches padded with zero features, distance 0, type 3 and index -1; cells scattered back by index.
+6. batches padded with zero features, distance 0, type 3 and index -1.
 """
 from __future__ import annotations
 
@@ -134,32 +135,3 @@ def collate(subs: list[SubSlice]) -> dict[str, Any]:
     return {k: torch.from_numpy(v) for k, v in
             (("token_embeddings", feats), ("attn_bias", bias), ("token_types", types), ("indices", idx))}
 
-
-def embed_slice(model: Any, xy: np.ndarray, emb: np.ndarray, *, labels: np.ndarray | None = None,
-                split_num: int = 1000, alpha: float = 0.2, resolution: float = 1.0, batch_size: int = 2,
-                progress: bool = False, timings: dict[str, float] | None = None) -> np.ndarray:
-    """Per-cell SE(2) embeddings (N, D) float32 of one slice from raw coordinates and cell embeddings, as the
-    original ``get_embeddings.py`` assembles them (``model``: an ``OriginalSE2`` in eval mode). ``timings``, when
-    given, receives the seconds of "prepare" (steps 1-5) and "transformer"."""
-    import time
-
-    import torch
-    from tqdm.auto import tqdm
-
-    t0 = time.perf_counter()
-    norm = normalize_coords(xy)
-    hxy, hemb, _ = hypernodes(norm, emb, labels, alpha=alpha, resolution=resolution)
-    subs = build_subslices(norm, emb, hxy, hemb, split_num=split_num)
-    t1 = time.perf_counter()
-    param = next(model.parameters())
-    out = np.zeros((len(norm), model.config.hidden_size), np.float32)
-    for start in tqdm(range(0, len(subs), batch_size), desc="sub-slices", disable=not progress):
-        batch = collate(subs[start:start + batch_size])
-        with torch.no_grad():
-            h = model(batch["token_embeddings"].to(param), batch["attn_bias"].to(param),
-                      batch["token_types"].to(param.device))["last_hidden_state"]
-        keep = batch["indices"] >= 0
-        out[batch["indices"][keep].numpy()] = h[keep.to(h.device)].float().cpu().numpy()
-    if timings is not None:
-        timings.update(prepare=t1 - t0, transformer=time.perf_counter() - t1, tiles=len(subs))
-    return out
