@@ -314,8 +314,3 @@ def load_cell_encoder(path: str | os.PathLike, *, device: str | torch.device = "
     encoder = build_cell_encoder(meta["kind"], **meta["config"])
     encoder.load_state_dict(tensors)
     return encoder.to(device)
-
-
-def count_parameters(module: nn.Module) -> int:
-    """Number of trainable parameters."""
-    return sum(p.numel() for p in module.parameters() if p.requires_grad)

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from stalign.lab.synth_render import (
-    Points,
     SlideLayout,
     _scatter,
     outside_holes,
@@ -155,9 +154,3 @@ def _ramp(gx: np.ndarray, gy: np.ndarray, array_box: tuple[float, float, float, 
     g = (gx * np.cos(angle) + gy * np.sin(angle) - proj.min()) / (proj.max() - proj.min())
     return np.clip(g, 0.0, 1.0).astype(np.float32)
 
-
-def vessel_points(layout: SlideLayout) -> Points:
-    """The capillaries of a v2 layout (empty for v1)."""
-    if layout.vessels is None:
-        return Points(*(np.zeros(0, t) for t in (np.float32, np.float32, np.int16, np.int16, np.int16, np.float32)))
-    return layout.vessels
