@@ -45,7 +45,7 @@ def test_prep_table(run):
     rows = {r["data"]: r for r in summary["tables"]["prep"]}
     real, synth = rows["squidpy"], rows["synthetic"]
     assert real["spots"] == 49 and real["kept"] + real["dropped"] == 49 and real["genes"] == 20
-    assert real["um_per_px"] == pytest.approx(55 / 89.44, rel=1e-3) and "spot diameter" in real["pixel size from"]
+    assert real["um_per_px"] == pytest.approx(65 / 89.44, rel=1e-3) and "spot diameter" in real["pixel size from"]
     assert synth["spots"] == 60 and synth["dropped"] > 0 and synth["um_per_px"] == 2.0
     assert "resolution" in synth["pixel size from"].lower() or "mpp" in synth["pixel size from"].lower()
     with h5py.File(out / "shards" / "squidpy" / "shards" / "squidpy_visium_crop.h5") as f:
@@ -85,7 +85,7 @@ def test_evaluate_table_has_all_five_methods_on_the_real_crop(run):
             assert -1 <= mean <= 1 and std >= 0
     folds = pd.read_csv(out / "crop" / "heldout_folds.csv")
     assert len(folds) == 2 * len(METHODS) and folds.groupby("fold")["n_test"].first().sum() == 49
-    for note in ("pixel size 0.6149 µm/px from the Visium spot diameter", "49 spots are too few",
+    for note in ("pixel size 0.7267 µm/px from the Visium spot diameter (65 µm", "49 spots are too few",
                  "Learning is shown on the synthetic slide"):
         assert note in text
     # each fold's model saw only its training spots: the held-out spots are a separate slide it never trained on
@@ -141,7 +141,7 @@ def test_demo_rejects_unknown_stage(tmp_path):
 
 def test_resumed_shards_with_another_pixel_size_are_refused(run):
     out, _, _ = run
-    with pytest.raises(ValueError, match="cut at 0.6149 µm/px, this run asks 0.7246"):
+    with pytest.raises(ValueError, match="cut at 0.7267 µm/px, this run asks 0.7246"):
         demo.main(["--out", str(out), "--stages", "prep", "--pixel-size-from", "pitch", *TINY])
 
 

@@ -302,7 +302,7 @@ def test_cli_reads_hest_and_spaceranger_folders(tmp_path, two_slides, fetched, c
                "--n-top-genes", "8", "--patch-px", "32", "--no-tissue-filter", "--quiet"])
     out, err = capsys.readouterr()
     assert rc == 0, err
-    assert "8 genes (log1p_cp10k), 100 spots" in out and "Visium spot diameter" in out
+    assert "8 genes (log1p_cp10k), 100 spots" in out and "array grid" in out
 
 
 def test_two_preps_into_one_folder_at_once_keep_both_slides(tmp_path, two_slides, subprocess_env):
@@ -362,5 +362,5 @@ def test_prep_flags_for_real_folders_make_unique_genes_and_upsampling(tmp_path, 
         assert main(["prep", "--spaceranger", str(fetched("squidpy-spaceranger")), "--out", str(tmp_path / "sr"),
                      "--tissue-from", "in_tissue", "--n-top-genes", "5", "--patch-px", "64", "--quiet"]) == 0
     ups = [str(w.message) for w in seen if "upsampled" in str(w.message)]
-    assert len(ups) == 1 and "upsampled 7.8x" in ups[0], ups
+    assert len(ups) == 1 and "upsampled 9.2x" in ups[0], ups  # 64 px from 112 µm / 16.11 µm/px (array grid)
     assert shards.read_manifest(tmp_path / "sr")["slides"][0]["n_spots"] == 100

@@ -33,16 +33,20 @@ def crop_adata(squidpy_crop):
 def test_anndata_image_pixel_size_rules(squidpy_crop):
     h5ad, jpg = squidpy_crop / "test_data.h5ad", squidpy_crop / "test_img.jpg"
     auto = read_anndata_image(h5ad, jpg)
-    assert auto.um_per_px == pytest.approx(55 / SPOT_DIAMETER_PX) and auto.um_per_px == pytest.approx(0.6149, 1e-3)
-    assert auto.pixel_size_source.startswith("Visium spot diameter")
+    # spot_diameter_fullres spans Space Ranger's theoretical 65 µm spot; the crop has no array_row/array_col
+    assert auto.um_per_px == pytest.approx(65 / SPOT_DIAMETER_PX) and auto.um_per_px == pytest.approx(0.7267, 1e-3)
+    assert auto.pixel_size_source.startswith("Visium spot diameter (65 µm")
+    assert auto.pixel_size_sources == pytest.approx({"spot-diameter": 0.7267, "pitch": 100 / 138.0}, rel=1e-3)
     assert auto.slide_id == "test_data" and auto.source_files == [h5ad, jpg] and auto.image_path == jpg
     assert auto.coords_px.dtype == np.float64 and auto.coords_px.shape == (49, 2)
     np.testing.assert_array_equal(auto.coords_px, auto.adata.obsm["spatial"])
     assert list(auto.adata.obs_names[:2]) == ["AAATTGCGGCGGTTCT-1", "AACGCGAACGGCAACA-1"]
     pitch = read_anndata_image(h5ad, jpg, pixel_size_from="pitch")
     assert pitch.um_per_px == pytest.approx(100 / 137.5, rel=0.01) and "pitch" in pitch.pixel_size_source
-    flag = read_anndata_image(h5ad, jpg, um_per_px=0.5, pixel_size_from="pitch", slide_id="s1")
+    with pytest.warns(UserWarning, match=r"disagree by 45%: user flag 0\.5 µm/px \(used\) vs spot-diameter 0\.7267"):
+        flag = read_anndata_image(h5ad, jpg, um_per_px=0.5, pixel_size_from="pitch", slide_id="s1")
     assert (flag.um_per_px, flag.pixel_size_source, flag.slide_id) == (0.5, "user flag", "s1")
+    assert flag.pixel_size_sources["user flag"] == 0.5 and "spot-diameter" in flag.pixel_size_sources
     with pytest.raises(PixelSizeError, match=r"test_img\.jpg.*um_per_px.*spot-diameter"):
         read_anndata_image(h5ad, jpg, pixel_size_from="metadata")  # the JPEG carries no physical size
 
@@ -57,13 +61,13 @@ def test_no_pixel_size_anywhere_is_an_error(crop_adata, squidpy_crop):
 
 def test_slide_metadata_wins_in_auto(crop_adata, squidpy_crop, tmp_path):
     image = np.asarray(Image.open(squidpy_crop / "test_img.jpg"))
-    tif = write_pyramidal_tiff(tmp_path / "crop.tif", image, um_per_px=0.62, tile=128)
+    tif = write_pyramidal_tiff(tmp_path / "crop.tif", image, um_per_px=0.72, tile=128)
     sample = read_anndata_image(crop_adata, tif)
-    assert sample.um_per_px == pytest.approx(0.62, rel=1e-4)
+    assert sample.um_per_px == pytest.approx(0.72, rel=1e-4)
     assert sample.pixel_size_source == "TIFF resolution tags (openslide.mpp-x)"
     diameter = read_anndata_image(crop_adata, tif, pixel_size_from="spot-diameter")
-    assert diameter.um_per_px == pytest.approx(55 / SPOT_DIAMETER_PX)
-    # metadata that contradicts the spot diameter (2 µm/px vs 0.615) is not silently trusted in "auto"
+    assert diameter.um_per_px == pytest.approx(65 / SPOT_DIAMETER_PX)
+    # metadata that contradicts the spot diameter (2 µm/px vs 0.727) is not silently trusted in "auto"
     wrong = write_pyramidal_tiff(tmp_path / "wrong.tif", image, um_per_px=2.0, tile=128)
     with pytest.raises(PixelSizeError, match=r"disagree.*TIFF resolution tags.*2 µm/px.*Visium spot diameter"):
         read_anndata_image(crop_adata, wrong)
@@ -135,8 +139,10 @@ def test_spaceranger_folder(fetched):
     scalef, diameter = 0.045004502, 89.42751063343188
     assert sample.image_path == folder / "spatial" / "tissue_lowres_image.png"
     assert sample.adata.shape == (100, 100) and sample.coords_px.shape == (100, 2)
-    assert sample.um_per_px == pytest.approx(55 / (diameter * scalef))
-    assert "tissue_lowres_scalef" in sample.pixel_size_source and "spot diameter" in sample.pixel_size_source
+    # the array grid of the positions file (100 µm hex pitch) agrees with the 65 µm spot_diameter_fullres
+    assert sample.um_per_px == pytest.approx(65 / (diameter * scalef), rel=0.005)
+    assert "tissue_lowres_scalef" in sample.pixel_size_source and "array grid" in sample.pixel_size_source
+    assert sample.pixel_size_sources["spot-diameter"] == pytest.approx(65 / (diameter * scalef))
     # first row of tissue_positions_list.csv: AAACAAGTATCTCCCA-1,1,50,102,8513,9811 (row px, col px)
     i = list(sample.adata.obs_names).index("AAACAAGTATCTCCCA-1")
     np.testing.assert_allclose(sample.coords_px[i], [9811 * scalef, 8513 * scalef])
@@ -243,7 +249,10 @@ def test_hest_pixel_size_fallbacks(tmp_path, squidpy_crop):
     with pytest.raises(PixelSizeError, match=r"TENX0.*pixel_size_um_estimated.*um_per_px"):
         read_hest(bare, "TENX0")
     assert read_hest(bare, "TENX0", um_per_px=0.7).pixel_size_source == "user flag"
-    assert read_hest(bare, "TENX0", pixel_size_from="pitch").um_per_px == pytest.approx(100 / 137.5, rel=0.01)
+    with pytest.raises(PixelSizeError, match=r"spot pitch in µm is not known.*--spot-pitch-um"):
+        read_hest(bare, "TENX0", pixel_size_from="pitch")  # no inter_spot_dist without metadata: never assumed
+    pitch = read_hest(bare, "TENX0", pixel_size_from="pitch", spot_pitch_um=100)
+    assert pitch.um_per_px == pytest.approx(100 / 137.5, rel=0.01)
     with pytest.raises(PixelSizeError, match="no spot_diameter_fullres"):
         read_hest(bare, "TENX0", pixel_size_from="spot-diameter")  # uns['spatial'] was removed
 

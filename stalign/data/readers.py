@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,108 +16,58 @@ import numpy as np
 
 from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
+from stalign.data.pixel_size import (  # PIXEL_SIZE_CHOICES, choose_pixel_size: re-exported (their old home)
+    PIXEL_SIZE_CHOICES,  # noqa: F401
+    VISIUM_FULLRES_DIAMETER_UM,
+    VISIUM_PITCH_UM,
+    PixelSizeCandidate,
+    choose_pixel_size,  # noqa: F401
+    grid_candidate,
+    knn_pitch_candidate,
+    metadata_candidate,
+    settle_pixel_size,
+    spot_diameter_candidate,
+)
 from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
-from stalign.data.slide import PLAUSIBLE_UM_PER_PX, check_um_per_px, open_slide
+from stalign.data.slide import PLAUSIBLE_UM_PER_PX, open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 from stofm.util.errors import InputError
 
-#: ``pixel_size_from`` values every reader accepts; ``read_hest`` also takes "hest-estimated"/"hest-embedded".
-PIXEL_SIZE_CHOICES = ("auto", "metadata", "spot-diameter", "pitch")
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
+#: HEST's ``spot_diameter_fullres`` spans its registration spot size: the metadata's ``spot_diameter``, except for
+#: Xenium pseudo-spots, registered with HEST's default 55 µm (``register_downscale_img`` in HEST's ``readers.py``).
+HEST_REGISTERED_DIAMETER_UM = {"Xenium": 55.0}
+#: HEST technologies whose ``array_row``/``array_col`` lie on a grid of known packing (pitch: ``inter_spot_dist``).
+HEST_GRID_PACKING = {"Visium": "hex", "Spatial Transcriptomics": "square"}
 
 
-PixelSizeCandidate = Callable[[], tuple[float, str]]  # returns (µm/px, source) or raises PixelSizeError
+def _obs_grid(adata) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``obs['array_row']``, ``obs['array_col']`` as floats, or (None, None) when either is missing."""
+    import pandas as pd
+
+    if not {"array_row", "array_col"} <= set(adata.obs.columns):
+        return None, None
+    return tuple(pd.to_numeric(adata.obs[c], errors="coerce").to_numpy(np.float64)
+                 for c in ("array_row", "array_col"))
 
 
-#: In "auto", slide metadata and the spot diameter must agree within this ratio (else the user must choose).
-AUTO_AGREEMENT = 1.3
+def _slide_candidates(slide, coords: np.ndarray, *, diameter_px: float | None, diameter_um: float | None, where: str,
+                      pitch_um: float | None, grid: PixelSizeCandidate,
+                      diameter_label: str = "Visium spot diameter") -> dict[str, PixelSizeCandidate]:
+    """The sources every reader offers: array grid, slide metadata, spot diameter, spot pitch (the grid fit when
+    the array indices are there, else the spacing of the given spots)."""
+    knn = knn_pitch_candidate(coords, pitch_um)
 
-
-def choose_pixel_size(*, what: str, um_per_px: float | None, pixel_size_from: str,
-                      candidates: dict[str, PixelSizeCandidate], auto_order: list[str],
-                      must_agree: tuple[str, str] | None = None) -> tuple[float, str]:
-    """The pixel size and its source: user flag, else the chosen candidate, else the first of ``auto_order``.
-
-    In ``"auto"`` mode, when both candidates named in ``must_agree`` are available and differ by more than
-    ``AUTO_AGREEMENT``x, :class:`PixelSizeError` asks the user to choose instead of picking one silently.
-    """
-    if um_per_px is not None:
-        return check_um_per_px(um_per_px, what=f"{what} (um_per_px flag)"), "user flag"
-    if pixel_size_from not in candidates and pixel_size_from != "auto":
-        raise PixelSizeError(f"{what}: pixel_size_from={pixel_size_from!r} is not available here; "
-                             f"choose from {['auto', *candidates]}")
-    order = auto_order if pixel_size_from == "auto" else [pixel_size_from]
-    reasons = []
-    for name in order:
+    def pitch() -> tuple[float, str]:
         try:
-            value, source = candidates[name]()
-        except PixelSizeError as exc:
-            reasons.append(f"{name}: {exc}")
-            continue
-        value = check_um_per_px(value, what=f"{what} ({source})")
-        if pixel_size_from == "auto" and must_agree is not None and name in must_agree:
-            _check_agreement(what, name, value, source, candidates, must_agree)
-        return value, source
-    ways = ["an explicit um_per_px (--um-per-px)"] + [f"pixel_size_from={n!r}" for n in candidates if n not in order]
-    raise PixelSizeError(f"{what}: no pixel size (µm/px) - " + "; ".join(reasons)
-                         + ". Supply one of: " + ", ".join(ways))
+            return grid()
+        except PixelSizeError:
+            return knn()
 
+    return {"grid": grid, "metadata": metadata_candidate(slide),
+            "spot-diameter": spot_diameter_candidate(diameter_px, diameter_um, where, label=diameter_label),
+            "pitch": pitch}
 
-def _check_agreement(what: str, name: str, value: float, source: str, candidates: dict[str, PixelSizeCandidate],
-                     pair: tuple[str, str]) -> None:
-    other = pair[1] if name == pair[0] else pair[0]
-    try:
-        other_value, other_source = candidates[other]()
-    except PixelSizeError:
-        return
-    if max(value, other_value) / min(value, other_value) > AUTO_AGREEMENT:
-        raise PixelSizeError(f"{what}: the pixel sizes disagree - {source}: {value:.4g} µm/px, {other_source}: "
-                             f"{other_value:.4g} µm/px; choose one with pixel_size_from={name!r} or {other!r}, "
-                             "or pass um_per_px")
-
-
-def _metadata_candidate(slide) -> PixelSizeCandidate:
-    def get() -> tuple[float, str]:
-        if slide.um_per_px is None:
-            raise PixelSizeError(f"{slide.path} has no usable pixel size in its metadata"
-                                 + (f" ({slide.pixel_size_note})" if slide.pixel_size_note else ""))
-        return slide.um_per_px, slide.pixel_size_source
-    return get
-
-
-def _spot_diameter_candidate(diameter_px: float | None, diameter_um: float, where: str) -> PixelSizeCandidate:
-    def get() -> tuple[float, str]:
-        if diameter_px is None or not np.isfinite(diameter_px) or diameter_px <= 0:
-            raise PixelSizeError(f"no spot_diameter_fullres in {where}")
-        return diameter_um / diameter_px, f"Visium spot diameter ({diameter_um:g} µm = {diameter_px:.2f} px, {where})"
-    return get
-
-
-def _pitch_candidate(coords: np.ndarray, pitch_um: float) -> PixelSizeCandidate:
-    def get() -> tuple[float, str]:
-        from scipy.spatial import cKDTree
-
-        pts = coords[np.isfinite(coords).all(axis=1)]
-        if len(pts) < 2:
-            raise PixelSizeError("fewer than 2 spots to measure the spot pitch")
-        dist, _ = cKDTree(pts).query(pts, k=min(7, len(pts)))
-        nearest = float(np.median(dist[:, 1]))
-        if nearest <= 0:
-            raise PixelSizeError("spots coincide; cannot measure the spot pitch")
-        shell = dist[:, 1:][dist[:, 1:] <= 1.2 * nearest]  # all first-ring neighbours, not only the closest
-        spacing = float(np.median(shell))
-        return pitch_um / spacing, (f"spot pitch ({pitch_um:g} µm = median first-ring neighbour spacing "
-                                    f"{spacing:.2f} px)")
-    return get
-
-
-
-def _slide_candidates(slide, coords: np.ndarray, *, diameter_px: float | None, diameter_um: float, where: str,
-                      pitch_um: float) -> dict[str, PixelSizeCandidate]:
-    """The pixel-size sources every reader offers: slide metadata, Visium spot diameter, spot pitch."""
-    return {"metadata": _metadata_candidate(slide),
-            "spot-diameter": _spot_diameter_candidate(diameter_px, diameter_um, where),
-            "pitch": _pitch_candidate(coords, pitch_um)}
 
 def _spatial_scalefactors(adata, library_id: str | None, what: str) -> tuple[dict, str]:
     spatial = adata.uns.get("spatial", {}) if hasattr(adata.uns, "get") else {}
@@ -146,14 +95,15 @@ def _load_h5ad(path: Path) -> Any:
 
 def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, *, slide_id: str | None = None,
                        um_per_px: float | None = None, pixel_size_from: str = "auto",
-                       spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, spatial_key: str = "spatial",
-                       library_id: str | None = None, crop_um: float = CropSpec.niche_um,
+                       spot_diameter_um: float | None = None, spot_pitch_um: float | None = None,
+                       spatial_key: str = "spatial", library_id: str | None = None, crop_um: float = CropSpec.niche_um,
                        make_unique: bool = False) -> SlideSample:
     """An AnnData (path or object) whose ``obsm[spatial_key]`` holds (x, y) level-0 px of ``image``.
 
-    Pixel size: ``um_per_px`` > ``pixel_size_from`` in {"metadata", "spot-diameter", "pitch"}; ``"auto"``
-    tries the slide metadata, then the Visium spot diameter
-    (``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']`` = ``spot_diameter_um``).
+    Pixel size: ``um_per_px`` > ``pixel_size_from`` in {"grid", "metadata", "spot-diameter", "pitch"}; ``"auto"``
+    tries the Visium array grid (``obs['array_row']``/``['array_col']``, ``spot_pitch_um`` = 100), the slide
+    metadata, then the spot diameter (``uns['spatial'][lib]['scalefactors']['spot_diameter_fullres']`` spans
+    ``spot_diameter_um`` = 65, Space Ranger's definition).
     """
     image = Path(image)
     h5ad_path = None if hasattr(h5ad, "obsm") else Path(h5ad)
@@ -162,16 +112,19 @@ def read_anndata_image(h5ad: str | os.PathLike | Any, image: str | os.PathLike, 
     coords = coords_from_obsm(adata, spatial_key, what=what)
     with open_slide(image) as slide:
         scalefactors, where = _spatial_scalefactors(adata, library_id, what)
-        candidates = _slide_candidates(slide, coords, diameter_px=scalefactors.get("spot_diameter_fullres"),
-                                       diameter_um=spot_diameter_um, where=where, pitch_um=spot_pitch_um)
-        mpp, source = choose_pixel_size(what=f"{image} + {what}", um_per_px=um_per_px,
-                                        pixel_size_from=pixel_size_from, candidates=candidates,
-                                        auto_order=["metadata", "spot-diameter"],
-                                        must_agree=("metadata", "spot-diameter"))
+        pitch_um = VISIUM_PITCH_UM if spot_pitch_um is None else spot_pitch_um
+        rows, cols = _obs_grid(adata)
+        candidates = _slide_candidates(
+            slide, coords, diameter_px=scalefactors.get("spot_diameter_fullres"), where=where, pitch_um=pitch_um,
+            diameter_um=VISIUM_FULLRES_DIAMETER_UM if spot_diameter_um is None else spot_diameter_um,
+            grid=grid_candidate(rows, cols, coords, pitch_um=pitch_um, where=f"{what} obs"))
+        px = settle_pixel_size(what=f"{image} + {what}", um_per_px=um_per_px, pixel_size_from=pixel_size_from,
+                               candidates=candidates, auto_order=["grid", "metadata", "spot-diameter"],
+                               must_agree=("metadata", "spot-diameter"))
         dims = slide.dimensions
     sample = SlideSample(slide_id=slide_id or (h5ad_path.stem if h5ad_path else image.stem), image_path=image,
-                         adata=adata, coords_px=coords, um_per_px=mpp, pixel_size_source=source,
-                         source_files=[p for p in (h5ad_path, image) if p is not None])
+                         adata=adata, coords_px=coords, um_per_px=px.um_per_px, pixel_size_source=px.source,
+                         pixel_size_sources=px.sources, source_files=[p for p in (h5ad_path, image) if p is not None])
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=what, coords_file=f"{what} obsm[{spatial_key!r}]")
 
@@ -186,8 +139,8 @@ def _spaceranger_root(folder: Path) -> Path:
 
 def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | None = None,
                      slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
-                     spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0, crop_um: float = CropSpec.niche_um,
-                     make_unique: bool = False, var_names: str = "gene_symbols",
+                     spot_diameter_um: float | None = None, spot_pitch_um: float | None = None,
+                     crop_um: float = CropSpec.niche_um, make_unique: bool = False, var_names: str = "gene_symbols",
                      tissue_from: str = "image") -> SlideSample:
     """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG (a blank
     placeholder hires PNG is skipped for the lowres one, with a warning).
@@ -196,8 +149,9 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     for this slide); ``"image"`` (default) applies the mask on top.
 
     Without ``image`` the spots are scaled by ``tissue_hires_scalef`` onto ``spatial/tissue_hires_image.png``
-    (``tissue_lowres_image.png`` when there is no hires one) and the pixel size comes from the spot diameter
-    (``"auto"``); with ``image`` ``"auto"`` tries its metadata, then the spot diameter.
+    (``tissue_lowres_image.png`` when there is no hires one). ``"auto"`` pixel size: the array grid (every
+    position of the positions file, in tissue or not, against its ``array_row``/``array_col``; ``spot_pitch_um``
+    = 100), then (with ``image``) its metadata, then ``spot_diameter_fullres`` (``spot_diameter_um`` = 65).
     """
     root = _spaceranger_root(Path(folder))
     matrix_path = root / "filtered_feature_bc_matrix.h5"
@@ -217,7 +171,7 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     coords = pos[["x", "y"]].to_numpy(np.float64)
     adata.obs["in_tissue"] = True
     if image is not None:
-        image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["metadata", "spot-diameter"]
+        image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["grid", "metadata", "spot-diameter"]
     else:
         found = [(spatial / name, key) for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
                                                          ("tissue_lowres_scalef", "tissue_lowres_image.png"))
@@ -233,21 +187,25 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
                           stacklevel=2)
         image_path, key = (usable or found)[0]
         scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
-        auto = ["spot-diameter"]
+        auto = ["grid", "spot-diameter"]
     coords = coords * scale
     adata.obsm["spatial"] = coords
     diameter = scalefactors.get("spot_diameter_fullres")
     with open_slide(image_path) as slide:
-        candidates = _slide_candidates(slide, coords, diameter_px=None if diameter is None else float(diameter) * scale,
-                                       diameter_um=spot_diameter_um, pitch_um=spot_pitch_um,
-                                       where=f"spot_diameter_fullres {diameter} {scale_note} in {sf_path}")
-        mpp, source = choose_pixel_size(what=str(root), um_per_px=um_per_px, pixel_size_from=pixel_size_from,
-                                        candidates=candidates, auto_order=auto,
-                                        must_agree=("metadata", "spot-diameter"))
+        pitch_um = VISIUM_PITCH_UM if spot_pitch_um is None else spot_pitch_um
+        grid = grid_candidate(positions["array_row"].to_numpy(), positions["array_col"].to_numpy(),
+                              positions[["x", "y"]].to_numpy(np.float64) * scale, pitch_um=pitch_um,
+                              where=f"{positions_path} ({scale_note})")
+        candidates = _slide_candidates(
+            slide, coords, diameter_px=None if diameter is None else float(diameter) * scale, grid=grid,
+            diameter_um=VISIUM_FULLRES_DIAMETER_UM if spot_diameter_um is None else spot_diameter_um,
+            pitch_um=pitch_um, where=f"spot_diameter_fullres {diameter} {scale_note} in {sf_path}")
+        px = settle_pixel_size(what=str(root), um_per_px=um_per_px, pixel_size_from=pixel_size_from,
+                               candidates=candidates, auto_order=auto, must_agree=("metadata", "spot-diameter"))
         dims = slide.dimensions
     sample = SlideSample(slide_id=slide_id or (root.parent.name if root.name == "outs" else root.name),
-                         image_path=image_path, adata=adata, coords_px=coords, um_per_px=mpp,
-                         pixel_size_source=source,
+                         image_path=image_path, adata=adata, coords_px=coords, um_per_px=px.um_per_px,
+                         pixel_size_source=px.source, pixel_size_sources=px.sources,
                          source_files=[matrix_path, positions_path, sf_path, image_path])
     if tissue_from not in ("image", "in_tissue"):
         raise InputError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
@@ -313,13 +271,40 @@ def _hest_candidate(meta: dict, key: str, meta_path: Path) -> PixelSizeCandidate
     return get
 
 
+def _meta_um(meta: dict, key: str) -> float | None:
+    try:
+        value = float(meta.get(key))
+    except (TypeError, ValueError):
+        return None
+    return value if np.isfinite(value) and value > 0 else None
+
+
+def _hest_geometry(meta: dict, meta_path: Path, spot_diameter_um: float | None,
+                   spot_pitch_um: float | None) -> tuple[float | None, str, float | None, str | None]:
+    """(µm spanned by ``spot_diameter_fullres``, its note, pitch µm, grid packing or None) of one HEST sample: the
+    caller's values, else ``spot_diameter`` / ``inter_spot_dist`` of ``metadata/<id>.json`` (µm, per sample:
+    Visium 55/100, legacy ST 100/200, Visium HD its bin, Xenium its pseudo-spot)."""
+    tech = str(meta.get("st_technology") or "")
+    if spot_diameter_um is not None:
+        diameter, note = spot_diameter_um, "spot_diameter_um given"
+    elif tech in HEST_REGISTERED_DIAMETER_UM:
+        diameter, note = HEST_REGISTERED_DIAMETER_UM[tech], f"HEST's {tech} registration"
+    else:
+        diameter, note = _meta_um(meta, "spot_diameter"), f"spot_diameter in {meta_path.name}"
+    pitch = spot_pitch_um if spot_pitch_um is not None else _meta_um(meta, "inter_spot_dist")
+    return diameter, note, pitch, HEST_GRID_PACKING.get(tech)
+
+
 def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | None = None,
-              pixel_size_from: str = "auto", spot_diameter_um: float = 55.0, spot_pitch_um: float = 100.0,
+              pixel_size_from: str = "auto", spot_diameter_um: float | None = None,
+              spot_pitch_um: float | None = None,
               spatial_key: str = "spatial", library_id: str | None = None, crop_um: float = CropSpec.niche_um,
               make_unique: bool = False) -> SlideSample:
     """A HEST-1k sample: ``st/<id>.h5ad`` (spots in ``obsm['spatial']``, level-0 px), ``wsis/<id>.tif``,
     ``metadata/<id>.json``. ``"auto"`` pixel size: ``pixel_size_um_estimated`` (what HEST itself uses), then
-    ``pixel_size_um_embedded``, then the slide metadata; ``"spot-diameter"`` and ``"pitch"`` on request.
+    ``pixel_size_um_embedded``, then the slide metadata; ``"spot-diameter"``, ``"pitch"`` and ``"grid"`` (Visium
+    and legacy ST ``array_row``/``array_col``) on request, with the sample's own ``spot_diameter`` and
+    ``inter_spot_dist`` (µm) from its metadata unless ``spot_diameter_um`` / ``spot_pitch_um`` are given.
     """
     root = Path(root)
     h5ad_path = root / "st" / f"{sample_id}.h5ad"
@@ -335,19 +320,26 @@ def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | Non
     adata = _load_h5ad(h5ad_path)
     coords = coords_from_obsm(adata, spatial_key, what=str(h5ad_path))
     scalefactors, where = _spatial_scalefactors(adata, library_id, str(h5ad_path))
+    diameter_um, note, pitch_um, packing = _hest_geometry(meta, meta_path, spot_diameter_um, spot_pitch_um)
+    rows, cols = _obs_grid(adata) if packing else (None, None)
     with open_slide(wsi) as slide:
         candidates = {
             "hest-estimated": _hest_candidate(meta, "pixel_size_um_estimated", meta_path),
             "hest-embedded": _hest_candidate(meta, "pixel_size_um_embedded", meta_path),
             **_slide_candidates(slide, coords, diameter_px=scalefactors.get("spot_diameter_fullres"),
-                                diameter_um=spot_diameter_um, where=where, pitch_um=spot_pitch_um),
+                                diameter_um=diameter_um, where=f"{where}; {note}", pitch_um=pitch_um,
+                                diameter_label="spot diameter",
+                                grid=grid_candidate(rows, cols, coords, pitch_um=pitch_um, packing=packing or "hex",
+                                                    where=f"{h5ad_path} obs" + ("" if packing else
+                                                          " (no array grid known for st_technology "
+                                                          f"{meta.get('st_technology')!r})"))),
         }
-        mpp, source = choose_pixel_size(what=f"HEST sample {sample_id!r} in {root}", um_per_px=um_per_px,
-                                        pixel_size_from=pixel_size_from, candidates=candidates,
-                                        auto_order=["hest-estimated", "hest-embedded", "metadata"])
+        px = settle_pixel_size(what=f"HEST sample {sample_id!r} in {root}", um_per_px=um_per_px,
+                               pixel_size_from=pixel_size_from, candidates=candidates,
+                               auto_order=["hest-estimated", "hest-embedded", "metadata"])
         dims = slide.dimensions
-    sample = SlideSample(slide_id=sample_id, image_path=wsi, adata=adata, coords_px=coords, um_per_px=mpp,
-                         pixel_size_source=source,
+    sample = SlideSample(slide_id=sample_id, image_path=wsi, adata=adata, coords_px=coords, um_per_px=px.um_per_px,
+                         pixel_size_source=px.source, pixel_size_sources=px.sources,
                          source_files=[p for p in (h5ad_path, wsi, meta_path) if p.is_file()])
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=str(h5ad_path), coords_file=f"{h5ad_path} obsm[{spatial_key!r}]")

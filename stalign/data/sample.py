@@ -23,10 +23,18 @@ class SlideSample:
     pixel_size_source: str
     source_files: list[Path] = field(default_factory=list)
     tissue_from: str = "image"  # "image": prep's tissue mask decides; "in_tissue": the reader's spots are trusted
+    #: every available pixel-size source's µm/px (e.g. "grid", "metadata", "spot-diameter", "pitch", "user flag")
+    pixel_size_sources: dict[str, float] = field(default_factory=dict)
 
     @property
     def n_spots(self) -> int:
         return int(self.adata.n_obs)
+
+    def pixel_size_record(self) -> dict[str, Any]:
+        """``um_per_px``, ``pixel_size_source`` and ``pixel_size_sources`` (JSON-ready): what the manifest and a
+        prediction record about the pixel size."""
+        return {"um_per_px": float(self.um_per_px), "pixel_size_source": str(self.pixel_size_source),
+                "pixel_size_sources": {str(k): float(v) for k, v in self.pixel_size_sources.items()}}
 
 
 def coords_from_obsm(adata: Any, key: str, *, what: str) -> np.ndarray:

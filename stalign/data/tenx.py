@@ -85,7 +85,8 @@ def find_tissue_positions(spatial: Path) -> Path:
 
 
 def read_tissue_positions(path: Path) -> Any:
-    """Positions table indexed by barcode with ``in_tissue`` (bool) and full-res pixel ``x``, ``y`` columns."""
+    """Positions table indexed by barcode: ``in_tissue`` (bool), full-res pixel ``x``, ``y`` and the spot's
+    ``array_row``, ``array_col`` (float; every row of the file, in tissue or not)."""
     import pandas as pd
 
     with open(path, encoding="utf-8") as fh:
@@ -102,9 +103,10 @@ def read_tissue_positions(path: Path) -> Any:
     if table["barcode"].duplicated().any():
         dups = table.loc[table["barcode"].duplicated(), "barcode"].tolist()
         raise BarcodeError(f"{path}: {len(dups)} duplicated barcodes, e.g. {dups[:5]}")
-    out = pd.DataFrame({"in_tissue": table["in_tissue"].astype(int).to_numpy() == 1,
-                        "x": pd.to_numeric(table["pxl_col_in_fullres"], errors="coerce").to_numpy(np.float64),
-                        "y": pd.to_numeric(table["pxl_row_in_fullres"], errors="coerce").to_numpy(np.float64)},
+    num = {key: pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64) for key, col in
+           (("x", "pxl_col_in_fullres"), ("y", "pxl_row_in_fullres"), ("array_row", "array_row"),
+            ("array_col", "array_col"))}
+    out = pd.DataFrame({"in_tissue": table["in_tissue"].astype(int).to_numpy() == 1, **num},
                        index=pd.Index(table["barcode"], name="barcode"))
     return out
 
