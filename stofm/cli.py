@@ -113,8 +113,11 @@ def _embed_model(args: argparse.Namespace, genes: list[str]) -> Any:
         warnings.warn(f"{args.model} is a config name: its weights are random (a smoke test, not SToFM); "
                       "embed with a pretrained folder (stofm pretrain, or stofm convert of the released "
                       "weights)", stacklevel=3)
+    converted = is_converted(args.model)
+    if converted and args.cell_embeddings:  # given cell embeddings: the folder's cell BERT is not needed
+        return create_model(args.model, genes=genes, device=args.device or "cpu", cell_encoder_cfg={})
     model = create_model(args.model, genes=genes, device=args.device or "cpu")
-    if is_converted(args.model) and model.cell_encoder.kind != "geneformer" and args.cell_embeddings is None:
+    if converted and model.cell_encoder.kind != "geneformer":
         raise InputError(f"{args.model} has no cell BERT: give precomputed cell embeddings (--cell-embeddings KEY) "
                          "or convert with --cell-bert")
     return model

@@ -255,9 +255,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_from_args(args: argparse.Namespace, *, resolve_path: Callable[[str], Path] | None = None) -> int:
     """Entry point for the parsed flags of :func:`add_arguments` (``resolve_path``: see :func:`pretrain`)."""
-    keys = ("data", "output_dir", "model", "objective", "cell_encoder", "max_steps", "batch_size", "grad_accum", "lr",
-            "save_every", "log_every", "seed", "cells_per_tile", "n_virtual", "mixed_precision", "cpu", "progress")
-    cfg = load_config(args.config, **{k: getattr(args, k, None) for k in keys})
+    keys = {f.name for f in fields(PretrainConfig)}  # each flag's dest is its config key
+    cfg = load_config(args.config, **{k: v for k, v in vars(args).items() if k in keys})
     res = pretrain(cfg, resume=args.resume, resolve_path=resolve_path)
     last = res["losses"][-1] if res["losses"] else {}
     print(f"done: {res['step']} steps in {res['seconds']:.1f}s; last loss "

@@ -114,17 +114,24 @@ def test_stofm_original_from_converted_weights_reproduces_the_original(converted
 
 @needs_fixture
 def test_embedding_a_converted_folder_without_cell_bert_needs_cell_embeddings(converted, tmp_path):
-    """No cell BERT in the folder and no ``--cell-embeddings``: one error (not a random cell encoder)."""
+    """No cell BERT in the folder and no ``--cell-embeddings``: one error (not a random cell encoder); with them
+    the SE(2) embeds the given 256-d cell embeddings."""
     import anndata as ad
 
     from stofm.cli import main
 
+    rng = np.random.default_rng(0)
     a = ad.AnnData(X=np.ones((12, len(GENES)), np.float32),
-                   obsm={"spatial": np.random.default_rng(0).uniform(0, 50, (12, 2))})
+                   obsm={"spatial": rng.uniform(0, 50, (12, 2)), "cells": rng.normal(size=(12, 256))})
     a.var_names = GENES
+    a.obs["c"] = np.arange(12) % 2
     a.write_h5ad(tmp_path / "a.h5ad")
+    cmd = ["--debug", "embed", str(tmp_path / "a.h5ad"), "--model", str(converted), "--out", str(tmp_path / "o.h5ad")]
     with pytest.raises(ValueError, match=r"has no cell BERT: give precomputed cell embeddings \(--cell-embeddings"):
-        main(["--debug", "embed", str(tmp_path / "a.h5ad"), "--model", str(converted), "--out", str(tmp_path / "o.h5ad")])
+        main(cmd)
+    assert main([*cmd, "--cell-embeddings", "cells", "--leiden-labels", "c"]) == 0
+    out = ad.read_h5ad(tmp_path / "o.h5ad")
+    assert out.obsm["X_stofm"].shape == (12, 256) and out.uns["stofm"]["n_virtual"] == 2
 
 
 @needs_fixture
