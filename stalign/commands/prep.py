@@ -7,11 +7,12 @@ from typing import Any
 
 from stalign.commands.common_args import read_gene_file
 from stalign.data.crop_spec import CropSpec
-from stalign.data.prep_options import add_crop_options, crop_from_args
+from stalign.data.prep_options import add_crop_options, add_spot_geometry_options, crop_from_args, spot_geometry
 from stofm.util.errors import InputError
 
-# = stalign.data.readers.PIXEL_SIZE_CHOICES (not imported here: it loads openslide at CLI start-up)
-PIXEL_SIZE_FROM = ("auto", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
+# = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
+# CLI start-up)
+PIXEL_SIZE_FROM = ("auto", "grid", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -38,7 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_crop_options(p)
     p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
     p.add_argument("--pixel-size-from", choices=PIXEL_SIZE_FROM, default="auto",
-                   help="where the pixel size comes from when --um-per-px is not given (default auto)")
+                   help="where the pixel size comes from when --um-per-px is not given (default auto: the "
+                        "reader's order, docs/readers.md); every available source is recorded in the manifest")
+    add_spot_geometry_options(p)
     p.add_argument("--workers", type=int, default=1, help="processes reading crops, this one included (default 1; each reads its own run of crop batches of "
                         "each slide, so one big slide uses them all)")
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
@@ -95,30 +98,32 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
 
     common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop.niche_um,
               "make_unique": args.make_unique_genes}
+    geom = spot_geometry(args)  # spot diameter / pitch (µm) for the pixel-size sources
     h5ads, images = args.h5ad or [], args.image or []
     if len(h5ads) != len(images):
         raise InputError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
-    out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **common)
+    out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **geom, **common)
            for h, i in zip(h5ads, images)]
     sr = {"tissue_from": args.tissue_from}
-    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **common)
+    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **geom, **common)
             for d in args.spaceranger or []]
     if args.ids and not args.hest:
         raise InputError("--ids needs --hest ROOT")
     if args.hest:
         for sid in args.ids or readers.list_hest_samples(args.hest):
-            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **common))
+            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
     for row in read_sample_table(args.samples) if args.samples else []:
         mpp = float(row["um_per_px"]) if row.get("um_per_px") not in (None, "") else args.um_per_px
         kw = dict(common, um_per_px=mpp)
         if row.get("hest"):
-            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **kw))
+            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **geom, **kw))
             continue
         kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
         if row.get("spaceranger"):
-            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **sr, **kw))
+            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **sr, **geom,
+                               **kw))
         else:
-            out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **kw))
+            out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **geom, **kw))
     if not out:
         raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger or --hest")
     return out

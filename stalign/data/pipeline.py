@@ -66,6 +66,7 @@ class SlideJob:
     batch_size: int = 32
     progress: bool = True
     compression: str = "none"
+    pixel_size_sources: dict[str, float] | None = None  # every available source's µm/px (SlideSample)
 
 
 def _sample(item: Any) -> Any:
@@ -225,6 +226,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         cols = ex.panel_columns(slide_genes[s.slide_id], panel)
         jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
                              pixel_size_source=str(s.pixel_size_source),
+                             pixel_size_sources=dict(getattr(s, "pixel_size_sources", None) or {}),
                              coords_px=np.asarray(s.coords_px, dtype=np.float64),
                              expr=ex.take_columns(normed[s.slide_id], cols),
                              barcodes=[str(b) for b in s.adata.obs_names],
@@ -353,6 +355,7 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
     spot_padded = np.zeros(len(xy), dtype=bool)
     entry = {"slide_id": job.slide_id, "shard": shard_relpath(job.slide_id), "n_spots": int(len(xy)),
              "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
+             "pixel_size_sources": job.pixel_size_sources or {},
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
              "niche_px": niche_px, "image_size": dims, "source_files": job.source_files}
     batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]

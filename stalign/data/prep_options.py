@@ -3,11 +3,13 @@ into :func:`~stalign.data.pipeline.prepare` with them, and the per-slide summary
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import Any
 
 from stalign.data.crop_spec import CropSpec
 from stalign.data.slide import RESAMPLE_FILTERS
+from stofm.util.errors import InputError
 
 
 def add_crop_options(p: argparse.ArgumentParser) -> None:
@@ -32,6 +34,26 @@ def crop_from_args(args: argparse.Namespace) -> CropSpec:
     base = (CropSpec.from_dict(read_manifest(out.parent)) if out.is_file() else None) or CropSpec()
     return base.with_overrides(spot_um=args.spot_um, niche_um=args.niche_um, patch_px=args.patch_px,
                                resample=args.resample)
+
+
+def add_spot_geometry_options(p: argparse.ArgumentParser) -> None:
+    """``--spot-diameter-um``, ``--spot-pitch-um``: the spot geometry the pixel-size sources read (readers'
+    ``spot_diameter_um``, ``spot_pitch_um``; default: each reader's own, see docs/readers.md)."""
+    p.add_argument("--spot-diameter-um", type=float, default=None, metavar="UM",
+                   help="µm spanned by spot_diameter_fullres (default 65, Space Ranger's definition; HEST: the "
+                        "sample's spot_diameter)")
+    p.add_argument("--spot-pitch-um", type=float, default=None, metavar="UM",
+                   help="centre-to-centre spot distance for the grid and pitch sources (default 100 for Visium; "
+                        "HEST: the sample's inter_spot_dist, e.g. 200 for legacy ST)")
+
+
+def spot_geometry(args: argparse.Namespace) -> dict[str, float | None]:
+    """``spot_diameter_um`` and ``spot_pitch_um`` keywords of the readers from the options above."""
+    out = {"spot_diameter_um": args.spot_diameter_um, "spot_pitch_um": args.spot_pitch_um}
+    for key, value in out.items():
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise InputError(f"--{key.replace('_', '-')} must be a number > 0, got {value}")
+    return out
 
 
 def add_output_options(p: argparse.ArgumentParser) -> None:
