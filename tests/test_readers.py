@@ -88,9 +88,10 @@ def test_coordinates_outside_or_nan(crop_adata, squidpy_crop, tmp_path):
     jpg = squidpy_crop / "test_img.jpg"
     crop_adata.obsm["spatial"] = crop_adata.obsm["spatial"].astype(float)
     crop_adata.obsm["spatial"][[3, 7], 0] += 5000
-    with pytest.raises(CoordinateError, match=r"bad\.h5ad.*2 of 49 spots lie outside.*test_img\.jpg") as info:
-        read_anndata_image(_write(crop_adata, tmp_path / "bad.h5ad"), jpg)
-    assert crop_adata.obs_names[3] in str(info.value)
+    with pytest.warns(UserWarning, match=r"bad\.h5ad.*dropped 2 of 49 spots that lie outside.*test_img\.jpg") as w:
+        sample = read_anndata_image(_write(crop_adata, tmp_path / "bad.h5ad"), jpg)  # dropped, as HEST does
+    assert crop_adata.obs_names[3] in str(w[0].message) and sample.n_spots == 47
+    assert sample.dropped_out_of_image == {"count": 2, "barcodes": list(crop_adata.obs_names[[3, 7]])}
     crop_adata.obsm["spatial"][[3, 7], 0] -= 5000
     crop_adata.obsm["spatial"][5, 1] = np.nan
     with pytest.raises(CoordinateError, match=r"nan\.h5ad.*1 spots have NaN"):

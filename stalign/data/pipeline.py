@@ -66,6 +66,7 @@ class SlideJob:
     batch_size: int = 32
     progress: bool = True
     compression: str = "none"
+    dropped_out_of_image: dict[str, Any] | None = None  # the reader's {"count", "barcodes"} (SlideSample)
     pixel_size_sources: dict[str, float] | None = None  # every available source's µm/px (SlideSample)
 
 
@@ -232,7 +233,8 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
                              barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
                              tissue_filter=tissue_filter and getattr(s, "tissue_from", "image") == "image",
-                             batch_size=batch_size, progress=progress, compression=patch_compression))
+                             batch_size=batch_size, progress=progress, compression=patch_compression,
+                             dropped_out_of_image=getattr(s, "dropped_out_of_image", None)))
     del normed
 
     def save() -> None:
@@ -357,7 +359,8 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
              "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
              "pixel_size_sources": job.pixel_size_sources or {},
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
-             "niche_px": niche_px, "image_size": dims, "source_files": job.source_files}
+             "niche_px": niche_px, "image_size": dims, "source_files": job.source_files,
+             "dropped_out_of_image": job.dropped_out_of_image or {"count": 0, "barcodes": []}}
     batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]
     tasks = [(job.image_path, job.um_per_px, xy[rows], crop, job.compression) for rows in batches]
     with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=crop.patch_px,

@@ -25,6 +25,8 @@ class SlideSample:
     tissue_from: str = "image"  # "image": prep's tissue mask decides; "in_tissue": the reader's spots are trusted
     #: every available pixel-size source's µm/px (e.g. "grid", "metadata", "spot-diameter", "pitch", "user flag")
     pixel_size_sources: dict[str, float] = field(default_factory=dict)
+    #: spots dropped by ``check_sample`` for lying outside the image: {"count": n, "barcodes": [...]}
+    dropped_out_of_image: dict[str, Any] = field(default_factory=lambda: {"count": 0, "barcodes": []})
 
     @property
     def n_spots(self) -> int:
@@ -72,7 +74,8 @@ def check_sample(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: f
 
     Checks: at least one spot and one gene; unique barcodes; unique gene names (or ``make_unique``: anndata's
     ``var_names_make_unique``, which appends ``-1``, ``-2``...); finite, non-negative ``X`` (and
-    ``layers['counts']``); finite coordinates whose ``crop_um`` crop still overlaps the image.
+    ``layers['counts']``); finite coordinates. Spots whose ``crop_um`` crop misses the image are dropped (see
+    :func:`_drop_out_of_image`).
     """
     adata, coords = sample.adata, sample.coords_px
     if adata.n_obs == 0:
@@ -99,14 +102,40 @@ def check_sample(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: f
     if bad.any():
         raise CoordinateError(f"{coords_file}: {int(bad.sum())} spots have NaN/inf coordinates, e.g. barcodes "
                               f"{examples(barcodes[bad])}")
+    _drop_out_of_image(sample, image_dims=image_dims, crop_um=crop_um, coords_file=coords_file)
+    return sample
+
+
+#: A slide is refused when fewer than this share of its spots lie on the image (the rest are dropped with a warning).
+MIN_SPOTS_ON_IMAGE = 0.5
+
+
+def _drop_out_of_image(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: float, coords_file: str) -> None:
+    """Drop the spots (coordinates and expression rows) lying more than half a ``crop_um`` crop outside the image,
+    as HEST's patching does: a warning names the count and the first barcodes, ``sample.dropped_out_of_image``
+    records them (prep writes it into the manifest). :class:`CoordinateError` when every spot lies outside (a wrong
+    image or scale) or fewer than ``MIN_SPOTS_ON_IMAGE`` of them remain."""
+    import warnings
+
+    coords, barcodes = sample.coords_px, sample.adata.obs_names
     width, height = image_dims
     margin = crop_um / sample.um_per_px / 2
     outside = ((coords[:, 0] < -margin) | (coords[:, 1] < -margin)
                | (coords[:, 0] > width + margin) | (coords[:, 1] > height + margin))
-    if outside.any():
-        first = coords[outside][:3].round(1).tolist()
-        raise CoordinateError(f"{coords_file}: {int(outside.sum())} of {len(coords)} spots lie outside "
-                              f"{sample.image_path} ({width}x{height} px, margin {margin:.0f} px = half a "
-                              f"{crop_um:g} µm crop), e.g. barcodes {examples(barcodes[outside])} at {first}; "
-                              "are the coordinates for a different image or scale?")
-    return sample
+    n_out, n = int(outside.sum()), len(coords)
+    if not n_out:
+        return
+    place = (f"outside {sample.image_path} ({width}x{height} px, margin {margin:.0f} px = half a {crop_um:g} µm "
+             f"crop), e.g. barcodes {examples(barcodes[outside])} at {coords[outside][:3].round(1).tolist()}")
+    if n_out == n:
+        raise CoordinateError(f"{coords_file}: all {n} spots lie {place}: the coordinates are for a different image "
+                              "or scale (check the image and the pixel size)")
+    if n - n_out < MIN_SPOTS_ON_IMAGE * n:
+        raise CoordinateError(f"{coords_file}: {n_out} of {n} spots lie {place}; fewer than {MIN_SPOTS_ON_IMAGE:.0%} "
+                              "would remain, so the slide is refused: are the coordinates for a different image or "
+                              "scale?")
+    warnings.warn(f"{coords_file}: dropped {n_out} of {n} spots that lie {place} (as HEST does); recorded in the "
+                  "manifest as dropped_out_of_image", stacklevel=3)
+    sample.dropped_out_of_image = {"count": n_out, "barcodes": [str(b) for b in barcodes[outside]]}
+    sample.adata = sample.adata[~outside].copy()
+    sample.coords_px = np.ascontiguousarray(coords[~outside])
