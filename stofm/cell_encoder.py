@@ -39,7 +39,7 @@ def register_cell_encoder(name: str) -> Callable[[type], type]:
 
 
 # kinds registered by importing their module on first use (they need optional packages)
-LAZY_KINDS = {"geneformer": "stofm.original.geneformer_encoder"}
+LAZY_KINDS = {"geneformer": "stofm.original.cell_bert"}
 
 
 def build_cell_encoder(kind: str, **cfg) -> CellEncoder:

@@ -175,12 +175,10 @@ def from_converted(path: str | os.PathLike, *, genes: Sequence[str] | None = Non
     from stofm.original.convert import load_converted
     from stofm.original.se2 import OriginalSE2ForMaskedLM
 
-    net, cell = load_converted(path)
+    net, cell = load_converted(path, cell_bert=cell_encoder is None and "cell_encoder_cfg" not in overrides)
     c = (net.model if isinstance(net, OriginalSE2ForMaskedLM) else net).config
-    if cell is not None and cell_encoder is None and "cell_encoder_cfg" not in overrides:
-        from stofm.original.geneformer_encoder import GeneformerCellEncoder
-
-        cell_encoder = GeneformerCellEncoder.from_cell_bert(cell)  # the converted cell BERT, Geneformer's genes
+    if cell is not None:  # the converted cell BERT, Geneformer's genes
+        cell_encoder = cell
     shape = {"dim": c.hidden_size, "depth": c.num_hidden_layers, "heads": c.num_attention_heads,
              "ffn_dim": c.ffn_embedding_dim, "n_gaussians": c.gaussian_hidden_dim, "activation": c.activation_fn}
     enc = {**dict(overrides.pop("cell_encoder_cfg", None) or {}), "out_dim": c.input_dim}

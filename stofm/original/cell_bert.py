@@ -1,10 +1,15 @@
 """The original SToFM cell encoder: Geneformer rank-value tokens -> Hugging Face ``BertModel`` -> the ``<cls>`` state
--> ``Linear`` -> L2 norm. Needs ``transformers`` (``pip install 'stalign[geneformer]'``).
+-> ``Linear`` -> L2 norm, as the project cell-encoder kind ``"geneformer"`` (``GeneformerCellEncoder``), so an
+``SToFM`` built from a ``stofm convert`` folder with a cell BERT, ``stofm.embed`` and pretraining use it. Needs
+``transformers`` (``pip install 'stalign[geneformer]'``).
 
 Tokens, as Geneformer and SToFM make them: keep the matrix columns whose gene has a median; score = count /
 (the cell's total over *all* columns) x 10,000 / median; drop zeros; sort by descending score (numpy's argsort of
 the negated scores, as the original); map to token ids; keep the first 2,048; at encode time prepend ``<cls>``
 (``len(token dictionary)`` when the dictionary has none, as ``model/utils.py`` appends it) and cut to 2,048.
+Tokens depend only on the order of count / median within a cell (the division by the cell's total is a per-cell
+scale), so log1p cp10k input gives the same tokens as counts (it is expm1'ed first) up to exact ties; the
+encoder's genes are the token dictionary's genes that have a median.
 Geneformer's dictionaries are read from JSON or from its ``.pkl`` files through a restricted unpickler that builds
 only dicts of str/int/float and numpy scalars, so a crafted pickle cannot run code.
 """
@@ -22,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from stofm.cell_encoder import CellEncoder, check_expr, register_cell_encoder
 from stofm.util.errors import InputError, MissingDependencyError, StofmError
 
 MAX_TOKENS = 2048
@@ -113,67 +119,85 @@ class GeneformerTokenizer:
         return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
 
 
-class CellBert(nn.Module):
-    """``BertModel`` + ``Linear`` on the ``<cls>`` state, L2-normalised: (B, L) tokens -> (B, out_dim)."""
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError:
+        raise MissingDependencyError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
+    return transformers
 
-    def __init__(self, bert: nn.Module, proj: nn.Linear, tokenizer: GeneformerTokenizer | None = None) -> None:
+
+@register_cell_encoder("geneformer")
+class GeneformerCellEncoder(CellEncoder):
+    """``bert_config``: a ``BertConfig`` dict; ``token_dict`` / ``medians``: Geneformer's dictionaries (JSON-able, so
+    ``save_pretrained`` keeps them in ``config.json``); ``out_dim``: the projection's width."""
+
+    def __init__(self, *, bert_config: dict[str, Any], token_dict: dict[str, int], medians: dict[str, float],
+                 out_dim: int = 256, genes: list[str] | None = None) -> None:
         super().__init__()
-        self.bert, self.proj, self.tokenizer = bert, proj, tokenizer
+        tf = _transformers()
+        self.tokenizer = GeneformerTokenizer(token_dict, medians)
+        self.genes = [g for g in token_dict if g in medians]
+        if not self.genes:
+            raise InputError("the Geneformer token and median dictionaries share no gene")
+        cfg = tf.BertConfig(**bert_config)
+        self.bert = tf.BertModel(cfg, add_pooling_layer=False)
+        self.proj = nn.Linear(cfg.hidden_size, int(out_dim))
+        self.out_dim = int(out_dim)
+        self.config = {"bert_config": dict(bert_config), "token_dict": dict(token_dict), "medians": dict(medians),
+                       "out_dim": self.out_dim}
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """(B, out_dim) L2-normalised embeddings of token batches (``tokenizer.batch``)."""
         hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return F.normalize(self.proj(hidden[:, 0]), dim=-1)
 
-    @torch.no_grad()
-    def encode_counts(self, counts: Any, genes: Sequence[str], *, batch_size: int = 32) -> np.ndarray:
-        """(N, out_dim) float32 embeddings of the cells of a counts matrix over ``genes`` (Ensembl ids)."""
-        if self.tokenizer is None:
-            raise InputError("this cell encoder was loaded without Geneformer dictionaries")
-        tokens = self.tokenizer.rank_tokens(counts, genes)
-        device = next(self.parameters()).device
-        out = []
-        for start in range(0, len(tokens), batch_size):
-            b = self.tokenizer.batch(tokens[start:start + batch_size])
-            out.append(self(b["input_ids"].to(device), b["attention_mask"].to(device)).float().cpu().numpy())
-        return np.concatenate(out) if out else np.zeros((0, self.proj.out_features), np.float32)
+    def forward(self, expr: torch.Tensor, *, input_kind: str = "counts") -> torch.Tensor:
+        """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes`` (counts or log1p)."""
+        check_expr(expr, len(self.genes))
+        if input_kind not in ("counts", "log1p"):
+            raise InputError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
+        x = torch.expm1(expr.double()) if input_kind == "log1p" else expr.double()
+        batch = self.tokenizer.batch([np.asarray(t, np.int64) for t in self.tokenizer.rank_tokens(x.cpu().numpy(),
+                                                                                                  self.genes)])
+        dev = self.proj.weight.device
+        return self.embed_tokens(batch["input_ids"].to(dev), batch["attention_mask"].to(dev))
 
 
 def load_cell_bert(folder: str | os.PathLike, *, proj: str | os.PathLike | None = None,
                    token_dict: str | os.PathLike | None = None,
-                   medians: str | os.PathLike | None = None) -> CellBert:
-    """A cell BERT from a Hugging Face ``BertModel`` folder (Geneformer or SToFM's cell_bert) and the projection
-    (``cell_proj.bin`` / ``.safetensors``: a ``Linear`` state dict, default: in the folder). The dictionaries
-    default to ``token_dictionary`` / ``gene_median_dictionary`` (``.json`` or ``.pkl``) in the folder."""
-    try:
-        from transformers import BertModel
-    except ImportError:
-        raise MissingDependencyError("the SToFM cell BERT needs transformers: pip install 'stalign[geneformer]'") from None
+                   medians: str | os.PathLike | None = None) -> GeneformerCellEncoder:
+    """The cell encoder of a Hugging Face ``BertModel`` folder (Geneformer or SToFM's cell_bert), the projection
+    (``cell_proj.bin`` / ``.safetensors``: a ``Linear`` state dict, default: in the folder) and Geneformer's
+    dictionaries (default: ``token_dictionary`` / ``gene_median_dictionary``, ``.json`` or ``.pkl``, in the folder)."""
     from stofm.util.safe_files import load_state_dict
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder}: not a Hugging Face BertModel folder (no config.json)")
-    try:
-        bert = _quiet_from_pretrained(BertModel, folder)
-    except (OSError, ValueError, KeyError) as err:
-        raise InputError(f"{folder}: cannot load the BertModel ({' '.join(str(err).split())[:300]})") from None
-    proj_path = Path(proj) if proj else _first(folder, ("cell_proj.safetensors", "cell_proj.bin", "cell_proj.pth"))
-    sd = load_state_dict(proj_path, what="cell projection")
-    sd = {k.removeprefix("pooler.proj."): v for k, v in sd.items()}
-    if set(sd) != {"weight", "bias"} or sd["weight"].shape[1] != bert.config.hidden_size:
-        raise InputError(f"{proj_path}: expected a Linear({bert.config.hidden_size}, D) state dict (weight, bias), "
-                         f"got {[(k, tuple(v.shape)) for k, v in sd.items()]}")
-    linear = nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
-    linear.load_state_dict(sd)
-    tok = None
     td = Path(token_dict) if token_dict else _first(folder, ("token_dictionary.json", "token_dictionary.pkl"), None)
     md = Path(medians) if medians else _first(folder, ("gene_median_dictionary.json", "gene_median_dictionary.pkl"),
                                               None)
-    if td is not None and md is not None:
-        tok = GeneformerTokenizer.from_files(td, md)
-        if tok.cls_id >= bert.config.vocab_size:
-            raise InputError(f"{td}: <cls> id {tok.cls_id} is outside the BERT vocabulary ({bert.config.vocab_size})")
-    return CellBert(bert.eval(), linear, tok).eval()
+    if td is None or md is None:
+        raise FileNotFoundError(f"{folder}: the cell BERT needs Geneformer's token_dictionary and "
+                                "gene_median_dictionary (.json or .pkl) beside it")
+    tok = GeneformerTokenizer.from_files(td, md)
+    try:
+        bert = _quiet_from_pretrained(_transformers().BertModel, folder)
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{folder}: cannot load the BertModel ({' '.join(str(err).split())[:300]})") from None
+    if tok.cls_id >= bert.config.vocab_size:
+        raise InputError(f"{td}: <cls> id {tok.cls_id} is outside the BERT vocabulary ({bert.config.vocab_size})")
+    proj_path = Path(proj) if proj else _first(folder, ("cell_proj.safetensors", "cell_proj.bin", "cell_proj.pth"))
+    sd = {k.removeprefix("pooler.proj."): v for k, v in load_state_dict(proj_path, what="cell projection").items()}
+    if set(sd) != {"weight", "bias"} or sd["weight"].shape[1] != bert.config.hidden_size:
+        raise InputError(f"{proj_path}: expected a Linear({bert.config.hidden_size}, D) state dict (weight, bias), "
+                         f"got {[(k, tuple(v.shape)) for k, v in sd.items()]}")
+    enc = GeneformerCellEncoder(bert_config=bert.config.to_dict(), token_dict=tok.token_dict, medians=tok.medians,
+                                out_dim=sd["weight"].shape[0])
+    enc.bert.load_state_dict(bert.state_dict())
+    enc.proj.load_state_dict(sd)
+    return enc.eval()
 
 
 def _quiet_from_pretrained(cls: Any, folder: Path) -> nn.Module:

@@ -116,8 +116,10 @@ def is_converted(path: str | os.PathLike) -> bool:
         return False
 
 
-def load_converted(path: str | os.PathLike) -> tuple[OriginalSE2 | OriginalSE2ForMaskedLM, Any]:
-    """(SE(2) model, cell BERT or None) of a folder written by :func:`save_converted`."""
+def load_converted(path: str | os.PathLike, *, cell_bert: bool = True
+                   ) -> tuple[OriginalSE2 | OriginalSE2ForMaskedLM, Any]:
+    """(SE(2) model, cell BERT (a ``GeneformerCellEncoder``) or None) of a folder written by :func:`save_converted`;
+    ``cell_bert=False`` leaves the cell BERT unread."""
     from stofm.util.safe_files import load_tensors, read_json
 
     path = Path(path)
@@ -129,7 +131,7 @@ def load_converted(path: str | os.PathLike) -> tuple[OriginalSE2 | OriginalSE2Fo
     sd = load_tensors(path / "model.safetensors", what="SToFM weights", sha256=meta.get("weights_sha256"))
     _load_strict(model, sd, path / "model.safetensors")
     cell = None
-    if meta.get("cell_bert"):
+    if cell_bert and meta.get("cell_bert"):
         from stofm.original.cell_bert import load_cell_bert
 
         cell = load_cell_bert(path / meta["cell_bert"])
