@@ -84,11 +84,12 @@ def prepare_from_args(samples: list[Any], args: argparse.Namespace) -> dict[str,
 
 
 def summary_table(manifest: dict[str, Any]) -> str:
-    """One line per slide: spots kept, background dropped, padded, µm/px and where it came from."""
-    rows = [("slide", "spots", "dropped", "padded", "um/px", "pixel size from")]
+    """One line per slide: spots kept, dropped off the image and as background, padded, µm/px and its source."""
+    rows = [("slide", "spots", "off image", "dropped", "padded", "um/px", "pixel size from")]
     for s in manifest["slides"]:
-        rows.append((s["slide_id"], str(s["n_spots"]), str(s["n_background_dropped"]), str(s["n_padded"]),
-                     f"{s['um_per_px']:.4f}", s["pixel_size_source"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.rjust(w) if 0 < i < 5 else c.ljust(w) for i, (c, w) in
+        rows.append((s["slide_id"], str(s["n_spots"]), str(s.get("dropped_out_of_image", {}).get("count", 0)),
+                     str(s["n_background_dropped"]), str(s["n_padded"]), f"{s['um_per_px']:.4f}",
+                     s["pixel_size_source"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(6)]
+    return "\n".join("  ".join(c.rjust(w) if 0 < i < 6 else c.ljust(w) for i, (c, w) in
                                enumerate(zip(r, [*widths, 0]))).rstrip() for r in rows)
