@@ -12,7 +12,7 @@ from stofm.util.errors import InputError
 
 # = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
 # CLI start-up)
-PIXEL_SIZE_FROM = ("auto", "grid", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded")
+PIXEL_SIZE_FROM = ("auto", "grid", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded", "scalefactors")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,9 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--image", action="append", default=None, metavar="FILE", help="slide image for each --h5ad")
     src.add_argument("--samples", metavar="FILE",
                      help="CSV or YAML list of slides; columns/keys: h5ad+image, or spaceranger (+image), or "
-                          "hest+id; optional slide_id, um_per_px")
+                          "hest+id, or visium_hd (+image, bin_um); optional slide_id, um_per_px")
     src.add_argument("--spaceranger", action="append", default=None, metavar="DIR",
                      help="Space Ranger output folder (repeatable)")
+    src.add_argument("--visium-hd", action="append", default=None, metavar="DIR",
+                     help="Visium HD Space Ranger run, outs/ or binned_outputs/square_XXXum folder (repeatable)")
+    src.add_argument("--bin-um", type=int, default=None, metavar="UM",
+                     help="Visium HD bin size to read (default 16 when present: the closest to a 55 µm spot)")
     src.add_argument("--hest", metavar="ROOT", help="HEST-1k folder (st/, wsis/, metadata/)")
     src.add_argument("--ids", nargs="+", metavar="ID", help="HEST sample ids (default: all in --hest)")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (manifest.json + shards/)")
@@ -80,12 +84,13 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
     base = path.parent
     for i, row in enumerate(rows):
-        for key in ("h5ad", "image", "spaceranger", "hest"):
+        for key in ("h5ad", "image", "spaceranger", "hest", "visium_hd"):
             if row.get(key):
                 row[key] = str(base / Path(row[key]).expanduser())
         if not (row.get("h5ad") and row.get("image")) and not row.get("spaceranger") \
-                and not (row.get("hest") and row.get("id")):
-            raise InputError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, or hest+id; got {sorted(row)}")
+                and not (row.get("hest") and row.get("id")) and not row.get("visium_hd"):
+            raise InputError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, visium_hd, or hest+id; "
+                             f"got {sorted(row)}")
     return rows
 
 
@@ -95,6 +100,7 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
     from functools import partial
 
     from stalign.data import readers
+    from stalign.data.visium_hd import read_visium_hd
 
     common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop.niche_um,
               "make_unique": args.make_unique_genes}
@@ -107,6 +113,8 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
     sr = {"tissue_from": args.tissue_from}
     out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **geom, **common)
             for d in args.spaceranger or []]
+    out += [partial(read_visium_hd, d, bin_um=args.bin_um, um_per_px=args.um_per_px, **sr, **common)
+            for d in args.visium_hd or []]
     if args.ids and not args.hest:
         raise InputError("--ids needs --hest ROOT")
     if args.hest:
@@ -119,13 +127,17 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
             out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **geom, **kw))
             continue
         kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
-        if row.get("spaceranger"):
+        if row.get("visium_hd"):
+            out.append(partial(read_visium_hd, row["visium_hd"], image=row.get("image") or None,
+                               bin_um=row["bin_um"] if row.get("bin_um") not in (None, "") else args.bin_um,
+                               **sr, **kw))
+        elif row.get("spaceranger"):
             out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **sr, **geom,
                                **kw))
         else:
             out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **geom, **kw))
     if not out:
-        raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger or --hest")
+        raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger, --visium-hd or --hest")
     return out
 
 
