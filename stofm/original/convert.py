@@ -78,18 +78,16 @@ def save_converted(model: OriginalSE2 | OriginalSE2ForMaskedLM, out: str | os.Pa
     folder, ``out/cell_bert/`` (the BertModel files, ``cell_proj.safetensors`` and the dictionaries as JSON)."""
     from safetensors.torch import save_file
 
+    from stofm.cell_encoder import write_weights_folder
     from stofm.original.cell_bert import _first, read_dictionary
-    from stofm.util.safe_files import sha256_of
 
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(out / "model.safetensors"))
     meta = {"format": FORMAT, "version": 1, "heads": isinstance(model, OriginalSE2ForMaskedLM),
             "se2": (model.model if isinstance(model, OriginalSE2ForMaskedLM) else model).config.to_dict(),
-            "weights_sha256": sha256_of(out / "model.safetensors"), "cell_bert": None}
+            "cell_bert": None}
     if cell_bert is not None:
         src, dest = Path(cell_bert), out / "cell_bert"
-        dest.mkdir(exist_ok=True)
+        dest.mkdir(parents=True, exist_ok=True)
         for name in ("config.json", "model.safetensors", "pytorch_model.bin"):
             if (src / name).is_file():
                 shutil.copy2(src / name, dest / name)
@@ -101,8 +99,7 @@ def save_converted(model: OriginalSE2 | OriginalSE2ForMaskedLM, out: str | os.Pa
             if found is not None:
                 (dest / f"{stem}.json").write_text(json.dumps(read_dictionary(found, what=stem)))
         meta["cell_bert"] = "cell_bert"
-    (out / "config.json").write_text(json.dumps(meta, indent=1))
-    return out
+    return write_weights_folder(out, meta, model)
 
 
 def is_converted(path: str | os.PathLike) -> bool:
@@ -120,15 +117,12 @@ def load_converted(path: str | os.PathLike, *, cell_bert: bool = True
                    ) -> tuple[OriginalSE2 | OriginalSE2ForMaskedLM, Any]:
     """(SE(2) model, cell BERT (a ``GeneformerCellEncoder``) or None) of a folder written by :func:`save_converted`;
     ``cell_bert=False`` leaves the cell BERT unread."""
-    from stofm.util.safe_files import load_tensors, read_json
+    from stofm.cell_encoder import read_weights_folder
 
     path = Path(path)
-    meta = read_json(path / "config.json", what="converted SToFM config")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise InputError(f"{path / 'config.json'}: not a converted SToFM folder (format is not {FORMAT!r})")
+    meta, sd = read_weights_folder(path, fmt=FORMAT, what="converted SToFM")
     cfg = OriginalSE2Config.from_dict(meta["se2"])
     model: Any = OriginalSE2ForMaskedLM(cfg) if meta.get("heads") else OriginalSE2(cfg)
-    sd = load_tensors(path / "model.safetensors", what="SToFM weights", sha256=meta.get("weights_sha256"))
     _load_strict(model, sd, path / "model.safetensors")
     cell = None
     if cell_bert and meta.get("cell_bert"):
