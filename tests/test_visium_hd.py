@@ -214,3 +214,10 @@ def test_prep_samples_row_with_full_res_image(hd_run, tmp_path):
     slide = json.loads((out / "manifest.json").read_text())["slides"][0]
     assert slide["slide_id"] == "hd8" and slide["um_per_px"] == pytest.approx(MPP, rel=0.02)
     assert slide["n_spots"] == read_visium_hd(hd_run, bin_um=8, image=tif).n_spots
+
+
+def test_spaceranger_reader_points_hd_folders_here(hd_run):
+    from stalign.data.readers import read_spaceranger
+
+    with pytest.raises(CoordinateError, match=r"square_016um/spatial/tissue_positions\.parquet: .*--visium-hd"):
+        read_spaceranger(hd_run / "outs" / "binned_outputs" / "square_016um")

@@ -79,8 +79,8 @@ def find_tissue_positions(spatial: Path) -> Path:
         if (spatial / name).is_file():
             return spatial / name
     if (spatial / "tissue_positions.parquet").is_file():
-        raise CoordinateError(f"{spatial / 'tissue_positions.parquet'}: parquet positions (Visium HD) are not "
-                              "supported; convert them to tissue_positions.csv")
+        raise CoordinateError(f"{spatial / 'tissue_positions.parquet'}: parquet positions are a Visium HD bin "
+                              "folder; read it with --visium-hd (stalign.data.visium_hd.read_visium_hd)")
     raise CoordinateError(f"{spatial}: no tissue_positions.csv or tissue_positions_list.csv")
 
 
