@@ -300,7 +300,7 @@ def test_spaceranger_blank_hires_falls_back_to_lowres_and_trusts_in_tissue(fetch
                                          r"tissue_lowres_image\.png"):
         sample = read_spaceranger(folder)
     assert sample.image_path.name == "tissue_lowres_image.png" and "lowres" in sample.pixel_size_source
-    assert sample.tissue_from == "image"
-    assert read_spaceranger(folder, tissue_from="in_tissue").tissue_from == "in_tissue"
+    assert sample.tissue_from == "in_tissue"  # the default trusts Space Ranger's call
+    assert read_spaceranger(folder, tissue_from="image").tissue_from == "image"
     with pytest.raises(ValueError, match="tissue_from"):
         read_spaceranger(folder, tissue_from="mask")

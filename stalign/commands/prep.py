@@ -13,6 +13,7 @@ from stofm.util.errors import InputError
 # = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
 # CLI start-up)
 PIXEL_SIZE_FROM = ("auto", "grid", "metadata", "spot-diameter", "pitch", "hest-estimated", "hest-embedded", "scalefactors")
+TISSUE_FROM = ("auto", "in_tissue", "image")  # = stalign.data.tissue_call.TISSUE_FROM
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -53,9 +54,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
                    help="patch storage: none (raw, default: fastest) or gzip (level 1: ~1.3x smaller, ~8x the CPU)")
     p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
-    p.add_argument("--tissue-from", choices=("image", "in_tissue"), default="image",
-                   help="Space Ranger slides: 'in_tissue' trusts the positions file's in_tissue column alone; 'image' "
-                        "(default) also applies the image tissue mask")
+    p.add_argument("--tissue-from", choices=TISSUE_FROM, default="auto",
+                   help="which spots are on tissue: 'in_tissue' trusts Space Ranger's call (Space Ranger folders, "
+                        "HEST samples with obs in_tissue), 'image' the image tissue mask; 'auto' (default) "
+                        "in_tissue where the slide has it, else the image mask. Each slide's rule, its dropped "
+                        "spots and a QC picture go to --out/qc/")
     p.add_argument("--make-unique-genes", action="store_true",
                    help="suffix repeated gene names -1, -2, ... (anndata's var_names_make_unique) instead of failing")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
@@ -110,7 +113,12 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
         raise InputError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
     out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **geom, **common)
            for h, i in zip(h5ads, images)]
-    sr = {"tissue_from": args.tissue_from}
+    from stalign.data.tissue_call import offer_in_tissue
+
+    def hest(*a: Any, **kw: Any) -> Any:  # HEST samples with obs['in_tissue'] offer Space Ranger's call
+        return offer_in_tissue(readers.read_hest(*a, **kw))
+
+    sr = {"tissue_from": "image" if args.tissue_from == "image" else "in_tissue"}  # the reader keeps the call
     out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **geom, **common)
             for d in args.spaceranger or []]
     out += [partial(read_visium_hd, d, bin_um=args.bin_um, um_per_px=args.um_per_px, **sr, **common)
@@ -119,12 +127,12 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
         raise InputError("--ids needs --hest ROOT")
     if args.hest:
         for sid in args.ids or readers.list_hest_samples(args.hest):
-            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
+            out.append(partial(hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
     for row in read_sample_table(args.samples) if args.samples else []:
         mpp = float(row["um_per_px"]) if row.get("um_per_px") not in (None, "") else args.um_per_px
         kw = dict(common, um_per_px=mpp)
         if row.get("hest"):
-            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **geom, **kw))
+            out.append(partial(hest, row["hest"], str(row["id"]), **geom, **kw))
             continue
         kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
         if row.get("visium_hd"):
@@ -150,6 +158,7 @@ def run(args: argparse.Namespace) -> int:
     samples = [load() for load in _loaders(args, crop)]
     manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, crop=crop,
                        n_neighbors=args.neighbors, workers=args.workers, tissue_filter=not args.no_tissue_filter,
+                       tissue_from=args.tissue_from,
                        batch_size=args.batch_size, progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout,
                        patch_compression=args.patch_compression)
     print(summary_table(manifest))

@@ -117,19 +117,6 @@ def warm_up() -> int:
     return os.getpid()
 
 
-def slide_tissue(image_path: str, um_per_px: float, coords_px: np.ndarray,
-                 tissue_filter: bool = True) -> tuple[np.ndarray, list[int]]:
-    """Which spots lie on tissue (all when not ``tissue_filter``) and the slide's level-0 size: the first step
-    of writing a slide's shard, run in the pool for the next slide while the parent writes this one."""
-    from stalign.data.slide import open_slide
-    from stalign.data.tissue import spots_on_tissue
-
-    with open_slide(image_path, um_per_px=um_per_px) as slide:
-        slide.set_tile_cache(0)  # one pass over a thumbnail level: a cache would only hold ~32 MiB meanwhile
-        keep = spots_on_tissue(slide, coords_px) if tissue_filter else np.ones(len(coords_px), dtype=bool)
-        return keep, list(slide.dimensions)
-
-
 #: Decoded-tile cache of a crop-reading slide handle (openslide's default is 32 MiB). Neighbouring crops of a batch
 #: are cut from one shared read, so little is read twice across batches: on a 40,000² slide (10,000 spots) 8 MiB
 #: took the same CPU time as 32 (38.2-38.5 vs 37.0-38.5 s) for 25 MiB less per process (docs/performance.md).

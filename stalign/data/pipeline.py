@@ -2,7 +2,9 @@
 
 1. Every slide's expression is read and normalised first, to fix the shared gene panel (a re-run into the
    same folder reuses the manifest's panel; asking for a different one is an error).
-2. Slides are then written one after another: tissue mask, niche means, neighbours, and the spot and niche
+2. Slides are then written one after another: which spots are on tissue (``stalign.data.tissue_call``: Space
+   Ranger's in_tissue call or the image mask; a QC picture and the dropped spots under ``qc/``), niche means,
+   neighbours, and the spot and niche
    crops at fixed physical sizes, read in batches of spots by ``workers`` processes ('spawn' pool; each
    process opens the slide itself; raw crops come back in shared memory), so several workers speed up one
    large slide as well as many slides; the pool makes the next slide's tissue mask while this one is written.
@@ -26,8 +28,9 @@ import numpy as np
 
 from stalign.data import expression as ex
 from stalign.data.crop_spec import LEGACY_RESAMPLE, CropSpec
-from stalign.data.crop_workers import close_cached, crop_batches, crop_pool, slide_tissue
+from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
 from stalign.data.errors import CoordinateError, DataPrepError
+from stalign.data.prep_qc import qc_relpaths, write_dropped_table, write_qc_picture
 from stalign.data.prep_signals import SIGNALLED, check_terminated, raise_terminated
 from stalign.data.shards import (
     FORMAT,
@@ -39,6 +42,7 @@ from stalign.data.shards import (
     shard_relpath,
     write_manifest,
 )
+from stalign.data.tissue_call import TissueCall, TissueRule, call_tissue, tissue_rule
 from stofm.util.errors import SetupError
 from stofm.util.knn import neighbor_indices
 
@@ -62,7 +66,7 @@ class SlideJob:
     shard_path: str
     genes: list[str]
     settings: dict[str, Any]
-    tissue_filter: bool = True
+    tissue: TissueRule
     batch_size: int = 32
     progress: bool = True
     compression: str = "none"
@@ -109,7 +113,7 @@ LOCK_NAME = ".prep.lock"
 
 def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterable[str] | None = None,
             n_top_genes: int = 50, crop: CropSpec | None = None, n_neighbors: int = 16, workers: int = 1,
-            tissue_filter: bool = True, batch_size: int = 32, progress: bool = True,
+            tissue_filter: bool = True, tissue_from: str = "auto", batch_size: int = 32, progress: bool = True,
             log: Callable[[str], None] | None = None, lock_timeout: float | None = None,
             patch_compression: str = "none") -> dict[str, Any]:
     """Prepare shards for ``samples`` (``SlideSample``s or callables returning one) under ``out_dir``;
@@ -121,7 +125,12 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
 
     ``crop`` (None: the existing manifest's, else ``CropSpec()``) is recorded in the manifest for every later reader
     of the crops (training, checkpoints, prediction on slides); ``patch_compression`` ("none" or "gzip") how patch
-    chunks are stored."""
+    chunks are stored.
+
+    ``tissue_from`` ("auto", "in_tissue", "image"; ``stalign.data.tissue_call``) says which spots are kept:
+    Space Ranger's in_tissue call or the image tissue mask (``tissue_filter=False``: every spot); each slide's
+    rule, its dropped spots with their reasons and a QC picture are written under ``out_dir/qc/`` and recorded
+    in the slide's manifest entry (``tissue``)."""
     from filelock import FileLock, Timeout
 
     out = Path(out_dir)
@@ -146,7 +155,7 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
         try:
             return _prepare_locked(samples, out, genes=genes, n_top_genes=n_top_genes, crop=crop,
                                    n_neighbors=n_neighbors, workers=workers, tissue_filter=tissue_filter,
-                                   batch_size=batch_size, progress=progress, log=log,
+                                   tissue_from=tissue_from, batch_size=batch_size, progress=progress, log=log,
                                    patch_compression=patch_compression)
         finally:
             lock.release()
@@ -161,7 +170,8 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
 
 
 def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] | None, n_top_genes: int,
-                    crop: CropSpec | None, n_neighbors: int, workers: int, tissue_filter: bool, batch_size: int,
+                    crop: CropSpec | None, n_neighbors: int, workers: int, tissue_filter: bool, tissue_from: str,
+                    batch_size: int,
                     progress: bool, log: Callable[[str], None], patch_compression: str) -> dict[str, Any]:
     from stalign import __version__
     from stalign.data.shards import check_compression
@@ -212,11 +222,14 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
 
     # 2. jobs for the slides whose shard is missing or stale
     jobs = []
+    rules = {s.slide_id: tissue_rule(s, tissue_from, tissue_filter=tissue_filter) for s in samples}
     for s in samples:
         hashes = _source_hashes(s)
         path = out / shard_relpath(s.slide_id)
         attrs = shard_attrs(path)
-        if attrs is not None and json.loads(attrs.get("manifest_entry", "{}")).get("source_files") == hashes \
+        old_entry = json.loads(attrs.get("manifest_entry", "{}")) if attrs is not None else {}
+        if attrs is not None and old_entry.get("source_files") == hashes \
+                and old_entry.get("tissue", {}).get("rule") == rules[s.slide_id].rule \
                 and attrs.get("genes") == panel \
                 and {**LEGACY_SETTINGS, **json.loads(attrs.get("settings", "{}"))} == settings:
             entries[s.slide_id] = json.loads(attrs["manifest_entry"])
@@ -232,7 +245,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
                              expr=ex.take_columns(normed[s.slide_id], cols),
                              barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
-                             tissue_filter=tissue_filter and getattr(s, "tissue_from", "image") == "image",
+                             tissue=rules[s.slide_id],
                              batch_size=batch_size, progress=progress, compression=patch_compression,
                              dropped_out_of_image=getattr(s, "dropped_out_of_image", None)))
     del normed
@@ -246,6 +259,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         entries[entry["slide_id"]] = entry
         save()
         log(f"{entry['slide_id']}: {entry['n_spots']} spots written")
+        log(f"{entry['slide_id']}: {entry['tissue']['summary']}; QC picture {out / entry['tissue']['qc_picture']}")
 
     if entries or existing is not None:  # a first run writes its manifest with its first finished slide
         save()
@@ -311,8 +325,8 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
             for k, job in enumerate(jobs):
                 if pool is not None and k + 1 < len(jobs):
                     nxt = jobs[k + 1]
-                    ahead[k + 1] = pool.submit(slide_tissue, nxt.image_path, nxt.um_per_px, nxt.coords_px,
-                                               nxt.tissue_filter)
+                    ahead[k + 1] = pool.submit(call_tissue, nxt.image_path, nxt.um_per_px, nxt.coords_px,
+                                               nxt.tissue, nxt.settings["spot_um"])
                 try:
                     check_terminated()
                     on_done(write_slide(job, pool=pool, tissue=ahead.pop(k, None)))
@@ -333,21 +347,21 @@ def _run(jobs: list[SlideJob], *, workers: int, progress: bool,
 
 def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[str, Any]:
     """Tissue filter, niche means, neighbours and crops of one slide into its shard; returns its manifest entry.
-    ``tissue``: a future of ``slide_tissue`` for this job made in ``pool`` (None: made here)."""
+    ``tissue``: a future of ``call_tissue`` for this job made in ``pool`` (None: made here)."""
     from tqdm.auto import tqdm
 
     st = job.settings
     crop = CropSpec.from_dict(st)
     spot_px, niche_px = crop.pixels(job.um_per_px)
     n_in = len(job.coords_px)
-    if tissue is None:
-        keep, dims = slide_tissue(job.image_path, job.um_per_px, job.coords_px, job.tissue_filter)
-    else:
-        keep, dims = tissue.result()
+    call = tissue.result() if tissue is not None else \
+        call_tissue(job.image_path, job.um_per_px, job.coords_px, job.tissue, window_um=crop.spot_um)
+    keep, dims = call.keep, call.dims
     if not keep.any():
         raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
-                            "(tissue mask: Otsu on a thumbnail); check the coordinates and pixel size, or use "
+                            f"({call.describe()}); check the coordinates and pixel size, or use "
                             "--no-tissue-filter")
+    tissue_record = _write_qc(job, call)
     kept = np.flatnonzero(keep)  # shard rows keep the input order
     xy, expr = job.coords_px[kept], job.expr[kept]
     # crops are read in raster order (bands one spot crop high, then x): neighbours share decoded tiles
@@ -361,6 +375,7 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
              "niche_px": niche_px, "image_size": dims, "source_files": job.source_files,
              "dropped_out_of_image": job.dropped_out_of_image or {"count": 0, "barcodes": []}}
+    entry["tissue"] = tissue_record
     batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]
     tasks = [(job.image_path, job.um_per_px, xy[rows], crop, job.compression) for rows in batches]
     with ShardWriter(job.shard_path, slide_id=job.slide_id, n_spots=len(xy), patch_px=crop.patch_px,
@@ -384,3 +399,15 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
         w.finish(expr=expr, coords_px=xy, coords_um=um, padded=padded, barcodes=[job.barcodes[i] for i in kept],
                  **spot_arrays)
     return entry
+
+
+def _write_qc(job: SlideJob, call: TissueCall) -> dict[str, Any]:
+    """The slide's QC picture and dropped-spot table under ``qc/`` (beside ``shards/``); its ``tissue`` record."""
+    out = Path(job.shard_path).parent.parent
+    picture, table = qc_relpaths(job.slide_id)
+    write_qc_picture(out / picture, call, job.coords_px, slide_id=job.slide_id)
+    record = {**call.record(), "summary": call.describe(), "qc_picture": picture, "dropped_spots": None}
+    if (~call.keep).any():
+        write_dropped_table(out / table, call, job.coords_px, job.barcodes)
+        record["dropped_spots"] = table
+    return record

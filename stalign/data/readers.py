@@ -141,12 +141,12 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
                      slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
                      spot_diameter_um: float | None = None, spot_pitch_um: float | None = None,
                      crop_um: float = CropSpec.niche_um, make_unique: bool = False, var_names: str = "gene_symbols",
-                     tissue_from: str = "image") -> SlideSample:
+                     tissue_from: str = "in_tissue") -> SlideSample:
     """In-tissue spots of a Space Ranger ``outs`` folder with the full-res ``image``, else the hires PNG (a blank
     placeholder hires PNG is skipped for the lowres one, with a warning).
 
     ``tissue_from="in_tissue"`` trusts Space Ranger's ``in_tissue`` column alone (prep skips its image tissue mask
-    for this slide); ``"image"`` (default) applies the mask on top.
+    for this slide; the default); ``"image"`` applies the mask on top (``stalign.data.tissue_call``).
 
     Without ``image`` the spots are scaled by ``tissue_hires_scalef`` onto ``spatial/tissue_hires_image.png``
     (``tissue_lowres_image.png`` when there is no hires one). ``"auto"`` pixel size: the array grid (every
