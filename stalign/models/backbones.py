@@ -7,6 +7,7 @@ into an ``ImageEncoder``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -42,13 +43,22 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     input_size: int = 224
     interpolation: str = "bicubic"
+    crop_pct: float = 1.0  # < 1: resize to input_size / crop_pct, then centre-crop input_size (GigaPath: 224/256)
+    precision: str = "fp32"  # the publisher's / HEST's inference precision: "fp32", "fp16" or "bf16" autocast
 
 
-def register_image_encoder(name: str) -> Callable:
-    """Decorator: register a builder ``fn(*, pretrained, **kwargs) -> Backbone`` under a published name."""
+def register_image_encoder(name: str, *, precision: str = "fp32") -> Callable:
+    """Decorator: register a builder ``fn(*, pretrained, **kwargs) -> Backbone`` under a published name;
+    ``precision`` (the autocast HEST-Bench / TRIDENT run it under) is stamped on every backbone it builds."""
 
     def deco(fn: Callable[..., Backbone]) -> Callable[..., Backbone]:
-        IMAGE_ENCODERS[name] = fn
+        @functools.wraps(fn)
+        def build(**kwargs: Any) -> Backbone:
+            backbone = fn(**kwargs)
+            backbone.precision = precision
+            return backbone
+
+        IMAGE_ENCODERS[name] = build
         return fn
 
     return deco

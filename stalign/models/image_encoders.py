@@ -9,6 +9,7 @@ the backbone's published weights (hub download or cache; tests never do this).
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 import stalign.models.pathology_encoders  # noqa: F401  (registers the named pathology models)
+import stalign.models.pathology_zoo  # noqa: F401  (registers the rest of HEST-Bench's encoders)
 from stalign.models.backbones import (
     IMAGE_ENCODERS,
     PREFIX_BUILDERS,
@@ -29,13 +31,19 @@ from stalign.models.backbones import (
 from stofm.util.errors import InputError
 
 __all__ = ["CheckpointMismatchError", "ImageEncoder", "UnknownImageEncoderError", "create_image_encoder",
-           "known_image_encoders", "load_state_dict_file"]
+           "known_image_encoders", "load_state_dict_file", "run_precision"]
 
 
-#: TRIDENT-style names (as HEST and TRIDENT spell them) -> the names here.
+#: TRIDENT-style names (as HEST and TRIDENT spell them) -> the names here; ``resnet50-full`` is the whole ImageNet
+#: ResNet-50 (2048-d), ``resnet50_trunc`` HEST's (truncated after layer3, 1024-d).
 ALIASES = {"uni_v1": "uni", "uni_v2": "uni2", "uni2-h": "uni2", "conch_v1": "conch", "virchow_v1": "virchow",
            "virchow_v2": "virchow2", "hoptimus0": "h-optimus-0", "h_optimus_0": "h-optimus-0", "phikon_v1": "phikon",
-           "resnet50": "timm:resnet50.tv_in1k"}
+           "hoptimus1": "h-optimus-1", "h_optimus_1": "h-optimus-1", "phikon_v2": "phikon-v2",
+           "h0_mini": "h0-mini-cls", "resnet50-full": "timm:resnet50.tv_in1k", "resnet50": "timm:resnet50.tv_in1k"}
+#: Names kept for old specs, with the warning they give.
+DEPRECATED = {"resnet50": "'resnet50' is ambiguous and deprecated: here it is the whole ImageNet ResNet-50 "
+                          "(2048-d, now 'resnet50-full'), while HEST-Bench's 'resnet50' is 'resnet50_trunc' (truncated "
+                          "after layer3, 1024-d); name one of the two"}
 
 
 def known_image_encoders() -> list[str]:
@@ -52,6 +60,7 @@ class ImageEncoder(nn.Module):
         super().__init__()
         self.trunk, self.spec, self.out_dim = backbone.trunk, spec, backbone.out_dim
         self.input_size, self.interpolation = backbone.input_size, backbone.interpolation
+        self.crop_pct, self.precision = backbone.crop_pct, backbone.precision
         self.mean, self.std = tuple(backbone.mean), tuple(backbone.std)
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
@@ -63,10 +72,13 @@ class ImageEncoder(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"images must be (B, 3, H, W), got {tuple(x.shape)}")
         x = x.float().div(255.0) if x.dtype == torch.uint8 else x.to(self._mean.dtype)
-        if x.shape[-2:] != (self.input_size, self.input_size):
+        size = int(self.input_size / self.crop_pct) if self.crop_pct < 1 else self.input_size
+        if x.shape[-2:] != (size, size):
             mode = "bicubic" if self.interpolation == "bicubic" else "bilinear"
-            x = F.interpolate(x, size=(self.input_size, self.input_size), mode=mode, align_corners=False,
-                              antialias=True)
+            x = F.interpolate(x, size=(size, size), mode=mode, align_corners=False, antialias=True)
+        if size != self.input_size:  # centre crop, as torchvision's CenterCrop
+            top = int(round((size - self.input_size) / 2.0))
+            x = x[..., top:top + self.input_size, top:top + self.input_size]
         return (x - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -117,6 +129,8 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
     """
     from stalign.models.adapters import apply_trainability
 
+    if str(spec) in DEPRECATED:
+        warnings.warn(DEPRECATED[str(spec)], FutureWarning, stacklevel=2)
     spec = ALIASES.get(str(spec), str(spec))
     if spec.startswith("hf-hub:"):  # timm / open_clip semantics: a hub repo's own weights
         spec, pretrained = "timm:" + spec, True if pretrained is None else pretrained
@@ -142,3 +156,28 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
     apply_trainability(encoder.trunk, freeze=freeze, unfreeze_last=unfreeze_last, lora_rank=lora_rank,
                        lora_alpha=lora_alpha)
     return encoder
+
+
+def run_precision(published: str, requested: str = "auto", device: Any = None) -> tuple[str, str]:
+    """The precision to run an encoder under and its label for a results row.
+
+    ``requested``: ``auto`` = the encoder's ``published`` precision (the autocast HEST-Bench runs it under, in its
+    registry entry), or ``fp32`` / ``fp16`` / ``bf16``. fp16 autocast is not run on the CPU (slow or missing
+    kernels there): it runs fp32 and the label says so.
+    """
+    from stalign.models.perf import PRECISIONS, resolve_device
+
+    if requested not in PRECISIONS:
+        raise InputError(f"precision must be one of {', '.join(PRECISIONS)}, got {requested!r}")
+    want = published if requested == "auto" else requested
+    run = "fp32" if want == "fp16" and resolve_device(device).type == "cpu" else want
+    notes = [f"asked {requested}"] if requested not in ("auto", published) else []
+    if run != want:
+        notes.append("no fp16 autocast on CPU")
+    if notes or run != published:
+        notes.append(f"reference: {_precision_name(published)}")
+    return run, _precision_name(run) + (f" ({'; '.join(notes)})" if notes else "")
+
+
+def _precision_name(precision: str) -> str:
+    return precision if precision == "fp32" else f"{precision} autocast"

@@ -1,8 +1,9 @@
 """Named image encoders: pathology foundation models, ``open_clip:<name>``, EfficientNet-Lite0 ImageNet.
 
 Architectures and constructor kwargs follow each model card (UNI, UNI2-h, Virchow, Virchow2,
-H-optimus-0: timm ``hf-hub:`` names; CONCH: its ViT-B/16 at 448 px with attentional pooling; Phikon: a ViT-B/16 from
-a Hugging Face transformers checkpoint). ``pretrained=True`` downloads the published (often gated) weights
+H-optimus-0/1: timm ``hf-hub:`` names; CONCH: its ViT-B/16 at 448 px with attentional pooling; Phikon, Phikon-v2: a
+ViT-B/16 / DINOv2 ViT-L/16 from a Hugging Face transformers checkpoint). Each registration carries the precision
+HEST-Bench runs the model under (``inference_models.py``; TRIDENT's where HEST lacks the model). ``pretrained=True`` downloads the published (often gated) weights
 through timm / open_clip / huggingface_hub; a path loads a local file; extra kwargs override the
 architecture (tests build shrunk variants with the same structure).
 """
@@ -36,7 +37,7 @@ OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26
 Pretrained = bool | str | os.PathLike | None
 
 
-def _swiglu_kwargs() -> dict[str, Any]:
+def swiglu_kwargs() -> dict[str, Any]:
     import timm.layers
 
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
@@ -48,7 +49,7 @@ def _imagenet_norm(bb: Backbone) -> Backbone:
     return bb
 
 
-@register_image_encoder("uni")
+@register_image_encoder("uni", precision="fp16")
 def uni(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """UNI (MahmoodLab): ViT-L/16, 1024-d CLS features."""
     kwargs = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True, **overrides}
@@ -56,31 +57,34 @@ def uni(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
                                         hub_name="hf-hub:MahmoodLab/uni", **kwargs))
 
 
-@register_image_encoder("uni2")
+@register_image_encoder("uni2", precision="bf16")  # TRIDENT (HEST lacks UNI2)
 def uni2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """UNI2-h (MahmoodLab): ViT-H/14 with SwiGLU and 8 register tokens, 1536-d."""
     kwargs = {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
               "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
-              "dynamic_img_size": True, **_swiglu_kwargs(), **overrides}
+              "dynamic_img_size": True, **swiglu_kwargs(), **overrides}
     return _imagenet_norm(timm_backbone("vit_giant_patch14_224", pretrained=pretrained,
                                         hub_name="hf-hub:MahmoodLab/UNI2-h", **kwargs))
 
 
 class ClsMeanPool(nn.Module):
-    """Virchow pooling: concatenate the CLS token and the mean of the patch tokens (after ``n_prefix`` tokens)."""
+    """Virchow pooling: concatenate the CLS token and the mean of the patch tokens (after ``n_prefix`` tokens);
+    ``cls_only``: the CLS token alone."""
 
-    def __init__(self, *, vit: nn.Module, n_prefix: int) -> None:
+    def __init__(self, *, vit: nn.Module, n_prefix: int, cls_only: bool = False) -> None:
         super().__init__()
-        self.vit, self.n_prefix = vit, n_prefix
+        self.vit, self.n_prefix, self.cls_only = vit, n_prefix, cls_only
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = self.vit.forward_features(x)
+        if self.cls_only:
+            return tokens[:, 0]
         return torch.cat([tokens[:, 0], tokens[:, self.n_prefix:].mean(dim=1)], dim=-1)
 
 
 def _virchow(hub: str, reg_tokens: int, pretrained: Pretrained, overrides: dict[str, Any]) -> Backbone:
     kwargs = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
-              "dynamic_img_size": True, **_swiglu_kwargs(), **overrides}
+              "dynamic_img_size": True, **swiglu_kwargs(), **overrides}
     if reg_tokens:
         kwargs["reg_tokens"] = reg_tokens
     vit = timm_backbone("vit_huge_patch14_224", pretrained=pretrained, hub_name=hub, **kwargs).trunk
@@ -94,21 +98,33 @@ def virchow(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     return _virchow("hf-hub:paige-ai/Virchow", 0, pretrained, overrides)
 
 
-@register_image_encoder("virchow2")
+@register_image_encoder("virchow2", precision="fp16")
 def virchow2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """Virchow2 (Paige): as Virchow with 4 register tokens (skipped in the patch mean)."""
     return _virchow("hf-hub:paige-ai/Virchow2", 4, pretrained, overrides)
 
 
-@register_image_encoder("h-optimus-0")
+HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
+
+
+def _h_optimus(hub: str, pretrained: Pretrained, overrides: dict[str, Any]) -> Backbone:
+    kwargs = {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token", **overrides}
+    bb = timm_backbone("vit_giant_patch14_reg4_dinov2", pretrained=pretrained, hub_name=hub, **kwargs)
+    if pretrained is not True:  # the hub config carries these; a local file does not
+        bb.mean, bb.std = HOPTIMUS_MEAN, HOPTIMUS_STD
+    return bb
+
+
+@register_image_encoder("h-optimus-0", precision="fp16")
 def h_optimus_0(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers (DINOv2), 1536-d CLS, its own H&E mean/std."""
-    kwargs = {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token", **overrides}
-    bb = timm_backbone("vit_giant_patch14_reg4_dinov2", pretrained=pretrained,
-                       hub_name="hf-hub:bioptimus/H-optimus-0", **kwargs)
-    if pretrained is not True:  # the hub config carries these; a local file does not
-        bb.mean, bb.std = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
-    return bb
+    return _h_optimus("hf-hub:bioptimus/H-optimus-0", pretrained, overrides)
+
+
+@register_image_encoder("h-optimus-1", precision="fp16")  # TRIDENT (HEST lacks H-optimus-1)
+def h_optimus_1(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """H-optimus-1 (Bioptimus): as H-optimus-0 (ViT-g/14, 4 registers, 1536-d CLS, the same mean/std)."""
+    return _h_optimus("hf-hub:bioptimus/H-optimus-1", pretrained, overrides)
 
 
 # --------------------------------------------------------------------------------------------- open_clip
@@ -221,46 +237,69 @@ def conch(*, pretrained: Pretrained = None, **arch: Any) -> Backbone:
 
 
 # ---------------------------------------------------------------------------------------------- Phikon
+_HF_VIT_NAMES = {"layernorm_before": "norm1", "attention.output.dense": "attn.proj", "layernorm_after": "norm2",
+                 "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+_HF_DINOV2_NAMES = {"norm1": "norm1", "attention.output.dense": "attn.proj", "norm2": "norm2", "mlp.fc1": "mlp.fc1",
+                    "mlp.fc2": "mlp.fc2"}
+
+
 def hf_vit_to_timm(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map Hugging Face ``ViTModel`` keys (Phikon) onto timm ``VisionTransformer`` keys (q, k, v -> qkv)."""
-    sd = strip_prefixes(sd, ("module.", "vit.", "model."))
+    """Map Hugging Face ``ViTModel`` (Phikon) or ``Dinov2Model`` (Phikon-v2) keys, as the published files
+    spell them, onto timm ``VisionTransformer`` keys (q, k, v -> qkv; DINOv2 layer scales -> ``ls1``/``ls2``)."""
+    sd = strip_prefixes(sd, ("module.", "vit.", "dinov2.", "model."))
     out = {"cls_token": sd["embeddings.cls_token"], "pos_embed": sd["embeddings.position_embeddings"],
            "patch_embed.proj.weight": sd["embeddings.patch_embeddings.projection.weight"],
            "patch_embed.proj.bias": sd["embeddings.patch_embeddings.projection.bias"],
            "norm.weight": sd["layernorm.weight"], "norm.bias": sd["layernorm.bias"]}
     depth = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.layer."))
-    rename = {"layernorm_before": "norm1", "attention.output.dense": "attn.proj", "layernorm_after": "norm2",
-              "intermediate.dense": "mlp.fc1", "output.dense": "mlp.fc2"}
+    dinov2 = "encoder.layer.0.norm1.weight" in sd
     for i in range(depth):
         src, dst = f"encoder.layer.{i}.", f"blocks.{i}."
         for p in ("weight", "bias"):
             out[f"{dst}attn.qkv.{p}"] = torch.cat(
                 [sd[f"{src}attention.attention.{n}.{p}"] for n in ("query", "key", "value")], dim=0)
-            for a, b in rename.items():
+            for a, b in (_HF_DINOV2_NAMES if dinov2 else _HF_VIT_NAMES).items():
                 out[f"{dst}{b}.{p}"] = sd[f"{src}{a}.{p}"]
+        if dinov2:
+            out[f"{dst}ls1.gamma"], out[f"{dst}ls2.gamma"] = (sd[f"{src}layer_scale{j}.lambda1"] for j in (1, 2))
     return out
 
 
-@register_image_encoder("phikon")
-def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
-    """Phikon (Owkin): ViT-B/16 (iBOT) from a transformers checkpoint; 768-d CLS after the final LayerNorm."""
+def _hf_config(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``config.json`` beside a transformers weights file (or in its snapshot folder), else {}."""
+    folder = Path(path) if Path(path).is_dir() else Path(path).parent
+    if not (folder / "config.json").is_file():
+        return {}
+    from stofm.util.safe_files import read_json
+
+    cfg = read_json(folder / "config.json", what="transformers model config")
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _hf_vit(pretrained: Pretrained, *, hub: str, num_heads: int | None, kwargs: dict[str, Any],
+            overrides: dict[str, Any]) -> Backbone:
+    """A transformers ViT / DINOv2 checkpoint as a timm ViT whose widths, depth and patch come from its tensors."""
     if pretrained is True:
         from huggingface_hub import hf_hub_download
 
-        with hub_errors("hf-hub:owkin/phikon"):
-            pretrained = hf_hub_download("owkin/phikon", "model.safetensors")
-    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
-                              "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}
+        with hub_errors(f"hf-hub:{hub}"):
+            pretrained = hf_hub_download(hub, "model.safetensors")
     sd = None
     if pretrained:
         try:
             sd = hf_vit_to_timm(load_state_dict_file(pretrained))
         except KeyError as err:
             raise CheckpointMismatchError(f"{pretrained}: not a transformers ViT state dict (no key {err})") from err
-        dim = sd["cls_token"].shape[-1]
+        dim, patch = sd["cls_token"].shape[-1], sd["patch_embed.proj.weight"].shape[-1]
+        grid = round((sd["pos_embed"].shape[1] - 1) ** 0.5)
         kwargs.update(embed_dim=dim, depth=1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks.")),
-                      patch_size=sd["patch_embed.proj.weight"].shape[-1],
-                      mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+                      patch_size=patch, img_size=grid * patch, mlp_ratio=sd["blocks.0.mlp.fc1.weight"].shape[0] / dim)
+        cfg = _hf_config(pretrained)
+        if cfg.get("use_swiglu_ffn"):
+            raise CheckpointMismatchError(f"{pretrained}: a SwiGLU DINOv2 (use_swiglu_ffn) is not a Phikon model")
+        num_heads = num_heads or cfg.get("num_attention_heads")
+        if "layer_norm_eps" in cfg:
+            kwargs["norm_layer"] = partial(nn.LayerNorm, eps=float(cfg["layer_norm_eps"]))
     kwargs.update(overrides)
     kwargs["num_heads"] = num_heads or kwargs["embed_dim"] // 64 or 1
     bb = timm_backbone("vit_base_patch16_224", **kwargs)
@@ -268,6 +307,23 @@ def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **ove
         load_into(bb.trunk, sd, source=str(pretrained))
     bb.interpolation = "bilinear"
     return _imagenet_norm(bb)
+
+
+@register_image_encoder("phikon")
+def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
+    """Phikon (Owkin): ViT-B/16 (iBOT) from a transformers checkpoint; 768-d CLS after the final LayerNorm."""
+    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
+                              "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}
+    return _hf_vit(pretrained, hub="owkin/phikon", num_heads=num_heads, kwargs=kwargs, overrides=overrides)
+
+
+@register_image_encoder("phikon-v2")
+def phikon_v2(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
+    """Phikon-v2 (Owkin): DINOv2 ViT-L/16 from its transformers ``AutoModel`` (``Dinov2Model``) checkpoint, 1024-d
+    CLS of ``last_hidden_state`` (after the final LayerNorm), ImageNet mean/std."""
+    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "init_values": 1.0,
+                              "norm_layer": partial(nn.LayerNorm, eps=1e-6), "global_pool": "token"}
+    return _hf_vit(pretrained, hub="owkin/phikon-v2", num_heads=num_heads, kwargs=kwargs, overrides=overrides)
 
 
 # ------------------------------------------------------------------------------------ EfficientNet-Lite0
