@@ -285,21 +285,16 @@ def write_weights_folder(path: str | os.PathLike, meta: dict, module: nn.Module)
 
 
 def read_weights_folder(path: str | os.PathLike, *, fmt: str, what: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(config, tensors)`` of a folder written by ``write_weights_folder`` whose config has ``format == fmt``.
-
-    Safetensors only: no pickle is executed. ``what`` names the kind of folder in error messages.
-    """
-    from stofm.util.safe_files import load_tensors, read_json
+    """``(config, tensors)`` of a folder written by ``write_weights_folder`` whose config has ``format == fmt``
+    (``stofm.util.safe_files.read_described_tensors``: safetensors only, sha256 checked). ``what`` names the kind of
+    folder in error messages."""
+    from stofm.util.safe_files import read_described_tensors
 
     path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    for f in (cfg_file, weights):
-        if not f.is_file():
-            raise FileNotFoundError(f"{what} folder {path} lacks {f.name}")
-    meta = read_json(cfg_file, what=f"{what} config")
-    if not isinstance(meta, dict) or meta.get("format") != fmt:
-        raise InputError(f"{cfg_file}: not a {what} config (format is not {fmt!r})")
-    return meta, load_tensors(weights, what=f"{what} weights", sha256=meta.get("weights_sha256"))
+    for name in ("config.json", "model.safetensors"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{what} folder {path} lacks {name}")
+    return read_described_tensors(path / "config.json", path / "model.safetensors", fmt=fmt, what=what)
 
 
 def save_cell_encoder(encoder: CellEncoder, path: str | os.PathLike) -> Path:
