@@ -1,22 +1,52 @@
 """Command-line options and their readers shared by several commands (``predict``, ``retrieve``, ``fewshot``,
-``bench``, ``prep``, ``data``): a slide's crops, the reference bank's search engine, batch/workers/device/seed/quiet/debug,
+``bench``, ``prep``, ``data``): a slide input (any of prep's readers: :func:`slide_query`) and its crops, the reference bank's search engine, batch/workers/device/seed/quiet/debug,
 a gene panel file."""
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from stofm.util.errors import InputError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def add_slide_source_args(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """The slide inputs ``stalign prep`` reads, one per run: --slide (+ --coords), --spaceranger DIR, --hest ROOT
+    SAMPLE, --h5ad FILE + --image FILE, --visium-hd DIR; with --um-per-px / --pixel-size-from (:func:`slide_query`)."""
+    g = p.add_argument_group("slide input (one of)")
+    src = g.add_mutually_exclusive_group(required=required)
+    src.add_argument("--slide", help="whole-slide image (any openslide format) or plain image")
+    src.add_argument("--spaceranger", metavar="DIR",
+                     help="Space Ranger output folder: its in-tissue spots on its hires image (or --image, the "
+                          "full-resolution one), coordinates scaled to the image used")
+    src.add_argument("--hest", nargs=2, metavar=("ROOT", "SAMPLE"), help="a HEST-1k sample: ROOT (st/, wsis/, "
+                                                                         "metadata/) and the sample id")
+    src.add_argument("--h5ad", metavar="FILE", help="AnnData with obsm['spatial'] in level-0 px of --image")
+    src.add_argument("--visium-hd", metavar="DIR",
+                     help="Space Ranger Visium HD binned output (binned_outputs/square_XXXum): its bins as spots")
+    g.add_argument("--bin-um", type=int, default=None, metavar="UM",
+                   help="--visium-hd: the bin size to read (default 16 when present, as stalign prep)")
+    g.add_argument("--image", default=None, metavar="FILE",
+                   help="with --h5ad: the slide its coordinates are in (required); with --spaceranger/--visium-hd: "
+                        "the full-resolution image (default: the folder's hires image)")
+    g.add_argument("--um-per-px", type=float, default=None,
+                   help="pixel size in µm/px (needed for plain images without metadata; overrides metadata and "
+                        "the readers' rules)")
+    g.add_argument("--pixel-size-from", default="auto", metavar="SOURCE",
+                   help="--spaceranger/--hest/--h5ad/--visium-hd: where the pixel size comes from when --um-per-px "
+                        "is not given (as stalign prep: auto, metadata, spot-diameter, pitch, ...; default auto)")
+    g.add_argument("--coords", default=None,
+                   help="with --slide: spot centres: .h5ad (obsm['spatial'], level-0 px) or CSV with x,y[,barcode] "
+                        "(default: tile the tissue)")
 
 
 def add_slide_args(p: argparse.ArgumentParser) -> None:
     """Options shared by the commands that read crops from a slide."""
-    p.add_argument("--slide", required=True, help="whole-slide image (any openslide format) or plain image")
-    p.add_argument("--um-per-px", type=float, default=None,
-                   help="pixel size in µm/px (needed for plain images without metadata; overrides metadata)")
-    p.add_argument("--coords", default=None,
-                   help="spot centres: .h5ad (obsm['spatial'], level-0 px) or CSV with x,y[,barcode] "
-                        "(default: tile the tissue)")
+    add_slide_source_args(p)
     p.add_argument("--spot-um", type=float, default=None,
                    help="spot crop width (default: the reference bank's, else the few-shot head's, else the model's)")
     p.add_argument("--niche-um", type=float, default=None, help="niche crop width (default: as --spot-um)")
@@ -25,7 +55,7 @@ def add_slide_args(p: argparse.ArgumentParser) -> None:
                    help="crop resampling filter (default: as --spot-um; match the training data)")
     p.add_argument("--spot-diameter-um", type=float, default=None,
                    help="spot size drawn by sc.pl.spatial and the heat maps (default: the tile width when tiling; "
-                        "0.55 x the spot pitch for --coords, e.g. 55 µm for Visium)")
+                        "55 µm for --spaceranger; the bin size for --visium-hd; else 0.55 x the spot pitch)")
     add_run_args(p, workers=2)
 
 
@@ -67,13 +97,88 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 0, seed: bool = F
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def slide_coords(args: argparse.Namespace):
-    """(coords, barcodes) from --coords, or (None, None) to tile the tissue."""
-    if not args.coords:
-        return None, None
-    from stalign.tasks.predict import read_coords
+#: a Visium capture spot's diameter (µm), what the spots of a Space Ranger folder are drawn as
+VISIUM_SPOT_UM = 55.0
 
-    return read_coords(args.coords)
+
+@dataclass
+class SlideQuery:
+    """A slide to predict on, from any slide input: the opened image (with its pixel size and the rule that gave
+    it), the spot centres in that image's pixels (None: tile the tissue), their names and other columns, the genes
+    the query's own expression measures (None: no expression), the spot size the input defines and the pixel size
+    of every source the reader found (name -> µm/px)."""
+
+    slide: Any
+    coords: np.ndarray | None = None
+    barcodes: list[str] | None = None
+    obs: Any = None
+    genes: list[str] | None = None
+    spot_diameter_um: float | None = None
+    pixel_size_sources: dict[str, float] | None = None
+
+
+def slide_query(args: argparse.Namespace) -> SlideQuery:
+    """The :class:`SlideQuery` of the slide input given (see :func:`add_slide_source_args`), read by the readers
+    of ``stalign prep``; bad input raises an error naming the file and the value."""
+    from stalign.tasks.predict import open_for_prediction, read_coords
+
+    given = [f"--{n.replace('_', '-')}" for n in ("spaceranger", "hest", "h5ad", "visium_hd")
+             if getattr(args, n, None)]
+    if args.coords and given:
+        raise InputError(f"--coords goes with --slide; {given[0]} gives its own spots")
+    if args.bin_um is not None and not args.visium_hd:
+        raise InputError(f"--bin-um {args.bin_um} goes with --visium-hd")
+    if args.image and not (given and given[0] in ("--spaceranger", "--h5ad", "--visium-hd")):
+        raise InputError(f"--image {args.image} goes with --h5ad, --spaceranger or --visium-hd")
+    if not given:
+        slide = open_for_prediction(args.slide, um_per_px=args.um_per_px)
+        if not args.coords:
+            return SlideQuery(slide=slide)
+        coords, barcodes, obs = read_coords(args.coords, with_obs=True)
+        return SlideQuery(slide=slide, coords=coords, barcodes=barcodes, obs=obs)
+    import numpy as np
+
+    sample, spot_um = _read_sample(args)
+    slide = open_for_prediction(sample.image_path, um_per_px=sample.um_per_px)
+    slide.pixel_size_source, slide.pixel_size_note = sample.pixel_size_source, ""
+    adata = sample.adata
+    return SlideQuery(slide=slide, coords=np.asarray(sample.coords_px, np.float64),
+                      barcodes=[str(b) for b in adata.obs_names], obs=adata.obs.reset_index(drop=True),
+                      genes=[str(g) for g in adata.var_names] if adata.n_vars else None, spot_diameter_um=spot_um,
+                      pixel_size_sources=dict(getattr(sample, "pixel_size_sources", None) or {}) or None)
+
+
+def _read_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
+    """(the reader's ``SlideSample``, the spot diameter in µm the input defines or None)."""
+    from stalign.data import readers
+
+    common = {"um_per_px": args.um_per_px, "pixel_size_from": args.pixel_size_from}
+    if args.hest:
+        root, sample_id = args.hest
+        _must_exist(root, "HEST-1k folder")
+        return readers.read_hest(root, sample_id, **common), None
+    if args.h5ad:
+        if not args.image:
+            raise InputError(f"--h5ad {args.h5ad} needs --image (the slide its obsm['spatial'] is in)")
+        _must_exist(args.h5ad, "AnnData file")
+        _must_exist(args.image, "slide image")
+        return readers.read_anndata_image(args.h5ad, args.image, **common), None
+    if args.image:
+        _must_exist(args.image, "slide image")
+    if args.spaceranger:
+        _must_exist(args.spaceranger, "Space Ranger folder")
+        return readers.read_spaceranger(args.spaceranger, image=args.image, tissue_from="in_tissue",
+                                        **common), VISIUM_SPOT_UM
+    from stalign.data.visium_hd import read_visium_hd
+
+    _must_exist(args.visium_hd, "Visium HD folder")
+    sample = read_visium_hd(args.visium_hd, bin_um=args.bin_um, image=args.image, **common)
+    return sample, float(sample.adata.uns["visium_hd"]["bin_um"])
+
+
+def _must_exist(path: str, what: str) -> None:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"{path}: {what} does not exist")
 
 
 def read_gene_file(path: str | Path) -> list[str]:

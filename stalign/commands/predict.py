@@ -4,14 +4,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.common_args import add_index_args, add_slide_args, crop_args, index_args
+from stalign.commands.common_args import add_index_args, add_slide_args, crop_args, index_args, slide_query
 from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("predict", help="predict expression over a slide (zero-shot retrieval / few-shot head)",
-                       description="Tile the tissue of a slide (or take --coords), embed spot and niche crops with a "
-                                   "trained model, and predict expression by retrieval from a reference (bank or "
+                       description="Read a slide (an image, a Space Ranger or Visium HD folder, a HEST-1k sample, "
+                                   "or an AnnData + image), tile its tissue (or take its spots / --coords), check "
+                                   "query against reference (pixel size, upsampling, gene panel), embed spot and "
+                                   "niche crops with a trained model, and predict expression by retrieval from a reference (bank or "
                                    "shards) and/or with a few-shot head. Writes AnnData and heat-map PNGs.")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     add_slide_args(p)
@@ -31,10 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def check_inputs(args: argparse.Namespace) -> tuple:
     """Open every input before any heavy step (the reference is embedded only after this); all problems at once.
-    Returns (model, head, slide, coords, barcodes)."""
+    Returns (model, head, query: a ``SlideQuery``)."""
     import stalign
     from stalign.tasks.fewshot_io import load_head
-    from stalign.tasks.predict import open_for_prediction
     from stalign.tasks.retrieval import gene_indices
 
     problems: list[str] = []
@@ -48,11 +49,7 @@ def check_inputs(args: argparse.Namespace) -> tuple:
 
     model = attempt(lambda: stalign.load_checkpoint(args.model))
     head = attempt(lambda: load_head(args.fewshot_head)) if args.fewshot_head else None
-    from stalign.tasks.predict import read_coords
-
-    coords, barcodes, obs = (attempt(lambda: read_coords(args.coords, with_obs=True), (None, None, None))
-                             if args.coords else (None, None, None))
-    slide = attempt(lambda: open_for_prediction(args.slide, um_per_px=args.um_per_px))
+    query = attempt(lambda: slide_query(args))
     if args.reference and not Path(args.reference).exists():
         problems.append(f"{args.reference}: reference (bank or shards folder) does not exist")
     if not args.reference and not args.fewshot_head:
@@ -71,21 +68,24 @@ def check_inputs(args: argparse.Namespace) -> tuple:
         problems.append(f"--temperature must be > 0, got {args.temperature}")
     if problems:
         raise InputError(f"{len(problems)} problem(s): " + "; ".join(problems) if len(problems) > 1 else problems[0])
-    return model, head, slide, coords, barcodes, obs
+    return model, head, query
 
 
 def run(args: argparse.Namespace) -> int:
     from stalign.tasks.predict import predict_slide, write_heatmaps
     from stalign.tasks.scverse import carry_obs
 
-    model, head, slide, coords, barcodes, obs = check_inputs(args)
-    adata = predict_slide(model, slide, reference=args.reference, coords=coords, barcodes=barcodes,
-                          um_per_px=args.um_per_px, crop=crop_args(args), step_um=args.step_um,
-                          spot_diameter_um=args.spot_diameter_um,
+    model, head, query = check_inputs(args)
+    diameter = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
+    adata = predict_slide(model, query.slide, reference=args.reference, coords=query.coords,
+                          barcodes=query.barcodes, crop=crop_args(args), step_um=args.step_um,
+                          spot_diameter_um=diameter, query_genes=query.genes,
                           k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
                           progress=not args.quiet, **index_args(args))
-    carry_obs(adata, obs)
+    carry_obs(adata, query.obs)
+    if query.pixel_size_sources:
+        adata.uns["stalign"]["pixel_size_sources"] = query.pixel_size_sources
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     adata.write_h5ad(out)
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     genes = args.heatmap_genes or list(adata.var_names[:4])
     if [g.lower() for g in genes] != ["none"]:
         folder = Path(args.heatmaps) if args.heatmaps else out.with_suffix("").with_name(out.stem + "_heatmaps")
-        paths = write_heatmaps(adata, slide, genes, folder, mode=args.heatmap_mode,
+        paths = write_heatmaps(adata, query.slide, genes, folder, mode=args.heatmap_mode,
                                spot_diameter_px=s["spot_diameter_um"] / s["um_per_px"])
         print(f"{len(paths)} heat maps -> {folder}")
     return 0

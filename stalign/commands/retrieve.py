@@ -11,7 +11,7 @@ from stalign.commands.common_args import (
     add_slide_args,
     crop_args,
     index_args,
-    slide_coords,
+    slide_query,
 )
 from stofm.util.errors import InputError
 
@@ -61,18 +61,24 @@ def run_bank(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace):
+    """(bank, embed_slide's result, spot names) of the query slide; the slide input is read and checked against
+    the reference (``checked_reference``) before anything is embedded."""
     import stalign
     from stalign.tasks.embed import load_reference
-    from stalign.tasks.predict import embed_slide, settle_crop
+    from stalign.tasks.predict import checked_reference, drawn_spot_diameter_um, embed_slide
 
     model = stalign.load_checkpoint(args.model)
-    bank = load_reference(args.reference, model, batch_size=args.batch_size, workers=args.workers,
+    query = slide_query(args)
+    reference, crop, _ = checked_reference(model, args.reference, slide=query.slide, crop=crop_args(args),
+                                           query_genes=query.genes)
+    bank = load_reference(reference, model, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, progress=not args.quiet)
-    coords, barcodes = slide_coords(args)
-    crop = settle_crop(model, bank=bank, crop=crop_args(args))
-    e = embed_slide(model, args.slide, crop=crop, coords=coords, um_per_px=args.um_per_px, step_um=args.step_um,
+    e = embed_slide(model, query.slide, crop=crop, coords=query.coords, step_um=args.step_um,
                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
-    return bank, e, barcodes
+    given = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
+    e["spot_diameter_px"] = drawn_spot_diameter_um(given, None if e["tiled"] else e["coords"], crop.spot_um,
+                                                   float(e["slide"].um_per_px)) / float(e["slide"].um_per_px)
+    return bank, e, query.barcodes
 
 
 def run_image(args: argparse.Namespace) -> int:
@@ -112,9 +118,8 @@ def run_signature(args: argparse.Namespace) -> int:
     scores = query_signature(signature, bank=bank, embeddings=e["embeddings"], top=args.top)
     out = Path(args.out)
     thumb, ds = e["slide"].thumbnail(1024)
-    diameter = e["crop"].spot_um / e["slide"].um_per_px if e["tiled"] else None
     written = plot_gene_heatmaps(scores[:, None], [label], e["coords"], out.parent, thumbnail=thumb, downsample=ds,
-                                 spot_diameter_px=diameter, prefix=out.stem + "_",
+                                 spot_diameter_px=e["spot_diameter_px"], prefix=out.stem + "_",
                                  label="signature score (cosine similarity)")
     Path(written[0]).replace(out)
     names = barcodes or [f"tile_{i}" for i in range(len(scores))]
@@ -139,7 +144,7 @@ def _write_scores_h5ad(path: Path, scores, names, e: dict, *, label: str) -> Non
                        var=pd.DataFrame(index=["signature_score"]), obsm={"spatial": e["coords"]})
     adata.obs["signature_score"] = np.asarray(scores, np.float32)
     slide = e["slide"]
-    lib = add_spatial_images(adata, slide, spot_diameter_px=e["crop"].spot_um / float(slide.um_per_px))
+    lib = add_spatial_images(adata, slide, spot_diameter_px=e["spot_diameter_px"])
     adata.uns["stalign"] = {"X": "signature score: cosine similarity of each spot's image embedding to the "
                                   "signature's gene embedding (not expression)", "signature": label,
                             "library_id": lib, "um_per_px": float(slide.um_per_px),

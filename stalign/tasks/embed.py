@@ -93,7 +93,8 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
 
 def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> ReferenceBank:
     """A reference bank of the shards' gene embeddings (``model.encode_gene``) and their expression; its ``info``
-    records the shards' crop spec (the crops a query must be cut with)."""
+    records the shards' crop spec (the crops a query must be cut with) and each slide's pixel size (``um_per_px``,
+    for the reference/query checks of ``stalign.tasks.query_checks``)."""
     from stalign.data.crop_spec import CropSpec
 
     emb = embed_shards(model, root, gene=True, **embed)
@@ -102,7 +103,8 @@ def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> Refer
                          meta={"slide_id": emb["slide_id"], "x_um": emb["coords_um"][:, 0],
                                "y_um": emb["coords_um"][:, 1]},
                          info={"source": str(Path(root).resolve()), **CropSpec.from_dict(m).to_dict(),
-                               "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name")})
+                               "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name"),
+                               "um_per_px": {str(s["slide_id"]): float(s["um_per_px"]) for s in m["slides"]}})
 
 
 def bank_cache_key(model: Any, root: Path, embed: dict[str, Any]) -> str | None:

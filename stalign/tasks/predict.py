@@ -139,6 +139,24 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
     return asked
 
 
+def checked_reference(model: Any, reference: Any, *, slide: Any, head: Any = None,
+                      crop: CropSpec | dict[str, Any] | None = None,
+                      query_genes: Sequence[str] | None = None) -> tuple[Any, CropSpec, list[str]]:
+    """Before any embedding: open the reference (a saved bank is loaded, a shards folder's manifest read), settle
+    the crops (:func:`settle_crop`) and run the reference/query checks (``stalign.tasks.query_checks``: pixel
+    sizes, upsampling, gene panel overlap; warnings). Returns (the reference for ``load_reference``, the crop
+    spec, the warnings' messages)."""
+    from stalign.tasks.query_checks import check_query, open_reference
+
+    summary = open_reference(reference) if reference is not None else None
+    crop = settle_crop(model, bank=summary, head=head, crop=crop)
+    notes = check_query(summary, crop=crop, query_um_per_px=float(slide.um_per_px), query=str(slide.path),
+                        model_genes=list(model.genes), query_genes=query_genes)
+    if summary is not None and summary.bank is not None:
+        reference = summary.bank
+    return reference, crop, notes
+
+
 def embed_slide(model: Any, slide: Any, *, crop: CropSpec, coords: Any = None, um_per_px: float | None = None,
                 step_um: float | None = None, batch_size: int = 32, workers: int = 0, device: str | None = None,
                 niche_weight: float = 0.5, progress: bool = True) -> dict[str, Any]:
@@ -169,7 +187,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                   batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
                   index: str = "auto",
                   index_params: dict[str, int] | None = None, spot_diameter_um: float | None = None,
-                  progress: bool = True):
+                  query_genes: Sequence[str] | None = None, progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
@@ -181,7 +199,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     ``layers``; image embeddings in ``obsm['X_stalign']``, centres in ``obsm['spatial']``, settings in ``uns['stalign']``.
     ``spot_diameter_um`` (what ``sc.pl.spatial`` draws, ``spot_diameter_fullres``): the tile width for tiles; for
     given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at
-    most the crop width.
+    most the crop width. ``query_genes``: the genes the query's own expression measures (the panel-overlap check,
+    :func:`checked_reference`).
     """
     import anndata as ad
     import pandas as pd
@@ -200,9 +219,10 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     slide = open_for_prediction(slide, um_per_px=um_per_px)  # a missing slide or pixel size fails before any work
     if coords is not None:
         coords = check_coords(coords, slide)
+    reference, crop, notes = checked_reference(model, reference, slide=slide, head=fewshot_head, crop=crop,
+                                               query_genes=query_genes)
     bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
                           progress=progress) if reference is not None else None
-    crop = settle_crop(model, bank=bank, head=fewshot_head, crop=crop)
     e = embed_slide(model, slide, crop=crop, coords=coords, um_per_px=um_per_px, step_um=step_um,
                     batch_size=batch_size, workers=workers, device=device, niche_weight=niche_weight,
                     progress=progress)
@@ -230,7 +250,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                 "model": str(getattr(model, "meta", {}).get("name", "")),
                 "reference": bank.info.get("source", "") if bank is not None else "",
                 "reference_spots": len(bank) if bank is not None else 0,
-                "fewshot_head": getattr(fewshot_head, "kind", "") if fewshot_head is not None else ""}
+                "fewshot_head": getattr(fewshot_head, "kind", "") if fewshot_head is not None else "",
+                "query_warnings": " | ".join(notes)}
     obs = pd.DataFrame(index=pd.Index(names, dtype=str))
     obs["outside_image"] = outside_image(coords, slide)
     if label_head:
@@ -239,15 +260,16 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
 
     out = ad.AnnData(X=layers[x_source].copy(), obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)),
                      layers=layers, obsm={"spatial": coords, "X_stalign": emb}, uns={"stalign": settings})
-    diameter_um = _spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, crop.spot_um,
-                                    float(slide.um_per_px))
+    diameter_um = drawn_spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, crop.spot_um,
+                                         float(slide.um_per_px))
     settings["spot_diameter_um"] = diameter_um
     settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px))
     return out
 
 
-def _spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: float, um_per_px: float) -> float:
-    """The drawn spot diameter in µm (see ``predict_slide``)."""
+def drawn_spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: float, um_per_px: float) -> float:
+    """The drawn spot diameter in µm (see ``predict_slide``): ``given``, else the crop width for tiles (``coords``
+    None), else 0.55 x the median nearest-neighbour distance of ``coords`` (level-0 px), at most ``spot_um``."""
     if given is not None:
         if not given > 0:
             raise InputError(f"spot_diameter_um must be > 0, got {given}")
