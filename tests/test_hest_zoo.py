@@ -288,9 +288,85 @@ def test_run_precision_labels() -> None:
 def test_registry_precision_follows_hest() -> None:
     """HEST's inference_models.py: UNI, Virchow2, H-optimus-0, H0-mini fp16; the others fp32 (UNI2 bf16 and
     H-optimus-1 fp16 from TRIDENT, which HEST lacks)."""
+    from stalign.models.backbones import IMAGE_ENCODERS
+
     want = {"uni": "fp16", "virchow2": "fp16", "h-optimus-0": "fp16", "h0-mini": "fp16", "h-optimus-1": "fp16",
             "uni2": "bf16", "virchow": "fp32", "conch": "fp32", "phikon": "fp32", "phikon-v2": "fp32",
-            "gigapath": "fp32", "ctranspath": "fp32", "resnet50_trunc": "fp32", "timm:resnet50.tv_in1k": "fp32"}
-    with torch.device("meta"):
-        got = {name: create_image_encoder(name).precision for name in want}
-    assert got == want
+            "gigapath": "fp32", "ctranspath": "fp32", "resnet50_trunc": "fp32"}
+    assert {name: IMAGE_ENCODERS[name].precision for name in want} == want
+    with torch.device("meta"):  # what the registry entry says is what the built encoder carries
+        assert create_image_encoder("uni").precision == "fp16"
+        assert create_image_encoder("timm:resnet50.tv_in1k").precision == "fp32"
+
+
+# ------------------------------------------------------------------------------------------ --hest-bench
+def _tiny_task(root: Path, *, n: int = 16, size: int = 32, genes: int = 3) -> Path:
+    """A HEST-Bench task folder: two samples of n random patches, random counts, two leave-one-out splits."""
+    import json
+
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from stalign.data.hest_bench_io import write_patches
+
+    rng = np.random.default_rng(0)
+    names = [f"G{j}" for j in range(genes)]
+    for sid in ("S1", "S2"):
+        barcodes = [f"{sid}-{i}" for i in range(n)]
+        write_patches(root / "patches" / f"{sid}.h5", rng.integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+                      barcodes, rng.uniform(0, 1000, (n, 2)))
+        (root / "adata").mkdir(parents=True, exist_ok=True)
+        a = ad.AnnData(rng.poisson(5, (n, genes)).astype(np.float32))
+        a.obs_names, a.var_names = barcodes, names
+        a.write_h5ad(root / "adata" / f"{sid}.h5ad")
+    (root / "var_50genes.json").write_text(json.dumps({"genes": names}))
+    (root / "splits").mkdir()
+    for i, (train, test) in enumerate((("S1", "S2"), ("S2", "S1"))):
+        for kind, sid in (("train", train), ("test", test)):
+            pd.DataFrame({"sample_id": [sid], "patches_path": [f"patches/{sid}.h5"],
+                          "expr_path": [f"adata/{sid}.h5ad"]}).to_csv(root / "splits" / f"{kind}_{i}.csv",
+                                                                     index=False)
+    return root
+
+
+def test_hest_bench_features_of_resnet50_trunc_are_hests(tmp_path: Path) -> None:
+    """The features ``--hest-bench`` computes for ``resnet50_trunc`` equal HEST's ``ResNet50InferenceEncoder``:
+    timm ``resnet50`` ``features_only`` ``out_indices=[3]`` + ``AdaptiveAvgPool2d(1)`` on ToTensor + ImageNet
+    Normalize of the 224 px patches (one bottleneck per stage here; same weights file)."""
+    import timm
+
+    from stalign.data.hest_bench_io import read_patches
+    from stalign.tasks.hest_bench import patch_features
+
+    root = _tiny_task(tmp_path / "IDC", n=2, size=224)
+    hest = timm.create_model("resnet50", pretrained=False, features_only=True, out_indices=[3], num_classes=0,
+                             layers=[1, 1, 1, 1]).eval()
+    _randomise(hest)
+    f = _save(hest.state_dict(), tmp_path / "resnet50.safetensors")
+    enc = create_image_encoder("resnet50_trunc", pretrained=f, layers=[1, 1, 1, 1]).eval()
+    ours = patch_features(enc, root / "patches" / "S1.h5", batch_size=2, progress=False)
+    img, _ = read_patches(root / "patches" / "S1.h5")
+    with torch.no_grad():
+        x = _normalise(torch.from_numpy(img).permute(0, 3, 1, 2), IMAGENET_MEAN, IMAGENET_STD)
+        want = torch.nn.AdaptiveAvgPool2d(1)(hest(x)[0]).squeeze(-1).squeeze(-1).numpy()
+    assert ours.shape == (2, 1024)
+    assert abs(ours - want).max() < 1e-4 * max(1.0, abs(want).max())
+    with torch.no_grad():  # the precision reaches the model: bf16 autocast changes the features a little
+        bf16 = patch_features(enc, root / "patches" / "S1.h5", batch_size=2, progress=False, precision="bf16")
+    assert 0 < abs(bf16 - ours).max() < 0.1 * abs(ours).max()
+
+
+def test_hest_bench_rows_state_the_precision(tmp_path: Path, capsys) -> None:
+    import pandas as pd
+
+    from stalign.cli import main
+
+    root = _tiny_task(tmp_path / "IDC")
+    assert main(["bench", "--hest-bench", str(root), "--encoders", "random:timm:test_resnet", "--latent-dim", "4",
+                 "--quiet", "--device", "cpu", "--precision", "fp16", "--out", str(tmp_path / "rows.csv")]) == 0
+    rows = pd.read_csv(tmp_path / "rows.csv")
+    enc = rows[rows["kind"] == "encoder"].iloc[0]
+    assert enc["encoder"] == "random:timm:test_resnet"
+    assert enc["precision"] == "fp32 (asked fp16; no fp16 autocast on CPU; reference: fp32)"
+    assert "asked fp16; no fp16 autocast on CPU" in capsys.readouterr().out

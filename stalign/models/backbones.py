@@ -58,6 +58,7 @@ def register_image_encoder(name: str, *, precision: str = "fp32") -> Callable:
             backbone.precision = precision
             return backbone
 
+        build.precision = precision  # type: ignore[attr-defined]
         IMAGE_ENCODERS[name] = build
         return fn
 
