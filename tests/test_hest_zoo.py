@@ -306,7 +306,6 @@ def _tiny_task(root: Path, *, n: int = 16, size: int = 32, genes: int = 3) -> Pa
 
     import anndata as ad
     import numpy as np
-    import pandas as pd
 
     from stalign.data.hest_bench_io import write_patches
 
@@ -322,11 +321,9 @@ def _tiny_task(root: Path, *, n: int = 16, size: int = 32, genes: int = 3) -> Pa
         a.write_h5ad(root / "adata" / f"{sid}.h5ad")
     (root / "var_50genes.json").write_text(json.dumps({"genes": names}))
     (root / "splits").mkdir()
-    for i, (train, test) in enumerate((("S1", "S2"), ("S2", "S1"))):
-        for kind, sid in (("train", train), ("test", test)):
-            pd.DataFrame({"sample_id": [sid], "patches_path": [f"patches/{sid}.h5"],
-                          "expr_path": [f"adata/{sid}.h5ad"]}).to_csv(root / "splits" / f"{kind}_{i}.csv",
-                                                                     index=False)
+    for name, sid in (("train_0", "S1"), ("test_0", "S2"), ("train_1", "S2"), ("test_1", "S1")):
+        row = f"{sid},patches/{sid}.h5,adata/{sid}.h5ad"
+        (root / "splits" / f"{name}.csv").write_text(f"sample_id,patches_path,expr_path\n{row}\n")
     return root
 
 
