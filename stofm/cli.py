@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from stofm.util.output_paths import atomic_write_path
+
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; ``pretrain-cells``' flags (a torch-importing module) are added only when it is the command."""
@@ -93,7 +95,8 @@ def _embed(args: argparse.Namespace) -> int:
         if args.niches:
             embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
         dest = out / src.name if len(args.inputs) > 1 else out
-        adata.write_h5ad(dest)
+        with atomic_write_path(dest) as tmp:
+            adata.write_h5ad(tmp)
         print(f"{src} -> {dest} obsm['X_stofm'] {adata.obsm['X_stofm'].shape}")
     return 0
 

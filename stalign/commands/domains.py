@@ -5,6 +5,7 @@ import argparse
 from pathlib import Path
 
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +25,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="PNG plot; the labelled AnnData goes beside it (.h5ad)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--debug", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_suffixes=(".h5ad",))  # the labelled AnnData is written beside the plot
 
 
 def _annotations(adata, spec: str):
@@ -73,6 +74,7 @@ def run(args: argparse.Namespace) -> int:
         if settings.get("tiled") and settings.get("spot_um"):
             diameter = float(settings["spot_um"]) / float(slide.um_per_px)
     out = plot_domains(coords, labels, args.out, thumbnail=thumb, downsample=ds, spot_diameter_px=diameter)
-    adata.write_h5ad(Path(args.out).with_suffix(".h5ad"))
+    with atomic_write_path(Path(args.out).with_suffix(".h5ad")) as tmp:
+        adata.write_h5ad(tmp)
     print(f"plot -> {out}; labels -> {Path(args.out).with_suffix('.h5ad')}")
     return 0

@@ -9,6 +9,7 @@ from stalign.commands.common_args import read_gene_file
 from stalign.data.crop_spec import CropSpec
 from stalign.data.prep_options import add_crop_options, add_spot_geometry_options, crop_from_args, spot_geometry
 from stofm.util.errors import InputError
+from stofm.util.output_paths import safe_name
 
 # = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
 # CLI start-up)
@@ -87,6 +88,9 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
         raise InputError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
     base = path.parent
     for i, row in enumerate(rows):
+        for key in ("slide_id", "id"):  # both become file names (shards/<id>.h5, qc/<id>.png)
+            if row.get(key):
+                safe_name(row[key], f"row {i + 1} {key}", source=path)
         for key in ("h5ad", "image", "spaceranger", "hest", "visium_hd"):
             if row.get(key):
                 row[key] = str(base / Path(row[key]).expanduser())

@@ -20,6 +20,7 @@ import numpy as np
 
 from stalign.data.errors import DataPrepError
 from stalign.data.slide import RESAMPLE_FILTERS
+from stofm.util.limits import check_limit
 
 #: Filter of a new prep: antialiased bilinear, measured 2.1x faster than Lanczos for a cosine of 0.994 between the
 #: two filters' embeddings (docs/performance.md).
@@ -55,6 +56,8 @@ class CropSpec:
                 and px == float(self.patch_px)):
             raise CropSpecError(f"spot_um and niche_um must be > 0 µm and patch_px a whole number >= 1, got "
                                 f"{self._fields()}")
+        check_limit("patch_px", px, f"patch_px {px}")  # sizes bounded before any crop is allocated
+        check_limit("crop_um", max(spot, niche), f"crop width {max(spot, niche):g} µm")
         name = str(self.resample).lower()
         if name not in RESAMPLE_FILTERS:
             raise CropSpecError(f"resample must be one of {', '.join(RESAMPLE_FILTERS)}; got {self.resample!r}")
@@ -83,8 +86,11 @@ class CropSpec:
         return dataclasses.replace(self, **{k: v for k, v in values.items() if v is not None})
 
     def pixels(self, um_per_px: float) -> tuple[float, float]:
-        """(spot, niche) crop widths in level-0 px of a slide of ``um_per_px``."""
-        return self.spot_um / float(um_per_px), self.niche_um / float(um_per_px)
+        """(spot, niche) crop widths in level-0 px of a slide of ``um_per_px`` (bounded: ``crop_read_px``)."""
+        spot, niche = self.spot_um / float(um_per_px), self.niche_um / float(um_per_px)
+        check_limit("crop_read_px", max(spot, niche), f"a {max(self.spot_um, self.niche_um):g} µm crop at "
+                    f"{float(um_per_px):g} µm/px ({max(spot, niche):,.0f} px wide)")
+        return spot, niche
 
     def differences(self, other: CropSpec) -> list[str]:
         """The settings that differ, as ``name a vs b``."""

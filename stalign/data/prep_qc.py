@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from stofm.util.output_paths import safe_name
+
 if TYPE_CHECKING:
     from stalign.data.tissue_call import TissueCall
 
@@ -23,8 +25,10 @@ MIN_WIDTH_PX, BAND_PX, DPI = 640, 64, 100
 
 
 def qc_relpaths(slide_id: str) -> tuple[str, str]:
-    """The QC picture and the dropped-spot table of a slide, relative to the output folder."""
-    return f"{QC_DIR}/{slide_id}.png", f"{QC_DIR}/{slide_id}_dropped.csv"
+    """The QC picture and the dropped-spot table of a slide, relative to the output folder (the slide id must be
+    one plain file name)."""
+    name = safe_name(slide_id, "slide_id")
+    return f"{QC_DIR}/{name}.png", f"{QC_DIR}/{name}_dropped.csv"
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ import numpy as np
 
 from stalign.data.errors import DataPrepError
 from stofm.util.errors import InputError
+from stofm.util.output_paths import publish, remove_stale_temporaries, safe_name
 
 FORMAT = "stalign-shards"
 VERSION = 1
@@ -58,8 +59,9 @@ class ShardError(DataPrepError):
 
 
 def shard_relpath(slide_id: str) -> str:
-    """Path of a slide's shard relative to the output folder."""
-    return f"{SHARD_DIR}/{slide_id}.h5"
+    """Path of a slide's shard relative to the output folder (a slide id that is not one plain file name, e.g.
+    ``../../X``, is refused: a shard is never written outside its folder)."""
+    return f"{SHARD_DIR}/{safe_name(slide_id, 'slide_id')}.h5"
 
 
 class ShardWriter:
@@ -132,7 +134,7 @@ class ShardWriter:
 
         f, n = self._file, self.n_spots
         arrays = {
-            "expr": np.asarray(expr, dtype=np.float16), "niche_expr": np.asarray(niche_expr, dtype=np.float16),
+            "expr": self._expression(expr, "expr"), "niche_expr": self._expression(niche_expr, "niche_expr"),
             "coords_px": np.asarray(coords_px, dtype=np.float64), "coords_um": np.asarray(coords_um, dtype=np.float32),
             "neighbors": np.asarray(neighbors, dtype=np.int32), "padded": np.asarray(padded, dtype=bool),
         }
@@ -150,46 +152,29 @@ class ShardWriter:
         f.attrs["complete"] = True
         f.close()
         self._file = None
-        _publish(self._tmp, self.path)
+        publish(self._tmp, self.path)
         self._tmp = None
         return self.path
+
+    def _expression(self, values: np.ndarray, name: str) -> np.ndarray:
+        """``values`` as float16 when they fit (log-normalised values do), else float32 (e.g. CPM given as is,
+        above float16's 65,504); non-finite values or values beyond float32 are refused naming the slide."""
+        arr = np.asarray(values, dtype=np.float64)
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            row = int(np.argwhere(bad)[0][0])
+            raise ShardError(f"slide {self._meta['slide_id']}: {name} holds {int(bad.sum())} NaN/inf values "
+                             f"(first at spot {row}); the expression input is damaged")
+        peak = float(np.abs(arr).max()) if arr.size else 0.0
+        if peak > np.finfo(np.float32).max:
+            raise ShardError(f"slide {self._meta['slide_id']}: {name} holds {peak:g}, beyond what float32 stores")
+        return arr.astype(np.float16 if peak <= np.finfo(np.float16).max else np.float32)
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
             self._file.close()
         if self._tmp is not None and self._tmp.exists():
             self._tmp.unlink()
-
-
-def _publish(tmp: Path, final: Path) -> None:
-    """Give a finished temporary the usual file mode (mkstemp makes it owner-only) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
-    os.replace(tmp, final)
-
-
-def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete the temporaries of ``path`` left by killed writers (those whose process is gone); returns them."""
-    path = Path(path)
-    removed = []
-    for tmp in path.parent.glob(f".{path.name}.*.tmp") if path.parent.is_dir() else ():
-        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if pid.isdigit() and _alive(int(pid)):
-            continue
-        tmp.unlink(missing_ok=True)
-        removed.append(tmp)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _decode(value: Any) -> Any:
@@ -245,7 +230,7 @@ def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path
         with os.fdopen(fd, "w") as fh:
             json.dump(manifest, fh, indent=1)
             fh.write("\n")
-        _publish(Path(tmp), out / MANIFEST)
+        publish(Path(tmp), out / MANIFEST)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -265,4 +250,23 @@ def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
         raise ShardError(f"{path}: not a {FORMAT} manifest")
     if manifest.get("version") != VERSION:
         raise ShardError(f"{path}: manifest version {manifest.get('version')}, this stalign reads {VERSION}")
+    _check_entries(manifest, path)
     return manifest
+
+
+def _check_entries(manifest: dict[str, Any], path: Path) -> None:
+    """Each slide entry names its slide (an id that can name a file) and its shard ``shards/<slide_id>.h5``: a
+    manifest never sends a reader or an export outside its folder."""
+    slides = manifest.get("slides")
+    if not isinstance(slides, list) or not all(isinstance(e, dict) for e in slides):
+        raise ShardError(f"{path}: 'slides' must be a list of slide entries")
+    for i, entry in enumerate(slides):
+        if "slide_id" not in entry or "shard" not in entry:
+            raise ShardError(f"{path}: slide entry {i + 1} lacks {[k for k in ('slide_id', 'shard') if k not in entry]}")
+        try:
+            expected = shard_relpath(entry["slide_id"])
+        except InputError as err:
+            raise ShardError(f"{path}: slide entry {i + 1}: {err}") from None
+        if entry["shard"] != expected:
+            raise ShardError(f"{path}: slide {entry['slide_id']!r} names shard {entry['shard']!r}; a shard of this "
+                             f"folder is {expected!r}")

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from stalign.data.errors import SlideError
+from stofm.util.limits import LIMITS, limit
 
 PLAIN_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 TIFF_SUFFIXES = frozenset({".tif", ".tiff"})
@@ -133,17 +134,22 @@ def _pil_backend(path: Path) -> ArrayBackend:
     from PIL import Image
 
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = MAX_PLAIN_IMAGE_PIXELS  # PIL warns above it and refuses above twice it
+    bound = limit("image_pixels", default=MAX_PLAIN_IMAGE_PIXELS)  # STALIGN_MAX_IMAGE_PIXELS raises it
+    Image.MAX_IMAGE_PIXELS = int(bound)  # PIL warns above it and refuses above twice it
+    too_big = (f"is more than a plain image may hold ({bound:,.0f} px: it is decoded whole into memory; "
+               f"{LIMITS['image_pixels'].variable} raises it); convert it to a tiled pyramidal TIFF (e.g. `vips "
+               "tiffsave IN OUT.tif --tile --pyramid`)")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below, with a hint
-            img = Image.open(path)
+            try:
+                img = Image.open(path)
+            except Image.DecompressionBombError:  # PIL's own refusal above twice the bound
+                raise SlideError(f"{path}: the image {too_big}") from None
         with img:
             width, height = img.size
-            if width * height > MAX_PLAIN_IMAGE_PIXELS:
-                raise SlideError(f"{path}: {width} x {height} px is more than a plain image may hold "
-                                 f"({MAX_PLAIN_IMAGE_PIXELS:,} px: it is decoded whole into memory); convert it to a "
-                                 "tiled pyramidal TIFF (e.g. `vips tiffsave IN OUT.tif --tile --pyramid`)")
+            if width * height > bound:
+                raise SlideError(f"{path}: {width} x {height} px {too_big}")
             img.load()
             dpi = img.info.get("dpi")
             if img.mode in ("P", "PA"):

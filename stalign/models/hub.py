@@ -7,6 +7,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from stofm.util.errors import InputError
+from stofm.util.output_paths import safe_name
+
 HUB_PREFIX = "hf-hub:"
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "README.md")
 
@@ -36,6 +39,18 @@ def model_card(model: Any, *, training: dict[str, Any] | None = None) -> str:
     return "\n".join(lines)
 
 
+def check_hub_spec(spec: str, repo: str, revision: str) -> None:
+    """``org/name`` and each ``/``-part of a revision (``main``, a commit, ``refs/pr/1``) must be plain names: the
+    hub cache makes folders of them, and ``..`` would lead out of it."""
+    parts = repo.split("/")
+    if len(parts) != 2:
+        raise InputError(f"{spec}: a hub checkpoint is hf-hub:ORG/NAME[@REVISION], got repo {repo!r}")
+    for part in parts:
+        safe_name(part, "hub repo part", source=spec)
+    for part in revision.split("/") if revision else ():
+        safe_name(part, "hub revision part", source=spec)
+
+
 def resolve_hub_checkpoint(spec: str) -> Path:
     """The local folder of ``hf-hub:org/name[@revision]`` (downloaded once, then from the cache)."""
     from huggingface_hub import snapshot_download
@@ -43,6 +58,7 @@ def resolve_hub_checkpoint(spec: str) -> Path:
     from stalign.models.backbones import hub_errors
 
     repo, _, revision = spec[len(HUB_PREFIX):].partition("@")
+    check_hub_spec(spec, repo, revision)
     with hub_errors(spec):
         folder = snapshot_download(repo, revision=revision or None, allow_patterns=list(CHECKPOINT_FILES))
     return Path(folder)

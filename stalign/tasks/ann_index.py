@@ -17,6 +17,8 @@ from typing import Any
 import numpy as np
 
 from stofm.util.errors import InputError, MissingDependencyError
+from stofm.util.output_paths import atomic_write_path
+from stofm.util.safe_files import sha256_of
 
 INDEX_KINDS = ("auto", "flat", "ivf", "hnsw")
 #: ``index="auto"`` uses IVF for banks of at least this many rows when faiss is installed (exact brute force
@@ -138,13 +140,17 @@ def index_files(folder: str | Path, kind: str, params: dict[str, int]) -> tuple[
 
 
 def save_index(ann: AnnIndex, folder: str | Path, *, bank_sha256: str, n_rows: int) -> Path:
-    """Write the index beside the bank with its kind, parameters, the bank's sha256 and size, faiss's version."""
+    """Write the index beside the bank with its kind, parameters, its own sha256 (checked on load, for every kind:
+    HNSW holds its vectors unchecked by faiss), the bank's sha256 and size, faiss's version."""
     faiss = import_faiss(ann.kind)
     path, desc = index_files(folder, ann.kind, ann.params)
-    faiss.write_index(ann.index, str(path))
-    desc.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "kind": ann.kind, "params": ann.params,
-                                "bank_sha256": bank_sha256, "n_rows": int(n_rows), "metric": "inner_product",
-                                "normalised": True, "faiss_version": faiss.__version__}))
+    with atomic_write_path(path) as tmp:
+        faiss.write_index(ann.index, str(tmp))
+        digest = sha256_of(tmp)
+    with atomic_write_path(desc) as tmp:
+        tmp.write_text(json.dumps({"format": INDEX_FORMAT, "version": 1, "kind": ann.kind, "params": ann.params,
+                                   "bank_sha256": bank_sha256, "n_rows": int(n_rows), "metric": "inner_product",
+                                   "normalised": True, "faiss_version": faiss.__version__, "sha256": digest}))
     return path
 
 
@@ -169,6 +175,12 @@ def load_index(folder: str | Path, kind: str, params: dict[str, int], *, bank_sh
                                  f"delete it to rebuild")
     if {k: info.get("params", {}).get(k) for k in built} != built:
         raise IndexMismatchError(f"{path}: built with {info.get('params')}, not {built}")
+    digest = sha256_of(path)
+    if digest != info.get("sha256"):
+        said = f"differs from the {str(info['sha256'])[:12]}... recorded" if info.get("sha256") else \
+            "cannot be checked (no sha256 recorded: an index cached by an older stalign)"
+        raise IndexMismatchError(f"{path}: the index is damaged or unverified (sha256 {digest[:12]}... {said}); "
+                                 "delete it to rebuild")
     index = faiss.read_index(str(path))
     if index.ntotal != n_rows:
         raise IndexMismatchError(f"{path}: holds {index.ntotal} vectors, the bank {n_rows}")

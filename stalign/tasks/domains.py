@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -107,7 +108,7 @@ def plot_domains(coords_px: np.ndarray, labels: Sequence[Any], path: str | Path,
               bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     ax.set_title(title)
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -104,6 +104,7 @@ def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> Refer
                                "y_um": emb["coords_um"][:, 1]},
                          info={"source": str(Path(root).resolve()), **CropSpec.from_dict(m).to_dict(),
                                "expression": m.get("expression"), "model": getattr(model, "meta", {}).get("name"),
+                               "model_weights_sha256": getattr(model, "meta", {}).get("weights_sha256"),
                                "um_per_px": {str(s["slide_id"]): float(s["um_per_px"]) for s in m["slides"]}})
 
 
@@ -158,4 +159,5 @@ def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
         else:
             raise FileNotFoundError(f"{path}: not a reference bank (bank.json) nor a shards folder (manifest.json)")
     bank.check_genes(model.genes, what="the model")
+    bank.check_model(model)
     return bank

@@ -2,7 +2,6 @@
 and categorical maps (domains) drawn with the same spot geometry."""
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path, file_stems
 
 
 def _pyplot():
@@ -19,11 +19,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def safe_name(text: str) -> str:
-    """A file-name-safe version of a gene or label name."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", str(text)).strip("_") or "unnamed"
 
 
 def new_axes(thumbnail: np.ndarray | None, coords_thumb: np.ndarray, *, width_in: float = 6.0):
@@ -138,6 +133,7 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
 
     if limits is not None and len(limits) != len(genes):
         raise InputError(f"{len(limits)} colour limits for {len(genes)} genes")
+    stems = file_stems(genes, "gene")  # distinct: CD8/A and CD8_A never share a file
 
     def draw(ax: Any, g: int) -> Any:
         v = values[:, g]
@@ -167,15 +163,17 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
             fig.colorbar(draw(ax, i), ax=ax, fraction=0.046, pad=0.02)
             ax.set_title(str(genes[i]), fontsize=9)
         path = out_dir / f"{prefix}panel.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        with atomic_write_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         plt.close(fig)
         return [path]
     for g, gene in enumerate(genes):
         fig, ax = new_axes(thumbnail, coords)
         fig.colorbar(draw(ax, g), ax=ax, fraction=0.046, pad=0.02, label=label)
         ax.set_title(str(gene))
-        path = out_dir / f"{prefix}{safe_name(gene)}.png"
-        fig.savefig(path, dpi=dpi, bbox_inches="tight")
+        path = out_dir / f"{prefix}{stems[g]}.png"
+        with atomic_write_path(path) as tmp:
+            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
     return written

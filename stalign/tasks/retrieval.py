@@ -108,6 +108,18 @@ class ReferenceBank:
         """Raise ``GenePanelError`` unless the bank's panel is ``genes`` (e.g. the model's panel)."""
         check_gene_panel(genes, self.genes, what=f"the reference bank (for {what})")
 
+    def check_model(self, model: Any) -> None:
+        """``InputError`` when the bank was embedded by other weights than ``model``'s (the ``weights_sha256`` both
+        record): another model's gene embeddings live in another space. A bank or model without the checksum
+        (built before it was recorded, a model not loaded from a folder) is not checked."""
+        mine = (getattr(model, "meta", None) or {}).get("weights_sha256")
+        theirs = self.info.get("model_weights_sha256")
+        if mine and theirs and mine != theirs:
+            where = self.path or self.info.get("source", "the reference bank")
+            raise InputError(f"{where}: the reference bank was embedded by model {self.info.get('model')!r} with "
+                             f"weights sha256 {theirs[:12]}..., not this model's ({mine[:12]}...); build it with this "
+                             "model (stalign retrieve bank --model ...) or pass the shards folder as --reference")
+
     def gene_indices(self, genes: Sequence[str]) -> np.ndarray:
         """Columns of ``genes`` in the bank; errors list the genes the bank lacks."""
         return gene_indices(self.genes, genes, what="the reference bank")

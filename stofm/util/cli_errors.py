@@ -20,6 +20,7 @@ import sys
 import traceback
 
 from stofm.util.errors import StalignError
+from stofm.util.output_paths import check_command_outputs
 
 #: What the user or the machine can cause: a one-line message instead of a traceback.
 USER_ERRORS: tuple[type[BaseException], ...] = (StalignError, OSError, MemoryError)
@@ -47,6 +48,7 @@ def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, pro
         return 0 if command is None else 2
     where = f"{prog}{' ' + command if command else ''}"
     try:
+        check_command_outputs(args)  # an --out that is one of the inputs is refused before anything runs
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

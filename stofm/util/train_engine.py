@@ -16,6 +16,7 @@ from typing import Any
 
 from stofm.util import checkpointing as ckpt
 from stofm.util.errors import NonFiniteLossError
+from stofm.util.output_paths import take_lock
 from stofm.util.runlog import RunLogger
 
 
@@ -56,6 +57,10 @@ class Hooks:
         return {}
 
 
+#: The lock a training holds in its ``output_dir`` (``filelock``; released by the OS if the process dies).
+LOCK_NAME = ".train.lock"
+
+
 @dataclass
 class Engine:
     """Optimizer steps over a prepared model, optimizer and scheduler. With ``output_dir``: the run log, the
@@ -81,13 +86,31 @@ class Engine:
     history: list[dict[str, float]] = field(default_factory=list)  # {"step", mean loss terms} of the steps run here
     logger: RunLogger | None = None
     main: bool = field(init=False)  # the main process (it logs and writes)
+    _lock: Any = field(default=None, init=False, repr=False)  # on output_dir/.train.lock while running
 
     def __post_init__(self) -> None:
         self.stop_at = self.max_steps if self.stop_at is None else min(self.stop_at, self.max_steps)
         self.main = self.accelerator.is_main_process
 
     def start(self, resume: str | None = None) -> dict[str, Any]:
-        """Resume (``"latest"`` or a folder), open the run log, write the config; returns ``trainer_state.json``."""
+        """Lock ``output_dir`` (a second training into it is refused), resume (``"latest"`` or a folder), open the
+        run log, write the config; returns ``trainer_state.json``."""
+        if self.main and self.output_dir is not None:
+            self._lock = take_lock(Path(self.output_dir) / LOCK_NAME,
+                                   holder=f"another training is writing into {self.output_dir}")
+        try:
+            return self._start(resume)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        """Let another training write into ``output_dir`` (after ``close``, or when this one failed)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _start(self, resume: str | None) -> dict[str, Any]:
         saved: dict[str, Any] = {}
         if resume:
             self.last_good = ckpt.resolve_resume(self.output_dir, resume)
@@ -111,7 +134,16 @@ class Engine:
     def run(self, batches: Generator[Any, None, None], loss: Callable[[Any], dict[str, Any]],
             hooks: Hooks | None = None) -> None:
         """Optimizer steps up to ``stop_at`` over ``batches`` (a step ends where accelerate syncs gradients), each
-        ``loss(micro_batch)`` scalar terms (``"loss"`` back-propagated); after a step: log, ``after_step``, checkpoint."""
+        ``loss(micro_batch)`` scalar terms (``"loss"`` back-propagated); after a step: log, ``after_step``, checkpoint.
+        A failure releases the ``output_dir`` lock."""
+        try:
+            self._run(batches, loss, hooks)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def _run(self, batches: Generator[Any, None, None], loss: Callable[[Any], dict[str, Any]],
+             hooks: Hooks | None) -> None:
         from tqdm.auto import tqdm
 
         hooks = hooks or Hooks()
@@ -154,9 +186,10 @@ class Engine:
         bar.close()
 
     def close(self) -> None:
-        """After the final save: close the run log and end the accelerator's run."""
+        """After the final save: close the run log, end the accelerator's run, release the ``output_dir`` lock."""
         self.logger.close()
         self.accelerator.end_training()
+        self.release_lock()
 
     def _check_finite(self, value: Any, what: str, hooks: Hooks) -> None:
         """Stop every process together when any of them sees a non-finite ``value``."""
