@@ -72,8 +72,16 @@ def check_inputs(args: argparse.Namespace) -> tuple:
 
 
 def run(args: argparse.Namespace) -> int:
+    from stofm.util.output_paths import output_lock
+
+    with output_lock(args.out, command="stalign predict"):  # a second predict to the same --out is refused
+        return _predict(args)
+
+
+def _predict(args: argparse.Namespace) -> int:
     from stalign.tasks.predict import predict_slide, write_heatmaps
     from stalign.tasks.scverse import carry_obs
+    from stofm.util.output_paths import atomic_write_path
 
     model, head, query = check_inputs(args)
     diameter = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
@@ -87,8 +95,8 @@ def run(args: argparse.Namespace) -> int:
     if query.pixel_size_sources:
         adata.uns["stalign"]["pixel_size_sources"] = query.pixel_size_sources
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    adata.write_h5ad(out)
+    with atomic_write_path(out) as tmp:  # complete under the final name, or not there at all
+        adata.write_h5ad(tmp)
     s = adata.uns["stalign"]
     print(f"{adata.n_obs} spots x {adata.n_vars} genes -> {out} (X = {s['X']}; {s['um_per_px']:.4g} µm/px from "
           f"{s['pixel_size_source']}; crops {s['spot_um']:g}/{s['niche_um']:g} µm at {s['patch_px']} px, "

@@ -14,6 +14,7 @@ from stalign.commands.common_args import (
     slide_query,
 )
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,7 +44,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             g.add_argument("--genes", nargs="+", help="signature genes (mean z-scored expression)")
             g.add_argument("--expression", help="CSV gene,value: an expression profile over the reference panel")
             q.add_argument("--top", type=int, default=25, help="reference spots that define the query (25)")
-            q.set_defaults(func=run_signature)
+            q.set_defaults(func=run_signature, out_suffixes=(".csv", ".h5ad"))  # written beside the PNG
 
 
 def run_bank(args: argparse.Namespace) -> int:
@@ -89,8 +90,8 @@ def run_image(args: argparse.Namespace) -> int:
     hits.insert(2, "query_x", e["coords"][hits["query"], 0])
     hits.insert(3, "query_y", e["coords"][hits["query"], 1])
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    hits.to_csv(out, index=False)
+    with atomic_write_path(out) as tmp:
+        hits.to_csv(tmp, index=False)
     print(hits.head(min(len(hits), 3 * args.k)).to_string(index=False))
     print(f"{len(hits)} hits of {len(names)} query spots -> {out}")
     return 0
@@ -149,5 +150,6 @@ def _write_scores_h5ad(path: Path, scores, names, e: dict, *, label: str) -> Non
                                   "signature's gene embedding (not expression)", "signature": label,
                             "library_id": lib, "um_per_px": float(slide.um_per_px),
                             "pixel_size_source": slide.pixel_size_source, "slide": str(slide.path)}
-    adata.write_h5ad(path)
+    with atomic_write_path(path) as tmp:
+        adata.write_h5ad(tmp)
 

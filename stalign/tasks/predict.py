@@ -3,6 +3,7 @@ slide readers, predict expression zero-shot by retrieval from a reference bank a
 and return AnnData (plus heat-map PNGs over the H&E thumbnail)."""
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,7 @@ import numpy as np
 from stalign.data.crop_spec import CropSpec
 from stalign.tasks.retrieval import gene_indices
 from stofm.util.errors import CoordinateError, InputError
+from stofm.util.limits import check_limit
 
 
 class NoTissueError(InputError):
@@ -37,11 +39,15 @@ def tile_tissue(slide: Any, *, step_px: float, thumb_size: int = 1024, min_fract
     """Centres (x, y) level-0 px of a square grid with pitch ``step_px`` over the tissue of ``slide``."""
     from stalign.data.tissue import spots_on_tissue, tissue_mask
 
+    width, height = slide.dimensions
+    if not (np.isfinite(step_px) and step_px > 0):
+        raise InputError(f"the tile step must be > 0 px, got {step_px:g} px (--step-um)")
+    n_tiles = math.ceil(width / step_px) * math.ceil(height / step_px)  # bounded before the grid is allocated
+    check_limit("tiles", n_tiles, f"a {step_px:g}-px grid over {slide.path} ({width} x {height} px)")
     thumb, _ = slide.thumbnail(thumb_size)
     mask = tissue_mask(thumb)
     if not mask.any():
         raise NoTissueError(f"{slide.path}: no tissue found on the slide (blank or background only)")
-    width, height = slide.dimensions
     xs, ys = np.arange(step_px / 2, width, step_px), np.arange(step_px / 2, height, step_px)
     grid = np.stack(np.meshgrid(xs, ys, indexing="xy"), -1).reshape(-1, 2)
     keep = spots_on_tissue(slide, grid, thumb_size=thumb_size, min_fraction=min_fraction, window_px=step_px,
@@ -170,7 +176,7 @@ def embed_slide(model: Any, slide: Any, *, crop: CropSpec, coords: Any = None, u
     mpp = float(slide.um_per_px)
     tiled = coords is None
     if tiled:
-        coords = tile_tissue(slide, step_px=float(step_um or crop.spot_um) / mpp)
+        coords = tile_tissue(slide, step_px=float(crop.spot_um if step_um is None else step_um) / mpp)
     coords = np.asarray(coords, np.float64).reshape(-1, 2)
     if len(coords) == 0:
         raise CoordinateError("no spot coordinates to embed")
