@@ -79,7 +79,13 @@ def test_counts_are_nonnegative_integers_and_spots_on_the_hex_grid(slide, adata)
     xy_um = adata.obsm["spatial"] * UM_PER_PX
     d = np.sort(np.hypot(*(xy_um[:, None, :] - xy_um[None, :, :]).transpose(2, 0, 1)), axis=1)[:, 1]
     assert np.allclose(d, 100.0)  # nearest neighbour at the Visium pitch
-    assert adata.uns["spatial"]["synth0"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(55 / UM_PER_PX)
+    # Space Ranger's definitions: spot_diameter_fullres spans a theoretical 65 µm spot; array_col steps of 2 along
+    # a row of the hex grid, so the readers' pixel-size sources all give the TIFF's resolution
+    assert adata.uns["spatial"]["synth0"]["scalefactors"]["spot_diameter_fullres"] == pytest.approx(65 / UM_PER_PX)
+    rows, cols = adata.obs["array_row"].to_numpy(), adata.obs["array_col"].to_numpy()
+    assert ((rows + cols) % 2 == 0).all()
+    x_um = xy_um[:, 0] - xy_um[:, 0].min()
+    assert np.allclose(x_um - x_um.min(), (cols - cols.min()) * 50.0)
 
 
 def test_class_programmes_differ_by_the_programme_factor(slide, adata):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from stalign.data.pixel_size import VISIUM_FULLRES_DIAMETER_UM
 from stalign.lab.synth_expression import (
     BACKGROUND_LIBRARY,
     DISPERSION,
@@ -193,6 +194,13 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
     import scipy.sparse as sp
 
     cls_idx = truth_obs["tissue_class_idx"]
+    # v2+: Visium's own numbering (array_col steps of 2 along a row, odd rows shifted) and Space Ranger's 65 µm
+    # definition of spot_diameter_fullres, so the readers' grid and spot-diameter sources agree with the TIFF's
+    # resolution; v1 keeps the bytes it was pinned with (plain columns, 55 µm).
+    if world is not None:
+        cols, diameter_um = 2 * cols + rows % 2, VISIUM_FULLRES_DIAMETER_UM
+    else:
+        diameter_um = SPOT_DIAMETER_UM
     names = np.where(truth_obs["in_tissue"], np.array(classes, dtype=object)[cls_idx], BACKGROUND)
     obs = pd.DataFrame({
         "in_tissue": truth_obs["in_tissue"].astype(np.int64), "array_row": rows.astype(np.int64),
@@ -213,7 +221,7 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
         var = var.assign(**extra_var(world))
     adata = ad.AnnData(X=sp.csr_matrix(counts), obs=obs, var=var)
     adata.obsm["spatial"] = (centres_um / um_per_px).astype(np.float64)
-    adata.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": SPOT_DIAMETER_UM / um_per_px,
+    adata.uns["spatial"] = {slide_id: {"scalefactors": {"spot_diameter_fullres": diameter_um / um_per_px,
                                                         "tissue_hires_scalef": 1.0},
                                        "metadata": {"source": FORMAT}}}
     adata.uns["synthetic"] = {k: truth[k] for k in ("format", "version", "slide_id", "seed", "panel_seed",
