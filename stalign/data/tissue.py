@@ -121,27 +121,34 @@ def glass_model(thumb_rgb: np.ndarray, *, border: float = BORDER_FRACTION) -> Gl
     """The glass colour and noise from the thumbnail's border ring: of the ring's pixels, the brighter and less
     saturated half (tissue touching part of the border is left out). None when that half is itself coloured
     (tissue all around) or the ring is too thin to measure."""
+    return _glass_and_signals(thumb_rgb, tissue_signal(thumb_rgb), border=border)[0]
+
+
+def _glass_and_signals(thumb_rgb: np.ndarray, saturation: np.ndarray, *, border: float = BORDER_FRACTION
+                       ) -> tuple[Glass | None, np.ndarray | None, np.ndarray | None]:
+    """:func:`glass_model` and the two smoothed faint-tissue signals of every pixel (optical density above the
+    glass, saturation), or Nones."""
     rgb = np.asarray(thumb_rgb, dtype=np.float32)[..., :3] / 255.0
     h, w = rgb.shape[:2]
     r = max(1, round(border * min(h, w)))
     if min(h, w) < 2 * r + 4:
-        return None
+        return None, None, None
     ring = np.ones((h, w), dtype=bool)
     ring[r:-r, r:-r] = False
-    saturation = tissue_signal(rgb * 255.0)
     score = rgb.mean(axis=-1) - saturation  # glass: bright and grey
     ring_score = score[ring]
     glass_px = ring & (score >= np.median(ring_score))
     colour = np.median(rgb[glass_px], axis=0)
     sat = float(np.median(saturation[glass_px]))
     if sat > MAX_GLASS_SATURATION:
-        return None
-    od = _smooth(_od(rgb, colour))[glass_px]
-    s = _smooth(saturation)[glass_px]
+        return None, None, None
+    od_all, s_all = _smooth(_od(rgb, colour)), _smooth(saturation)
+    od, s = od_all[glass_px], s_all[glass_px]
     mad = 1.4826  # MAD -> standard deviation of a normal distribution
-    return Glass(rgb=tuple(int(round(c * 255)) for c in colour), saturation=sat,
-                 od_sigma=float(mad * np.median(np.abs(od - np.median(od)))),
-                 saturation_sigma=float(mad * np.median(np.abs(s - np.median(s)))))
+    glass = Glass(rgb=tuple(int(round(c * 255)) for c in colour), saturation=sat,
+                  od_sigma=float(mad * np.median(np.abs(od - np.median(od)))),
+                  saturation_sigma=float(mad * np.median(np.abs(s - np.median(s)))))
+    return glass, od_all, s_all
 
 
 def fill_small_holes(mask: np.ndarray, *, max_fraction: float) -> np.ndarray:
@@ -180,7 +187,8 @@ def tissue_mask_info(thumb_rgb: np.ndarray, *, channel: str = "saturation", min_
     """
     from scipy import ndimage
 
-    signal = tissue_signal(thumb_rgb, channel=channel)
+    saturation = tissue_signal(thumb_rgb)
+    signal = saturation if channel == "saturation" else tissue_signal(thumb_rgb, channel=channel)
     threshold = max(otsu_threshold(signal), min_signal)
     below = signal[signal <= threshold]
     if below.size == 0 or float(below.mean()) > min_signal:
@@ -188,12 +196,9 @@ def tissue_mask_info(thumb_rgb: np.ndarray, *, channel: str = "saturation", min_
     pad = 4  # replicate the border so the morphology does not eat tissue touching the image edge
     structure = np.ones((3, 3), dtype=bool)
     mask = ndimage.binary_opening(np.pad(signal > threshold, pad, mode="edge"), structure=structure)
-    glass = glass_model(thumb_rgb) if faint else None
+    glass, od, saturation = _glass_and_signals(thumb_rgb, saturation) if faint else (None, None, None)
     if glass is not None:
-        rgb = np.asarray(thumb_rgb, dtype=np.float32)[..., :3] / 255.0
-        saturation = _smooth(tissue_signal(thumb_rgb))
-        faint_px = (_smooth(_od(rgb, np.asarray(glass.rgb, np.float32) / 255.0)) > glass.od_threshold) \
-            | (saturation > glass.saturation_threshold)
+        faint_px = (od > glass.od_threshold) | (saturation > glass.saturation_threshold)
         mask |= np.pad(faint_px, pad, mode="edge")
     mask = ndimage.binary_closing(mask, structure=structure, iterations=2)[pad:-pad, pad:-pad]
     mask = fill_small_holes(mask, max_fraction=max_hole_fraction)
