@@ -177,3 +177,36 @@ def test_prep_default_keeps_every_in_tissue_spaceranger_spot(tmp_path, fetched, 
     assert (tmp_path / "auto" / "qc" / "squidpy-spaceranger.png").stat().st_size > 1000
     image = json.loads((tmp_path / "image" / "manifest.json").read_text())["slides"][0]
     assert image["tissue"]["rule"] == "image" and image["n_spots"] == 100
+
+
+def test_prep_hest_sample_with_in_tissue_uses_it_and_lists_the_dropped(tmp_path, capsys):
+    """A HEST sample whose obs carries in_tissue: `stalign prep --hest` keeps the in_tissue=1 spots (the default
+    rule) and lists the others with their reason; --tissue-from image uses the mask instead."""
+    from stalign.cli import main
+
+    root = tmp_path / "hest"
+    for sub in ("st", "wsis", "metadata"):
+        (root / sub).mkdir(parents=True)
+    _slide(root / "wsis" / "S1.png")
+    xy = _grid()
+    call = np.ones(len(xy), dtype=np.int64)
+    call[[0, 5, 7]] = 0
+    a = ad.AnnData(np.random.default_rng(2).poisson(3, (len(xy), 12)).astype(np.float32))
+    a.obs_names = [f"b{i}" for i in range(len(xy))]
+    a.var_names = [f"g{i}" for i in range(12)]
+    a.obs["in_tissue"] = call
+    a.obsm["spatial"] = xy
+    a.write_h5ad(root / "st" / "S1.h5ad")
+    (root / "metadata" / "S1.json").write_text(json.dumps({"pixel_size_um_estimated": UM_PER_PX}))
+    args = ["prep", "--hest", str(root), "--n-top-genes", "5", "--patch-px", "16", "--quiet"]
+    assert main([*args, "--out", str(tmp_path / "auto")]) == 0
+    assert "S1: tissue rule Space Ranger's in_tissue (--tissue-from auto" in capsys.readouterr().err
+    entry = json.loads((tmp_path / "auto" / "manifest.json").read_text())["slides"][0]
+    assert entry["n_spots"] == len(xy) - 3 and entry["tissue"]["rule"] == "in_tissue"
+    with open(tmp_path / "auto" / entry["tissue"]["dropped_spots"]) as fh:
+        rows = list(csv.DictReader(fh))
+    assert [r["barcode"] for r in rows] == ["b0", "b5", "b7"]
+    assert {r["reason"] for r in rows} == {"in_tissue=0 in Space Ranger's call"}
+    assert main([*args, "--out", str(tmp_path / "image"), "--tissue-from", "image"]) == 0
+    image = json.loads((tmp_path / "image" / "manifest.json").read_text())["slides"][0]
+    assert image["tissue"]["rule"] == "image" and image["n_spots"] < len(xy) - 40
