@@ -102,7 +102,8 @@ def test_space_ranger_prediction_has_the_in_tissue_spots_on_the_hires_image(spac
     s = pred.uns["stalign"]
     assert s["slide"] == str(folder / "spatial" / "tissue_hires_image.png")
     assert s["um_per_px"] == pytest.approx(100 / (PITCH_PX * HIRES), rel=0.02)  # the physical spot pitch
-    lib = pred.uns["spatial"][s["library_id"]]
+    assert s["library_id"] == "sr" and list(pred.uns["spatial"]) == ["sr"]  # the run's name, as scanpy's read_visium
+    lib = pred.uns["spatial"]["sr"]
     sf, hires = lib["scalefactors"], lib["images"]["hires"]
     assert sf["spot_diameter_fullres"] * s["um_per_px"] == pytest.approx(55.0)  # a Visium capture spot
     with Image.open(folder / "spatial" / "tissue_hires_image.png") as im:  # 'fullres' = the image used
@@ -233,6 +234,30 @@ def test_heatmaps_take_the_folder_and_refuse_another_image(predict_setup, space_
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "full.jpg" in err and "tissue_hires_image.png" in err, err
     assert not (tmp_path / "maps2").exists()
+
+
+def test_fewshot_fits_a_head_on_a_space_ranger_folder(predict_setup, space_ranger, tmp_path, capsys):
+    from stalign.data.crop_spec import CropSpec
+    from stalign.models.factory import save_checkpoint
+
+    model = predict_setup["model"]
+    model.crop_spec, old = CropSpec(patch_px=24, spot_um=100, niche_um=200), model.crop_spec
+    try:
+        ckpt = save_checkpoint(model, tmp_path / "ckpt")  # a model trained on 24-px crops of 100/200 µm
+    finally:
+        model.crop_spec = old
+    head = tmp_path / "head"
+    assert main(["fewshot", "--model", str(ckpt), "--spaceranger", str(space_ranger["folder"]),
+                 "--out", str(head), "--latent-dim", "4", "--folds", "3", "--workers", "0", "--quiet"]) == 0
+    manifest = json.loads((head / "shards" / "manifest.json").read_text())
+    assert manifest["genes"] == list(model.genes)
+    assert (manifest["patch_px"], manifest["spot_um"], manifest["niche_um"]) == (24, 100, 200)  # the model's crops
+    assert manifest["slides"][0]["n_spots"] == 49 and (head / "head.json").is_file()
+    assert "49 spots x 20 genes of sr" in capsys.readouterr().out
+    assert main(["fewshot", "--model", str(predict_setup["ckpt"]), "--slide", str(tmp_path / "x.jpg"),
+                 "--out", str(tmp_path / "h2")]) == 1
+    err = capsys.readouterr().err
+    assert "an image alone has no expression" in err and not (tmp_path / "h2").exists()
 
 
 @pytest.mark.parametrize("inputs, words", [

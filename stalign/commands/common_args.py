@@ -106,7 +106,8 @@ class SlideQuery:
     """A slide to predict on, from any slide input: the opened image (with its pixel size and the rule that gave
     it), the spot centres in that image's pixels (None: tile the tissue), their names and other columns, the genes
     the query's own expression measures (None: no expression), the spot size the input defines and the pixel size
-    of every source the reader found (name -> µm/px)."""
+    of every source the reader found (name -> µm/px); ``library_id``: the reader's slide id (None: the image's
+    file name), the key of ``uns['spatial']``."""
 
     slide: Any
     coords: np.ndarray | None = None
@@ -115,6 +116,7 @@ class SlideQuery:
     genes: list[str] | None = None
     spot_diameter_um: float | None = None
     pixel_size_sources: dict[str, float] | None = None
+    library_id: str | None = None
 
 
 def slide_query(args: argparse.Namespace) -> SlideQuery:
@@ -122,15 +124,7 @@ def slide_query(args: argparse.Namespace) -> SlideQuery:
     of ``stalign prep``; bad input raises an error naming the file and the value."""
     from stalign.tasks.predict import open_for_prediction, read_coords
 
-    given = [f"--{n.replace('_', '-')}" for n in ("spaceranger", "hest", "h5ad", "visium_hd")
-             if getattr(args, n, None)]
-    if args.coords and given:
-        raise InputError(f"--coords goes with --slide; {given[0]} gives its own spots")
-    if args.bin_um is not None and not args.visium_hd:
-        raise InputError(f"--bin-um {args.bin_um} goes with --visium-hd")
-    if args.image and not (given and given[0] in ("--spaceranger", "--h5ad", "--visium-hd")):
-        raise InputError(f"--image {args.image} goes with --h5ad, --spaceranger or --visium-hd")
-    if not given:
+    if sample_input(args) is None:
         slide = open_for_prediction(args.slide, um_per_px=args.um_per_px)
         if not args.coords:
             return SlideQuery(slide=slide)
@@ -138,18 +132,32 @@ def slide_query(args: argparse.Namespace) -> SlideQuery:
         return SlideQuery(slide=slide, coords=coords, barcodes=barcodes, obs=obs)
     import numpy as np
 
-    sample, spot_um = _read_sample(args)
+    sample, spot_um = read_slide_sample(args)
     slide = open_for_prediction(sample.image_path, um_per_px=sample.um_per_px)
     slide.pixel_size_source, slide.pixel_size_note = sample.pixel_size_source, ""
     adata = sample.adata
     return SlideQuery(slide=slide, coords=np.asarray(sample.coords_px, np.float64),
                       barcodes=[str(b) for b in adata.obs_names], obs=adata.obs.reset_index(drop=True),
                       genes=[str(g) for g in adata.var_names] if adata.n_vars else None, spot_diameter_um=spot_um,
-                      pixel_size_sources=dict(getattr(sample, "pixel_size_sources", None) or {}) or None)
+                      pixel_size_sources=dict(getattr(sample, "pixel_size_sources", None) or {}) or None,
+                      library_id=str(sample.slide_id))
 
 
-def _read_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
-    """(the reader's ``SlideSample``, the spot diameter in µm the input defines or None)."""
+def sample_input(args: argparse.Namespace) -> str | None:
+    """The reader input given ("--spaceranger", "--hest", "--h5ad", "--visium-hd"), or None (--slide or none);
+    refuses the flags that do not go with it."""
+    given = [f"--{n.replace('_', '-')}" for n in ("spaceranger", "hest", "h5ad", "visium_hd") if getattr(args, n, None)]
+    if args.coords and given:
+        raise InputError(f"--coords goes with --slide; {given[0]} gives its own spots")
+    if args.bin_um is not None and not args.visium_hd:
+        raise InputError(f"--bin-um {args.bin_um} goes with --visium-hd")
+    if args.image and not (given and given[0] in ("--spaceranger", "--h5ad", "--visium-hd")):
+        raise InputError(f"--image {args.image} goes with --h5ad, --spaceranger or --visium-hd")
+    return given[0] if given else None
+
+
+def read_slide_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
+    """(the ``SlideSample`` of the reader input given, the spot diameter in µm that input defines or None)."""
     from stalign.data import readers
 
     common = {"um_per_px": args.um_per_px, "pixel_size_from": args.pixel_size_from}

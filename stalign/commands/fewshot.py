@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from stalign.commands.common_args import add_run_args
+from stalign.commands.common_args import add_run_args, add_slide_source_args, read_slide_sample, sample_input
 from stalign.data.crop_spec import CropSpec
 from stofm.util.errors import InputError
 
@@ -15,9 +15,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "report cross-validated Pearson/MSE (folds by slide, or 5 spot folds for one "
                                    "slide) or, for region labels (--kind prototype|logistic --labels), stratified "
                                    "k-fold accuracy and balanced accuracy next to the majority-class baseline; "
-                                   "then fit on every (labelled) spot and save the head for stalign predict.")
+                                   "then fit on every (labelled) spot and save the head for stalign predict. The "
+                                   "spots come from shards (--shards) or from any slide input stalign prep reads.")
     p.add_argument("--model", required=True, help="checkpoint folder")
-    p.add_argument("--shards", required=True, help="labelled spots: shards folder (stalign prep --out)")
+    p.add_argument("--shards", default=None,
+                   help="labelled spots: shards folder (stalign prep --out); or one slide input below (its spots "
+                        "and expression are prepared into OUT/shards with the model's crops)")
+    add_slide_source_args(p, required=False)
     p.add_argument("--out", required=True, help="head folder to write")
     p.add_argument("--kind", choices=("ridge", "head", "finetune", "prototype", "logistic"), default="ridge",
                    help="ridge: PCA + ridge probe (HEST-style); head: small MLP on frozen embeddings; finetune: "
@@ -49,11 +53,15 @@ def run(args: argparse.Namespace) -> int:
     from stalign.tasks.hest import cross_validate, group_splits
     from stalign.tasks.retrieval import gene_indices
 
-    if args.kind in ("prototype", "logistic"):
-        return _labels(args)
-    if args.labels:
+    if args.labels and args.kind not in ("prototype", "logistic"):
         raise InputError(f"--labels {args.labels}: region labels need --kind prototype or logistic")
-    model = stalign.load_checkpoint(args.model)
+    model = None
+    if _spots_source(args) != "--shards":
+        model = stalign.load_checkpoint(args.model)
+        args.shards = _prep_slide(args, model)
+    if args.kind in ("prototype", "logistic"):
+        return _labels(args, model)
+    model = model or stalign.load_checkpoint(args.model)
     if args.kind == "finetune":
         return _finetune(args, model)
     emb = embed_shards(model, args.shards, gene=False, batch_size=args.batch_size, workers=args.workers,
@@ -87,7 +95,45 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _labels(args: argparse.Namespace) -> int:
+def _spots_source(args: argparse.Namespace) -> str:
+    """"--shards" or the slide input that gives the labelled spots (exactly one)."""
+    given = sample_input(args)
+    if args.slide:
+        raise InputError(f"--slide {args.slide}: an image alone has no expression; give --shards or a slide input "
+                         "with expression (--spaceranger, --hest, --h5ad + --image, --visium-hd)")
+    if args.shards and given:
+        raise InputError(f"give --shards or {given}, not both")
+    if not args.shards and not given:
+        raise InputError("give the labelled spots: --shards DIR, or --spaceranger, --hest, --h5ad + --image or "
+                         "--visium-hd")
+    return given or "--shards"
+
+
+def _prep_slide(args: argparse.Namespace, model) -> str:
+    """Prepare the slide input's spots into OUT/shards with the model's crops (``settle_crop``) and the panel genes
+    the slide measures (or --genes); returns the folder."""
+    from pathlib import Path
+
+    from stalign.data.pipeline import prepare
+    from stalign.tasks.predict import settle_crop
+
+    sample, _ = read_slide_sample(args)
+    measured = set(map(str, sample.adata.var_names))
+    genes = args.genes or [g for g in model.genes if g in measured]
+    if not genes:
+        raise InputError(f"{sample.source_files[0]}: the slide measures none of the model's {len(model.genes)} panel "
+                         f"genes (e.g. {list(model.genes)[:3]}); pass --genes")
+    if len(genes) < len(model.genes) and not args.genes:
+        print(f"note: {sample.slide_id} measures {len(genes)} of the model's {len(model.genes)} panel genes; the head "
+              "is fitted on those")
+    out = Path(args.out) / "shards"
+    manifest = prepare([sample], out, genes=genes, crop=settle_crop(model), batch_size=args.batch_size,
+                       progress=not args.quiet)
+    print(f"{sum(s['n_spots'] for s in manifest['slides'])} spots x {len(genes)} genes of {sample.slide_id} -> {out}")
+    return str(out)
+
+
+def _labels(args: argparse.Namespace, model=None) -> int:
     import stalign
     from stalign.tasks.embed import embed_shards
     from stalign.tasks.fewshot import (
@@ -101,7 +147,7 @@ def _labels(args: argparse.Namespace) -> int:
     if not args.labels:
         raise InputError(f"--kind {args.kind} needs --labels FILE (CSV: barcode,label)")
     indices, labels = read_spot_labels(args.labels, args.shards)  # bad labels fail before the model loads
-    model = stalign.load_checkpoint(args.model)
+    model = model or stalign.load_checkpoint(args.model)
     emb = embed_shards(model, args.shards, indices=indices, gene=False, batch_size=args.batch_size,
                        workers=args.workers, device=args.device, progress=not args.quiet)
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from stalign.commands.common_args import SlideQuery, add_slide_source_args, slide_query
+from stalign.commands.common_args import SlideQuery, add_slide_source_args, sample_input, slide_query
 from stofm.util.errors import InputError
 
 
@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coords:
         raise InputError(f"--coords {args.coords}: heat maps are drawn at the prediction's own spots")
     gene_indices(list(adata.var_names), args.genes, what=f"the prediction {args.prediction}")
-    if not any(getattr(args, k) for k in ("slide", "spaceranger", "hest", "h5ad", "visium_hd")):
+    if not args.slide and sample_input(args) is None:
         args.slide = info.get("slide")
         if not args.slide:
             raise InputError(f"{args.prediction}: no slide recorded; pass --slide (or another slide input)")

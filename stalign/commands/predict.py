@@ -74,20 +74,20 @@ def check_inputs(args: argparse.Namespace) -> tuple:
 def run(args: argparse.Namespace) -> int:
     from stofm.util.output_paths import output_lock
 
+    inputs = check_inputs(args)  # nothing is written (not even the lock) before every input is checked
     with output_lock(args.out, command="stalign predict"):  # a second predict to the same --out is refused
-        return _predict(args)
+        return _predict(args, *inputs)
 
 
-def _predict(args: argparse.Namespace) -> int:
+def _predict(args: argparse.Namespace, model, head, query) -> int:
     from stalign.tasks.predict import predict_slide, write_heatmaps
     from stalign.tasks.scverse import carry_obs
     from stofm.util.output_paths import atomic_write_path
 
-    model, head, query = check_inputs(args)
     diameter = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
     adata = predict_slide(model, query.slide, reference=args.reference, coords=query.coords,
                           barcodes=query.barcodes, crop=crop_args(args), step_um=args.step_um,
-                          spot_diameter_um=diameter, query_genes=query.genes,
+                          spot_diameter_um=diameter, query_genes=query.genes, library_id=query.library_id,
                           k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
                           progress=not args.quiet, **index_args(args))

@@ -79,6 +79,7 @@ def _embed(args: argparse.Namespace):
     given = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
     e["spot_diameter_px"] = drawn_spot_diameter_um(given, None if e["tiled"] else e["coords"], crop.spot_um,
                                                    float(e["slide"].um_per_px)) / float(e["slide"].um_per_px)
+    e["library_id"] = query.library_id
     return bank, e, query.barcodes
 
 
@@ -145,7 +146,7 @@ def _write_scores_h5ad(path: Path, scores, names, e: dict, *, label: str) -> Non
                        var=pd.DataFrame(index=["signature_score"]), obsm={"spatial": e["coords"]})
     adata.obs["signature_score"] = np.asarray(scores, np.float32)
     slide = e["slide"]
-    lib = add_spatial_images(adata, slide, spot_diameter_px=e["spot_diameter_px"])
+    lib = add_spatial_images(adata, slide, spot_diameter_px=e["spot_diameter_px"], library_id=e["library_id"])
     adata.uns["stalign"] = {"X": "signature score: cosine similarity of each spot's image embedding to the "
                                   "signature's gene embedding (not expression)", "signature": label,
                             "library_id": lib, "um_per_px": float(slide.um_per_px),

@@ -193,7 +193,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                   batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
                   index: str = "auto",
                   index_params: dict[str, int] | None = None, spot_diameter_um: float | None = None,
-                  query_genes: Sequence[str] | None = None, progress: bool = True):
+                  query_genes: Sequence[str] | None = None, library_id: str | None = None, progress: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
@@ -206,7 +206,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     ``spot_diameter_um`` (what ``sc.pl.spatial`` draws, ``spot_diameter_fullres``): the tile width for tiles; for
     given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at
     most the crop width. ``query_genes``: the genes the query's own expression measures (the panel-overlap check,
-    :func:`checked_reference`).
+    :func:`checked_reference`). ``library_id``: the key in ``uns['spatial']`` (default: the image's file name).
     """
     import anndata as ad
     import pandas as pd
@@ -269,7 +269,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     diameter_um = drawn_spot_diameter_um(spot_diameter_um, coords if not e["tiled"] else None, crop.spot_um,
                                          float(slide.um_per_px))
     settings["spot_diameter_um"] = diameter_um
-    settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px))
+    settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px),
+                                                library_id=library_id)
     return out
 
 
