@@ -4,7 +4,7 @@ Indices are global over the manifest: slide 0's spots first, then slide 1's, ...
 ``indices`` select a subset; ``ds[i]`` returns the i-th selected spot and its global ``index``.
 HDF5 handles are opened lazily in the process that reads (and re-opened after a fork), so the dataset
 works with ``DataLoader(num_workers>0)``. Small per-spot arrays are cached per slide; patches are read
-from disk on each access.
+from disk on each access, a whole batch at once through ``__getitems__`` (what ``DataLoader`` calls).
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch.utils.data
 
+from stalign.data.patch_reads import read_rows
 from stalign.data.shards import ShardError, read_manifest, shard_attrs
 from stofm.util.errors import InputError
 
@@ -158,6 +159,65 @@ class ShardDataset(torch.utils.data.Dataset):
             "index": torch.tensor(g, dtype=torch.int64),
         }
 
+    def __getitems__(self, positions: Sequence[int]) -> dict[str, Any] | list[dict[str, Any]]:
+        """A whole batch at once (``DataLoader`` calls this with each batch's positions): the collated dict that
+        ``collate([ds[i] for i in positions])`` gives, read per slide in shard order as one chunk per crop
+        (``stalign.data.patch_reads``) and the per-spot arrays gathered with numpy. Crops are (B, 3, P, P)
+        uint8 views of (B, P, P, 3) buffers (channels-last strides). With a ``transform``: the list of items."""
+        import torch
+
+        if self.transform is not None:
+            return [self[int(i)] for i in positions]
+        pos = np.asarray(positions, dtype=np.int64).reshape(-1)
+        if len(pos) == 0 or pos.min() < -len(self) or pos.max() >= len(self):
+            raise IndexError(f"positions {pos[:5].tolist()}... out of range for {len(self)} spots")
+        g = self._indices[pos]
+        slide = np.searchsorted(self._offsets, g, side="right") - 1
+        b, m, n_genes, p = len(pos), self.niche_spots, len(self.genes), int(self.manifest["patch_px"])
+        out = {name: np.empty((b, p, p, 3), dtype=np.uint8) for name in ("spot_patches", "niche_patches")}
+        expr, niche_expr = np.empty((b, n_genes), np.float32), np.empty((b, n_genes), np.float32)
+        spot_expr, coords = np.zeros((b, m, n_genes), np.float32), np.zeros((b, m, 2), np.float32)
+        mask, xy = np.zeros((b, m), bool), np.empty((b, 2), np.float32)
+        scalars = np.empty((b, 4), np.float32)  # units_per_um, bbox_units_per_um, bbox centre x, y
+        half = float(self.manifest["niche_um"]) / 2.0
+        for k in np.unique(slide):
+            sel = np.flatnonzero(slide == k)
+            rows = g[sel] - self._offsets[k]
+            f, a = self._file(int(k)), self._arrays(int(k))
+            for name, buf in out.items():
+                if len(sel) == b:
+                    read_rows(f[name], rows, buf)
+                else:
+                    part = np.empty((len(sel), p, p, 3), dtype=np.uint8)
+                    read_rows(f[name], rows, part)
+                    buf[sel] = part
+            nb = a["neighbors"][rows][:, :m].astype(np.int64)
+            valid = nb >= 0
+            nb_safe = np.where(valid, nb, rows[:, None])
+            nb_xy = a["coords_um"][nb_safe].astype(np.float32)
+            inside = valid & np.all(np.abs(nb_xy - a["coords_um"][rows][:, None]) <= half, axis=2)
+            kk = nb.shape[1]
+            spot_expr[sel, :kk] = np.where(valid[..., None], a["expr"][nb_safe], 0)
+            coords[sel, :kk] = np.where(valid[..., None], nb_xy, 0)
+            mask[sel, :kk] = inside
+            expr[sel], niche_expr[sel] = a["expr"][rows], a["niche_expr"][rows]
+            xy[sel] = a["coords_um"][rows]
+            scalars[sel] = [a["units_per_um"], a["bbox_units_per_um"], *a["bbox_center_um"]]
+
+        def image(name: str):
+            return torch.from_numpy(out[name]).permute(0, 3, 1, 2)
+
+        return {
+            "spot_image": image("spot_patches"), "niche_image": image("niche_patches"),
+            "spot_expr": torch.from_numpy(expr), "niche_expr": torch.from_numpy(niche_expr),
+            "niche_spot_expr": torch.from_numpy(spot_expr), "niche_spot_coords": torch.from_numpy(coords),
+            "niche_spot_mask": torch.from_numpy(mask), "coords_um": torch.from_numpy(xy),
+            "stofm_units_per_um": torch.from_numpy(scalars[:, 0].copy()),
+            "stofm_bbox_units_per_um": torch.from_numpy(scalars[:, 1].copy()),
+            "stofm_bbox_center_um": torch.from_numpy(scalars[:, 2:].copy()),
+            "slide_idx": torch.from_numpy(slide.astype(np.int64)), "index": torch.from_numpy(g.copy()),
+        }
+
     def _by_slide(self) -> dict[int, np.ndarray]:
         """Selected spots grouped by slide: slide number -> (positions in the dataset, rows in the shard)."""
         slide = np.searchsorted(self._offsets, self._indices, side="right") - 1
@@ -181,10 +241,12 @@ class ShardDataset(torch.utils.data.Dataset):
         return {"coords_um": a["coords_um"][rows].astype(np.float64), "expr": a["expr"][rows].astype(np.float32)}
 
 
-def collate(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+def collate(items: Sequence[dict[str, Any]] | dict[str, Any]) -> dict[str, Any]:
     """Stack a list of ``ShardDataset`` items into a batch dict of tensors."""
     import torch
 
+    if isinstance(items, dict):  # a batch ``ShardDataset.__getitems__`` already collated
+        return items
     if not items:
         raise ValueError("cannot collate an empty batch")
     return {key: torch.stack([item[key] for item in items]) for key in items[0]}
