@@ -285,3 +285,22 @@ def test_every_faiss_index_kind_is_checksummed(tmp_path):
         with pytest.raises(IndexMismatchError, match="damaged"):
             load_index(tmp_path, kind, ann.params, bank_sha256="b" * 64, n_rows=len(emb))
         assert index_files(tmp_path, kind, ann.params)[0] == path
+
+
+def test_prep_keeps_expression_given_above_float16_range(tmp_path, squidpy_crop):
+    import anndata as ad
+
+    from stalign.cli import main
+    from stalign.data.shards import read_manifest, read_shard
+
+    a = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    x = a.X.toarray() if hasattr(a.X, "toarray") else np.asarray(a.X)
+    a.X = x * 100_000.5 + 0.25  # non-integer values given as they are (e.g. CPM), well above float16's 65,504
+    a.write_h5ad(tmp_path / "cpm.h5ad")
+    assert main(["prep", "--h5ad", str(tmp_path / "cpm.h5ad"), "--image", str(squidpy_crop / "test_img.jpg"),
+                 "--out", str(tmp_path / "out"), "--patch-px", "8", "--n-top-genes", "5", "--quiet"]) == 0
+    m = read_manifest(tmp_path / "out")
+    expr = read_shard(tmp_path / "out" / m["slides"][0]["shard"])["expr"]
+    assert m["expression"] == "as_given" and np.isfinite(expr).all() and expr.max() > 65_504
+    np.testing.assert_allclose(np.sort(expr.ravel())[-5:], np.sort((x * 100_000.5 + 0.25)[:, [
+        list(a.var_names).index(g) for g in m["genes"]]].ravel())[-5:], rtol=1e-6)
