@@ -30,7 +30,7 @@ from stalign.data import expression as ex
 from stalign.data.crop_spec import LEGACY_RESAMPLE, CropSpec
 from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
 from stalign.data.errors import CoordinateError, DataPrepError
-from stalign.data.prep_qc import qc_relpaths, write_dropped_table, write_qc_picture
+from stalign.data.prep_qc import write_slide_qc
 from stalign.data.prep_signals import SIGNALLED, check_terminated, raise_terminated
 from stalign.data.shards import (
     FORMAT,
@@ -42,7 +42,7 @@ from stalign.data.shards import (
     shard_relpath,
     write_manifest,
 )
-from stalign.data.tissue_call import TissueCall, TissueRule, call_tissue, tissue_rule
+from stalign.data.tissue_call import TissueRule, call_tissue, tissue_rule
 from stofm.util.errors import SetupError
 from stofm.util.knn import neighbor_indices
 
@@ -361,7 +361,8 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
         raise DataPrepError(f"slide {job.slide_id} ({job.image_path}): none of its {n_in} spots lie on tissue "
                             f"({call.describe()}); check the coordinates and pixel size, or use "
                             "--no-tissue-filter")
-    tissue_record = _write_qc(job, call)
+    tissue_record = write_slide_qc(Path(job.shard_path).parent.parent, job.slide_id, call, job.coords_px,
+                                   job.barcodes)  # qc/ beside shards/
     kept = np.flatnonzero(keep)  # shard rows keep the input order
     xy, expr = job.coords_px[kept], job.expr[kept]
     # crops are read in raster order (bands one spot crop high, then x): neighbours share decoded tiles
@@ -399,15 +400,3 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
         w.finish(expr=expr, coords_px=xy, coords_um=um, padded=padded, barcodes=[job.barcodes[i] for i in kept],
                  **spot_arrays)
     return entry
-
-
-def _write_qc(job: SlideJob, call: TissueCall) -> dict[str, Any]:
-    """The slide's QC picture and dropped-spot table under ``qc/`` (beside ``shards/``); its ``tissue`` record."""
-    out = Path(job.shard_path).parent.parent
-    picture, table = qc_relpaths(job.slide_id)
-    write_qc_picture(out / picture, call, job.coords_px, slide_id=job.slide_id)
-    record = {**call.record(), "summary": call.describe(), "qc_picture": picture, "dropped_spots": None}
-    if (~call.keep).any():
-        write_dropped_table(out / table, call, job.coords_px, job.barcodes)
-        record["dropped_spots"] = table
-    return record

@@ -7,7 +7,7 @@ import csv
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -116,3 +116,17 @@ def write_dropped_table(path: str | os.PathLike, call: TissueCall, coords_px: np
             out.writerow([barcodes[i], f"{xy[i, 0]:.1f}", f"{xy[i, 1]:.1f}", f"{call.fraction[i]:.3f}",
                           call.reasons[i]])
     return len(rows)
+
+
+def write_slide_qc(out_dir: str | os.PathLike, slide_id: str, call: TissueCall, coords_px: np.ndarray,
+                   barcodes: list[str]) -> dict[str, Any]:
+    """The slide's QC picture and (when spots were dropped) its dropped-spot table under ``out_dir/qc/``; returns
+    the manifest's ``tissue`` record of the slide."""
+    out = Path(out_dir)
+    picture, table = qc_relpaths(slide_id)
+    write_qc_picture(out / picture, call, coords_px, slide_id=slide_id)
+    record = {**call.record(), "summary": call.describe(), "qc_picture": picture, "dropped_spots": None}
+    if (~call.keep).any():
+        write_dropped_table(out / table, call, coords_px, barcodes)
+        record["dropped_spots"] = table
+    return record
