@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from stofm.util.output_paths import atomic_write_path
+from stofm.util.output_paths import atomic_write_path, refuse_overwriting_inputs
 
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
@@ -81,6 +81,8 @@ def _embed(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if len(args.inputs) > 1:
         out.mkdir(parents=True, exist_ok=True)
+    dests = {f"--out (for {src})": out / Path(src).name for src in args.inputs} if len(args.inputs) > 1 else {}
+    refuse_overwriting_inputs(dests, {f"input {i + 1}": src for i, src in enumerate(args.inputs)})  # before any work
     model = None
     kw = {"n_virtual": args.virtual_cells, "cluster_method": args.cluster_method, "cell_key": args.cell_embeddings,
           "labels_key": args.leiden_labels}

@@ -304,3 +304,12 @@ def test_prep_keeps_expression_given_above_float16_range(tmp_path, squidpy_crop)
     assert m["expression"] == "as_given" and np.isfinite(expr).all() and expr.max() > 65_504
     np.testing.assert_allclose(np.sort(expr.ravel())[-5:], np.sort((x * 100_000.5 + 0.25)[:, [
         list(a.var_names).index(g) for g in m["genes"]]].ravel())[-5:], rtol=1e-6)
+
+
+def test_stofm_embed_into_the_folder_of_its_inputs_is_refused(tmp_path, capsys, squidpy_crop):
+    a = shutil.copy(squidpy_crop / "test_data.h5ad", tmp_path / "a.h5ad")
+    b = shutil.copy(squidpy_crop / "test_data.h5ad", tmp_path / "b.h5ad")
+    before = sha(Path(a))
+    one_line(capsys, ["embed", str(a), str(b), "--model", "stofm-tiny", "--out", str(tmp_path)],
+             "a.h5ad", "same file as the input", program="stofm")
+    assert sha(Path(a)) == before and sorted(os.listdir(tmp_path)) == ["a.h5ad", "b.h5ad"]
