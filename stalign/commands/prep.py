@@ -117,11 +117,6 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
         raise InputError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
     out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **geom, **common)
            for h, i in zip(h5ads, images)]
-    from stalign.data.tissue_call import offer_in_tissue
-
-    def hest(*a: Any, **kw: Any) -> Any:  # HEST samples with obs['in_tissue'] offer Space Ranger's call
-        return offer_in_tissue(readers.read_hest(*a, **kw))
-
     sr = {"tissue_from": "image" if args.tissue_from == "image" else "in_tissue"}  # the reader keeps the call
     out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **geom, **common)
             for d in args.spaceranger or []]
@@ -131,12 +126,12 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
         raise InputError("--ids needs --hest ROOT")
     if args.hest:
         for sid in args.ids or readers.list_hest_samples(args.hest):
-            out.append(partial(hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
+            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
     for row in read_sample_table(args.samples) if args.samples else []:
         mpp = float(row["um_per_px"]) if row.get("um_per_px") not in (None, "") else args.um_per_px
         kw = dict(common, um_per_px=mpp)
         if row.get("hest"):
-            out.append(partial(hest, row["hest"], str(row["id"]), **geom, **kw))
+            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **geom, **kw))
             continue
         kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
         if row.get("visium_hd"):

@@ -31,6 +31,7 @@ from stalign.data.pixel_size import (  # PIXEL_SIZE_CHOICES, choose_pixel_size: 
 from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
 from stalign.data.slide import PLAUSIBLE_UM_PER_PX, open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
+from stalign.data.tissue_call import offer_in_tissue
 from stofm.util.errors import InputError
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
@@ -341,5 +342,6 @@ def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | Non
     sample = SlideSample(slide_id=sample_id, image_path=wsi, adata=adata, coords_px=coords, um_per_px=px.um_per_px,
                          pixel_size_source=px.source, pixel_size_sources=px.sources,
                          source_files=[p for p in (h5ad_path, wsi, meta_path) if p.is_file()])
+    offer_in_tissue(sample)  # HEST samples whose obs carries in_tissue offer Space Ranger's call
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=str(h5ad_path), coords_file=f"{h5ad_path} obsm[{spatial_key!r}]")

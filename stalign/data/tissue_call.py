@@ -39,7 +39,7 @@ class TissueRule:
 
 def offer_in_tissue(sample: Any) -> Any:
     """Mark ``sample`` as carrying Space Ranger's call when its ``obs`` has an ``in_tissue`` column (a HEST sample;
-    ``read_spaceranger`` marks its own); returns it."""
+    ``read_spaceranger`` marks its own, ``read_hest`` calls this); returns it."""
     if "in_tissue" in getattr(sample.adata, "obs", {}):
         sample.tissue_from = "in_tissue"
     return sample
