@@ -165,7 +165,8 @@ def test_bench_keeps_rows_when_an_encoder_fails_and_takes_any_panel(setup, tmp_p
                "--latent-dim", "8", "--quiet", "--out", str(out), "--encoders", f"model:{other}", "no-such-encoder"])
     err = capsys.readouterr().err
     assert rc == 1 and "encoder no-such-encoder failed" in err
-    assert pd.read_csv(out)["encoder"].tolist() == [f"model:{other}"]
+    written = pd.read_csv(out)
+    assert written.loc[written["kind"] == "encoder", "encoder"].tolist() == [f"model:{other}"]
 
 
 def test_predict_reuses_the_reference_bank_it_embedded(setup, tmp_path, monkeypatch):

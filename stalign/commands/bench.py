@@ -5,27 +5,39 @@ import argparse
 from pathlib import Path
 
 from stalign.commands.common_args import add_run_args
+from stalign.tasks.bench_folds import SCHEMES
 from stofm.util.errors import InputError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="HEST-Benchmark protocol (PCA-256 + ridge, Pearson per gene) for encoders",
-                       description="With --hest-bench TASK_FOLDER: HEST-Benchmark exactly (its genes, patient splits, "
-                                   "patches, PCA-256 + ridge with its alpha rule, per-split Pearson): rows comparable "
-                                   "with the HEST leaderboard. With --shards: the same probe on your own shards with "
-                                   "your own top genes and folds (not comparable with the leaderboard).")
+    p = sub.add_parser("bench", help="image encoders -> expression (PCA + ridge, Pearson and MSE) against baselines",
+                       description="With --shards: encoders and baselines (training mean, neighbour average, colour "
+                                   "statistics + ridge) on the same leak-free folds (by slide/patient; spatial blocks "
+                                   "with a niche-wide margin within one slide), each fold's genes chosen on its "
+                                   "training spots, ridge with an intercept. With --hest-bench TASK_FOLDER: "
+                                   "HEST-Benchmark exactly (its genes, patient splits, patches, PCA-256 + ridge with "
+                                   "its alpha rule, per-split Pearson): rows comparable with the HEST leaderboard.")
     p.add_argument("--shards", default=None, help="shards folder (stalign prep --out): own genes and folds")
     p.add_argument("--hest-bench", default=None, metavar="TASK",
                    help="a HEST-Bench task folder (bench_data/<TASK>: var_50genes.json, splits/, patches/, adata/)")
     p.add_argument("--no-pca", action="store_true", help="HEST variant: ridge on the raw features (labelled)")
     p.add_argument("--tuned-alpha", action="store_true", help="HEST variant: RidgeCV alpha on the training spots")
     p.add_argument("--per-slide", action="store_true", help="HEST variant: Pearson per test slide, then averaged")
+    p.add_argument("--precision", choices=("auto", "fp32", "fp16", "bf16"), default="auto",
+                   help="--hest-bench inference precision: auto (default) = each encoder's as HEST runs it (fp16 "
+                        "autocast for UNI, Virchow2, H-optimus-0, H0-mini; fp32 on the CPU), or one for all; the "
+                        "row says which ran")
     p.add_argument("--encoders", nargs="+", required=True,
                    help="specs: model:CKPT, backbone:CKPT, random:SPEC, or an image-encoder spec (efficientnet-lite0, "
                         "timm:NAME, uni, ...) with its pretrained weights")
-    p.add_argument("--by", choices=("slide", "spot"), default="slide",
-                   help="folds by slide (HEST; default) or spot-level k-fold for a single slide")
-    p.add_argument("--folds", type=int, default=None, help="number of folds (default: one per slide / 5 spot folds)")
+    p.add_argument("--by", choices=SCHEMES, default="auto",
+                   help="--shards folds: auto (default: by patient with --patients, by slide with 2+ slides, else "
+                        "spatial blocks), slide, patient, block (within slides, niche-wide margin), or spot (random "
+                        "spots: LEAKY, neighbouring spots share tissue; the rows say so)")
+    p.add_argument("--patients", default=None, metavar="FILE",
+                   help="CSV/TSV with columns slide_id, patient: folds by patient")
+    p.add_argument("--folds", type=int, default=None,
+                   help="number of folds (default: one per slide/patient; 5 block hold-outs or spot folds)")
     p.add_argument("--genes", type=int, default=50, help="top highly variable genes (default 50; 0 = all)")
     p.add_argument("--latent-dim", type=int, default=256, help="PCA components (default 256)")
     p.add_argument("--arch", default=None,
@@ -43,13 +55,17 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("give either --shards (own data) or --hest-bench TASK_FOLDER (the HEST-Benchmark)")
     if args.hest_bench:
         return _run_hest(args)
+    from stalign.tasks.bench_folds import read_patients
+
+    patients = read_patients(args.patients) if args.patients else None
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,
                          latent_dim=args.latent_dim, batch_size=args.batch_size, workers=args.workers,
-                         device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch)
+                         device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch,
+                         patients=patients)
     print(format_table(table))
-    print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s), folds by {table.attrs['by']}, "
-          f"{len(table.attrs['genes'])} genes (own genes/folds: not comparable with the HEST leaderboard; use "
-          f"--hest-bench for that)")
+    print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s); folds: {table.attrs['folds']}; "
+          f"{args.genes or 'all'} genes per fold, chosen on its training spots (own genes/folds: not comparable "
+          f"with the HEST leaderboard; use --hest-bench for that)")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
@@ -66,10 +82,13 @@ def _run_hest(args: argparse.Namespace) -> int:
 
     table = hest_bench(args.hest_bench, args.encoders, pca=not args.no_pca, latent_dim=args.latent_dim,
                        tuned_alpha=args.tuned_alpha, per_slide=args.per_slide, batch_size=args.batch_size,
-                       device=args.device, arch=args.arch, progress=not args.quiet)
+                       device=args.device, arch=args.arch, progress=not args.quiet, seed=args.seed,
+                       precision=args.precision)
     for _, r in table.iterrows():
-        print(f"{r['task']:12s} {r['encoder']:34s} pearson {r['pearson_mean']:.4f} ± {r['pearson_std']:.4f} "
-              f"({r['splits']} splits; {r['variant']})")
+        print(f"{r['task']:12s} {r['encoder']:34s} {r['kind']:8s} pearson {r['pearson_mean']:.4f} ± "
+              f"{r['pearson_std']:.4f}  MSE {r['mse']:.4f} ({r['splits']} splits; {r['variant']}"
+              f"{'; ' + r['precision'] if r['precision'] else ''})"
+              f"{'  <- row to beat' if r['to_beat'] else ''}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)

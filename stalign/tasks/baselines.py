@@ -27,20 +27,29 @@ def mean_predictor(y: np.ndarray) -> Predictor:
     return lambda train, test: np.repeat(y[train].mean(0, keepdims=True), len(test), axis=0)
 
 
-def neighbour_predictor(coords: np.ndarray, y: np.ndarray, *, k: int = 6) -> Predictor:
-    """Average expression of the ``k`` nearest training spots in space (no image)."""
+def neighbour_predictor(coords: np.ndarray, y: np.ndarray, *, k: int = 6,
+                        groups: np.ndarray | None = None) -> Predictor:
+    """Average expression of the ``k`` nearest training spots in space (no image); with ``groups`` (the slide of
+    each spot) only training spots of the test spot's own slide count (a slide without any is refused)."""
     coords = np.asarray(coords, np.float64)
+    groups = np.zeros(len(coords), np.int64) if groups is None else np.asarray(groups)
 
     def predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
-        d = np.linalg.norm(coords[test, None] - coords[None, train], axis=-1)
-        near = np.argsort(d, axis=1, kind="stable")[:, : min(k, len(train))]
-        return y[train][near].mean(1)
+        out = np.empty((len(test), y.shape[1]))
+        for g in np.unique(groups[test]):
+            tr, te = train[groups[train] == g], test[groups[test] == g]
+            if not len(tr):
+                raise InputError(f"neighbour average: no training spot on the slide ({g}) of a test spot")
+            d = np.linalg.norm(coords[te, None] - coords[None, tr], axis=-1)
+            near = np.argsort(d, axis=1, kind="stable")[:, : min(k, len(tr))]
+            out[groups[test] == g] = y[tr][near].mean(1)
+        return out
 
     return predict
 
 
 def ridge_predictor(x: np.ndarray, y: np.ndarray, **probe: Any) -> Predictor:
-    """HEST's PCA + ridge probe on features ``x``."""
+    """HEST's PCA + ridge probe on features ``x`` (``probe``: ``RidgeProbe``'s settings, e.g. ``fit_intercept``)."""
     return lambda train, test: ridge_probe(x[train], y[train], x[test], **probe)
 
 
@@ -58,9 +67,11 @@ def knn_predictor(x: np.ndarray, y: np.ndarray, *, k: int = 5) -> Predictor:
 
 
 def colour_features(patches: np.ndarray) -> np.ndarray:
-    """Colour statistics of uint8 RGB patches (N, H, W, 3): per channel mean, std, 10/50/90th percentiles in
-    RGB and in optical density (haematoxylin/eosin absorb differently), plus the fraction of bright pixels."""
-    x = np.asarray(patches, np.float32).reshape(len(patches), -1, 3) / 255.0
+    """Colour statistics of RGB patches (N, H, W, 3), uint8 or float in [0, 1]: per channel mean, std, 10/50/90th
+    percentiles in RGB and in optical density (haematoxylin/eosin absorb differently), plus the fraction of bright
+    pixels."""
+    x = np.asarray(patches, np.float32).reshape(len(patches), -1, 3)
+    x = x / 255.0 if np.asarray(patches).dtype == np.uint8 else x
     od = -np.log(np.clip(x, 1 / 255, 1.0))
     feats = []
     for arr in (x, od):

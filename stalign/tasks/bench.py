@@ -1,14 +1,21 @@
-"""``stalign bench``: the HEST-Benchmark protocol on prepared shards for any image encoder spec.
+"""``stalign bench --shards``: image encoders against no-image and colour baselines on the same leak-free folds.
 
 Encoder specs: ``model:CKPT`` (our aligned image embedding, ``encode_image`` of spot + niche crops),
 ``backbone:CKPT`` (the checkpoint's trained spot-image trunk, before tokens/projection), ``random:SPEC``
 (the architecture of SPEC, randomly initialised, seeded), or any image-encoder spec with its pretrained weights
-(e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the shards' spot crop (their crop spec; 112 µm by default, as HEST).
+(e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the shards' spot crop (their crop spec; 112 µm by
+default, as HEST). The protocol (not HEST's leaderboard recipe, which ``--hest-bench`` runs): folds of
+``stalign.tasks.bench_folds`` (by slide/patient, or spatial blocks within one slide), each fold's genes chosen on
+its training spots, features -> StandardScaler -> PCA(latent_dim) -> Ridge with an intercept; Pearson r per gene
+(mean over genes per fold, mean ± std over folds), MSE and MAE. Every table holds the baselines on the same folds:
+the training-fold mean, the average of the nearest training spots of the same slide (no image) and colour
+statistics + the same ridge; the baseline of lowest MSE is the row to beat.
 """
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,6 +33,49 @@ def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
                                        collate_fn=collate)
 
 
+class PatchEncoder:
+    """One encoder spec as a function of patch batches (uint8 or [0, 1] float (B, 3, P, P)) -> (B, F) features.
+    ``model:CKPT`` gives ``encode_image(spot, niche)`` when niche crops are given, else ``encode_spot_image``."""
+
+    def __init__(self, spec: str, *, arch: str | None = None, seed: int = 0) -> None:
+        import torch
+
+        import stalign
+        from stalign.models.image_encoders import create_image_encoder
+
+        self.spec = spec
+        kind, _, rest = spec.partition(":")
+        self.aligned = kind == "model"
+        check_encoder_specs([spec])
+        if self.aligned:
+            self.net = stalign.load_checkpoint(rest)
+        elif kind == "backbone":
+            self.net = stalign.load_checkpoint(rest).spot_image_encoder
+        elif kind == "random":
+            torch.manual_seed(seed)
+            self.net = create_image_encoder(rest, pretrained=False)
+        else:
+            self.net = create_image_encoder(spec, pretrained=True, arch=arch)
+        self.net.eval()
+
+    def to(self, device: Any) -> PatchEncoder:
+        self.net = self.net.to(device)
+        return self
+
+    def __call__(self, spot: Any, niche: Any = None) -> Any:
+        if not self.aligned:
+            return self.net(spot)
+        return self.net.encode_spot_image(spot) if niche is None else self.net.encode_image(spot, niche)
+
+
+def check_encoder_specs(specs: Sequence[str]) -> None:
+    """Refuse, before any extraction, ``model:``/``backbone:`` specs whose checkpoint folder does not exist."""
+    for spec in specs:
+        kind, _, rest = spec.partition(":")
+        if kind in ("model", "backbone") and not rest.startswith("hf-hub:") and not Path(rest).exists():
+            raise FileNotFoundError(f"{rest}: no such checkpoint (encoder {spec})")
+
+
 def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32, workers: int = 0,
                      device: str | None = None, seed: int = 0, progress: bool = True,
                      arch: str | None = None) -> np.ndarray:
@@ -35,22 +85,13 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     from tqdm import tqdm
 
     import stalign
-    from stalign.models.image_encoders import create_image_encoder
     from stalign.tasks.embed import default_device, embed_shards
 
     device = default_device(device)
-    kind, _, rest = spec.partition(":")
-    if kind == "model":
-        return embed_shards(stalign.load_checkpoint(rest), root, gene=False, batch_size=batch_size,
+    if spec.startswith("model:"):
+        return embed_shards(stalign.load_checkpoint(spec[6:]), root, gene=False, batch_size=batch_size,
                             workers=workers, device=device, progress=progress)["image"]
-    if kind == "backbone":
-        net = stalign.load_checkpoint(rest).spot_image_encoder
-    elif kind == "random":
-        torch.manual_seed(seed)
-        net = create_image_encoder(rest, pretrained=False)
-    else:
-        net = create_image_encoder(spec, pretrained=True, arch=arch)
-    net = net.to(device).eval()
+    net = PatchEncoder(spec, arch=arch, seed=seed).to(device)
     out = []
     with torch.inference_mode():
         for batch in tqdm(_patch_batches(root, batch_size, workers), desc=f"features {spec}", disable=not progress):
@@ -58,33 +99,75 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     return np.concatenate(out)
 
 
-def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = "slide", n_splits: int | None = None,
+def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, workers: int = 0) -> np.ndarray:
+    """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order."""
+    from stalign.tasks.baselines import colour_features
+
+    return np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
+                           for b in _patch_batches(root, batch_size, workers)])
+
+
+def score_methods(methods: Mapping[str, Callable[[np.ndarray], Any]], targets: np.ndarray, genes: Sequence[str],
+                  splits: Sequence[tuple[np.ndarray, np.ndarray]], panels: Sequence[Sequence[str]]
+                  ) -> dict[str, dict[str, float]]:
+    """Per method (``factory(y) -> Predictor`` on the fold's targets ``y``): Pearson mean over genes per fold
+    (mean, std over folds), MSE and MAE over the folds; each fold scored on its own gene panel."""
+    import warnings
+
+    from stalign.tasks.hest import cross_validate
+
+    col = {g: j for j, g in enumerate(genes)}
+    per: dict[str, dict[str, list[float]]] = {m: {"r": [], "mse": [], "mae": []} for m in methods}
+    for (train, test), panel in zip(splits, panels):
+        y = targets[:, [col[g] for g in panel]]
+        for name, factory in methods.items():
+            res = cross_validate(factory(y), y, [(train, test)], panel)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # a constant prediction has no r (NaN)
+                per[name]["r"].append(float(np.nanmean(res.fold_pearson)))
+            per[name]["mse"].append(float(res.fold_mse.mean()))
+            per[name]["mae"].append(float(res.fold_mae.mean()))
+    out = {}
+    for name, v in per.items():
+        r = np.asarray(v["r"])
+        ok = np.isfinite(r)
+        out[name] = {"pearson_mean": float(r[ok].mean()) if ok.any() else np.nan,
+                     "pearson_std": float(r[ok].std()) if ok.any() else np.nan,
+                     "mse": float(np.mean(v["mse"])), "mae": float(np.mean(v["mae"])), "n_folds": len(splits)}
+    return out
+
+
+def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = "auto", n_splits: int | None = None,
                  k_genes: int | None = 50, latent_dim: int = 256, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, seed: int = 0, progress: bool = True,
-                 features: dict[str, np.ndarray] | None = None, arch: str | None = None):
-    """HEST protocol table (pandas) for ``encoders`` on the shards under ``root`` (``arch``: the architecture of
-    encoders given as bare local weight files).
+                 features: dict[str, np.ndarray] | None = None, arch: str | None = None,
+                 patients: Mapping[str, str] | None = None, neighbours: int = 6):
+    """The table (pandas) of ``encoders`` and the baselines on the shards under ``root`` (see module doc; ``by``
+    and ``patients``: ``stalign.tasks.bench_folds``; ``features`` adds precomputed (N, F) arrays by name).
+    Folds, gene panels and checkpoint paths are checked before any feature is extracted."""
+    import pandas as pd
 
-    ``by="slide"``: folds by slide (leave-one-slide-out unless ``n_splits``), the HEST protocol; ``by="spot"``:
-    shuffled spot-level ``n_splits``-fold (default 5) within slides, for a single slide (not HEST: neighbouring
-    spots share tissue). ``features`` adds precomputed (N, F) arrays by name.
-    """
     from stalign.data.dataset import ShardDataset
-    from stalign.tasks.hest import hest_benchmark
+    from stalign.tasks.baselines import mean_predictor, neighbour_predictor, ridge_predictor
+    from stalign.tasks.bench_folds import bench_folds
 
     ds = ShardDataset(root)
-    expr = ds.expression_matrix()
-    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
-    if by == "slide":
-        if len(set(slides.tolist())) < 2:
-            raise InputError(f"{root}: one slide only; the HEST protocol splits by slide/patient. Prepare more "
-                             f"slides, or use by='spot' (stalign bench --by spot) for a within-slide estimate")
-        groups: Any = slides
-    elif by == "spot":
-        groups = np.random.default_rng(seed).permutation(len(ds))
-        n_splits = n_splits or 5
-    else:
-        raise InputError(f"by must be 'slide' or 'spot', got {by!r}")
+    expr = ds.expression_matrix().astype(np.float64)
+    log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
+    folds = bench_folds(ds, expr, by=by, n_splits=n_splits, seed=seed, patients=patients, k_genes=k_genes,
+                        log1p=log1p, root=root)
+    check_encoder_specs(encoders)
+    targets = np.log1p(expr) if log1p else expr
+    slides = np.asarray([ds.slide_of(i) for i in range(len(ds))])
+    coords = np.concatenate([ds.slide_spots(k)["coords_um"] for k in range(len(ds.slide_ids))])
+    ridge = {"latent_dim": latent_dim, "fit_intercept": True, "seed": seed}
+    colour = shard_colour_features(root, workers=workers)
+    methods: dict[str, tuple[str, Callable[[np.ndarray], Any]]] = {"mean expression (training folds)": (
+        "baseline", mean_predictor)}
+    if folds.scheme in ("block", "spot"):  # across slides no training spot lies on the test slide
+        methods[f"neighbour average ({neighbours} nearest, no image)"] = (
+            "baseline", lambda y: neighbour_predictor(coords, y, k=neighbours, groups=slides))
+    methods["colour stats + ridge"] = ("baseline", lambda y: ridge_predictor(colour, y, **ridge))
     feats = dict(features or {})
     failed: dict[str, str] = {}
     for spec in encoders:  # one failing encoder does not throw away the others' (often long) feature runs
@@ -96,20 +179,38 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     if not feats:
         raise InputError("no encoder could be benchmarked: " + "; ".join(f"{k}: {v}" for k, v in failed.items())
                          if failed else "no encoders to benchmark")
-    log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
-    table = hest_benchmark(feats, expr, ds.genes, groups, n_splits=n_splits, k_genes=k_genes, log1p=log1p,
-                           latent_dim=latent_dim, seed=seed, task=os.path.basename(os.path.normpath(root)))
-    table.attrs.update({"by": by, "n_spots": len(ds), "n_slides": len(set(slides.tolist())), "failed": failed})
+    for name, x in feats.items():
+        if len(x) != len(ds):
+            raise InputError(f"features {name!r} have {len(x)} rows, the shards {len(ds)} spots")
+        methods[name] = ("encoder", lambda y, x=np.asarray(x): ridge_predictor(x, y, **ridge))
+    scores = score_methods({m: f for m, (_, f) in methods.items()}, targets, ds.genes, folds.splits, folds.panels)
+    task = os.path.basename(os.path.normpath(root))
+    rows = [{"task": task, "encoder": m, "kind": kind, **scores[m], "n_genes": len(folds.panels[0]),
+             "folds": folds.scheme, "leaky": folds.leaky} for m, (kind, _) in methods.items()]
+    table = pd.DataFrame(rows)
+    base = table[table["kind"] == "baseline"]
+    table["to_beat"] = table.index == base["mse"].idxmin()
+    genes = sorted({g for p in folds.panels for g in p}, key=list(ds.genes).index)
+    table.attrs.update({"by": folds.scheme, "folds": folds.label, "leaky": folds.leaky, "n_spots": len(ds),
+                        "n_slides": len(ds.slide_ids), "failed": failed, "genes": genes})
     return table
 
 
 def format_table(table: Any) -> str:
-    """The table as users compare it with the HEST leaderboard: Pearson mean ± std, pooled r, MSE, MAE."""
-    lines = [f"{'task':16s} {'encoder':34s} {'pearson':>17s} {'pooled r':>9s} {'MSE':>8s} {'MAE':>7s} {'folds':>5s}"]
+    """The table as printed: Pearson r (mean ± std over folds), MSE, MAE, the baseline to beat marked."""
+    lines = [f"{'task':14s} {'method':40s} {'kind':8s} {'pearson r':>15s} {'MSE':>8s} {'MAE':>7s} {'folds':>5s}"]
     for _, r in table.iterrows():
-        lines.append(f"{str(r['task'])[:16]:16s} {str(r['encoder'])[:34]:34s} "
-                     f"{r['pearson_mean']:8.3f} ± {r['pearson_std']:6.3f} {r['pooled_pearson_mean']:9.3f} "
-                     f"{r['mse']:8.3f} {r['mae']:7.3f} {int(r['n_folds']):5d}")
+        name = str(r["encoder"]) + (" [LEAKY folds]" if r.get("leaky") else "")
+        r_text = "    (constant)  " if not np.isfinite(r["pearson_mean"]) else \
+            f"{r['pearson_mean']:6.3f} ± {r['pearson_std']:5.3f}"
+        lines.append(f"{str(r['task'])[:14]:14s} {name[:40]:40s} {r['kind']:8s} {r_text:>15s} {r['mse']:8.3f} "
+                     f"{r['mae']:7.3f} {int(r['n_folds']):5d}{'  <- row to beat' if r.get('to_beat') else ''}")
+    if "to_beat" in table and table["to_beat"].any():
+        best = table[table["to_beat"]].iloc[0]
+        enc = table[table["kind"] == "encoder"]
+        beat = enc[(enc["mse"] < best["mse"]) & ~(enc["pearson_mean"] < best["pearson_mean"])]["encoder"].tolist()
+        lines.append(f"row to beat: {best['encoder']} (the baseline of lowest MSE); encoders beating it on MSE and "
+                     f"r: {', '.join(map(str, beat)) or 'none'}")
     return "\n".join(lines)
 
 

@@ -1,0 +1,137 @@
+"""The folds of ``stalign bench --shards`` and their gene panels, settled before any feature is extracted.
+
+Schemes (``by``): ``"slide"`` / ``"patient"`` (leave one slide / patient out, or grouped k-fold), ``"block"``
+(within slides: ``n_splits`` hold-outs of random square blocks with a niche-wide margin, the training split
+``stalign.data.dataset.split_indices(by="block")``: no training crop, niche mean or neighbour overlaps a test spot),
+``"spot"`` (random spots: neighbouring spots share tissue across train and test, so scores are inflated; the rows
+say so). ``"auto"``: by patient when given, else by slide with two or more slides, else by block.
+The gene panel of each fold is chosen on its training spots only (HEST's filter per slide, then the most variable).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from stalign.tasks.hest import check_no_leakage, group_splits, hest_gene_panel
+from stofm.util.errors import InputError
+
+SCHEMES = ("auto", "slide", "patient", "block", "spot")
+
+
+@dataclass
+class Folds:
+    """(train, test) index pairs (dataset order), how they were made, and each fold's gene panel."""
+
+    splits: list[tuple[np.ndarray, np.ndarray]]
+    scheme: str
+    label: str
+    leaky: bool
+    panels: list[list[str]]
+
+
+def read_patients(path: str | os.PathLike) -> dict[str, str]:
+    """slide_id -> patient from a CSV/TSV with columns ``slide_id`` and ``patient``."""
+    import pandas as pd
+
+    try:
+        df = pd.read_csv(path, sep=None, engine="python", dtype=str)
+    except (ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{path}: not a CSV/TSV table ({' '.join(str(err).split())})") from None
+    if not {"slide_id", "patient"} <= set(df.columns):
+        raise InputError(f"{path}: needs columns slide_id and patient (has {list(df.columns)})")
+    return dict(zip(df["slide_id"].str.strip(), df["patient"].str.strip()))
+
+
+def _group_folds(groups: np.ndarray, n_splits: int | None, what: str, root: Any) -> tuple[list, str]:
+    n = len(np.unique(groups))
+    if n < 2:
+        raise InputError(f"{root}: one {what} only; folds by {what} need two or more (use --by block within it)")
+    splits = group_splits(groups, n_splits=n_splits)
+    kind = f"leave-one-{what}-out" if len(splits) == n else f"{len(splits)}-fold by {what}"
+    return splits, f"{kind} ({n} {what}s)"
+
+
+def _block_folds(ds: Any, n_splits: int, seed: int, root: Any) -> tuple[list, str]:
+    """``n_splits`` hold-outs of 1/n_splits of the blocks (distinct ones; those where the margin leaves fewer
+    training than test spots are dropped); fewer than two left is refused."""
+    from stalign.data.dataset import split_indices
+
+    one = "one slide only, and " if len(ds.slide_ids) == 1 else ""
+    hint = "No spatial fold without leakage here; --by spot gives random spot folds (leaky: the rows say so)"
+    splits, seen = [], set()
+    for i in range(n_splits):
+        try:
+            train, test = split_indices(ds, val_fraction=1.0 / max(n_splits, 2), by="block", seed=seed + i)
+        except InputError as err:
+            raise InputError(f"{root}: {one}{err}. {hint}") from None
+        key = tuple(test.tolist())
+        if key not in seen and len(train) >= len(test):
+            seen.add(key)
+            splits.append((train, test))
+    niche = float(ds.manifest["niche_um"])
+    if len(splits) < 2:
+        raise InputError(f"{root}: {one}its {len(ds)} spots give {len(splits)} spatial hold-out(s) of "
+                         f"{2 * niche:g} µm blocks with more training than test spots outside the {niche:g} µm "
+                         f"margin (2 needed). {hint}")
+    return splits, (f"spatial blocks ({len(splits)} hold-outs of {2 * niche:g} µm blocks, {niche:g} µm margin "
+                    "dropped from training)")
+
+
+def make_folds(ds: Any, *, by: str = "auto", n_splits: int | None = None, seed: int = 0,
+               patients: Mapping[str, str] | None = None, root: Any = None) -> tuple[list, str, str]:
+    """(splits, scheme, label) for ``ShardDataset`` ``ds`` (all its spots; see module doc for ``by``)."""
+    if by not in SCHEMES:
+        raise InputError(f"by must be one of {', '.join(SCHEMES)}, got {by!r}")
+    root = root or "shards"
+    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
+    if by == "auto":
+        by = "patient" if patients else ("slide" if len(ds.slide_ids) > 1 else "block")
+    if by == "patient":
+        if not patients:
+            raise InputError("--by patient needs --patients FILE (columns slide_id, patient)")
+        missing = sorted(set(slides.tolist()) - set(patients))
+        if missing:
+            raise InputError(f"the patients table lacks slides {missing[:5]} of {root}")
+        splits, label = _group_folds(np.asarray([patients[s] for s in slides]), n_splits, "patient", root)
+    elif by == "slide":
+        splits, label = _group_folds(slides, n_splits, "slide", root)
+    elif by == "block":
+        splits, label = _block_folds(ds, n_splits or 5, seed, root)
+    else:
+        n = n_splits or 5
+        if n < 2 or n > len(ds):
+            raise InputError(f"--folds must be in 2..{len(ds)} for random spot folds, got {n}")
+        splits = group_splits(np.random.default_rng(seed).permutation(len(ds)), n_splits=n)
+        label = f"random spots ({n}-fold; LEAKY: neighbouring spots share tissue across train and test)"
+    if by != "spot":
+        check_no_leakage(np.arange(len(ds)), splits)
+    return splits, by, label
+
+
+def fold_panels(expression: np.ndarray, genes: Sequence[str], slides: np.ndarray,
+                splits: Sequence[tuple[np.ndarray, np.ndarray]], *, k: int | None, log1p: bool) -> list[list[str]]:
+    """Each fold's genes chosen on its training spots alone (detected in >= 10% of the training spots of every
+    slide, then the ``k`` most variable); all genes when ``k`` is falsy."""
+    if not k:
+        return [list(genes)] * len(splits)
+    panels = []
+    for i, (train, _) in enumerate(splits):
+        try:
+            panels.append(hest_gene_panel(expression[train], genes, groups=slides[train], k=k, log1p=log1p))
+        except InputError as err:
+            raise InputError(f"fold {i} ({len(train)} training spots): {err}; use --genes 0 for all genes") from None
+    return panels
+
+
+def bench_folds(ds: Any, expression: np.ndarray, *, by: str = "auto", n_splits: int | None = None, seed: int = 0,
+                patients: Mapping[str, str] | None = None, k_genes: int | None = 50, log1p: bool = False,
+                root: Any = None) -> Folds:
+    """The folds and per-fold gene panels of ``bench`` (no feature needed: checked before any extraction)."""
+    splits, scheme, label = make_folds(ds, by=by, n_splits=n_splits, seed=seed, patients=patients, root=root)
+    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
+    panels = fold_panels(expression, ds.genes, slides, splits, k=k_genes, log1p=log1p)
+    return Folds(splits=splits, scheme=scheme, label=label, leaky=scheme == "spot", panels=panels)
