@@ -95,6 +95,7 @@ class Engine:
     def start(self, resume: str | None = None) -> dict[str, Any]:
         """Lock ``output_dir`` (a second training into it is refused), resume (``"latest"`` or a folder), open the
         run log, write the config; returns ``trainer_state.json``."""
+        created = self.output_dir is not None and not Path(self.output_dir).exists()
         if self.main and self.output_dir is not None:
             self._lock = take_lock(Path(self.output_dir) / LOCK_NAME,
                                    holder=f"another training is writing into {self.output_dir}")
@@ -102,6 +103,10 @@ class Engine:
             return self._start(resume)
         except BaseException:
             self.release_lock()
+            if created and {p.name for p in Path(self.output_dir).iterdir()} <= {LOCK_NAME}:
+                import shutil
+
+                shutil.rmtree(self.output_dir, ignore_errors=True)  # a folder this run made and left empty
             raise
 
     def release_lock(self) -> None:
