@@ -102,6 +102,7 @@ def test_space_ranger_prediction_has_the_in_tissue_spots_on_the_hires_image(spac
     s = pred.uns["stalign"]
     assert s["slide"] == str(folder / "spatial" / "tissue_hires_image.png")
     assert s["um_per_px"] == pytest.approx(100 / (PITCH_PX * HIRES), rel=0.02)  # the physical spot pitch
+    assert len(s["pixel_size_sources"]) >= 2 and s["um_per_px"] in s["pixel_size_sources"].values()
     assert s["library_id"] == "sr" and list(pred.uns["spatial"]) == ["sr"]  # the run's name, as scanpy's read_visium
     lib = pred.uns["spatial"]["sr"]
     sf, hires = lib["scalefactors"], lib["images"]["hires"]
@@ -268,10 +269,13 @@ def test_fewshot_fits_a_head_on_a_space_ranger_folder(predict_setup, space_range
     (["--visium-hd", "{t}/no_hd"], ["no_hd", "Visium HD folder does not exist"]),
     (["--spaceranger", "{t}", "--coords", "{t}/c.csv"], ["--coords goes with --slide"]),
     (["--slide", "{t}/x.jpg", "--bin-um", "8"], ["--bin-um 8 goes with --visium-hd"]),
+    (["--slide", "{t}/x.jpg", "--pixel-size-from", "grid"], ["--pixel-size-from grid goes with --spaceranger"]),
+    (["--spaceranger", "{sr}", "--pixel-size-from", "nonsense"], ["sr", "pixel_size_from='nonsense'", "grid"]),
 ])
-def test_bad_input_is_one_line_and_nothing_is_written(predict_setup, tmp_path, capsys, inputs, words):
+def test_bad_input_is_one_line_and_nothing_is_written(predict_setup, space_ranger, tmp_path, capsys, inputs, words):
     out = tmp_path / "out" / "pred.h5ad"
-    assert main(predict_argv(predict_setup, out, *[a.format(t=tmp_path) for a in inputs])) == 1
+    argv = [a.format(t=tmp_path, sr=space_ranger["folder"]) for a in inputs]
+    assert main(predict_argv(predict_setup, out, *argv)) == 1
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("stalign predict: error:"), err
     assert all(w in err for w in words), err

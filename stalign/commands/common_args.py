@@ -149,6 +149,9 @@ def sample_input(args: argparse.Namespace) -> str | None:
     given = [f"--{n.replace('_', '-')}" for n in ("spaceranger", "hest", "h5ad", "visium_hd") if getattr(args, n, None)]
     if args.coords and given:
         raise InputError(f"--coords goes with --slide; {given[0]} gives its own spots")
+    if args.pixel_size_from != "auto" and not given:
+        raise InputError(f"--pixel-size-from {args.pixel_size_from} goes with --spaceranger, --hest, --h5ad or "
+                         "--visium-hd (a --slide's pixel size: its metadata or --um-per-px)")
     if args.bin_um is not None and not args.visium_hd:
         raise InputError(f"--bin-um {args.bin_um} goes with --visium-hd")
     if args.image and not (given and given[0] in ("--spaceranger", "--h5ad", "--visium-hd")):
