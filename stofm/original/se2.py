@@ -151,12 +151,13 @@ class OriginalSE2(nn.Module):
         pad = types == PAD
         x = self.embedding_layer(token_embeddings) + self.token_type_embeddings(types)
         bias = gaussian = self.gaussian(attn_bias)
-        hidden, pairs, probs = [x], [], []
+        hidden, pairs, probs = [x], [], []  # per layer; kept only for ``details`` (12 x (B, H, n, n) otherwise)
         for layer in self.encoder.layers:
             x, bias, p = layer(x, bias, pad)
-            hidden.append(x)
-            pairs.append(bias)
-            probs.append(p.mean(1))
+            if details:
+                hidden.append(x)
+                pairs.append(bias)
+                probs.append(p.mean(1))
         out = {"last_hidden_state": x, "pair_rep": bias.permute(0, 2, 3, 1), "cls_state": x[:, 0]}
         if details:
             out |= {"hidden_states": torch.stack(hidden), "gaussian_bias": gaussian, "layer_pair_reps": pairs,
