@@ -45,6 +45,7 @@ from stalign.data.shards import (
 from stalign.data.tissue_call import TissueRule, call_tissue, tissue_rule
 from stofm.util.errors import SetupError
 from stofm.util.knn import neighbor_indices
+from stofm.util.output_paths import take_lock
 
 SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression", "resample")
 #: Settings a manifest or shard written before they existed had (read as these values).
@@ -131,23 +132,14 @@ def prepare(samples: Iterable[Any], out_dir: str | os.PathLike, *, genes: Iterab
     Space Ranger's in_tissue call or the image tissue mask (``tissue_filter=False``: every spot); each slide's
     rule, its dropped spots with their reasons and a QC picture are written under ``out_dir/qc/`` and recorded
     in the slide's manifest entry (``tissue``)."""
-    from filelock import FileLock, Timeout
-
     out = Path(out_dir)
     log = log or (lambda msg: None)
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(out / LOCK_NAME))
     try:
-        try:
-            lock.acquire(timeout=0)
-        except Timeout:
-            log(f"{out}: another stalign prep is writing here; waiting for it to finish")
-            try:
-                lock.acquire(timeout=-1 if lock_timeout is None else lock_timeout)
-            except Timeout:
-                raise DataPrepError(f"{out}: another stalign prep is still writing here after {lock_timeout:g} s "
-                                    f"(lock {out / LOCK_NAME}); wait for it or use another --out") from None
+        lock = take_lock(out / LOCK_NAME, holder=f"{out}: another stalign prep is still writing here",
+                         wait=lock_timeout, error=DataPrepError,
+                         on_wait=lambda: log(f"{out}: another stalign prep is writing here; waiting for it to finish"))
         handler = None
         if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds (temporaries removed)
             SIGNALLED.clear()

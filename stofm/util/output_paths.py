@@ -170,9 +170,12 @@ def atomic_write_path(final: PathLike) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def take_lock(lock_file: PathLike, *, holder: str) -> Any:
-    """An acquired ``filelock.FileLock`` on ``lock_file`` (call ``.release()``), or a :class:`SetupError` right away
-    when another process holds it: ``holder`` says what is writing (e.g. "another stalign train writes into X")."""
+def take_lock(lock_file: PathLike, *, holder: str, wait: float | None = 0, on_wait: Any = None,
+              error: type[Exception] = SetupError) -> Any:
+    """An acquired ``filelock.FileLock`` on ``lock_file`` (call ``.release()``). When another process holds it:
+    ``wait`` 0 raises ``error`` right away, else ``on_wait()`` is called and the lock awaited for ``wait`` seconds
+    (None: as long as it takes) before ``error``; ``holder`` says what is writing ("another stalign train is
+    writing into X")."""
     from filelock import FileLock, Timeout
 
     lock_file = Path(lock_file)
@@ -180,8 +183,17 @@ def take_lock(lock_file: PathLike, *, holder: str) -> Any:
     lock = FileLock(str(lock_file))
     try:
         lock.acquire(timeout=0)
+        return lock
     except Timeout:
-        raise SetupError(f"{holder} (lock {lock_file}); wait for it to finish or choose another output") from None
+        if wait == 0:
+            raise error(f"{holder} (lock {lock_file}); wait for it to finish or choose another output") from None
+    if on_wait is not None:
+        on_wait()
+    try:
+        lock.acquire(timeout=-1 if wait is None else wait)
+    except Timeout:
+        raise error(f"{holder} after {wait:g} s (lock {lock_file}); wait for it to finish or choose another "
+                    "output") from None
     return lock
 
 
