@@ -32,7 +32,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("inputs", nargs="+", help=".h5ad files with obsm['spatial']")
     e.add_argument("--model", required=True, help="config name, a save_pretrained folder or a stofm convert folder")
     e.add_argument("--out", required=True, help="output .h5ad (one input) or folder (several)")
-    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--batch-size", type=int, default=None,
+                   help="sub-slices per forward pass (default 8; 2 for the original SToFM, whose Gaussian distance "
+                        "features are dense: (batch, nodes, nodes, 128))")
     e.add_argument("--device", default=None)
     e.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     e.add_argument("--niches", type=int, default=0, help="also store per-niche embeddings of this many cells")
@@ -93,7 +95,8 @@ def _embed(args: argparse.Namespace) -> int:
         adata = read_h5ad(src, what="stofm embed input")
         if model is None:
             model = _embed_model(args, list(map(str, adata.var_names)))
-        embed(adata, model, batch_size=args.batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
+        batch_size = args.batch_size or (2 if model.arch == "original" else 8)
+        embed(adata, model, batch_size=batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
         if args.niches:
             embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
         dest = out / src.name if len(args.inputs) > 1 else out
