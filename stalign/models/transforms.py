@@ -3,6 +3,9 @@
 H&E has no canonical orientation, so training uses flips and 90° rotations (lossless on a square crop)
 plus mild colour jitter for stain variation; both transforms resize to the backbone's input size with
 the interpolation of its pretrained config. No centre crop: crops are cut at a physical size (µm).
+
+These are the per-sample transforms (one crop at a time, uint8 in and out). Training runs their batched twin,
+``stalign.models.batch_augment.BatchAugment``, on the device: the same parameters per seed, the same ranges.
 """
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from stalign.models.batch_augment import HUE, JITTER
 
 
 class RandomRot90(nn.Module):
@@ -26,8 +31,8 @@ def _interp(name: str):
     return InterpolationMode.BICUBIC if name == "bicubic" else InterpolationMode.BILINEAR
 
 
-def he_train_transform(size: int, interpolation: str = "bicubic", *, jitter: float = 0.1,
-                       hue: float = 0.02) -> Callable:
+def he_train_transform(size: int, interpolation: str = "bicubic", *, jitter: float = JITTER,
+                       hue: float = HUE) -> Callable:
     """Flips, rot90, colour jitter (brightness/contrast/saturation ``jitter``, hue ``hue``), resize to ``size``."""
     from torchvision.transforms import v2
 

@@ -29,7 +29,8 @@ class TrainConfig:
     split_by: str = "spot"  # "spot", "slide" or "block" (held-out squares with a niche-wide margin: no crop overlap)
     niche_spots: int = 16  # neighbouring spots (self first) given to the niche gene encoder
     virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none)
-    augment: bool = True  # the image encoder's train_transform on the training split
+    augment: bool = True  # flips, rot90, colour jitter (and stain_jitter) on the training crops, batched on the device
+    stain_jitter: float = 0.0  # HED stain jitter sigma (Tellez et al. 2018; e.g. 0.05): alpha ~ U(1-s, 1+s), beta ~ U(-s, s) per stain; 0: off
     num_workers: int = 0  # DataLoader worker processes
     # model
     model: str = "stalign-tiny"  # model config name (stalign-tiny/-demo/-base) or a config .json
@@ -181,6 +182,7 @@ def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
         (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta <= 1, "alpha, beta >= 0 with alpha + beta <= 1"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
         (cfg.warmup_steps >= 0 and cfg.max_grad_norm >= 0, "warmup_steps and max_grad_norm must be >= 0"),
+        (0.0 <= cfg.stain_jitter < 1.0, "stain_jitter must be in [0, 1)"),
         (cfg.loss_kind != "paper" or cfg.hard_negative_clusters >= 2,
          "loss_kind=paper draws one negative from each other expression cluster of a slide: set "
          "hard_negative_clusters >= 2 (the paper: 6)"),

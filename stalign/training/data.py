@@ -16,10 +16,15 @@ class EmptyDataError(InputError):
     """No spots (or too few for one batch) to train or validate on."""
 
 
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """The augmentation seed of one spot in one epoch (independent of workers, processes and resumes)."""
+    return int(np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1)[0])
+
+
 class SeededTransform:
-    """Apply ``spot_transform`` / ``niche_transform`` to the crops of a dataset item with RNG seeded by
-    (seed, epoch, item index), so augmentations do not depend on worker count, process count or on a
-    resume in the middle of an epoch. Set :attr:`epoch` before each epoch."""
+    """The per-sample path: ``spot_transform`` / ``niche_transform`` (e.g. ``he_train_transform``) on the crops of
+    each dataset item, with torch's global RNG seeded by ``sample_seed(seed, epoch, item index)``. Set
+    :attr:`epoch` before each epoch. Training uses :class:`SeededBatchAugment` (the same parameters, batched)."""
 
     def __init__(self, dataset: Any, spot_transform: Callable, niche_transform: Callable, *, seed: int) -> None:
         self.dataset, self.seed, self.epoch = dataset, int(seed), 0
@@ -32,7 +37,7 @@ class SeededTransform:
         import torch
 
         item = self.dataset[i]
-        seed = int(np.random.SeedSequence([self.seed, self.epoch, int(item["index"])]).generate_state(1)[0])
+        seed = sample_seed(self.seed, self.epoch, int(item["index"]))
         py_state = random.getstate()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -43,6 +48,63 @@ class SeededTransform:
             finally:
                 random.setstate(py_state)
         return item
+
+
+class SeededBatchAugment:
+    """(spot, niche) ``BatchAugment`` (``stalign.models.batch_augment``) on whole batches, where the batch is.
+
+    Each crop's parameters come from a ``torch.Generator`` seeded by ``sample_seed(seed, epoch, index)``, spot's
+    draws then niche's, as :class:`SeededTransform` seeds torch's RNG: the per-sample path's parameters, drawn on
+    the CPU from the batch's ``index`` before the batch is copied (``to_device``), so no device sync is needed.
+    A batch's ``negatives`` (paired negatives: no spot crop) get their own spots' niche parameters."""
+
+    def __init__(self, spot: Any, niche: Any, *, seed: int) -> None:
+        self.spot, self.niche, self.seed = spot, niche, int(seed)
+
+    def draw(self, index: Any, epoch: int) -> tuple[Any, Any]:
+        """(spot, niche) parameter rows of the spots ``index`` (global indices) in ``epoch``; None when eval."""
+        import torch
+
+        if not (self.spot.train or self.niche.train):
+            return None, None
+        spot, niche = [], []
+        for i in np.asarray(index).reshape(-1).tolist():
+            g = torch.Generator().manual_seed(sample_seed(self.seed, epoch, i))
+            spot.append(self.spot.draw(g))
+            niche.append(self.niche.draw(g))
+        def as_tensor(rows: list[list[float]]) -> Any:
+            return torch.tensor(rows, dtype=torch.float64) if rows and rows[0] else None
+
+        return as_tensor(spot), as_tensor(niche)
+
+    def _draws(self, batch: dict[str, Any], epoch: int) -> dict[str, Any]:
+        out = {"": self.draw(batch["index"].cpu(), epoch)}
+        if "negatives" in batch:
+            out["negatives"] = self.draw(batch["negatives"]["index"].cpu(), epoch)
+        return out
+
+    def _apply(self, batch: dict[str, Any], draws: dict[str, Any]) -> dict[str, Any]:
+        batch = dict(batch)
+        spot, niche = draws[""]
+        batch["spot_image"] = self.spot(batch["spot_image"], spot)
+        batch["niche_image"] = self.niche(batch["niche_image"], niche)
+        if "negatives" in batch:
+            negatives = dict(batch["negatives"])
+            negatives["niche_image"] = self.niche(negatives["niche_image"], draws["negatives"][1])
+            batch["negatives"] = negatives
+        return batch
+
+    def __call__(self, batch: dict[str, Any], *, epoch: int = 0) -> dict[str, Any]:
+        """The batch with its crops augmented where they are."""
+        return self._apply(batch, self._draws(batch, epoch))
+
+    def to_device(self, batch: dict[str, Any], device: Any, *, epoch: int, non_blocking: bool = False) -> dict[str, Any]:
+        """Draw the parameters on the CPU, copy the uint8 batch to ``device`` (``non_blocking`` from pinned
+        memory), augment there."""
+        from accelerate.utils import send_to_device
+
+        draws = self._draws(batch, epoch)
+        return self._apply(send_to_device(batch, device, non_blocking=non_blocking), draws)
 
 
 def slide_virtual_cells(ds: Any, slide_idx: int, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -119,8 +181,8 @@ def spot_clusters(ds: Any, *, n_clusters: int, n_total: int, seed: int) -> Any:
 class TrainData:
     """The datasets of one run."""
 
-    train: Any  # ShardDataset, or SeededTransform around it when augmenting
-    val: Any | None  # ShardDataset with the eval transform; None when val_fraction == 0
+    train: Any  # ShardDataset (or SeededTransform around it: per-sample transforms; PairedNegativeDataset)
+    val: Any | None  # ShardDataset (SeededTransform with per-sample eval transforms); None when val_fraction == 0
     genes: list[str]
     virtual_cells: VirtualCellBank | None
     clusters: Any | None  # int64 tensor over global spot indices (hard negatives), or None
@@ -130,6 +192,8 @@ class TrainData:
     n_left_out: int = 0  # spots in neither set (block: the margin around scored spots; slide: unscored spots)
     split_by: str = "spot"
     collate: Callable | None = None  # the training loader's collate (None: ``stalign.data.dataset.collate``)
+    augment: SeededBatchAugment | None = None  # batched training transforms, applied on the device
+    val_augment: SeededBatchAugment | None = None  # batched eval transforms (resize)
 
 
 LEFT_OUT_WHY = {"block": "the niche-wide margin around the scored validation spots",
@@ -168,7 +232,8 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
                      n_virtual: int = 0, hard_negative_clusters: int = 0, paired_negatives: bool = False) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
-    ``*_transforms`` are (spot, niche) crop transforms. ``paired_negatives``: training items carry one spot of each
+    ``*_transforms`` are (spot, niche) crop transforms: ``BatchAugment`` pairs (batched, applied by the trainer:
+    ``TrainData.augment`` / ``val_augment``) or per-sample callables (``SeededTransform``). ``paired_negatives``: training items carry one spot of each
     other expression cluster of their slide (``stalign.training.paired_negatives``; needs hard_negative_clusters)."""
     from stalign.data.dataset import ShardDataset, split_indices
 
@@ -196,8 +261,15 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         bank = VirtualCellBank([d for d in (train_shards, val_shards) if d is not None],
                                n_slides=len(full.slide_ids), n_virtual=n_virtual, seed=seed)
 
+    from stalign.models.batch_augment import BatchAugment
+
+    def batched(transforms: tuple[Callable, Callable] | None) -> SeededBatchAugment | None:
+        ok = transforms is not None and isinstance(transforms[0], BatchAugment)
+        return SeededBatchAugment(*transforms, seed=seed) if ok else None
+
     def wrap(ds: Any, transforms: tuple[Callable, Callable] | None) -> Any:
-        return ds if ds is None or transforms is None else SeededTransform(ds, *transforms, seed=seed)
+        plain = ds is None or transforms is None or batched(transforms) is not None
+        return ds if plain else SeededTransform(ds, *transforms, seed=seed)
 
     clusters = None
     if hard_negative_clusters > 1:
@@ -218,4 +290,5 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         collate = collate_with_negatives
     return TrainData(train=train, val=val, genes=list(full.genes), virtual_cells=bank, clusters=clusters, root=root,
                      n_train=len(train_idx), n_val=len(val_idx),
-                     n_left_out=len(full) - len(train_idx) - len(val_idx), split_by=split_by, collate=collate)
+                     n_left_out=len(full) - len(train_idx) - len(val_idx), split_by=split_by, collate=collate,
+                     augment=batched(train_transforms), val_augment=batched(eval_transforms))

@@ -62,10 +62,13 @@ def _model_parts(cfg: TrainConfig, genes: list[str]):
     return model
 
 
-def _transforms(model: Any, *, train: bool) -> tuple[Any, Any]:
-    """(spot, niche) crop transforms of the model's two image encoders."""
-    name = "train_transform" if train else "eval_transform"
-    return getattr(model.spot_image_encoder, name)(), getattr(model.niche_image_encoder, name)()
+def _transforms(model: Any, *, train: bool, stain: float = 0.0) -> tuple[Any, Any]:
+    """(spot, niche) batched crop transforms (``BatchAugment``) at the input size of the model's two image encoders:
+    the training augmentation, or (``train=False``) the resize only."""
+    from stalign.models.batch_augment import BatchAugment
+
+    return tuple(BatchAugment(enc.input_size, enc.interpolation, train=train, stain=stain if train else 0.0)
+                 for enc in (model.spot_image_encoder, model.niche_image_encoder))
 
 
 def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
@@ -79,16 +82,21 @@ def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
 
         raise EmptyDataError(f"{data.n_train} training spots under {data.root} cannot fill one batch of "
                              f"{cfg.batch_size} x {accelerator.num_processes} process(es); lower batch_size")
-    # Own generators: starting an epoch (or a resumed, batch-skipping loader) must not draw from the global RNG
-    # that dropout uses, or a resumed run would diverge from an uninterrupted one.
+    # uint8 batches in pinned memory for non-blocking copies to a GPU; workers stay up between epochs unless the
+    # dataset draws per epoch in them (its ``epoch`` would not reach a persistent worker). Own generators: starting
+    # an epoch (or a resumed, batch-skipping loader) must not draw from the global RNG that dropout uses, or a
+    # resumed run would diverge from an uninterrupted one.
+    workers = {"num_workers": cfg.num_workers, "pin_memory": accelerator.device.type == "cuda"}
     train_dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=data.collate or collate, num_workers=cfg.num_workers,
-                                           generator=torch.Generator().manual_seed(cfg.seed))
+                                           collate_fn=data.collate or collate,
+                                           generator=torch.Generator().manual_seed(cfg.seed),
+                                           persistent_workers=cfg.num_workers > 0 and not hasattr(data.train, "epoch"),
+                                           **workers)
     val_dl = None
     if data.val is not None:
         val_dl = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False,
-                                             collate_fn=collate, num_workers=cfg.num_workers,
-                                             generator=torch.Generator().manual_seed(cfg.seed))
+                                             collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
+                                             persistent_workers=cfg.num_workers > 0, **workers)
     return train_dl, val_dl, len(data.train) // per_step
 
 
@@ -124,7 +132,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
     adopt_shard_crops(model, cfg.data)
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
                             seed=cfg.seed, niche_spots=cfg.niche_spots,
-                            train_transforms=_transforms(model, train=cfg.augment),
+                            train_transforms=_transforms(model, train=cfg.augment, stain=cfg.stain_jitter),
                             eval_transforms=_transforms(model, train=False),
                             val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells,
                             hard_negative_clusters=cfg.hard_negative_clusters,
@@ -139,7 +147,10 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=max_steps,
                                 min_lr_ratio=cfg.min_lr_ratio)
-    prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([val_dl] if val_dl else []))
+    # training batches stay on the CPU until ``micro_batches`` draws their augmentation and copies them
+    placement = [True, True, data.augment is None, True] + ([True] if val_dl else [])
+    prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([val_dl] if val_dl else []),
+                                   device_placement=placement)
     model, optimizer, train_dl, scheduler = prepared[:4]
     engine = Engine(accelerator, model, optimizer, scheduler, max_steps=max_steps, output_dir=Path(cfg.output_dir),
                     config=cfg.to_dict(), stop_at=cfg.stop_after_steps or None, max_grad_norm=cfg.max_grad_norm,
@@ -180,6 +191,10 @@ class _Contrastive(Hooks):
             for batch in engine.accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl:
                 if batch["spot_image"].shape[0] == 0:
                     raise EmptyDataError(f"empty training batch at step {engine.step + 1} (data under {self.cfg.data})")
+                if self.data.augment is not None:  # uint8 batch -> device (non-blocking from pinned memory), augment
+                    device = engine.accelerator.device
+                    batch = self.data.augment.to_device(batch, device, epoch=self.epoch,
+                                                        non_blocking=device.type == "cuda")
                 if self.data.virtual_cells is not None:
                     batch = self.data.virtual_cells.attach(batch)
                     if "negatives" in batch:
@@ -225,6 +240,8 @@ class _Contrastive(Hooks):
         images, genes = [], []
         with torch.no_grad(), acc.autocast():
             for batch in self.val_dl:
+                if self.data.val_augment is not None:
+                    batch = self.data.val_augment(batch)
                 if self.data.virtual_cells is not None:
                     batch = self.data.virtual_cells.attach(batch)
                 img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
