@@ -112,6 +112,20 @@ def test_space_ranger_prediction_has_the_in_tissue_spots_on_the_hires_image(spac
         assert hires.shape[0] == pytest.approx(im.height * sf["tissue_hires_scalef"], abs=1)
 
 
+def test_space_ranger_folder_with_its_full_resolution_image(predict_setup, space_ranger, squidpy_crop, tmp_path):
+    out = tmp_path / "full.h5ad"
+    image = squidpy_crop / "test_img.jpg"  # the image Space Ranger was given: positions are in its pixels
+    assert main(predict_argv(predict_setup, out, "--spaceranger", str(space_ranger["folder"]), "--image",
+                             str(image))) == 0
+    pred = ad.read_h5ad(out)
+    s = pred.uns["stalign"]
+    assert s["slide"] == str(image) and s["um_per_px"] == pytest.approx(100 / PITCH_PX, rel=0.02)
+    src = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
+    np.testing.assert_allclose(pred.obsm["spatial"], np.asarray(src.obsm["spatial"], float))  # unscaled
+    sf = pred.uns["spatial"][s["library_id"]]["scalefactors"]
+    assert sf["spot_diameter_fullres"] * s["um_per_px"] == pytest.approx(55.0)
+
+
 def test_sc_pl_spatial_draws_the_spots_on_the_tissue_at_their_size(space_ranger):
     import matplotlib
 
