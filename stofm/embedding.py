@@ -38,13 +38,24 @@ def slide_inputs(adata: Any, *, layer: str | None = None, spatial_key: str = "sp
         raise CoordinateError(f"{where} has no obsm[{spatial_key!r}] with cell/spot coordinates "
                               f"(obsm keys: {list(adata.obsm.keys())})")
     coords = check_coords(np.asarray(adata.obsm[spatial_key])[:, :2], what=f"{where}.obsm[{spatial_key!r}]")
-    X = adata.layers[layer] if layer is not None else adata.X
-    if X is None:
-        raise InputError(f"{where} has no expression matrix (X is None)")
-    genes = list(map(str, adata.var[gene_key] if gene_key else adata.var_names))
+    X, genes = adata_expression(adata, layer=layer, gene_key=gene_key, where=where)
     if input_kind == "auto":
         input_kind = "counts" if _looks_like_counts(X) else "log1p"
     return X, genes, coords, input_kind
+
+
+def adata_expression(adata: Any, *, layer: str | None = None, gene_key: str | None = None,
+                     where: str = "adata") -> tuple[Any, list[str]]:
+    """(``layers[layer]`` or ``X``, gene names from ``var[gene_key]`` or ``var_names``) of an AnnData; a missing
+    layer, column or matrix is one error naming ``where``."""
+    if layer is not None and layer not in adata.layers:
+        raise InputError(f"{where}: no layer {layer!r} (layers: {list(adata.layers)})")
+    if gene_key is not None and gene_key not in adata.var:
+        raise InputError(f"{where}: no var column {gene_key!r} (columns: {list(adata.var.columns)})")
+    X = adata.X if layer is None else adata.layers[layer]
+    if X is None:
+        raise InputError(f"{where} has no expression matrix (X is None)")
+    return X, [str(g) for g in (adata.var[gene_key] if gene_key else adata.var_names)]
 
 
 def _looks_like_counts(X: Any, n: int = 2000) -> bool:

@@ -77,9 +77,10 @@ def masked_gene_loss(encoder: BertCellEncoder, head: MaskedGeneHead, ids: torch.
 
 def _matrix_and_genes(data, genes: Sequence[str] | None, gene_key: str | None):
     if hasattr(data, "X") and hasattr(data, "var_names"):  # AnnData
-        if genes is None:
-            genes = data.var[gene_key].astype(str).tolist() if gene_key else data.var_names.astype(str).tolist()
-        return data.X, list(genes)
+        from stofm.embedding import adata_expression
+
+        X, names = adata_expression(data, gene_key=gene_key)
+        return X, list(names if genes is None else genes)
     if genes is None:
         raise InputError("pass genes=... with a matrix (they come from var_names only for AnnData)")
     return data, list(genes)
@@ -199,6 +200,7 @@ def run_from_args(args) -> int:
     from pathlib import Path
 
     from stofm.cell_encoder import load_cell_encoder, save_cell_encoder
+    from stofm.embedding import adata_expression
     from stofm.util.safe_files import read_h5ad
 
     parts: list[tuple] = []
@@ -206,12 +208,7 @@ def run_from_args(args) -> int:
         if not src.exists():
             raise FileNotFoundError(f"masked-gene pretraining: {src} does not exist")
         adata = read_h5ad(src, what="masked-gene pretraining data")
-        if args.layer and args.layer not in adata.layers:
-            raise InputError(f"{src}: no layer {args.layer!r} (layers: {list(adata.layers)})")
-        if args.gene_key and args.gene_key not in adata.var:
-            raise InputError(f"{src}: no var column {args.gene_key!r} (columns: {list(adata.var.columns)})")
-        names = (adata.var[args.gene_key] if args.gene_key else adata.var_names).astype(str).tolist()
-        parts.append((adata.layers[args.layer] if args.layer else adata.X, names))
+        parts.append(adata_expression(adata, layer=args.layer, gene_key=args.gene_key, where=str(src)))
     X, genes = parts[0] if len(parts) == 1 else _stack_on_common_genes(parts)
     if args.encoder:
         encoder = load_cell_encoder(args.encoder)

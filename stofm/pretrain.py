@@ -132,7 +132,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     ``resolve_path`` turns data entries into files (``stalign pretrain-stofm`` resolves ``fetch:`` with it)."""
     import torch
 
-    from stofm.embedding import prepare_slide
+    from stofm.embedding import adata_expression, prepare_slide
     from stofm.model import create_model
     from stofm.util.optim import build_optimizer, build_scheduler
 
@@ -144,7 +144,7 @@ def pretrain(cfg: PretrainConfig, *, resume: str | None = None,
     mp = auto if cfg.mixed_precision == "auto" else cfg.mixed_precision
     accelerator = make_accelerator(mixed_precision=mp, grad_accum=cfg.grad_accum, cpu=cfg.cpu, seed=cfg.seed)
     adatas = [_read_adata(p, resolve_path) for p in cfg.data]
-    genes = cfg.genes or list(map(str, adatas[0].var[cfg.gene_key] if cfg.gene_key else adatas[0].var_names))
+    genes = cfg.genes or adata_expression(adatas[0], layer=cfg.layer, gene_key=cfg.gene_key, where=cfg.data[0])[1]
     if cfg.init_from:
         model = create_model(cfg.init_from)
     else:

@@ -87,6 +87,9 @@ def test_bad_input(crop, tiny):
     c.var_names = [f"other{i}" for i in range(c.n_vars)]
     with pytest.raises(ValueError, match="none of the model's 1999 genes"):
         stofm.embed(c, tiny, progress=False)
+    for kw, what in (({"layer": "raw"}, r"no layer 'raw'"), ({"gene_key": "symbol"}, r"no var column 'symbol'")):
+        with pytest.raises(ValueError, match=what):  # one error naming it, not a KeyError
+            stofm.embed(crop.copy(), tiny, progress=False, **kw)
 
 
 def test_fewer_cells_than_k(crop, tiny):
