@@ -75,3 +75,98 @@ def test_compared_maps_share_one_colour_scale_and_carry_a_scale_bar(tmp_path, mo
     assert bars and all(b in heatmaps.SCALE_BAR_UM for b in bars) and bars[0] == 200  # ~1/5 of 1000 µm
     with pytest.raises(ValueError, match="colour limits"):
         heatmaps.plot_gene_heatmaps(pred, ["A", "B"], xy, tmp_path / "x", limits=limits[:1])
+
+
+def _tissue_slide(tmp_path):
+    """A 600 x 480 px synthetic slide (1 µm/px): an H&E-pink blob with a notch, on white glass."""
+    from PIL import Image
+
+    from stalign.data.slide import open_slide
+
+    h, w = 480, 600
+    yy, xx = np.mgrid[0:h, 0:w] + 0.5
+    tissue = (((xx - 290) / 220) ** 2 + ((yy - 230) / 170) ** 2 <= 1) & ~((xx > 380) & (yy < 150))
+    rng = np.random.default_rng(0)
+    rgb = np.where(tissue[..., None], [205, 120, 175], [246, 246, 246]) + rng.integers(-6, 7, (h, w, 3))
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(tmp_path / "slide.png")
+    return open_slide(tmp_path / "slide.png", um_per_px=1.0), tissue
+
+
+def _figure_pixels(fig, ax, xy):
+    """RGB of the rendered figure at thumbnail points ``xy`` (data coordinates), and the whole buffer."""
+    fig.canvas.draw()
+    buf = np.asarray(fig.canvas.buffer_rgba())[..., :3].astype(float)
+    disp = ax.transData.transform(np.asarray(xy, float))
+    cols, rows = np.floor(disp[:, 0]).astype(int), (buf.shape[0] - np.ceil(disp[:, 1])).astype(int)
+    return buf[rows, cols]
+
+
+def test_grid_map_covers_every_tissue_tile_leaves_glass_blank_and_keeps_the_values(tmp_path):
+    """Tiles of predict over a synthetic slide, a known linear expression: every tile is coloured, the glass is
+    not, and the colour at each tile centre (and between tiles) maps back through the colour map to the value."""
+    import matplotlib
+
+    from stalign.tasks.heatmaps import gene_figure, make_canvas
+    from stalign.tasks.predict import tile_tissue
+
+    slide, tissue = _tissue_slide(tmp_path)
+    step = 40.0
+    tiles = tile_tissue(slide, step_px=step)
+    expr = lambda p: 0.01 * p[:, 0] - 0.004 * p[:, 1] + 1.0  # noqa: E731 - known expression at any point
+    lo, hi = float(expr(tiles).min()), float(expr(tiles).max())
+    thumb, ds = slide.thumbnail(1024)
+    assert ds == 1.0 and 60 < len(tiles) < 200
+    canvas = make_canvas(tiles, thumbnail=thumb, downsample=ds, spot_diameter_px=step, mode="grid", um_per_px=1.0)
+    fig, ax = gene_figure(canvas, expr(tiles), "known", limits=(lo, hi), cmap="viridis", alpha=1.0,
+                          units="log1p(counts per 10,000)")
+    lut = matplotlib.colormaps["viridis"](np.linspace(0, 1, 256))[:, :3] * 255
+
+    def decode(rgb):  # nearest colour of the colour map -> (value, colour distance)
+        d = np.linalg.norm(rgb[:, None] - lut[None], axis=-1)
+        return lo + d.argmin(1) / 255 * (hi - lo), d.min(1)
+
+    value, dist = decode(_figure_pixels(fig, ax, tiles))
+    assert dist.max() < 12  # every tile centre is coloured
+    assert np.abs(value - expr(tiles)).max() < 0.02 * (hi - lo)
+    # between tiles (4 tiles around): the bilinear value of a linear expression is the expression itself
+    have = {tuple(np.round(t / step).astype(int)) for t in tiles - step / 2}
+    inner = np.array([t + step / 2 for t in tiles if all((tuple(np.round((t - step / 2) / step).astype(int) + d))
+                                                          in have for d in ((0, 0), (1, 0), (0, 1), (1, 1)))])
+    value, dist = decode(_figure_pixels(fig, ax, inner))
+    assert len(inner) > 20 and dist.max() < 12 and np.abs(value - expr(inner)).max() < 0.03 * (hi - lo)
+    # every tissue pixel inside a tile is coloured; glass pixels (away from the edge's anti-aliasing) are blank
+    yy, xx = np.mgrid[0:tissue.shape[0]:3, 0:tissue.shape[1]:3] + 1.5
+    pts = np.column_stack([xx.ravel(), yy.ravel()])
+    in_tile = (np.abs(pts[:, None] - tiles[None]).max(-1) < step / 2 - 2).any(1)
+    on_tissue = tissue[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+    from scipy.ndimage import binary_dilation
+
+    near_tissue = binary_dilation(tissue, iterations=4)[pts[:, 1].astype(int), pts[:, 0].astype(int)]
+    rgb = _figure_pixels(fig, ax, pts)
+    _, dist = decode(rgb)
+    assert (dist[in_tile & on_tissue] < 12).all()
+    glass = rgb[~near_tissue]
+    assert len(glass) > 1000 and (glass.min(1) > 225).mean() > 0.99  # white glass shows through, nothing drawn
+    assert "log1p(counts per 10,000)" in fig.axes[1].get_ylabel()  # the colour bar names its units
+
+
+def test_scale_bar_goes_where_it_hides_nothing():
+    from stalign.tasks.heatmaps import _pyplot, draw_scale_bar
+
+    plt = _pyplot()
+    for busy_part, where in (("bottom left", "bottom right"), ("all", "below")):
+        fig, ax = plt.subplots()
+        ax.set_xlim(0, 400)
+        ax.set_ylim(300, 0)
+        busy = np.zeros((300, 400), bool)
+        if busy_part == "all":
+            busy[:] = True
+        else:
+            busy[200:, :200] = True
+        assert draw_scale_bar(ax, 1.0, 400, busy) == 100
+        x, y = ax.texts[0].get_position()
+        if where == "below":
+            assert y < 0 and ax.texts[0].get_transform() is not ax.transData  # axes fraction: under the picture
+        else:
+            assert x > 200 and y > 200
+        plt.close(fig)

@@ -3,6 +3,7 @@ and categorical maps (domains) drawn with the same spot geometry."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,37 +58,45 @@ def draw_spots(ax: Any, coords_thumb: np.ndarray, diameter_thumb: float, *, valu
     return coll
 
 
-def _grid(values: np.ndarray, coords_thumb: np.ndarray, shape: tuple[int, int], max_dist: float) -> np.ndarray:
-    """Values interpolated (linear) onto a (h, w) grid, masked farther than ``max_dist`` from any spot."""
-    from scipy.interpolate import griddata
-    from scipy.spatial import cKDTree
-
-    h, w = shape
-    gy, gx = np.mgrid[0:h, 0:w]
-    pts = np.column_stack([gx.ravel() + 0.5, gy.ravel() + 0.5])
-    grid = griddata(coords_thumb, values, pts, method="linear") if len(coords_thumb) >= 3 else None
-    near = griddata(coords_thumb, values, pts, method="nearest")
-    grid = near if grid is None else np.where(np.isnan(grid), near, grid)
-    far = cKDTree(coords_thumb).query(pts)[0] > max_dist
-    return np.ma.masked_array(grid, far).reshape(h, w)
-
-
 SCALE_BAR_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
 
 
-def draw_scale_bar(ax: Any, um_per_thumb_px: float, width_thumb_px: float) -> float:
-    """A scale bar of a round length (about a fifth of the width) at the bottom left; returns its length in µm."""
+def _bar_box(corner: str, length_px: float, shape: tuple[int, int]) -> tuple[slice, slice, float, float]:
+    """The thumbnail pixels a bar (and its label) in ``corner`` covers, and the bar's left end and height."""
+    h, w = shape
+    margin, box_h = 0.04 * w, 0.09 * h
+    x = margin if corner.endswith("left") else w - margin - length_px
+    y = h - 0.05 * h if corner.startswith("bottom") else 0.05 * h + box_h * 0.7
+    rows = slice(max(int(y - box_h * 0.8), 0), min(int(y + 0.02 * h) + 1, h))
+    cols = slice(max(int(x - 0.02 * w), 0), min(int(x + length_px + 0.02 * w) + 1, w))
+    return rows, cols, x, y
+
+
+def draw_scale_bar(ax: Any, um_per_thumb_px: float, width_thumb_px: float, busy: np.ndarray | None = None) -> float:
+    """A scale bar of a round length (about a fifth of the width); returns its length in µm.
+
+    It goes into the first corner (bottom left, bottom right, top left, top right) where it covers no pixel of
+    ``busy`` (the (h, w) thumbnail pixels showing tissue or values), else below the picture, outside it."""
     target = width_thumb_px * um_per_thumb_px / 5
     length = min(SCALE_BAR_UM, key=lambda v: abs(np.log(v / target)))
     px = length / um_per_thumb_px
-    y0, y1 = ax.get_ylim()  # y down: y0 is the bottom
-    x = 0.04 * width_thumb_px
-    y = y0 - 0.05 * abs(y0 - y1)
-    ax.plot([x, x + px], [y, y], color="white", linewidth=4, solid_capstyle="butt")
-    ax.plot([x, x + px], [y, y], color="black", linewidth=1.5, solid_capstyle="butt")
+    y_bottom, y_top = ax.get_ylim()  # y down: the first is the bottom
+    shape = (int(round(abs(y_bottom - y_top))), int(round(width_thumb_px)))
     label = f"{length / 1000:g} mm" if length >= 1000 else f"{length} µm"
-    ax.text(x + px / 2, y - 0.02 * abs(y0 - y1), label, ha="center", va="bottom", fontsize=8, color="black",
-            bbox={"facecolor": "white", "alpha": 0.7, "linewidth": 0, "pad": 1})
+    style = {"ha": "center", "va": "bottom", "fontsize": 8, "color": "black",
+             "bbox": {"facecolor": "white", "alpha": 0.7, "linewidth": 0, "pad": 1}}
+    for corner in ("bottom left", "bottom right", "top left", "top right"):
+        rows, cols, x, y = _bar_box(corner, px, shape)
+        if busy is None or not busy[rows, cols].any():
+            ax.plot([x, x + px], [y, y], color="white", linewidth=4, solid_capstyle="butt")
+            ax.plot([x, x + px], [y, y], color="black", linewidth=1.5, solid_capstyle="butt")
+            ax.text(x + px / 2, y - 0.02 * shape[0], label, **style)
+            return float(length)
+    trans = ax.get_xaxis_transform()  # x in data (thumbnail px), y in axes fractions: below the picture
+    x = 0.04 * width_thumb_px
+    ax.plot([x, x + px], [-0.04, -0.04], color="black", linewidth=1.5, solid_capstyle="butt", transform=trans,
+            clip_on=False)
+    ax.text(x + px / 2, -0.035, label, transform=trans, clip_on=False, **style)
     return float(length)
 
 
@@ -98,82 +107,144 @@ def heatmap_limits(*arrays: np.ndarray) -> list[tuple[float, float]]:
     return [(float(np.nanpercentile(c, 1)), float(np.nanpercentile(c, 99))) for c in stacked.T]
 
 
+@dataclass
+class MapCanvas:
+    """Where a gene's values are drawn: spot centres and diameter in thumbnail px, the thumbnail (h, w), its tissue
+    mask (grid maps stop at the tissue's edge) and the pixels a scale bar must not cover."""
+
+    coords: np.ndarray
+    diameter: float
+    shape: tuple[int, int]
+    thumbnail: np.ndarray | None = None
+    mode: str = "spots"
+    tissue: np.ndarray | None = None
+    um_per_thumb_px: float | None = None
+    layout: Any = None  # the grid maps' pixel weights (stalign.tasks.heatmap_grid.GridLayout), shared by all genes
+
+    def busy(self, drawn: np.ndarray | None) -> np.ndarray:
+        """Pixels showing tissue or values: drawn grid pixels, else the spots' squares."""
+        out = np.zeros(self.shape, bool) if self.tissue is None else self.tissue.copy()
+        if drawn is not None:
+            return out | drawn
+        r = max(self.diameter / 2, 1.0)
+        h, w = self.shape
+        for x, y in self.coords:
+            out[max(int(y - r), 0):min(int(y + r) + 1, h), max(int(x - r), 0):min(int(x + r) + 1, w)] = True
+        return out
+
+
+def make_canvas(coords_px: np.ndarray, *, thumbnail: np.ndarray | None, downsample: float,
+                spot_diameter_px: float | None, mode: str, um_per_px: float | None = None) -> MapCanvas:
+    """A :class:`MapCanvas` for level-0 ``coords_px`` over ``thumbnail`` (``downsample`` level-0 px per its px)."""
+    from stalign.tasks.heatmap_grid import grid_layout, spot_pitch, thumbnail_tissue
+
+    coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
+    if mode not in ("spots", "grid"):
+        raise InputError(f"heat map mode must be 'spots' or 'grid', got {mode!r}")
+    if len(coords) == 0:
+        raise InputError("no spots to draw")
+    diameter = float(spot_diameter_px) / float(downsample) if spot_diameter_px else (spot_pitch(coords) or 10.0)
+    shape = thumbnail.shape[:2] if thumbnail is not None else (
+        int(np.ceil(coords[:, 1].max() + diameter)), int(np.ceil(coords[:, 0].max() + diameter)))
+    shape = (int(shape[0]), int(shape[1]))
+    tissue = thumbnail_tissue(thumbnail) if mode == "grid" else None
+    return MapCanvas(coords, diameter, shape, thumbnail, mode, tissue,
+                     float(um_per_px) * float(downsample) if um_per_px else None,
+                     grid_layout(coords, shape, spot_diameter=diameter, tissue=tissue) if mode == "grid" else None)
+
+
+def draw_values(ax: Any, canvas: MapCanvas, v: np.ndarray, *, vmin: float, vmax: float, cmap: str = "magma",
+                alpha: float = 0.75) -> Any:
+    """One gene's values on ``ax`` (spots or the tissue-clipped grid) and the scale bar; returns the mappable."""
+    if canvas.mode == "spots":
+        drawn, mappable = None, draw_spots(ax, canvas.coords, canvas.diameter, values=v, cmap=cmap, alpha=alpha,
+                                           vmin=vmin, vmax=vmax)
+    else:
+        image = canvas.layout.image(v)
+        drawn = ~np.ma.getmaskarray(image)
+        mappable = ax.imshow(image, cmap=cmap, alpha=alpha, vmin=vmin, vmax=vmax, interpolation="nearest",
+                             extent=(0, canvas.shape[1], canvas.shape[0], 0))
+    if canvas.um_per_thumb_px:
+        draw_scale_bar(ax, canvas.um_per_thumb_px, canvas.shape[1], canvas.busy(drawn))
+    return mappable
+
+
+def colour_bar_label(label: str, units: str | None) -> str:
+    """The colour bar's title: what is drawn, and in which units."""
+    return f"{label}\n[{units}]" if units else label
+
+
+def gene_figure(canvas: MapCanvas, v: np.ndarray, title: str, *, limits: tuple[float, float] | None = None,
+                cmap: str = "magma", alpha: float = 0.75, label: str = "predicted expression",
+                units: str | None = None):
+    """The figure of one gene's map with its colour bar; returns (figure, axes)."""
+    lo, hi = limits if limits is not None else (np.nanpercentile(v, 1), np.nanpercentile(v, 99))
+    fig, ax = new_axes(canvas.thumbnail, canvas.coords)
+    if canvas.thumbnail is None:
+        ax.set_xlim(0, canvas.shape[1])
+        ax.set_ylim(canvas.shape[0], 0)
+    mappable = draw_values(ax, canvas, v, vmin=lo, vmax=hi, cmap=cmap, alpha=alpha)
+    fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label=colour_bar_label(label, units))
+    ax.set_title(title)
+    return fig, ax
+
+
+def _save(fig: Any, path: Path, dpi: int) -> Path:
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
+    _pyplot().close(fig)
+    return path
+
+
 def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.ndarray, out_dir: str | Path, *,
                        thumbnail: np.ndarray | None = None, downsample: float = 1.0,
                        spot_diameter_px: float | None = None, mode: str = "spots", panel: bool = False,
                        cmap: str = "magma", alpha: float = 0.75, dpi: int = 120, prefix: str = "",
                        label: str = "predicted expression", limits: Sequence[tuple[float, float]] | None = None,
-                       um_per_px: float | None = None) -> list[Path]:
+                       um_per_px: float | None = None, units: str | None = None) -> list[Path]:
     """Heat maps of ``values`` (N, G) over the thumbnail: one PNG per gene, or one panel PNG.
 
     ``coords_px`` are level-0 (x, y) spot centres, ``downsample`` level-0 px per thumbnail px (as
-    ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated);
-    ``label`` names the colour bar; ``limits`` (vmin, vmax) per gene (default: its 1st-99th percentile; share
-    them with :func:`heatmap_limits` to compare maps); ``um_per_px`` (level 0) adds a scale bar.
+    ``Slide.thumbnail`` returns), ``mode`` "spots" (circles of ``spot_diameter_px``) or "grid" (interpolated
+    between the spots and clipped to the tissue: :mod:`stalign.tasks.heatmap_grid`); ``label`` and ``units``
+    title the colour bar; ``limits`` (vmin, vmax) per gene (default: its 1st-99th percentile; share them with
+    :func:`heatmap_limits` to compare maps); ``um_per_px`` (level 0) adds a scale bar where it hides nothing.
     """
     plt = _pyplot()
     values = np.asarray(values, np.float64)
-    coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
-    if values.ndim != 2 or values.shape != (len(coords), len(genes)):
-        raise InputError(f"values must be (n_spots={len(coords)}, n_genes={len(genes)}), got {values.shape}")
-    if mode not in ("spots", "grid"):
-        raise InputError(f"heat map mode must be 'spots' or 'grid', got {mode!r}")
-    if len(coords) == 0:
-        raise InputError("no spots to draw")
-    if spot_diameter_px is None:
-        from scipy.spatial import cKDTree
-
-        spot_diameter_px = float(cKDTree(coords).query(coords, k=2)[0][:, 1].min()) * downsample if len(
-            coords) > 1 else 10.0 * downsample
-    diameter = float(spot_diameter_px) / float(downsample)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shape = thumbnail.shape[:2] if thumbnail is not None else (
-        int(np.ceil(coords[:, 1].max() + diameter)), int(np.ceil(coords[:, 0].max() + diameter)))
-
+    n = len(np.asarray(coords_px).reshape(-1, 2))
+    if values.ndim != 2 or values.shape != (n, len(genes)):
+        raise InputError(f"values must be (n_spots={n}, n_genes={len(genes)}), got {values.shape}")
     if limits is not None and len(limits) != len(genes):
         raise InputError(f"{len(limits)} colour limits for {len(genes)} genes")
+    canvas = make_canvas(coords_px, thumbnail=thumbnail, downsample=downsample, spot_diameter_px=spot_diameter_px,
+                         mode=mode, um_per_px=um_per_px)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     stems = file_stems(genes, "gene")  # distinct: CD8/A and CD8_A never share a file
 
-    def draw(ax: Any, g: int) -> Any:
+    def lim(g: int) -> tuple[float, float]:
         v = values[:, g]
-        lo, hi = limits[g] if limits is not None else (np.nanpercentile(v, 1), np.nanpercentile(v, 99))
-        if um_per_px:
-            draw_scale_bar(ax, float(um_per_px) * float(downsample), shape[1])
-        if mode == "spots":
-            return draw_spots(ax, coords, diameter, values=v, cmap=cmap, alpha=alpha, vmin=lo, vmax=hi)
-        return ax.imshow(_grid(v, coords, shape, diameter), cmap=cmap, alpha=alpha, vmin=lo, vmax=hi,
-                         extent=(0, shape[1], shape[0], 0))
+        return limits[g] if limits is not None else (float(np.nanpercentile(v, 1)), float(np.nanpercentile(v, 99)))
 
-    written = []
     if panel:
-        n = len(genes)
-        cols = int(np.ceil(np.sqrt(n)))
-        rows = int(np.ceil(n / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * shape[0] / max(shape[1], 1) + 0.4),
-                                 squeeze=False)
+        h, w = canvas.shape
+        cols = int(np.ceil(np.sqrt(len(genes))))
+        rows = int(np.ceil(len(genes) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows * h / max(w, 1) + 0.4), squeeze=False)
         for i, ax in enumerate(axes.ravel()):
             ax.set_axis_off()
-            if i >= n:
+            if i >= len(genes):
                 continue
             if thumbnail is not None:
-                ax.imshow(thumbnail, extent=(0, shape[1], shape[0], 0))
-            ax.set_xlim(0, shape[1])
-            ax.set_ylim(shape[0], 0)
-            fig.colorbar(draw(ax, i), ax=ax, fraction=0.046, pad=0.02)
+                ax.imshow(thumbnail, extent=(0, w, h, 0))
+            ax.set_xlim(0, w)
+            ax.set_ylim(h, 0)
+            lo, hi = lim(i)
+            fig.colorbar(draw_values(ax, canvas, values[:, i], vmin=lo, vmax=hi, cmap=cmap, alpha=alpha), ax=ax,
+                         fraction=0.046, pad=0.02, label=units or "")
             ax.set_title(str(genes[i]), fontsize=9)
-        path = out_dir / f"{prefix}panel.png"
-        with atomic_write_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        return [path]
-    for g, gene in enumerate(genes):
-        fig, ax = new_axes(thumbnail, coords)
-        fig.colorbar(draw(ax, g), ax=ax, fraction=0.046, pad=0.02, label=label)
-        ax.set_title(str(gene))
-        path = out_dir / f"{prefix}{stems[g]}.png"
-        with atomic_write_path(path) as tmp:
-            fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-        plt.close(fig)
-        written.append(path)
-    return written
+        return [_save(fig, out_dir / f"{prefix}panel.png", dpi)]
+    return [_save(gene_figure(canvas, values[:, g], str(gene), limits=lim(g), cmap=cmap, alpha=alpha, label=label,
+                              units=units)[0], out_dir / f"{prefix}{stems[g]}.png", dpi)
+            for g, gene in enumerate(genes)]

@@ -301,11 +301,12 @@ def _units(bank: Any, head: Any) -> str:
 def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | os.PathLike, *,
                    layer: str | None = None, mode: str = "spots", panel: bool = False, thumb_size: int = 1024,
                    label: str = "predicted expression", spot_diameter_px: float | None = None,
-                   limits: Sequence[tuple[float, float]] | None = None) -> list[Path]:
+                   limits: Sequence[tuple[float, float]] | None = None, units: str | None = None) -> list[Path]:
     """Heat-map PNGs of ``genes`` of a ``predict_slide`` result (or ``layer``) over the slide's thumbnail.
 
     Circles are ``spot_diameter_px`` wide (level-0 px; e.g. a Visium spot's 55 µm), else the tile width when the
-    slide was tiled, else the nearest-spot spacing."""
+    slide was tiled, else the nearest-spot spacing. ``units`` (the colour bars' units): default the prediction's
+    (``uns['stalign']['units']``: the reference's or head's expression setting)."""
     from stalign.tasks.heatmaps import plot_gene_heatmaps
 
     slide = open_for_prediction(slide, um_per_px=adata.uns.get("stalign", {}).get("um_per_px"))
@@ -318,4 +319,5 @@ def write_heatmaps(adata: Any, slide: Any, genes: Sequence[str], out_dir: str | 
         diameter = float(settings["spot_um"]) / float(settings["um_per_px"])
     return plot_gene_heatmaps(np.asarray(values)[:, cols], list(genes), adata.obsm["spatial"], out_dir,
                               thumbnail=thumb, downsample=ds, spot_diameter_px=diameter, mode=mode, panel=panel,
-                              label=label, limits=limits, um_per_px=slide.um_per_px)
+                              label=label, limits=limits, um_per_px=slide.um_per_px,
+                              units=units or settings.get("units"))
