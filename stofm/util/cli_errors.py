@@ -12,6 +12,9 @@ What a failing command prints:
 - anything else (a plain ``ValueError``, ``RuntimeError``, ``KeyError``, ...) is a bug: the traceback, then one
   line asking to report it with the traceback and the command line, exit code 1;
 - ``--debug``: every error is raised with its traceback; Ctrl-C: ``interrupted``, exit code 130.
+
+Warnings print as one line each, ``PROG COMMAND: warning: MESSAGE``, and a summary of the run's warnings comes
+before the exit (:mod:`stofm.util.cli_warnings`).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import argparse
 import sys
 import traceback
 
+from stofm.util.cli_warnings import collected_warnings
 from stofm.util.errors import StalignError
 from stofm.util.output_paths import check_command_outputs
 
@@ -49,7 +53,8 @@ def run_parsed(parser: argparse.ArgumentParser, args: argparse.Namespace, *, pro
     where = f"{prog}{' ' + command if command else ''}"
     try:
         check_command_outputs(args)  # an --out that is one of the inputs is refused before anything runs
-        return int(args.func(args) or 0)
+        with collected_warnings(where, debug=getattr(args, "debug", False)):  # one line each, a summary at the end
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
