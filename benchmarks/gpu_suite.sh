@@ -9,6 +9,8 @@
 #   1. device            nvidia-smi / torch device facts
 #   2. image encoders    ViT-B/16 and ResNet-50 forward: fp32, bf16, bf16+channels-last, +compile, package path
 #   3. training step     stalign-base/small: fp32/bf16 x eager/compile, batch 64
+#   3b. input pipeline   per-sample vs batched shard reads + augmentation on the GPU: pairs/s, and stalign-base
+#                        training steps/s fed by each next to the model alone (the input pipeline's share)
 #   4. WSI prediction    synthetic slide, stalign-base, tiles/s next to the plain openslide path
 #   5. retrieval         1,000,000 x 256 bank, 4,096 queries, k = 50, recall next to plain matmul + topk
 #   6. stofm embedding   stofm-small fp32/bf16 and the original SToFM SE(2), 100,000 cells
@@ -23,7 +25,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) DRY=1 ;;
     --out) OUT="$2"; shift ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "gpu_suite.sh: unknown option $1 (use --dry-run, --out FILE)" >&2; exit 2 ;;
   esac
   shift
@@ -38,12 +40,14 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu; Q=--quick
   # dry-run sizes: seconds each
   WSI="--tiles 64 --slide-spots 200"; RET=""; STOFM="--cells 600 --genes 40 --cells-per-tile 200 --original-layers 2"
+  LOADER=""
   T_SHORT=300; T_LONG=300
 else
   DEV=cuda; Q=""
   WSI="--tiles 20000 --slide-spots 8000 --plain-tiles 3000"; RET=""
   STOFM="--cells 100000 --model stofm-small --dtype fp32 bf16 --original"
-  T_SHORT=45; T_LONG=90  # 4 x 90 + 45 + 60 s: within 8 minutes with the device start
+  LOADER="--train-model stalign-base --sizes 224 --spots 600 --workers 8 --batches 16 --steps 8"
+  T_SHORT=45; T_LONG=90  # 5 x 90 + 45 + 60 s: within 9.5 minutes with the device start
 fi
 
 {
@@ -86,6 +90,7 @@ R=(--results "$OUT")
 { echo "## device"; echo; echo '```'; device_facts 2>&1; echo '```'; echo; } >> "$OUT"
 step "image encoders" "$T_LONG" "$PY" benchmarks/embed_throughput.py --device "$DEV" $Q "${R[@]}"
 step "training step" "$T_LONG" "$PY" benchmarks/train_step.py --device "$DEV" $Q "${R[@]}"
+step "input pipeline" "$T_LONG" "$PY" benchmarks/loader.py --device "$DEV" $Q $LOADER "${R[@]}"
 step "WSI prediction" "$T_LONG" "$PY" benchmarks/wsi_predict.py --device "$DEV" $Q $WSI "${R[@]}"
 step "retrieval" "$T_SHORT" "$PY" benchmarks/retrieval.py --device "$DEV" $Q $RET "${R[@]}"
 step "stofm embedding" "$T_LONG" "$PY" benchmarks/stofm_embed.py --device "$DEV" $STOFM "${R[@]}"
