@@ -166,9 +166,9 @@ class ShardWriter:
             raise ShardError(f"slide {self._meta['slide_id']}: {name} holds {int(bad.sum())} NaN/inf values "
                              f"(first at spot {row}); the expression input is damaged")
         peak = float(np.abs(arr).max()) if arr.size else 0.0
-        if peak > np.finfo(np.float32).max:
+        if peak > float(np.finfo(np.float32).max):
             raise ShardError(f"slide {self._meta['slide_id']}: {name} holds {peak:g}, beyond what float32 stores")
-        return arr.astype(np.float16 if peak <= np.finfo(np.float16).max else np.float32)
+        return arr.astype(np.float16 if peak <= float(np.finfo(np.float16).max) else np.float32)
 
     def __exit__(self, *exc) -> None:
         if self._file is not None:
