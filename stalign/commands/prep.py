@@ -8,6 +8,7 @@ from typing import Any
 from stalign.commands.common_args import read_gene_file
 from stalign.data.crop_spec import CropSpec
 from stalign.data.prep_options import add_crop_options, add_spot_geometry_options, crop_from_args, spot_geometry
+from stalign.data.sample_spec import check_sample_spec, read_sample_spec
 from stofm.util.errors import InputError
 from stofm.util.output_paths import safe_name
 
@@ -94,10 +95,7 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
         for key in ("h5ad", "image", "spaceranger", "hest", "visium_hd"):
             if row.get(key):
                 row[key] = str(base / Path(row[key]).expanduser())
-        if not (row.get("h5ad") and row.get("image")) and not row.get("spaceranger") \
-                and not (row.get("hest") and row.get("id")) and not row.get("visium_hd"):
-            raise InputError(f"{path}: row {i + 1} needs h5ad+image, spaceranger, visium_hd, or hest+id; "
-                             f"got {sorted(row)}")
+        check_sample_spec(row, f"{path}: row {i + 1}")
     return rows
 
 
@@ -127,22 +125,8 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
     if args.hest:
         for sid in args.ids or readers.list_hest_samples(args.hest):
             out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
-    for row in read_sample_table(args.samples) if args.samples else []:
-        mpp = float(row["um_per_px"]) if row.get("um_per_px") not in (None, "") else args.um_per_px
-        kw = dict(common, um_per_px=mpp)
-        if row.get("hest"):
-            out.append(partial(readers.read_hest, row["hest"], str(row["id"]), **geom, **kw))
-            continue
-        kw["slide_id"] = str(row["slide_id"]) if row.get("slide_id") else None
-        if row.get("visium_hd"):
-            out.append(partial(read_visium_hd, row["visium_hd"], image=row.get("image") or None,
-                               bin_um=row["bin_um"] if row.get("bin_um") not in (None, "") else args.bin_um,
-                               **sr, **kw))
-        elif row.get("spaceranger"):
-            out.append(partial(readers.read_spaceranger, row["spaceranger"], image=row.get("image") or None, **sr, **geom,
-                               **kw))
-        else:
-            out.append(partial(readers.read_anndata_image, row["h5ad"], row["image"], **geom, **kw))
+    out += [partial(read_sample_spec, row, um_per_px=args.um_per_px, bin_um=args.bin_um, tissue_from=sr["tissue_from"],
+                    **geom, **common) for row in (read_sample_table(args.samples) if args.samples else [])]
     if not out:
         raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger, --visium-hd or --hest")
     return out

@@ -1,0 +1,74 @@
+"""A slide input named by a few keys: a row of ``stalign prep --samples`` (CSV/YAML), or a one-line spec such as
+``"h5ad=my_slide.h5ad image=scan.tif"`` (the tutorials' ``STALIGN_INPUT``).
+
+Keys: ``h5ad`` + ``image`` (AnnData + image), ``spaceranger`` [+ ``image``] (a Space Ranger ``outs`` folder),
+``hest`` + ``id`` (a HEST-1k root and sample id), ``visium_hd`` [+ ``image``, ``bin_um``]; optional
+``slide_id`` and ``um_per_px``. One dispatch to the readers of :mod:`stalign.data.readers` for prep and the
+notebooks.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+from pathlib import Path
+from typing import Any
+
+from stofm.util.errors import InputError
+
+#: The keys a spec may hold.
+SPEC_KEYS = ("h5ad", "image", "spaceranger", "hest", "id", "visium_hd", "bin_um", "slide_id", "um_per_px")
+#: The keys whose values are paths.
+PATH_KEYS = ("h5ad", "image", "spaceranger", "hest", "visium_hd")
+#: What a spec must name, for the error message.
+NEEDS = "h5ad+image, spaceranger, visium_hd, or hest+id"
+
+
+def check_sample_spec(row: dict[str, Any], where: str) -> None:
+    """Refuse a spec that names no reader input (``where``: the file and row, for the message)."""
+    if not (row.get("h5ad") and row.get("image")) and not row.get("spaceranger") \
+            and not (row.get("hest") and row.get("id")) and not row.get("visium_hd"):
+        raise InputError(f"{where} needs {NEEDS}; got {sorted(row)}")
+
+
+def parse_sample_spec(text: str, *, what: str = "slide input") -> dict[str, str]:
+    """``"key=value key=value"`` (shell quoting for values with spaces) as a checked dict."""
+    row: dict[str, str] = {}
+    for part in shlex.split(text):
+        key, sep, value = part.partition("=")
+        if not sep or key not in SPEC_KEYS:
+            raise InputError(f"{what} {text!r}: {part!r} is not KEY=VALUE with KEY one of {', '.join(SPEC_KEYS)}")
+        row[key] = value
+    check_sample_spec(row, f"{what} {text!r}")
+    return row
+
+
+def _value(row: dict[str, Any], key: str, default: Any = None) -> Any:
+    value = row.get(key)
+    return default if value in (None, "") else value
+
+
+def read_sample_spec(row: dict[str, Any], *, base: str | os.PathLike | None = None, um_per_px: float | None = None,
+                     bin_um: int | None = None, tissue_from: str = "in_tissue", spot_diameter_um: float | None = None,
+                     spot_pitch_um: float | None = None, **common: Any) -> Any:
+    """The ``SlideSample`` of a spec (paths relative to ``base``); ``um_per_px``/``bin_um`` unless the row sets
+    them; ``tissue_from`` for Space Ranger / Visium HD; ``spot_diameter_um``/``spot_pitch_um`` for the
+    pixel-size sources; ``common``: the readers' shared options (``pixel_size_from``, ``crop_um``, ...)."""
+    from stalign.data import readers
+
+    check_sample_spec(row, "slide input")
+    row = {k: (str(Path(base or ".") / Path(str(v)).expanduser()) if k in PATH_KEYS and v not in (None, "") else v)
+           for k, v in row.items()}
+    mpp = float(_value(row, "um_per_px", um_per_px)) if _value(row, "um_per_px", um_per_px) is not None else None
+    geom = {"spot_diameter_um": spot_diameter_um, "spot_pitch_um": spot_pitch_um}
+    if row.get("hest"):
+        return readers.read_hest(row["hest"], str(row["id"]), um_per_px=mpp, **geom, **common)
+    kw = dict(common, um_per_px=mpp, slide_id=str(row["slide_id"]) if row.get("slide_id") else None)
+    if row.get("visium_hd"):
+        from stalign.data.visium_hd import read_visium_hd
+
+        return read_visium_hd(row["visium_hd"], image=row.get("image") or None,
+                              bin_um=_value(row, "bin_um", bin_um), tissue_from=tissue_from, **kw)
+    if row.get("spaceranger"):
+        return readers.read_spaceranger(row["spaceranger"], image=row.get("image") or None, tissue_from=tissue_from,
+                                        **geom, **kw)
+    return readers.read_anndata_image(row["h5ad"], row["image"], **geom, **kw)
