@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data import expression as ex
-from stalign.data.crop_spec import LEGACY_RESAMPLE, CropSpec
+from stalign.data.crop_spec import LEGACY_RESAMPLE, CropSpec, fit_stain_target
 from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
 from stalign.data.errors import CoordinateError, DataPrepError
 from stalign.data.prep_qc import write_slide_qc
@@ -47,9 +47,10 @@ from stofm.util.errors import SetupError
 from stofm.util.knn import neighbor_indices
 from stofm.util.output_paths import take_lock
 
-SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression", "resample")
+SETTINGS = ("spot_um", "niche_um", "patch_px", "n_neighbors", "expression", "resample", "stain_norm", "stain_target",
+            "stain_matrix", "stain_max")
 #: Settings a manifest or shard written before they existed had (read as these values).
-LEGACY_SETTINGS = {"resample": LEGACY_RESAMPLE}
+LEGACY_SETTINGS = {"resample": LEGACY_RESAMPLE, "stain_norm": "none"}
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,7 @@ def _check_existing(manifest: dict[str, Any], settings: dict[str, Any], request:
                     genes: list[str] | None, out_dir: Path) -> None:
     where = out_dir / MANIFEST
     for key in SETTINGS:
-        if manifest.get(key, LEGACY_SETTINGS.get(key)) != settings[key]:
+        if manifest.get(key, LEGACY_SETTINGS.get(key)) != settings.get(key):
             raise DataPrepError(f"{where}: existing shards were made with {key}={manifest.get(key)!r}, this run asks "
                                 f"for {settings[key]!r}; use another --out folder or the same settings")
     if genes is not None and list(genes) != list(manifest["genes"]):
@@ -185,6 +186,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise DataPrepError(f"slide ids must be unique; repeated: {dup}")
+    crop = fit_stain_target(crop, samples, previous=CropSpec.from_dict(existing))  # macenko: the target
 
     # 1. expression of every slide -> mode and the shared panel
     normed, slide_genes, variances, modes = {}, {}, {}, {}
@@ -198,7 +200,8 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         given = sorted(k for k, v in modes.items() if v == ex.AS_GIVEN)
         raise DataPrepError(f"slides mix raw counts ({raw}) and already-normalised expression ({given}); "
                             "give all slides as raw counts or all normalised")
-    settings = {**crop.to_dict(), "n_neighbors": int(n_neighbors), "expression": next(iter(modes.values()))}
+    settings = {**LEGACY_SETTINGS, **crop.to_dict(), "n_neighbors": int(n_neighbors),
+                "expression": next(iter(modes.values()))}
     user_genes = None if genes is None else [str(g) for g in genes]
     request = _panel_request(user_genes, n_top_genes)
     if existing is not None:

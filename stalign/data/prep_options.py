@@ -9,12 +9,13 @@ from typing import Any
 
 from stalign.data.crop_spec import CropSpec
 from stalign.data.slide import RESAMPLE_FILTERS
+from stalign.data.stain import STAIN_METHODS
 from stofm.util.errors import InputError
 
 
 def add_crop_options(p: argparse.ArgumentParser) -> None:
-    """``--spot-um``, ``--niche-um``, ``--patch-px``, ``--resample``: the ``CropSpec`` of a prep (defaults: the
-    existing folder's, else ``CropSpec()``)."""
+    """``--spot-um``, ``--niche-um``, ``--patch-px``, ``--resample``, ``--stain-norm``, ``--stain-target``: the
+    ``CropSpec`` of a prep (defaults: the existing folder's, else ``CropSpec()``)."""
     d = CropSpec()
     p.add_argument("--spot-um", type=float, default=None, help=f"spot crop width in µm (default {d.spot_um:g})")
     p.add_argument("--niche-um", type=float, default=None, help=f"niche crop width in µm (default {d.niche_um:g})")
@@ -24,6 +25,12 @@ def add_crop_options(p: argparse.ArgumentParser) -> None:
                    help=f"crop resampling filter (default {d.resample}, antialiased). The crop spec is recorded in "
                         "manifest.json and in every checkpoint trained on the shards; predict cuts the same crops. "
                         "Defaults of a re-run: the existing folder's")
+    p.add_argument("--stain-norm", choices=STAIN_METHODS, default=None,
+                   help="stain normalisation of every crop (default none): macenko maps each crop's stains onto a "
+                        "target fitted on --stain-target; recorded in the crop spec, so predict normalises alike")
+    p.add_argument("--stain-target", default=None, metavar="SLIDE|auto",
+                   help="slides the macenko target is fitted on: one slide id of this prep, or auto (all its "
+                        "slides, default)")
 
 
 def crop_from_args(args: argparse.Namespace) -> CropSpec:
@@ -32,8 +39,12 @@ def crop_from_args(args: argparse.Namespace) -> CropSpec:
 
     out = Path(args.out) / MANIFEST
     base = (CropSpec.from_dict(read_manifest(out.parent)) if out.is_file() else None) or CropSpec()
+    stain = getattr(args, "stain_norm", None)
+    target = getattr(args, "stain_target", None)
+    if target is not None and (stain or base.stain_norm) == "none":
+        raise InputError(f"--stain-target {target} needs --stain-norm macenko")
     return base.with_overrides(spot_um=args.spot_um, niche_um=args.niche_um, patch_px=args.patch_px,
-                               resample=args.resample)
+                               resample=args.resample, stain_norm=stain, stain_target=target)
 
 
 def add_spot_geometry_options(p: argparse.ArgumentParser) -> None:

@@ -113,8 +113,9 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
     """The crops to cut for ``model``: those of the reference ``bank``, else of the few-shot ``head``, else the
     model's own (its checkpoint's), else ``CropSpec()``; a source that differs from the one taken is warned about
     with both specs named. ``crop``: a whole ``CropSpec``, or a dict of the settings to change (e.g.
-    ``{"resample": "lanczos"}``); other crop sizes than the bank's are refused (its embeddings would not be
-    comparable), other settings warned about."""
+    ``{"resample": "lanczos"}``); other crop sizes or stain normalisation than the bank's are refused (its
+    embeddings would not be comparable), other settings warned about. The stain normalisation of the source taken
+    (``CropSpec.stain_norm`` and its target) is applied by the crop reader like the sizes."""
     import warnings
 
     from stalign.data.crop_spec import CropSpecError, CropSpecWarning, warn_if_differs
@@ -136,8 +137,8 @@ def settle_crop(model: Any, *, bank: Any = None, head: Any = None,
     if crop is None:
         return base
     asked = crop if isinstance(crop, CropSpec) else base.with_overrides(**crop)
-    if bank_crops is not None and (asked.spot_um, asked.niche_um, asked.patch_px) != \
-            (base.spot_um, base.niche_um, base.patch_px):
+    sizes_and_stain = ("spot_um", "niche_um", "patch_px", "stain_norm", "stain_matrix", "stain_max")
+    if bank_crops is not None and any(getattr(asked, k) != getattr(base, k) for k in sizes_and_stain):
         raise CropSpecError(f"the reference bank was embedded from crops {base}; this prediction asks for {asked}: "
                             "query and bank embeddings would not be comparable (drop the crop options, or build the "
                             "bank from shards prepared with these crops)")
