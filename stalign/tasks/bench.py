@@ -197,14 +197,15 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
 
 
 def format_table(table: Any) -> str:
-    """The table as printed: Pearson r (mean ± std over folds), MSE, MAE, the baseline to beat marked."""
-    lines = [f"{'task':14s} {'method':40s} {'kind':8s} {'pearson r':>15s} {'MSE':>8s} {'MAE':>7s} {'folds':>5s}"]
+    """The table as printed: Pearson r (mean ± std over folds), MSE, MAE, the folds (LEAKY ones said so), the
+    baseline to beat marked."""
+    lines = [f"{'method':40s} {'kind':8s} {'folds':11s} {'pearson r':>15s} {'MSE':>8s} {'MAE':>7s} {'n':>3s}"]
     for _, r in table.iterrows():
-        name = str(r["encoder"]) + (" [LEAKY folds]" if r.get("leaky") else "")
-        r_text = "    (constant)  " if not np.isfinite(r["pearson_mean"]) else \
+        r_text = "(constant)" if not np.isfinite(r["pearson_mean"]) else \
             f"{r['pearson_mean']:6.3f} ± {r['pearson_std']:5.3f}"
-        lines.append(f"{str(r['task'])[:14]:14s} {name[:40]:40s} {r['kind']:8s} {r_text:>15s} {r['mse']:8.3f} "
-                     f"{r['mae']:7.3f} {int(r['n_folds']):5d}{'  <- row to beat' if r.get('to_beat') else ''}")
+        folds = f"{r['folds']}{' LEAKY' if r.get('leaky') else ''}"
+        lines.append(f"{str(r['encoder'])[:40]:40s} {r['kind']:8s} {folds:11s} {r_text:>15s} {r['mse']:8.3f} "
+                     f"{r['mae']:7.3f} {int(r['n_folds']):3d}{'  <- row to beat' if r.get('to_beat') else ''}")
     if "to_beat" in table and table["to_beat"].any():
         best = table[table["to_beat"]].iloc[0]
         enc = table[table["kind"] == "encoder"]
