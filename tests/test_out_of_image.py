@@ -57,7 +57,7 @@ def test_out_of_image_spots_are_dropped_warned_about_and_recorded(tmp_path, caps
         assert _prep(tmp_path / "hest", tmp_path / "shards", "OUT0") == 0
     assert sum("dropped" in str(w.message) for w in rec) == 1
     table = capsys.readouterr().out.splitlines()
-    assert "off image" in table[0] and next(r for r in table if r.startswith("OUT0")).split()[1:3] == ["30", "3"]
+    assert "off-image" in table[0] and next(r for r in table if r.startswith("OUT0")).split()[1:3] == ["30", "3"]
     entry = json.loads((tmp_path / "shards" / "manifest.json").read_text())["slides"][0]
     assert entry["dropped_out_of_image"] == {"count": 3, "barcodes": dropped}
     assert entry["n_spots"] == entry["n_input_spots"] == 30

@@ -255,7 +255,7 @@ def test_cli_with_a_sample_table_prints_the_summary(tmp_path, two_slides, capsys
     out, err = capsys.readouterr()
     assert rc == 0, err
     lines = out.splitlines()
-    assert lines[0].split()[:5] == ["slide", "spots", "dropped", "padded", "um/px"]
+    assert lines[0].split()[:6] == ["slide", "spots", "off-image", "dropped", "padded", "um/px"]
     assert lines[1].split()[0] == "crop" and lines[2].split()[0] == "mirror" and "user flag" in lines[1]
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())["genes"] == ["Mobp", "Pcp4", "Gfap"]
     rc = main(["prep", "--h5ad", str(two_slides["crop"][0]), "--out", str(tmp_path / "o2")])

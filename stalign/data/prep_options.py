@@ -96,7 +96,7 @@ def prepare_from_args(samples: list[Any], args: argparse.Namespace) -> dict[str,
 
 def summary_table(manifest: dict[str, Any]) -> str:
     """One line per slide: spots kept, dropped off the image and as background, padded, µm/px and its source."""
-    rows = [("slide", "spots", "off image", "dropped", "padded", "um/px", "pixel size from")]
+    rows = [("slide", "spots", "off-image", "dropped", "padded", "um/px", "pixel size from")]
     for s in manifest["slides"]:
         rows.append((s["slide_id"], str(s["n_spots"]), str(s.get("dropped_out_of_image", {}).get("count", 0)),
                      str(s["n_background_dropped"]), str(s["n_padded"]), f"{s['um_per_px']:.4f}",
