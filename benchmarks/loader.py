@@ -17,6 +17,7 @@ with 224-px spot + niche crops (raw shards), made once under ``--work``. Paths, 
 
 "pairs/s" counts (spot, niche) pairs delivered on the device, augmented to the input size of each
 ``--sizes`` (224: stalign-base's ViT-B/16; 32: stalign-tiny); "no augmentation" delivers the raw crops.
+"crops/s": ways to read a batch's crops from a shard (page cache warm; the batched path uses the last).
 "train steps/s": full training steps (forward, ``ThreeTargetLoss``, backward, AdamW) of ``--train-model`` at
 its input size fed by each path, next to the same steps on one batch already on the device ("model alone");
 "input share" = 1 - (end-to-end rate / model-alone rate).
@@ -45,6 +46,35 @@ def make_shards(work: Path, *, n_spots: int, patch_px: int) -> Path:
         sample = read_anndata_image(slide.paths["adata"], slide.paths["image"])
         prepare([sample], root / "shards", n_top_genes=64, crop=CropSpec(patch_px=patch_px), progress=False)
     return root / "shards"
+
+
+def read_strategies(root: Path, *, n: int) -> list[dict]:
+    """crops/s of four ways to read a batch of 64 sorted random rows of one shard's ``spot_patches``."""
+    import h5py
+    import numpy as np
+
+    from stalign.data.patch_reads import read_rows
+
+    path = next((root / "shards").glob("*.h5"))
+    with h5py.File(path, "r") as f:
+        d = f["spot_patches"]
+        rng = np.random.default_rng(0)
+        sets = [np.sort(rng.choice(d.shape[0], 64, replace=False)) for _ in range(n)]
+        out = np.empty((64, *d.shape[1:]), np.uint8)
+        ways = {"h5py fancy indexing d[sorted rows]": lambda r: d[r],
+                "covering slice d[lo:hi+1], then numpy": lambda r: d[r[0]:r[-1] + 1][r - r[0]],
+                "one d[row] per crop": lambda r: np.stack([d[int(i)] for i in r]),
+                "one read_direct_chunk per crop into the batch (read_rows)": lambda r: read_rows(d, r, out)}
+        rows = []
+        for name, fn in ways.items():
+            fn(sets[0])
+            t0 = time.perf_counter()
+            for r in sets[: 2 if "fancy" in name else n]:  # fancy indexing is ~100x slower: 2 batches do
+                fn(r)
+            rows.append({"read of a batch's crops (one shard)": name,
+                         "crops/s": 64 * (2 if "fancy" in name else n) / (time.perf_counter() - t0)})
+            print(rows[-1], flush=True)
+    return rows
 
 
 class PerItem:
@@ -162,7 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     n, n_steps = args.batches or (2 if args.quick else 8), args.steps or (2 if args.quick else 6)
     root = make_shards(args.work, n_spots=n_spots, patch_px=patch)
     load_before = load_average()
-    rows = []
+    reads, rows = read_strategies(root, n=n), []
     for augment, size in [(False, patch)] + [(True, s) for s in sizes]:
         rates = {batched: pairs_per_s(root, batched=batched, augment=augment, size=size, device=device,
                                       workers=args.workers, n=n) for batched in (False, True)}
@@ -192,8 +222,9 @@ def main(argv: list[str] | None = None) -> None:
     if device.type == "cpu":
         notes.append("per core: one torch thread and no workers give the figure of one core")
     record(args, title=f"training input pipeline on {device.type.upper()}", device=device,
-           body=table(rows, ["what", "per-sample", "batched", "batched / per-sample", "model alone",
-                             "input share (per-sample)", "input share (batched)"]),
+           body=table(reads) + "\n\n" + table(rows, ["what", "per-sample", "batched", "batched / per-sample",
+                                                      "model alone", "input share (per-sample)",
+                                                      "input share (batched)"]),
            load_before=load_before, notes=notes)
 
 

@@ -1,10 +1,10 @@
 """Read many crops of one shard dataset (``spot_patches`` / ``niche_patches``) into one batch buffer.
 
-Measured on a 741-spot raw shard at 224 px (batches of 64 sorted random rows, page cache warm;
-``benchmarks/loader.py``, docs/training.md "Training input"): h5py fancy indexing ``d[sorted_rows]`` ~30 crops/s
-(HDF5 builds a point selection per row), reading the covering slice ``d[lo:hi+1]`` and indexing in numpy
-~600 crops/s (it reads every row in between), one ``d[row]`` per crop ~5,000 crops/s, and one
-``read_direct_chunk`` per crop straight into the batch buffer ~20,000 crops/s. Shards store one chunk per crop
+Measured by ``python benchmarks/loader.py --threads 1`` (a 741-spot raw shard at 224 px, batches of 64 sorted
+random rows, page cache warm, one loaded core; docs/training.md "Training input"): h5py fancy indexing
+``d[sorted_rows]`` 65 crops/s (HDF5 builds a selection per row), the covering slice ``d[lo:hi+1]`` indexed in
+numpy 1,065 (it reads every row in between), one ``d[row]`` per crop 11,965, and one ``read_direct_chunk`` per
+crop straight into the batch buffer 22,188. Shards store one chunk per crop
 (``ShardWriter``: chunks (1, P, P, 3)), so the last is what ``read_rows`` does: rows in sorted order (file
 order), raw chunks copied into place, gzip chunks inflated into place; any other layout is read row by row.
 """
