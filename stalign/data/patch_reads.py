@@ -41,10 +41,9 @@ def read_rows(dset: Any, rows: np.ndarray, out: np.ndarray) -> None:
     dsid, tail = dset.id, (0,) * (dset.ndim - 1)
     for i in order:
         target = out[i].reshape(-1)
-        if kind == "raw":
-            dsid.read_direct_chunk((int(rows[i]), *tail), out=target)
+        mask, data = dsid.read_direct_chunk((int(rows[i]), *tail), out=target if kind == "raw" else None)
+        if kind == "raw":  # already in ``target``
             continue
-        mask, data = dsid.read_direct_chunk((int(rows[i]), *tail))
         if mask & 1:  # the filter was skipped for this chunk: stored as is
             target[:] = np.frombuffer(data, dtype=np.uint8)
         else:
