@@ -248,7 +248,7 @@ def test_virtual_cells_come_from_training_spots_and_reach_the_se2_niche_encoder(
     train, val = ShardDataset(shards, indices=range(0, 49, 2)), ShardDataset(shards, indices=range(1, 49, 2))
     bank = VirtualCellBank([train, val], n_slides=1, n_virtual=8, seed=0)
     expr, xy = slide_virtual_cells(train, 0, 8, seed=0)  # held-out spots never shape a trained slide's cells
-    assert torch.allclose(bank.expr[0], torch.from_numpy(expr)) and torch.allclose(bank.coords[0], torch.from_numpy(xy))
+    assert torch.allclose(bank.values[0], torch.from_numpy(expr)) and torch.allclose(bank.coords[0], torch.from_numpy(xy))
     out = bank.attach(collate([val[0], val[1]]))
     assert out["virtual_expr"].shape == (2, 8, 64) and out["virtual_coords"].shape == (2, 8, 2)
     assert bool(out["virtual_mask"].all())

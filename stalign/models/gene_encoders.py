@@ -139,7 +139,9 @@ class PoolNiche(NicheEncoder):
 
 
 class SE2Niche(NicheEncoder):
-    """SToFM's SE(2) transformer over the niche's spots (+ virtual cells ``virtual_expr``/``virtual_coords``).
+    """SToFM's SE(2) transformer over the niche's spots (+ virtual cells ``virtual_coords`` with ``virtual_expr``,
+    encoded here, or ``virtual_emb``: given embeddings, the original SToFM's mean cell embeddings of its hypernodes,
+    ``stalign.training.data.slide_virtual_cells``).
 
     Coordinates (µm) are centred on the niche's first spot and scaled to model units. ``coord_scale="slide"``
     (default) uses stofm's convention (``stofm.util.geometry``: the whole slide's diameter = 100 units; the batch's
@@ -177,9 +179,10 @@ class SE2Niche(NicheEncoder):
         origin, scale = self._frame(batch, coords)
         coords = (coords - origin) * scale
         venb = vco = vpad = None
-        if "virtual_expr" in batch:
+        if "virtual_emb" in batch or "virtual_expr" in batch:  # given embeddings: the original's hypernodes
             _need(batch, "virtual_coords")
-            venb = _encode_spots(self.cell, batch["virtual_expr"])
+            venb = batch["virtual_emb"].to(emb) if "virtual_emb" in batch else \
+                _encode_spots(self.cell, batch["virtual_expr"])
             vco = (batch["virtual_coords"].float() - origin) * scale
             vpad = ~batch["virtual_mask"].bool() if "virtual_mask" in batch else None
         out = self.se2(emb, coords, ~batch["niche_spot_mask"].bool(), venb, vco, vpad)

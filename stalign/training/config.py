@@ -28,7 +28,7 @@ class TrainConfig:
     val_fraction: float = 0.1  # share of spots held out for validation (0: none)
     split_by: str = "spot"  # "spot", "slide" or "block" (held-out squares with a niche-wide margin: no crop overlap)
     niche_spots: int = 16  # neighbouring spots (self first) given to the niche gene encoder
-    virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none)
+    virtual_cells: int = 8  # per-slide virtual cells for the niche gene encoder (0: none; an original-SToFM gene side: Leiden's own count)
     augment: bool = True  # flips, rot90, colour jitter (and stain_jitter) on the training crops, batched on the device
     stain_jitter: float = 0.0  # HED stain jitter sigma (Tellez et al. 2018; e.g. 0.05): alpha ~ U(1-s, 1+s), beta ~ U(-s, s) per stain; 0: off
     num_workers: int = 0  # DataLoader worker processes
@@ -47,6 +47,7 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-4  # peak learning rate (AdamW)
     weight_decay: float = 0.05  # AdamW weight decay (not on norms, biases, embeddings)
+    weight_decay_end: float | None = None  # set: the weight decay follows a cosine to this at the last step
     betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])  # AdamW betas
     eps: float = 1e-6  # AdamW epsilon
     warmup_steps: int = 100  # linear warm-up steps before the cosine decay
@@ -182,6 +183,7 @@ def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
         (cfg.alpha >= 0 and cfg.beta >= 0 and cfg.alpha + cfg.beta <= 1, "alpha, beta >= 0 with alpha + beta <= 1"),
         (len(cfg.betas) == 2, "betas must be two numbers"),
         (cfg.warmup_steps >= 0 and cfg.max_grad_norm >= 0, "warmup_steps and max_grad_norm must be >= 0"),
+        (cfg.weight_decay_end is None or cfg.weight_decay_end >= 0, "weight_decay_end must be >= 0"),
         (0.0 <= cfg.stain_jitter < 1.0, "stain_jitter must be in [0, 1)"),
         (cfg.loss_kind != "paper" or cfg.hard_negative_clusters >= 2,
          "loss_kind=paper draws one negative from each other expression cluster of a slide: set "

@@ -107,52 +107,93 @@ class SeededBatchAugment:
         return self._apply(send_to_device(batch, device, non_blocking=non_blocking), draws)
 
 
-def slide_virtual_cells(ds: Any, slide_idx: int, n: int, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def slide_virtual_cells(ds: Any, slide_idx: int, n: int, *, seed: int = 0,
+                        embed: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Virtual cells of one slide of ``ds`` (a ``ShardDataset``) from its selected spots only (held-out spots never
-    leak in): ``stofm.virtual_cells`` k-means on 0.2 * standardised µm xy + 0.8 * PCA(expr). Returns the clusters'
-    mean expression (V, G) and mean µm coordinates (V, 2), V = min(n, spots) less any empty cluster."""
+    leak in). Without ``embed``: ``stofm.virtual_cells`` k-means on 0.2 * standardised µm xy + 0.8 * PCA(expr),
+    V = min(n, spots) less any empty cluster; returns the clusters' mean expression (V, G) and mean µm coordinates
+    (V, 2). With ``embed`` (expression (N, G) -> cell embeddings (N, D), the original SToFM's gene side): the
+    original's hypernodes (``stofm.original.pipeline.hypernodes``: Leiden on 0.2 xy/max|xy| + 0.8 PCA2/max|PCA2|
+    of the cell embeddings in its bounding-box frame, count free, ``n`` unused); returns the clusters' mean cell
+    embedding (V, D) and mean µm coordinates (V, 2)."""
+    spots = ds.slide_spots(slide_idx)
+    if embed is not None:
+        from stofm.original.pipeline import hypernodes, normalize_coords
+
+        xy_um = np.asarray(spots["coords_um"], np.float64)
+        _, emb, labels = hypernodes(normalize_coords(xy_um), embed(spots["expr"]), seed=seed)
+        xy = np.stack([xy_um[labels == k].mean(0) for k in np.unique(labels)])
+        return emb.astype(np.float32), xy.astype(np.float32)
     from stofm.virtual_cells import virtual_cells
 
-    spots = ds.slide_spots(slide_idx)
     xy, expr, _ = virtual_cells(spots["coords_um"], spots["expr"], int(n), seed=seed)
     return expr.astype(np.float32), xy.astype(np.float32)
 
 
+def original_cell_embedder(model: Any, *, batch_size: int = 1024) -> Callable[[np.ndarray], np.ndarray] | None:
+    """When ``model``'s niche gene encoder is the original SToFM's SE(2): expression (N, G) log1p -> its cell
+    encoder's embeddings (N, D) float32 (eval mode, no gradient), what the original clusters and averages into
+    virtual cells (it embeds its cells once, with a fixed cell encoder); else None."""
+    import torch
+
+    niche = getattr(model, "niche_gene_encoder", None)
+    if getattr(getattr(niche, "se2", None), "arch", None) != "original":
+        return None
+
+    def embed(expr: np.ndarray) -> np.ndarray:
+        cell, was = niche.cell, niche.cell.training
+        cell.eval()
+        try:
+            with torch.no_grad():
+                x = torch.as_tensor(np.asarray(expr, np.float32))
+                return torch.cat([cell(x[s:s + batch_size], input_kind="log1p").float()
+                                  for s in range(0, len(x), batch_size)]).numpy()
+        finally:
+            cell.train(was)
+
+    return embed
+
+
 class VirtualCellBank:
-    """Per-slide virtual cells (SToFM: k-means clusters of a slide's spots, mean expression and position) added
-    to each batch as ``virtual_expr`` (B, V, G), ``virtual_coords`` (B, V, 2) and ``virtual_mask`` (B, V).
+    """Per-slide virtual cells added to each batch: ``virtual_expr`` (B, V, G) (SToFM: k-means clusters of a
+    slide's spots, mean expression and position), or with ``embed`` ``virtual_emb`` (B, V, D) (the original
+    SToFM's Leiden hypernodes, mean cell embedding: :func:`slide_virtual_cells`); ``virtual_coords`` (B, V, 2) and
+    ``virtual_mask`` (B, V).
 
     Slides are clustered from the given datasets in order: a slide seen in the first (training) dataset uses
     only its training spots, so held-out spots never shape the virtual cells of a slide that is trained on."""
 
-    def __init__(self, datasets: Sequence[Any], *, n_slides: int, n_virtual: int, seed: int) -> None:
+    def __init__(self, datasets: Sequence[Any], *, n_slides: int, n_virtual: int, seed: int,
+                 embed: Callable[[np.ndarray], np.ndarray] | None = None) -> None:
         import torch
 
-        n_genes = len(datasets[0].genes)
-        self.expr = torch.zeros(n_slides, n_virtual, n_genes)
-        self.coords = torch.zeros(n_slides, n_virtual, 2)
-        self.mask = torch.zeros(n_slides, n_virtual, dtype=torch.bool)
-        done: set[int] = set()
+        self.key = "virtual_expr" if embed is None else "virtual_emb"
+        found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         for ds in datasets:
             for k in range(n_slides):
-                if k in done:
+                if k in found:
                     continue
                 try:
-                    expr, xy = slide_virtual_cells(ds, k, n_virtual, seed=seed)
+                    found[k] = slide_virtual_cells(ds, k, n_virtual, seed=seed, embed=embed)
                 except IndexError:  # no spot of slide k in this dataset
                     continue
-                self.expr[k, : len(expr)] = torch.from_numpy(expr)
-                self.coords[k, : len(xy)] = torch.from_numpy(xy)
-                self.mask[k, : len(expr)] = True
-                done.add(k)
+        width = max([len(v[0]) for v in found.values()] + [n_virtual if embed is None else 1])
+        dim = next(iter(found.values()))[0].shape[1] if found else len(datasets[0].genes)
+        self.values = torch.zeros(n_slides, width, dim)
+        self.coords = torch.zeros(n_slides, width, 2)
+        self.mask = torch.zeros(n_slides, width, dtype=torch.bool)
+        for k, (values, xy) in found.items():
+            self.values[k, : len(values)] = torch.from_numpy(values)
+            self.coords[k, : len(xy)] = torch.from_numpy(xy)
+            self.mask[k, : len(values)] = True
 
     def attach(self, batch: dict[str, Any]) -> dict[str, Any]:
         """``batch`` plus the virtual cells of each row's slide (on the batch's device)."""
         k = batch["slide_idx"].long()
         device = k.device
-        if self.expr.device != device:
-            self.expr, self.coords, self.mask = (t.to(device) for t in (self.expr, self.coords, self.mask))
-        return {**batch, "virtual_expr": self.expr[k], "virtual_coords": self.coords[k], "virtual_mask": self.mask[k]}
+        if self.values.device != device:
+            self.values, self.coords, self.mask = (t.to(device) for t in (self.values, self.coords, self.mask))
+        return {**batch, self.key: self.values[k], "virtual_coords": self.coords[k], "virtual_mask": self.mask[k]}
 
 
 def spot_clusters(ds: Any, *, n_clusters: int, n_total: int, seed: int) -> Any:
@@ -230,11 +271,13 @@ def adopt_shard_crops(model: Any, root: str | Path) -> None:
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
                      seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
-                     n_virtual: int = 0, hard_negative_clusters: int = 0, paired_negatives: bool = False) -> TrainData:
+                     n_virtual: int = 0, hard_negative_clusters: int = 0, paired_negatives: bool = False,
+                     virtual_embed: Callable[[np.ndarray], np.ndarray] | None = None) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
     ``*_transforms`` are (spot, niche) crop transforms: ``BatchAugment`` pairs (batched, applied by the trainer:
     ``TrainData.augment`` / ``val_augment``) or per-sample callables (``SeededTransform``). ``paired_negatives``: training items carry one spot of each
-    other expression cluster of their slide (``stalign.training.paired_negatives``; needs hard_negative_clusters)."""
+    other expression cluster of their slide (``stalign.training.paired_negatives``; needs hard_negative_clusters).
+    ``virtual_embed``: the original SToFM's virtual cells from these cell embeddings (:func:`original_cell_embedder`)."""
     from stalign.data.dataset import ShardDataset, split_indices
 
     root = Path(root)
@@ -259,7 +302,7 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
     bank = None
     if n_virtual > 0:
         bank = VirtualCellBank([d for d in (train_shards, val_shards) if d is not None],
-                               n_slides=len(full.slide_ids), n_virtual=n_virtual, seed=seed)
+                               n_slides=len(full.slide_ids), n_virtual=n_virtual, seed=seed, embed=virtual_embed)
 
     from stalign.models.batch_augment import BatchAugment
 

@@ -122,7 +122,13 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
 def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]:
     """Accelerator, model, data and loaders, loss, optimizer and schedule, the engine (resumed position, run log)."""
-    from stalign.training.data import adopt_shard_crops, build_train_data, shard_genes, split_summary
+    from stalign.training.data import (
+        adopt_shard_crops,
+        build_train_data,
+        original_cell_embedder,
+        shard_genes,
+        split_summary,
+    )
     from stalign.training.losses import PairedNegativeLoss, ThreeTargetLoss
     from stofm.util.optim import build_optimizer, build_scheduler
 
@@ -136,7 +142,8 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
                             eval_transforms=_transforms(model, train=False),
                             val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells,
                             hard_negative_clusters=cfg.hard_negative_clusters,
-                            paired_negatives=cfg.loss_kind == "paper")
+                            paired_negatives=cfg.loss_kind == "paper",
+                            virtual_embed=original_cell_embedder(model) if cfg.virtual_cells else None)
     train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
@@ -146,7 +153,7 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
         loss_fn = ThreeTargetLoss(alpha=cfg.alpha, beta=cfg.beta, kind=cfg.loss_kind, check_finite=False)
     optimizer = build_optimizer(model, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=cfg.betas, eps=cfg.eps)
     scheduler = build_scheduler(optimizer, warmup_steps=cfg.warmup_steps, total_steps=max_steps,
-                                min_lr_ratio=cfg.min_lr_ratio)
+                                min_lr_ratio=cfg.min_lr_ratio, weight_decay_end=cfg.weight_decay_end)
     # training batches stay on the CPU until ``micro_batches`` draws their augmentation and copies them
     placement = [True, True, data.augment is None, True] + ([True] if val_dl else [])
     prepared = accelerator.prepare(model, optimizer, train_dl, scheduler, *([val_dl] if val_dl else []),

@@ -76,10 +76,36 @@ def cosine_with_warmup(*, warmup_steps: int, total_steps: int, min_lr_ratio: flo
     return factor
 
 
+def cosine_weight_decay(start: float, end: float, step: int, total_steps: int) -> float:
+    """Weight decay at ``step``: a cosine from ``start`` (step 0) to ``end`` (``total_steps``), no warm-up (DINO's
+    ``cosine_scheduler`` of the weight decay, which ST-Align's pretraining uses: 0.04 -> 0.4)."""
+    progress = min(1.0, max(0, step) / max(1, total_steps))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, *, warmup_steps: int, total_steps: int,
-                    min_lr_ratio: float = 0.0) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR over :func:`cosine_with_warmup`; step it once per optimizer step."""
+                    min_lr_ratio: float = 0.0, weight_decay_end: float | None = None
+                    ) -> torch.optim.lr_scheduler.LambdaLR:
+    """LambdaLR over :func:`cosine_with_warmup`; step it once per optimizer step. ``weight_decay_end``: every group
+    with weight decay also follows :func:`cosine_weight_decay` from its own value to this one (its state resumes
+    with the optimizer's and the scheduler's)."""
     import torch
 
     fn = cosine_with_warmup(warmup_steps=warmup_steps, total_steps=total_steps, min_lr_ratio=min_lr_ratio)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    if weight_decay_end is None:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, fn)
+    if not (math.isfinite(weight_decay_end) and weight_decay_end >= 0):
+        raise InputError(f"weight_decay_end must be a number >= 0, got {weight_decay_end}")
+
+    class CosineWeightDecayLR(torch.optim.lr_scheduler.LambdaLR):
+        """The learning-rate schedule and, per step, the decayed groups' weight decay."""
+
+        def step(self, epoch: int | None = None) -> None:
+            super().step(epoch)
+            for group in self.optimizer.param_groups:
+                start = group.setdefault("initial_weight_decay", group["weight_decay"])
+                if start > 0:
+                    group["weight_decay"] = cosine_weight_decay(start, weight_decay_end, self.last_epoch,
+                                                                total_steps)
+
+    return CosineWeightDecayLR(optimizer, fn)
