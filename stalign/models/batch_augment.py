@@ -213,6 +213,7 @@ def colour_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     four positions, every op runs once on the crops that have it there (identity factors are skipped)."""
     order, factors = p[:, ORDER].numpy().astype(np.int64), p[:, FACTORS].numpy()
     active = factors != np.asarray(IDENTITY_FACTORS)
+    owned = False  # x is a tensor made here (written in place) rather than the caller's
     for t in range(4):
         for op, fn in enumerate(COLOUR_OPS):
             mask = (order[:, t] == op) & active[:, op]
@@ -220,8 +221,9 @@ def colour_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
                 continue
             f = torch.from_numpy(factors[mask, op]).to(x.device, x.dtype)
             if mask.all():
-                x = fn(x, f)
+                x, owned = fn(x, f), True
                 continue
             rows = _rows(mask, x.device)
-            x = x.index_copy(0, rows, fn(x.index_select(0, rows), f))
+            y = fn(x.index_select(0, rows), f)
+            x, owned = (x.index_copy_(0, rows, y) if owned else x.index_copy(0, rows, y)), True
     return x
