@@ -4,6 +4,7 @@ applied by the one crop reader at prep and predict, carried into checkpoints."""
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -96,10 +97,10 @@ def test_spec_records_the_target_and_reads_old_records_as_none():
 
 def test_prep_fits_the_target_and_the_reader_normalises_alike(tmp_path, squidpy_crop):
     """`stalign prep --stain-norm macenko`: the manifest records the fitted target, the shards hold the crops the
-    one reader cuts with that spec (what predict cuts), a re-run resumes and another stain setting is refused."""
+    one reader cuts with that spec (what predict cuts, with the model's spec), a re-run resumes and another stain
+    setting is refused; a bank of other stain settings than the query's is refused."""
     import h5py
 
-    import stalign
     from stalign.cli import main
     from stalign.data.slide import open_slide
     from stalign.tasks.predict import settle_crop
@@ -121,11 +122,11 @@ def test_prep_fits_the_target_and_the_reader_normalises_alike(tmp_path, squidpy_
     assert main([*args, "--stain-norm", "macenko"]) == 0  # the folder's target is kept: resumes
     assert main([*args, "--stain-norm", "none"]) == 1  # other crops than the folder's
 
-    model = stalign.create_model("stalign-tiny", n_genes=len(manifest["genes"]))
-    model.crop_spec = spec
-    stalign.save_checkpoint(model, tmp_path / "ckpt")
-    loaded = stalign.load_checkpoint(tmp_path / "ckpt")
-    assert loaded.crop_spec == spec and settle_crop(loaded) == spec
+    # predict takes the model's (checkpoint's: CropSpec.from_dict of config.json "crop") or the bank's spec
+    model = SimpleNamespace(crop_spec=CropSpec.from_dict(json.loads(json.dumps({"crop": spec.to_dict()}))["crop"]))
+    assert settle_crop(model) == spec and settle_crop(model, crop={"resample": "lanczos"}).stain_matrix is not None
+    with pytest.raises(CropSpecError, match="not be comparable"):  # a bank of normalised crops, plain query crops
+        settle_crop(model, bank=SimpleNamespace(info=spec.to_dict()), crop=spec.with_overrides(stain_norm="none"))
 
 
 def test_an_unfitted_spec_is_refused_by_the_reader(squidpy_crop):
