@@ -105,18 +105,6 @@ def small_shards(tmp_path_factory, squidpy_crop):
     return make
 
 
-@pytest.fixture(autouse=True, scope="session")
-def _bank_cache_in_a_temporary_folder(tmp_path_factory):
-    """Banks that `predict` caches go to a session folder, not the user's ~/.cache/stalign/banks."""
-    old = os.environ.get("STALIGN_BANK_CACHE")
-    os.environ["STALIGN_BANK_CACHE"] = str(tmp_path_factory.mktemp("bank_cache"))
-    yield
-    if old is None:
-        os.environ.pop("STALIGN_BANK_CACHE", None)
-    else:
-        os.environ["STALIGN_BANK_CACHE"] = old
-
-
 @pytest.fixture(scope="session")
 def predict_setup(tmp_path_factory, squidpy_crop):
     """The real crop prepared at 32 px, a tiny model saved as a checkpoint, and the shard (test_predict*)."""

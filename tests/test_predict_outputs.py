@@ -170,31 +170,37 @@ def test_bench_keeps_rows_when_an_encoder_fails_and_takes_any_panel(setup, tmp_p
 
 
 def test_predict_reuses_the_reference_bank_it_embedded(setup, tmp_path, monkeypatch):
-    """A shards reference is embedded once per (model weights, shards): later predictions load the cached bank;
-    changed shards are embedded again."""
+    """A shards reference is embedded once per (model weights, shards): later predictions read its embeddings from
+    the feature store beside the shards; changed shards are embedded again; --no-cache (cache=False) embeds."""
     import os
+    import shutil
 
     import stalign
     from stalign.tasks import embed
     from stalign.tasks.predict import predict_slide
 
-    monkeypatch.setenv("STALIGN_BANK_CACHE", str(tmp_path / "cache" / "banks"))
+    shards = tmp_path / "shards"
+    shutil.copytree(setup["shards"], shards)
     model = stalign.load_checkpoint(setup["ckpt"])
     coords = _shard(setup)["coords_px"][:5]
-    kw = dict(reference=setup["shards"], coords=coords, um_per_px=0.6149, k=3, progress=False)
+    kw = dict(reference=shards, coords=coords, um_per_px=0.6149, k=3, progress=False)
     first = predict_slide(model, setup["image"], **kw)
-    assert len(list((tmp_path / "cache" / "banks").iterdir())) == 1
-    real = embed.bank_from_shards
+    assert len(list((shards / "features").rglob("gene-*.npy"))) == 1
+    real = embed._embed_dataset
 
     def no_embedding(*args, **kwargs):
         raise AssertionError("the reference was embedded again")
 
-    monkeypatch.setattr(embed, "bank_from_shards", no_embedding)
+    monkeypatch.setattr(embed, "_embed_dataset", no_embedding)
     again = predict_slide(model, setup["image"], **kw)
     np.testing.assert_array_equal(again.X, first.X)
-    shard = next((setup["shards"] / "shards").glob("*.h5"))
+    with pytest.raises(AssertionError, match="embedded again"):
+        predict_slide(model, setup["image"], cache=False, **kw)
+    shard = next((shards / "shards").glob("*.h5"))
     st = shard.stat()
     os.utime(shard, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # the shards changed: embedded again
-    monkeypatch.setattr(embed, "bank_from_shards", real)
-    predict_slide(model, setup["image"], **kw)
-    assert len(list((tmp_path / "cache" / "banks").iterdir())) == 2
+    with pytest.raises(AssertionError, match="embedded again"):
+        predict_slide(model, setup["image"], **kw)
+    monkeypatch.setattr(embed, "_embed_dataset", real)
+    np.testing.assert_array_equal(predict_slide(model, setup["image"], **kw).X, first.X)
+    assert len(list((shards / "features").rglob("gene-*.npy"))) == 1  # the stale entry replaced

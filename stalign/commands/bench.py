@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.common_args import add_run_args
+from stalign.commands.common_args import add_cache_args, add_run_args
 from stalign.tasks.bench_folds import SCHEMES
 from stofm.util.errors import InputError
 
@@ -45,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         " or write uni:/path/uni.bin)")
     p.add_argument("--out", default=None, help="CSV of the table")
     add_run_args(p, seed=True)
+    add_cache_args(p)
     p.set_defaults(func=run)
 
 
@@ -61,11 +62,12 @@ def run(args: argparse.Namespace) -> int:
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,
                          latent_dim=args.latent_dim, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch,
-                         patients=patients)
+                         patients=patients, cache=not args.no_cache)
     print(format_table(table))
     print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s); folds: {table.attrs['folds']}; "
           f"{args.genes or 'all'} genes per fold, chosen on its training spots (own genes/folds: not comparable "
           f"with the HEST leaderboard; use --hest-bench for that)")
+    print(table.attrs["feature_store"])
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)

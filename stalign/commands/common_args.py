@@ -97,6 +97,13 @@ def add_run_args(p: argparse.ArgumentParser, *, workers: int = 0, seed: bool = F
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    """--no-cache: compute shard embeddings again instead of reading the feature store (nothing is stored)."""
+    p.add_argument("--no-cache", action="store_true",
+                   help="do not read or write the feature store (shard embeddings computed once and reused, kept "
+                        "in SHARDS/features or $STALIGN_CACHE/features; docs/performance.md): compute them again")
+
+
 #: a Visium capture spot's diameter (µm), what the spots of a Space Ranger folder are drawn as
 VISIUM_SPOT_UM = 55.0
 

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 
-from stalign.commands.common_args import add_run_args, add_slide_source_args, read_slide_sample, sample_input
+from stalign.commands.common_args import (
+    add_cache_args,
+    add_run_args,
+    add_slide_source_args,
+    read_slide_sample,
+    sample_input,
+)
 from stalign.data.crop_spec import CropSpec
 from stofm.util.errors import InputError
 
@@ -40,6 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hidden", type=int, default=256, help="head: hidden width (256)")
     p.add_argument("--folds", type=int, default=None, help="cross-validation folds (default: by slide / 5)")
     add_run_args(p, seed=True)
+    add_cache_args(p)
     p.set_defaults(func=run)
 
 
@@ -65,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.kind == "finetune":
         return _finetune(args, model)
     emb = embed_shards(model, args.shards, gene=False, batch_size=args.batch_size, workers=args.workers,
-                       device=args.device, progress=not args.quiet)
+                       device=args.device, progress=not args.quiet, cache=not args.no_cache)
     genes = args.genes or list(emb["genes"])
     y = emb["expression"][:, gene_indices(emb["genes"], genes, what="the shards")]
     x = emb["image"]

@@ -4,7 +4,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from stalign.commands.common_args import add_index_args, add_slide_args, crop_args, index_args, slide_query
+from stalign.commands.common_args import (
+    add_cache_args,
+    add_index_args,
+    add_slide_args,
+    crop_args,
+    index_args,
+    slide_query,
+)
 from stofm.util.errors import InputError
 
 
@@ -17,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "shards) and/or with a few-shot head. Writes AnnData and heat-map PNGs.")
     p.add_argument("--model", required=True, help="checkpoint folder (config.json + model.safetensors)")
     add_slide_args(p)
+    add_cache_args(p)
     p.add_argument("--reference", default=None, help="reference bank folder (stalign retrieve bank) or shards folder")
     p.add_argument("--fewshot-head", default=None, help="few-shot head folder (stalign fewshot --out)")
     p.add_argument("--out", required=True, help="output .h5ad")
@@ -90,7 +98,7 @@ def _predict(args: argparse.Namespace, model, head, query) -> int:
                           spot_diameter_um=diameter, query_genes=query.genes, library_id=query.library_id,
                           k=args.k, temperature=args.temperature, fewshot_head=head,
                           genes=args.genes, batch_size=args.batch_size, workers=args.workers, device=args.device,
-                          progress=not args.quiet, **index_args(args))
+                          progress=not args.quiet, cache=not args.no_cache, **index_args(args))
     carry_obs(adata, query.obs)
     if query.pixel_size_sources:
         adata.uns["stalign"]["pixel_size_sources"] = query.pixel_size_sources

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from stalign.commands.common_args import (
+    add_cache_args,
     add_index_args,
     add_run_args,
     add_slide_args,
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--index", choices=("ivf", "hnsw"), default=None,
                    help="also build a faiss index now, cached beside the bank (for banks of millions of spots)")
     add_run_args(b, workers=2)
+    add_cache_args(b)
     b.set_defaults(func=run_bank)
     for name, helptext in (("image", "spots of a slide -> most similar reference spots and their expression"),
                            ("signature", "gene signature -> where on a slide it lies (scores + heat map)")):
@@ -34,6 +36,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         q.add_argument("--model", required=True, help="checkpoint folder")
         q.add_argument("--reference", required=True, help="reference bank folder or shards folder")
         add_slide_args(q)
+        add_cache_args(q)
         q.add_argument("--out", required=True, help="CSV of hits (image) / PNG heat map (signature)")
         if name == "image":
             q.add_argument("--k", type=int, default=10, help="hits per query spot (default 10)")
@@ -53,7 +56,7 @@ def run_bank(args: argparse.Namespace) -> int:
 
     model = stalign.load_checkpoint(args.model)
     bank = bank_from_shards(model, args.shards, batch_size=args.batch_size, workers=args.workers,
-                            device=args.device, progress=not args.quiet)
+                            device=args.device, progress=not args.quiet, cache=not args.no_cache)
     print(f"{bank} -> {bank.save(args.out)}")
     if args.index:
         ann = bank.ann_index(args.index, progress=not args.quiet)
@@ -73,7 +76,7 @@ def _embed(args: argparse.Namespace):
     reference, crop, _ = checked_reference(model, args.reference, slide=query.slide, crop=crop_args(args),
                                            query_genes=query.genes)
     bank = load_reference(reference, model, batch_size=args.batch_size, workers=args.workers,
-                          device=args.device, progress=not args.quiet)
+                          device=args.device, progress=not args.quiet, cache=not args.no_cache)
     e = embed_slide(model, query.slide, crop=crop, coords=query.coords, step_um=args.step_um,
                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
     given = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um

@@ -23,12 +23,12 @@ import numpy as np
 from stofm.util.errors import InputError
 
 
-def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int):
+def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int, slides: Sequence[str] | None = None):
     import torch
 
     from stalign.data.dataset import ShardDataset, collate
 
-    ds = ShardDataset(root)
+    ds = ShardDataset(root, slides=slides)
     return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                        collate_fn=collate)
 
@@ -78,33 +78,50 @@ def check_encoder_specs(specs: Sequence[str]) -> None:
 
 def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32, workers: int = 0,
                      device: str | None = None, seed: int = 0, progress: bool = True,
-                     arch: str | None = None) -> np.ndarray:
+                     arch: str | None = None, cache: Any = True) -> np.ndarray:
     """(N, F) features of every shard spot (manifest order) for one encoder spec (``arch``: the architecture of a
-    bare local weights file)."""
+    bare local weights file), each shard's read from the feature store when computed before (``cache``: on, off
+    or a ``FeatureStore``; ``stalign.tasks.feature_store``)."""
     import torch
     from tqdm import tqdm
 
     import stalign
     from stalign.tasks.embed import default_device, embed_shards
+    from stalign.tasks.feature_store import open_store, per_shard, spec_identity
 
     device = default_device(device)
     if spec.startswith("model:"):
         return embed_shards(stalign.load_checkpoint(spec[6:]), root, gene=False, batch_size=batch_size,
-                            workers=workers, device=device, progress=progress)["image"]
+                            workers=workers, device=device, progress=progress, cache=cache)["image"]
     net = PatchEncoder(spec, arch=arch, seed=seed).to(device)
-    out = []
-    with torch.inference_mode():
-        for batch in tqdm(_patch_batches(root, batch_size, workers), desc=f"features {spec}", disable=not progress):
-            out.append(net(batch["spot_image"].to(device)).float().cpu().numpy())
-    return np.concatenate(out)
+    store = open_store(root, cache)
+
+    def compute(slide_id: str) -> dict[str, np.ndarray]:
+        out = []
+        with torch.inference_mode():
+            for batch in tqdm(_patch_batches(root, batch_size, workers, [slide_id]), desc=f"features {spec}",
+                              disable=not progress):
+                out.append(net(batch["spot_image"].to(device)).float().cpu().numpy())
+        return {"features": np.concatenate(out)}
+
+    identity = spec_identity(spec, net.net, device=device, arch=arch, seed=seed if spec.startswith("random:") else None)
+    return per_shard(store, identity, ["features"], list(store.entries), compute)["features"]
 
 
-def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, workers: int = 0) -> np.ndarray:
-    """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order."""
+def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, workers: int = 0,
+                          cache: Any = True) -> np.ndarray:
+    """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order
+    (through the feature store, as :func:`encoder_features`)."""
     from stalign.tasks.baselines import colour_features
+    from stalign.tasks.feature_store import open_store, per_shard
 
-    return np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
-                           for b in _patch_batches(root, batch_size, workers)])
+    def compute(slide_id: str) -> dict[str, np.ndarray]:
+        return {"features": np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
+                                            for b in _patch_batches(root, batch_size, workers, [slide_id])])}
+
+    store = open_store(root, cache)
+    return per_shard(store, {"kind": "colour statistics", "version": 1}, ["features"], list(store.entries),
+                     compute)["features"]
 
 
 def score_methods(methods: Mapping[str, Callable[[np.ndarray], Any]], targets: np.ndarray, genes: Sequence[str],
@@ -141,15 +158,18 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
                  k_genes: int | None = 50, latent_dim: int = 256, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, seed: int = 0, progress: bool = True,
                  features: dict[str, np.ndarray] | None = None, arch: str | None = None,
-                 patients: Mapping[str, str] | None = None, neighbours: int = 6):
+                 patients: Mapping[str, str] | None = None, neighbours: int = 6, cache: bool = True):
     """The table (pandas) of ``encoders`` and the baselines on the shards under ``root`` (see module doc; ``by``
     and ``patients``: ``stalign.tasks.bench_folds``; ``features`` adds precomputed (N, F) arrays by name).
-    Folds, gene panels and checkpoint paths are checked before any feature is extracted."""
+    Folds, gene panels and checkpoint paths are checked before any feature is extracted. Features come from the
+    feature store when an earlier run computed them (``cache=False``: computed again, nothing stored);
+    ``table.attrs['feature_store']`` says what was reused and the store's size."""
     import pandas as pd
 
     from stalign.data.dataset import ShardDataset
     from stalign.tasks.baselines import mean_predictor, neighbour_predictor, ridge_predictor
     from stalign.tasks.bench_folds import bench_folds
+    from stalign.tasks.feature_store import open_store
 
     ds = ShardDataset(root)
     expr = ds.expression_matrix().astype(np.float64)
@@ -161,7 +181,8 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     slides = np.asarray([ds.slide_of(i) for i in range(len(ds))])
     coords = np.concatenate([ds.slide_spots(k)["coords_um"] for k in range(len(ds.slide_ids))])
     ridge = {"latent_dim": latent_dim, "fit_intercept": True, "seed": seed}
-    colour = shard_colour_features(root, workers=workers)
+    store = open_store(root, cache)
+    colour = shard_colour_features(root, workers=workers, cache=store)
     methods: dict[str, tuple[str, Callable[[np.ndarray], Any]]] = {"mean expression (training folds)": (
         "baseline", mean_predictor)}
     if folds.scheme in ("block", "spot"):  # across slides no training spot lies on the test slide
@@ -173,7 +194,7 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     for spec in encoders:  # one failing encoder does not throw away the others' (often long) feature runs
         try:
             feats[spec] = encoder_features(spec, root, batch_size=batch_size, workers=workers, device=device,
-                                           seed=seed, progress=progress, arch=arch)
+                                           seed=seed, progress=progress, arch=arch, cache=store)
         except (ValueError, OSError, RuntimeError, ImportError) as err:
             failed[spec] = " ".join(str(err).split())
     if not feats:
@@ -192,7 +213,8 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     table["to_beat"] = table.index == base["mse"].idxmin()
     genes = sorted({g for p in folds.panels for g in p}, key=list(ds.genes).index)
     table.attrs.update({"by": folds.scheme, "folds": folds.label, "leaky": folds.leaky, "n_spots": len(ds),
-                        "n_slides": len(ds.slide_ids), "failed": failed, "genes": genes})
+                        "n_slides": len(ds.slide_ids), "failed": failed, "genes": genes,
+                        "feature_store": store.summary()})
     return table
 
 

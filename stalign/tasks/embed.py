@@ -55,25 +55,61 @@ def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, wo
 def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] | None = None,
                  indices: Sequence[int] | None = None, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, niche_weight: float = 0.5, gene: bool = True,
-                 progress: bool = True, precision: str = "auto") -> dict[str, Any]:
+                 progress: bool = True, precision: str = "auto", cache: Any = True) -> dict[str, Any]:
     """Image (and gene) embeddings of shard spots, with their expression, slide ids and coordinates.
 
     With ``gene=True`` the shards' gene panel must be the model's (``GenePanelMismatchError`` otherwise); image
     embeddings alone (``gene=False``) take shards of any panel. ``precision``: see
-    ``stalign.models.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default).
+    ``stalign.models.perf.autocast_dtype`` (bf16 on CUDA, fp32 on the CPU by default). Whole shards go through
+    the feature store (``cache``: on, off (``--no-cache``) or a ``FeatureStore``; ``stalign.tasks.feature_store``):
+    embedded once per (model weights, settings, crop spec, shard), read back afterwards; a subset ``indices`` is
+    embedded directly.
     """
-    from tqdm import tqdm
-
     from stalign.data.crop_spec import shard_crops
-    from stalign.data.dataset import ShardDataset, collate
-    from stalign.models.perf import inference_context
+    from stalign.data.dataset import ShardDataset
+    from stalign.tasks.feature_store import model_identity, open_store, per_shard
 
     ds = ShardDataset(root, slides=slides, indices=indices)
     shard_crops(ds.manifest, root, model)
     if gene:
         model.check_genes(ds.genes, source=f"the shards under {root}")
     device = default_device(device)
-    image, genes_emb, slide_idx, coords = [], [], [], []
+    run = {"batch_size": batch_size, "workers": workers, "device": device, "niche_weight": niche_weight,
+           "gene": gene, "progress": progress, "precision": precision}
+    outputs = ["image", "gene"] if gene else ["image"]
+    store = open_store(root, cache)
+    offsets = np.cumsum([e["n_spots"] for e in ds.manifest["slides"]])
+    of_spot = np.searchsorted(offsets, ds.indices, side="right")
+    chosen = [int(k) for k in of_spot[np.sort(np.unique(of_spot, return_index=True)[1])]]  # in dataset order
+    if indices is not None or not store.enabled:
+        arrays = _embed_dataset(model, ds, **run)
+        store.computed += len(chosen)
+    else:
+        identity = model_identity(model, device=device, precision=precision, niche_weight=niche_weight,
+                                  niche_spots=ds.niche_spots)
+        arrays = per_shard(store, identity, outputs, [ds.slide_ids[k] for k in chosen],
+                           lambda sid: _embed_dataset(model, ShardDataset(root, slides=[sid]), **run))
+    if progress and store is not cache:  # a store of its own: say what was reused
+        store.log(store.summary())
+    spots = [ds.slide_spots(k) for k in chosen]
+    slide_idx = np.concatenate([np.full(len(s["coords_um"]), k) for k, s in zip(chosen, spots)]) if spots else \
+        np.zeros(0, np.int64)
+    return {"image": arrays["image"], "gene": arrays["gene"] if gene else None,
+            "expression": ds.expression_matrix(), "genes": ds.genes,
+            "slide_id": np.asarray(ds.slide_ids, dtype=object)[slide_idx].astype(str),
+            "coords_um": np.concatenate([s["coords_um"] for s in spots]).astype(np.float32) if spots else
+            np.zeros((0, 2), np.float32), "manifest": ds.manifest, "store": store}
+
+
+def _embed_dataset(model: Any, ds: Any, *, batch_size: int, workers: int, device: str, niche_weight: float,
+                   gene: bool, progress: bool, precision: str) -> dict[str, np.ndarray]:
+    """``image`` (and ``gene``) embeddings of every item of ``ds``, in its order."""
+    from tqdm import tqdm
+
+    from stalign.data.dataset import collate
+    from stalign.models.perf import inference_context
+
+    image, genes_emb = [], []
     with inference_context(model, device, precision):  # model moved in place, eval, autocast
         for batch in tqdm(_loader(ds, batch_size=batch_size, workers=workers, collate=collate),
                           desc="embedding shards", disable=not progress, unit="batch"):
@@ -82,13 +118,10 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
                          .float().cpu().numpy())
             if gene:
                 genes_emb.append(model.encode_gene(b, niche_weight=niche_weight).float().cpu().numpy())
-            slide_idx.append(batch["slide_idx"].numpy())
-            coords.append(batch["coords_um"].numpy())
-    slide_idx = np.concatenate(slide_idx)
-    return {"image": np.concatenate(image), "gene": np.concatenate(genes_emb) if gene else None,
-            "expression": ds.expression_matrix(), "genes": ds.genes,
-            "slide_id": np.asarray(ds.slide_ids, dtype=object)[slide_idx].astype(str),
-            "coords_um": np.concatenate(coords), "manifest": ds.manifest}
+    out = {"image": np.concatenate(image)}
+    if gene:
+        out["gene"] = np.concatenate(genes_emb)
+    return out
 
 
 def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> ReferenceBank:
@@ -108,46 +141,10 @@ def bank_from_shards(model: Any, root: str | os.PathLike, **embed: Any) -> Refer
                                "um_per_px": {str(s["slide_id"]): float(s["um_per_px"]) for s in m["slides"]}})
 
 
-def bank_cache_key(model: Any, root: Path, embed: dict[str, Any]) -> str | None:
-    """The cache key of a shards folder embedded by a saved model: the model's weights sha256, the shards' manifest
-    and files (size, mtime) and the niche weight; None for a model without a recorded checksum (never cached)."""
-    import hashlib
-    import json
-
-    weights = (getattr(model, "meta", None) or {}).get("weights_sha256")
-    if not weights:
-        return None
-    files = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in (root / "shards").glob("*.h5"))
-    blob = json.dumps({"weights": weights, "manifest": (root / "manifest.json").read_text(), "files": files,
-                       "niche_weight": embed.get("niche_weight", 0.5)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:32]
-
-
-def _cached_bank(model: Any, root: Path, embed: dict[str, Any]) -> ReferenceBank:
-    """``bank_from_shards``, reusing the bank saved under the bank cache (``$STALIGN_BANK_CACHE``, default
-    ``$STALIGN_CACHE/banks``) for the same model weights and shards; a damaged cached bank is rebuilt."""
-    from stalign.data.fetch import cache_dir
-
-    key = bank_cache_key(model, root, embed)
-    base = Path(os.environ.get("STALIGN_BANK_CACHE") or cache_dir() / "banks")
-    folder = base / key if key else None
-    if folder is not None and (folder / "bank.json").is_file():
-        try:
-            return ReferenceBank.load(folder)
-        except (ValueError, OSError):
-            pass
-    bank = bank_from_shards(model, root, **embed)
-    if folder is not None:
-        try:
-            bank.save(folder)
-        except OSError:  # a read-only cache: the bank is still returned
-            pass
-    return bank
-
-
 def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
-    """A ``ReferenceBank`` from a bank, a saved bank folder, or a shards folder (embedded with ``model``);
-    its gene panel must be the model's."""
+    """A ``ReferenceBank`` from a bank, a saved bank folder, or a shards folder (embedded with ``model`` through the
+    feature store: embedded once, reused by later runs; ``cache=False`` bypasses it); its gene panel must be the
+    model's."""
     if isinstance(reference, ReferenceBank):
         bank = reference
     else:
@@ -155,7 +152,7 @@ def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
         if (path / "bank.json").is_file():
             bank = ReferenceBank.load(path)
         elif (path / "manifest.json").is_file():
-            bank = _cached_bank(model, path, embed)
+            bank = bank_from_shards(model, path, **embed)
         else:
             raise FileNotFoundError(f"{path}: not a reference bank (bank.json) nor a shards folder (manifest.json)")
     bank.check_genes(model.genes, what="the model")

@@ -194,7 +194,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
                   batch_size: int = 32, workers: int = 0, device: str | None = None, niche_weight: float = 0.5,
                   index: str = "auto",
                   index_params: dict[str, int] | None = None, spot_diameter_um: float | None = None,
-                  query_genes: Sequence[str] | None = None, library_id: str | None = None, progress: bool = True):
+                  query_genes: Sequence[str] | None = None, library_id: str | None = None, progress: bool = True,
+                  cache: bool = True):
     """Predict expression over ``slide`` (path or ``Slide``); returns AnnData.
 
     ``reference``: a ``ReferenceBank``, a saved bank folder or a shards folder (zero-shot retrieval, top-``k``,
@@ -208,6 +209,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     given ``coords`` 0.55 x their median nearest-neighbour distance (a Visium spot: 55 µm at a 100 µm pitch), at
     most the crop width. ``query_genes``: the genes the query's own expression measures (the panel-overlap check,
     :func:`checked_reference`). ``library_id``: the key in ``uns['spatial']`` (default: the image's file name).
+    ``cache``: a shards reference is embedded through the feature store (False: embedded again, nothing stored).
     """
     import anndata as ad
     import pandas as pd
@@ -229,7 +231,7 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     reference, crop, notes = checked_reference(model, reference, slide=slide, head=fewshot_head, crop=crop,
                                                query_genes=query_genes)
     bank = load_reference(reference, model, batch_size=batch_size, workers=workers, device=device,
-                          progress=progress) if reference is not None else None
+                          progress=progress, cache=cache) if reference is not None else None
     e = embed_slide(model, slide, crop=crop, coords=coords, um_per_px=um_per_px, step_um=step_um,
                     batch_size=batch_size, workers=workers, device=device, niche_weight=niche_weight,
                     progress=progress)
