@@ -29,9 +29,17 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-genes", type=int, default=200, help="genes per slide (programmes + housekeeping)")
     s.add_argument("--n-classes", type=int, default=4, help="tissue classes (1-6)")
     s.add_argument("--slides", type=int, default=1, help="number of slides (shared gene panel)")
-    s.add_argument("--version", type=int, default=2, choices=(1, 2),
+    s.add_argument("--version", type=int, default=2, choices=(1, 2, 3),
                    help="2 (default): spatial domains + context-driven genes; 1: expression from the spot alone "
-                        "(byte-identical to the original generator)")
+                        "(byte-identical to the original generator); 3: v2's genes over classes that share their "
+                        "mean stain and differ in morphology, seen through a per-site and per-slide stain")
+    s.add_argument("--sites", type=int, default=None,
+                   help="v3: a multi-site set of this many sites (slide ids site<s>_slide<j>; --slides is ignored)")
+    s.add_argument("--slides-per-site", type=int, default=2, help="v3 with --sites: slides per site")
+    s.add_argument("--site", type=int, default=0, help="v3 without --sites: the site of every slide")
+    s.add_argument("--site-report", action="store_true",
+                   help="v3 with --sites: print how much colour vs true morphology explains within a slide and "
+                        "across sites (stalign.lab.synth_sites.site_report)")
     s.add_argument("--n-domains", type=int, default=4, help="v2: spatial domains per slide (2-8)")
     s.add_argument("--domains", default="layers", choices=("layers", "islands"),
                    help="v2: domain geometry (bands like cortical layers, or patchy regions)")
@@ -63,14 +71,22 @@ def _export_hest(args: argparse.Namespace) -> int:
 
 
 def _synth(args: argparse.Namespace) -> int:
-    from stalign.lab.synth import make_synthetic_dataset
+    from stalign.lab.synth import make_synthetic_dataset, make_synthetic_sites
 
     if args.report and args.version < 2:
         raise InputError("--report needs synth v2 (v1 has no context programmes)")
-    slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, n_spots=args.n_spots,
-                                    um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,
-                                    progress=not args.quiet, version=args.version, n_domains=args.n_domains,
-                                    domain_layout=args.domains)
+    if (args.sites is not None or args.site_report) and args.version != 3:
+        raise InputError("--sites and --site-report need --version 3 (sites differ in stain only in synth v3)")
+    if args.site_report and (args.sites or 0) < 2:
+        raise InputError("--site-report needs --sites 2 or more (it trains on some sites and tests on another)")
+    common = dict(n_spots=args.n_spots, um_per_px=args.um_per_px, n_genes=args.n_genes, n_classes=args.n_classes,
+                  progress=not args.quiet, n_domains=args.n_domains, domain_layout=args.domains)
+    if args.sites is not None:
+        slides = make_synthetic_sites(args.out, n_sites=args.sites, slides_per_site=args.slides_per_site,
+                                      seed=args.seed, **common)
+    else:
+        slides = make_synthetic_dataset(args.out, n_slides=args.slides, seed=args.seed, version=args.version,
+                                        **common, **({"site": args.site} if args.version == 3 else {}))
     for s in slides:
         t = s.truth
         h, w = t["level_shapes_hw"][0]
@@ -80,7 +96,11 @@ def _synth(args: argparse.Namespace) -> int:
         if "context" in t:
             counts = ", ".join(f"{k} {v}" for k, v in t["context"]["domain_spot_counts"].items())
             drivers = [g.get("driver") for g in t["genes"]]
-            print(f"  v2 ({t['context']['domain_layout']}): {counts} spots; genes: {drivers.count('spot')} "
+            if "site" in t:
+                st = t["stain"]["slide"]
+                print(f"  v3 {t['site']}: stain scale H {st['h_scale']:.2f} E {st['e_scale']:.2f}, white "
+                      f"{[round(w) for w in st['white']]}, blur {st['blur_px']:.2f} px, JPEG q{st['jpeg_quality']}")
+            print(f"  v{t['version']} ({t['context']['domain_layout']}): {counts} spots; genes: {drivers.count('spot')} "
                   f"spot-driven, {drivers.count('context')} context-driven, {drivers.count('none')} housekeeping")
         for kind, path in s.paths.items():
             print(f"  {kind:6s} {path}  ({path.stat().st_size / 1e6:.1f} MB)")
@@ -88,4 +108,8 @@ def _synth(args: argparse.Namespace) -> int:
             from stalign.lab.synth_truth import report
 
             print(report(s.paths["adata"]))
+    if args.site_report:
+        from stalign.lab.synth_sites import site_report
+
+        print(site_report(slides))
     return 0

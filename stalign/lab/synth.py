@@ -9,7 +9,10 @@
 - ``<slide_id>.truth.json``: the same truth in plain JSON plus sha256 of both files (written last).
 
 Version 2 (default) adds spatial domains, capillaries along a slide gradient and context-driven genes
-(``stalign.lab.synth_world``); version 1 (expression from the spot alone) stays byte-identical.
+(``stalign.lab.synth_world``); version 1 (expression from the spot alone) stays byte-identical. Version 3 keeps
+v2's genes and draws classes that share their mean stain and differ in morphology (``stalign.lab.synth_morph``),
+through a per-site and per-slide stain, illumination and scanner (``stalign.lab.synth_stain``);
+``make_synthetic_sites`` makes a multi-site set.
 See ``docs/synth.md``, ``stalign.lab.synth_expression`` and ``stalign.lab.synth_context`` for the model and
 ``stalign.lab.synth_truth.truth_of`` for reading the truth back.
 """
@@ -46,7 +49,7 @@ from stofm.util.safe_files import DamagedFileError, sha256_of
 
 FORMAT = "stalign-synthetic"
 VERSION = 2  # the default world; version 1 (spot-only expression) stays byte-reproducible
-VERSIONS = (1, 2)
+VERSIONS = (1, 2, 3)
 BACKGROUND = "background"
 
 
@@ -71,19 +74,21 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
                          n_genes: int = 200, n_classes: int = 4, seed: int = 0, slide_id: str | None = None,
                          programme_factor: float = 4.0, panel_seed: int = 0, margin_um: float = 400.0,
                          progress: bool = True, version: int = VERSION, n_domains: int = 4,
-                         domain_layout: str = "layers") -> SyntheticSlide:
+                         domain_layout: str = "layers", site: int = 0) -> SyntheticSlide:
     """Generate one synthetic slide into ``out_dir``; same arguments give byte-identical files.
 
     ``panel_seed`` fixes the gene programmes (shared by slides of one data set); ``seed`` draws the tissue.
     ``version=2`` (default): spatial domains (``n_domains``, ``domain_layout`` "layers" or "islands") and
     context-driven genes next to the spot-driven ones (``stalign.lab.synth_world``); ``version=1``: expression
-    depends on the spot alone, byte-identical to the files this generator wrote before v2 existed.
+    depends on the spot alone, byte-identical to the files this generator wrote before v2 existed; ``version=3``:
+    v2's genes over morphology-defined classes, seen through the stain of ``site`` (drawn from ``panel_seed`` and
+    ``site``) and of this slide (drawn from ``seed``).
     """
     _check(n_spots=n_spots, um_per_px=um_per_px, n_classes=n_classes, programme_factor=programme_factor,
            margin_um=margin_um)
     if version not in VERSIONS:
         raise InputError(f"version must be one of {VERSIONS}, got {version!r}")
-    if version == 2:
+    if version >= 2:
         from stalign.lab.synth_context import make_context_panel
         from stalign.lab.synth_domains import DOMAIN_LAYOUTS, make_domains
 
@@ -96,6 +101,15 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     classes = TISSUE_CLASSES[:n_classes]
+    look = populate = None
+    if version == 3:
+        from stalign.lab.synth_morph import MORPH_CLASSES, populate_morph_layout
+        from stalign.lab.synth_stain import Look, site_stain, slide_stain
+
+        classes, populate = MORPH_CLASSES[:n_classes], populate_morph_layout
+        site_look = site_stain(site, panel_seed=panel_seed)
+        look = Look(stain=slide_stain(site_look, np.random.default_rng(np.random.SeedSequence([seed, 41]))),
+                    aniso=tuple(c.fibre_aniso for c in classes))
     layout_rng, render_rng, expr_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(3))
 
     t0 = time.perf_counter()
@@ -117,12 +131,12 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
         world = build_world(width_um=width_um, height_um=height_um, array_box=box, centres_um=centres,
                             classes=classes, um_per_px=um_per_px, n_genes=n_genes, programme_factor=programme_factor,
                             panel_seed=panel_seed, n_domains=n_domains, domain_layout=domain_layout,
-                            layout_rng=layout_rng, expr_rng=expr_rng)
+                            layout_rng=layout_rng, expr_rng=expr_rng, populate=populate)
         layout, truth_obs, counts, size, panel = world.layout, world.truth_obs, world.counts, world.size, world.panel
 
     paths = {"image": out / f"{slide_id}.tif", "adata": out / f"{slide_id}.h5ad",
              "truth": out / f"{slide_id}.truth.json"}
-    shapes = write_pyramid(paths["image"], render_blocks(layout, rng=render_rng, progress=progress),
+    shapes = write_pyramid(paths["image"], render_blocks(layout, rng=render_rng, progress=progress, look=look),
                            height=layout.height_px, width=layout.width_px, um_per_px=um_per_px)
     truth = {
         "format": FORMAT, "version": version, "slide_id": slide_id, "seed": seed, "panel_seed": panel_seed,
@@ -147,6 +161,10 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
         truth["genes"] = gene_records(panel)
         truth["context"] = world.info
         truth["spots"] = spot_table(world, barcodes(n_spots))
+    if look is not None:
+        truth["site"] = f"site{site}"
+        truth["slide"] = slide_id
+        truth["stain"] = {"site": site_look.record(), "slide": look.stain.record()}
     _write_h5ad(paths["adata"], counts=counts, centres_um=centres, rows=rows, cols=cols, truth_obs=truth_obs,
                 size=size, panel=panel, classes=[c.name for c in classes], slide_id=slide_id,
                 um_per_px=um_per_px, truth=truth, world=world)
@@ -231,6 +249,10 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
     adata.uns["synthetic"]["model"] = truth["model"]
     if world is not None:
         adata.uns["synthetic"]["context"] = _h5_safe(truth["context"])
+    if "site" in truth:  # v3: which site and slide, and their stain
+        adata.obs["site"] = pd.Categorical([truth["site"]] * adata.n_obs)
+        adata.obs["slide"] = pd.Categorical([slide_id] * adata.n_obs)
+        adata.uns["synthetic"].update(site=truth["site"], slide=slide_id, stain=truth["stain"])
     tmp = path.with_name(path.name + ".partial")
     adata.write_h5ad(tmp)
     tmp.replace(path)
@@ -284,8 +306,10 @@ def ensure_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um
         slide = load_synthetic_slide(out_dir, slide_id)
     except (FileNotFoundError, ValueError, KeyError, json.JSONDecodeError):
         slide = None
+    site = f"site{kwargs.get('site', 0)}" if version == 3 else None
     if slide is not None and (slide.truth["n_spots"], slide.truth["um_per_px"], slide.truth["seed"],
-                              slide.truth.get("version", 1)) == (n_spots, um_per_px, seed, version):
+                              slide.truth.get("version", 1), slide.truth.get("site")) == (
+                                  n_spots, um_per_px, seed, version, site):
         return slide
     return make_synthetic_slide(out_dir, n_spots=n_spots, um_per_px=um_per_px, seed=seed, slide_id=slide_id,
                                 version=version, **kwargs)
@@ -297,3 +321,14 @@ def make_synthetic_dataset(out_dir: str | os.PathLike, *, n_slides: int = 1, see
     if n_slides < 1:
         raise InputError(f"n_slides must be >= 1, got {n_slides}")
     return [make_synthetic_slide(out_dir, seed=seed + i, **kwargs) for i in range(n_slides)]
+
+
+def make_synthetic_sites(out_dir: str | os.PathLike, *, n_sites: int = 3, slides_per_site: int = 2, seed: int = 0,
+                         ensure: bool = False, **kwargs) -> list[SyntheticSlide]:
+    """A synth v3 set of ``n_sites`` sites x ``slides_per_site`` slides (ids ``site<s>_slide<j>``, seeds ``seed``,
+    ``seed + 1``, ... in that order) sharing one gene panel; ``ensure``: reuse intact slides already there."""
+    if n_sites < 1 or slides_per_site < 1:
+        raise InputError(f"n_sites and slides_per_site must be >= 1, got {n_sites} and {slides_per_site}")
+    make = ensure_synthetic_slide if ensure else make_synthetic_slide
+    return [make(out_dir, seed=seed + s * slides_per_site + j, slide_id=f"site{s}_slide{j}", version=3, site=s,
+                 **kwargs) for s in range(n_sites) for j in range(slides_per_site)]

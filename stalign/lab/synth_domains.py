@@ -74,8 +74,9 @@ class ContextMaps:
 def build_context_layout(*, width_um: float, height_um: float, array_box: tuple[float, float, float, float],
                          classes: tuple[TissueClass, ...], domains: tuple[Domain, ...], um_per_px: float,
                          rng: np.random.Generator, domain_layout: str = "layers", patch_um: float = PATCH_UM,
-                         coarse_um: float = 8.0) -> tuple[SlideLayout, ContextMaps]:
-    """Tissue outline, domains, class patches, gradient, then nuclei/holes (``populate_layout``) and capillaries."""
+                         coarse_um: float = 8.0, populate=populate_layout) -> tuple[SlideLayout, ContextMaps]:
+    """Tissue outline, domains, class patches, gradient, then nuclei/holes (``populate``: ``populate_layout``, or
+    synth v3's ``synth_morph.populate_morph_layout``) and capillaries."""
     if domain_layout not in DOMAIN_LAYOUTS:
         raise InputError(f"domain_layout must be one of {DOMAIN_LAYOUTS}, got {domain_layout!r}")
     grid = tissue_outline(width_um=width_um, height_um=height_um, array_box=array_box, rng=rng,
@@ -88,7 +89,7 @@ def build_context_layout(*, width_um: float, height_um: float, array_box: tuple[
     class_map = _patch_classes(grid.gx, grid.gy, domain, domains, array_box, patch_um, coarse_um, rng)
     angle = float(rng.uniform(0.0, 2 * np.pi))
     gradient = _ramp(grid.gx, grid.gy, array_box, angle)
-    layout = populate_layout(grid, class_map, classes=classes, um_per_px=um_per_px, rng=rng)
+    layout = populate(grid, class_map, classes=classes, um_per_px=um_per_px, rng=rng)
     layout.vessel_bank = ellipse_bank(radius_um=VESSEL_RADIUS_UM, elongation=1.3, um_per_px=um_per_px, rng=rng,
                                       n_orientations=4)
     lam = vessel_density(gradient) * (coarse_um / 1000.0) ** 2 * on

@@ -15,12 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
+from stalign.lab.synth_stain import Look, stained_rgb
 from stalign.lab.synth_texture import (
     StampBank,
     TissueClass,
     ellipse_bank,
     fibre_texture,
     grain_texture,
+    isotropic_texture,
     periodic_take,
     smooth_noise,
     stain_to_rgb,
@@ -233,8 +235,11 @@ def _window(pts: dict[str, np.ndarray], key: str, lo: int, hi: int) -> dict[str,
 
 
 def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int = 2048,
-                  progress: bool = True) -> Iterator[np.ndarray]:
-    """RGB uint8 blocks (TILE, block_w, 3) in row-major order over the slide padded to whole tiles."""
+                  progress: bool = True, look: Look | None = None) -> Iterator[np.ndarray]:
+    """RGB uint8 blocks (TILE, block_w, 3) in row-major order over the slide padded to whole tiles.
+
+    ``look`` (synth v3): the slide's stain and scanner, an isotropic matrix texture for the classes without
+    aligned fibres, and lumina that hold eosin (secretion) instead of glass."""
     from tqdm import tqdm
 
     h_pad = -(-layout.height_px // TILE) * TILE
@@ -246,13 +251,14 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
                        np.array([c.haem_bg for c in layout.classes], np.float32)[cls_idx],
                        np.array([c.eosin for c in layout.classes], np.float32)[cls_idx],
                        np.array([c.fibres for c in layout.classes], np.float32)[cls_idx],
-                       layout.orient])
+                       layout.orient, *([np.array(look.aniso, np.float32)[cls_idx]] if look else [])])
     hc, wc = layout.class_map.shape
     ix = _Interp(w_pad, layout.um_per_px, layout.coarse_um, wc)
     iy = _Interp(h_pad, layout.um_per_px, layout.coarse_um, hc)
     fib_a = fibre_texture(angle=0.5, um_per_px=layout.um_per_px, rng=rng)
     fib_b = fibre_texture(angle=2.1, um_per_px=layout.um_per_px, rng=rng)
     grain = grain_texture(rng=rng)
+    iso = isotropic_texture(um_per_px=layout.um_per_px, rng=rng) if look else None
     nuclei = _by_class(layout.nuclei, layout, n_cls)
     holes = _by_class(layout.holes, layout, n_cls)
     vessels = _by_class(layout.vessels, layout, 1)[0] if layout.vessels is not None else None
@@ -273,7 +279,7 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
             c0, wx = ix.i0[cols], ix.w[:, cols]
             horiz = strip_fields[:, :, c0] * (1 - wx) + strip_fields[:, :, c0 + 1] * wx  # (5, rows_c, bw)
             f = horiz[:, r0 - lo] * (1 - wy) + horiz[:, r0 - lo + 1] * wy  # (5, TILE, bw)
-            tissue, haem_bg, eosin, fibres, orient = f
+            tissue, haem_bg, eosin, fibres, orient = f[:5]
             nuc = np.zeros((TILE, bw), np.float32)
             hole = np.zeros((TILE, bw), np.float32)
             for c in range(n_cls):
@@ -282,13 +288,17 @@ def render_blocks(layout: SlideLayout, *, rng: np.random.Generator, block_w: int
                     _stamp_window(hole, layout.hole_banks[c], strip_hole[c], x0, y0)
             open_ = 1.0 - np.clip(hole, 0.0, 1.0)
             fib = orient * periodic_take(fib_a, rows, cols) + (1 - orient) * periodic_take(fib_b, rows, cols)
+            if look:
+                fib = f[5] * fib + (1 - f[5]) * periodic_take(iso, rows, cols)
             haem = (haem_bg + np.minimum(nuc, 2.0)) * open_
-            eos = eosin * (1.0 + fibres * (2.0 * fib - 1.0)) * open_
+            eos = eosin * (1.0 + fibres * (2.0 * fib - 1.0)) * (open_ if look is None else 1.0)
             if strip_ves is not None:
                 ves = np.zeros((TILE, bw), np.float32)
                 _stamp_window(ves, layout.vessel_bank, strip_ves, x0, y0)
                 eos = eos + VESSEL_EOSIN * np.minimum(ves, 1.0) * open_
-            yield stain_to_rgb(haem=haem, eosin=eos, tissue=tissue, grain=periodic_take(grain, rows, cols))
+            g = periodic_take(grain, rows, cols)
+            yield (stain_to_rgb(haem=haem, eosin=eos, tissue=tissue, grain=g) if look is None
+                   else stained_rgb(haem=haem, eosin=eos, tissue=tissue, grain=g, stain=look.stain))
 
 
 def _sort_x(pts: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

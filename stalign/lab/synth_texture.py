@@ -170,3 +170,11 @@ def stain_to_rgb(*, haem: np.ndarray, eosin: np.ndarray, tissue: np.ndarray, gra
 def dark_fraction(rgb: np.ndarray, *, threshold: int = 150) -> float:
     """Fraction of haematoxylin-dark pixels (red channel below ``threshold``: nuclei; eosin barely absorbs red)."""
     return float((np.asarray(rgb)[..., 0] < threshold).mean())
+
+
+def isotropic_texture(*, um_per_px: float, rng: np.random.Generator, period: int = TEXTURE_PERIOD,
+                      grain_um: float = 2.5) -> np.ndarray:
+    """Periodic texture in [0, 1] with the marginal distribution of ``fibre_texture`` but no direction (synth v3:
+    the matrix of non-stroma classes, so fibre strength is equal and only the fibres' shape tells stroma apart)."""
+    field = smooth_noise((period, period), grain_um / um_per_px, rng, mode="wrap")
+    return (1.0 / (1.0 + np.exp(-2.0 * field))).astype(np.float32)

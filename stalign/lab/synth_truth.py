@@ -154,7 +154,8 @@ def _driver_matrix(adata, gene: str) -> np.ndarray:
 def spot_features(adata) -> np.ndarray:
     """What one spot shows: its class (one-hot), nuclear area fraction, hole fraction, capillaries in its disc."""
     obs = adata.obs
-    k = int(obs["tissue_class_idx"].max()) + 1
+    classes = adata.uns.get("synthetic", {}).get("classes")
+    k = len(classes) if classes is not None else int(obs["tissue_class_idx"].max()) + 1
     onehot = (obs["tissue_class_idx"].to_numpy()[:, None] == np.arange(k)[None, :]).astype(float)
     return np.column_stack([onehot, obs["nuclear_area_fraction"].to_numpy(float), obs["hole_fraction"].to_numpy(float),
                             obs["vessels_in_spot"].to_numpy(float)])

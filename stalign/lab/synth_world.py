@@ -56,15 +56,17 @@ class World:
 def build_world(*, width_um: float, height_um: float, array_box: tuple[float, float, float, float],
                 centres_um: np.ndarray, classes: tuple[TissueClass, ...], um_per_px: float, n_genes: int,
                 programme_factor: float, panel_seed: int, n_domains: int, domain_layout: str,
-                layout_rng: np.random.Generator, expr_rng: np.random.Generator) -> World:
-    """Layout with domains, per-spot v1 + context truth, the v2 panel and sampled counts."""
+                layout_rng: np.random.Generator, expr_rng: np.random.Generator, populate=None) -> World:
+    """Layout with domains, per-spot v1 + context truth, the v2 panel and sampled counts (``populate``: how the
+    nuclei are drawn, ``synth_domains.build_context_layout``'s default or synth v3's morphology)."""
     names = [c.name for c in classes]
     domains = make_domains(names, n_domains, seed=panel_seed)
     panel = make_context_panel(n_genes=n_genes, class_names=names, domains=domains, factor=programme_factor,
                                seed=panel_seed)
     layout, maps = build_context_layout(width_um=width_um, height_um=height_um, array_box=array_box,
                                         classes=classes, domains=domains, um_per_px=um_per_px, rng=layout_rng,
-                                        domain_layout=domain_layout)
+                                        domain_layout=domain_layout,
+                                        **({"populate": populate} if populate is not None else {}))
     truth_obs = spot_truth(layout, centres_um)
     truth_obs.update(context_truth(layout, maps, centres_um, truth_obs))
     rates = context_rates(panel, truth_obs, [d.name for d in domains])
