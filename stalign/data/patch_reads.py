@@ -1,10 +1,10 @@
 """Read many crops of one shard dataset (``spot_patches`` / ``niche_patches``) into one batch buffer.
 
 Measured by ``python benchmarks/loader.py --threads 1`` (a 741-spot raw shard at 224 px, batches of 64 sorted
-random rows, page cache warm, one loaded core; docs/training.md "Training input"): h5py fancy indexing
-``d[sorted_rows]`` 65 crops/s (HDF5 builds a selection per row), the covering slice ``d[lo:hi+1]`` indexed in
-numpy 1,065 (it reads every row in between), one ``d[row]`` per crop 11,965, and one ``read_direct_chunk`` per
-crop straight into the batch buffer 22,188. Shards store one chunk per crop
+random rows, page cache warm, one loaded core; two runs; docs/training.md "Training input"): h5py fancy indexing
+``d[sorted_rows]`` 65 / 35 crops/s (HDF5 builds a selection per row), the covering slice ``d[lo:hi+1]`` indexed
+in numpy 1,065 / 587 (it reads every row in between), one ``d[row]`` per crop 11,965 / 6,103, and one
+``read_direct_chunk`` per crop straight into the batch buffer 22,188 / 11,153. Shards store one chunk per crop
 (``ShardWriter``: chunks (1, P, P, 3)), so the last is what ``read_rows`` does: rows in sorted order (file
 order), raw chunks copied into place, gzip chunks inflated into place; any other layout is read row by row.
 """
