@@ -226,3 +226,34 @@ def test_bench_second_run_reads_every_feature_from_the_store(root, monkeypatch):
     second = bench.bench_shards(root, ["random:timm:test_vit"], **kw)
     assert "4 shard(s) reused, 0 computed; 4 arrays" in second.attrs["feature_store"]
     assert second[["encoder", "pearson_mean", "mse"]].equals(first[["encoder", "pearson_mean", "mse"]])
+
+
+def test_frozen_encoders_train_from_stored_features_as_from_pixels(root):
+    """Training with frozen image encoders can read their trunk features from the store: the model's outputs (and
+    so the loss) are those of the crops; a trainable encoder is refused."""
+    import stalign
+    from stalign.data.dataset import ShardDataset, collate
+    from stalign.data.feature_store import frozen_image_features
+    from stalign.training.losses import ThreeTargetLoss
+
+    torch.manual_seed(0)
+    model = stalign.create_model("stalign-tiny", genes=GENES, spot_image={"freeze": True},
+                                 niche_image={"freeze": True}).eval()
+    feats = frozen_image_features(model, FeatureStore(root))
+    assert FeatureStore(root).size()[0] == 4  # spot and niche of two shards
+    again = FeatureStore(root)
+    np.testing.assert_array_equal(frozen_image_features(model, again)["spot"], feats["spot"])
+    assert again.hits == 4 and again.computed == 0
+    batch = collate([ShardDataset(root)[i] for i in range(0, 2 * N, 5)])
+    idx = batch["index"].numpy()
+    stored = {**batch, "spot_image": torch.from_numpy(feats["spot"][idx]),
+              "niche_image": torch.from_numpy(feats["niche"][idx])}
+    with torch.no_grad():
+        a, b = model(batch), model(stored)
+        for key in ("spot_image_features", "niche_image_features", "fused_spot_features"):
+            torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ThreeTargetLoss()(b)["loss"], ThreeTargetLoss()(a)["loss"])
+    with pytest.raises(ValueError, match="columns"):
+        model.spot_image_encoder(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="trains"):
+        frozen_image_features(_model(), FeatureStore(root))

@@ -210,3 +210,42 @@ class FeatureStore:
         n, size = self.size()
         return (f"feature store {self.folder}: {self.hits} shard(s) reused, {self.computed} computed; "
                 f"{n} arrays, {size / 2**20:.1f} MiB")
+
+
+def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 64, device: str = "cpu",
+                          progress: bool = False) -> dict[str, np.ndarray]:
+    """(N, F) trunk features of every shard spot's ``spot`` and ``niche`` crop (manifest order) by ``model``'s
+    image encoders (``model.spot_image_encoder`` / ``niche_image_encoder``, in eval mode, fp32, no augmentation),
+    through ``store``: what training with frozen image encoders feeds the model instead of the crops (an
+    ``ImageEncoder`` takes a (B, out_dim) float tensor as its features). Only valid for encoders with no trainable
+    parameter."""
+    import torch
+    from tqdm import tqdm
+
+    from stalign.data.dataset import ShardDataset, collate
+
+    out: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
+    encoders = {"spot": model.spot_image_encoder, "niche": model.niche_image_encoder}
+    for side, enc in encoders.items():
+        if any(p.requires_grad for p in enc.parameters()):
+            raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
+    ids = {side: {"kind": "frozen trunk", "spec": enc.spec, "weights_sha256": module_weights_sha256(enc)}
+           for side, enc in encoders.items()}
+
+    def compute(enc: Any, key: str, slide_id: str) -> dict[str, np.ndarray]:
+        ds = ShardDataset(store.root, slides=[slide_id])
+        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
+        was, rows = enc.training, []
+        enc.eval().to(device)
+        with torch.inference_mode():
+            for batch in tqdm(loader, desc=f"{key} features of {slide_id}", disable=not progress):
+                rows.append(enc(batch[f"{key}_image"].to(device)).float().cpu().numpy())
+        enc.train(was)
+        return {"features": np.concatenate(rows)}
+
+    for slide_id in store.entries:
+        for side, enc in encoders.items():
+            identity = {**ids[side], "crop": side}  # a shared encoder still sees two crops
+            got = store.arrays(identity, ["features"], slide_id, lambda e=enc, k=side, s=slide_id: compute(e, k, s))
+            out[side].append(got["features"])
+    return {side: np.concatenate(parts) for side, parts in out.items()}

@@ -82,6 +82,13 @@ class ImageEncoder(nn.Module):
         return (x - self._mean) / self._std
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, out_dim) features of (B, 3, H, W) crops; a (B, out_dim) float input is taken as this trunk's
+        features already computed (a frozen encoder's, read from the feature store: ``frozen_image_features``)."""
+        if x.ndim == 2 and x.is_floating_point():
+            if x.shape[1] != self.out_dim:
+                raise ValueError(f"stored features have {x.shape[1]} columns, the encoder {self.spec} gives "
+                                 f"{self.out_dim}")
+            return x
         feats = self.trunk(self.preprocess(x))
         if isinstance(feats, (tuple, list)):  # open_clip towers with output_tokens return (pooled, tokens)
             feats = feats[0]
