@@ -257,3 +257,17 @@ def test_frozen_encoders_train_from_stored_features_as_from_pixels(root):
         model.spot_image_encoder(torch.zeros(2, 3))
     with pytest.raises(ValueError, match="trains"):
         frozen_image_features(_model(), FeatureStore(root))
+
+
+def test_ablation_baselines_come_from_the_store(root, monkeypatch):
+    from stalign.lab import ablation, ablation_eval
+
+    s = ablation.AblationSettings.quick(root.parent / "ablation", imagenet=False)
+    first = ablation._cached_features(root, s)
+    assert list(first) == list(ablation_eval.BASELINES[:2])
+    direct = ablation_eval.baseline_features(root, imagenet=False)
+    for name, x in direct.items():
+        np.testing.assert_array_equal(first[name], x)
+    monkeypatch.setattr(ablation_eval, "patch_arrays", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    again = ablation._cached_features(root, s)
+    np.testing.assert_array_equal(again[ablation_eval.BASELINES[1]], direct[ablation_eval.BASELINES[1]])

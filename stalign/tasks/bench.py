@@ -113,14 +113,14 @@ def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, work
     """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order
     (through the feature store, as :func:`encoder_features`)."""
     from stalign.tasks.baselines import colour_features
-    from stalign.tasks.feature_store import open_store, per_shard
+    from stalign.tasks.feature_store import baseline_identity, open_store, per_shard
 
     def compute(slide_id: str) -> dict[str, np.ndarray]:
         return {"features": np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
                                             for b in _patch_batches(root, batch_size, workers, [slide_id])])}
 
     store = open_store(root, cache)
-    return per_shard(store, {"kind": "colour statistics", "version": 1}, ["features"], list(store.entries),
+    return per_shard(store, baseline_identity("colour statistics"), ["features"], list(store.entries),
                      compute)["features"]
 
 

@@ -16,7 +16,10 @@ import numpy as np
 
 from stalign.data.feature_store import FeatureStore, module_weights_sha256
 
-__all__ = ["FeatureStore", "model_identity", "open_store", "per_shard", "spec_identity"]
+__all__ = ["FeatureStore", "baseline_identity", "model_identity", "open_store", "per_shard", "spec_identity"]
+
+#: Bumped when the model-free features (``stalign.tasks.baselines.colour_features``, ...) change their numbers.
+BASELINE_VERSION = 1
 
 
 def open_store(root: str | os.PathLike, cache: bool | FeatureStore = True) -> FeatureStore:
@@ -55,6 +58,18 @@ def spec_identity(spec: str, net: Any, *, device: str, arch: str | None = None, 
     return {"kind": "spec", "spec": kind if kind in ("model", "backbone") else spec, "arch": arch, "seed": seed,
             "weights_sha256": _weights(net),
             "precision": _precision(device, precision)}
+
+
+def baseline_identity(kind: str, *, imagenet: bool = False) -> dict[str, Any]:
+    """The identity of model-free features (``kind``: colour statistics, ...; ``imagenet``: with the frozen ImageNet
+    EfficientNet-Lite0 features, whose weights checksum it includes)."""
+    identity: dict[str, Any] = {"kind": kind, "version": BASELINE_VERSION, "imagenet": imagenet}
+    if imagenet:
+        from stalign.models.image_encoders import create_image_encoder
+
+        identity["weights_sha256"] = module_weights_sha256(create_image_encoder("efficientnet-lite0",
+                                                                                pretrained=True))
+    return identity
 
 
 def per_shard(store: FeatureStore, identity: Mapping[str, Any], outputs: Sequence[str], slide_ids: Sequence[str],
