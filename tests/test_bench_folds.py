@@ -47,7 +47,9 @@ def test_one_slide_runs_on_spatial_blocks_with_all_baselines(one_slide, tmp_path
 def test_block_folds_keep_a_niche_wide_margin(one_slide):
     ds = ShardDataset(one_slide)
     splits, scheme, label = make_folds(ds, seed=3)
-    assert scheme == "block" and "margin" in label and 2 <= len(splits) <= 5
+    assert scheme == "block" and "margin" in label and len(splits) == 5
+    tested = np.concatenate([test for _, test in splits])
+    assert np.array_equal(np.sort(tested), np.arange(len(ds)))  # a partition: every spot tested exactly once
     xy = ds.slide_spots(0)["coords_um"]
     niche = float(ds.manifest["niche_um"])
     for train, test in splits:
@@ -80,7 +82,7 @@ def test_ridge_has_an_intercept(one_slide):
 
 def test_inputs_are_checked_before_any_feature_is_extracted(one_slide, small_shards, tmp_path, monkeypatch):
     _no_extraction(monkeypatch)
-    with pytest.raises(ValueError, match="one slide only, and its 49 spots give 1 spatial hold-out"):
+    with pytest.raises(ValueError, match="one slide only, and the 49 spots lie in 2 blocks of .* fewer than the 5 folds"):
         bench.bench_shards(small_shards("squidpy"), ["efficientnet-lite0"], progress=False)
     with pytest.raises(FileNotFoundError, match="nockpt: no such checkpoint"):
         bench.bench_shards(one_slide, [f"model:{tmp_path / 'nockpt'}"], progress=False)

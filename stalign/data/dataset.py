@@ -297,17 +297,65 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot", se
     raise InputError(f"by must be 'spot', 'block' or 'slide', got {by!r}")
 
 
-def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator,
-                  max_val: int) -> tuple[np.ndarray, np.ndarray]:
-    from scipy.spatial import cKDTree
-
+def _block_grid(ds: ShardDataset) -> tuple[float, list, list]:
+    """niche_um; per slide (global indices, µm coordinates, block key per spot) on square blocks 2 × niche_um
+    wide; the sorted (slide, *block) keys."""
     niche = float(ds.manifest["niche_um"])
-    groups = []  # per slide: global indices, µm coordinates, block key per spot
+    groups = []
     for k, pos in ds._by_slide().items():
         g = ds._indices[pos]
         xy = ds._arrays(k)["coords_um"][g - ds._offsets[k]].astype(np.float64)
         groups.append((g, xy, np.floor((xy - xy.min(0)) / (2 * niche)).astype(np.int64)))
     blocks = sorted({(i, *b) for i, (_, _, keys) in enumerate(groups) for b in map(tuple, keys)})
+    return niche, groups, blocks
+
+
+def _outside_margin(groups: list, held: np.ndarray, niche: float) -> np.ndarray:
+    """Sorted global indices not in ``held`` and farther than ``niche`` (in x or y) from every held spot of
+    their slide."""
+    from scipy.spatial import cKDTree
+
+    train = []
+    for g, xy, _ in groups:
+        scored = np.isin(g, held)
+        near = np.zeros(int((~scored).sum()), dtype=bool)
+        if scored.any():
+            near = cKDTree(xy[scored]).query(xy[~scored], p=np.inf, distance_upper_bound=niche)[0] < np.inf
+        train.append(g[~scored][~near])
+    return np.sort(np.concatenate(train))
+
+
+def block_folds(ds: ShardDataset, *, n_splits: int, seed: int = 0) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Spatial k-fold: the square blocks (2 × niche_um) of every slide, in a seeded random order, go each to the
+    fold holding the fewest spots so far, so every spot is tested exactly once; each fold's training spots are
+    the others farther than niche_um (in x or y) from its test spots, as in ``split_indices(by="block")``."""
+    if n_splits < 2:
+        raise InputError(f"block folds need n_splits >= 2, got {n_splits}")
+    niche, groups, blocks = _block_grid(ds)
+    if len(blocks) < n_splits:
+        raise InputError(f"the {len(ds)} spots lie in {len(blocks)} blocks of {2 * niche:g} µm, fewer than the "
+                         f"{n_splits} folds")
+    sizes = {b: 0 for b in blocks}
+    for i, (_, _, keys) in enumerate(groups):
+        for b in map(tuple, keys):
+            sizes[(i, *b)] += 1
+    load, fold_of = np.zeros(n_splits, dtype=np.int64), {}
+    for j in np.random.default_rng(seed).permutation(len(blocks)):
+        f = int(np.argmin(load))
+        fold_of[blocks[j]] = f
+        load[f] += sizes[blocks[j]]
+    fold = np.concatenate([[fold_of[(i, *b)] for b in map(tuple, keys)] for i, (_, _, keys) in enumerate(groups)])
+    spots = np.concatenate([g for g, _, _ in groups])
+    out = []
+    for f in range(n_splits):
+        test = np.sort(spots[fold == f])
+        out.append((_outside_margin(groups, test, niche), test))
+    return out
+
+
+def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Generator,
+                  max_val: int) -> tuple[np.ndarray, np.ndarray]:
+    niche, groups, blocks = _block_grid(ds)
     if len(blocks) < 2:
         raise InputError(f"the {len(ds)} spots lie in a single {2 * niche:g} µm block; split by spot or by slide")
     n_val = min(len(blocks) - 1, max(1, round(val_fraction * len(blocks))))
@@ -322,14 +370,7 @@ def _split_blocks(ds: ShardDataset, *, val_fraction: float, rng: np.random.Gener
     order = np.concatenate(held, axis=1)
     order = order[:, np.lexsort(order[::-1])]
     val_idx = np.sort(order[2, : max_val or order.shape[1]].astype(np.int64))
-    train = []
-    for g, xy, _ in groups:
-        scored = np.isin(g, val_idx)
-        near = np.zeros(int((~scored).sum()), dtype=bool)
-        if scored.any():
-            near = cKDTree(xy[scored]).query(xy[~scored], p=np.inf, distance_upper_bound=niche)[0] < np.inf
-        train.append(g[~scored][~near])
-    train_idx = np.sort(np.concatenate(train))
+    train_idx = _outside_margin(groups, val_idx, niche)
     if len(train_idx) == 0:
         raise InputError(f"a split by block of {len(ds)} spots left no training spot outside the {niche:g} µm "
                          "margin around the validation blocks; use a smaller val_fraction or split by spot")

@@ -1,8 +1,8 @@
 """The folds of ``stalign bench --shards`` and their gene panels, settled before any feature is extracted.
 
 Schemes (``by``): ``"slide"`` / ``"patient"`` (leave one slide / patient out, or grouped k-fold), ``"block"``
-(within slides: ``n_splits`` hold-outs of random square blocks with a niche-wide margin, the training split
-``stalign.data.dataset.split_indices(by="block")``: no training crop, niche mean or neighbour overlaps a test spot),
+(within slides: a k-fold over square blocks, every spot tested once, with a niche-wide margin,
+``stalign.data.dataset.block_folds``: no training crop, niche mean or neighbour overlaps a test spot),
 ``"spot"`` (random spots: neighbouring spots share tissue across train and test, so scores are inflated; the rows
 say so). ``"auto"``: by patient when given, else by slide with two or more slides, else by block.
 The gene panel of each fold is chosen on its training spots only (HEST's filter per slide, then the most variable).
@@ -56,29 +56,24 @@ def _group_folds(groups: np.ndarray, n_splits: int | None, what: str, root: Any)
 
 
 def _block_folds(ds: Any, n_splits: int, seed: int, root: Any) -> tuple[list, str]:
-    """``n_splits`` hold-outs of 1/n_splits of the blocks (distinct ones; those where the margin leaves fewer
-    training than test spots are dropped); fewer than two left is refused."""
-    from stalign.data.dataset import split_indices
+    """Spatial block k-fold (``stalign.data.dataset.block_folds``): every spot tested once; a fold whose margin
+    leaves fewer training than test spots is refused (fewer, larger folds or --by spot are the ways out)."""
+    from stalign.data.dataset import block_folds
 
     one = "one slide only, and " if len(ds.slide_ids) == 1 else ""
-    hint = "No spatial fold without leakage here; --by spot gives random spot folds (leaky: the rows say so)"
-    splits, seen = [], set()
-    for i in range(n_splits):
-        try:
-            train, test = split_indices(ds, val_fraction=1.0 / max(n_splits, 2), by="block", seed=seed + i)
-        except InputError as err:
-            raise InputError(f"{root}: {one}{err}. {hint}") from None
-        key = tuple(test.tolist())
-        if key not in seen and len(train) >= len(test):
-            seen.add(key)
-            splits.append((train, test))
+    hint = "use fewer --folds, or --by spot for random spot folds (leaky: the rows say so)"
     niche = float(ds.manifest["niche_um"])
-    if len(splits) < 2:
-        raise InputError(f"{root}: {one}its {len(ds)} spots give {len(splits)} spatial hold-out(s) of "
-                         f"{2 * niche:g} µm blocks with more training than test spots outside the {niche:g} µm "
-                         f"margin (2 needed). {hint}")
-    return splits, (f"spatial blocks ({len(splits)} hold-outs of {2 * niche:g} µm blocks, {niche:g} µm margin "
-                    "dropped from training)")
+    try:
+        splits = block_folds(ds, n_splits=n_splits, seed=seed)
+    except InputError as err:
+        raise InputError(f"{root}: {one}{err}; {hint}") from None
+    thin = [f"fold {i + 1}: {len(tr)} training vs {len(te)} test" for i, (tr, te) in enumerate(splits)
+            if len(tr) < len(te)]
+    if thin:
+        raise InputError(f"{root}: {one}the {niche:g} µm margin around the test blocks leaves fewer training than "
+                         f"test spots ({'; '.join(thin[:3])}); {hint}")
+    return splits, (f"spatial blocks ({len(splits)}-fold over {2 * niche:g} µm blocks, every spot tested once, "
+                    f"{niche:g} µm margin dropped from training)")
 
 
 def make_folds(ds: Any, *, by: str = "auto", n_splits: int | None = None, seed: int = 0,
