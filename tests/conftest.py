@@ -126,3 +126,25 @@ def predict_setup(tmp_path_factory, squidpy_crop):
     shard = read_shard(shards / manifest["slides"][0]["shard"])
     return {"shard": shard, "root": root, "shards": shards, "manifest": manifest,
             "model": stalign.load_checkpoint(ckpt), "ckpt": ckpt, "image": squidpy_crop / "test_img.jpg", "h5ad": squidpy_crop / "test_data.h5ad"}
+
+
+@pytest.fixture()
+def one_line(capsys):
+    """``one_line(argv, *needles, program="stalign")``: run a ``stalign`` (or ``stofm``) command line; assert exit 1,
+    one line on stderr, no traceback and every needle in that line; returns the line."""
+
+    def run(argv: list[str], *needles: str, program: str = "stalign") -> str:
+        from stalign.cli import main as stalign_main
+        from stofm.cli import main as stofm_main
+
+        capsys.readouterr()
+        rc = (stalign_main if program == "stalign" else stofm_main)(argv)
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert rc == 1, err
+        assert "Traceback" not in err and len(lines) == 1, err
+        for needle in needles:
+            assert needle in lines[0], (needle, lines[0])
+        return lines[0]
+
+    return run

@@ -18,22 +18,6 @@ from stofm.util.errors import InputError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def one_line(capsys, argv: list[str], *needles: str, program: str = "stalign") -> str:
-    """Run ``argv``; assert exit 1, one line on stderr, no traceback, every needle in the line; return it."""
-    from stalign.cli import main as stalign_main
-    from stofm.cli import main as stofm_main
-
-    capsys.readouterr()
-    rc = (stalign_main if program == "stalign" else stofm_main)(argv)
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert rc == 1, err
-    assert "Traceback" not in err and len(lines) == 1, err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 def sha(path: Path) -> str:
     from stofm.util.safe_files import sha256_of
 
@@ -70,27 +54,27 @@ def test_heatmaps_of_cd8_slash_a_and_cd8_a_are_two_files(tmp_path):
     assert sorted(os.listdir(tmp_path / "maps")) == sorted(p.name for p in paths)  # no temporaries left
 
 
-def test_prep_refuses_a_slide_id_that_leaves_out(tmp_path, capsys, squidpy_crop):
+def test_prep_refuses_a_slide_id_that_leaves_out(tmp_path, one_line, squidpy_crop):
     table = tmp_path / "in" / "samples.csv"
     table.parent.mkdir()
     table.write_text(f"h5ad,image,slide_id\n{squidpy_crop / 'test_data.h5ad'},{squidpy_crop / 'test_img.jpg'},../../X\n")
-    one_line(capsys, ["prep", "--samples", str(table), "--out", str(tmp_path / "a" / "b" / "out"), "--quiet"],
+    one_line(["prep", "--samples", str(table), "--out", str(tmp_path / "a" / "b" / "out"), "--quiet"],
              "samples.csv", "row 1 slide_id", "../../X")
     assert not list(tmp_path.rglob("X*")) and not (tmp_path / "a").exists()
 
 
-def test_a_shards_manifest_cannot_send_export_outside_out(tmp_path, capsys, predict_setup):
+def test_a_shards_manifest_cannot_send_export_outside_out(tmp_path, one_line, predict_setup):
     shards = shutil.copytree(predict_setup["shards"], tmp_path / "deep" / "er" / "shards")
     manifest = json.loads((shards / "manifest.json").read_text())
     entry = manifest["slides"][0]
     manifest["slides"] = [entry, {**entry, "slide_id": "../../X", "shard": "shards/../../X.h5"}]
     (shards / "manifest.json").write_text(json.dumps(manifest))
     out = tmp_path / "deep" / "er" / "task"
-    one_line(capsys, ["data", "export-hest", str(shards), "--out", str(out)], "manifest.json", "../../X")
+    one_line(["data", "export-hest", str(shards), "--out", str(out)], "manifest.json", "../../X")
     assert not list(tmp_path.rglob("X*")) and not out.exists()
     manifest["slides"] = [entry, {k: v for k, v in entry.items() if k != "shard"}]
     (shards / "manifest.json").write_text(json.dumps(manifest))
-    one_line(capsys, ["data", "export-hest", str(shards), "--out", str(out)], "manifest.json", "shard")
+    one_line(["data", "export-hest", str(shards), "--out", str(out)], "manifest.json", "shard")
     assert not out.exists()
 
 
@@ -103,19 +87,19 @@ def test_hub_specs_cannot_leave_the_hub_cache(spec):
 
 
 # ------------------------------------------------------------------------------- outputs that are inputs
-def test_predict_refuses_an_out_that_is_its_coords(tmp_path, capsys, predict_setup):
+def test_predict_refuses_an_out_that_is_its_coords(tmp_path, one_line, predict_setup):
     mine = shutil.copy(predict_setup["h5ad"], tmp_path / "mine.h5ad")
     before = sha(mine)
-    one_line(capsys, ["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
+    one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
                       "--um-per-px", "0.6149", "--coords", str(mine), "--reference", str(predict_setup["shards"]),
                       "--out", str(tmp_path / "." / "mine.h5ad")], "--out", "--coords", "mine.h5ad")
     assert sha(mine) == before
 
 
-def test_domains_refuses_to_write_its_labels_over_its_input(tmp_path, capsys, predict_setup):
+def test_domains_refuses_to_write_its_labels_over_its_input(tmp_path, one_line, predict_setup):
     mine = shutil.copy(predict_setup["h5ad"], tmp_path / "P.h5ad")
     before = sha(mine)
-    one_line(capsys, ["domains", "--h5ad", str(mine), "--obsm", "spatial", "--out", str(tmp_path / "P.png")],
+    one_line(["domains", "--h5ad", str(mine), "--obsm", "spatial", "--out", str(tmp_path / "P.png")],
              "--h5ad", "P.h5ad")
     assert sha(mine) == before and not (tmp_path / "P.png").exists()
 
@@ -152,13 +136,13 @@ def test_kill_9_while_writing_leaves_no_file_under_the_final_name(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------- locks
-def test_a_second_predict_to_the_same_out_is_refused(tmp_path, capsys, predict_setup):
+def test_a_second_predict_to_the_same_out_is_refused(tmp_path, one_line, predict_setup):
     from stofm.util.output_paths import take_lock
 
     out = tmp_path / "pred.h5ad"
     held = take_lock(tmp_path / ".pred.h5ad.lock", holder="test")
     try:
-        one_line(capsys, ["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
+        one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
                           "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--out", str(out)],
                  "another stalign predict is writing", "pred.h5ad")
     finally:
@@ -166,7 +150,7 @@ def test_a_second_predict_to_the_same_out_is_refused(tmp_path, capsys, predict_s
     assert not out.exists()
 
 
-def test_a_second_training_into_one_output_dir_is_refused(tmp_path, capsys, predict_setup):
+def test_a_second_training_into_one_output_dir_is_refused(tmp_path, one_line, predict_setup):
     run = tmp_path / "run"
     code = ("import sys; from stofm.util.output_paths import take_lock\n"
             f"lock = take_lock({str(run / '.train.lock')!r}, holder='first'); print('held', flush=True)\n"
@@ -174,7 +158,7 @@ def test_a_second_training_into_one_output_dir_is_refused(tmp_path, capsys, pred
     holder = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
-        one_line(capsys, ["train", "--config", str(REPO / "configs" / "tiny_test.yaml"),
+        one_line(["train", "--config", str(REPO / "configs" / "tiny_test.yaml"),
                           f"data={predict_setup['shards']}", f"output_dir={run}", "max_steps=1"],
                  "another training is writing into", str(run))
         assert sorted(os.listdir(run)) == [".train.lock"]  # no log, config or checkpoint of the second run
@@ -200,8 +184,8 @@ def test_crop_sizes_are_bounded_with_the_limit_named_and_a_variable_to_raise_it(
         CropSpec()
 
 
-def test_prep_patch_px_100000_is_one_line(tmp_path, capsys, squidpy_crop):
-    one_line(capsys, ["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image",
+def test_prep_patch_px_100000_is_one_line(tmp_path, one_line, squidpy_crop):
+    one_line(["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image",
                       str(squidpy_crop / "test_img.jpg"), "--out", str(tmp_path / "out"), "--patch-px", "100000"],
              "100,000", "STALIGN_MAX_PATCH_PX")
     assert not (tmp_path / "out").exists()
@@ -217,8 +201,8 @@ def test_plain_image_pixels_are_bounded_by_a_variable(tmp_path, monkeypatch, squ
 
 
 @pytest.mark.parametrize(("step", "needles"), [("0.01", ("STALIGN_MAX_TILES", "grid")), ("0", ("--step-um",))])
-def test_predict_tile_grids_are_bounded_and_a_zero_step_refused(tmp_path, capsys, predict_setup, step, needles):
-    one_line(capsys, ["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
+def test_predict_tile_grids_are_bounded_and_a_zero_step_refused(tmp_path, one_line, predict_setup, step, needles):
+    one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
                       "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--step-um", step,
                       "--out", str(tmp_path / "pred.h5ad"), "--quiet"], *needles)
     assert not (tmp_path / "pred.h5ad").exists()
@@ -306,10 +290,10 @@ def test_prep_keeps_expression_given_above_float16_range(tmp_path, squidpy_crop)
         list(a.var_names).index(g) for g in m["genes"]]].ravel())[-5:], rtol=1e-6)
 
 
-def test_stofm_embed_into_the_folder_of_its_inputs_is_refused(tmp_path, capsys, squidpy_crop):
+def test_stofm_embed_into_the_folder_of_its_inputs_is_refused(tmp_path, one_line, squidpy_crop):
     a = shutil.copy(squidpy_crop / "test_data.h5ad", tmp_path / "a.h5ad")
     b = shutil.copy(squidpy_crop / "test_data.h5ad", tmp_path / "b.h5ad")
     before = sha(Path(a))
-    one_line(capsys, ["embed", str(a), str(b), "--model", "stofm-tiny", "--out", str(tmp_path)],
+    one_line(["embed", str(a), str(b), "--model", "stofm-tiny", "--out", str(tmp_path)],
              "a.h5ad", "same file as the input", program="stofm")
     assert sha(Path(a)) == before and sorted(os.listdir(tmp_path)) == ["a.h5ad", "b.h5ad"]

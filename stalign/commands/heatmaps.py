@@ -37,6 +37,7 @@ def run(args: argparse.Namespace) -> int:
     if args.coords:
         raise InputError(f"--coords {args.coords}: heat maps are drawn at the prediction's own spots")
     gene_indices(list(adata.var_names), args.genes, what=f"the prediction {args.prediction}")
+    _dense_values(adata, args.layer)
     if not args.slide and sample_input(args) is None:
         args.slide = info.get("slide")
         if not args.slide:
@@ -52,6 +53,22 @@ def run(args: argparse.Namespace) -> int:
                            spot_diameter_px=float(diameter) / float(slide.um_per_px) if diameter else None)
     print(f"{len(paths)} heat maps -> {args.out}")
     return 0
+
+
+def _dense_values(adata: Any, layer: str | None) -> None:
+    """X (or ``layer``) as a dense float array: an AnnData saved with sparse values (e.g. by another tool) is drawn
+    like stalign's own dense predictions."""
+    import numpy as np
+    from scipy import sparse
+
+    values = adata.layers[layer] if layer else adata.X
+    if values is None:
+        raise InputError(f"the prediction has no values in {'layer ' + repr(layer) if layer else 'X'}")
+    dense = np.asarray(values.toarray() if sparse.issparse(values) else values, dtype=np.float32)
+    if layer:
+        adata.layers[layer] = dense
+    else:
+        adata.X = dense
 
 
 def _check_same_image(adata: Any, query: SlideQuery, prediction: str, recorded: str) -> None:

@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from stofm.util.config_io import ConfigError
 from stofm.util.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
@@ -48,6 +49,9 @@ def resolve_config(name: str | os.PathLike, overrides: Mapping[str, Any]) -> dic
     """Config dict of ``name`` with ``overrides`` merged; ``image={...}`` applies to both image encoders."""
     cfg = model_config(name)
     overrides = dict(overrides)
+    for key in ("image", "spot_image", "niche_image", "gene"):
+        if key in overrides and not isinstance(overrides[key], Mapping):
+            raise ConfigError(f"model {name} overrides: {key}={overrides[key]!r} is not a mapping")
     both = overrides.pop("image", None)
     if both:
         overrides = deep_merge({"spot_image": both, "niche_image": both}, overrides)
@@ -97,7 +101,8 @@ def create_model(name: str | os.PathLike, *, genes: Sequence[str] | None = None,
         overrides = deep_merge(overrides, {"image": {"pretrained": pretrained if pretrained is True
                                                      else str(pretrained)}})
     cfg = resolve_config(name, overrides)
-    model = STAlign(config=STAlignConfig.from_dict(cfg), genes=_genes(genes, n_genes))
+    where = f"model {name}" + (f" with overrides {sorted(overrides)}" if overrides else "")
+    model = STAlign(config=STAlignConfig.from_dict(cfg, where=where), genes=_genes(genes, n_genes))
     model.meta = {"name": str(name), "overrides": _jsonable(overrides)}
     if full_weights:
         load_weights(model, pretrained)
@@ -209,7 +214,7 @@ def load_checkpoint(path: str | os.PathLike, *, device: Any = "cpu"):
     cfg = meta["config"]
     for key in ("spot_image", "niche_image"):
         cfg[key]["pretrained"] = None  # the weights follow from model.safetensors
-    model = STAlign(config=STAlignConfig.from_dict(cfg), genes=meta["genes"])
+    model = STAlign(config=STAlignConfig.from_dict(cfg, where=str(cfg_file)), genes=meta["genes"])
     model.meta = {"name": meta.get("name"), "overrides": meta.get("overrides", {}),
                   "weights_sha256": meta.get("weights_sha256")}
     model.crop_spec = CropSpec.from_dict(meta.get("crop"))

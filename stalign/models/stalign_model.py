@@ -30,6 +30,7 @@ from stalign.models.gene_encoders import build_cell_encoder, build_niche_encoder
 from stalign.models.gene_panel import GenePanelError, check_gene_panel
 from stalign.models.image_encoders import create_image_encoder
 from stalign.models.paper_fusion import ConvTokenizer, FlattenHead, PaperABFN, TransformerTokenizer
+from stofm.util.config_io import ConfigError, check_field_types
 from stofm.util.errors import InputError
 
 GenePanelMismatchError = GenePanelError  # the model's name for the shared gene-panel error
@@ -85,19 +86,25 @@ class STAlignConfig:
     learn_temperature: bool = True  # False: logit_scale is a fixed buffer (1 / init_temperature)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> STAlignConfig:
-        """Build from a (JSON) dict; unknown keys are an error naming them."""
+    def from_dict(cls, d: Mapping[str, Any], *, where: str = "STAlign config") -> STAlignConfig:
+        """Build from a (JSON) dict; unknown keys and values of the wrong type (``dropout: "high"``) are an error
+        naming them (``where``: the config's source)."""
         known = {f.name for f in fields(cls)}
         bad = sorted(set(d) - known - {"name", "description"})
         if bad:
-            raise InputError(f"unknown STAlign config keys {bad}; known: {sorted(known)}")
+            raise InputError(f"{where}: unknown STAlign config keys {bad}; known: {sorted(known)}")
         kw = {k: v for k, v in d.items() if k in known}
-        for key, sub in (("spot_image", ImageConfig), ("niche_image", ImageConfig), ("gene", GeneConfig)):
-            if key in kw and isinstance(kw[key], Mapping):
+        subs = {"spot_image": ImageConfig, "niche_image": ImageConfig, "gene": GeneConfig}
+        check_field_types(cls, {k: v for k, v in kw.items() if k not in subs}, where=where)
+        for key, sub in subs.items():
+            if key in kw and not isinstance(kw[key], Mapping):
+                raise ConfigError(f"{where}: {key}={kw[key]!r} is not a mapping")
+            if key in kw:
                 sub_known = {f.name for f in fields(sub)}
                 sub_bad = sorted(set(kw[key]) - sub_known)
                 if sub_bad:
-                    raise InputError(f"unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
+                    raise InputError(f"{where}: unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
+                check_field_types(sub, kw[key], where=f"{where}, {key}")
                 kw[key] = sub(**kw[key])
         return cls(**kw)
 
@@ -112,6 +119,14 @@ class STAlignConfig:
             raise InputError(f"tokenizer_widths: unknown sides {bad}; known: {', '.join(SIDES)}")
         if self.niche_gene_tokenizer.get("kind", "transformer") != "transformer":
             raise InputError(f"niche_gene_tokenizer kind {self.niche_gene_tokenizer['kind']!r}: only 'transformer'")
+        small = [f"{k}={getattr(self, k)}" for k in ("tokens", "token_dim", "heads", "embed_dim", "head_hidden")
+                 if getattr(self, k) < 1]
+        if small:
+            raise InputError(f"STAlign config: {', '.join(small)}: must be >= 1")
+        if self.token_dim % self.heads:
+            raise InputError(f"STAlign config: token_dim={self.token_dim} is not divisible by heads={self.heads}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise InputError(f"STAlign config: dropout={self.dropout} must be in [0, 1)")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -242,8 +242,9 @@ class SpotLabelsError(InputError):
 def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """Shard spot indices (dataset order, for ``embed_shards(indices=)``) and their labels from a CSV with
     columns ``barcode,label`` (or ``slide_id,barcode,label`` when the shards hold several slides).
-    Spots without a label are left out; barcodes not in the shards, one class only, or a class of fewer
-    than two spots are errors naming the file."""
+    Spots without a label (an empty cell, or one of :data:`MISSING_LABELS`, with a warning that counts them) are
+    left out; no labelled spot, barcodes not in the shards, one class only, or a class of fewer than two spots are
+    errors naming the file."""
     import pandas as pd
 
     from stalign.data.shards import read_manifest, read_shard
@@ -251,7 +252,7 @@ def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: labels file does not exist")
-    table = pd.read_csv(path, dtype=str)
+    table = pd.read_csv(path, dtype=str, keep_default_na=False)  # only empty cells are missing, said below
     slides = read_manifest(shards)["slides"]
     keys = ["slide_id", "barcode"] if "slide_id" in table.columns else ["barcode"]
     if not {"barcode", "label"} <= set(table.columns):
@@ -259,7 +260,7 @@ def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, 
                               f"found {list(table.columns)}")
     if len(slides) > 1 and "slide_id" not in table.columns:
         raise SpotLabelsError(f"{path}: the shards hold {len(slides)} slides; add a slide_id column")
-    table = table.dropna(subset=["label"])
+    table = _labelled(table, path)
     spots = pd.concat([pd.DataFrame({"slide_id": s["slide_id"], "barcode": read_shard(Path(shards) / s["shard"])
                                      ["barcodes"]}) for s in slides], ignore_index=True)
     spots["index"] = np.arange(len(spots))
@@ -281,6 +282,27 @@ def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, 
         raise SpotLabelsError(f"{path}: too few labelled spots: class {str(classes[counts.argmin()])!r} has only "
                               f"{counts.min()}; cross-validation needs at least 2 per class")
     return merged["index"].to_numpy(np.int64), labels
+
+
+#: label cells read as "no label" (R's and pandas' spellings of a missing value), case-insensitive
+MISSING_LABELS = ("", "na", "n/a", "nan", "none", "null", "<na>")
+
+
+def _labelled(table: Any, path: Path) -> Any:
+    """The rows of ``table`` with a label; rows whose label is one of :data:`MISSING_LABELS` are left out with a
+    warning naming how many and which spellings; no label at all is an error."""
+    import warnings
+
+    text = table["label"].astype(str).str.strip()
+    missing = text.str.lower().isin(MISSING_LABELS)
+    words = sorted(set(text[missing & (text != "")]))
+    if words:
+        warnings.warn(f"{path}: {int((missing & (text != '')).sum())} spots labelled {', '.join(map(repr, words))} "
+                      "are read as unlabelled and left out", stacklevel=3)
+    if missing.all():
+        raise SpotLabelsError(f"{path}: none of its {len(table)} rows has a label (empty or "
+                              f"{'/'.join(w for w in MISSING_LABELS if w)}); a classifier needs labelled spots")
+    return table.assign(label=text)[~missing]
 
 
 def cross_validate_labels(factory: Any, embeddings: np.ndarray, labels: Sequence[Any], *,

@@ -3,6 +3,7 @@ similarity-weighted retrieval, and gene-signature queries (signature -> regions 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,12 @@ BANK_FORMAT = "stalign-reference-bank"
 
 
 def gene_indices(panel: Sequence[str], genes: Sequence[str], *, what: str = "the model") -> np.ndarray:
-    """Positions of ``genes`` in ``panel``; a ``GenePanelError`` lists every gene the panel lacks."""
+    """Positions of ``genes`` in ``panel``; a ``GenePanelError`` lists every gene the panel lacks, or names a gene
+    asked for twice (it would give two columns of one name)."""
+    twice = sorted(g for g, n in Counter(genes).items() if n > 1)
+    if twice:
+        raise GenePanelError(f"gene {twice[0]!r} is given twice in the genes asked of {what}"
+                             f"{f' (also {twice[1:5]})' if len(twice) > 1 else ''}")
     index = {g: i for i, g in enumerate(panel)}
     missing = [g for g in genes if g not in index]
     if missing:

@@ -182,6 +182,8 @@ def load_cell_bert(folder: str | os.PathLike, *, proj: str | os.PathLike | None 
         raise FileNotFoundError(f"{folder}: the cell BERT needs Geneformer's token_dictionary and "
                                 "gene_median_dictionary (.json or .pkl) beside it")
     tok = GeneformerTokenizer.from_files(td, md)
+    if not (folder / "model.safetensors").is_file() and (folder / "pytorch_model.bin").is_file():
+        load_state_dict(folder / "pytorch_model.bin", what="cell BERT weights")  # vetted here: tensors only
     try:
         bert = _quiet_from_pretrained(_transformers().BertModel, folder)
     except (OSError, ValueError, KeyError) as err:

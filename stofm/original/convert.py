@@ -47,14 +47,15 @@ def load_original(path: str | os.PathLike, *, config: str | os.PathLike | dict |
         backbone, head_sd = sd, {}
     if config is None and (path.parent / "config.json").is_file():
         config = path.parent / "config.json"
+    source = path
     if isinstance(config, (str, os.PathLike)):
         from stofm.util.safe_files import read_json
 
-        config = read_json(config, what="SToFM config")
+        source, config = config, read_json(config, what="SToFM config")
     try:
         cfg = OriginalSE2Config.from_dict(config) if isinstance(config, dict) else infer_config(backbone)
     except ValueError as err:
-        raise InputError(f"{path}: {err}") from None
+        raise InputError(f"{source}: {err}") from None
     model: Any = OriginalSE2ForMaskedLM(cfg) if heads else OriginalSE2(cfg)
     target = {**{f"model.{k}": v for k, v in backbone.items()}, **head_sd} if heads else backbone
     _load_strict(model, target, path)
@@ -121,7 +122,10 @@ def load_converted(path: str | os.PathLike, *, cell_bert: bool = True
 
     path = Path(path)
     meta, sd = read_weights_folder(path, fmt=FORMAT, what="converted SToFM")
-    cfg = OriginalSE2Config.from_dict(meta["se2"])
+    try:
+        cfg = OriginalSE2Config.from_dict(meta.get("se2") or {})
+    except ValueError as err:
+        raise InputError(f"{path / 'config.json'}: {err}") from None
     model: Any = OriginalSE2ForMaskedLM(cfg) if meta.get("heads") else OriginalSE2(cfg)
     _load_strict(model, sd, path / "model.safetensors")
     cell = None

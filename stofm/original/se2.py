@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stofm.se2 import check_inputs
+from stofm.util.config_io import check_field_types
 from stofm.util.errors import InputError
 
 NORM, CLS_TYPE, HYPER, PAD = 0, 1, 2, 3  # token types of the original
@@ -50,6 +51,14 @@ class OriginalSE2Config:
         out = {k: v for k, v in values.items() if k in known}
         if "hidden_size" not in values and "embedding_dim" in values:
             out["hidden_size"] = values["embedding_dim"]
+        check_field_types(cls, out, where="SToFM config")
+        small = [f"{f.name}={out[f.name]}" for f in fields(cls) if f.type == "int" and out.get(f.name, 1) < 1]
+        small += [f"{f.name}={out[f.name]}" for f in fields(cls)
+                  if f.type == "float" and not 0 <= out.get(f.name, 0) < 1]
+        if small:
+            raise InputError(f"SToFM config: {', '.join(small)}: sizes must be >= 1, dropouts in [0, 1)")
+        if out.get("activation_fn", "gelu") not in ("gelu", "relu"):
+            raise InputError(f"SToFM config: activation_fn={out['activation_fn']!r}: the original uses gelu or relu")
         cfg = cls(**out)
         if cfg.pre_layernorm:
             raise InputError("pre_layernorm=True SToFM checkpoints are not supported (the released model is post-LN)")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -125,7 +127,13 @@ def load_state_dict(path: PathLike, *, what: str = "SToFM checkpoint") -> dict[s
         return load_tensors(path, what=what)
     try:
         sd = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises RuntimeError, UnpicklingError, EOFError, ... for damaged files
+    except pickle.UnpicklingError as err:  # torch's message advises weights_only=False: never do that here
+        found = re.search(r"GLOBAL ([\w.]+)|global: ([\w.]+)", str(err))
+        name = f" ({next(g for g in found.groups() if g)})" if found else ""
+        raise DamagedFileError(f"{path}: {what} holds pickled Python objects besides tensors{name}, which could "
+                               "run code when loaded; refused (nothing in it was run). Only plain tensor state dicts "
+                               "and safetensors are read: get a safetensors copy from its source") from None
+    except Exception as err:  # torch raises RuntimeError, EOFError, ... for damaged files
         raise DamagedFileError(f"{path}: {what} is damaged or not a torch state dict "
                                f"({type(err).__name__}: {' '.join(str(err).split())[:200]})") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):

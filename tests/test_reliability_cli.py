@@ -1,0 +1,143 @@
+"""Issue 25, the rest: inputs that ended in a traceback, a late error or an unclear one. Each case: exit 1, one line
+on stderr naming the file or value, no traceback, nothing written at the output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stofm.util.errors import InputError
+
+FIX = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "stofm_original"
+
+
+def _barcodes(shards: Path) -> list[str]:
+    from stalign.data.shards import read_manifest, read_shard
+
+    entry = read_manifest(shards)["slides"][0]
+    return [str(b) for b in read_shard(shards / entry["shard"])["barcodes"]]
+
+
+# ----------------------------------------------------------------------------------------------- genes and labels
+def test_a_gene_asked_twice_is_refused_before_predicting(tmp_path, one_line, predict_setup):
+    gene = predict_setup["manifest"]["genes"][0]
+    out = tmp_path / "p.h5ad"
+    one_line(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", str(predict_setup["h5ad"]),
+                      "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]),
+                      "--out", str(out), "--genes", gene, gene, "--quiet"], repr(gene), "twice")
+    assert not list(tmp_path.iterdir())
+
+
+def test_fewshot_labels_all_empty_is_one_line_and_na_words_are_announced(tmp_path, one_line, predict_setup):
+    from stalign.tasks.fewshot import read_spot_labels
+
+    shards, barcodes = predict_setup["shards"], _barcodes(predict_setup["shards"])
+    empty = tmp_path / "empty.csv"
+    empty.write_text("barcode,label\n" + "".join(f"{b},\n" for b in barcodes))
+    one_line(["fewshot", "--model", str(predict_setup["ckpt"]), "--shards", str(shards), "--out",
+                      str(tmp_path / "head"), "--kind", "prototype", "--labels", str(empty), "--quiet"],
+             "empty.csv", "none of its 49 rows has a label")
+    assert not (tmp_path / "head").exists()
+    words = ["A", "B", "NA", "None", "n/a", " "]
+    mixed = tmp_path / "mixed.csv"
+    mixed.write_text("barcode,label\n" + "".join(f"{b},{words[i % 6]}\n" for i, b in enumerate(barcodes)))
+    with pytest.warns(UserWarning, match=r"mixed\.csv: 24 spots labelled 'NA', 'None', 'n/a' are read as unlabelled"):
+        index, labels = read_spot_labels(mixed, shards)
+    assert sorted(set(labels)) == ["A", "B"] and len(index) == 17  # 9 A + 8 B of 49
+
+
+# ------------------------------------------------------------------------------------------------- heat maps
+def test_heatmaps_of_a_prediction_with_sparse_values(tmp_path, one_line, predict_setup):
+    import anndata as ad
+    from scipy import sparse
+
+    from stalign.cli import main
+
+    pred = tmp_path / "p.h5ad"
+    assert main(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", str(predict_setup["h5ad"]),
+                 "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]),
+                 "--out", str(pred), "--heatmap-genes", "none", "--quiet"]) == 0
+    a = ad.read_h5ad(pred)
+    dense = np.asarray(a.X)
+    a.X = sparse.csr_matrix(dense)
+    a.write_h5ad(tmp_path / "sparse.h5ad")
+    genes = list(a.var_names[:2])
+    for name in ("p", "sparse"):
+        assert main(["heatmaps", str(tmp_path / f"{name}.h5ad"), "--genes", *genes, "--out",
+                     str(tmp_path / f"maps_{name}")]) == 0
+    for gene in genes:  # the same pictures from sparse and dense values
+        assert (tmp_path / "maps_p" / f"{gene}.png").read_bytes() == (tmp_path / "maps_sparse" / f"{gene}.png"
+                                                                      ).read_bytes()
+
+
+# ------------------------------------------------------------------------------------------ config value types
+@pytest.mark.parametrize(("overrides", "needle"), [
+    ({"dropout": "high"}, "dropout='high' is not a number"), ({"heads": 0}, "heads=0"),
+    ({"spot_image": {"freeze": "yes"}}, "freeze='yes' is not true/false"), ({"gene": 3}, "gene=3 is not a mapping"),
+    ({"tokens": 2.5}, "tokens=2.5 is not an integer"), ({"dropout": 1.5}, "dropout=1.5")])
+def test_model_overrides_are_checked_against_the_config_types(overrides, needle):
+    import stalign
+
+    with pytest.raises(InputError, match=needle.replace("(", r"\(").replace(".", r"\.")):
+        stalign.create_model("stalign-tiny", n_genes=4, **overrides)
+
+
+def test_train_names_an_override_of_the_wrong_type(tmp_path, one_line, predict_setup):
+    one_line(["train", "--data", str(predict_setup["shards"]), "--output-dir", str(tmp_path / "run"),
+                      "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"),
+                      "model_overrides.dropout=high"], "overrides ['dropout']", "dropout='high' is not a number")
+    assert not (tmp_path / "run").exists()
+
+
+def _released_layout(tmp_path: Path, config: dict | None = None) -> Path:
+    """``se2transformer.pth`` + ``config.json`` as SToFM released them (the fixture weights)."""
+    import torch
+    from safetensors.torch import load_file
+
+    src = tmp_path / "src"
+    src.mkdir()
+    torch.save(load_file(str(FIX / "se2" / "state_dict.safetensors")), src / "se2transformer.pth")
+    cfg = {**json.loads((FIX / "se2" / "config.json").read_text()), **(config or {})}
+    (src / "config.json").write_text(json.dumps(cfg))
+    return src
+
+
+@pytest.mark.parametrize(("config", "needle"), [({"num_attention_heads": 0}, "num_attention_heads=0"),
+                                                 ({"hidden_size": "eight"}, "hidden_size='eight' is not an integer"),
+                                                 ({"dropout": 2.0}, "dropout=2.0")])
+def test_stofm_convert_names_a_bad_config_value(tmp_path, one_line, config, needle):
+    src = _released_layout(tmp_path, config)
+    one_line(["convert", str(src / "se2transformer.pth"), "--out", str(tmp_path / "out")], "config.json",
+             needle, program="stofm")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_cell_bert_carrying_pickled_code_is_refused_in_one_line(tmp_path, one_line):
+    import os
+
+    import anndata as ad
+    import torch
+
+    from stofm.cli import main
+
+    pytest.importorskip("transformers")
+    src, out = _released_layout(tmp_path), tmp_path / "converted"
+    assert main(["convert", str(src / "se2transformer.pth"), "--cell-bert", str(FIX / "cell_bert"), "--out",
+                 str(out)]) == 0
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'PWNED'}",))
+
+    (out / "cell_bert" / "model.safetensors").unlink()
+    torch.save({"embeddings.word_embeddings.weight": torch.zeros(2, 2), "x": Payload()},
+               out / "cell_bert" / "pytorch_model.bin")
+    genes = json.loads((FIX / "cell_bert" / "genes.json").read_text())["genes"]
+    rng = np.random.default_rng(0)
+    ad.AnnData(X=rng.poisson(2, (12, len(genes))).astype(np.float32), obsm={"spatial": rng.uniform(0, 99, (12, 2))},
+               var={"gene": genes}).write_h5ad(tmp_path / "cells.h5ad")
+    line = one_line(["embed", str(tmp_path / "cells.h5ad"), "--model", str(out), "--out",
+                             str(tmp_path / "e.h5ad")], "pytorch_model.bin", "pickled", "system", program="stofm")
+    assert "weights_only" not in line and not (tmp_path / "PWNED").exists() and not (tmp_path / "e.h5ad").exists()
