@@ -13,6 +13,7 @@ import numpy as np
 
 from stalign.data.crop_spec import CropSpec
 from stalign.tasks.retrieval import gene_indices
+from stalign.tasks.scverse import drawn_spot_diameter_um  # noqa: F401 - also imported from here
 from stofm.util.errors import CoordinateError, InputError
 from stofm.util.limits import check_limit
 
@@ -275,22 +276,6 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     settings["library_id"] = add_spatial_images(out, slide, spot_diameter_px=diameter_um / float(slide.um_per_px),
                                                 library_id=library_id)
     return out
-
-
-def drawn_spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: float, um_per_px: float) -> float:
-    """The drawn spot diameter in µm (see ``predict_slide``): ``given``, else the crop width for tiles (``coords``
-    None), else 0.55 x the median nearest-neighbour distance of ``coords`` (level-0 px), at most ``spot_um``."""
-    if given is not None:
-        if not given > 0:
-            raise InputError(f"spot_diameter_um must be > 0, got {given}")
-        return float(given)
-    if coords is None or len(coords) < 2:
-        return float(spot_um)
-    from scipy.spatial import cKDTree
-
-    xy = np.asarray(coords, np.float64) * um_per_px
-    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
-    return float(min(spot_um, 0.55 * pitch)) if pitch > 0 else float(spot_um)
 
 
 def _units(bank: Any, head: Any) -> str:

@@ -9,6 +9,8 @@ from typing import Any
 
 import numpy as np
 
+from stofm.util.errors import InputError
+
 HIRES_PX, LOWRES_PX = 2000, 600  # Space Ranger's image sizes
 
 
@@ -51,3 +53,50 @@ def carry_obs(adata: Any, source_obs: Any) -> None:
     for col in source_obs.columns:
         dest = col if col not in adata.obs.columns else f"input_{col}"
         adata.obs[dest] = source_obs[col].to_numpy()
+
+
+def drawn_spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_um: float, um_per_px: float) -> float:
+    """The drawn spot diameter in µm (see ``predict_slide``): ``given``, else the crop width for tiles (``coords``
+    None), else 0.55 x the median nearest-neighbour distance of ``coords`` (level-0 px), at most ``spot_um``."""
+    if given is not None:
+        if not given > 0:
+            raise InputError(f"spot_diameter_um must be > 0, got {given}")
+        return float(given)
+    if coords is None or len(coords) < 2:
+        return float(spot_um)
+    from scipy.spatial import cKDTree
+
+    xy = np.asarray(coords, np.float64) * um_per_px
+    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+    return float(min(spot_um, 0.55 * pitch)) if pitch > 0 else float(spot_um)
+
+
+def shard_anndata(root: str | Path, slide_id: str, *, image: str | Path, um_per_px: float, obs: Any = None,
+                  spot_diameter_um: float | None = None) -> Any:
+    """The spots ``stalign prep`` kept of one slide, scanpy-ready: X the shard's expression over the manifest's
+    genes (its units: ``uns['stalign']['expression']``), obsm['spatial'] the centres in ``image``'s pixels,
+    ``uns['spatial']`` its thumbnails (spots drawn ``spot_diameter_um`` wide, default 0.55 x their pitch), and
+    the columns of ``obs`` (e.g. the reader's AnnData obs, indexed by barcode) for these spots, in shard order."""
+    import anndata as ad
+    import pandas as pd
+
+    from stalign.data.shards import read_manifest, read_shard
+    from stalign.data.slide import open_slide
+
+    manifest = read_manifest(root)
+    entry = next((s for s in manifest["slides"] if s["slide_id"] == slide_id), None)
+    if entry is None:
+        raise ValueError(f"{root}: no slide {slide_id!r} (slides: {[s['slide_id'] for s in manifest['slides']]})")
+    shard = read_shard(Path(root) / entry["shard"])
+    out = ad.AnnData(X=shard["expr"], obs=pd.DataFrame(index=pd.Index(shard["barcodes"], dtype=str)),
+                     var=pd.DataFrame(index=pd.Index(manifest["genes"], dtype=str)),
+                     obsm={"spatial": np.asarray(shard["coords_px"], np.float64)},
+                     uns={"stalign": {"expression": manifest["expression"], "slide_id": slide_id,
+                                      "um_per_px": float(um_per_px)}})
+    if obs is not None:
+        carry_obs(out, obs.loc[out.obs_names])
+    diameter = drawn_spot_diameter_um(spot_diameter_um, out.obsm["spatial"], float(manifest["spot_um"]),
+                                      float(um_per_px))
+    add_spatial_images(out, open_slide(image, um_per_px=um_per_px), spot_diameter_px=diameter / float(um_per_px),
+                       library_id=slide_id)
+    return out
