@@ -72,15 +72,17 @@ def main() -> None:
 def _record_rows(args, device) -> None:
     import pandas as pd
 
-    from stalign.lab.ablation import summarise
+    from stalign.lab.ablation import AblationError, summarise
+    from stalign.lab.ablation_rows import read_rows
 
-    rows = pd.concat([pd.read_csv(f) for f in args.from_rows], ignore_index=True)
-    dup = rows.duplicated(["method", "seed"])
-    if dup.any():
-        raise SystemExit(f"error: {int(dup.sum())} (method, seed) rows appear twice in {args.from_rows}")
+    try:  # missing, empty, binary or ragged files, rows without seeds, rows given twice: one line naming the file
+        rows = pd.DataFrame(read_rows(args.from_rows))
+    except AblationError as err:
+        raise SystemExit(f"error: {err}") from None
     arms = rows[rows["arm"] != "baseline"]
+    seconds = f", {arms['seconds'].sum():.0f} s of training + evaluation in all" if "seconds" in arms else ""
     notes = [f"rows of {', '.join(map(str, args.from_rows))}: seeds {sorted(rows['seed'].unique().tolist())}, "
-             f"{arms['arm'].nunique()} arms, {arms['seconds'].sum():.0f} s of training + evaluation in all"]
+             f"{arms['arm'].nunique()} arms{seconds}"]
     record(args, title="Ablation: niche, fusion and the gene side", device=device,
            body=summarise(rows.to_dict("records")), load_before=load_average(), notes=notes)
 

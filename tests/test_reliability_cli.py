@@ -141,3 +141,38 @@ def test_a_cell_bert_carrying_pickled_code_is_refused_in_one_line(tmp_path, one_
     line = one_line(["embed", str(tmp_path / "cells.h5ad"), "--model", str(out), "--out",
                              str(tmp_path / "e.h5ad")], "pytorch_model.bin", "pickled", "system", program="stofm")
     assert "weights_only" not in line and not (tmp_path / "PWNED").exists() and not (tmp_path / "e.h5ad").exists()
+
+
+# ------------------------------------------------------------------------------------- ablation --from-rows
+ROWS = "method,arm,seed,seconds,recall@1\nspot image,spot,0,3.5,0.2\nneighbour average,baseline,0,,0.1\n"
+
+
+@pytest.mark.parametrize(("content", "needle"), [
+    (None, "does not exist"), (b"", "empty file"), (b"method,arm,seed\n", "no rows"),
+    (ROWS.encode() + b"spot image,spot,1,2.0,0.3,9,9\n", "not an ablation rows CSV"),
+    (bytes(range(256)) * 8, "not an"), (b"method,arm,r\nspot image,spot,0.2\n", "no column ['seed']"),
+    (b"method,arm,seed\nspot image,spot,\n", "seed (empty) in line 2 is not a whole number"),
+    (b"method,arm,seed\nspot image,spot,one\n", "seed 'one' in line 2"),
+    (ROWS.encode() + b"spot image,spot,0,1.0,0.4\n", "rows appear twice")])
+def test_ablation_rows_that_cannot_be_summarised_are_one_error_naming_the_file(tmp_path, content, needle):
+    from stalign.lab.ablation import AblationError
+    from stalign.lab.ablation_rows import read_rows
+
+    path = tmp_path / "rows.csv"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(AblationError, match=r"rows\.csv") as err:
+        read_rows([path])
+    assert needle in str(err.value)
+
+
+def test_ablation_script_from_rows_of_an_empty_file_is_one_line(tmp_path, subprocess_env):
+    import subprocess
+    import sys
+
+    (tmp_path / "rows.csv").write_bytes(b"")
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"),
+                           "--from-rows", str(tmp_path / "rows.csv"), "--no-record"], capture_output=True, text=True,
+                          env=subprocess_env, timeout=120)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'rows.csv'}: empty file (no ablation rows)"
