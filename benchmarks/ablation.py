@@ -1,14 +1,19 @@
 """What niche images, three-target fusion and the SToFM gene side add: the ablation of
-``stalign.lab.ablation`` on synthetic slides with spot-driven and context-driven genes (synth v2).
+``stalign.lab.ablation`` on synthetic slides with spot-driven and context-driven genes (synth v3: 3 sites x 2
+slides that differ in stain, classes told apart by morphology; or synth v2 with --version 2).
 
-    python benchmarks/ablation.py                       # 3 seeds, every arm, CPU (table in benchmarks/RESULTS.md)
-    python benchmarks/ablation.py --arms spot niche project --seeds 0 1 2 --steps 300
+    python benchmarks/ablation.py                       # 3 seeds, every arm, both splits, CPU
+    python benchmarks/ablation.py --arms spot niche project --seeds 0 1 2 --steps 300 --splits site
+    python benchmarks/ablation.py --version 2 --slides 2 --spots 1200 --splits block   # the synth v2 table
     python benchmarks/ablation.py --quick --no-record   # seconds: checks that everything runs (the test suite)
+
+Splits (one table each): ``site``: every slide of one site held out (site seed mod n_sites), the arms train on the
+other sites' slides; ``block``: held-out squares of every slide with a niche-wide margin.
 
 Arms: spot image only (spot loss) · + niche image (spot + niche losses) · three targets as published (stalign-paper)
 · three targets, project variant · gene side stofm (pretrained on the training spots and frozen; from scratch) ·
-niche gene encoder mean expression / SE(2). Baselines on the same splits: neighbour average, ImageNet features +
-ridge, colour statistics + ridge. Mean ± std over seeds; every (method, seed) row goes to ``OUT/ablation_rows.csv``.
+niche gene encoder mean expression / SE(2). Baselines on the same splits: training mean, neighbour average (block
+split), ImageNet features + ridge, colour statistics + ridge. Mean ± std over seeds; every (method, seed) row goes to ``OUT/ablation_rows.csv``.
 """
 from __future__ import annotations
 
@@ -29,7 +34,12 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=d.out, help="slides, shards and runs go here (reused when present)")
     p.add_argument("--seeds", type=int, nargs="+", default=d.seeds)
     p.add_argument("--arms", nargs="+", default=None, help="subset of: " + " ".join(arms()))
-    p.add_argument("--slides", type=int, default=d.slides)
+    p.add_argument("--version", type=int, default=d.version, choices=(2, 3), help="synth world (default 3)")
+    p.add_argument("--sites", type=int, default=d.sites, help="v3: sites")
+    p.add_argument("--slides-per-site", type=int, default=d.slides_per_site, help="v3: slides per site")
+    p.add_argument("--splits", nargs="+", default=None, choices=("site", "block"),
+                   help="held-out site and/or within-slide blocks (default: both on v3, block on v2)")
+    p.add_argument("--slides", type=int, default=d.slides, help="v2: slides")
     p.add_argument("--spots", type=int, default=d.spots, help="spots per slide")
     p.add_argument("--um-per-px", type=float, default=d.um_per_px)
     p.add_argument("--genes", type=int, default=d.genes, help="top-variance genes kept by prep")
@@ -47,13 +57,15 @@ def main() -> None:
     device = setup(args)
     if args.from_rows:
         return _record_rows(args, device)
+    splits = args.splits or (["site", "block"] if args.version == 3 else ["block"])
     if args.quick:
         s = AblationSettings.quick(args.out, arms=args.arms, imagenet=not args.no_imagenet, shards=args.shards,
-                                   synth_dir=args.synth_dir)
+                                   synth_dir=args.synth_dir, splits=splits)
     else:
-        s = AblationSettings(out=args.out, seeds=args.seeds, arms=args.arms, slides=args.slides, spots=args.spots,
-                             um_per_px=args.um_per_px, genes=args.genes, patch_px=args.patch_px, steps=args.steps,
-                             stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
+        s = AblationSettings(out=args.out, seeds=args.seeds, arms=args.arms, version=args.version, sites=args.sites,
+                             slides_per_site=args.slides_per_site, splits=splits, slides=args.slides,
+                             spots=args.spots, um_per_px=args.um_per_px, genes=args.genes, patch_px=args.patch_px,
+                             steps=args.steps, stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
                              imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
                              synth_dir=args.synth_dir)
     load_before, started = load_average(), time.perf_counter()
@@ -61,7 +73,9 @@ def main() -> None:
         rows = run_ablation(s)
     except AblationError as err:
         raise SystemExit(f"error: {err}") from None
-    notes = [f"{s.slides} synthetic slides x {s.spots} spots at {s.um_per_px} µm/px, {s.genes} genes, "
+    world = (f"synth v3, {s.sites} sites x {s.slides_per_site} slides" if s.version == 3
+             else f"synth v2, {s.slides} slides")
+    notes = [f"{world} x {s.spots} spots at {s.um_per_px} µm/px, splits {', '.join(s.splits)}, {s.genes} genes, "
              f"{s.patch_px}-px crops, {s.steps} steps per run (batch {s.batch_size}), seeds {s.seeds}, "
              f"{'stalign-tiny' if s.tiny_model else 'stalign-demo with a frozen ImageNet EfficientNet-Lite0'}, "
              f"{time.perf_counter() - started:.0f} s in all; rows: {s.out / 'ablation_rows.csv'}"]

@@ -1,5 +1,6 @@
-"""``benchmarks/ablation.py --quick``: every arm and baseline runs on synthetic slides with spot- and context-driven
-genes and lands in the table; bad requests are one-line errors."""
+"""``benchmarks/ablation.py --quick``: every arm and baseline runs on synth v3 slides of three sites (spot- and
+context-driven genes, per-site stain) in both splits (an unseen site; within-slide blocks) and lands in the
+tables; bad requests are one-line errors."""
 from __future__ import annotations
 
 import subprocess
@@ -11,7 +12,8 @@ import pandas as pd
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-BASELINES = ("neighbour average (6 nearest training spots, no image)", "colour statistics (spot) + ridge",
+NEIGHBOURS = "neighbour average (6 nearest training spots, no image)"
+BASELINES = ("mean of the training spots", "colour statistics (spot) + ridge",
              "colour statistics (spot + niche) + ridge", "ImageNet features (spot) + ridge",
              "ImageNet features (spot + niche) + ridge")
 
@@ -31,24 +33,68 @@ def test_every_arm_and_baseline_has_a_row(quick_run):
     from stalign.lab.ablation import arms
 
     _, _, rows, _ = quick_run
-    assert sorted(rows.loc[rows["arm"] != "baseline", "arm"]) == sorted(arms())
-    assert set(BASELINES) <= set(rows.loc[rows["arm"] == "baseline", "method"])
+    for split, chosen in (("site", arms()), ("block", ("spot", "niche"))):  # --quick: two arms on blocks
+        r = rows[rows["split"] == split]
+        assert sorted(r.loc[r["arm"] != "baseline", "arm"]) == sorted(chosen), split
+        assert set(BASELINES) <= set(r.loc[r["arm"] == "baseline", "method"]), split
+        assert (NEIGHBOURS in set(r["method"])) == (split == "block")  # no training spots on an unseen site
+    base = rows[rows["method"] == BASELINES[0]]
+    assert base["r_spot"].isna().all() and (base["mse_spot"] > 0).all()  # a constant has an MSE, not an r
     models = rows[rows["arm"] != "baseline"]
     for col in ("recall@1", "recall@10", "r_spot", "r_context", "mse_spot", "mse_context", "ridge_r_context",
                 "domain_ari", "domain_nmi", "loss_first", "loss_last"):
         assert models[col].notna().all(), col
     assert ((models["recall@10"] >= 0) & (models["recall@10"] <= 1)).all()
-    assert (models["chance@10"] == models["chance@10"].iloc[0]).all()  # one held-out set for every arm
+    for _, g in models.groupby("split"):
+        assert (g["chance@10"] == g["chance@10"].iloc[0]).all()  # one held-out set for every arm of a split
     assert (models["mse_spot"] > 0).all() and (rows["mse_context"] > 0).all()
 
 
 def test_table_is_recorded_with_every_method(quick_run):
     _, stdout, rows, results = quick_run
     assert "Ablation: niche, fusion and the gene side" in results and "machine:" in results
-    table = [line for line in results.splitlines() if line.startswith("| ")]
-    assert len(table) == 1 + rows["method"].nunique()  # header + one line per method
-    assert all(line.count("|") == table[0].count("|") for line in table)
-    assert "chance: recall@1" in results and "seed 0:" in stdout
+    site, block = results.split("**Within-slide held-out blocks")
+    assert "**Held-out site" in site
+    for text, split in ((site, "site"), (block, "block")):
+        table = [line for line in text.splitlines() if line.startswith("| ")]
+        assert len(table) == 1 + rows.loc[rows["split"] == split, "method"].nunique()  # header + one per method
+        assert all(line.count("|") == table[0].count("|") for line in table)
+        assert "chance: recall@1" in text
+    assert "seed 0, site split" in stdout and "every slide of site0" in stdout
+
+
+def test_the_site_split_trains_on_the_other_sites_only(quick_run):
+    """Seed 0 holds out site0: its runs train on the slides of site1 and site2 only; the block split's runs see
+    every slide."""
+    import yaml
+
+    out, _, _, _ = quick_run
+    site_cfg = yaml.safe_load((out / "run" / "seed0" / "site" / "spot" / "config.yaml").read_text())
+    assert site_cfg["slides"] == ["site1_slide0", "site2_slide0"]
+    block_cfg = yaml.safe_load((out / "run" / "seed0" / "block" / "spot" / "config.yaml").read_text())
+    assert block_cfg["slides"] is None and block_cfg["split_by"] == "block"
+
+
+def test_site_split_holds_out_one_site_per_seed():
+    from stalign.lab.ablation_eval import ShardTruth, site_split
+
+    site = np.array(["b", "a", "c", "a", "b"], dtype=object)
+    t = ShardTruth(genes=[], gene_sets={}, domains=site, coords_um=np.zeros((5, 2)), slide=site, site=site)
+    assert [site_split(t, seed)[2] for seed in range(4)] == ["a", "b", "c", "a"]
+    train, test, _ = site_split(t, 1)
+    assert list(test) == [0, 4] and list(train) == [1, 2, 3]
+    with pytest.raises(ValueError, match="two or more sites"):
+        site_split(ShardTruth(genes=[], gene_sets={}, domains=site[:1], coords_um=np.zeros((1, 2)),
+                              slide=site[:1], site=site[:1]), 0)
+
+
+def test_a_site_split_on_v2_is_a_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "ablation.py"), "--no-record", "--out",
+                           str(tmp_path), "--version", "2", "--splits", "site", "--seeds", "0"],
+                          capture_output=True, text=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: the cross-site split needs synth v3 slides")
+    assert not any(tmp_path.iterdir())  # nothing made
 
 
 def test_unknown_arm_is_a_one_line_error(tmp_path):

@@ -3,8 +3,9 @@
 Per model: image->gene recall@1/10 on the held-out spots (chance k/N), zero-shot retrieval and few-shot ridge
 Pearson r / MSE **separately for spot-driven and context-driven genes** (the synthetic truth says which), and
 zero-shot spatial domains (k-means on the image embeddings of all spots) scored by ARI/NMI against the known
-domains. Baselines on the same split: neighbour average (no image), ImageNet features + ridge, colour statistics
-+ ridge.
+domains. Baselines on the same split: the training mean, neighbour average (no image; within-slide splits only),
+ImageNet features + ridge, colour statistics + ridge. Splits: held-out blocks of every slide, or every slide of an
+unseen site (``site_split``).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class ShardTruth:
     domains: np.ndarray  # (N,) domain label per spot (str)
     coords_um: np.ndarray  # (N, 2)
     slide: np.ndarray  # (N,) slide id per spot
+    site: np.ndarray  # (N,) site per spot (synth v3's ``obs['site']``; the slide id where slides have no site)
 
 
 def shard_truth(root: str | Path, *, synth_dir: str | Path | None = None) -> ShardTruth:
@@ -40,19 +42,32 @@ def shard_truth(root: str | Path, *, synth_dir: str | Path | None = None) -> Sha
     truth = truth_of(root, synth_dir=synth_dir)
     manifest = read_manifest(root)
     genes = [str(g) for g in manifest["genes"]]
-    domains, coords, slides = [], [], []
+    domains, coords, slides, sites = [], [], [], []
     for entry in manifest["slides"]:
         sid = entry["slide_id"]
         shard = read_shard(root / entry["shard"])
         domains.append(truth.domains(sid))
         coords.append(shard["coords_um"])
         slides.append(np.full(len(shard["barcodes"]), sid, dtype=object))
+        obs = truth.spots[sid]
+        sites.append(obs["site"].astype(str).to_numpy().astype(object) if "site" in obs else slides[-1])
     sets = {"spot": np.isin(genes, truth.spot_genes), "context": np.isin(genes, truth.context_genes)}
     if not sets["context"].any():
         raise InputError(f"{root}: none of the {len(genes)} genes of the panel is context-driven; prepare the "
                          "slides with more genes (--n-top-genes)")
     return ShardTruth(genes=genes, gene_sets=sets, domains=np.concatenate(domains),
-                      coords_um=np.concatenate(coords), slide=np.concatenate(slides))
+                      coords_um=np.concatenate(coords), slide=np.concatenate(slides), site=np.concatenate(sites))
+
+
+def site_split(truth: ShardTruth, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """(train, test, held-out site): every spot of site number ``seed mod n_sites`` (sorted names) is held out,
+    the spots of the other sites are trained on; fewer than two sites is a ``ValueError``."""
+    sites = sorted(set(truth.site))
+    if len(sites) < 2:
+        raise InputError(f"a cross-site split needs slides of two or more sites, got {sites}")
+    held = sites[seed % len(sites)]
+    test = truth.site == held
+    return np.flatnonzero(~test), np.flatnonzero(test), held
 
 
 def _scores(y: np.ndarray, pred: np.ndarray, sets: dict[str, np.ndarray]) -> dict[str, float]:
@@ -149,13 +164,17 @@ def baseline_features(root: str | Path, *, imagenet: bool = True,
 
 def evaluate_baselines(root: str | Path, truth: ShardTruth, features: dict[str, np.ndarray], *,
                        train: np.ndarray, test: np.ndarray) -> dict[str, dict[str, float]]:
-    """Pearson r / MSE per gene set of the neighbour average and of ridge on each model-free feature set."""
+    """Pearson r / MSE per gene set of the training mean (MSE only: a constant has no r), the neighbour average
+    (when the test slides have training spots) and ridge on each model-free feature set."""
     from stalign.data.dataset import ShardDataset
     from stalign.tasks.baselines import neighbour_predictor, ridge_predictor
 
     y = ShardDataset(root).expression_matrix().astype(np.float64)
-    rows = {"neighbour average (6 nearest training spots, no image)":
-            _scores(y[test], neighbour_predictor(_slide_separated(truth), y)(train, test), truth.gene_sets)}
+    mean = np.broadcast_to(y[train].mean(0), (len(test), y.shape[1]))
+    rows = {"mean of the training spots": _scores(y[test], mean, truth.gene_sets)}
+    if np.isin(truth.slide[test], truth.slide[train]).all():
+        rows["neighbour average (6 nearest training spots, no image)"] = _scores(
+            y[test], neighbour_predictor(_slide_separated(truth), y)(train, test), truth.gene_sets)
     for name, x in features.items():
         x = (x - x[train].mean(0)) / (x[train].std(0) + 1e-8)
         pred = ridge_predictor(x, y, latent_dim=min(256, x.shape[1]), fit_intercept=True)(train, test)
