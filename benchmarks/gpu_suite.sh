@@ -14,6 +14,8 @@
 #   4. WSI prediction    synthetic slide, stalign-base, tiles/s next to the plain openslide path
 #   5. retrieval         1,000,000 x 256 bank, 4,096 queries, k = 50, recall next to plain matmul + topk
 #   6. stofm embedding   stofm-small fp32/bf16 and the original SToFM SE(2), 100,000 cells
+#   6b. feature store    embedding throughput into the store (spots/s), first vs second `stalign bench` on the same
+#                        shards, training steps/s from crops vs stored features with frozen encoders
 #   7. pytest -m gpu     the GPU-marked tests
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,14 +42,15 @@ if [ "$DRY" = 1 ]; then
   DEV=cpu; Q=--quick
   # dry-run sizes: seconds each
   WSI="--tiles 64 --slide-spots 200"; RET=""; STOFM="--cells 600 --genes 40 --cells-per-tile 200 --original-layers 2"
-  LOADER=""
+  LOADER=""; STORE=""
   T_SHORT=300; T_LONG=300
 else
   DEV=cuda; Q=""
   WSI="--tiles 20000 --slide-spots 8000 --plain-tiles 3000"; RET=""
   STOFM="--cells 100000 --model stofm-small --dtype fp32 bf16 --original"
   LOADER="--train-model stalign-base --sizes 224 --spots 600 --workers 8 --batches 16 --steps 8"
-  T_SHORT=45; T_LONG=90  # 5 x 90 + 45 + 60 s: within 9.5 minutes with the device start
+  STORE="--spots 1200 --train-spots 400 --batch 64"
+  T_SHORT=45; T_LONG=90  # limits: 6 x 90 + 45 + 60 s (each step usually ends well before its limit)
 fi
 
 {
@@ -94,6 +97,7 @@ step "input pipeline" "$T_LONG" "$PY" benchmarks/loader.py --device "$DEV" $Q $L
 step "WSI prediction" "$T_LONG" "$PY" benchmarks/wsi_predict.py --device "$DEV" $Q $WSI "${R[@]}"
 step "retrieval" "$T_SHORT" "$PY" benchmarks/retrieval.py --device "$DEV" $Q $RET "${R[@]}"
 step "stofm embedding" "$T_LONG" "$PY" benchmarks/stofm_embed.py --device "$DEV" $STOFM "${R[@]}"
+step "feature store" "$T_LONG" "$PY" benchmarks/feature_store.py --device "$DEV" $Q $STORE "${R[@]}"
 if [ "$DRY" = 1 ]; then
   step "pytest -m gpu" "$T_SHORT" "$PY" -m pytest -q -m gpu -p no:cacheprovider --collect-only tests
 else

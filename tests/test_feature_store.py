@@ -89,6 +89,12 @@ def test_second_run_reads_the_store_and_reports_its_size(root, counted):
     # a subset of slides in another order: the stored arrays in that order
     ba = embed.embed_shards(model, root, slides=["b", "a"], progress=False, device="cpu")
     np.testing.assert_array_equal(ba["image"], np.concatenate([first["image"][N:], first["image"][:N]]))
+    # spots picked across slides in any order (embedded directly): rows, slide ids and coordinates in that order
+    pick = [N + 3, 0, N + 1, 5]
+    some = embed.embed_shards(model, root, indices=pick, progress=False, device="cpu")
+    np.testing.assert_allclose(some["image"], first["image"][pick], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(some["coords_um"], first["coords_um"][pick])
+    assert some["slide_id"].tolist() == ["b", "a", "b", "a"]
 
 
 def _change_weights(root, model):

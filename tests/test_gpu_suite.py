@@ -11,7 +11,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = ("device", "image encoders", "training step", "WSI prediction", "retrieval", "stofm embedding",
-         "pytest -m gpu")
+         "feature store", "pytest -m gpu")
 
 
 @pytest.mark.slow

@@ -229,7 +229,9 @@ def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 
     for side, enc in encoders.items():
         if any(p.requires_grad for p in enc.parameters()):
             raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
-    ids = {side: {"kind": "frozen trunk", "spec": enc.spec, "weights_sha256": module_weights_sha256(enc)}
+    ids = {side: {"kind": "frozen trunk", "spec": enc.spec, "weights_sha256": module_weights_sha256(enc),
+                  "preprocess": [getattr(enc, k, None) for k in ("input_size", "interpolation", "crop_pct", "mean",
+                                                                 "std")]}
            for side, enc in encoders.items()}
 
     def compute(enc: Any, key: str, slide_id: str) -> dict[str, np.ndarray]:

@@ -91,14 +91,13 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
                            lambda sid: _embed_dataset(model, ShardDataset(root, slides=[sid]), **run))
     if progress and store is not cache:  # a store of its own: say what was reused
         store.log(store.summary())
-    spots = [ds.slide_spots(k) for k in chosen]
-    slide_idx = np.concatenate([np.full(len(s["coords_um"]), k) for k, s in zip(chosen, spots)]) if spots else \
-        np.zeros(0, np.int64)
+    coords = np.zeros((len(ds), 2), np.float32)
+    for k in chosen:  # slide_spots: the slide's spots in dataset order
+        coords[of_spot == k] = ds.slide_spots(k)["coords_um"]
     return {"image": arrays["image"], "gene": arrays["gene"] if gene else None,
             "expression": ds.expression_matrix(), "genes": ds.genes,
-            "slide_id": np.asarray(ds.slide_ids, dtype=object)[slide_idx].astype(str),
-            "coords_um": np.concatenate([s["coords_um"] for s in spots]).astype(np.float32) if spots else
-            np.zeros((0, 2), np.float32), "manifest": ds.manifest, "store": store}
+            "slide_id": np.asarray(ds.slide_ids, dtype=object)[of_spot].astype(str), "coords_um": coords,
+            "manifest": ds.manifest, "store": store}
 
 
 def _embed_dataset(model: Any, ds: Any, *, batch_size: int, workers: int, device: str, niche_weight: float,
