@@ -7,6 +7,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from stofm.util.errors import StalignError
 from stofm.util.output_paths import atomic_write_path, refuse_overwriting_inputs
 
 
@@ -96,9 +97,12 @@ def _embed(args: argparse.Namespace) -> int:
         if model is None:
             model = _embed_model(args, list(map(str, adata.var_names)))
         batch_size = args.batch_size or (2 if model.arch == "original" else 8)
-        embed(adata, model, batch_size=batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
-        if args.niches:
-            embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
+        try:
+            embed(adata, model, batch_size=batch_size, dtype=args.dtype, cells_per_tile=args.cells_per_tile, **kw)
+            if args.niches:
+                embed_niches(adata, model, n_neighbors=args.niches, dtype=args.dtype, **kw)
+        except StalignError as err:  # which input (of several) it was: NaN counts, no cells, ...
+            raise type(err)(f"{src}: {err}") from None
         dest = out / src.name if len(args.inputs) > 1 else out
         with atomic_write_path(dest) as tmp:
             adata.write_h5ad(tmp)

@@ -58,6 +58,26 @@ def adata_expression(adata: Any, *, layer: str | None = None, gene_key: str | No
     return X, [str(g) for g in (adata.var[gene_key] if gene_key else adata.var_names)]
 
 
+def check_expression_values(X: Any, genes: list[str], cells: Any, *, where: str) -> None:
+    """Counts or log1p values only: NaN, infinite or negative entries are one error naming ``where``, how many
+    there are and the first one (its cell and gene)."""
+    import scipy.sparse as sp
+
+    M = sp.coo_matrix(X) if sp.issparse(X) else np.asarray(X)
+    vals = M.data if sp.issparse(X) else M
+    bad = ~np.isfinite(vals) | (vals < 0)
+    if not bad.any():
+        return
+    if sp.issparse(X):
+        k = int(np.argmax(bad))
+        row, col, value = int(M.row[k]), int(M.col[k]), M.data[k]
+    else:
+        row, col = (int(i) for i in np.argwhere(bad)[0])
+        value = M[row, col]
+    raise InputError(f"{where} has {int(bad.sum())} NaN, infinite or negative values (e.g. {float(value)} for cell "
+                     f"{cells[row]!r}, gene {genes[col]!r}); pass counts or log1p-normalised values")
+
+
 def _looks_like_counts(X: Any, n: int = 2000) -> bool:
     import scipy.sparse as sp
 
@@ -92,6 +112,7 @@ def prepare_slide(adata: Any, model: Any, *, layer: str | None = None, spatial_k
             raise InputError(f"none of the model's {len(model.genes)} genes is among the {len(genes)} genes of "
                              f"{where} (e.g. model {model.genes[:3]}, data {genes[:3]}); Ensembl IDs vs symbols? "
                              "try gene_key='gene_ids'")
+        check_expression_values(X, genes, adata.obs_names, where=f"{where}.{'X' if layer is None else layer}")
         emb = model.encode_cells(X, genes, input_kind=kind, batch_size=encode_batch_size, progress=progress)
     else:
         matched, emb = 0, torch.as_tensor(_given_cell_embeddings(adata, cell_key, model, where))

@@ -91,8 +91,8 @@ def test_predict_refuses_an_out_that_is_its_coords(tmp_path, one_line, predict_s
     mine = shutil.copy(predict_setup["h5ad"], tmp_path / "mine.h5ad")
     before = sha(mine)
     one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
-                      "--um-per-px", "0.6149", "--coords", str(mine), "--reference", str(predict_setup["shards"]),
-                      "--out", str(tmp_path / "." / "mine.h5ad")], "--out", "--coords", "mine.h5ad")
+              "--um-per-px", "0.6149", "--coords", str(mine), "--reference", str(predict_setup["shards"]),
+              "--out", str(tmp_path / "." / "mine.h5ad")], "--out", "--coords", "mine.h5ad")
     assert sha(mine) == before
 
 
@@ -143,7 +143,7 @@ def test_a_second_predict_to_the_same_out_is_refused(tmp_path, one_line, predict
     held = take_lock(tmp_path / ".pred.h5ad.lock", holder="test")
     try:
         one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
-                          "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--out", str(out)],
+                  "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--out", str(out)],
                  "another stalign predict is writing", "pred.h5ad")
     finally:
         held.release()
@@ -159,7 +159,7 @@ def test_a_second_training_into_one_output_dir_is_refused(tmp_path, one_line, pr
     try:
         assert holder.stdout.readline().strip() == "held"
         one_line(["train", "--config", str(REPO / "configs" / "tiny_test.yaml"),
-                          f"data={predict_setup['shards']}", f"output_dir={run}", "max_steps=1"],
+                  f"data={predict_setup['shards']}", f"output_dir={run}", "max_steps=1"],
                  "another training is writing into", str(run))
         assert sorted(os.listdir(run)) == [".train.lock"]  # no log, config or checkpoint of the second run
     finally:
@@ -186,7 +186,7 @@ def test_crop_sizes_are_bounded_with_the_limit_named_and_a_variable_to_raise_it(
 
 def test_prep_patch_px_100000_is_one_line(tmp_path, one_line, squidpy_crop):
     one_line(["prep", "--h5ad", str(squidpy_crop / "test_data.h5ad"), "--image",
-                      str(squidpy_crop / "test_img.jpg"), "--out", str(tmp_path / "out"), "--patch-px", "100000"],
+              str(squidpy_crop / "test_img.jpg"), "--out", str(tmp_path / "out"), "--patch-px", "100000"],
              "100,000", "STALIGN_MAX_PATCH_PX")
     assert not (tmp_path / "out").exists()
 
@@ -203,8 +203,8 @@ def test_plain_image_pixels_are_bounded_by_a_variable(tmp_path, monkeypatch, squ
 @pytest.mark.parametrize(("step", "needles"), [("0.01", ("STALIGN_MAX_TILES", "grid")), ("0", ("--step-um",))])
 def test_predict_tile_grids_are_bounded_and_a_zero_step_refused(tmp_path, one_line, predict_setup, step, needles):
     one_line(["predict", "--model", str(predict_setup["ckpt"]), "--slide", str(predict_setup["image"]),
-                      "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--step-um", step,
-                      "--out", str(tmp_path / "pred.h5ad"), "--quiet"], *needles)
+              "--um-per-px", "0.6149", "--reference", str(predict_setup["shards"]), "--step-um", step,
+              "--out", str(tmp_path / "pred.h5ad"), "--quiet"], *needles)
     assert not (tmp_path / "pred.h5ad").exists()
 
 

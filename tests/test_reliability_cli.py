@@ -25,8 +25,8 @@ def test_a_gene_asked_twice_is_refused_before_predicting(tmp_path, one_line, pre
     gene = predict_setup["manifest"]["genes"][0]
     out = tmp_path / "p.h5ad"
     one_line(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", str(predict_setup["h5ad"]),
-                      "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]),
-                      "--out", str(out), "--genes", gene, gene, "--quiet"], repr(gene), "twice")
+              "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]),
+              "--out", str(out), "--genes", gene, gene, "--quiet"], repr(gene), "twice")
     assert not list(tmp_path.iterdir())
 
 
@@ -37,7 +37,7 @@ def test_fewshot_labels_all_empty_is_one_line_and_na_words_are_announced(tmp_pat
     empty = tmp_path / "empty.csv"
     empty.write_text("barcode,label\n" + "".join(f"{b},\n" for b in barcodes))
     one_line(["fewshot", "--model", str(predict_setup["ckpt"]), "--shards", str(shards), "--out",
-                      str(tmp_path / "head"), "--kind", "prototype", "--labels", str(empty), "--quiet"],
+              str(tmp_path / "head"), "--kind", "prototype", "--labels", str(empty), "--quiet"],
              "empty.csv", "none of its 49 rows has a label")
     assert not (tmp_path / "head").exists()
     words = ["A", "B", "NA", "None", "n/a", " "]
@@ -86,8 +86,8 @@ def test_model_overrides_are_checked_against_the_config_types(overrides, needle)
 
 def test_train_names_an_override_of_the_wrong_type(tmp_path, one_line, predict_setup):
     one_line(["train", "--data", str(predict_setup["shards"]), "--output-dir", str(tmp_path / "run"),
-                      "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"),
-                      "model_overrides.dropout=high"], "overrides ['dropout']", "dropout='high' is not a number")
+              "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"),
+              "model_overrides.dropout=high"], "overrides ['dropout']", "dropout='high' is not a number")
     assert not (tmp_path / "run").exists()
 
 
@@ -139,7 +139,7 @@ def test_a_cell_bert_carrying_pickled_code_is_refused_in_one_line(tmp_path, one_
     ad.AnnData(X=rng.poisson(2, (12, len(genes))).astype(np.float32), obsm={"spatial": rng.uniform(0, 99, (12, 2))},
                var={"gene": genes}).write_h5ad(tmp_path / "cells.h5ad")
     line = one_line(["embed", str(tmp_path / "cells.h5ad"), "--model", str(out), "--out",
-                             str(tmp_path / "e.h5ad")], "pytorch_model.bin", "pickled", "system", program="stofm")
+                     str(tmp_path / "e.h5ad")], "pytorch_model.bin", "pickled", "system", program="stofm")
     assert "weights_only" not in line and not (tmp_path / "PWNED").exists() and not (tmp_path / "e.h5ad").exists()
 
 
@@ -176,3 +176,86 @@ def test_ablation_script_from_rows_of_an_empty_file_is_one_line(tmp_path, subpro
                           env=subprocess_env, timeout=120)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1] == f"error: {tmp_path / 'rows.csv'}: empty file (no ablation rows)"
+
+
+# ------------------------------------------------------------------------------------------ a full disk
+def test_a_full_disk_while_writing_a_result_is_one_error_naming_the_folder(tmp_path):
+    import errno
+
+    from stofm.util.errors import SetupError
+    from stofm.util.output_paths import atomic_write_path
+
+    with pytest.raises(SetupError, match=f"cannot write pred.h5ad in {tmp_path}: the disk is full"):
+        with atomic_write_path(tmp_path / "pred.h5ad") as tmp:
+            tmp.write_bytes(b"half")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_checkpointing_is_one_line_naming_the_last_good_checkpoint(tmp_path, one_line,
+                                                                                       predict_setup, monkeypatch):
+    import accelerate
+
+    real, calls = accelerate.Accelerator.save_state, []
+
+    def save_state(self, output_dir=None, **kw):  # the second checkpoint runs out of space half-way
+        calls.append(output_dir)
+        real(self, output_dir, **kw)
+        if len(calls) == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . PytorchStreamWriter failed writing file "
+                               "data/3: file write failed")
+
+    monkeypatch.setattr(accelerate.Accelerator, "save_state", save_state)
+    run = tmp_path / "run"
+    line = one_line(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"),
+                     f"data={predict_setup['shards']}", f"output_dir={run}", "max_steps=3", "save_every=1",
+                     "eval_every=0"], f"cannot write checkpoint step_2 in {run / 'checkpoints'}: the disk is full",
+                    f"the last good checkpoint is {run / 'checkpoints' / 'step_1'}")
+    assert "enforce fail" not in line
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_1"]  # the half-written one removed
+
+
+# ------------------------------------------------------------------------------------------------ stofm embed
+@pytest.mark.parametrize(("value", "shown"), [(np.nan, "nan"), (-1.0, "-1.0"), (np.inf, "inf"), (None, "")])
+def test_stofm_embed_names_the_file_cell_and_gene_of_a_bad_count(tmp_path, one_line, value, shown):
+    import anndata as ad
+
+    rng = np.random.default_rng(0)
+    x = rng.poisson(2, (30, 12)).astype(np.float32)
+    n = 0 if value is None else 30
+    if value is not None:
+        x[3, 4] = value
+    a = ad.AnnData(X=x[:n], obsm={"spatial": rng.uniform(0, 500, (n, 2))})
+    a.obs_names, a.var_names = [f"c{i}" for i in range(n)], [f"G{j}" for j in range(12)]
+    a.write_h5ad(tmp_path / "cells.h5ad")
+    needles = ("no cells",) if value is None else (f"{shown} for cell 'c3', gene 'G4'", "1 NaN, infinite or negative")
+    one_line(["embed", str(tmp_path / "cells.h5ad"), "--model", "stofm-tiny", "--out", str(tmp_path / "e.h5ad")],
+             f"{tmp_path / 'cells.h5ad'}: ", *needles, program="stofm")
+    assert not (tmp_path / "e.h5ad").exists()
+
+
+def test_push_without_a_network_says_the_hub_cannot_be_reached(tmp_path, one_line, predict_setup, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
+    line = one_line(["push", str(predict_setup["ckpt"]), "--repo", "org/name"], "hf-hub:org/name",
+                    "could not upload", "offline or cannot reach the hub")
+    assert "download" not in line and "HF_HUB_OFFLINE=1" not in line
+
+
+# ----------------------------------------------------------------------------- outputs checked before the work
+@pytest.mark.parametrize(("out", "needle"), [("/proc/p.h5ad", "cannot write into /proc"),
+                                             ("FILE/p.h5ad", "(not a folder)"), ("DIR.h5ad", "is a folder")])
+def test_predict_refuses_an_unwritable_out_before_embedding(tmp_path, one_line, predict_setup, monkeypatch, out,
+                                                            needle):
+    import stalign.tasks.predict as predict
+
+    (tmp_path / "FILE").write_text("x")
+    (tmp_path / "DIR.h5ad").mkdir()
+    monkeypatch.setattr(predict, "predict_slide", lambda *a, **k: pytest.fail("embedded before checking --out"))
+    out = out if out.startswith("/") else str(tmp_path / out)
+    one_line(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", str(predict_setup["h5ad"]),
+              "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]), "--out", out,
+              "--quiet"], needle)

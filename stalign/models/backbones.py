@@ -147,21 +147,30 @@ def is_local_checkpoint(spec: Any) -> bool:
 
 
 @contextlib.contextmanager
-def hub_errors(name: str):
-    """Turn a failed hub download (gated repo, no login, offline, unknown repo) into one line that says what to do."""
+def hub_errors(name: str, *, upload: bool = False):
+    """Turn a failed hub download (gated repo, no login, offline, unknown repo) or, with ``upload``, a failed upload
+    (offline, hub unreachable, no login or no write access) into one line that says what to do."""
     try:
         yield
     except Exception as err:  # huggingface_hub and timm raise many kinds; only hub failures are rewritten
         kind = type(err).__name__
         text = " ".join(str(err).split())
-        hubby = kind in ("GatedRepoError", "RepositoryNotFoundError", "LocalEntryNotFoundError",
-                         "EntryNotFoundError", "HfHubHTTPError", "OfflineModeIsEnabled", "ConnectionError") or \
+        network = type(err).__module__.startswith(("httpx", "httpcore", "requests", "urllib3")) or \
+            kind in ("ConnectionError", "ConnectError", "ConnectTimeout", "ReadTimeout", "Timeout")
+        hubby = network or kind in ("GatedRepoError", "RepositoryNotFoundError", "LocalEntryNotFoundError",
+                                    "EntryNotFoundError", "HfHubHTTPError", "OfflineModeIsEnabled") or \
             "huggingface" in text.lower() or "hf_hub" in text.lower()
         if not hubby:
             raise
-        from huggingface_hub.constants import HF_HUB_CACHE
+        from huggingface_hub.constants import HF_HUB_CACHE, HF_HUB_OFFLINE
 
         repo = name.removeprefix("hf-hub:").split("@")[0]
+        if upload:
+            why = ("HF_HUB_OFFLINE is set: unset it to upload" if HF_HUB_OFFLINE or kind == "OfflineModeIsEnabled"
+                   else f"this machine is offline or cannot reach the hub ({kind}: {text[:100]}); check the network"
+                   if network else f"{kind}: {text[:160]}; log in with write access to {repo} (`hf auth login` or "
+                   "HF_TOKEN)")
+            raise SetupError(f"{name}: could not upload to the Hugging Face hub: {why}") from None
         raise SetupError(
             f"{name}: could not get the weights from the Hugging Face hub ({kind}). If the model is gated, accept "
             f"its licence at https://huggingface.co/{repo} and log in (`hf auth login` or HF_TOKEN); offline, "

@@ -77,7 +77,7 @@ def push_to_hub(checkpoint: str | os.PathLike, repo_id: str, *, private: bool = 
     if missing:
         raise FileNotFoundError(f"{folder}: not an stalign checkpoint folder (lacks {missing})")
     api = HfApi(token=token)
-    with hub_errors(f"{HUB_PREFIX}{repo_id}"):
+    with hub_errors(f"{HUB_PREFIX}{repo_id}", upload=True):
         url = api.create_repo(repo_id, private=private, exist_ok=True)
         api.upload_folder(repo_id=repo_id, folder_path=str(folder), allow_patterns=list(CHECKPOINT_FILES),
                           commit_message=commit_message)

@@ -164,10 +164,35 @@ def atomic_write_path(final: PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(name)
     try:
-        yield tmp
-        publish(tmp, final)
+        with write_errors(final.parent, final.name):
+            yield tmp
+            publish(tmp, final)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+#: what torch.save (and accelerate's save_state through it) raises when a write fails: a full disk, a quota
+TORCH_WRITE_FAILURE = ("PytorchStreamWriter failed", "enforce fail at inline_container")
+
+
+@contextmanager
+def write_errors(folder: PathLike, what: str, *, then: str = "") -> Iterator[None]:
+    """A write that fails for want of space (``ENOSPC``/``EDQUOT``, or torch's raw ``[enforce fail at
+    inline_container.cc] PytorchStreamWriter failed writing file``) becomes one :class:`SetupError` naming
+    ``folder`` and ``what`` was written, plus ``then`` (what is left, what to do); other errors pass unchanged."""
+    import errno
+
+    try:
+        yield
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise SetupError(f"cannot write {what} in {folder}: the disk is full ({err.strerror}){then}") from None
+    except RuntimeError as err:
+        if not any(text in str(err) for text in TORCH_WRITE_FAILURE):
+            raise
+        raise SetupError(f"cannot write {what} in {folder}: the disk is full or the folder is not writable (torch: "
+                         f"{str(err).split(':', 2)[-1].strip()[:80]}){then}") from None
 
 
 def take_lock(lock_file: PathLike, *, holder: str, wait: float | None = 0, on_wait: Any = None,
@@ -179,7 +204,14 @@ def take_lock(lock_file: PathLike, *, holder: str, wait: float | None = 0, on_wa
     from filelock import FileLock, Timeout
 
     lock_file = Path(lock_file)
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    try:  # an output folder that cannot be written is said now, not as "another process holds the lock"
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        with open(lock_file, "a"):
+            pass
+    except OSError as err:
+        why = "not a folder" if lock_file.parent.exists() and not lock_file.parent.is_dir() else err.strerror or err
+        raise SetupError(f"cannot write into {lock_file.parent} ({why}); choose an output in a writable folder"
+                         ) from None
     lock = FileLock(str(lock_file))
     try:
         lock.acquire(timeout=0)
@@ -202,6 +234,8 @@ def output_lock(path: PathLike, *, command: str) -> Iterator[None]:
     """Hold ``.NAME.lock`` beside the output file ``path`` while the block runs: a second ``command`` writing the
     same file is refused in one line instead of both finishing with one result lost."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path} is a folder; the output is a file: give its name")
     lock = take_lock(path.with_name(f".{path.name}.lock"), holder=f"another {command} is writing {path}")
     try:
         yield

@@ -9,14 +9,15 @@ gives it micro-batches (an iterator), a function from one micro-batch to its los
 from __future__ import annotations
 
 import logging
+import shutil
 from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from stofm.util import checkpointing as ckpt
-from stofm.util.errors import NonFiniteLossError
-from stofm.util.output_paths import take_lock
+from stofm.util.errors import NonFiniteLossError, SetupError
+from stofm.util.output_paths import take_lock, write_errors
 from stofm.util.runlog import RunLogger
 
 
@@ -104,8 +105,6 @@ class Engine:
         except BaseException:
             self.release_lock()
             if created and {p.name for p in Path(self.output_dir).iterdir()} <= {LOCK_NAME}:
-                import shutil
-
                 shutil.rmtree(self.output_dir, ignore_errors=True)  # a folder this run made and left empty
             raise
 
@@ -213,13 +212,21 @@ class Engine:
         quiet = logging.getLogger("accelerate.utils.other")  # "Removed shared tensor": tied modules reload fine
         level = quiet.level
         quiet.setLevel(logging.ERROR)
+        then = (f"; the last good checkpoint is {self.last_good} (free space, then --resume {self.last_good})"
+                if self.last_good else "; no checkpoint was saved before it")
         try:
-            self.accelerator.save_state(str(path))
+            with write_errors(path.parent, f"checkpoint {path.name}", then=then):
+                self.accelerator.save_state(str(path))
+                self.write_config(path / "train_config.yaml")
+                if self.main:
+                    ckpt.write_state(path, {"step": self.step, **hooks.position(), "max_steps": self.max_steps})
+        except SetupError:
+            if self.main and not (path / ckpt.STATE_FILE).is_file():
+                shutil.rmtree(path, ignore_errors=True)  # never resumed from (no trainer_state.json): free its space
+            raise
         finally:
             quiet.setLevel(level)
-        self.write_config(path / "train_config.yaml")
         if self.main:
-            ckpt.write_state(path, {"step": self.step, **hooks.position(), "max_steps": self.max_steps})
             ckpt.prune_checkpoints(self.output_dir, keep=self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
         self.last_good = path
