@@ -8,7 +8,6 @@ Two kinds share one call, ``forward(expr (B, G) over self.genes, *, input_kind) 
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -273,14 +272,13 @@ def write_weights_folder(path: str | os.PathLike, meta: dict, module: nn.Module)
     """Write ``path/config.json`` (``meta``) and ``path/model.safetensors`` (``module``'s state dict)."""
     from safetensors.torch import save_file
 
-    from stofm.util.safe_files import sha256_of
+    from stofm.util.safe_files import write_described_tensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()},
-              str(path / "model.safetensors"))
-    meta = {**meta, "weights_sha256": sha256_of(path / "model.safetensors")}
-    (path / "config.json").write_text(json.dumps(meta, indent=1))
+    write_described_tensors(path / "config.json", path / "model.safetensors", lambda f: save_file(
+        {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}, str(f)), meta,
+        key="weights_sha256", indent=1)
     return path
 
 

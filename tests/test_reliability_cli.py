@@ -259,3 +259,37 @@ def test_predict_refuses_an_unwritable_out_before_embedding(tmp_path, one_line, 
     one_line(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", str(predict_setup["h5ad"]),
               "--image", str(predict_setup["image"]), "--reference", str(predict_setup["shards"]), "--out", out,
               "--quiet"], needle)
+
+
+def test_banks_and_checkpoints_are_replaced_whole_or_not_at_all(tmp_path, predict_setup, monkeypatch):
+    import errno
+
+    import safetensors.numpy
+    import safetensors.torch
+
+    import stalign
+    from stalign.models.factory import save_checkpoint
+    from stalign.tasks.retrieval import ReferenceBank
+    from stofm.util.errors import SetupError
+
+    rng = np.random.default_rng(0)
+    bank = ReferenceBank(embeddings=rng.normal(size=(6, 4)), expression=rng.uniform(size=(6, 3)), genes=list("abc"))
+    bank.save(tmp_path / "bank")
+    ckpt = save_checkpoint(predict_setup["model"], tmp_path / "ckpt")
+    before = {p.name: p.read_bytes() for p in [*(tmp_path / "bank").iterdir(), *ckpt.iterdir()]}
+
+    def full_disk(_tensors, filename, *args, **kwargs):  # half the file, then no space left
+        Path(filename).write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", full_disk)
+    monkeypatch.setattr(safetensors.torch, "save_model", full_disk)
+    with pytest.raises(SetupError, match=f"bank.safetensors in {tmp_path / 'bank'}: the disk is full"):
+        ReferenceBank(embeddings=rng.normal(size=(2, 4)), expression=np.ones((2, 3)), genes=list("abc")).save(
+            tmp_path / "bank")
+    with pytest.raises(SetupError, match="model.safetensors .* the disk is full"):
+        save_checkpoint(stalign.create_model("stalign-tiny", n_genes=3), ckpt)
+    after = {p.name: p.read_bytes() for p in [*(tmp_path / "bank").iterdir(), *ckpt.iterdir()]}
+    assert after == before  # the old files, whole, and no temporary left
+    assert len(ReferenceBank.load(tmp_path / "bank")) == 6 and stalign.load_checkpoint(ckpt).genes == \
+        predict_setup["model"].genes

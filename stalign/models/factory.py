@@ -169,7 +169,7 @@ def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] 
     from safetensors.torch import save_model
 
     from stalign import __version__
-    from stofm.util.safe_files import sha256_of
+    from stofm.util.safe_files import write_described_tensors
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -183,9 +183,8 @@ def save_checkpoint(model, path: str | os.PathLike, *, training: dict[str, Any] 
             "genes": list(model.genes), "config": config}
     if getattr(model, "crop_spec", None) is not None:  # the crops it was trained on: predict cuts the same
         meta["crop"] = model.crop_spec.to_dict()
-    save_model(model, str(path / "model.safetensors"))
-    meta["weights_sha256"] = sha256_of(path / "model.safetensors")
-    (path / "config.json").write_text(json.dumps(meta, indent=1))
+    write_described_tensors(path / "config.json", path / "model.safetensors", lambda f: save_model(model, str(f)),
+                            meta, key="weights_sha256", indent=1)
     from stalign.models.hub import model_card
 
     (path / "README.md").write_text(model_card(model, training=training))  # the Hugging Face model card

@@ -8,7 +8,6 @@ head its state dict.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -91,16 +90,15 @@ def save_head(head: Any, path: str | Path, *, embedding: dict | None = None) -> 
     settings, what embedding it expects, the arrays' sha256)."""
     from safetensors.numpy import save_file
 
-    from stofm.util.safe_files import sha256_of
+    from stofm.util.safe_files import write_described_tensors
 
     arrays, settings = _arrays(head)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(path / "head.safetensors"))
     info = {"format": HEAD_FORMAT, "version": HEAD_VERSION, "kind": head.kind, "genes": getattr(head, "genes", None),
-            "classes": _classes(head), "settings": settings, "embedding": embedding or {},
-            "sha256": sha256_of(path / "head.safetensors")}
-    (path / "head.json").write_text(json.dumps(info, indent=1))
+            "classes": _classes(head), "settings": settings, "embedding": embedding or {}}
+    write_described_tensors(path / "head.json", path / "head.safetensors", lambda f: save_file(
+        {k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(f)), info, indent=1)
     return path
 
 

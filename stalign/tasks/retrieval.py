@@ -71,15 +71,15 @@ class ReferenceBank:
         """Write ``path/bank.safetensors`` (embeddings, expression) and ``path/bank.json`` (genes, meta)."""
         from safetensors.numpy import save_file
 
+        from stofm.util.safe_files import write_described_tensors
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
-        from stofm.util.safe_files import sha256_of
-
-        save_file({"embeddings": self.embeddings, "expression": self.expression}, str(path / "bank.safetensors"))
         meta = {k: v.tolist() for k, v in self.meta.items()}
-        sha = sha256_of(path / "bank.safetensors")
-        (path / "bank.json").write_text(json.dumps({"format": BANK_FORMAT, "version": 1, "genes": self.genes,
-                                                    "meta": meta, "info": self.info, "sha256": sha}))
+        sha = write_described_tensors(
+            path / "bank.json", path / "bank.safetensors",
+            lambda f: save_file({"embeddings": self.embeddings, "expression": self.expression}, str(f)),
+            {"format": BANK_FORMAT, "version": 1, "genes": self.genes, "meta": meta, "info": self.info})
         for desc in path.glob("index-*.json"):  # cached faiss indexes of earlier contents of this folder
             try:
                 stale = json.loads(desc.read_text()).get("bank_sha256") != sha

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 
 PathLike = str | os.PathLike
 
@@ -89,6 +90,20 @@ def read_described_tensors(info_file: PathLike, tensor_file: PathLike, *, fmt: s
         raise DamagedFileError(f"{info_file}: format {got!r} is not {fmt!r}")
     sha = info.get("sha256") or info.get("weights_sha256")
     return info, load_tensors(tensor_file, what=what, framework=framework, sha256=sha)
+
+
+def write_described_tensors(info_file: PathLike, tensor_file: PathLike, write: Any, info: dict[str, Any], *,
+                            key: str = "sha256", indent: int | None = None) -> str:
+    """The writer of :func:`read_described_tensors`: ``write(path)`` saves the tensors, then the JSON ``info`` with
+    their sha256 under ``key``; each file under a temporary name renamed into place
+    (:func:`~stofm.util.output_paths.atomic_write_path`: a crash or a full disk never leaves a half file, at worst
+    new tensors beside the old description, which the checksum refuses). Returns the sha256."""
+    with atomic_write_path(tensor_file) as tmp:
+        write(tmp)
+        sha = sha256_of(tmp)
+    with atomic_write_path(info_file) as tmp:
+        tmp.write_text(json.dumps({**info, key: sha}, indent=indent))
+    return sha
 
 
 def _all_finite(value: Any) -> bool:
