@@ -3,6 +3,7 @@ on stderr naming the file or value, no traceback, nothing written at the output.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -293,3 +294,25 @@ def test_banks_and_checkpoints_are_replaced_whole_or_not_at_all(tmp_path, predic
     assert after == before  # the old files, whole, and no temporary left
     assert len(ReferenceBank.load(tmp_path / "bank")) == 6 and stalign.load_checkpoint(ckpt).genes == \
         predict_setup["model"].genes
+
+
+def test_a_prediction_records_the_absolute_slide_path_for_heatmaps_from_another_folder(tmp_path, predict_setup,
+                                                                                       monkeypatch):
+    import anndata as ad
+
+    from stalign.cli import main
+
+    work, other = tmp_path / "work", tmp_path / "other"
+    work.mkdir()
+    other.mkdir()
+    shutil.copy(predict_setup["image"], work / "slide.jpg")
+    shutil.copy(predict_setup["h5ad"], work / "spots.h5ad")
+    monkeypatch.chdir(work)
+    assert main(["predict", "--model", str(predict_setup["ckpt"]), "--h5ad", "spots.h5ad", "--image", "slide.jpg",
+                 "--reference", str(predict_setup["shards"]), "--out", "pred.h5ad", "--heatmap-genes", "none",
+                 "--quiet"]) == 0
+    assert ad.read_h5ad(work / "pred.h5ad").uns["stalign"]["slide"] == str(work / "slide.jpg")
+    monkeypatch.chdir(other)
+    gene = predict_setup["manifest"]["genes"][0]
+    assert main(["heatmaps", str(work / "pred.h5ad"), "--genes", gene, "--out", "maps"]) == 0
+    assert (other / "maps" / f"{gene}.png").is_file()

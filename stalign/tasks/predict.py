@@ -252,7 +252,8 @@ def predict_slide(model: Any, slide: Any, *, reference: Any = None, coords: Any 
     names = list(barcodes) if barcodes is not None else [f"tile_{i}" for i in range(len(coords))]
     if len(names) != len(coords):
         raise InputError(f"{len(names)} barcodes for {len(coords)} spots")
-    settings = {"slide": str(slide.path), "um_per_px": float(slide.um_per_px),
+    settings = {"slide": str(Path(slide.path).resolve()),  # absolute: heat maps redrawn from any folder
+                "um_per_px": float(slide.um_per_px),
                 "pixel_size_source": slide.pixel_size_source, "pixel_size_note": getattr(slide, "pixel_size_note", ""),
                 **crop.to_dict(), "tiled": e["tiled"],
                 "k": int(k), "temperature": float(temperature), "index": index, "niche_weight": float(niche_weight), "X": x_source,
