@@ -316,3 +316,25 @@ def test_a_prediction_records_the_absolute_slide_path_for_heatmaps_from_another_
     gene = predict_setup["manifest"]["genes"][0]
     assert main(["heatmaps", str(work / "pred.h5ad"), "--genes", gene, "--out", "maps"]) == 0
     assert (other / "maps" / f"{gene}.png").is_file()
+
+
+@pytest.mark.parametrize(("flag", "content", "needle"), [
+    ("--genes", None, "1 of 1 query genes are not in the model's panel"),
+    ("--expression", "geneA,1.0\n", "--expression"), ("--expression", "\x00\x01binary,x\n", "not a CSV of gene,value"),
+    ("--expression", "", "no finite value for 20 of the panel")])
+def test_retrieve_signature_checks_the_signature_before_embedding(tmp_path, one_line, predict_setup, monkeypatch,
+                                                                  flag, content, needle):
+    import stalign.tasks.embed as embed
+    import stalign.tasks.predict as predict
+
+    for module, name in ((predict, "embed_slide"), (embed, "load_reference")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("embedded before checking the signature"))
+    if flag == "--genes":
+        value = ["NOT_A_GENE"]
+    else:
+        (tmp_path / "profile.csv").write_text(content)
+        value = [str(tmp_path / "profile.csv")]
+    one_line(["retrieve", "signature", "--model", str(predict_setup["ckpt"]), "--reference",
+              str(predict_setup["shards"]), "--h5ad", str(predict_setup["h5ad"]), "--image", str(predict_setup["image"]),
+              "--out", str(tmp_path / "sig.png"), flag, *value], needle)
+    assert not (tmp_path / "sig.png").exists()

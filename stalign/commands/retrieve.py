@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from stalign.commands.common_args import (
     add_cache_args,
@@ -64,14 +65,14 @@ def run_bank(args: argparse.Namespace) -> int:
     return 0
 
 
-def _embed(args: argparse.Namespace):
+def _embed(args: argparse.Namespace, model: Any = None):
     """(bank, embed_slide's result, spot names) of the query slide; the slide input is read and checked against
-    the reference (``checked_reference``) before anything is embedded."""
+    the reference (``checked_reference``) before anything is embedded. ``model``: already loaded."""
     import stalign
     from stalign.tasks.embed import load_reference
     from stalign.tasks.predict import checked_reference, drawn_spot_diameter_um, embed_slide
 
-    model = stalign.load_checkpoint(args.model)
+    model = model if model is not None else stalign.load_checkpoint(args.model)
     query = slide_query(args)
     reference, crop, _ = checked_reference(model, args.reference, slide=query.slide, crop=crop_args(args),
                                            query_genes=query.genes)
@@ -101,25 +102,50 @@ def run_image(args: argparse.Namespace) -> int:
     return 0
 
 
+def _read_signature(args: argparse.Namespace, genes: list[str]) -> tuple[Any, str]:
+    """(signature: gene names or a vector over ``genes``, label) of ``--genes`` / ``--expression``, checked against
+    the model's panel (the reference's, which must equal it) before the slide is read or anything embedded."""
+    import numpy as np
+    import pandas as pd
+
+    from stalign.tasks.retrieval import gene_indices
+
+    if args.genes:
+        gene_indices(genes, list(args.genes), what="the model")
+        return list(args.genes), "signature " + "+".join(args.genes[:4])
+    path = Path(args.expression)
+    if not path.is_file():
+        raise FileNotFoundError(f"--expression {path}: file does not exist")
+    try:
+        table = pd.read_csv(path, header=None, names=["gene", "value"], dtype={"gene": str})
+        values = pd.to_numeric(table["value"], errors="raise").to_numpy(float)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as err:
+        raise InputError(f"--expression {path}: not a CSV of gene,value rows ({' '.join(str(err).split())[:120]})"
+                         ) from None
+    try:
+        cols = gene_indices(genes, table["gene"].tolist(), what="the model")
+    except InputError as err:
+        raise type(err)(f"--expression {path}: {err}") from None
+    signature = np.full(len(genes), np.nan)
+    signature[cols] = values
+    if not np.isfinite(signature).all():
+        missing = [g for g, v in zip(genes, signature) if not np.isfinite(v)]
+        raise InputError(f"--expression {path}: no finite value for {len(missing)} of the panel's genes, e.g. "
+                         f"{missing[:5]}")
+    return signature, f"signature {path.stem}"
+
+
 def run_signature(args: argparse.Namespace) -> int:
     import numpy as np
     import pandas as pd
 
+    import stalign
     from stalign.tasks.heatmaps import plot_gene_heatmaps
-    from stalign.tasks.retrieval import gene_indices, query_signature
+    from stalign.tasks.retrieval import query_signature
 
-    bank, e, barcodes = _embed(args)
-    if args.genes:
-        signature, label = list(args.genes), "signature " + "+".join(args.genes[:4])
-    else:
-        table = pd.read_csv(args.expression, header=None, names=["gene", "value"])
-        cols = gene_indices(bank.genes, table["gene"].astype(str).tolist(), what="the reference")
-        signature = np.full(len(bank.genes), np.nan)
-        signature[cols] = table["value"].to_numpy(float)
-        if np.isnan(signature).any():
-            missing = [g for g, v in zip(bank.genes, signature) if np.isnan(v)]
-            raise InputError(f"{args.expression}: no value for {len(missing)} reference genes, e.g. {missing[:5]}")
-        label = f"signature {Path(args.expression).stem}"
+    model = stalign.load_checkpoint(args.model)
+    signature, label = _read_signature(args, list(model.genes))  # before anything is read or embedded
+    bank, e, barcodes = _embed(args, model)
     scores = query_signature(signature, bank=bank, embeddings=e["embeddings"], top=args.top)
     out = Path(args.out)
     thumb, ds = e["slide"].thumbnail(1024)
