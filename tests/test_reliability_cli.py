@@ -338,3 +338,23 @@ def test_retrieve_signature_checks_the_signature_before_embedding(tmp_path, one_
               str(predict_setup["shards"]), "--h5ad", str(predict_setup["h5ad"]), "--image", str(predict_setup["image"]),
               "--out", str(tmp_path / "sig.png"), flag, *value], needle)
     assert not (tmp_path / "sig.png").exists()
+
+
+@pytest.mark.parametrize(("command", "flag"), [("bench", "--latent-dim"), ("bench", "--folds"),
+                                               ("fewshot", "--latent-dim")])
+def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path, one_line, predict_setup, monkeypatch,
+                                                                command, flag):
+    import stalign.tasks.bench as bench
+    import stalign.tasks.embed as embed
+    from stalign.tasks.hest import RidgeProbe
+
+    monkeypatch.setattr(bench, "bench_shards", lambda *a, **k: pytest.fail("benchmarked before checking the flags"))
+    monkeypatch.setattr(embed, "embed_shards", lambda *a, **k: pytest.fail("embedded before checking the flags"))
+    value = "0" if flag == "--latent-dim" else "1"
+    rest = (["--encoders", str(predict_setup["ckpt"]), "--out", str(tmp_path / "t.csv")] if command == "bench" else
+            ["--model", str(predict_setup["ckpt"]), "--out", str(tmp_path / "head")])
+    one_line([command, "--shards", str(predict_setup["shards"]), flag, value, *rest],
+             f"{flag} must be >= {1 if flag == '--latent-dim' else 2}, got {value}")
+    assert not list(tmp_path.iterdir())
+    with pytest.raises(InputError, match="latent_dim"):
+        RidgeProbe(latent_dim=0)

@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
+from typing import Any
 
-from stalign.commands.common_args import add_cache_args, add_run_args
+from stalign.commands.common_args import add_cache_args, add_run_args, check_at_least
 from stalign.tasks.bench_folds import SCHEMES
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     if bool(args.shards) == bool(args.hest_bench):
         raise InputError("give either --shards (own data) or --hest-bench TASK_FOLDER (the HEST-Benchmark)")
+    check_at_least(args, latent_dim=1, folds=2, genes=0, batch_size=1)  # before any encoder is loaded
     if args.hest_bench:
         return _run_hest(args)
     from stalign.tasks.bench_folds import read_patients
@@ -68,10 +70,7 @@ def run(args: argparse.Namespace) -> int:
           f"{args.genes or 'all'} genes per fold, chosen on its training spots (own genes/folds: not comparable "
           f"with the HEST leaderboard; use --hest-bench for that)")
     print(table.attrs["feature_store"])
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
-        print(f"table -> {args.out}")
+    _write_table(table, args.out)
     import sys
 
     for spec, message in table.attrs.get("failed", {}).items():
@@ -91,9 +90,13 @@ def _run_hest(args: argparse.Namespace) -> int:
               f"{r['pearson_std']:.4f}  MSE {r['mse']:.4f} ({r['splits']} splits; {r['variant']}"
               f"{'; ' + r['precision'] if r['precision'] else ''})"
               f"{'  <- row to beat' if r['to_beat'] else ''}")
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        table.to_csv(args.out, index=False)
-        print(f"table -> {args.out}")
+    _write_table(table, args.out)
     return 0
 
+
+def _write_table(table: Any, out: str | None) -> None:
+    """The table as CSV at ``out`` (if given), whole or not at all (a temporary renamed into place)."""
+    if out:
+        with atomic_write_path(out) as tmp:
+            table.to_csv(tmp, index=False)
+        print(f"table -> {out}")

@@ -85,6 +85,15 @@ def index_args(args: argparse.Namespace) -> dict:
     return {"index": args.index, "index_params": params or None}
 
 
+def check_at_least(args: argparse.Namespace, **minimum: int) -> None:
+    """``InputError`` naming the first flag (``latent_dim=1`` checks ``--latent-dim``) whose value is below its
+    minimum; flags not given (None) pass."""
+    for name, low in minimum.items():
+        value = getattr(args, name, None)
+        if value is not None and value < low:
+            raise InputError(f"--{name.replace('_', '-')} must be >= {low}, got {value}")
+
+
 def add_run_args(p: argparse.ArgumentParser, *, workers: int = 0, seed: bool = False) -> None:
     """--batch-size, --workers, --device, [--seed], --quiet, --debug."""
     p.add_argument("--batch-size", type=int, default=32, help="crops per batch (default 32)")

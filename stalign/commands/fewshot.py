@@ -7,6 +7,7 @@ from stalign.commands.common_args import (
     add_cache_args,
     add_run_args,
     add_slide_source_args,
+    check_at_least,
     read_slide_sample,
     sample_input,
 )
@@ -60,6 +61,7 @@ def run(args: argparse.Namespace) -> int:
     from stalign.tasks.hest import cross_validate, group_splits
     from stalign.tasks.retrieval import gene_indices
 
+    check_at_least(args, latent_dim=1, epochs=1, hidden=1, folds=2, batch_size=1)
     if args.labels and args.kind not in ("prototype", "logistic"):
         raise InputError(f"--labels {args.labels}: region labels need --kind prototype or logistic")
     model = None

@@ -115,6 +115,8 @@ class RidgeProbe:
 
     def __init__(self, *, latent_dim: int | None = 256, alpha: float | None = None, fit_intercept: bool = False,
                  seed: int = 1) -> None:
+        if latent_dim is not None and latent_dim < 1:
+            raise InputError(f"latent_dim (PCA components) must be >= 1 (or None: no PCA), got {latent_dim}")
         self.latent_dim, self.alpha, self.fit_intercept, self.seed = latent_dim, alpha, fit_intercept, seed
         self.pipe: Any = None
 
