@@ -358,3 +358,14 @@ def test_counts_below_their_minimum_are_refused_before_any_work(tmp_path, one_li
     assert not list(tmp_path.iterdir())
     with pytest.raises(InputError, match="latent_dim"):
         RidgeProbe(latent_dim=0)
+
+
+def test_train_names_the_manifest_entry_without_a_shard(tmp_path, one_line, predict_setup):
+    shards = shutil.copytree(predict_setup["shards"], tmp_path / "shards")
+    manifest = json.loads((shards / "manifest.json").read_text())
+    del manifest["slides"][0]["shard"]
+    (shards / "manifest.json").write_text(json.dumps(manifest))
+    one_line(["train", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "tiny_test.yaml"),
+              f"data={shards}", f"output_dir={tmp_path / 'run'}"], f"{shards / 'manifest.json'}: slide entry 1",
+             "lacks ['shard']")
+    assert not (tmp_path / "run").exists()
