@@ -110,7 +110,8 @@ def evaluate_model(model: Any, root: str | Path, truth: ShardTruth, *, train: np
     from stalign.tasks.retrieval import ReferenceBank
     from stalign.training.metrics import retrieval_metrics
 
-    emb = embed_shards(model, root, niche_weight=niche_weight, progress=False, device="cpu")
+    emb = embed_shards(model, root, niche_weight=niche_weight, progress=False, device="cpu",
+                       cache=False)  # one trained model, one use: not kept in the feature store
     y = emb["expression"].astype(np.float64)
     img, gene = emb["image"], emb["gene"]
     rm = retrieval_metrics(torch.from_numpy(img[test]), torch.from_numpy(gene[test]), ks=(1, 10))
