@@ -174,19 +174,7 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     if image is not None:
         image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["grid", "metadata", "spot-diameter"]
     else:
-        found = [(spatial / name, key) for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
-                                                         ("tissue_lowres_scalef", "tissue_lowres_image.png"))
-                 if (spatial / name).is_file() and key in scalefactors]
-        if not found:
-            raise FileNotFoundError(f"{spatial}: no tissue_hires_image.png/tissue_lowres_image.png with a scale "
-                                    f"factor in {sf_path.name}; pass the full-resolution image")
-        usable = [(p, k) for p, k in found if not is_uniform_image(p)]
-        if usable and usable[0] != found[0]:
-            import warnings
-
-            warnings.warn(f"{found[0][0]} is a blank/uniform placeholder; using {usable[0][0].name} instead",
-                          stacklevel=2)
-        image_path, key = (usable or found)[0]
+        image_path, key = spaceranger_png(spatial, scalefactors, sf_path)
         scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
         auto = ["grid", "spot-diameter"]
     coords = coords * scale
@@ -231,6 +219,24 @@ def _match_barcodes(barcodes, positions, matrix_path: Path, positions_path: Path
         warnings.warn(f"{len(absent)} in-tissue positions of {positions_path} have no counts in {matrix_path} "
                       f"(a subset or trimmed matrix?), e.g. {examples(absent)}; using the matrix's "
                       f"{len(barcodes)} barcodes", stacklevel=3)
+
+
+def spaceranger_png(spatial: Path, scalefactors: dict, sf_path: Path) -> tuple[Path, str]:
+    """The hires PNG of a Space Ranger ``spatial`` folder and its scale-factor key, else the lowres one (also when
+    the hires one is a blank/uniform placeholder, with a warning); one error when neither has a scale factor."""
+    found = [(spatial / name, key) for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
+                                                     ("tissue_lowres_scalef", "tissue_lowres_image.png"))
+             if (spatial / name).is_file() and key in scalefactors]
+    if not found:
+        raise FileNotFoundError(f"{spatial}: no tissue_hires_image.png/tissue_lowres_image.png with a scale "
+                                f"factor in {sf_path.name}; pass the full-resolution image")
+    usable = [(p, k) for p, k in found if not is_uniform_image(p)]
+    if usable and usable[0] != found[0]:
+        import warnings
+
+        warnings.warn(f"{found[0][0]} is a blank/uniform placeholder; using {usable[0][0].name} instead",
+                      stacklevel=3)
+    return (usable or found)[0]
 
 
 def is_uniform_image(path: Path, *, max_std: float = 2.0) -> bool:

@@ -23,7 +23,7 @@ from stalign.data.pixel_size import (
     settle_pixel_size,
     spot_diameter_candidate,
 )
-from stalign.data.readers import is_uniform_image
+from stalign.data.readers import spaceranger_png
 from stalign.data.sample import SlideSample, check_sample
 from stalign.data.slide import check_um_per_px, open_slide
 from stalign.data.tenx import POSITION_COLUMNS, read_10x_h5, read_scalefactors
@@ -120,17 +120,6 @@ def _hd_candidates(scalefactors: dict, positions: Any, bin_um: int, scale: float
     return out
 
 
-def _png_image(spatial: Path, scalefactors: dict, sf_path: Path) -> tuple[Path, str]:
-    found = [(spatial / name, key) for key, name in (("tissue_hires_scalef", "tissue_hires_image.png"),
-                                                     ("tissue_lowres_scalef", "tissue_lowres_image.png"))
-             if (spatial / name).is_file() and key in scalefactors]
-    if not found:
-        raise FileNotFoundError(f"{spatial}: no tissue_hires_image.png/tissue_lowres_image.png with a scale factor "
-                                f"in {sf_path.name}; pass the full-resolution image")
-    usable = [f for f in found if not is_uniform_image(f[0])] or found
-    return usable[0]
-
-
 def _run_name(bin_dir: Path) -> str:
     """The Space Ranger run folder's name (``RUN/outs/binned_outputs/square_XXXum``), else the bin's parent's."""
     root = bin_dir.parent
@@ -187,7 +176,7 @@ def read_visium_hd(folder: str | os.PathLike, *, bin_um: int | None = None, imag
     if image is not None:
         image_path, scale, scale_note = Path(image), 1.0, "full-res"
     else:
-        image_path, key = _png_image(spatial, scalefactors, sf_path)
+        image_path, key = spaceranger_png(spatial, scalefactors, sf_path)
         scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
     coords = pos[["x", "y"]].to_numpy(np.float64) * scale
     adata.obs["in_tissue"] = True
