@@ -73,9 +73,10 @@ def main() -> None:
         rows = run_ablation(s)
     except AblationError as err:
         raise SystemExit(f"error: {err}") from None
-    world = (f"synth v3, {s.sites} sites x {s.slides_per_site} slides" if s.version == 3
-             else f"synth v2, {s.slides} slides")
-    notes = [f"{world} x {s.spots} spots at {s.um_per_px} µm/px, splits {', '.join(s.splits)}, {s.genes} genes, "
+    world = (f"shards {s.shards}" if s.shards is not None
+             else f"synth v3, {s.sites} sites x {s.slides_per_site} slides x {s.spots} spots at {s.um_per_px} µm/px"
+             if s.version == 3 else f"synth v2, {s.slides} slides x {s.spots} spots at {s.um_per_px} µm/px")
+    notes = [f"{world}, splits {', '.join(s.splits)}, {s.genes} genes, "
              f"{s.patch_px}-px crops, {s.steps} steps per run (batch {s.batch_size}), seeds {s.seeds}, "
              f"{'stalign-tiny' if s.tiny_model else 'stalign-demo with a frozen ImageNet EfficientNet-Lite0'}, "
              f"{time.perf_counter() - started:.0f} s in all; rows: {s.out / 'ablation_rows.csv'}"]
