@@ -219,7 +219,7 @@ def test_cli_version_flag_and_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    ({"version": 3}, "version must be one of"), ({"n_domains": 1}, "n_domains must lie in"),
+    ({"version": 4}, "version must be one of"), ({"n_domains": 1}, "n_domains must lie in"),
     ({"domain_layout": "rings"}, "domain_layout must be one of"), ({"n_classes": 1}, "n_classes >= 2"),
     ({"n_genes": 60}, "n_genes=60 is too small"),
 ])
