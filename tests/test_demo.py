@@ -160,7 +160,7 @@ def test_short_ablation_table(run):
     rows = {r["method"]: r for r in summary["tables"][demo_ablation.ABLATION_TABLE]}
     assert {"spot image only (spot loss)", "+ niche image (spot + niche losses)", "three targets, project variant"
             } <= set(rows)
-    assert any(m.startswith("neighbour average") for m in rows) and any(m.startswith("ImageNet") for m in rows)
+    assert any(m.startswith("neighbour average") for m in rows) and any(m.startswith("ImageNet") for m in rows), list(rows)
     for r in rows.values():
         for key in ("r spot genes", "r context genes"):
             assert -1.0 <= float(r[key]) <= 1.0

@@ -180,7 +180,7 @@ def test_predict_reuses_the_reference_bank_it_embedded(setup, tmp_path, monkeypa
     from stalign.tasks.predict import predict_slide
 
     shards = tmp_path / "shards"
-    shutil.copytree(setup["shards"], shards)
+    shutil.copytree(setup["shards"], shards, ignore=shutil.ignore_patterns("features"))  # no other test's store
     model = stalign.load_checkpoint(setup["ckpt"])
     coords = _shard(setup)["coords_px"][:5]
     kw = dict(reference=shards, coords=coords, um_per_px=0.6149, k=3, progress=False)
