@@ -176,31 +176,31 @@ def sample_input(args: argparse.Namespace) -> str | None:
 
 
 def read_slide_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
-    """(the ``SlideSample`` of the reader input given, the spot diameter in µm that input defines or None)."""
-    from stalign.data import readers
+    """(the ``SlideSample`` of the reader input given, the spot diameter in µm that input defines or None), read
+    by the one dispatch of slide inputs (``stalign.data.sample_spec.read_sample_spec``) after the paths are
+    checked."""
+    from stalign.data.sample_spec import read_sample_spec
 
-    common = {"um_per_px": args.um_per_px, "pixel_size_from": args.pixel_size_from}
     if args.hest:
         root, sample_id = args.hest
         _must_exist(root, "HEST-1k folder")
-        return readers.read_hest(root, sample_id, **common), None
-    if args.h5ad:
+        row, spot_um = {"hest": root, "id": sample_id}, None
+    elif args.h5ad:
         if not args.image:
             raise InputError(f"--h5ad {args.h5ad} needs --image (the slide its obsm['spatial'] is in)")
         _must_exist(args.h5ad, "AnnData file")
         _must_exist(args.image, "slide image")
-        return readers.read_anndata_image(args.h5ad, args.image, **common), None
-    if args.image:
-        _must_exist(args.image, "slide image")
-    if args.spaceranger:
-        _must_exist(args.spaceranger, "Space Ranger folder")
-        return readers.read_spaceranger(args.spaceranger, image=args.image, tissue_from="in_tissue",
-                                        **common), VISIUM_SPOT_UM
-    from stalign.data.visium_hd import read_visium_hd
-
-    _must_exist(args.visium_hd, "Visium HD folder")
-    sample = read_visium_hd(args.visium_hd, bin_um=args.bin_um, image=args.image, **common)
-    return sample, float(sample.adata.uns["visium_hd"]["bin_um"])
+        row, spot_um = {"h5ad": args.h5ad, "image": args.image}, None
+    else:
+        if args.image:
+            _must_exist(args.image, "slide image")
+        key, what = ("spaceranger", "Space Ranger folder") if args.spaceranger else ("visium_hd", "Visium HD folder")
+        _must_exist(getattr(args, key), what)
+        row, spot_um = {key: getattr(args, key), "image": args.image}, VISIUM_SPOT_UM
+    sample = read_sample_spec(row, um_per_px=args.um_per_px, bin_um=args.bin_um, pixel_size_from=args.pixel_size_from)
+    if args.visium_hd:
+        spot_um = float(sample.adata.uns["visium_hd"]["bin_um"])
+    return sample, spot_um
 
 
 def _must_exist(path: str, what: str) -> None:
