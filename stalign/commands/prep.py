@@ -105,7 +105,6 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
     from functools import partial
 
     from stalign.data import readers
-    from stalign.data.visium_hd import read_visium_hd
 
     common = {"pixel_size_from": args.pixel_size_from, "crop_um": crop.niche_um,
               "make_unique": args.make_unique_genes}
@@ -113,20 +112,16 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
     h5ads, images = args.h5ad or [], args.image or []
     if len(h5ads) != len(images):
         raise InputError(f"give one --image per --h5ad (got {len(h5ads)} --h5ad and {len(images)} --image)")
-    out = [partial(readers.read_anndata_image, h, i, um_per_px=args.um_per_px, **geom, **common)
-           for h, i in zip(h5ads, images)]
-    sr = {"tissue_from": "image" if args.tissue_from == "image" else "in_tissue"}  # the reader keeps the call
-    out += [partial(readers.read_spaceranger, d, um_per_px=args.um_per_px, **sr, **geom, **common)
-            for d in args.spaceranger or []]
-    out += [partial(read_visium_hd, d, bin_um=args.bin_um, um_per_px=args.um_per_px, **sr, **common)
-            for d in args.visium_hd or []]
     if args.ids and not args.hest:
         raise InputError("--ids needs --hest ROOT")
+    rows = [{"h5ad": h, "image": i} for h, i in zip(h5ads, images)]
+    rows += [{"spaceranger": d} for d in args.spaceranger or []] + [{"visium_hd": d} for d in args.visium_hd or []]
     if args.hest:
-        for sid in args.ids or readers.list_hest_samples(args.hest):
-            out.append(partial(readers.read_hest, args.hest, sid, um_per_px=args.um_per_px, **geom, **common))
-    out += [partial(read_sample_spec, row, um_per_px=args.um_per_px, bin_um=args.bin_um, tissue_from=sr["tissue_from"],
-                    **geom, **common) for row in (read_sample_table(args.samples) if args.samples else [])]
+        rows += [{"hest": args.hest, "id": sid} for sid in args.ids or readers.list_hest_samples(args.hest)]
+    rows += read_sample_table(args.samples) if args.samples else []
+    tissue_from = "image" if args.tissue_from == "image" else "in_tissue"  # the reader keeps Space Ranger's call
+    out = [partial(read_sample_spec, row, um_per_px=args.um_per_px, bin_um=args.bin_um, tissue_from=tissue_from,
+                   **geom, **common) for row in rows]
     if not out:
         raise InputError("no slides given: use --h5ad/--image, --samples, --spaceranger, --visium-hd or --hest")
     return out
