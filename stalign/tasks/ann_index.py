@@ -82,8 +82,9 @@ def default_params(kind: str, n_rows: int) -> dict[str, int]:
 BUILD_KEYS = {"ivf": ("nlist",), "hnsw": ("M", "ef_construction")}
 
 
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, dtype=np.float32)
+def unit_rows(x: np.ndarray, dtype: Any = np.float32) -> np.ndarray:
+    """The rows of ``x`` L2-normalised, as ``dtype`` (a zero row stays zero)."""
+    x = np.asarray(x, dtype=dtype)
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
@@ -121,14 +122,14 @@ def build_index(embeddings: Any, kind: str, params: dict[str, int] | None = None
         rng = np.random.default_rng(seed)
         sample = np.sort(rng.choice(n, size=min(n, 40 * int(params["nlist"])), replace=False))
         index.cp.seed, index.cp.niter = seed, 10  # k-means centres only route queries: 10 rounds suffice
-        index.train(_unit(emb[sample]))  # faiss's wrapper keeps ``quantizer`` alive with the index
+        index.train(unit_rows(emb[sample]))  # faiss's wrapper keeps ``quantizer`` alive with the index
     elif kind == "hnsw":
         index = faiss.IndexHNSWFlat(dim, int(params["M"]), faiss.METRIC_INNER_PRODUCT)
         index.hnsw.efConstruction = int(params["ef_construction"])
     else:
         raise ValueError(f"build_index makes 'ivf' or 'hnsw' indexes, not {kind!r}")
     for s in tqdm(range(0, n, _CHUNK), desc=f"building {kind} index", unit="chunk", disable=not progress):
-        index.add(_unit(emb[s:s + _CHUNK]))
+        index.add(unit_rows(emb[s:s + _CHUNK]))
     return AnnIndex(kind=kind, params={k: int(v) for k, v in params.items()}, index=index)
 
 

@@ -8,13 +8,9 @@ from typing import Any
 
 import numpy as np
 
+from stalign.tasks.ann_index import unit_rows
 from stofm.util.errors import InputError
 from stofm.util.output_paths import atomic_write_path
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
 def cluster_domains(embeddings: np.ndarray, *, n_domains: int | None = None, method: str = "kmeans",
@@ -25,7 +21,7 @@ def cluster_domains(embeddings: np.ndarray, *, n_domains: int | None = None, met
     ``spatial_weight`` > 0 appends standardised ``coords`` scaled by that weight (smoother domains).
     k-means picks ``n_domains`` by silhouette over 2..10 when not given; Leiden uses ``resolution``.
     """
-    x = _unit(embeddings)
+    x = unit_rows(embeddings, np.float64)
     if spatial_weight > 0:
         if coords is None:
             raise InputError("spatial_weight > 0 needs coords")
@@ -37,7 +33,9 @@ def cluster_domains(embeddings: np.ndarray, *, n_domains: int | None = None, met
     if method == "kmeans":
         return _kmeans(x, n_domains, seed)
     if method == "leiden":
-        return _leiden(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
+        from stofm.leiden import leiden
+
+        return leiden(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
     raise InputError(f"unknown clustering method {method!r}: use 'kmeans' or 'leiden'")
 
 
@@ -56,12 +54,6 @@ def _kmeans(x: np.ndarray, n_domains: int | None, seed: int) -> np.ndarray:
         if score > best_score:
             best, best_score = labels, score
     return best if best is not None else np.zeros(len(x), dtype=int)
-
-
-def _leiden(x: np.ndarray, *, resolution: float, n_neighbors: int, seed: int) -> np.ndarray:
-    from stofm.leiden import leiden
-
-    return leiden(x, resolution=resolution, n_neighbors=n_neighbors, seed=seed)
 
 
 def score_domains(labels: Sequence[Any], annotations: Sequence[Any]) -> dict[str, float]:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.crop_spec import shard_crops
+from stalign.tasks.ann_index import unit_rows
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
 from stofm.util.errors import InputError
@@ -47,16 +48,16 @@ class PrototypeClassifier:
         self.prototypes_: np.ndarray | None = None
 
     def fit(self, embeddings: np.ndarray, labels: Sequence[Any]) -> PrototypeClassifier:
-        x = _unit(embeddings)
+        x = unit_rows(embeddings, np.float64)
         labels = np.asarray(labels)
         self.classes_ = np.unique(labels)
-        self.prototypes_ = _unit(np.stack([x[labels == c].mean(0) for c in self.classes_]))
+        self.prototypes_ = unit_rows(np.stack([x[labels == c].mean(0) for c in self.classes_]), np.float64)
         return self
 
     def predict_proba(self, embeddings: np.ndarray) -> np.ndarray:
         if self.prototypes_ is None:
             raise RuntimeError("PrototypeClassifier.predict before fit")
-        logits = _unit(embeddings) @ self.prototypes_.T / self.temperature
+        logits = unit_rows(embeddings, np.float64) @ self.prototypes_.T / self.temperature
         p = np.exp(logits - logits.max(1, keepdims=True))
         return p / p.sum(1, keepdims=True)
 
@@ -144,11 +145,6 @@ class ExpressionHead:
             raise RuntimeError("ExpressionHead.predict before fit")
         with torch.no_grad():
             return self.net(torch.as_tensor(np.asarray(embeddings, np.float32))).numpy()
-
-
-def _unit(x: np.ndarray) -> np.ndarray:
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(1e-12)
 
 
 def head_predict(head: Any, embeddings: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
