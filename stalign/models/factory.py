@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stofm.util.config_io import ConfigError
+from stofm.util.config_io import ConfigError, deep_merge
 from stofm.util.errors import InputError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "model_configs"
@@ -35,14 +35,6 @@ def model_config(name: str | os.PathLike) -> dict[str, Any]:
         raise InputError(f"unknown stalign model {str(name)!r}; known: {', '.join(list_models())} "
                          "(or a checkpoint folder / config .json)")
     return json.loads(f.read_text())
-
-
-def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """``base`` updated by ``extra``, recursing into nested dicts (copies; inputs untouched)."""
-    out = copy.deepcopy(dict(base))
-    for k, v in extra.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
-    return out
 
 
 def resolve_config(name: str | os.PathLike, overrides: Mapping[str, Any]) -> dict[str, Any]:

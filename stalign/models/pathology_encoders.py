@@ -31,6 +31,7 @@ from stalign.models.backbones import (
     strip_prefixes,
     timm_backbone,
 )
+from stofm.util.config_io import deep_merge
 from stofm.util.errors import InputError
 
 OPENAI_MEAN, OPENAI_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -140,13 +141,6 @@ class _OpenClipVisual(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
-def _deep_merge(base: dict, extra: dict) -> dict:
-    out = dict(base)
-    for k, v in extra.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-    return out
-
-
 def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """An open_clip model's image tower; a local file may hold the whole model or the ``visual`` tower only."""
     import open_clip
@@ -159,7 +153,7 @@ def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides:
         cfg = open_clip.get_model_config(name)
         if cfg is None:
             raise InputError(f"open_clip has no model config {name!r}; known: {', '.join(open_clip.list_models())}")
-        model = open_clip.create_model(name, pretrained=None, **_deep_merge(cfg, overrides))
+        model = open_clip.create_model(name, pretrained=None, **deep_merge(cfg, overrides))
         if pretrained:
             sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
             if any(k.startswith("visual.") for k in sd):

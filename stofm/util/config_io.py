@@ -1,6 +1,8 @@
 """YAML run configs: read a file into a mapping of keys, every failure one error naming the file."""
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +36,14 @@ def load_yaml(path: str | Path, *, what: str = "train config") -> dict[str, Any]
     if not isinstance(raw, dict):
         raise ConfigError(f"{what} {path}: expected a mapping of keys, got {type(raw).__name__}")
     return raw
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` updated by ``extra``, recursing into nested dicts (copies; inputs untouched)."""
+    out = copy.deepcopy(dict(base))
+    for k, v in extra.items():
+        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else copy.deepcopy(v)
+    return out
 
 
 def type_problem(value: Any, hint: Any) -> str | None:
