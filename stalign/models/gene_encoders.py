@@ -113,24 +113,26 @@ def _encode_spots(cell: nn.Module, expr: torch.Tensor) -> torch.Tensor:
     return rearrange(cell(rearrange(expr, "b m g -> (b m) g"), input_kind="log1p"), "(b m) d -> b m d", b=b)
 
 
-class MeanExprNiche(NicheEncoder):
-    """The cell encoder on the niche's mean expression (ST-Align's niche gene input)."""
+class _CellNiche(NicheEncoder):
+    """A niche encoder over the cell encoder's embeddings only (no SE(2): a given ``se2`` is not used)."""
 
-    def __init__(self, *, cell_encoder: nn.Module) -> None:
+    def __init__(self, *, cell_encoder: nn.Module, se2: nn.Module | None = None) -> None:
         super().__init__()
         self.cell, self.out_dim = cell_encoder, cell_encoder.out_dim
+
+
+@register_niche_encoder("mean_expr")
+class MeanExprNiche(_CellNiche):
+    """The cell encoder on the niche's mean expression (ST-Align's niche gene input)."""
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         _need(batch, "niche_expr")
         return self.cell(batch["niche_expr"], input_kind="log1p")
 
 
-class PoolNiche(NicheEncoder):
+@register_niche_encoder("pool")
+class PoolNiche(_CellNiche):
     """Masked mean of the cell-encoder embeddings of the spots inside the niche."""
-
-    def __init__(self, *, cell_encoder: nn.Module) -> None:
-        super().__init__()
-        self.cell, self.out_dim = cell_encoder, cell_encoder.out_dim
 
     def forward(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         _need(batch, "niche_spot_expr", "niche_spot_mask")
@@ -187,16 +189,6 @@ class SE2Niche(NicheEncoder):
             vpad = ~batch["virtual_mask"].bool() if "virtual_mask" in batch else None
         out = self.se2(emb, coords, ~batch["niche_spot_mask"].bool(), venb, vco, vpad)
         return out["cls"]
-
-
-@register_niche_encoder("mean_expr")
-def _mean_expr(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) -> NicheEncoder:
-    return MeanExprNiche(cell_encoder=cell_encoder, **cfg)
-
-
-@register_niche_encoder("pool")
-def _pool(*, cell_encoder: nn.Module, se2: nn.Module | None = None, **cfg: Any) -> NicheEncoder:
-    return PoolNiche(cell_encoder=cell_encoder, **cfg)
 
 
 @register_niche_encoder("se2")
