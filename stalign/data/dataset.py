@@ -24,12 +24,14 @@ _CACHED = ("expr", "niche_expr", "coords_um", "neighbors")
 
 
 class ShardDataset(torch.utils.data.Dataset):
-    """Spot/niche crops and expression from the shards under ``root`` (a ``torch`` map-style dataset)."""
+    """Spot/niche crops and expression from the shards under ``root`` (a ``torch`` map-style dataset);
+    ``images=False``: everything but the crops (training from stored image features reads no pixel)."""
 
     def __init__(self, root: str | os.PathLike, *, slides: Sequence[str | int] | None = None,
                  indices: Sequence[int] | np.ndarray | None = None, transform: Callable | None = None,
-                 niche_spots: int = 16) -> None:
+                 niche_spots: int = 16, images: bool = True) -> None:
         self.root = Path(root)
+        self.images = bool(images)
         self.manifest = read_manifest(self.root)
         self.genes: list[str] = list(self.manifest["genes"])
         self.transform = transform
@@ -143,9 +145,10 @@ class ShardDataset(torch.utils.data.Dataset):
         spot_expr[: len(nb)] = np.where(valid[:, None], a["expr"][nb_safe], 0)
         coords[: len(nb)] = np.where(valid[:, None], nb_xy, 0)
         mask[: len(nb)] = inside
+        crops = {"spot_image": self._image(f["spot_patches"][j]),
+                 "niche_image": self._image(f["niche_patches"][j])} if self.images else {}
         return {
-            "spot_image": self._image(f["spot_patches"][j]),
-            "niche_image": self._image(f["niche_patches"][j]),
+            **crops,
             "spot_expr": torch.from_numpy(a["expr"][j].astype(np.float32)),
             "niche_expr": torch.from_numpy(a["niche_expr"][j].astype(np.float32)),
             "niche_spot_expr": torch.from_numpy(spot_expr),
@@ -174,7 +177,8 @@ class ShardDataset(torch.utils.data.Dataset):
         g = self._indices[pos]
         slide = np.searchsorted(self._offsets, g, side="right") - 1
         b, m, n_genes, p = len(pos), self.niche_spots, len(self.genes), int(self.manifest["patch_px"])
-        out = {name: np.empty((b, p, p, 3), dtype=np.uint8) for name in ("spot_patches", "niche_patches")}
+        out = {name: np.empty((b, p, p, 3), dtype=np.uint8)
+               for name in (("spot_patches", "niche_patches") if self.images else ())}
         expr, niche_expr = np.empty((b, n_genes), np.float32), np.empty((b, n_genes), np.float32)
         spot_expr, coords = np.zeros((b, m, n_genes), np.float32), np.zeros((b, m, 2), np.float32)
         mask, xy = np.zeros((b, m), bool), np.empty((b, 2), np.float32)
@@ -207,9 +211,9 @@ class ShardDataset(torch.utils.data.Dataset):
         def image(name: str):
             return torch.from_numpy(out[name]).permute(0, 3, 1, 2)
 
+        crops = {"spot_image": image("spot_patches"), "niche_image": image("niche_patches")} if self.images else {}
         return {
-            "spot_image": image("spot_patches"), "niche_image": image("niche_patches"),
-            "spot_expr": torch.from_numpy(expr), "niche_expr": torch.from_numpy(niche_expr),
+            **crops, "spot_expr": torch.from_numpy(expr), "niche_expr": torch.from_numpy(niche_expr),
             "niche_spot_expr": torch.from_numpy(spot_expr), "niche_spot_coords": torch.from_numpy(coords),
             "niche_spot_mask": torch.from_numpy(mask), "coords_um": torch.from_numpy(xy),
             "stofm_units_per_um": torch.from_numpy(scalars[:, 0].copy()),

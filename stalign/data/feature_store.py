@@ -213,41 +213,46 @@ class FeatureStore:
 
 
 def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 64, device: str = "cpu",
-                          progress: bool = False) -> dict[str, np.ndarray]:
-    """(N, F) trunk features of every shard spot's ``spot`` and ``niche`` crop (manifest order) by ``model``'s
-    image encoders (``model.spot_image_encoder`` / ``niche_image_encoder``, in eval mode, fp32, no augmentation),
+                          progress: bool = False, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                          tag: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    """(N, F) trunk features of every shard spot's ``spot`` and ``niche`` crop (manifest order, i.e. global spot
+    index) by ``model``'s image encoders (``model.spot_image_encoder`` / ``niche_image_encoder``, in eval mode, fp32),
     through ``store``: what training with frozen image encoders feeds the model instead of the crops (an
-    ``ImageEncoder`` takes a (B, out_dim) float tensor as its features). Only valid for encoders with no trainable
+    ``ImageEncoder`` takes a (B, out_dim) float tensor as its features). ``transform`` (a batch dict -> the batch
+    with its ``spot_image`` / ``niche_image`` changed, e.g. one seeded augmentation view) runs on each batch of
+    uint8 crops first; ``tag`` (JSON-ready) names it in the store's key. Only valid for encoders with no trainable
     parameter."""
     import torch
     from tqdm import tqdm
 
     from stalign.data.dataset import ShardDataset, collate
 
-    out: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
     encoders = {"spot": model.spot_image_encoder, "niche": model.niche_image_encoder}
     for side, enc in encoders.items():
         if any(p.requires_grad for p in enc.parameters()):
             raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
-    ids = {side: {"kind": "frozen trunk", "spec": enc.spec, "weights_sha256": module_weights_sha256(enc),
-                  "preprocess": [getattr(enc, k, None) for k in ("input_size", "interpolation", "crop_pct", "mean",
-                                                                 "std")]}
-           for side, enc in encoders.items()}
+    identity = {"kind": "frozen trunks", **(dict(tag) if tag else {})}
+    for side, enc in encoders.items():
+        identity[side] = {"spec": enc.spec, "weights_sha256": module_weights_sha256(enc),
+                          "preprocess": [getattr(enc, k, None) for k in ("input_size", "interpolation", "crop_pct",
+                                                                         "mean", "std")]}
 
-    def compute(enc: Any, key: str, slide_id: str) -> dict[str, np.ndarray]:
-        ds = ShardDataset(store.root, slides=[slide_id])
-        loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, collate_fn=collate)
-        was, rows = enc.training, []
-        enc.eval().to(device)
-        with torch.inference_mode():
-            for batch in tqdm(loader, desc=f"{key} features of {slide_id}", disable=not progress):
-                rows.append(enc(batch[f"{key}_image"].to(device)).float().cpu().numpy())
-        enc.train(was)
-        return {"features": np.concatenate(rows)}
-
-    for slide_id in store.entries:
+    def compute(slide_id: str) -> dict[str, np.ndarray]:
+        loader = torch.utils.data.DataLoader(ShardDataset(store.root, slides=[slide_id]), batch_size=batch_size,
+                                             collate_fn=collate)
+        was = {side: enc.training for side, enc in encoders.items()}
+        rows: dict[str, list[np.ndarray]] = {"spot": [], "niche": []}
+        # fork_rng: computing (a store miss) must leave torch's RNG as a hit does, or the run would differ
+        with torch.random.fork_rng(devices=[]), torch.inference_mode():
+            for batch in tqdm(loader, desc=f"image features of {slide_id}", disable=not progress):
+                if transform is not None:
+                    batch = transform(batch)
+                for side, enc in encoders.items():
+                    enc.eval().to(device)
+                    rows[side].append(enc(batch[f"{side}_image"].to(device)).float().cpu().numpy())
         for side, enc in encoders.items():
-            identity = {**ids[side], "crop": side}  # a shared encoder still sees two crops
-            got = store.arrays(identity, ["features"], slide_id, lambda e=enc, k=side, s=slide_id: compute(e, k, s))
-            out[side].append(got["features"])
-    return {side: np.concatenate(parts) for side, parts in out.items()}
+            enc.train(was[side])
+        return {side: np.concatenate(parts) for side, parts in rows.items()}
+
+    parts = [store.arrays(identity, ["spot", "niche"], sid, lambda s=sid: compute(s)) for sid in store.entries]
+    return {side: np.concatenate([p[side] for p in parts]) for side in ("spot", "niche")}

@@ -29,7 +29,7 @@ def model_card(model: Any, *, training: dict[str, Any] | None = None) -> str:
              f"| gene encoder | `{cfg.gene.encoder}` (niche: `{cfg.gene.niche}`) |",
              f"| embedding | {cfg.embed_dim}-d |",
              f"| gene panel | {len(genes)} genes: {', '.join(genes[:20])}{' ...' if len(genes) > 20 else ''} |"]
-    for key in ("data", "steps", "spots"):
+    for key in ("data", "steps", "spots", "best_step"):
         if training.get(key) is not None:
             lines.append(f"| training {key} | {training[key]} |")
     for key, value in metrics.items():

@@ -32,6 +32,7 @@ class TrainConfig:
     augment: bool = True  # flips, rot90, colour jitter (and stain_jitter) on the training crops, batched on the device
     stain_jitter: float = 0.0  # HED stain jitter sigma (Tellez et al. 2018; e.g. 0.05): alpha ~ U(1-s, 1+s), beta ~ U(-s, s) per stain; 0: off
     num_workers: int = 0  # DataLoader worker processes
+    feature_views: int = 0  # >0: frozen image encoders; train on their stored trunk features of this many augmented views per crop (feature store), not on pixels
     # model
     model: str = "stalign-tiny"  # model config name (stalign-tiny/-demo/-base) or a config .json
     model_overrides: dict = dataclasses.field(default_factory=dict)  # keys of the model config to change
@@ -66,6 +67,8 @@ class TrainConfig:
     save_every: int = 500  # 0: no intermediate checkpoints
     keep_checkpoints: int = 2  # newest step_N folders kept (0 keeps all)
     val_max_spots: int = 5000  # cap on held-out spots used for the retrieval metrics
+    early_stop_patience: int = 0  # >0: stop when the held-out loss has not improved by early_stop_min_delta for this many evaluations (eval_every); the best weights are saved
+    early_stop_min_delta: float = 0.001  # the improvement of the held-out loss that counts for early_stop_patience
     stop_after_steps: int | None = None  # end this run early (time-boxed jobs); resume later
     tensorboard: bool = True  # also write TensorBoard scalars (if installed)
     progress: bool = True  # a progress bar
@@ -185,6 +188,10 @@ def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
         (cfg.warmup_steps >= 0 and cfg.max_grad_norm >= 0, "warmup_steps and max_grad_norm must be >= 0"),
         (cfg.weight_decay_end is None or cfg.weight_decay_end >= 0, "weight_decay_end must be >= 0"),
         (0.0 <= cfg.stain_jitter < 1.0, "stain_jitter must be in [0, 1)"),
+        (cfg.feature_views >= 0 and cfg.early_stop_patience >= 0 and cfg.early_stop_min_delta >= 0,
+         "feature_views, early_stop_patience and early_stop_min_delta must be >= 0"),
+        (cfg.early_stop_patience == 0 or (cfg.eval_every > 0 and cfg.val_fraction > 0),
+         "early_stop_patience needs held-out evaluations: set eval_every > 0 and val_fraction > 0"),
         (cfg.loss_kind != "paper" or cfg.hard_negative_clusters >= 2,
          "loss_kind=paper draws one negative from each other expression cluster of a slide: set "
          "hard_negative_clusters >= 2 (the paper: 6)"),

@@ -272,12 +272,14 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
                      seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,
                      n_virtual: int = 0, hard_negative_clusters: int = 0, paired_negatives: bool = False,
-                     virtual_embed: Callable[[np.ndarray], np.ndarray] | None = None) -> TrainData:
+                     virtual_embed: Callable[[np.ndarray], np.ndarray] | None = None,
+                     images: bool = True) -> TrainData:
     """Split the spots of the shards under ``root`` into train/validation datasets (see ``split_indices``);
     ``*_transforms`` are (spot, niche) crop transforms: ``BatchAugment`` pairs (batched, applied by the trainer:
     ``TrainData.augment`` / ``val_augment``) or per-sample callables (``SeededTransform``). ``paired_negatives``: training items carry one spot of each
     other expression cluster of their slide (``stalign.training.paired_negatives``; needs hard_negative_clusters).
-    ``virtual_embed``: the original SToFM's virtual cells from these cell embeddings (:func:`original_cell_embedder`)."""
+    ``virtual_embed``: the original SToFM's virtual cells from these cell embeddings (:func:`original_cell_embedder`).
+    ``images=False``: the datasets read no crop (training from stored features, ``stalign.training.stored_features``)."""
     from stalign.data.dataset import ShardDataset, split_indices
 
     root = Path(root)
@@ -297,8 +299,8 @@ def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_frac
         train_idx, val_idx = full.indices, np.zeros(0, dtype=np.int64)
     if len(train_idx) == 0:
         raise EmptyDataError(f"no training spots left under {root} after holding out {len(val_idx)} for validation")
-    train_shards = ShardDataset(root, indices=train_idx, niche_spots=niche_spots)
-    val_shards = ShardDataset(root, indices=val_idx, niche_spots=niche_spots) if len(val_idx) else None
+    train_shards = ShardDataset(root, indices=train_idx, niche_spots=niche_spots, images=images)
+    val_shards = ShardDataset(root, indices=val_idx, niche_spots=niche_spots, images=images) if len(val_idx) else None
     bank = None
     if n_virtual > 0:
         bank = VirtualCellBank([d for d in (train_shards, val_shards) if d is not None],

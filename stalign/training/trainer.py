@@ -25,6 +25,9 @@ class TrainResult:
     step: int  # optimizer steps done
     losses: list[tuple[int, float]]  # (step, mean training loss of that step) for the steps run here
     seconds: float
+    val_history: list[dict[str, float]] = dataclasses.field(default_factory=list)  # {"step", "val_loss", recall...}
+    stopped_early: bool = False  # early_stop_patience ended the run; the checkpoint holds the best weights
+    best_step: int | None = None  # the step of the lowest held-out loss (with early stopping)
 
 
 def train_from_config(source: str | Path | dict, *, resume: str | None = None, **overrides: Any) -> TrainResult:
@@ -115,7 +118,8 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
         engine.close()
         return TrainResult(checkpoint=final, output_dir=Path(cfg.output_dir), metrics=objective.metrics,
                            step=engine.step, losses=[(r["step"], r["loss"]) for r in engine.history],
-                           seconds=time.perf_counter() - started)
+                           seconds=time.perf_counter() - started, val_history=objective.val_history,
+                           stopped_early=objective.stopped_early, best_step=objective.best_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -134,8 +138,12 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
 
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, cpu=cfg.cpu,
                                    seed=cfg.seed, data_seed=cfg.seed)
+    from stalign.training.stored_features import StoredViews, check_frozen
+
     model = _model_parts(cfg, shard_genes(cfg.data))
     adopt_shard_crops(model, cfg.data)
+    if cfg.feature_views:
+        check_frozen(model)  # before any split, clustering or feature is computed
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
                             seed=cfg.seed, niche_spots=cfg.niche_spots,
                             train_transforms=_transforms(model, train=cfg.augment, stain=cfg.stain_jitter),
@@ -143,7 +151,15 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
                             val_max_spots=cfg.val_max_spots, n_virtual=cfg.virtual_cells,
                             hard_negative_clusters=cfg.hard_negative_clusters,
                             paired_negatives=cfg.loss_kind == "paper",
-                            virtual_embed=original_cell_embedder(model) if cfg.virtual_cells else None)
+                            virtual_embed=original_cell_embedder(model) if cfg.virtual_cells else None,
+                            images=not cfg.feature_views)
+    views = None
+    if cfg.feature_views:  # the frozen encoders' features of K augmented views, from the store (computed once)
+        views = StoredViews(model, cfg.data, views=cfg.feature_views, augment=data.augment if cfg.augment else None,
+                            plain=data.val_augment, seed=cfg.seed, progress=cfg.progress and accelerator.is_main_process,
+                            log=accelerator.print)
+        data.augment = data.val_augment = None  # the features are augmented already
+        accelerator.print(views.summary)
     train_dl, val_dl, batches_per_epoch = _loaders(cfg, data, accelerator)
     steps_per_epoch = math.ceil(batches_per_epoch / cfg.grad_accum)
     max_steps = cfg.epochs * steps_per_epoch if cfg.epochs else cfg.max_steps
@@ -163,7 +179,10 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
                     config=cfg.to_dict(), stop_at=cfg.stop_after_steps or None, max_grad_norm=cfg.max_grad_norm,
                     log_every=cfg.log_every, save_every=cfg.save_every, keep_checkpoints=cfg.keep_checkpoints,
                     tensorboard=cfg.tensorboard, progress=cfg.progress, desc="train")
-    objective = _Contrastive(cfg, data, loss_fn, train_dl, prepared[4] if val_dl else None)
+    val_loss_fn = ThreeTargetLoss(alpha=cfg.alpha, beta=cfg.beta, gather=False, check_finite=False,
+                                  kind="infonce" if cfg.loss_kind == "paper" else cfg.loss_kind)
+    objective = _Contrastive(cfg, data, loss_fn, train_dl, prepared[4] if val_dl else None, views=views,
+                             val_loss_fn=val_loss_fn)
     objective.restore(engine.start(resume))
     if engine.main:
         accelerator.print(f"{split_summary(data)} of {len(data.genes)} genes, "
@@ -182,9 +201,17 @@ class _Contrastive(Hooks):
     loss_fn: Any
     train_dl: Any
     val_dl: Any
+    views: Any = None  # StoredViews: training from stored image features (feature_views)
+    val_loss_fn: Any = None  # the held-out loss (in-batch, no hard negatives)
     epoch: int = 0
     batch_in_epoch: int = 0  # batches of the current epoch taken (a checkpoint resumes after them)
     metrics: dict[str, float] = dataclasses.field(default_factory=dict)  # last validation metrics
+    val_history: list[dict[str, float]] = dataclasses.field(default_factory=list)
+    best_loss: float = float("inf")  # early stopping: the lowest held-out loss so far, its step and weights
+    best_step: int | None = None
+    best_state: dict[str, Any] | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
 
     def micro_batches(self, engine: Engine) -> Iterator[dict[str, Any]]:
         """Epochs of batches (skipping those a resumed run did) with virtual cells (the paired negatives' too)."""
@@ -196,12 +223,14 @@ class _Contrastive(Hooks):
                 self.data.train.epoch = self.epoch
             skip = self.batch_in_epoch
             for batch in engine.accelerator.skip_first_batches(self.train_dl, skip) if skip else self.train_dl:
-                if batch["spot_image"].shape[0] == 0:
+                if batch["index"].shape[0] == 0:
                     raise EmptyDataError(f"empty training batch at step {engine.step + 1} (data under {self.cfg.data})")
                 if self.data.augment is not None:  # uint8 batch -> device (non-blocking from pinned memory), augment
                     device = engine.accelerator.device
                     batch = self.data.augment.to_device(batch, device, epoch=self.epoch,
                                                         non_blocking=device.type == "cuda")
+                if self.views is not None:  # stored features of this epoch's views in place of the crops
+                    batch = self.views.attach(batch, epoch=self.epoch, device=engine.accelerator.device)
                 if self.data.virtual_cells is not None:
                     batch = self.data.virtual_cells.attach(batch)
                     if "negatives" in batch:
@@ -227,12 +256,34 @@ class _Contrastive(Hooks):
     def after_step(self, engine: Engine) -> None:
         if self.cfg.eval_every and engine.step % self.cfg.eval_every == 0 and engine.step < engine.max_steps:
             self.validate(engine)
+            if self.cfg.early_stop_patience:
+                self._plateau(engine)
+
+    def _plateau(self, engine: Engine) -> None:
+        """Early stopping: keep the weights of the lowest held-out loss; stop after ``early_stop_patience``
+        evaluations without an improvement of ``early_stop_min_delta``."""
+        loss = self.metrics["val_loss"]
+        if loss < self.best_loss - self.cfg.early_stop_min_delta:
+            inner = engine.accelerator.unwrap_model(engine.model)
+            self.best_loss, self.best_step, self.bad_evals = loss, engine.step, 0
+            self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in inner.state_dict().items()}
+            return
+        self.bad_evals += 1
+        if self.bad_evals >= self.cfg.early_stop_patience:
+            self.stopped_early = True
+            engine.stop_at = engine.step
+            engine.accelerator.print(f"step {engine.step}: held-out loss {loss:.4f} has not improved on "
+                                     f"{self.best_loss:.4f} (step {self.best_step}) for {self.bad_evals} "
+                                     f"evaluations: stopping, keeping the weights of step {self.best_step}")
 
     def position(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "best_val_loss": self.best_loss,
+                "best_step": self.best_step, "bad_evals": self.bad_evals}
 
     def restore(self, saved: dict[str, Any]) -> None:
         self.epoch, self.batch_in_epoch = saved.get("epoch", 0), saved.get("batch_in_epoch", 0)
+        self.best_loss, self.best_step = saved.get("best_val_loss", float("inf")), saved.get("best_step")
+        self.bad_evals = saved.get("bad_evals", 0)
         if self.batch_in_epoch >= len(self.train_dl):  # saved at the end of an epoch
             self.epoch, self.batch_in_epoch = self.epoch + 1, 0
 
@@ -244,20 +295,31 @@ class _Contrastive(Hooks):
             return
         acc, inner = engine.accelerator, engine.accelerator.unwrap_model(engine.model)
         inner.eval()
-        images, genes = [], []
+        images, genes, losses = [], [], []
         with torch.no_grad(), acc.autocast():
             for batch in self.val_dl:
                 if self.data.val_augment is not None:
                     batch = self.data.val_augment(batch)
+                if self.views is not None:
+                    batch = self.views.attach(batch, epoch=None, device=acc.device)
                 if self.data.virtual_cells is not None:
                     batch = self.data.virtual_cells.attach(batch)
+                out = inner(batch)
+                n = out["spot_image_features"].shape[0]
+                loss = self.val_loss_fn(out)["loss"].float() if n > 1 else torch.tensor(float("nan"), device=acc.device)
                 img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
                 gene = inner.encode_gene(batch).float()
                 img, gene = acc.gather_for_metrics((img, gene))
+                losses.append(acc.gather(torch.stack([loss * n, torch.tensor(float(n), device=loss.device)])
+                                         .reshape(1, 2)).reshape(-1, 2).cpu())
                 images.append(img.cpu())
                 genes.append(gene.cpu())
         inner.train()  # validation runs between training steps
-        self.metrics = retrieval_metrics(torch.cat(images), torch.cat(genes))
+        sums = torch.cat(losses)
+        sums = sums[torch.isfinite(sums[:, 0])].sum(0)  # a last batch of one spot has no in-batch negative
+        self.metrics = {"val_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan"),
+                        **retrieval_metrics(torch.cat(images), torch.cat(genes))}
+        self.val_history.append({"step": engine.step, **self.metrics})
         engine.logger.log("val", engine.step, self.metrics)
         acc.print(f"step {engine.step} held-out retrieval: {format_retrieval(self.metrics)}")
 
@@ -265,14 +327,17 @@ class _Contrastive(Hooks):
         """Validate and write the final weights (None when the run stopped early)."""
         from stalign.models.factory import save_checkpoint
 
-        if engine.step < engine.max_steps:
+        if engine.step < engine.max_steps and not self.stopped_early:
             return None
+        inner = engine.accelerator.unwrap_model(engine.model)
+        if self.stopped_early and self.best_state is not None:
+            inner.load_state_dict(self.best_state)  # the weights of the lowest held-out loss
         self.validate(engine)
         final = engine.output_dir / "final"
         if engine.main:
-            save_checkpoint(engine.accelerator.unwrap_model(engine.model), final,
-                            training={"data": str(self.cfg.data), "steps": engine.step, "spots": self.data.n_train,
-                                      "metrics": self.metrics})
+            stop = {"stopped_early": True, "best_step": self.best_step} if self.stopped_early else {}
+            save_checkpoint(inner, final, training={"data": str(self.cfg.data), "steps": engine.step,
+                                                    "spots": self.data.n_train, "metrics": self.metrics, **stop})
             write_config(self.cfg, final / "train_config.yaml")
         engine.accelerator.wait_for_everyone()
         engine.accelerator.print(f"final weights: {final}")
