@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from stofm.util.errors import InputError
+from stofm.util.safe_files import require_path
 
 if TYPE_CHECKING:
     import numpy as np
@@ -183,19 +184,19 @@ def read_slide_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
 
     if args.hest:
         root, sample_id = args.hest
-        _must_exist(root, "HEST-1k folder")
+        require_path(root, "HEST-1k folder", folder_ok=True)
         row, spot_um = {"hest": root, "id": sample_id}, None
     elif args.h5ad:
         if not args.image:
             raise InputError(f"--h5ad {args.h5ad} needs --image (the slide its obsm['spatial'] is in)")
-        _must_exist(args.h5ad, "AnnData file")
-        _must_exist(args.image, "slide image")
+        require_path(args.h5ad, "AnnData file", folder_ok=True)
+        require_path(args.image, "slide image", folder_ok=True)
         row, spot_um = {"h5ad": args.h5ad, "image": args.image}, None
     else:
         if args.image:
-            _must_exist(args.image, "slide image")
+            require_path(args.image, "slide image", folder_ok=True)
         key, what = ("spaceranger", "Space Ranger folder") if args.spaceranger else ("visium_hd", "Visium HD folder")
-        _must_exist(getattr(args, key), what)
+        require_path(getattr(args, key), what, folder_ok=True)
         row, spot_um = {key: getattr(args, key), "image": args.image}, VISIUM_SPOT_UM
     sample = read_sample_spec(row, um_per_px=args.um_per_px, bin_um=args.bin_um, pixel_size_from=args.pixel_size_from)
     if args.visium_hd:
@@ -203,16 +204,9 @@ def read_slide_sample(args: argparse.Namespace) -> tuple[Any, float | None]:
     return sample, spot_um
 
 
-def _must_exist(path: str, what: str) -> None:
-    if not Path(path).exists():
-        raise FileNotFoundError(f"{path}: {what} does not exist")
-
-
 def read_gene_file(path: str | Path) -> list[str]:
     """Genes of a panel file: one per line (commas/whitespace also separate), '#' starts a comment."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: gene panel file does not exist")
+    path = require_path(path, "gene panel file")
     genes = [g for line in path.read_text().splitlines() for g in line.split("#")[0].replace(",", " ").split()]
     if not genes:
         raise InputError(f"{path}: the gene panel file lists no genes")

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from stofm.util.errors import InputError
 from stofm.util.output_paths import atomic_write_path
+from stofm.util.safe_files import read_h5ad, require_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,12 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _annotations(adata, spec: str):
-    from stofm.util.safe_files import read_h5ad
-
     if ":" in spec and spec.split(":", 1)[0].endswith(".h5ad"):
         path, column = spec.split(":", 1)
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: annotation file does not exist")
         other = read_h5ad(path, what="annotation file")
         if column not in other.obs:
             raise InputError(f"{path}: no obs column {column!r} (has {list(other.obs.columns)})")
@@ -46,11 +43,8 @@ def _annotations(adata, spec: str):
 
 def run(args: argparse.Namespace) -> int:
     from stalign.tasks.domains import cluster_domains, plot_domains, score_domains
-    from stofm.util.safe_files import read_h5ad
 
-    path = Path(args.h5ad)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: AnnData file does not exist")
+    path = require_path(args.h5ad, "AnnData file")
     adata = read_h5ad(path, what="predicted AnnData")
     if args.obsm not in adata.obsm:
         raise InputError(f"{path}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")

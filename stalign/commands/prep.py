@@ -11,6 +11,7 @@ from stalign.data.prep_options import add_crop_options, add_spot_geometry_option
 from stalign.data.sample_spec import check_sample_spec, read_sample_spec
 from stofm.util.errors import InputError
 from stofm.util.output_paths import safe_name
+from stofm.util.safe_files import require_path
 
 # = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
 # CLI start-up)
@@ -76,9 +77,7 @@ def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
 
     from stofm.util.config_io import parse_yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: slide list does not exist")
+    path = require_path(path, "slide list")
     if path.suffix.lower() in (".yaml", ".yml"):
         rows = parse_yaml(path, what="slide list")
         rows = rows.get("slides", rows) if isinstance(rows, dict) else rows

@@ -33,6 +33,7 @@ from stalign.data.slide import PLAUSIBLE_UM_PER_PX, open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 from stalign.data.tissue_call import offer_in_tissue
 from stofm.util.errors import InputError
+from stofm.util.safe_files import require_path
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
 #: HEST's ``spot_diameter_fullres`` spans its registration spot size: the metadata's ``spot_diameter``, except for
@@ -86,8 +87,7 @@ def _spatial_scalefactors(adata, library_id: str | None, what: str) -> tuple[dic
 def _load_h5ad(path: Path) -> Any:
     import anndata as ad
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: AnnData file does not exist")
+    require_path(path, "AnnData file")
     try:
         return ad.read_h5ad(path)
     except Exception as exc:  # h5py/anndata raise many types for corrupt files

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from stofm.util.errors import InputError, SetupError
+from stofm.util.safe_files import require_path
 
 IMAGE_ENCODERS: dict[str, Callable[..., Backbone]] = {}
 PREFIX_BUILDERS: dict[str, Callable[..., Backbone]] = {}
@@ -94,9 +95,7 @@ def resolve_weights_file(path: str | os.PathLike) -> Path:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Tensors of a ``.safetensors`` / ``.pth`` / ``.bin`` file or a folder holding one (torch files are read
     with ``weights_only=True``)."""
-    path = resolve_weights_file(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint file not found")
+    path = require_path(resolve_weights_file(path), "checkpoint file", missing="not found")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

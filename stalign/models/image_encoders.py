@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from stalign.models.backbones import (
     load_state_dict_file,
 )
 from stofm.util.errors import InputError
+from stofm.util.safe_files import require_path
 
 __all__ = ["CheckpointMismatchError", "ImageEncoder", "UnknownImageEncoderError", "create_image_encoder",
            "known_image_encoders", "load_state_dict_file", "run_precision"]
@@ -153,8 +153,7 @@ def create_image_encoder(spec: str, *, pretrained: bool | str | os.PathLike | No
         if arch is None:
             raise InputError(f"{spec}: a local checkpoint needs its architecture: --arch NAME / arch= NAME, or "
                              f"the spec NAME:{spec} (e.g. uni:{spec} or timm:vit_base_patch16_224)")
-        if not Path(spec).exists():
-            raise FileNotFoundError(f"{spec}: checkpoint file not found")
+        require_path(spec, "checkpoint file", missing="not found", folder_ok=True)
         return create_image_encoder(arch, pretrained=spec, freeze=freeze, unfreeze_last=unfreeze_last,
                                     lora_rank=lora_rank, lora_alpha=lora_alpha, **kwargs)
     else:

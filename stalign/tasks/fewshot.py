@@ -13,6 +13,7 @@ from stalign.tasks.ann_index import unit_rows
 from stalign.tasks.hest import RidgeProbe
 from stalign.tasks.retrieval import gene_indices
 from stofm.util.errors import InputError
+from stofm.util.safe_files import require_path
 
 
 class ExpressionProbe:
@@ -245,9 +246,7 @@ def read_spot_labels(path: str | Path, shards: str | Path) -> tuple[np.ndarray, 
 
     from stalign.data.shards import read_manifest, read_shard
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: labels file does not exist")
+    path = require_path(path, "labels file")
     table = pd.read_csv(path, dtype=str, keep_default_na=False)  # only empty cells are missing, said below
     slides = read_manifest(shards)["slides"]
     keys = ["slide_id", "barcode"] if "slide_id" in table.columns else ["barcode"]

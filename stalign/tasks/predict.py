@@ -16,6 +16,7 @@ from stalign.tasks.retrieval import gene_indices
 from stalign.tasks.scverse import drawn_spot_diameter_um  # noqa: F401 - also imported from here
 from stofm.util.errors import CoordinateError, InputError
 from stofm.util.limits import check_limit
+from stofm.util.safe_files import require_path
 
 
 class NoTissueError(InputError):
@@ -63,9 +64,7 @@ def read_coords(path: str | os.PathLike, *, with_obs: bool = False) -> tuple:
     names; ``with_obs`` adds the other columns (the AnnData's obs, the CSV's other columns) as a DataFrame."""
     import pandas as pd
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: coordinates file does not exist")
+    path = require_path(path, "coordinates file")
     if path.suffix == ".h5ad":
         from stofm.util.safe_files import read_h5ad
 

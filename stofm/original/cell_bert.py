@@ -29,6 +29,7 @@ from torch import nn
 
 from stofm.cell_encoder import CellEncoder, check_expr, register_cell_encoder
 from stofm.util.errors import InputError, MissingDependencyError, StofmError
+from stofm.util.safe_files import require_path
 
 MAX_TOKENS = 2048
 _ALLOWED = {("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")}
@@ -49,9 +50,7 @@ class _DictionaryUnpickler(pickle.Unpickler):
 def read_dictionary(path: str | os.PathLike, *, what: str = "gene dictionary") -> dict[str, Any]:
     """A Geneformer token or median dictionary from ``.json`` or ``.pkl`` (restricted: no code runs); values as
     Python int/float."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    path = require_path(path, what, missing="not found")
     try:
         if path.suffix == ".pkl":
             with open(path, "rb") as fh:

@@ -30,11 +30,18 @@ def sha256_of(path: PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def require_path(path: PathLike, what: str, *, missing: str = "does not exist", folder_ok: bool = False) -> Path:
+    """``path`` as a ``Path``; ``FileNotFoundError`` "PATH: WHAT does not exist" (``missing``) when it is not a file
+    (``folder_ok``: not there at all)."""
+    path = Path(path)
+    if not (path.exists() if folder_ok else path.is_file()):
+        raise FileNotFoundError(f"{path}: {what} {missing}")
+    return path
+
+
 def read_json(path: PathLike, *, what: str) -> Any:
     """The parsed JSON of ``path``; ``what`` names the kind of file in errors."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    path = require_path(path, what, missing="not found")
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -53,9 +60,7 @@ def load_tensors(path: PathLike, *, what: str, framework: str = "pt", sha256: st
     """
     from safetensors import SafetensorError
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    path = require_path(path, what, missing="not found")
     if sha256 is not None:
         digest = sha256_of(path)
         if digest != sha256:
@@ -121,9 +126,7 @@ def read_h5ad(path: PathLike, *, what: str = "AnnData file") -> Any:
     """``anndata.read_h5ad`` (or ``read_zarr`` for a ``.zarr`` folder) with a damaged file as one error."""
     import anndata as ad
 
-    path = Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: {what} does not exist")
+    path = require_path(path, what, folder_ok=True)
     try:
         return ad.read_zarr(path) if path.suffix == ".zarr" or path.is_dir() else ad.read_h5ad(path)
     except (OSError, KeyError, ValueError, TypeError) as err:
@@ -135,9 +138,7 @@ def load_state_dict(path: PathLike, *, what: str = "SToFM checkpoint") -> dict[s
     """Tensors of a safetensors file or a ``torch.save`` state dict (``weights_only=True``: no code runs)."""
     import torch
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: {what} not found")
+    path = require_path(path, what, missing="not found")
     if path.suffix == ".safetensors":
         return load_tensors(path, what=what)
     try:
