@@ -178,6 +178,7 @@ def hub_errors(name: str, *, upload: bool = False):
 
 
 # ------------------------------------------------------------------------------------------------- timm
+@register_prefix("timm")
 def timm_backbone(name: str, *, pretrained: bool | str | os.PathLike | None = None, hub_name: str | None = None,
                   input_size: int | None = None, **kwargs: Any) -> Backbone:
     """A timm model as a pooled-feature trunk (``num_classes=0``); local weights loaded strictly."""
@@ -206,8 +207,3 @@ def backbone_from_timm(model: nn.Module, *, input_size: int | None = None, trunk
     return Backbone(trunk=trunk if trunk is not None else model, out_dim=int(out_dim or model.num_features),
                     mean=tuple(cfg.get("mean", IMAGENET_MEAN)), std=tuple(cfg.get("std", IMAGENET_STD)),
                     input_size=size, interpolation=str(cfg.get("interpolation", "bicubic")))
-
-
-@register_prefix("timm")
-def _timm_spec(name: str, *, pretrained: bool | str | os.PathLike | None = None, **kwargs: Any) -> Backbone:
-    return timm_backbone(name, pretrained=pretrained, **kwargs)

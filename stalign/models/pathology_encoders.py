@@ -141,6 +141,7 @@ class _OpenClipVisual(nn.Module):
         return out[0] if isinstance(out, (tuple, list)) else out
 
 
+@register_prefix("open_clip")
 def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     """An open_clip model's image tower; a local file may hold the whole model or the ``visual`` tower only."""
     import open_clip
@@ -166,11 +167,6 @@ def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides:
     return Backbone(trunk=_OpenClipVisual(visual=visual), out_dim=int(visual.output_dim),
                     mean=tuple(pcfg.get("mean", OPENAI_MEAN)), std=tuple(pcfg.get("std", OPENAI_STD)),
                     input_size=size, interpolation=str(pcfg.get("interpolation", "bicubic")))
-
-
-@register_prefix("open_clip")
-def _open_clip_spec(name: str, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    return open_clip_backbone(name, pretrained=pretrained, **overrides)
 
 
 class ConchPool(nn.Module):
