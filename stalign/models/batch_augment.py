@@ -14,12 +14,20 @@ Differences from the per-sample path, by design: colour ops run in float (no uin
 when the crop is larger than the input size the resize runs first (jitter on fewer pixels; flips and rot90
 commute with it, colour ops are pointwise, contrast uses the resized crop's mean grey).
 
+Speed on the CPU (where a 224-px crop's colour ops cost more than its read): crops go one at a time (a crop's
+planes stay in cache, and each op runs once with the crop's own factor as a number), every op writes in place
+or into scratch planes made once per batch (fresh memory costs a page fault per 4 KiB), flips and rot90 are
+numpy views that the one uint8 -> float copy reads, and the hue shift uses arithmetic ops only (masks and
+``where`` run several times slower than arithmetic on the CPU). The maths is the torchvision ops' (tested).
+
 HED stain jitter (Tellez et al. 2018): RGB -> optical density -> haematoxylin/eosin/DAB with the Ruifrok &
 Johnston matrix (``skimage.color.rgb2hed``), each stain ``s * alpha + beta`` with alpha ~ U(1 - sigma, 1 + sigma)
 and beta ~ U(-sigma, sigma) in optical-density units, back to RGB (negative stain amounts kept, so no jitter is
 the identity). Off unless ``stain > 0``.
 """
 from __future__ import annotations
+
+import math
 
 import numpy as np
 import torch
@@ -36,52 +44,100 @@ _EPS = 1e-6  # skimage's floor on RGB before the log
 HFLIP, VFLIP, ROT, ORDER, FACTORS, ALPHA, BETA, N_PARAMS = 0, 1, 2, slice(3, 7), slice(7, 11), slice(11, 14), \
     slice(14, 17), 17
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
-CPU_CHUNK_PIXELS = 2 * 224 * 224  # crop pixels per pass on the CPU (two 224-px crops): the working set stays in cache
+WORK_PLANES = 6  # scratch planes per crop that the colour ops use (adjust_hue's)
+CPU_CHUNK_PIXELS = 224 * 224  # working pixels per crop chunk on the CPU (one 224-px crop: its planes stay in cache)
 
 
-def grey(x: torch.Tensor) -> torch.Tensor:
-    """(n, 1, H, W) luma of float RGB (n, 3, H, W), torchvision's weights."""
-    r, g, b = x.unbind(1)
-    return (r * 0.2989 + g * 0.587 + b * 0.114).unsqueeze(1)
+def grey(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(n, 1, H, W) luma of float RGB (n, 3, H, W), torchvision's weights (into ``out`` when given)."""
+    out = torch.mul(x[:, 0:1], 0.2989, out=out) if out is not None else torch.mul(x[:, 0:1], 0.2989)
+    return out.add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
 
 
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``x * f`` clamped to [0, 1], one factor per image (f: (n,))."""
-    return (x * f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def workspace(x: torch.Tensor) -> torch.Tensor:
+    """Scratch planes for the colour ops on crops shaped like ``x`` (or fewer of them): (WORK_PLANES, n, H, W)."""
+    return torch.empty((WORK_PLANES, len(x), *x.shape[-2:]), dtype=x.dtype, device=x.device)
 
 
-def _blend(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """``f * x + (1 - f) * other`` clamped to [0, 1] (torchvision's ``_blend``), one factor per image."""
-    return torch.lerp(other.expand_as(x), x, f.view(-1, 1, 1, 1)).clamp_(0.0, 1.0)
+def _planes(x: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
+    return (workspace(x) if work is None else work)[:, : len(x)]
 
 
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Blend with each image's mean grey (torchvision ``adjust_contrast``)."""
-    return _blend(x, grey(x).mean(dim=(1, 2, 3), keepdim=True), f)
+def _factor(f: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+    """One factor per image: a number when they are all equal (one crop), else an (n, 1, 1, 1) tensor on x's
+    device. ``f`` is best on the CPU (else reading it waits for the device)."""
+    vals = f.reshape(-1).tolist()
+    return vals[0] if min(vals) == max(vals) else torch.tensor(vals, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
 
 
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * f`` clamped to [0, 1], one factor per image (f: (n,)). The colour ops write into ``x`` (float) and
+    return it; ``work``: scratch planes from ``workspace`` (made when not given)."""
+    return x.mul_(_factor(f, x)).clamp_(0.0, 1.0)
+
+
+def _blend_(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """``f * x + (1 - f) * other`` clamped to [0, 1] (torchvision's ``_blend``), one factor per image; writes into
+    ``x`` and ``other``."""
+    f = _factor(f, x)
+    return x.mul_(f).add_(other.mul_(1.0 - f)).clamp_(0.0, 1.0)
+
+
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Blend with each image's mean grey (torchvision ``adjust_contrast``; the mean grey as the weighted channel
+    means: the same value without a grey image)."""
+    mean_grey = x.mean(dim=(2, 3)) @ x.new_tensor([0.2989, 0.587, 0.114])
+    return _blend_(x, mean_grey.view(-1, 1, 1, 1), f)
+
+
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
     """Blend with the grey image (torchvision ``adjust_saturation``)."""
-    return _blend(x, grey(x), f)
+    return _blend_(x, grey(x, _planes(x, work)[0].unsqueeze(1)), f)
 
 
-def adjust_hue(x: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
-    """Shift the HSV hue by ``f`` turns (torchvision ``adjust_hue``, |f| <= 0.5): value (max) and max - min stay,
-    and each channel is max - (max - min) * clamp(min(k, 4 - k), 0, 1), k = (n + 6 h') mod 6, n = 5, 3, 1 for
-    r, g, b (the HSV -> RGB formula), with branch-free wraps (h' lies in [-4, 8) before its wrap)."""
-    r, g, b = x.unbind(1)
-    maxc = torch.maximum(torch.maximum(r, g), b)
-    delta = maxc - torch.minimum(torch.minimum(r, g), b)
-    h = torch.where(maxc == r, g - b, torch.where(maxc == g, (b - r).add_(delta, alpha=2.0),
-                                                  (r - g).add_(delta, alpha=4.0)))
-    h.mul_(delta.clamp(min=1e-12).reciprocal_()).add_(6.0 * f.view(-1, 1, 1))  # sextants; 0 where grey
-    h.add_((h < 0).to(h.dtype), alpha=6.0).sub_((h >= 6).to(h.dtype), alpha=6.0)
-    out = torch.empty_like(x)
+def _periods(lo: float, hi: float) -> list[float]:
+    """Centres 2 + 6j of the periods of T (nonzero on (centre - 2, centre + 2)) that meet k in [lo - 1, hi + 5]."""
+    first, last = math.floor((lo - 5) / 6), math.ceil((hi + 5) / 6)
+    return [2.0 + 6 * j for j in range(first, last + 1) if lo - 3 < 2 + 6 * j < hi + 7]
+
+
+def adjust_hue(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+    """Shift the HSV hue by ``f`` turns (torchvision ``adjust_hue``, |f| <= 0.5) with arithmetic ops only.
+
+    HSV keeps the value (max) and d = max - min; with the hue in sextants h, channel c is max - d * T(h + n_c),
+    n = 5, 3, 1 for r, g, b, T(k) = clamp(min(k, 4 - k), 0, 1) repeating every 6 (the HSV -> RGB formula).
+    In units of d: d * h is g - b, b - r + 2d or r - g + 4d as r, g or b is the max (ties give the same
+    colour), picked by the signs of max - r and max - g; and d - d * T(k) is clamp(|d * k - d * centre| - d,
+    0, d) summed over the periods that k of this shift can reach, less d per extra period."""
+    r, g, b = x[:, 0], x[:, 1], x[:, 2]
+    hi, lo, d, dh, br, tmp = _planes(x, work)[:6]
+    torch.maximum(torch.maximum(r, g, out=hi), b, out=hi)
+    torch.minimum(torch.minimum(r, g, out=lo), b, out=lo)
+    torch.sub(hi, lo, out=d)
+    torch.sub(g, b, out=dh)
+    torch.sub(b, r, out=br)
+    step = torch.sub(br, dh, out=tmp).add_(d, alpha=2.0)  # (b - r + 2d) - (g - b)
+    not_r, not_g = torch.sub(hi, r, out=r).sign_(), torch.sub(hi, g, out=g).sign_()  # 0 where r (g) is the max
+    step.addcmul_(not_g, torch.add(dh, br, alpha=2.0, out=b).sub_(d, alpha=2.0).neg_())  # + (r-g+4d) - (b-r+2d)
+    dh.addcmul_(not_r, step)  # d * h, in [-d, 5d]; x's planes are free from here
+    shifts = [6.0 * v for v in f.reshape(-1).tolist()]
     for c, n in enumerate((5.0, 3.0, 1.0)):
-        k = h + n
-        k.sub_((k >= 6).to(k.dtype), alpha=6.0)
-        torch.sub(maxc, torch.minimum(k, 4.0 - k).clamp_(0.0, 1.0).mul_(delta), out=out[:, c])
-    return out
+        s = [v + n for v in shifts]  # k = h + s lies in [s - 1, s + 5]
+        out, centres = x[:, c], _periods(min(s), max(s))
+        for i, centre in enumerate(centres):
+            dst = tmp if i else out
+            coef = [v - centre for v in s]
+            if min(coef) == max(coef):  # one crop (or one shift): a number
+                torch.add(dh, d, alpha=coef[0], out=dst)
+            else:
+                torch.addcmul(dh, d, torch.tensor(coef, dtype=x.dtype).to(x.device).view(-1, 1, 1), out=dst)
+            torch.minimum(dst.abs_().sub_(d).clamp_(min=0.0), d, out=dst)
+            if i:
+                out.add_(dst).sub_(d)
+        if not centres:
+            out.copy_(d)
+        out.add_(lo)
+    return x
 
 
 COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's fn_idx order
@@ -149,12 +205,16 @@ class BatchAugment:
         if params is None or params.shape != (len(x), N_PARAMS):
             raise ValueError(f"need a ({len(x)}, {N_PARAMS}) parameter tensor, got "
                              f"{None if params is None else tuple(params.shape)}")
-        params = params.detach().to("cpu", torch.float64)
-        chunk = self.chunk or (len(x) if x.device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // x[0, 0].numel()))
+        p = params.detach().to("cpu", torch.float64).numpy()
+        chunk = self.chunk or (len(x) if x.device.type != "cpu" else
+                               max(1, CPU_CHUNK_PIXELS // min(x.shape[-1], self.size) ** 2))
         out = torch.empty((len(x), 3, self.size, self.size), dtype=torch.float32, device=x.device)
+        plane = (self.size, self.size) if x.shape[-1] > self.size else x.shape[-2:]  # as _augment works
+        work = torch.empty((WORK_PLANES, min(chunk, len(x)), *plane), dtype=torch.float32, device=x.device)
+        stain = bool((p[:, ALPHA] != 1).any() or (p[:, BETA] != 0).any())
         for start in range(0, len(x), chunk):
             stop = min(start + chunk, len(x))
-            out[start:stop] = self._augment(x[start:stop], params[start:stop])
+            self._augment(x[start:stop], p[start:stop], out[start:stop], work, stain)
         return out
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
@@ -167,15 +227,17 @@ class BatchAugment:
         x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False, antialias=True)
         return x.clamp_(0.0, 1.0) if x.is_floating_point() and self.mode == "bicubic" else x
 
-    def _augment(self, x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        shrink = x.shape[-1] > self.size
-        if shrink:  # fewer pixels for everything after (flips and rot90 commute with the resize)
+    def _augment(self, x: torch.Tensor, p: np.ndarray, out: torch.Tensor, work: torch.Tensor, stain: bool) -> None:
+        """Augment the chunk ``x`` into ``out`` (a slice of the batch's output); ``work``: scratch planes."""
+        if x.shape[-1] > self.size:  # fewer pixels for everything after (flips and rot90 commute with the resize)
             x = self._resize(x)
-        x = to_unit(geometric(x, p))
-        if bool((p[:, ALPHA] != 1).any() or (p[:, BETA] != 0).any()):
-            x = hed_jitter(x, p[:, ALPHA].to(x), p[:, BETA].to(x))
-        x = colour_jitter(x, p)
-        return x if shrink else self._resize(x)
+        y = out if x.shape[-2:] == out.shape[-2:] else torch.empty(x.shape, dtype=out.dtype, device=x.device)
+        unit_geometric(x, p, y)
+        if stain:
+            y = hed_jitter(y, torch.from_numpy(p[:, ALPHA]).to(y), torch.from_numpy(p[:, BETA]).to(y))
+        colour_jitter(y, p, work)
+        if y is not out:
+            out.copy_(self._resize(y))
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -187,43 +249,71 @@ def _rows(mask: np.ndarray, device: torch.device) -> torch.Tensor:
     return torch.from_numpy(np.flatnonzero(mask)).to(device, non_blocking=True)
 
 
-def geometric(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+def _codes(p: np.ndarray) -> np.ndarray:
+    """Each crop's flips and rotation as one number: 8 * hflip + 4 * vflip + k."""
+    return (p[:, HFLIP] * 8 + p[:, VFLIP] * 4 + p[:, ROT]).astype(np.int64)
+
+
+def unit_geometric(x: torch.Tensor, p: np.ndarray, out: torch.Tensor) -> torch.Tensor:
     """Each crop flipped left-right (p[:, HFLIP]), up-down (p[:, VFLIP]), then rotated by k * 90 deg (p[:, ROT]),
-    as ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomRot90`` in that order; one op per group.
-    ``p`` lives on the CPU (the grouping is numpy: no device sync)."""
-    code = (p[:, HFLIP] * 8 + p[:, VFLIP] * 4 + p[:, ROT]).numpy().astype(np.int64)
-    if (code == 0).all():
-        return x
-    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    for c in np.unique(code).tolist():
-        rows = _rows(code == c, x.device)
-        y = x.index_select(0, rows)
+    as ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomRot90`` in that order, written into the float
+    ``out`` in [0, 1] (uint8 / 255). ``p``: the crops' parameter rows (numpy). On the CPU each crop is one
+    copy from a numpy view (flips and rotations are strides there; the copy also casts and lays the channels
+    out in planes); elsewhere one torch op per group of crops with the same flips and rotation."""
+    (_geometric_numpy if x.device.type == "cpu" else _geometric_torch)(x, _codes(p), out)
+    return out.div_(255.0) if x.dtype == torch.uint8 else out
+
+
+def _geometric_numpy(x: torch.Tensor, codes: np.ndarray, out: torch.Tensor) -> None:
+    src, dst = x.detach().numpy(), out.numpy()
+    for i, c in enumerate(codes.tolist()):
+        view = src[i]
+        if c & 8:
+            view = view[:, :, ::-1]
+        if c & 4:
+            view = view[:, ::-1]
+        np.copyto(dst[i], np.rot90(view, c & 3, axes=(1, 2)))
+
+
+def _geometric_torch(x: torch.Tensor, codes: np.ndarray, out: torch.Tensor) -> None:
+    groups = np.unique(codes).tolist()
+    for c in groups:
+        rows = None if len(groups) == 1 else _rows(codes == c, x.device)
+        y = x if rows is None else x.index_select(0, rows)
         if c & 8:
             y = y.flip(-1)
         if c & 4:
             y = y.flip(-2)
         if c & 3:
             y = torch.rot90(y, c & 3, dims=(-2, -1))
-        out.index_copy_(0, rows, y.contiguous())
-    return out
+        if rows is None:
+            out.copy_(y)
+        else:
+            out.index_copy_(0, rows, y.to(out.dtype))
 
 
-def colour_jitter(x: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-    """``ColorJitter`` with each crop's factors (p[:, FACTORS]) in its own order (p[:, ORDER]): at each of the
-    four positions, every op runs once on the crops that have it there (identity factors are skipped)."""
-    order, factors = p[:, ORDER].numpy().astype(np.int64), p[:, FACTORS].numpy()
+def colour_jitter(x: torch.Tensor, p: np.ndarray, work: torch.Tensor | None = None) -> torch.Tensor:
+    """``ColorJitter`` with each crop's factors (p[:, FACTORS]) in its own order (p[:, ORDER]), in place on the
+    float crops ``x``: at each of the four positions, every op runs once on the crops that have it there
+    (identity factors are skipped). ``p``: parameter rows (numpy); ``work``: scratch planes (``workspace``)
+    for at least ``len(x)`` crops."""
+    order, factors = p[:, ORDER].astype(np.int64), p[:, FACTORS]
     active = factors != np.asarray(IDENTITY_FACTORS)
-    owned = False  # x is a tensor made here (written in place) rather than the caller's
+    work = workspace(x) if work is None else work
+    if len(x) == 1:  # one crop: its ops in its order
+        for op in order[0].tolist():
+            if active[0, op]:
+                COLOUR_OPS[op](x, torch.from_numpy(factors[:, op]), work)
+        return x
     for t in range(4):
         for op, fn in enumerate(COLOUR_OPS):
             mask = (order[:, t] == op) & active[:, op]
             if not mask.any():
                 continue
-            f = torch.from_numpy(factors[mask, op]).to(x.device, x.dtype)
+            f = torch.from_numpy(factors[mask, op])
             if mask.all():
-                x, owned = fn(x, f), True
-                continue
-            rows = _rows(mask, x.device)
-            y = fn(x.index_select(0, rows), f)
-            x, owned = (x.index_copy_(0, rows, y) if owned else x.index_copy(0, rows, y)), True
+                fn(x, f, work)
+            else:
+                rows = _rows(mask, x.device)
+                x.index_copy_(0, rows, fn(x.index_select(0, rows), f, work))
     return x
