@@ -162,22 +162,10 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     scalefactors = read_scalefactors(sf_path)
     adata = read_10x_h5(matrix_path, var_names=var_names)
     positions = read_tissue_positions(positions_path)
-    _match_barcodes(adata.obs_names, positions, matrix_path, positions_path)
-    in_tissue = positions.loc[adata.obs_names, "in_tissue"].to_numpy()
-    if not in_tissue.any():
-        raise CoordinateError(f"{positions_path}: none of the {adata.n_obs} spots of {matrix_path} is marked "
-                              "in_tissue=1")
-    adata = adata[in_tissue].copy()
-    pos = positions.loc[adata.obs_names]
-    coords = pos[["x", "y"]].to_numpy(np.float64)
-    adata.obs["in_tissue"] = True
-    if image is not None:
-        image_path, scale, scale_note, auto = Path(image), 1.0, "full-res", ["grid", "metadata", "spot-diameter"]
-    else:
-        image_path, key = spaceranger_png(spatial, scalefactors, sf_path)
-        scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
-        auto = ["grid", "spot-diameter"]
-    coords = coords * scale
+    adata, pos = in_tissue_rows(adata, positions, matrix_path, positions_path, unit="spots")
+    image_path, scale, scale_note = spaceranger_image(image, spatial, scalefactors, sf_path)
+    auto = ["grid", "metadata", "spot-diameter"] if image is not None else ["grid", "spot-diameter"]
+    coords = pos[["x", "y"]].to_numpy(np.float64) * scale
     adata.obsm["spatial"] = coords
     diameter = scalefactors.get("spot_diameter_fullres")
     with open_slide(image_path) as slide:
@@ -203,22 +191,42 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
                         expression_file=str(matrix_path), coords_file=f"{positions_path} (scaled {scale_note})")
 
 
-def _match_barcodes(barcodes, positions, matrix_path: Path, positions_path: Path) -> None:
-    """Every matrix barcode needs a position (else the two files are of different runs); in-tissue positions
-    without counts (a trimmed or subset matrix) are left out with a warning, as scanpy's ``read_visium`` does."""
+def in_tissue_rows(adata: Any, positions: Any, matrix_path: Path, positions_path: Path, *, unit: str,
+                   warn_absent: bool = True) -> tuple[Any, Any]:
+    """The ``in_tissue`` rows of a Space Ranger count matrix (obs ``in_tissue`` set) and their rows of
+    ``positions``. Every matrix barcode needs a position (else the two files are of different runs); with
+    ``warn_absent``, in-tissue positions without counts (a trimmed or subset matrix) are left out with a warning, as
+    scanpy's ``read_visium`` does. ``unit`` ("spots", "bins") names the rows in errors."""
     import warnings
 
-    missing = [b for b in barcodes if b not in positions.index]
-    if missing:
+    barcodes = adata.obs_names
+    missing = barcodes[~barcodes.isin(positions.index)]
+    if len(missing):
         raise BarcodeError(f"{len(missing)} of {len(barcodes)} barcodes of {matrix_path} have no row in "
                            f"{positions_path}, e.g. {examples(missing)}; positions have e.g. "
                            f"{examples(positions.index[:3])}")
-    in_tissue = positions.index[positions["in_tissue"].to_numpy()]
-    absent = in_tissue.difference(barcodes)
+    absent = positions.index[positions["in_tissue"].to_numpy()].difference(barcodes) if warn_absent else ()
     if len(absent):
         warnings.warn(f"{len(absent)} in-tissue positions of {positions_path} have no counts in {matrix_path} "
                       f"(a subset or trimmed matrix?), e.g. {examples(absent)}; using the matrix's "
                       f"{len(barcodes)} barcodes", stacklevel=3)
+    in_tissue = positions.loc[barcodes, "in_tissue"].to_numpy()
+    if not in_tissue.any():
+        raise CoordinateError(f"{positions_path}: none of the {adata.n_obs} {unit} of {matrix_path} is marked "
+                              "in_tissue=1")
+    adata = adata[in_tissue].copy()
+    adata.obs["in_tissue"] = True
+    return adata, positions.loc[adata.obs_names]
+
+
+def spaceranger_image(image: str | os.PathLike | None, spatial: Path, scalefactors: dict, sf_path: Path
+                      ) -> tuple[Path, float, str]:
+    """(the image, the scale of the positions' full-res px onto it, a note naming that scale): ``image`` (full
+    res) when given, else :func:`spaceranger_png` with its scale factor."""
+    if image is not None:
+        return Path(image), 1.0, "full-res"
+    image_path, key = spaceranger_png(spatial, scalefactors, sf_path)
+    return image_path, float(scalefactors[key]), f"x {key} {scalefactors[key]}"
 
 
 def spaceranger_png(spatial: Path, scalefactors: dict, sf_path: Path) -> tuple[Path, str]:

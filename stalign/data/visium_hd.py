@@ -23,11 +23,12 @@ from stalign.data.pixel_size import (
     settle_pixel_size,
     spot_diameter_candidate,
 )
-from stalign.data.readers import spaceranger_png
+from stalign.data.readers import in_tissue_rows, spaceranger_image
 from stalign.data.sample import SlideSample, check_sample
 from stalign.data.slide import check_um_per_px, open_slide
 from stalign.data.tenx import POSITION_COLUMNS, read_10x_h5, read_scalefactors
 from stofm.util.errors import InputError, MissingDependencyError
+from stofm.util.safe_files import require_path
 
 BIN_FOLDER = re.compile(r"square_(\d{3})um")
 #: The bin read when none is asked for (when present): the 16 µm bins are the closest to a 55 µm Visium spot
@@ -128,14 +129,6 @@ def _run_name(bin_dir: Path) -> str:
     return root.resolve().name
 
 
-def _match(barcodes: Any, positions: Any, matrix_path: Path, positions_path: Path) -> None:
-    missing = barcodes.difference(positions.index)
-    if len(missing):
-        raise BarcodeError(f"{len(missing)} of {len(barcodes)} barcodes of {matrix_path} have no row in "
-                           f"{positions_path}, e.g. {examples(missing)}; positions have e.g. "
-                           f"{examples(positions.index[:3])}")
-
-
 def read_visium_hd(folder: str | os.PathLike, *, bin_um: int | None = None, image: str | os.PathLike | None = None,
                    slide_id: str | None = None, um_per_px: float | None = None, pixel_size_from: str = "auto",
                    crop_um: float = CropSpec.niche_um, make_unique: bool = False, var_names: str = "gene_symbols",
@@ -162,24 +155,13 @@ def read_visium_hd(folder: str | os.PathLike, *, bin_um: int | None = None, imag
     bin_dir = bins[chosen]
     matrix_path, spatial = bin_dir / "filtered_feature_bc_matrix.h5", bin_dir / "spatial"
     positions_path, sf_path = spatial / "tissue_positions.parquet", spatial / "scalefactors_json.json"
-    if not matrix_path.is_file():
-        raise FileNotFoundError(f"{matrix_path}: Visium HD count matrix is missing")
+    require_path(matrix_path, "Visium HD count matrix", missing="is missing")
     scalefactors = read_scalefactors(sf_path)
     positions = read_positions_parquet(positions_path)
-    adata = read_10x_h5(matrix_path, var_names=var_names)
-    _match(adata.obs_names, positions, matrix_path, positions_path)
-    in_tissue = positions.loc[adata.obs_names, "in_tissue"].to_numpy()
-    if not in_tissue.any():
-        raise CoordinateError(f"{positions_path}: none of the {adata.n_obs} bins of {matrix_path} is in_tissue=1")
-    adata = adata[in_tissue].copy()
-    pos = positions.loc[adata.obs_names]
-    if image is not None:
-        image_path, scale, scale_note = Path(image), 1.0, "full-res"
-    else:
-        image_path, key = spaceranger_png(spatial, scalefactors, sf_path)
-        scale, scale_note = float(scalefactors[key]), f"x {key} {scalefactors[key]}"
+    adata, pos = in_tissue_rows(read_10x_h5(matrix_path, var_names=var_names), positions, matrix_path,
+                                positions_path, unit="bins", warn_absent=False)
+    image_path, scale, scale_note = spaceranger_image(image, spatial, scalefactors, sf_path)
     coords = pos[["x", "y"]].to_numpy(np.float64) * scale
-    adata.obs["in_tissue"] = True
     for key in ("array_row", "array_col"):
         adata.obs[key] = np.nan_to_num(pos[key].to_numpy(), nan=-1).astype(np.int64)
     adata.obsm["spatial"] = coords
