@@ -288,11 +288,7 @@ def read_weights_folder(path: str | os.PathLike, *, fmt: str, what: str) -> tupl
     folder in error messages."""
     from stofm.util.safe_files import read_described_tensors
 
-    path = Path(path)
-    for name in ("config.json", "model.safetensors"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{what} folder {path} lacks {name}")
-    return read_described_tensors(path / "config.json", path / "model.safetensors", fmt=fmt, what=what)
+    return read_described_tensors(path, "config.json", "model.safetensors", fmt=fmt, what=what)
 
 
 def save_cell_encoder(encoder: CellEncoder, path: str | os.PathLike) -> Path:

@@ -107,13 +107,11 @@ def load_head(path: str | Path) -> Any:
     from stofm.util.safe_files import read_described_tensors
 
     path = Path(path)
-    info_file, tensors = path / "head.json", path / "head.safetensors"
-    if (path / "head.pkl").is_file() and not tensors.is_file():
+    if (path / "head.pkl").is_file() and not (path / "head.safetensors").is_file():
         raise InputError(f"{path}: a pickled head (head.pkl) from an older stalign; pickles can run code and are no "
                          "longer loaded: fit the head again with `stalign fewshot`")
-    if not info_file.is_file() or not tensors.is_file():
-        raise FileNotFoundError(f"{path}: not a few-shot head (needs head.json and head.safetensors)")
-    info, arrays = read_described_tensors(info_file, tensors, fmt=HEAD_FORMAT, what="few-shot head", framework="np")
+    info, arrays = read_described_tensors(path, "head.json", "head.safetensors", fmt=HEAD_FORMAT, what="few-shot head",
+                                          framework="np")
     try:
         head = _rebuild(info, arrays)
     except (KeyError, TypeError, ValueError, IndexError) as err:

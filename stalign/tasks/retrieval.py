@@ -96,11 +96,8 @@ class ReferenceBank:
         """Read a bank written by ``save`` (damaged files, NaN/inf values or a changed checksum are refused)."""
         from stofm.util.safe_files import read_described_tensors
 
-        path = Path(path)
-        info_file, tensors = path / "bank.json", path / "bank.safetensors"
-        if not info_file.is_file() or not tensors.is_file():
-            raise FileNotFoundError(f"{path}: not a reference bank (needs bank.json and bank.safetensors)")
-        info, arrays = read_described_tensors(info_file, tensors, fmt=BANK_FORMAT, what="reference bank",
+        path, tensors = Path(path), Path(path) / "bank.safetensors"
+        info, arrays = read_described_tensors(path, "bank.json", tensors.name, fmt=BANK_FORMAT, what="reference bank",
                                               framework="np")
         if set(arrays) != {"embeddings", "expression"}:
             raise InputError(f"{tensors}: a reference bank holds 'embeddings' and 'expression', not {sorted(arrays)}")

@@ -85,10 +85,14 @@ def load_tensors(path: PathLike, *, what: str, framework: str = "pt", sha256: st
     return tensors
 
 
-def read_described_tensors(info_file: PathLike, tensor_file: PathLike, *, fmt: str, what: str,
+def read_described_tensors(folder: PathLike, info_name: str, tensor_name: str, *, fmt: str, what: str,
                            framework: str = "pt") -> tuple[dict[str, Any], dict[str, Any]]:
-    """(description, tensors) of a JSON description beside a safetensors file: the JSON must say ``format: fmt``
-    and the tensors must match the sha256 it records (``sha256`` or ``weights_sha256``) and be finite."""
+    """(description, tensors) of the JSON description ``info_name`` beside the safetensors file ``tensor_name`` in
+    ``folder``: both must be there ("FOLDER: not a WHAT (needs ...)"), the JSON must say ``format: fmt`` and the
+    tensors must match the sha256 it records (``sha256`` or ``weights_sha256``) and be finite."""
+    info_file, tensor_file = Path(folder) / info_name, Path(folder) / tensor_name
+    if not info_file.is_file() or not tensor_file.is_file():
+        raise FileNotFoundError(f"{folder}: not a {what} (needs {info_name} and {tensor_name})")
     info = read_json(info_file, what=f"{what} description")
     got = info.get("format") if isinstance(info, dict) else type(info).__name__
     if got != fmt:
