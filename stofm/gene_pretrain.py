@@ -115,7 +115,7 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
     if max_cells is not None and max_cells < len(cells):
         cells = np.sort(rng.choice(cells, size=max_cells, replace=False))
     if fit_medians or (fit_medians is None and not bool(encoder.medians_fitted)):
-        encoder.fit_medians(X if max_cells is None else _rows(X, cells), genes, input_kind=input_kind)
+        encoder.fit_medians(X if max_cells is None else X[cells], genes, input_kind=input_kind)
     tokenizer = encoder.tokenizer()
     head = head or MaskedGeneHead(width=encoder.width, vocab_size=len(encoder.vocab))
     both = nn.ModuleDict({"encoder": encoder, "head": head}).to(device)
@@ -133,7 +133,7 @@ def pretrain_cell_encoder(data, genes: Sequence[str] | None, encoder: BertCellEn
         while True:
             if pos + batch_size > len(order):
                 order, pos = rng.permutation(cells), 0
-            ids, pad = tokenizer(_rows(X, np.sort(order[pos:pos + batch_size])), genes, input=input_kind)
+            ids, pad = tokenizer(X[np.sort(order[pos:pos + batch_size])], genes, input=input_kind)
             pos += batch_size
             yield ids.to(device), pad.to(device)
 
@@ -164,11 +164,6 @@ def _stack_on_common_genes(parts: list[tuple]) -> tuple:
         block = X[:, [first[g] for g in genes]]
         blocks.append(sp.csr_matrix(block))
     return sp.vstack(blocks, format="csr"), genes
-
-
-def _rows(X, rows: np.ndarray):
-    """Rows of a dense/sparse/backed matrix (sorted indices, as h5py needs)."""
-    return X[np.asarray(rows)]
 
 
 def add_arguments(parser) -> None:
@@ -205,8 +200,6 @@ def run_from_args(args) -> int:
 
     parts: list[tuple] = []
     for src in map(Path, args.inputs):
-        if not src.exists():
-            raise FileNotFoundError(f"masked-gene pretraining: {src} does not exist")
         adata = read_h5ad(src, what="masked-gene pretraining data")
         parts.append(adata_expression(adata, layer=args.layer, gene_key=args.gene_key, where=str(src)))
     X, genes = parts[0] if len(parts) == 1 else _stack_on_common_genes(parts)
