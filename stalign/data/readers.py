@@ -16,12 +16,10 @@ import numpy as np
 
 from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, PixelSizeError, examples
-from stalign.data.pixel_size import (  # PIXEL_SIZE_CHOICES, choose_pixel_size: re-exported (their old home)
-    PIXEL_SIZE_CHOICES,  # noqa: F401
+from stalign.data.pixel_size import (
     VISIUM_FULLRES_DIAMETER_UM,
     VISIUM_PITCH_UM,
     PixelSizeCandidate,
-    choose_pixel_size,  # noqa: F401
     grid_candidate,
     knn_pitch_candidate,
     metadata_candidate,
