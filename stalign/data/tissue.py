@@ -117,17 +117,12 @@ def _smooth(values: np.ndarray) -> np.ndarray:
     return ndimage.uniform_filter(values, size=5, mode="nearest")
 
 
-def glass_model(thumb_rgb: np.ndarray, *, border: float = BORDER_FRACTION) -> Glass | None:
-    """The glass colour and noise from the thumbnail's border ring: of the ring's pixels, the brighter and less
-    saturated half (tissue touching part of the border is left out). None when that half is itself coloured
-    (tissue all around) or the ring is too thin to measure."""
-    return _glass_and_signals(thumb_rgb, tissue_signal(thumb_rgb), border=border)[0]
-
-
 def _glass_and_signals(thumb_rgb: np.ndarray, saturation: np.ndarray, *, border: float = BORDER_FRACTION
                        ) -> tuple[Glass | None, np.ndarray | None, np.ndarray | None]:
-    """:func:`glass_model` and the two smoothed faint-tissue signals of every pixel (optical density above the
-    glass, saturation), or Nones."""
+    """The glass colour and noise from the thumbnail's border ring (of the ring's pixels, the brighter and less
+    saturated half: tissue touching part of the border is left out) and the two smoothed faint-tissue signals of
+    every pixel (optical density above the glass, saturation); Nones when that half is itself coloured (tissue all
+    around) or the ring is too thin to measure."""
     rgb = np.asarray(thumb_rgb, dtype=np.float32)[..., :3] / 255.0
     h, w = rgb.shape[:2]
     r = max(1, round(border * min(h, w)))
@@ -177,7 +172,7 @@ def tissue_mask_info(thumb_rgb: np.ndarray, *, channel: str = "saturation", min_
     Stained tissue: Otsu's threshold on :func:`tissue_signal`, never below ``min_signal`` (a blank slide has no
     tissue); when the class below Otsu's threshold is itself above ``min_signal`` there is no background and Otsu
     is only splitting pale from dark tissue, so ``min_signal`` is used instead. Faint tissue (``faint``): after a
-    5x5 mean filter, optical density or saturation above the glass of :func:`glass_model` by more than
+    5x5 mean filter, optical density or saturation above the glass (:func:`_glass_and_signals`) by more than
     ``MIN_FAINT_OD`` / ``MIN_FAINT_SATURATION`` and ``FAINT_NOISE_SIGMAS`` times the glass's noise. Then a 3x3
     opening of the stained pixels (specks), a closing (nuclei of pale tissue join up), filling of holes up to
     ``max_hole_fraction`` of the thumbnail (larger ones are glass, e.g. inside a Visium fiducial frame), and removal
