@@ -46,11 +46,12 @@ def test_flips_and_rot90_equal_the_per_sample_path_exactly():
     assert len(codes) >= 10  # most of the 16 flip/rotation combinations occur
 
 
-def test_whole_training_transform_equals_the_per_sample_path_on_float_crops():
+@pytest.mark.parametrize("chunk", [1, 5])  # one crop at a time (the CPU's way: factors as numbers), or groups
+def test_whole_training_transform_equals_the_per_sample_path_on_float_crops(chunk):
     # float crops go through torchvision's float kernels: then only float rounding separates the two paths,
     # so this checks the per-seed draws (flips, rot90, jitter order and factors) and every op together
     x, seeds = _crops(24).float() / 255, [sample_seed(3, 1, i) for i in range(24)]
-    aug = ba.BatchAugment(P, jitter=0.3, hue=0.1, chunk=5)
+    aug = ba.BatchAugment(P, jitter=0.3, hue=0.1, chunk=chunk)
     got = aug(x, _params(aug, seeds))
     want = _per_sample(he_train_transform(P, jitter=0.3, hue=0.1), x, seeds)
     assert (got - want).abs().max() < 2e-5
@@ -72,6 +73,31 @@ def test_colour_ops_match_torchvision_functional(op, tv, factors):
     assert (got - on_float).abs().max() < 1e-5
     # torchvision's uint8 kernels truncate, and floor the grey image that contrast/saturation blend with
     assert (got - on_uint8).abs().max() <= 1.5 / 255
+
+
+def test_hue_shift_matches_torchvision_over_its_whole_range():
+    # the arithmetic-only hue (no where/masks): every sextant, ties of the max (r = g, g = b, r = b), grey
+    # pixels and the full factor range, per crop as a number (the CPU's one-crop passes) and batched
+    x = _crops(48).float() / 255
+    x[0, :, 0, :4] = torch.tensor([[1.0, 1.0, 0.2, 0.0], [1.0, 0.3, 0.2, 0.0], [0.5, 0.3, 0.2, 0.0]])  # ties
+    x[1] = torch.rand(3, P, P, generator=torch.Generator().manual_seed(5))  # all hues
+    f = torch.linspace(-0.5, 0.5, 48)
+    want = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(48)])
+    assert (ba.adjust_hue(x.clone(), f) - want).abs().max() < 1e-5
+    one = torch.cat([ba.adjust_hue(x[i:i + 1].clone(), float(f[i]), ba.workspace(x[:1])) for i in range(48)])
+    assert (one - want).abs().max() < 1e-5
+
+
+def test_flips_and_rotations_on_a_gpu_equal_the_cpu_copies():
+    # the device path (torch ops per group of crops) against the CPU's numpy views, all 16 codes, uint8 crops
+    # as batched reads give them (channels-last views)
+    x = _crops(16).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    codes = np.arange(16)
+    a, b = torch.empty(16, 3, P, P), torch.empty(16, 3, P, P)
+    ba._geometric_numpy(x, codes, a)
+    ba._geometric_torch(x, codes, b)
+    assert torch.equal(a, b)
+    assert torch.equal(a[5], torch.rot90(x[5].flip(-2), 1, dims=(-2, -1)).float())  # vflip then rot90 k=1
 
 
 def _skimage_hed_jitter(rgb: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:

@@ -39,6 +39,7 @@ JITTER, HUE = 0.1, 0.02  # brightness/contrast/saturation and hue ranges of the 
 #: Ruifrok & Johnston stain vectors (rows: haematoxylin, eosin, DAB), as ``skimage.color.rgb_from_hed``
 RGB_FROM_HED = torch.tensor([[0.65, 0.70, 0.29], [0.07, 0.99, 0.11], [0.27, 0.57, 0.78]], dtype=torch.float64)
 HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
+LUMA = (0.2989, 0.587, 0.114)  # torchvision's grey weights
 _EPS = 1e-6  # skimage's floor on RGB before the log
 # parameter row: hflip, vflip, rot90 k, colour-op order (4), brightness, contrast, saturation, hue, alpha (3), beta (3)
 HFLIP, VFLIP, ROT, ORDER, FACTORS, ALPHA, BETA, N_PARAMS = 0, 1, 2, slice(3, 7), slice(7, 11), slice(11, 14), \
@@ -50,8 +51,9 @@ CPU_CHUNK_PIXELS = 224 * 224  # working pixels per crop chunk on the CPU (one 22
 
 def grey(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """(n, 1, H, W) luma of float RGB (n, 3, H, W), torchvision's weights (into ``out`` when given)."""
-    out = torch.mul(x[:, 0:1], 0.2989, out=out) if out is not None else torch.mul(x[:, 0:1], 0.2989)
-    return out.add_(x[:, 1:2], alpha=0.587).add_(x[:, 2:3], alpha=0.114)
+    w_r, w_g, w_b = LUMA
+    out = torch.mul(x[:, 0:1], w_r, out=out) if out is not None else torch.mul(x[:, 0:1], w_r)
+    return out.add_(x[:, 1:2], alpha=w_g).add_(x[:, 2:3], alpha=w_b)
 
 
 def workspace(x: torch.Tensor) -> torch.Tensor:
@@ -63,52 +65,52 @@ def _planes(x: torch.Tensor, work: torch.Tensor | None) -> torch.Tensor:
     return (workspace(x) if work is None else work)[:, : len(x)]
 
 
-def _factor(f: torch.Tensor, x: torch.Tensor) -> float | torch.Tensor:
+def _values(f: torch.Tensor | float) -> list[float]:
+    return [f] if isinstance(f, float) else f.reshape(-1).tolist()
+
+
+def _factor(f: torch.Tensor | float, x: torch.Tensor) -> float | torch.Tensor:
     """One factor per image: a number when they are all equal (one crop), else an (n, 1, 1, 1) tensor on x's
-    device. ``f`` is best on the CPU (else reading it waits for the device)."""
-    vals = f.reshape(-1).tolist()
+    device. ``f``: a number (all images) or (n,) values, best on the CPU (else reading them waits for the
+    device)."""
+    vals = _values(f)
     return vals[0] if min(vals) == max(vals) else torch.tensor(vals, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
 
 
-def adjust_brightness(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
-    """``x * f`` clamped to [0, 1], one factor per image (f: (n,)). The colour ops write into ``x`` (float) and
+def adjust_brightness(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | None = None) -> torch.Tensor:
+    """``x * f`` clamped to [0, 1], one factor per image (f: (n,) or a number). The colour ops write into ``x`` (float) and
     return it; ``work``: scratch planes from ``workspace`` (made when not given)."""
     return x.mul_(_factor(f, x)).clamp_(0.0, 1.0)
 
 
-def _blend_(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+def _blend_(x: torch.Tensor, other: torch.Tensor, f: torch.Tensor | float) -> torch.Tensor:
     """``f * x + (1 - f) * other`` clamped to [0, 1] (torchvision's ``_blend``), one factor per image; writes into
     ``x`` and ``other``."""
     f = _factor(f, x)
     return x.mul_(f).add_(other.mul_(1.0 - f)).clamp_(0.0, 1.0)
 
 
-def adjust_contrast(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_contrast(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | None = None) -> torch.Tensor:
     """Blend with each image's mean grey (torchvision ``adjust_contrast``; the mean grey as the weighted channel
     means: the same value without a grey image)."""
-    mean_grey = x.mean(dim=(2, 3)) @ x.new_tensor([0.2989, 0.587, 0.114])
+    mean_grey = x.mean(dim=(2, 3)) @ x.new_tensor(LUMA)
     return _blend_(x, mean_grey.view(-1, 1, 1, 1), f)
 
 
-def adjust_saturation(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_saturation(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | None = None) -> torch.Tensor:
     """Blend with the grey image (torchvision ``adjust_saturation``)."""
     return _blend_(x, grey(x, _planes(x, work)[0].unsqueeze(1)), f)
 
 
-def _periods(lo: float, hi: float) -> list[float]:
-    """Centres 2 + 6j of the periods of T (nonzero on (centre - 2, centre + 2)) that meet k in [lo - 1, hi + 5]."""
-    first, last = math.floor((lo - 5) / 6), math.ceil((hi + 5) / 6)
-    return [2.0 + 6 * j for j in range(first, last + 1) if lo - 3 < 2 + 6 * j < hi + 7]
-
-
-def adjust_hue(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = None) -> torch.Tensor:
+def adjust_hue(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | None = None) -> torch.Tensor:
     """Shift the HSV hue by ``f`` turns (torchvision ``adjust_hue``, |f| <= 0.5) with arithmetic ops only.
 
     HSV keeps the value (max) and d = max - min; with the hue in sextants h, channel c is max - d * T(h + n_c),
-    n = 5, 3, 1 for r, g, b, T(k) = clamp(min(k, 4 - k), 0, 1) repeating every 6 (the HSV -> RGB formula).
-    In units of d: d * h is g - b, b - r + 2d or r - g + 4d as r, g or b is the max (ties give the same
-    colour), picked by the signs of max - r and max - g; and d - d * T(k) is clamp(|d * k - d * centre| - d,
-    0, d) summed over the periods that k of this shift can reach, less d per extra period."""
+    n = 5, 3, 1 for r, g, b, T(k) = clamp(2 - w, 0, 1) where w is k's distance to the nearest 2 + 6j (the HSV
+    -> RGB formula). In units of d: d * h is g - b, b - r + 2d or r - g + 4d as r, g or b is the max (ties give
+    the same colour), picked by the signs of max - r and max - g, so d * k lies in [(s - 1) d, (s + 5) d] for
+    the shift s = n_c + 6f; over that range d * w = ||d * k - C d| - 3d| for the C = 5 + 6j in [s - 1, s + 5]
+    (j = floor(s / 6)), and channel c = clamp(d * w + min - d, min, max)."""
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
     hi, lo, d, dh, br, tmp = _planes(x, work)[:6]
     torch.maximum(torch.maximum(r, g, out=hi), b, out=hi)
@@ -120,23 +122,17 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor, work: torch.Tensor | None = Non
     not_r, not_g = torch.sub(hi, r, out=r).sign_(), torch.sub(hi, g, out=g).sign_()  # 0 where r (g) is the max
     step.addcmul_(not_g, torch.add(dh, br, alpha=2.0, out=b).sub_(d, alpha=2.0).neg_())  # + (r-g+4d) - (b-r+2d)
     dh.addcmul_(not_r, step)  # d * h, in [-d, 5d]; x's planes are free from here
-    shifts = [6.0 * v for v in f.reshape(-1).tolist()]
+    low = torch.sub(lo, d, out=br)  # min - d
+    shifts = [6.0 * v for v in _values(f)]
     for c, n in enumerate((5.0, 3.0, 1.0)):
-        s = [v + n for v in shifts]  # k = h + s lies in [s - 1, s + 5]
-        out, centres = x[:, c], _periods(min(s), max(s))
-        for i, centre in enumerate(centres):
-            dst = tmp if i else out
-            coef = [v - centre for v in s]
-            if min(coef) == max(coef):  # one crop (or one shift): a number
-                torch.add(dh, d, alpha=coef[0], out=dst)
-            else:
-                torch.addcmul(dh, d, torch.tensor(coef, dtype=x.dtype).to(x.device).view(-1, 1, 1), out=dst)
-            torch.minimum(dst.abs_().sub_(d).clamp_(min=0.0), d, out=dst)
-            if i:
-                out.add_(dst).sub_(d)
-        if not centres:
-            out.copy_(d)
-        out.add_(lo)
+        coef = [v + n - 5.0 - 6.0 * math.floor((v + n) / 6.0) for v in shifts]  # s - centre, centre 5 + 6j
+        out = x[:, c]
+        if min(coef) == max(coef):  # one crop (or one shift): a number
+            torch.add(dh, d, alpha=coef[0], out=out)
+        else:
+            torch.addcmul(dh, d, torch.tensor(coef, dtype=x.dtype).to(x.device).view(-1, 1, 1), out=out)
+        out.abs_().sub_(d, alpha=3.0).abs_().add_(low)
+        torch.clamp(out, min=lo, max=hi, out=out)
     return x
 
 
@@ -303,7 +299,7 @@ def colour_jitter(x: torch.Tensor, p: np.ndarray, work: torch.Tensor | None = No
     if len(x) == 1:  # one crop: its ops in its order
         for op in order[0].tolist():
             if active[0, op]:
-                COLOUR_OPS[op](x, torch.from_numpy(factors[:, op]), work)
+                COLOUR_OPS[op](x, float(factors[0, op]), work)
         return x
     for t in range(4):
         for op, fn in enumerate(COLOUR_OPS):
