@@ -5,8 +5,9 @@ Encoder specs: ``model:CKPT`` (our aligned image embedding, ``encode_image`` of 
 (the architecture of SPEC, randomly initialised, seeded), or any image-encoder spec with its pretrained weights
 (e.g. ``efficientnet-lite0`` = ImageNet). Non-model encoders see the shards' spot crop (their crop spec; 112 µm by
 default, as HEST). The protocol (not HEST's leaderboard recipe, which ``--hest-bench`` runs): folds of
-``stalign.tasks.bench_folds`` (by slide/patient, or spatial blocks within one slide), each fold's genes chosen on
-its training spots, features -> StandardScaler -> PCA(latent_dim) -> Ridge with an intercept; Pearson r per gene
+``stalign.tasks.bench_folds`` (by site/patient/slide, or spatial blocks within one slide), each fold's genes chosen on
+its training spots, features -> StandardScaler -> PCA(latent_dim) -> Ridge with an intercept (in closed form, exact:
+``RidgeProbe(solver="exact")``); Pearson r per gene
 (mean over genes per fold, mean ± std over folds), MSE and MAE. Every table holds the baselines on the same folds:
 the training-fold mean, the average of the nearest training spots of the same slide (no image) and colour
 statistics + the same ridge; the baseline of lowest MSE is the row to beat.
@@ -87,24 +88,33 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
 
     import stalign
     from stalign.tasks.embed import default_device, embed_shards
-    from stalign.tasks.feature_store import open_store, per_shard, spec_identity
+    from stalign.tasks.feature_store import open_store, per_shard, spec_identity, spec_weights_sha256
 
     device = default_device(device)
     if spec.startswith("model:"):
         return embed_shards(stalign.load_checkpoint(spec[6:]), root, gene=False, batch_size=batch_size,
                             workers=workers, device=device, progress=progress, cache=cache)["image"]
-    net = PatchEncoder(spec, arch=arch, seed=seed).to(device)
+    check_encoder_specs([spec])
     store = open_store(root, cache)
+    built: list[PatchEncoder] = []
+
+    def encoder() -> PatchEncoder:  # built on the first store miss (or to hash it): a full hit builds nothing
+        if not built:
+            built.append(PatchEncoder(spec, arch=arch, seed=seed).to(device))
+        return built[0]
 
     def compute(slide_id: str) -> dict[str, np.ndarray]:
-        out = []
+        net, out = encoder(), []
         with torch.inference_mode():
             for batch in tqdm(_patch_batches(root, batch_size, workers, [slide_id]), desc=f"features {spec}",
                               disable=not progress):
                 out.append(net(batch["spot_image"].to(device)).float().cpu().numpy())
         return {"features": np.concatenate(out)}
 
-    identity = spec_identity(spec, net.net, device=device, arch=arch, seed=seed if spec.startswith("random:") else None)
+    seed_used = seed if spec.startswith("random:") else None
+    weights = spec_weights_sha256(spec, arch=arch, seed=seed_used, build=lambda: encoder().net) if store.enabled \
+        else "not stored"  # --no-cache: the identity keys nothing
+    identity = spec_identity(spec, weights, device=device, arch=arch, seed=seed_used)
     return per_shard(store, identity, ["features"], list(store.entries), compute)["features"]
 
 
@@ -158,9 +168,10 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
                  k_genes: int | None = 50, latent_dim: int = 256, batch_size: int = 32, workers: int = 0,
                  device: str | None = None, seed: int = 0, progress: bool = True,
                  features: dict[str, np.ndarray] | None = None, arch: str | None = None,
-                 patients: Mapping[str, str] | None = None, neighbours: int = 6, cache: bool = True):
-    """The table (pandas) of ``encoders`` and the baselines on the shards under ``root`` (see module doc; ``by``
-    and ``patients``: ``stalign.tasks.bench_folds``; ``features`` adds precomputed (N, F) arrays by name).
+                 patients: Mapping[str, str] | None = None, sites: Mapping[str, str] | None = None,
+                 neighbours: int = 6, cache: bool = True):
+    """The table (pandas) of ``encoders`` and the baselines on the shards under ``root`` (see module doc; ``by``,
+    ``patients`` and ``sites``: ``stalign.tasks.bench_folds``; ``features`` adds precomputed (N, F) arrays by name).
     Folds, gene panels and checkpoint paths are checked before any feature is extracted. Features come from the
     feature store when an earlier run computed them (``cache=False``: computed again, nothing stored);
     ``table.attrs['feature_store']`` says what was reused and the store's size."""
@@ -174,13 +185,13 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
     ds = ShardDataset(root)
     expr = ds.expression_matrix().astype(np.float64)
     log1p = ds.manifest.get("expression") not in ("log1p_cp10k", "as_given")
-    folds = bench_folds(ds, expr, by=by, n_splits=n_splits, seed=seed, patients=patients, k_genes=k_genes,
-                        log1p=log1p, root=root)
+    folds = bench_folds(ds, expr, by=by, n_splits=n_splits, seed=seed, patients=patients, sites=sites,
+                        k_genes=k_genes, log1p=log1p, root=root)
     check_encoder_specs(encoders)
     targets = np.log1p(expr) if log1p else expr
     slides = np.asarray([ds.slide_of(i) for i in range(len(ds))])
     coords = np.concatenate([ds.slide_spots(k)["coords_um"] for k in range(len(ds.slide_ids))])
-    ridge = {"latent_dim": latent_dim, "fit_intercept": True, "seed": seed}
+    ridge = {"latent_dim": latent_dim, "fit_intercept": True, "seed": seed, "solver": "exact"}
     store = open_store(root, cache)
     colour = shard_colour_features(root, workers=workers, cache=store)
     methods: dict[str, tuple[str, Callable[[np.ndarray], Any]]] = {"mean expression (training folds)": (

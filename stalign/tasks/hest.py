@@ -111,16 +111,27 @@ def group_splits(groups: Sequence[Any], *, n_splits: int | None = None, shuffle_
 class RidgeProbe:
     """HEST's probe as an estimator: StandardScaler + PCA(latent_dim) + Ridge(solver='lsqr') with
     alpha = 100 / (n_features * n_targets) unless ``alpha`` is given. PCA keeps at most
-    min(latent_dim, n_train, n_features) components; ``latent_dim=None`` skips scaler and PCA."""
+    min(latent_dim, n_train, n_features) components; ``latent_dim=None`` skips scaler and PCA.
+    ``solver="exact"``: the same model in closed form (``stalign.tasks.pca_ridge``: exact PCA, exact ridge, all
+    targets at once) instead of HEST's sklearn pipeline (randomised PCA, iterative lsqr)."""
 
     def __init__(self, *, latent_dim: int | None = 256, alpha: float | None = None, fit_intercept: bool = False,
-                 seed: int = 1) -> None:
+                 seed: int = 1, solver: str = "lsqr") -> None:
         if latent_dim is not None and latent_dim < 1:
             raise InputError(f"latent_dim (PCA components) must be >= 1 (or None: no PCA), got {latent_dim}")
+        if solver not in ("lsqr", "exact"):
+            raise InputError(f"ridge probe solver must be 'lsqr' (HEST) or 'exact', got {solver!r}")
         self.latent_dim, self.alpha, self.fit_intercept, self.seed = latent_dim, alpha, fit_intercept, seed
+        self.solver = solver
         self.pipe: Any = None
 
     def fit(self, x: np.ndarray, y: np.ndarray) -> RidgeProbe:
+        if self.solver == "exact":
+            from stalign.tasks.pca_ridge import ExactPcaRidge
+
+            self.pipe = ExactPcaRidge(x, y, latent_dim=self.latent_dim, alpha=self.alpha,
+                                      fit_intercept=self.fit_intercept)
+            return self
         from sklearn.decomposition import PCA
         from sklearn.linear_model import Ridge
         from sklearn.pipeline import Pipeline
