@@ -7,7 +7,7 @@ import pytest
 
 from stalign.data.dataset import ShardDataset
 from stalign.tasks import bench
-from stalign.tasks.bench_folds import bench_folds, make_folds, read_patients
+from stalign.tasks.bench_folds import bench_folds, make_folds, read_slide_groups
 from stalign.tasks.hest import hest_gene_panel
 
 
@@ -84,6 +84,8 @@ def test_inputs_are_checked_before_any_feature_is_extracted(one_slide, small_sha
     _no_extraction(monkeypatch)
     with pytest.raises(ValueError, match="one slide only, and the 49 spots lie in 2 blocks of .* fewer than the 5 folds"):
         bench.bench_shards(small_shards("squidpy"), ["efficientnet-lite0"], progress=False)
+    with pytest.raises(ValueError, match=r"no site for slides \['.+'\] \(a site column of prep --samples"):
+        bench.bench_shards(one_slide, ["efficientnet-lite0"], by="site", progress=False)
     with pytest.raises(FileNotFoundError, match="nockpt: no such checkpoint"):
         bench.bench_shards(one_slide, [f"model:{tmp_path / 'nockpt'}"], progress=False)
     with pytest.raises(ValueError, match="fold 0 .*no gene is detected"):
@@ -107,11 +109,81 @@ class _ThreeSlides:
 def test_folds_by_patient(tmp_path):
     ds = _ThreeSlides()
     (tmp_path / "p.csv").write_text("slide_id,patient\ns1,P1\ns2,P1\ns3,P2\n")
-    patients = read_patients(tmp_path / "p.csv")
+    patients = read_slide_groups(tmp_path / "p.csv", "patient")
     splits, scheme, label = make_folds(ds, patients=patients)  # auto: by patient when given
     assert scheme == "patient" and "2 patients" in label
     assert sorted(tuple(te.tolist()) for _, te in splits) == [(0, 1, 2, 3), (4, 5)]
     splits, scheme, _ = make_folds(ds)
     assert scheme == "slide" and len(splits) == 3
-    with pytest.raises(ValueError, match=r"lacks slides \['s3'\]"):
+    with pytest.raises(ValueError, match=r"no patient for slides \['s3'\] \(a patient column of prep --samples"):
         make_folds(ds, patients={"s1": "P1", "s2": "P2"})
+
+
+class _FourSlides(_ThreeSlides):
+    """4 slides of 2 spots; s1, s2 of site A, s3 of B, s4 of C (manifest entries), no patient."""
+
+    slide_ids = ["s1", "s2", "s3", "s4"]
+    manifest = {"niche_um": 100.0, "slides": [{"slide_id": s, "site": site} for s, site in
+                                              zip(slide_ids, ["A", "A", "B", "C"])]}
+
+    def __len__(self) -> int:
+        return 8
+
+
+def test_folds_by_site_hold_out_each_unseen_site(tmp_path):
+    ds = _FourSlides()
+    splits, scheme, label = make_folds(ds)  # auto: by site when the shards know 2+ sites
+    assert scheme == "site" and label == "leave-one-site-out (3 sites)"
+    assert [te.tolist() for _, te in splits] == [[0, 1, 2, 3], [4, 5], [6, 7]]  # one fold per held-out site
+    assert [tr.tolist() for tr, _ in splits][0] == [4, 5, 6, 7]
+    (tmp_path / "s.tsv").write_text("slide_id\tsite\ns3\tA\ns4\tA\n")  # a table wins over the manifest
+    for by in ("site", "auto"):  # a table given is used as such
+        with pytest.raises(ValueError, match=r"one site only \(A\); folds by site need two or more"):
+            make_folds(ds, by=by, sites=read_slide_groups(tmp_path / "s.tsv", "site"))
+    ds.manifest = {"slides": ds.manifest["slides"][:1] + [{"slide_id": "s3", "site": "A"}]}
+    assert make_folds(ds)[1] == "slide"  # one site: auto falls back to slides
+    ds.manifest = {"slides": _FourSlides.manifest["slides"][:3]}
+    with pytest.raises(ValueError, match=r"no site for slides \['s4'\] .*--sites FILE"):
+        make_folds(ds, by="site")
+    assert make_folds(ds)[1] == "slide"  # auto needs a site for every slide
+    (tmp_path / "bad.csv").write_text("slide_id,patient\ns1,P\n")
+    with pytest.raises(ValueError, match=r"bad.csv: needs columns slide_id and site"):
+        read_slide_groups(tmp_path / "bad.csv", "site")
+
+
+def test_site_comes_from_the_samples_table_or_a_constant_obs_column():
+    import anndata as ad
+    import pandas as pd
+
+    from stalign.data.sample import SlideSample, slide_groups
+
+    obs = pd.DataFrame({"site": ["site1"] * 3, "patient": ["P1", "P2", "P1"]}, index=["a", "b", "c"])
+    sample = SlideSample(slide_id="x", image_path="x.png", adata=ad.AnnData(np.ones((3, 2)), obs=obs),
+                         coords_px=np.zeros((3, 2)), um_per_px=1.0, pixel_size_source="user flag")
+    assert slide_groups(sample) == {"site": "site1"}  # several patients in one slide: no slide-level patient
+    sample.groups.update(site="given", patient="P9")
+    assert slide_groups(sample) == {"patient": "P9", "site": "given"}
+
+
+def test_bench_by_site_on_shards(one_slide, tmp_path):
+    """Shards of three slides of two sites: one fold per held-out site, no neighbour baseline (no training spot
+    shares the test slide)."""
+    import json
+    import shutil
+
+    root = tmp_path / "shards"
+    shutil.copytree(one_slide, root, ignore=shutil.ignore_patterns("features"))
+    manifest = json.loads((root / "manifest.json").read_text())
+    entry = manifest["slides"][0]
+    manifest["slides"] = []
+    for i, site in enumerate(["s0", "s0", "s1"]):
+        sid = f"slide{i}"
+        shutil.copy(root / entry["shard"], root / "shards" / f"{sid}.h5")
+        manifest["slides"].append({**entry, "slide_id": sid, "shard": f"shards/{sid}.h5", "site": site})
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    n = 3 * entry["n_spots"]
+    table = bench.bench_shards(root, [], k_genes=8, latent_dim=8, progress=False,
+                               features={"noise": np.random.default_rng(0).normal(size=(n, 4))})
+    assert table.attrs["by"] == "site" and table.attrs["folds"] == "leave-one-site-out (2 sites)"
+    assert (table["n_folds"] == 2).all() and (table["folds"] == "site").all()
+    assert not table["encoder"].str.startswith("neighbour").any()

@@ -246,18 +246,32 @@ def test_cli_with_a_sample_table_prints_the_summary(tmp_path, two_slides, capsys
     from stalign.cli import main
 
     table = tmp_path / "slides.csv"
-    table.write_text("slide_id,h5ad,image,um_per_px\n" + "".join(
-        f"{n},{two_slides[n][0]},{two_slides[n][1]},1.0\n" for n in ("crop", "mirror")))
+
+    def write_table(sites):
+        table.write_text("slide_id,h5ad,image,um_per_px,site\n" + "".join(
+            f"{n},{two_slides[n][0]},{two_slides[n][1]},1.0,{site}\n" for n, site in zip(("crop", "mirror"), sites)))
+
+    write_table(["hospital A", "hospital B"])
     genes = tmp_path / "genes.txt"
     genes.write_text("# panel\nMobp\nPcp4, Gfap  # astrocytes\n")
-    rc = main(["prep", "--samples", str(table), "--out", str(tmp_path / "out"), "--genes", str(genes),
-               "--spot-um", "64", "--niche-um", "300", "--patch-px", "32", "--quiet"])
+    args = ["prep", "--samples", str(table), "--out", str(tmp_path / "out"), "--genes", str(genes),
+            "--spot-um", "64", "--niche-um", "300", "--patch-px", "32", "--quiet"]
+    rc = main(args)
     out, err = capsys.readouterr()
     assert rc == 0, err
     lines = out.splitlines()
     assert lines[0].split()[:6] == ["slide", "spots", "off-image", "dropped", "padded", "um/px"]
     assert lines[1].split()[0] == "crop" and lines[2].split()[0] == "mirror" and "user flag" in lines[1]
-    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["genes"] == ["Mobp", "Pcp4", "Gfap"]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["genes"] == ["Mobp", "Pcp4", "Gfap"]
+    assert [e.get("site") for e in manifest["slides"]] == ["hospital A", "hospital B"]  # the samples' site column
+    shard_time = (tmp_path / "out" / "shards" / "crop.h5").stat().st_mtime_ns
+    write_table(["hospital C", ""])  # a new label: the manifest's, the shards are kept
+    assert main(args) == 0
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [e.get("site") for e in manifest["slides"]] == ["hospital C", None]
+    assert (tmp_path / "out" / "shards" / "crop.h5").stat().st_mtime_ns == shard_time
+    capsys.readouterr()
     rc = main(["prep", "--h5ad", str(two_slides["crop"][0]), "--out", str(tmp_path / "o2")])
     assert rc == 1 and "give one --image per --h5ad" in capsys.readouterr().err
 

@@ -13,7 +13,7 @@ from stofm.util.output_paths import atomic_write_path
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="image encoders -> expression (PCA + ridge, Pearson and MSE) against baselines",
                        description="With --shards: encoders and baselines (training mean, neighbour average, colour "
-                                   "statistics + ridge) on the same leak-free folds (by slide/patient; spatial blocks "
+                                   "statistics + ridge) on the same leak-free folds (by site/patient/slide; spatial blocks "
                                    "with a niche-wide margin within one slide), each fold's genes chosen on its "
                                    "training spots, ridge with an intercept. With --hest-bench TASK_FOLDER: "
                                    "HEST-Benchmark exactly (its genes, patient splits, patches, PCA-256 + ridge with "
@@ -32,13 +32,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="specs: model:CKPT, backbone:CKPT, random:SPEC, or an image-encoder spec (efficientnet-lite0, "
                         "timm:NAME, uni, ...) with its pretrained weights")
     p.add_argument("--by", choices=SCHEMES, default="auto",
-                   help="--shards folds: auto (default: by patient with --patients, by slide with 2+ slides, else "
-                        "spatial blocks), slide, patient, block (within slides, niche-wide margin), or spot (random "
-                        "spots: LEAKY, neighbouring spots share tissue; the rows say so)")
+                   help="--shards folds: auto (default: the strictest known: by site when the slides have 2+ sites, "
+                        "else by patient likewise, else by slide with 2+ slides, else spatial blocks), site (train on "
+                        "some sites' slides, test on an unseen site's), patient, slide, block (within slides, "
+                        "niche-wide margin), or spot (random spots: LEAKY, neighbouring spots share tissue; the rows "
+                        "say so)")
     p.add_argument("--patients", default=None, metavar="FILE",
-                   help="CSV/TSV with columns slide_id, patient: folds by patient")
+                   help="CSV/TSV with columns slide_id, patient (over the shards' own: prep --samples' patient "
+                        "column)")
+    p.add_argument("--sites", default=None, metavar="FILE",
+                   help="CSV/TSV with columns slide_id, site (over the shards' own: prep --samples' site column, or "
+                        "an obs column 'site' with one value per slide, as synth v3 slides)")
     p.add_argument("--folds", type=int, default=None,
-                   help="number of folds (default: one per slide/patient; 5 block hold-outs or spot folds)")
+                   help="number of folds (default: one per site/patient/slide; 5 block hold-outs or spot folds)")
     p.add_argument("--genes", type=int, default=50, help="top highly variable genes (default 50; 0 = all)")
     p.add_argument("--latent-dim", type=int, default=256, help="PCA components (default 256)")
     p.add_argument("--arch", default=None,
@@ -58,13 +64,14 @@ def run(args: argparse.Namespace) -> int:
     check_at_least(args, latent_dim=1, folds=2, genes=0, batch_size=1)  # before any encoder is loaded
     if args.hest_bench:
         return _run_hest(args)
-    from stalign.tasks.bench_folds import read_patients
+    from stalign.tasks.bench_folds import read_slide_groups
 
-    patients = read_patients(args.patients) if args.patients else None
+    patients = read_slide_groups(args.patients, "patient") if args.patients else None
+    sites = read_slide_groups(args.sites, "site") if args.sites else None
     table = bench_shards(args.shards, args.encoders, by=args.by, n_splits=args.folds, k_genes=args.genes or None,
                          latent_dim=args.latent_dim, batch_size=args.batch_size, workers=args.workers,
                          device=args.device, seed=args.seed, progress=not args.quiet, arch=args.arch,
-                         patients=patients, cache=not args.no_cache)
+                         patients=patients, sites=sites, cache=not args.no_cache)
     print(format_table(table))
     print(f"{table.attrs['n_spots']} spots, {table.attrs['n_slides']} slide(s); folds: {table.attrs['folds']}; "
           f"{args.genes or 'all'} genes per fold, chosen on its training spots (own genes/folds: not comparable "

@@ -32,6 +32,7 @@ from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
 from stalign.data.errors import CoordinateError, DataPrepError
 from stalign.data.prep_qc import write_slide_qc
 from stalign.data.prep_signals import SIGNALLED, check_terminated, raise_terminated
+from stalign.data.sample import GROUP_KEYS, slide_groups
 from stalign.data.shards import (
     FORMAT,
     MANIFEST,
@@ -216,6 +217,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
                if shard_attrs(out / e["shard"]) is not None}
 
     # 2. jobs for the slides whose shard is missing or stale
+    groups = {s.slide_id: slide_groups(s) for s in samples}  # patient / site: the manifest's, not the shard's
     jobs = []
     rules = {s.slide_id: tissue_rule(s, tissue_from, tissue_filter=tissue_filter) for s in samples}
     for s in samples:
@@ -247,7 +249,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
 
     def save() -> None:
         order = [i for i in ids if i in entries] + [i for i in entries if i not in ids]
-        manifest["slides"] = [entries[i] for i in order]
+        manifest["slides"] = [_with_groups(entries[i], groups.get(i)) for i in order]
         write_manifest(out, manifest)
 
     def done(entry: dict[str, Any]) -> None:
@@ -264,6 +266,13 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
             raise failures[0]
         raise DataPrepError(f"{len(failures)} slides failed:\n" + "\n".join(f"  {f}" for f in failures))
     return manifest
+
+
+def _with_groups(entry: dict[str, Any], groups: dict[str, str] | None) -> dict[str, Any]:
+    """The entry with this run's patient / site (``None``: an earlier run's slide, kept); a new label re-crops nothing."""
+    if groups is None:
+        return entry
+    return {**{k: v for k, v in entry.items() if k not in GROUP_KEYS}, **groups}
 
 
 #: Crops resampled up by more than this from the source pixels (e.g. lowres-only Visium) get a warning.

@@ -27,6 +27,8 @@ class SlideSample:
     pixel_size_sources: dict[str, float] = field(default_factory=dict)
     #: spots dropped by ``check_sample`` for lying outside the image: {"count": n, "barcodes": [...]}
     dropped_out_of_image: dict[str, Any] = field(default_factory=lambda: {"count": 0, "barcodes": []})
+    #: the slide's groups given with it (``GROUP_KEYS``: patient, site; e.g. columns of ``prep --samples``)
+    groups: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_spots(self) -> int:
@@ -37,6 +39,26 @@ class SlideSample:
         prediction record about the pixel size."""
         return {"um_per_px": float(self.um_per_px), "pixel_size_source": str(self.pixel_size_source),
                 "pixel_size_sources": {str(k): float(v) for k, v in self.pixel_size_sources.items()}}
+
+
+#: Slide-level groups that benchmarks hold out together (``stalign bench --by patient / site``).
+GROUP_KEYS = ("patient", "site")
+
+
+def slide_groups(sample: SlideSample) -> dict[str, str]:
+    """The slide's patient and site (what prep writes into its manifest entry): those given with it
+    (``sample.groups``), else an ``obs`` column ``patient`` / ``site`` holding one value for every spot (as synth
+    v3 slides carry their site); a column with several values names no slide-level group and is left out."""
+    out = {}
+    obs = getattr(sample.adata, "obs", None)
+    for key in GROUP_KEYS:
+        if sample.groups.get(key):
+            out[key] = str(sample.groups[key])
+        elif obs is not None and key in obs.columns:
+            values = obs[key].astype(str).unique()
+            if len(values) == 1 and values[0] not in ("", "nan", "None"):
+                out[key] = str(values[0])
+    return out
 
 
 def coords_from_obsm(adata: Any, key: str, *, what: str) -> np.ndarray:

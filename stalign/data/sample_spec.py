@@ -3,7 +3,8 @@
 
 Keys: ``h5ad`` + ``image`` (AnnData + image), ``spaceranger`` [+ ``image``] (a Space Ranger ``outs`` folder),
 ``hest`` + ``id`` (a HEST-1k root and sample id), ``visium_hd`` [+ ``image``, ``bin_um``]; optional
-``slide_id`` and ``um_per_px``. One dispatch to the readers of :mod:`stalign.data.readers` for prep and the
+``slide_id``, ``um_per_px`` and the slide's groups ``patient`` and ``site`` (``SlideSample.groups``: into the
+manifest entry, for ``stalign bench --by patient / site``). One dispatch to the readers of :mod:`stalign.data.readers` for prep and the
 notebooks.
 """
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 from stofm.util.errors import InputError
 
 #: The keys a spec may hold.
-SPEC_KEYS = ("h5ad", "image", "spaceranger", "hest", "id", "visium_hd", "bin_um", "slide_id", "um_per_px")
+SPEC_KEYS = ("h5ad", "image", "spaceranger", "hest", "id", "visium_hd", "bin_um", "slide_id", "um_per_px",
+             "patient", "site")
 #: The keys whose values are paths.
 PATH_KEYS = ("h5ad", "image", "spaceranger", "hest", "visium_hd")
 #: What a spec must name, for the error message.
@@ -53,9 +55,19 @@ def read_sample_spec(row: dict[str, Any], *, base: str | os.PathLike | None = No
     """The ``SlideSample`` of a spec (paths relative to ``base``); ``um_per_px``/``bin_um`` unless the row sets
     them; ``tissue_from`` for Space Ranger / Visium HD; ``spot_diameter_um``/``spot_pitch_um`` for the
     pixel-size sources; ``common``: the readers' shared options (``pixel_size_from``, ``crop_um``, ...)."""
-    from stalign.data import readers
+    from stalign.data.sample import GROUP_KEYS
 
     check_sample_spec(row, "slide input")
+    sample = _read(row, base=base, um_per_px=um_per_px, bin_um=bin_um, tissue_from=tissue_from,
+                   spot_diameter_um=spot_diameter_um, spot_pitch_um=spot_pitch_um, **common)
+    sample.groups.update({k: str(row[k]).strip() for k in GROUP_KEYS if str(row.get(k) or "").strip()})
+    return sample
+
+
+def _read(row: dict[str, Any], *, base: str | os.PathLike | None, um_per_px: float | None, bin_um: int | None,
+          tissue_from: str, spot_diameter_um: float | None, spot_pitch_um: float | None, **common: Any) -> Any:
+    from stalign.data import readers
+
     row = {k: (str(Path(base or ".") / Path(str(v)).expanduser()) if k in PATH_KEYS and v not in (None, "") else v)
            for k, v in row.items()}
     mpp = float(_value(row, "um_per_px", um_per_px)) if _value(row, "um_per_px", um_per_px) is not None else None
