@@ -17,6 +17,10 @@ with 224-px spot + niche crops (raw shards), made once under ``--work``. Paths, 
 
 "pairs/s" counts (spot, niche) pairs delivered on the device, augmented to the input size of each
 ``--sizes`` (224: stalign-base's ViT-B/16; 32: stalign-tiny); "no augmentation" delivers the raw crops.
+On the CPU the two paths are timed ``--repeats`` times in turn (per-sample, batched, per-sample, ...; the
+medians are reported), so a change in the machine's load hits both; with no workers the "per CPU-s" columns
+divide by the process's CPU time rather than the wall time: the rate of one core of one's own, which
+other jobs on a shared machine do not take away.
 "crops/s": ways to read a batch's crops from a shard (page cache warm; the batched path uses the last).
 "train steps/s": full training steps (forward, ``ThreeTargetLoss``, backward, AdamW) of ``--train-model`` at
 its input size fed by each path, next to the same steps on one batch already on the device ("model alone");
@@ -24,6 +28,7 @@ its input size fed by each path, next to the same steps on one batch already on 
 """
 from __future__ import annotations
 
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -127,14 +132,28 @@ def batches(dl, move, n: int):
                 return
 
 
-def pairs_per_s(root, *, batched, augment, size, device, workers, n) -> float:
+def pairs_per_s(root, *, batched, augment, size, device, workers, n) -> tuple[float, float]:
+    """(pairs per wall second, pairs per CPU second of this process) over ``n`` batches."""
     dl, move = pipeline(root, batched=batched, augment=augment, size=size, device=device, workers=workers)
     next(iter(batches(dl, move, 1)))  # warm: open the shard, cache its arrays, start workers
     sync(device)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     count = sum(len(b["index"]) for b in batches(dl, move, n))
     sync(device)
-    return count / (time.perf_counter() - t0)
+    return count / (time.perf_counter() - t0), count / max(time.process_time() - c0, 1e-9)
+
+
+def path_rates(root, *, augment, size, device, workers, n, repeats) -> dict[str, float]:
+    """Median rates of the per-sample and the batched path, timed ``repeats`` times in turn."""
+    runs: dict[bool, list[tuple[float, float]]] = {False: [], True: []}
+    for _ in range(repeats):
+        for batched in (False, True):
+            runs[batched].append(pairs_per_s(root, batched=batched, augment=augment, size=size, device=device,
+                                             workers=workers, n=n))
+    med = {b: [statistics.median(r[i] for r in runs[b]) for i in (0, 1)] for b in runs}
+    return {"per-sample": med[False][0], "batched": med[True][0], "batched / per-sample": med[True][0] / med[False][0],
+            "per-sample, per CPU-s": med[False][1], "batched, per CPU-s": med[True][1],
+            "batched / per-sample, CPU": med[True][1] / med[False][1]}
 
 
 class Steps:
@@ -184,8 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers (0: the main process, one core)")
     p.add_argument("--train-model", default="stalign-tiny", help="model of the end-to-end training steps")
     p.add_argument("--steps", type=int, default=None, help="timed training steps per path (default 6)")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="pairs/s timings per path, in turn, medians reported (default 3 on the CPU, 1 on a GPU "
+                        "or with --quick)")
     args = p.parse_args(argv)
     device = setup(args)
+    repeats = args.repeats or (3 if device.type == "cpu" and not args.quick else 1)
     n_spots = args.spots or (120 if args.quick else 900)
     patch = args.patch_px or (64 if args.quick else 224)
     sizes = args.sizes or ([32] if args.quick else [224, 32])
@@ -193,11 +216,12 @@ def main(argv: list[str] | None = None) -> None:
     root = make_shards(args.work, n_spots=n_spots, patch_px=patch)
     load_before = load_average()
     reads, rows = read_strategies(root, n=n), []
+    cpu_rates = device.type == "cpu" and args.workers == 0  # CPU time of this process is all the work
     for augment, size in [(False, patch)] + [(True, s) for s in sizes]:
-        rates = {batched: pairs_per_s(root, batched=batched, augment=augment, size=size, device=device,
-                                      workers=args.workers, n=n) for batched in (False, True)}
+        rates = path_rates(root, augment=augment, size=size, device=device, workers=args.workers, n=n,
+                           repeats=repeats)
         rows.append({"what": f"pairs/s, {'augmented to ' + str(size) + ' px' if augment else 'no augmentation'}",
-                     "per-sample": rates[False], "batched": rates[True], "batched / per-sample": rates[True] / rates[False]})
+                     **{k: v for k, v in rates.items() if cpu_rates or "CPU" not in k}})
         print(rows[-1], flush=True)
     from stalign.data.dataset import ShardDataset
 
@@ -217,14 +241,17 @@ def main(argv: list[str] | None = None) -> None:
                      "input share (batched)": 1 - rates[True] / alone})
         print(rows[-1], flush=True)
     notes = [f"synthetic slide of {n_spots} spots, {patch} px spot + niche crops (raw shards), batch 64, "
-             f"{args.workers} DataLoader workers, {n} batches per pairs/s figure, {n_steps} training steps; "
-             "old and new paths measured in the same run"]
+             f"{args.workers} DataLoader workers, {n} batches per pairs/s figure (median of {repeats} timed in "
+             f"turn with the other path), {n_steps} training steps; old and new paths measured in the same run"]
     if device.type == "cpu":
         notes.append("per core: one torch thread and no workers give the figure of one core")
+    if cpu_rates:
+        notes.append("'per CPU-s': pairs per second of this process's CPU time (what one core of its own gives; "
+                     "the wall-time columns also carry the other jobs' share of the machine)")
     record(args, title=f"training input pipeline on {device.type.upper()}", device=device,
-           body=table(reads) + "\n\n" + table(rows, ["what", "per-sample", "batched", "batched / per-sample",
-                                                      "model alone", "input share (per-sample)",
-                                                      "input share (batched)"]),
+           body=table(reads) + "\n\n" + table(rows, ["what", "per-sample", "batched", "batched / per-sample"] + (
+               ["per-sample, per CPU-s", "batched, per CPU-s", "batched / per-sample, CPU"] if cpu_rates else []) + [
+               "model alone", "input share (per-sample)", "input share (batched)"]),
            load_before=load_before, notes=notes)
 
 
