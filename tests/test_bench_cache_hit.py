@@ -2,6 +2,7 @@
 checksum is recorded (and recomputed when its weight file changes), the PCA + ridge in exact closed form."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -56,6 +57,9 @@ def test_second_bench_builds_no_encoder(small_shards, tmp_path, counted_builds):
     kw = dict(k_genes=6, latent_dim=8, progress=False, device="cpu")
     first = bench.bench_shards(root, ["random:timm:test_vit"], **kw)
     assert counted_builds == ["random:timm:test_vit"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    manifest["slides"][0]["site"] = "hospital A"  # a label changes no array: the features stay valid
+    (root / "manifest.json").write_text(json.dumps(manifest))
     second = bench.bench_shards(root, ["random:timm:test_vit"], **kw)
     assert counted_builds == ["random:timm:test_vit"], "the encoder was built again on a full store hit"
     assert "0 computed" in second.attrs["feature_store"]

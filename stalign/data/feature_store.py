@@ -8,8 +8,9 @@ An entry is one array of one shard, keyed by
 - the **output** name (``"image"``, ``"gene"``, ``"features"``, ...),
 - the shards' **crop spec** (``CropSpec.to_dict()`` of the manifest, every field),
 - the **shard checksum** (:func:`shard_checksum`: the file's size and mtime_ns and the sha256 of its manifest
-  entry; hashing the shard's bytes would cost seconds per GB on every run, and prep replaces a shard by a rename,
-  which always gives a new mtime; a copy without its mtime misses, the safe direction).
+  entry but its patient and site, which change no array; hashing the shard's bytes would cost seconds per GB on
+  every run, and prep replaces a shard by a rename, which always gives a new mtime; a copy without its mtime
+  misses, the safe direction).
 
 Files (``FOLDER/<slide_id>/<output>-<hash>.npy`` + ``.json`` sidecar with the key, shape and compute time) are
 written atomically (``atomic_write_path``); a writer holds ``FOLDER/<slide_id>/.<encoder hash>.lock`` (``take_lock``)
@@ -31,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from stalign.data.sample import GROUP_KEYS
 from stalign.data.shards import read_manifest
 from stofm.util.output_paths import atomic_write_path, take_lock
 
@@ -61,7 +63,7 @@ def shard_checksum(root: str | os.PathLike, entry: Mapping[str, Any]) -> dict[st
     """The shard's identity: slide id, file size, mtime_ns and the sha256 of its manifest entry (see module doc)."""
     st = (Path(root) / entry["shard"]).stat()
     return {"slide_id": str(entry["slide_id"]), "size": st.st_size, "mtime_ns": st.st_mtime_ns,
-            "entry_sha256": _digest(dict(entry))}
+            "entry_sha256": _digest({k: v for k, v in entry.items() if k not in GROUP_KEYS})}
 
 
 def manifest_crop(manifest: Mapping[str, Any]) -> dict[str, Any]:
