@@ -1,5 +1,6 @@
 """benchmarks/gpu_suite.sh: the one GPU script runs end to end on the CPU with --dry-run and writes one results file
-with a section per step (device, image encoders, training step, WSI prediction, retrieval, stofm, pytest -m gpu)."""
+with a section per step (device, image encoders, training step, input pipeline, WSI prediction, retrieval, stofm
+embedding, feature store, pytest -m gpu: the `## NAME` headings gpu_suite.sh writes, steps 1-7 with 3b and 6b)."""
 from __future__ import annotations
 
 import os
@@ -10,8 +11,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = ("device", "image encoders", "training step", "WSI prediction", "retrieval", "stofm embedding",
-         "feature store", "pytest -m gpu")
+STEPS = ("device", "image encoders", "training step", "input pipeline", "WSI prediction", "retrieval",
+         "stofm embedding", "feature store", "pytest -m gpu")
 
 
 @pytest.mark.slow
@@ -25,6 +26,11 @@ def test_gpu_suite_dry_run_writes_every_section(tmp_path, subprocess_env):
     assert "dry run on the CPU" in text and "- total:" in text
     for name in STEPS:
         assert f"## {name}\n" in text, name
+    positions = [text.index(f"## {name}\n") for name in STEPS]
+    assert positions == sorted(positions)  # in the order of the script's steps
+    # the benchmarks' own sections of steps 3b and 6b (benchmarks/loader.py, benchmarks/feature_store.py)
+    assert "## training input pipeline on CPU" in text and "pairs/s, augmented to" in text
+    assert "## Feature store: second bench run and training from stored features" in text
     assert "FAILED" not in text and "TIMED OUT" not in text, text[-3000:]
     # the benchmarks appended their own sections (machine, command, table) to the same file
     assert text.count("| --- |") >= 5
