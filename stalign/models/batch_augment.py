@@ -45,7 +45,7 @@ _EPS = 1e-6  # skimage's floor on RGB before the log
 HFLIP, VFLIP, ROT, ORDER, FACTORS, ALPHA, BETA, N_PARAMS = 0, 1, 2, slice(3, 7), slice(7, 11), slice(11, 14), \
     slice(14, 17), 17
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
-WORK_PLANES = 6  # scratch planes per crop that the colour ops use (adjust_hue's)
+WORK_PLANES = 6  # scratch planes per crop that the colour ops use (adjust_hue's six)
 CPU_CHUNK_PIXELS = 224 * 224  # working pixels per crop chunk on the CPU (one 224-px crop: its planes stay in cache)
 
 
@@ -112,7 +112,7 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | No
     the shift s = n_c + 6f; over that range d * w = ||d * k - C d| - 3d| for the C = 5 + 6j in [s - 1, s + 5]
     (j = floor(s / 6)), and channel c = clamp(d * w + min - d, min, max)."""
     r, g, b = x[:, 0], x[:, 1], x[:, 2]
-    hi, lo, d, dh, br, tmp = _planes(x, work)[:6]
+    hi, lo, d, dh, br, tmp = _planes(x, work)
     torch.maximum(torch.maximum(r, g, out=hi), b, out=hi)
     torch.minimum(torch.minimum(r, g, out=lo), b, out=lo)
     torch.sub(hi, lo, out=d)
@@ -123,17 +123,12 @@ def adjust_hue(x: torch.Tensor, f: torch.Tensor | float, work: torch.Tensor | No
     step.addcmul_(not_g, torch.add(dh, br, alpha=2.0, out=b).sub_(d, alpha=2.0).neg_())  # + (r-g+4d) - (b-r+2d)
     dh.addcmul_(not_r, step)  # d * h, in [-d, 5d]; x's planes are free from here
     low = torch.sub(lo, d, out=br)  # min - d
-    shifts = [6.0 * v for v in _values(f)]
-    for c, n in enumerate((5.0, 3.0, 1.0)):
-        coef = [v + n - 5.0 - 6.0 * math.floor((v + n) / 6.0) for v in shifts]  # s - centre, centre 5 + 6j
-        out = x[:, c]
-        if min(coef) == max(coef):  # one crop (or one shift): a number
-            torch.add(dh, d, alpha=coef[0], out=out)
-        else:
-            torch.addcmul(dh, d, torch.tensor(coef, dtype=x.dtype).to(x.device).view(-1, 1, 1), out=out)
-        out.abs_().sub_(d, alpha=3.0).abs_().add_(low)
-        torch.clamp(out, min=lo, max=hi, out=out)
-    return x
+    shifts = [[6.0 * v + n for n in (5.0, 3.0, 1.0)] for v in _values(f)]  # s per crop and channel
+    coef = [[s - 5.0 - 6.0 * math.floor(s / 6.0) for s in row] for row in shifts]  # s - C
+    coef = torch.tensor(coef, dtype=x.dtype).view(-1, 3, 1, 1).to(x.device)  # all three channels in one op each
+    torch.addcmul(dh.unsqueeze(1), d.unsqueeze(1), coef, out=x)
+    x.abs_().sub_(d.unsqueeze(1), alpha=3.0).abs_().add_(low.unsqueeze(1))
+    return torch.clamp(x, min=lo.unsqueeze(1), max=hi.unsqueeze(1), out=x)
 
 
 COLOUR_OPS = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)  # torchvision's fn_idx order
