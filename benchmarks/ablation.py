@@ -11,9 +11,13 @@ Splits (one table each): ``site``: every slide of one site held out (site seed m
 other sites' slides; ``block``: held-out squares of every slide with a niche-wide margin.
 
 Arms: spot image only (spot loss) · + niche image (spot + niche losses) · three targets as published (stalign-paper)
-· three targets, project variant · gene side stofm (pretrained on the training spots and frozen; from scratch) ·
-niche gene encoder mean expression / SE(2). Baselines on the same splits: training mean, neighbour average (block
-split), ImageNet features + ridge, colour statistics + ridge. Mean ± std over seeds; every (method, seed) row goes to ``OUT/ablation_rows.csv``.
+· three targets, project variant · + HED stain jitter · on Macenko-normalised crops · last image-encoder blocks
+fine-tuned from pixels · gene side stofm (pretrained on the training spots and frozen; the original SToFM
+architecture likewise; from scratch) · niche gene encoder mean expression / SE(2). Every arm but the fine-tuned one
+reads stored augmented views of frozen ImageNet EfficientNet-Lite0 features and trains until its held-out loss
+plateaus (site split). Baselines on the same splits: training mean, neighbour average (block split), ImageNet
+features + ridge, colour statistics + ridge (also on the normalised crops). Mean ± std over seeds; every (method,
+seed) row goes to ``OUT/ablation_rows.csv``, the learning curves to ``OUT/curves.csv`` and ``OUT/curves.png``.
 """
 from __future__ import annotations
 
@@ -27,7 +31,8 @@ from common import load_average, parser, record, setup  # noqa: E402
 
 
 def main() -> None:
-    from stalign.lab.ablation import AblationError, AblationSettings, arms, run_ablation, summarise
+    from stalign.lab.ablation import AblationError, AblationSettings, arms, run_ablation
+    from stalign.lab.ablation_tables import summarise
 
     p = parser(__doc__)
     d = AblationSettings()
@@ -44,7 +49,18 @@ def main() -> None:
     p.add_argument("--um-per-px", type=float, default=d.um_per_px)
     p.add_argument("--genes", type=int, default=d.genes, help="top-variance genes kept by prep")
     p.add_argument("--patch-px", type=int, default=d.patch_px)
-    p.add_argument("--steps", type=int, default=d.steps)
+    p.add_argument("--steps", type=int, default=d.steps, help="most steps per run (site split: until the plateau)")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="steps between held-out evaluations")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="site split: evaluations without a fall of --min-delta before a run stops (0: all steps)")
+    p.add_argument("--min-delta", type=float, default=d.min_delta, help="smallest held-out loss fall that counts")
+    p.add_argument("--feature-views", type=int, default=d.feature_views,
+                   help="stored augmented views per crop (frozen image encoders; 0: every arm reads pixels)")
+    p.add_argument("--block-steps", type=int, default=None,
+                   help="block split: steps per run (default: the same arm and seed's best step on the site split)")
+    p.add_argument("--stain-jitter", type=float, default=d.stain_jitter, help="HED stain jitter of the stain_aug arm")
+    p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks,
+                   help="image-encoder blocks the finetune arm trains from pixels")
     p.add_argument("--stofm-steps", type=int, default=d.stofm_steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -65,7 +81,10 @@ def main() -> None:
         s = AblationSettings(out=args.out, seeds=args.seeds, arms=args.arms, version=args.version, sites=args.sites,
                              slides_per_site=args.slides_per_site, splits=splits, slides=args.slides,
                              spots=args.spots, um_per_px=args.um_per_px, genes=args.genes, patch_px=args.patch_px,
-                             steps=args.steps, stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
+                             steps=args.steps, eval_every=args.eval_every, patience=args.patience,
+                             min_delta=args.min_delta, feature_views=args.feature_views, block_steps=args.block_steps,
+                             stain_jitter=args.stain_jitter, finetune_blocks=args.finetune_blocks,
+                             stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
                              imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
                              synth_dir=args.synth_dir)
     load_before, started = load_average(), time.perf_counter()
@@ -77,9 +96,11 @@ def main() -> None:
              else f"synth v3, {s.sites} sites x {s.slides_per_site} slides x {s.spots} spots at {s.um_per_px} µm/px"
              if s.version == 3 else f"synth v2, {s.slides} slides x {s.spots} spots at {s.um_per_px} µm/px")
     notes = [f"{world}, splits {', '.join(s.splits)}, {s.genes} genes, "
-             f"{s.patch_px}-px crops, {s.steps} steps per run (batch {s.batch_size}), seeds {s.seeds}, "
+             f"{s.patch_px}-px crops, at most {s.steps} steps per run (batch {s.batch_size}; held-out loss every "
+             f"{s.eval_every} steps, patience {s.patience}, {s.feature_views} stored views), seeds {s.seeds}, "
              f"{'stalign-tiny' if s.tiny_model else 'stalign-demo with a frozen ImageNet EfficientNet-Lite0'}, "
-             f"{time.perf_counter() - started:.0f} s in all; rows: {s.out / 'ablation_rows.csv'}"]
+             f"{time.perf_counter() - started:.0f} s in all; rows: {s.out / 'ablation_rows.csv'}, learning curves: "
+             f"{s.out / 'curves.csv'} and curves.png"]
     record(args, title="Ablation: niche, fusion and the gene side", device=device, body=summarise(rows),
            load_before=load_before, notes=notes)
 
@@ -87,8 +108,9 @@ def main() -> None:
 def _record_rows(args, device) -> None:
     import pandas as pd
 
-    from stalign.lab.ablation import AblationError, summarise
+    from stalign.lab.ablation import AblationError
     from stalign.lab.ablation_rows import read_rows
+    from stalign.lab.ablation_tables import summarise
 
     try:  # missing, empty, binary or ragged files, rows without seeds, rows given twice: one line naming the file
         rows = pd.DataFrame(read_rows(args.from_rows))

