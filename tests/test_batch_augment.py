@@ -46,7 +46,7 @@ def test_flips_and_rot90_equal_the_per_sample_path_exactly():
     assert len(codes) >= 10  # most of the 16 flip/rotation combinations occur
 
 
-@pytest.mark.parametrize("chunk", [1, 5])  # one crop at a time (the CPU's way: factors as numbers), or groups
+@pytest.mark.parametrize("chunk", [1, 5, None])  # one crop, groups of one op order (as 224-px crops on the CPU), all
 def test_whole_training_transform_equals_the_per_sample_path_on_float_crops(chunk):
     # float crops go through torchvision's float kernels: then only float rounding separates the two paths,
     # so this checks the per-seed draws (flips, rot90, jitter order and factors) and every op together
@@ -94,7 +94,7 @@ def test_flips_and_rotations_on_a_gpu_equal_the_cpu_copies():
     x = _crops(16).permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
     codes = np.arange(16)
     a, b = torch.empty(16, 3, P, P), torch.empty(16, 3, P, P)
-    ba._geometric_numpy(x, codes, a)
+    ba._geometric_numpy(x, np.arange(16), codes, a)
     ba._geometric_torch(x, codes, b)
     assert torch.equal(a, b)
     assert torch.equal(a[5], torch.rot90(x[5].flip(-2), 1, dims=(-2, -1)).float())  # vflip then rot90 k=1
@@ -140,6 +140,9 @@ def test_statistics_of_many_augmented_crops_match_the_per_sample_path():
                  lambda t: t.mean(dim=(2, 3)).std(dim=0)):  # the spread of crop means: the jitter's strength
         a, b = stat(got), stat(want)
         assert (a - b).abs().max() < 0.03 * b.abs().max() + 0.5, (a, b)
+    # passes of a few crops of one colour-op order (rows spread over the batch, resized first) give the same crops
+    p16 = _params(aug, range(16))
+    assert (ba.BatchAugment(P, chunk=2)(x[:16], p16) - aug(x[:16], p16)).abs().max() < 1e-6
     # resize only (eval): uint8 crops on the CPU resize with torch's uint8 kernel, as torchvision's resize does
     # (also from the channels-last views that batched reads give); float crops as torchvision's float resize
     ev = ba.BatchAugment(P, train=False)

@@ -14,11 +14,12 @@ Differences from the per-sample path, by design: colour ops run in float (no uin
 when the crop is larger than the input size the resize runs first (jitter on fewer pixels; flips and rot90
 commute with it, colour ops are pointwise, contrast uses the resized crop's mean grey).
 
-Speed on the CPU (where a 224-px crop's colour ops cost more than its read): crops go one at a time (a crop's
-planes stay in cache, and each op runs once with the crop's own factor as a number), every op writes in place
-or into scratch planes made once per batch (fresh memory costs a page fault per 4 KiB), flips and rot90 are
-numpy views that the one uint8 -> float copy reads, and the hue shift uses arithmetic ops only (masks and
-``where`` run several times slower than arithmetic on the CPU). The maths is the torchvision ops' (tested).
+Speed on the CPU (where a 224-px crop's colour ops cost more than its read): large crops go a few at a time,
+grouped by their colour-op order (each op runs once per group, with no gathering of crops per op; one crop's
+factor is a number), every op writes in place or into scratch planes made once per batch (fresh memory costs
+a page fault per 4 KiB; the output batch is numpy memory, which gets huge pages), flips and rot90 are numpy
+views that the one uint8 -> float copy reads, and the hue shift uses arithmetic ops only (masks and ``where``
+run several times slower than arithmetic on the CPU). The maths is the torchvision ops' (tested).
 
 HED stain jitter (Tellez et al. 2018): RGB -> optical density -> haematoxylin/eosin/DAB with the Ruifrok &
 Johnston matrix (``skimage.color.rgb2hed``), each stain ``s * alpha + beta`` with alpha ~ U(1 - sigma, 1 + sigma)
@@ -46,7 +47,8 @@ HFLIP, VFLIP, ROT, ORDER, FACTORS, ALPHA, BETA, N_PARAMS = 0, 1, 2, slice(3, 7),
     slice(14, 17), 17
 IDENTITY_FACTORS = (1.0, 1.0, 1.0, 0.0)
 WORK_PLANES = 6  # scratch planes per crop that the colour ops use (adjust_hue's six)
-CPU_CHUNK_PIXELS = 224 * 224  # working pixels per crop chunk on the CPU (one 224-px crop: its planes stay in cache)
+CPU_CHUNK_PIXELS = 4 * 224 * 224  # working pixels per pass on the CPU (four 224-px crops)
+SAME_ORDER_MAX = 8  # passes of at most this many crops take crops of one colour-op order
 
 
 def grey(x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,7 +152,7 @@ class BatchAugment:
     """Augment (train) or only resize (eval) uint8 (B, 3, P, P) crops to float (B, 3, size, size) in [0, 1].
 
     ``chunk``: crops per pass through the ops (None: ``CPU_CHUNK_PIXELS`` worth on the CPU, where a few at a time
-    stay in cache; the whole batch on a GPU)."""
+    stay in cache; the whole batch on a GPU); see ``_chunks``."""
 
     def __init__(self, size: int, interpolation: str = "bicubic", *, train: bool = True, jitter: float = JITTER,
                  hue: float = HUE, stain: float = 0.0, chunk: int | None = None) -> None:
@@ -197,16 +199,40 @@ class BatchAugment:
             raise ValueError(f"need a ({len(x)}, {N_PARAMS}) parameter tensor, got "
                              f"{None if params is None else tuple(params.shape)}")
         p = params.detach().to("cpu", torch.float64).numpy()
-        chunk = self.chunk or (len(x) if x.device.type != "cpu" else
-                               max(1, CPU_CHUNK_PIXELS // min(x.shape[-1], self.size) ** 2))
+        plane = (self.size, self.size) if x.shape[-1] > self.size else tuple(x.shape[-2:])  # as _augment works
+        chunks = self._chunks(p, plane[-1], x.device)
+        most = max(len(rows) for rows in chunks)
         out = batch_buffer((len(x), 3, self.size, self.size), x.device)
-        plane = (self.size, self.size) if x.shape[-1] > self.size else x.shape[-2:]  # as _augment works
-        work = torch.empty((WORK_PLANES, min(chunk, len(x)), *plane), dtype=torch.float32, device=x.device)
+        work = torch.empty((WORK_PLANES, most, *plane), dtype=torch.float32, device=x.device)
+        spread = None  # a chunk's crops whose rows are not consecutive, before they go to their rows
         stain = bool((p[:, ALPHA] != 1).any() or (p[:, BETA] != 0).any())
-        for start in range(0, len(x), chunk):
-            stop = min(start + chunk, len(x))
-            self._augment(x[start:stop], p[start:stop], out[start:stop], work, stain)
+        for rows in chunks:
+            start, stop = int(rows[0]), int(rows[-1]) + 1
+            if stop - start == len(rows):  # consecutive rows: straight into the output
+                self._augment(x, rows, p[start:stop], out[start:stop], work, stain)
+                continue
+            spread = batch_buffer((most, *out.shape[1:]), x.device) if spread is None else spread
+            self._augment(x, rows, p[rows], spread[: len(rows)], work, stain)
+            out.index_copy_(0, torch.from_numpy(rows).to(x.device), spread[: len(rows)])
         return out
+
+    def _chunks(self, p: np.ndarray, side: int, device: torch.device) -> list[np.ndarray]:
+        """The batch rows of each pass through the ops: ``chunk`` crops (None: the whole batch on a GPU,
+        ``CPU_CHUNK_PIXELS`` of working pixels on the CPU). Chunks of at most ``SAME_ORDER_MAX`` crops (large
+        crops) hold crops with the same colour ops in the same order (consecutive after a stable sort by it):
+        each op then runs once over the chunk, with no gathering of crops per op."""
+        n = len(p)
+        size = self.chunk or (n if device.type != "cpu" else max(1, CPU_CHUNK_PIXELS // side ** 2))
+        if size > SAME_ORDER_MAX:
+            return [np.arange(s, min(s + size, n)) for s in range(0, n, size)]
+        active = p[:, FACTORS] != np.asarray(IDENTITY_FACTORS)
+        keys = [tuple(op for op in row if active[i, op]) for i, row in enumerate(p[:, ORDER].astype(int).tolist())]
+        chunks: list[list[int]] = []
+        for i in sorted(range(n), key=lambda i: keys[i]):  # stable: rows ascend within a key
+            if not chunks or len(chunks[-1]) == size or keys[chunks[-1][0]] != keys[i]:
+                chunks.append([])
+            chunks[-1].append(i)
+        return [np.asarray(rows) for rows in chunks]
 
     def _resize(self, x: torch.Tensor) -> torch.Tensor:
         """To size x size, antialiased; uint8 stays uint8 on the CPU (torch's uint8 kernel: rounded as
@@ -218,12 +244,16 @@ class BatchAugment:
         x = F.interpolate(x, size=(self.size, self.size), mode=self.mode, align_corners=False, antialias=True)
         return x.clamp_(0.0, 1.0) if x.is_floating_point() and self.mode == "bicubic" else x
 
-    def _augment(self, x: torch.Tensor, p: np.ndarray, out: torch.Tensor, work: torch.Tensor, stain: bool) -> None:
-        """Augment the chunk ``x`` into ``out`` (a slice of the batch's output); ``work``: scratch planes."""
+    def _augment(self, x: torch.Tensor, rows: np.ndarray, p: np.ndarray, out: torch.Tensor, work: torch.Tensor,
+                 stain: bool) -> None:
+        """Augment the crops ``rows`` of the batch ``x`` (``p``: their parameter rows) into ``out``."""
         if x.shape[-1] > self.size:  # fewer pixels for everything after (flips and rot90 commute with the resize)
-            x = self._resize(x)
-        y = out if x.shape[-2:] == out.shape[-2:] else torch.empty(x.shape, dtype=out.dtype, device=x.device)
-        unit_geometric(x, p, y)
+            x = self._resize(x[int(rows[0]):int(rows[-1]) + 1] if rows[-1] - rows[0] + 1 == len(rows)
+                             else x[torch.from_numpy(rows).to(x.device)])
+            rows = np.arange(len(rows))
+        y = out if x.shape[-2:] == out.shape[-2:] else torch.empty((len(rows), *x.shape[1:]), dtype=out.dtype,
+                                                                      device=x.device)
+        unit_geometric(x, p, y, rows)
         if stain:
             y = hed_jitter(y, torch.from_numpy(p[:, ALPHA]).to(y), torch.from_numpy(p[:, BETA]).to(y))
         colour_jitter(y, p, work)
@@ -256,20 +286,26 @@ def _codes(p: np.ndarray) -> np.ndarray:
     return (p[:, HFLIP] * 8 + p[:, VFLIP] * 4 + p[:, ROT]).astype(np.int64)
 
 
-def unit_geometric(x: torch.Tensor, p: np.ndarray, out: torch.Tensor) -> torch.Tensor:
-    """Each crop flipped left-right (p[:, HFLIP]), up-down (p[:, VFLIP]), then rotated by k * 90 deg (p[:, ROT]),
-    as ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomRot90`` in that order, written into the float
-    ``out`` in [0, 1] (uint8 / 255). ``p``: the crops' parameter rows (numpy). On the CPU each crop is one
-    copy from a numpy view (flips and rotations are strides there; the copy also casts and lays the channels
-    out in planes); elsewhere one torch op per group of crops with the same flips and rotation."""
-    (_geometric_numpy if x.device.type == "cpu" else _geometric_torch)(x, _codes(p), out)
+def unit_geometric(x: torch.Tensor, p: np.ndarray, out: torch.Tensor, rows: np.ndarray | None = None) -> torch.Tensor:
+    """The crops ``rows`` of ``x`` (default all) flipped left-right (p[:, HFLIP]), up-down (p[:, VFLIP]), then
+    rotated by k * 90 deg (p[:, ROT]), as ``RandomHorizontalFlip``, ``RandomVerticalFlip``, ``RandomRot90`` in
+    that order, written into the float ``out`` in [0, 1] (uint8 / 255). ``p``: their parameter rows (numpy).
+    On the CPU each crop is one copy from a numpy view (flips and rotations are strides there; the copy also
+    casts and lays the channels out in planes); elsewhere one torch op per group with the same flips and
+    rotation."""
+    rows = np.arange(len(x)) if rows is None else rows
+    if x.device.type == "cpu":
+        _geometric_numpy(x, rows, _codes(p), out)
+    else:
+        _geometric_torch(x if len(rows) == len(x) and (rows == np.arange(len(x))).all() else
+                         x[torch.from_numpy(rows).to(x.device)], _codes(p), out)
     return out.div_(255.0) if x.dtype == torch.uint8 else out
 
 
-def _geometric_numpy(x: torch.Tensor, codes: np.ndarray, out: torch.Tensor) -> None:
+def _geometric_numpy(x: torch.Tensor, rows: np.ndarray, codes: np.ndarray, out: torch.Tensor) -> None:
     src, dst = x.detach().numpy(), out.numpy()
-    for i, c in enumerate(codes.tolist()):
-        view = src[i]
+    for i, (row, c) in enumerate(zip(rows.tolist(), codes.tolist())):
+        view = src[row]
         if c & 8:
             view = view[:, :, ::-1]
         if c & 4:
