@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from stalign.tasks import bench
+from stalign.data.feature_store import module_weights_sha256
+from stalign.tasks import bench, feature_store
 from stalign.tasks.feature_store import spec_weights_sha256
 from stalign.tasks.hest import RidgeProbe
 
@@ -91,3 +92,7 @@ def test_weights_checksum_is_recorded_by_the_weight_file(tmp_path, monkeypatch):
     assert spec_weights_sha256(str(path), arch="timm:test_vit", seed=None, build=build) != first
     assert len(builds) == 2
     assert spec_weights_sha256(str(path), arch="timm:vit_other", seed=None, build=lambda: net) != first  # arch keys
+    monkeypatch.setattr(feature_store, "MEMO_ENTRIES", 2)  # the memo keeps its newest entries
+    spec_weights_sha256("random:x", arch=None, seed=1, build=lambda: net)
+    memo = json.loads((tmp_path / "cache" / "features" / "weights_sha256.json").read_text())
+    assert len(memo) == 2 and list(memo.values())[-1] == module_weights_sha256(net)

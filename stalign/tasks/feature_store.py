@@ -30,6 +30,8 @@ __all__ = ["FeatureStore", "baseline_identity", "model_identity", "open_store", 
 
 #: Bumped when the model-free features (``stalign.tasks.baselines.colour_features``, ...) change their numbers.
 BASELINE_VERSION = 1
+#: Weights checksums the memo of :func:`spec_weights_sha256` keeps (the newest; an old one is only hashed again).
+MEMO_ENTRIES = 256
 #: Encoder specs whose pretrained weights are a checksum-pinned ``stalign.data.fetch`` data set (spec -> data set).
 FETCHED_WEIGHTS = {"efficientnet-lite0": "efficientnet-lite0"}
 
@@ -134,8 +136,9 @@ def spec_weights_sha256(spec: str, *, arch: str | None, seed: int | None, build:
     try:  # a lost race or an unwritable cache only means hashing again next time
         from stofm.util.output_paths import atomic_write_path
 
+        kept = list((known if isinstance(known, dict) else {}).items())[-(MEMO_ENTRIES - 1):]  # the newest
         with atomic_write_path(memo) as tmp:
-            tmp.write_text(json.dumps({**(known if isinstance(known, dict) else {}), key: digest}, indent=1))
+            tmp.write_text(json.dumps({**dict(kept), key: digest}, indent=1))
     except OSError:
         pass
     return digest
