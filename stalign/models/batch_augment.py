@@ -303,7 +303,7 @@ def unit_geometric(x: torch.Tensor, p: np.ndarray, out: torch.Tensor, rows: np.n
 
 
 def _geometric_numpy(x: torch.Tensor, rows: np.ndarray, codes: np.ndarray, out: torch.Tensor) -> None:
-    src, dst = x.detach().numpy(), out.numpy()
+    src, dst = (x.detach() if x.dtype != torch.bfloat16 else x.detach().float()).numpy(), out.numpy()
     for i, (row, c) in enumerate(zip(rows.tolist(), codes.tolist())):
         view = src[row]
         if c & 8:
