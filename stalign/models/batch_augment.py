@@ -201,7 +201,7 @@ class BatchAugment:
         p = params.detach().to("cpu", torch.float64).numpy()
         plane = (self.size, self.size) if x.shape[-1] > self.size else tuple(x.shape[-2:])  # as _augment works
         chunks = self._chunks(p, plane[-1], x.device)
-        most = max(len(rows) for rows in chunks)
+        most = max((len(rows) for rows in chunks), default=1)
         out = batch_buffer((len(x), 3, self.size, self.size), x.device)
         work = torch.empty((WORK_PLANES, most, *plane), dtype=torch.float32, device=x.device)
         spread = None  # a chunk's crops whose rows are not consecutive, before they go to their rows
