@@ -295,7 +295,7 @@ class _Contrastive(Hooks):
             return
         acc, inner = engine.accelerator, engine.accelerator.unwrap_model(engine.model)
         inner.eval()
-        images, genes, losses = [], [], []
+        images, genes, rows = [], [], []
         with torch.no_grad(), acc.autocast():
             for batch in self.val_dl:
                 if self.data.val_augment is not None:
@@ -306,22 +306,38 @@ class _Contrastive(Hooks):
                     batch = self.data.virtual_cells.attach(batch)
                 out = inner(batch)
                 n = out["spot_image_features"].shape[0]
-                loss = self.val_loss_fn(out)["loss"].float() if n > 1 else torch.tensor(float("nan"), device=acc.device)
+                per_spot = {k: v.float() for k, v in out.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == n}
+                scalars = {k: v for k, v in out.items() if k not in per_spot}
+                rows.append({k: v.cpu() for k, v in acc.gather_for_metrics(per_spot).items()})
                 img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
                 gene = inner.encode_gene(batch).float()
                 img, gene = acc.gather_for_metrics((img, gene))
-                losses.append(acc.gather(torch.stack([loss * n, torch.tensor(float(n), device=loss.device)])
-                                         .reshape(1, 2)).reshape(-1, 2).cpu())
                 images.append(img.cpu())
                 genes.append(gene.cpu())
         inner.train()  # validation runs between training steps
-        sums = torch.cat(losses)
-        sums = sums[torch.isfinite(sums[:, 0])].sum(0)  # a last batch of one spot has no in-batch negative
-        self.metrics = {"val_loss": float(sums[0] / sums[1]) if sums[1] > 0 else float("nan"),
+        with torch.no_grad():
+            loss = self._held_out_loss(rows, scalars, acc.num_processes)
+        self.metrics = {"val_loss": loss,
                         **retrieval_metrics(torch.cat(images), torch.cat(genes))}
         self.val_history.append({"step": engine.step, **self.metrics})
         engine.logger.log("val", engine.step, self.metrics)
         acc.print(f"step {engine.step} held-out retrieval: {format_retrieval(self.metrics)}")
+
+    def _held_out_loss(self, rows: list[dict[str, Any]], scalars: dict[str, Any], processes: int) -> float:
+        """The in-batch loss over the gathered held-out outputs in chunks of the global batch (so any number of
+        processes gives the one-process value), weighted by chunk size; a chunk of one spot has no negative."""
+        import torch
+
+        every = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        size, total, count = self.cfg.batch_size * processes, 0.0, 0
+        for start in range(0, len(every["spot_image_features"]), size):
+            chunk = {k: v[start:start + size] for k, v in every.items()}
+            m = len(chunk["spot_image_features"])
+            if m > 1:
+                scalars = {k: v.cpu() if torch.is_tensor(v) else v for k, v in scalars.items()}
+                total += float(self.val_loss_fn({**scalars, **chunk})["loss"]) * m
+                count += m
+        return total / count if count else float("nan")
 
     def finish(self, engine: Engine) -> Path | None:
         """Validate and write the final weights (None when the run stopped early)."""
