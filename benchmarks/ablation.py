@@ -61,6 +61,8 @@ def main() -> None:
     p.add_argument("--stain-jitter", type=float, default=d.stain_jitter, help="HED stain jitter of the stain_aug arm")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks,
                    help="image-encoder blocks the finetune arm trains from pixels")
+    p.add_argument("--paper-published-widths", action="store_true",
+                   help="the paper arm at stalign-paper's published widths (default: the project arm's widths)")
     p.add_argument("--stofm-steps", type=int, default=d.stofm_steps)
     p.add_argument("--batch-size", type=int, default=d.batch_size)
     p.add_argument("--lr", type=float, default=d.lr)
@@ -84,6 +86,7 @@ def main() -> None:
                              steps=args.steps, eval_every=args.eval_every, patience=args.patience,
                              min_delta=args.min_delta, feature_views=args.feature_views, block_steps=args.block_steps,
                              stain_jitter=args.stain_jitter, finetune_blocks=args.finetune_blocks,
+                             paper_published_widths=args.paper_published_widths,
                              stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
                              imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
                              synth_dir=args.synth_dir)

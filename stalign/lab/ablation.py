@@ -50,7 +50,21 @@ class Arm:
 
 SPLITS = ("site", "block")
 #: What selects ST-Align as published: the stalign-paper model, its loss and paired hard negatives (6 clusters).
-PAPER_TRAIN: dict[str, Any] = {"loss_kind": "paper", "hard_negative_clusters": 6}
+#: With it the published optimiser (configs/paper.yaml: AdamW betas 0.9/0.999, eps 1e-8, weight decay 0.04 -> 0.4
+#: cosine, no clipping, no augmentation); the learning rate stays the ablation's (the paper's batch rule gives
+#: 1.25e-5 at batch 32, which does not move the model in the CPU's step budget).
+PAPER_TRAIN: dict[str, Any] = {"loss_kind": "paper", "hard_negative_clusters": 6, "betas": [0.9, 0.999],
+                               "eps": 1e-8, "weight_decay": 0.04, "weight_decay_end": 0.4, "max_grad_norm": 0.0,
+                               "augment": False}
+#: stalign-paper's structure (Conv1d tokens, residual-free ABFN, flatten heads, the niche-gene transformer) at the
+#: project arm's widths (stalign-demo: 8 x 128 tokens, MLP gene encoder 256 -> 128): at the published widths
+#: (8 x 512 tokens, 4096 -> 2048 -> 1024 heads, 6-layer 548-wide niche-gene transformer) one step costs ~8 s on this
+#: CPU and a run to its plateau hours (``--paper-published-widths`` asks for them).
+PAPER_DEMO_WIDTHS: dict[str, Any] = {
+    "token_dim": 128, "embed_dim": 128, "head_hidden": 256,
+    "gene": {"encoder_kwargs": {"hidden": 256, "depth": 2, "out_dim": 128}},
+    "niche_gene_tokenizer": {"width": 128, "depth": 2, "heads": 4, "dim_head": 32, "mlp_dim": 256,
+                             "hidden": [256, 256], "out_hidden": 128}}
 #: HED stain jitter of the ``stain_aug`` arm: Tellez et al. 2019's "HED-light" sigma (alpha ~ U[0.95, 1.05],
 #: beta ~ U[-0.05, 0.05] per stain). Their "HED-strong" 0.2 is the range synth v3 draws per site
 #: (``stalign.lab.synth_stain.SITE_SCALE``), so choosing it would tune the arm to the generator.
@@ -118,6 +132,7 @@ class AblationSettings:
     block_steps: int | None = None  # block-split steps (None: the site split's best step of the arm and seed)
     stain_jitter: float = STAIN_JITTER  # HED stain jitter of the stain_aug arm
     finetune_blocks: int = 2  # image-encoder blocks the finetune arm trains
+    paper_published_widths: bool = False  # the paper arm at stalign-paper's own widths (else PAPER_DEMO_WIDTHS)
     stofm_steps: int = 300
     batch_size: int = 32
     lr: float = 1e-3
@@ -186,9 +201,12 @@ def model_choice(s: AblationSettings, arm: Arm) -> tuple[str, dict[str, Any]]:
     if arm.model_name is not None:  # stalign-paper at the published widths; spot fc 512 as published, niche 1024
         if s.tiny_model:
             return f"{arm.model_name}-tiny", _tiny_image(s, arm)
-        return arm.model_name, {"spot_image": _image(s, arm), "niche_image": _image(s, arm),
-                                "share_image_encoder": True,
-                                "tokenizer_widths": {"spot_image": 512, "niche_image": 1024}}
+        from stalign.models.factory import deep_merge
+
+        widths = {} if s.paper_published_widths else PAPER_DEMO_WIDTHS
+        return arm.model_name, deep_merge(widths, {"spot_image": _image(s, arm), "niche_image": _image(s, arm),
+                                                   "share_image_encoder": True,
+                                                   "tokenizer_widths": {"spot_image": 512, "niche_image": 1024}})
     if s.tiny_model:
         return "stalign-tiny", _tiny_image(s, arm)
     return "stalign-demo", {"image": _image(s, arm)}
