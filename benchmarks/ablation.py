@@ -61,6 +61,9 @@ def main() -> None:
     p.add_argument("--stain-jitter", type=float, default=d.stain_jitter, help="HED stain jitter of the stain_aug arm")
     p.add_argument("--finetune-blocks", type=int, default=d.finetune_blocks,
                    help="image-encoder blocks the finetune arm trains from pixels")
+    p.add_argument("--best-steps-from", type=Path, nargs="+", default=None,
+                   help="ablation_rows.csv of earlier site-split runs: the block split trains each arm and seed "
+                        "the steps it was best at there")
     p.add_argument("--paper-published-widths", action="store_true",
                    help="the paper arm at stalign-paper's published widths (default: the project arm's widths)")
     p.add_argument("--stofm-steps", type=int, default=d.stofm_steps)
@@ -70,6 +73,7 @@ def main() -> None:
     p.add_argument("--shards", type=Path, help="run on this prep folder of synth v2 slides instead of making data")
     p.add_argument("--synth-dir", type=Path, help="where the slides of --shards are (default: where prep read them)")
     p.add_argument("--from-rows", type=Path, nargs="+", help="only summarise and record these ablation_rows.csv "
+                   "(and join the curves.csv beside them into OUT/curves.csv + curves.png) "
                    "files (e.g. one per seed, run as separate processes)")
     args = p.parse_args()
     device = setup(args)
@@ -87,6 +91,7 @@ def main() -> None:
                              min_delta=args.min_delta, feature_views=args.feature_views, block_steps=args.block_steps,
                              stain_jitter=args.stain_jitter, finetune_blocks=args.finetune_blocks,
                              paper_published_widths=args.paper_published_widths,
+                             best_steps_from=args.best_steps_from,
                              stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
                              imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
                              synth_dir=args.synth_dir)
@@ -119,6 +124,12 @@ def _record_rows(args, device) -> None:
         rows = pd.DataFrame(read_rows(args.from_rows))
     except AblationError as err:
         raise SystemExit(f"error: {err}") from None
+    curves = [p.parent / "curves.csv" for p in args.from_rows if (p.parent / "curves.csv").is_file()]
+    if curves:  # the learning curves beside the rows, joined (one line per seed) into OUT/curves.csv + .png
+        from stalign.lab.ablation_curves import write_curves
+
+        joined = pd.concat([pd.read_csv(p) for p in curves]).to_dict("records")
+        print("learning curves:", ", ".join(str(p) for p in write_curves(joined, args.out) if p is not None))
     arms = rows[rows["arm"] != "baseline"]
     seconds = f", {arms['seconds'].sum():.0f} s of training + evaluation in all" if "seconds" in arms else ""
     notes = [f"rows of {', '.join(map(str, args.from_rows))}: seeds {sorted(rows['seed'].unique().tolist())}, "

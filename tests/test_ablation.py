@@ -320,3 +320,21 @@ def test_rows_of_separate_runs_are_summarised_together(quick_run, tmp_path):
     assert "seeds [0, 1]" in text and f"| {rows['method'].iloc[0]} | 2 |" in text
     proc = subprocess.run([*script, "--from-rows", str(a), str(a), "--no-record"], capture_output=True, text=True)
     assert proc.returncode != 0 and "appear twice" in proc.stderr.strip().splitlines()[-1]
+
+
+def test_best_steps_of_an_earlier_site_run_feed_the_block_split(tmp_path):
+    """A block-split run after separate site-split runs trains each (seed, arm) its best step there; a file that
+    is not such a rows table is one line naming it."""
+    import pandas as pd
+
+    from stalign.lab.ablation import AblationError, site_best_steps
+
+    rows = tmp_path / "ablation_rows.csv"
+    pd.DataFrame([{"method": "m", "arm": "niche", "split": "site", "seed": 1, "best_step": 950},
+                  {"method": "m", "arm": "niche", "split": "block", "seed": 1, "best_step": 10},
+                  {"method": "b", "arm": "baseline", "split": "site", "seed": 1, "best_step": None}]).to_csv(rows)
+    assert site_best_steps([rows]) == {(1, "niche"): 950}
+    bad = tmp_path / "other.csv"
+    bad.write_text("a,b\n1,2\n")
+    with pytest.raises(AblationError, match="other.csv: not an ablation_rows.csv"):
+        site_best_steps([bad])
