@@ -327,14 +327,16 @@ def test_best_steps_of_an_earlier_site_run_feed_the_block_split(tmp_path):
     is not such a rows table is one line naming it."""
     import pandas as pd
 
-    from stalign.lab.ablation import AblationError, site_best_steps
+    from stalign.lab.ablation import AblationError
+    from stalign.lab.ablation_rows import site_best_steps
 
     rows = tmp_path / "ablation_rows.csv"
     pd.DataFrame([{"method": "m", "arm": "niche", "split": "site", "seed": 1, "best_step": 950},
                   {"method": "m", "arm": "niche", "split": "block", "seed": 1, "best_step": 10},
-                  {"method": "b", "arm": "baseline", "split": "site", "seed": 1, "best_step": None}]).to_csv(rows)
+                  {"method": "b", "arm": "baseline", "split": "site", "seed": 1, "best_step": None}]).to_csv(
+        rows, index=False)
     assert site_best_steps([rows]) == {(1, "niche"): 950}
     bad = tmp_path / "other.csv"
     bad.write_text("a,b\n1,2\n")
-    with pytest.raises(AblationError, match="other.csv: not an ablation_rows.csv"):
+    with pytest.raises(AblationError, match="other.csv"):
         site_best_steps([bad])

@@ -293,28 +293,11 @@ class _Run:
     best_steps: dict[tuple[int, str], int] = field(default_factory=dict)  # (seed, arm) -> site split's best step
 
 
-def site_best_steps(paths: Sequence[Path]) -> dict[tuple[int, str], int]:
-    """(seed, arm) -> best step of the site-split rows in these ``ablation_rows.csv`` files (a block-split run
-    after a separate site-split run trains each arm the steps it was best at there)."""
-    import pandas as pd
-
-    out: dict[tuple[int, str], int] = {}
-    for path in paths:
-        try:
-            df = pd.read_csv(path)
-        except (OSError, ValueError) as err:
-            raise AblationError(f"{path}: cannot read the site split's rows ({err})") from None
-        if not {"split", "arm", "seed", "best_step"} <= set(df.columns):
-            raise AblationError(f"{path}: not an ablation_rows.csv with best steps (split, arm, seed, best_step)")
-        for r in df[(df["split"] == "site") & df["best_step"].notna()].itertuples():
-            out[(int(r.seed), str(r.arm))] = int(r.best_step)
-    return out
-
-
 def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> list[dict[str, Any]]:
     """Every chosen arm and the baselines for every seed; one row of measures per (method, seed), also written to
     ``OUT/ablation_rows.csv`` after every arm, with the learning curves in ``OUT/curves.csv`` / ``curves.png``."""
     from stalign.data.dataset import ShardDataset, split_indices
+    from stalign.lab.ablation_rows import site_best_steps
 
     chosen = check_arms(s.arms)
     block_arms = [a for a in chosen if s.block_arms is None or a in check_arms(s.block_arms)]
@@ -323,7 +306,7 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
     synth_dir = s.synth_dir if s.shards is not None else slides_dir(s)
     truth = ablation_truth(root, synth_dir)
     run = _Run(root=root, synth_dir=synth_dir, truth=truth, feats=_cached_features(root, s),
-               best_steps=site_best_steps(s.best_steps_from or []))
+               best_steps=site_best_steps(s.best_steps_from) if s.best_steps_from else {})
     for seed in s.seeds:
         for split in s.splits:
             if split == "site":
