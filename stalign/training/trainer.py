@@ -134,12 +134,11 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
         split_summary,
     )
     from stalign.training.losses import PairedNegativeLoss, ThreeTargetLoss
+    from stalign.training.stored_features import StoredViews, check_frozen
     from stofm.util.optim import build_optimizer, build_scheduler
 
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, cpu=cfg.cpu,
                                    seed=cfg.seed, data_seed=cfg.seed)
-    from stalign.training.stored_features import StoredViews, check_frozen
-
     model = _model_parts(cfg, shard_genes(cfg.data))
     adopt_shard_crops(model, cfg.data)
     if cfg.feature_views:
@@ -309,8 +308,9 @@ class _Contrastive(Hooks):
                 per_spot = {k: v.float() for k, v in out.items() if torch.is_tensor(v) and v.ndim and v.shape[0] == n}
                 scalars = {k: v for k, v in out.items() if k not in per_spot}
                 rows.append({k: v.cpu() for k, v in acc.gather_for_metrics(per_spot).items()})
-                img = inner.encode_image(batch["spot_image"], batch["niche_image"]).float()
-                gene = inner.encode_gene(batch).float()
+                # = encode_image / encode_gene of the batch, from the embeddings the forward pass computed
+                img = inner.combine(out["spot_image_features"], out["niche_image_features"]).float()
+                gene = inner.combine(out["spot_gene_features"], out["niche_gene_features"]).float()
                 img, gene = acc.gather_for_metrics((img, gene))
                 images.append(img.cpu())
                 genes.append(gene.cpu())
@@ -329,12 +329,12 @@ class _Contrastive(Hooks):
         import torch
 
         every = {k: torch.cat([r[k] for r in rows]) for k in rows[0]}
+        scalars = {k: v.cpu() if torch.is_tensor(v) else v for k, v in scalars.items()}
         size, total, count = self.cfg.batch_size * processes, 0.0, 0
         for start in range(0, len(every["spot_image_features"]), size):
             chunk = {k: v[start:start + size] for k, v in every.items()}
             m = len(chunk["spot_image_features"])
             if m > 1:
-                scalars = {k: v.cpu() if torch.is_tensor(v) else v for k, v in scalars.items()}
                 total += float(self.val_loss_fn({**scalars, **chunk})["loss"]) * m
                 count += m
         return total / count if count else float("nan")
