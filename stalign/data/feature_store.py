@@ -214,6 +214,12 @@ class FeatureStore:
                 f"{n} arrays, {size / 2**20:.1f} MiB")
 
 
+def trainable_image_sides(model: Any) -> list[str]:
+    """The sides ("spot", "niche") whose image encoder has a trainable parameter (their features change)."""
+    return [side for side in ("spot", "niche")
+            if any(p.requires_grad for p in getattr(model, f"{side}_image_encoder").parameters())]
+
+
 def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 64, device: str = "cpu",
                           progress: bool = False, transform: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                           tag: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
@@ -230,9 +236,8 @@ def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 
     from stalign.data.dataset import ShardDataset, collate
 
     encoders = {"spot": model.spot_image_encoder, "niche": model.niche_image_encoder}
-    for side, enc in encoders.items():
-        if any(p.requires_grad for p in enc.parameters()):
-            raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
+    for side in trainable_image_sides(model)[:1]:
+        raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
     identity = {"kind": "frozen trunks", **(dict(tag) if tag else {})}
     for side, enc in encoders.items():
         identity[side] = {"spec": enc.spec, "weights_sha256": module_weights_sha256(enc),

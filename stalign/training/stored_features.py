@@ -90,10 +90,10 @@ def _describe(augment: SeededBatchAugment | None) -> list[str] | None:
 
 def check_frozen(model: Any) -> None:
     """Training from stored features needs image encoders without a trainable parameter (one line otherwise)."""
-    for side in ("spot", "niche"):
-        enc = getattr(model, f"{side}_image_encoder")
-        if any(p.requires_grad for p in enc.parameters()):
-            raise InputError(f"feature_views needs frozen image encoders; the {side} image encoder {enc.spec} "
-                             f"trains: set model_overrides {side}_image freeze: true (or image: freeze: true) or "
-                             f"feature_views: 0")
+    from stalign.data.feature_store import trainable_image_sides
+
+    for side in trainable_image_sides(model)[:1]:
+        spec = getattr(model, f"{side}_image_encoder").spec
+        raise InputError(f"feature_views needs frozen image encoders; the {side} image encoder {spec} trains: set "
+                         f"model_overrides {side}_image freeze: true (or image: freeze: true) or feature_views: 0")
 
