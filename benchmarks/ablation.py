@@ -32,6 +32,7 @@ from common import load_average, parser, record, setup  # noqa: E402
 
 def main() -> None:
     from stalign.lab.ablation import AblationError, AblationSettings, arms, run_ablation
+    from stalign.lab.ablation_rows import site_best_steps
     from stalign.lab.ablation_tables import summarise
 
     p = parser(__doc__)
@@ -80,6 +81,10 @@ def main() -> None:
     if args.from_rows:
         return _record_rows(args, device)
     splits = args.splits or (["site", "block"] if args.version == 3 else ["block"])
+    try:  # a file that is not a site run's rows: one line naming it, before anything runs
+        best_steps = site_best_steps(args.best_steps_from) if args.best_steps_from else None
+    except AblationError as err:
+        raise SystemExit(f"error: {err}") from None
     if args.quick:
         s = AblationSettings.quick(args.out, arms=args.arms, imagenet=not args.no_imagenet, shards=args.shards,
                                    synth_dir=args.synth_dir, splits=splits)
@@ -91,7 +96,7 @@ def main() -> None:
                              min_delta=args.min_delta, feature_views=args.feature_views, block_steps=args.block_steps,
                              stain_jitter=args.stain_jitter, finetune_blocks=args.finetune_blocks,
                              paper_published_widths=args.paper_published_widths,
-                             best_steps_from=args.best_steps_from,
+                             site_best_steps=best_steps,
                              stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
                              imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
                              synth_dir=args.synth_dir)

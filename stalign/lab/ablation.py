@@ -130,7 +130,7 @@ class AblationSettings:
     min_delta: float = 1e-3  # smallest fall of the held-out loss that counts as an improvement
     feature_views: int = 4  # stored augmented views per crop (0: every arm reads pixels)
     block_steps: int | None = None  # block-split steps (None: the site split's best step of the arm and seed)
-    best_steps_from: list[Path] | None = None  # ablation_rows.csv of earlier site-split runs: their best steps
+    site_best_steps: dict[tuple[int, str], int] | None = None  # (seed, arm) -> best step of earlier site runs
     stain_jitter: float = STAIN_JITTER  # HED stain jitter of the stain_aug arm
     finetune_blocks: int = 2  # image-encoder blocks the finetune arm trains
     paper_published_widths: bool = False  # the paper arm at stalign-paper's own widths (else PAPER_DEMO_WIDTHS)
@@ -297,7 +297,6 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
     """Every chosen arm and the baselines for every seed; one row of measures per (method, seed), also written to
     ``OUT/ablation_rows.csv`` after every arm, with the learning curves in ``OUT/curves.csv`` / ``curves.png``."""
     from stalign.data.dataset import ShardDataset, split_indices
-    from stalign.lab.ablation_rows import site_best_steps
 
     chosen = check_arms(s.arms)
     block_arms = [a for a in chosen if s.block_arms is None or a in check_arms(s.block_arms)]
@@ -306,7 +305,7 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
     synth_dir = s.synth_dir if s.shards is not None else slides_dir(s)
     truth = ablation_truth(root, synth_dir)
     run = _Run(root=root, synth_dir=synth_dir, truth=truth, feats=_cached_features(root, s),
-               best_steps=site_best_steps(s.best_steps_from) if s.best_steps_from else {})
+               best_steps=dict(s.site_best_steps or {}))
     for seed in s.seeds:
         for split in s.splits:
             if split == "site":
