@@ -57,7 +57,7 @@ def read_slide_groups(path: str | os.PathLike, column: str = "patient") -> dict[
     return dict(zip(df["slide_id"].str.strip(), df[column].str.strip()))
 
 
-def slide_groups(ds: Any, kind: str, table: Mapping[str, str] | None = None) -> dict[str, str]:
+def shard_groups(ds: Any, kind: str, table: Mapping[str, str] | None = None) -> dict[str, str]:
     """slide_id -> ``kind`` (patient, site) of the shards' slides that have one: the manifest entry's, the
     ``table``'s where given (it wins)."""
     known = {str(e["slide_id"]): str(e[kind]) for e in ds.manifest.get("slides", []) if e.get(kind)}
@@ -114,7 +114,7 @@ def make_folds(ds: Any, *, by: str = "auto", n_splits: int | None = None, seed: 
         raise InputError(f"by must be one of {', '.join(SCHEMES)}, got {by!r}")
     root = root or "shards"
     slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
-    known = {"patient": slide_groups(ds, "patient", patients), "site": slide_groups(ds, "site", sites)}
+    known = {"patient": shard_groups(ds, "patient", patients), "site": shard_groups(ds, "site", sites)}
     if by == "auto":  # a table given is used (and checked); else the groups every slide has, 2+ of them
         every = [k for k, table in (("site", sites), ("patient", patients)) if table] or [
             k for k in ("site", "patient") if set(slides.tolist()) <= set(known[k])
