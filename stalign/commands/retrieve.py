@@ -17,6 +17,7 @@ from stalign.commands.common_args import (
 )
 from stofm.util.errors import InputError
 from stofm.util.output_paths import atomic_write_path
+from stofm.util.safe_files import require_path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -113,9 +114,7 @@ def _read_signature(args: argparse.Namespace, genes: list[str]) -> tuple[Any, st
     if args.genes:
         gene_indices(genes, list(args.genes), what="the model")
         return list(args.genes), "signature " + "+".join(args.genes[:4])
-    path = Path(args.expression)
-    if not path.is_file():
-        raise FileNotFoundError(f"--expression {path}: file does not exist")
+    path = require_path(args.expression, "--expression file")
     try:
         table = pd.read_csv(path, header=None, names=["gene", "value"], dtype={"gene": str})
         values = pd.to_numeric(table["value"], errors="raise").to_numpy(float)
