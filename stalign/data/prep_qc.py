@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import csv
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from stofm.util.output_paths import safe_name
+from stofm.util.output_paths import atomic_write_path, safe_name
 
 if TYPE_CHECKING:
     from stalign.data.tissue_call import TissueCall
@@ -31,21 +30,6 @@ def qc_relpaths(slide_id: str) -> tuple[str, str]:
     return f"{QC_DIR}/{name}.png", f"{QC_DIR}/{name}_dropped.csv"
 
 
-@dataclass(frozen=True)
-class QCLayout:
-    """Where the slide lies in the picture: picture pixels per thumbnail pixel, the band above it, the size."""
-
-    scale: float
-    band_px: int
-    width_px: int
-    height_px: int
-
-    def to_picture(self, coords_px: np.ndarray, downsample: float) -> np.ndarray:
-        """(N, 2) level-0 (x, y) -> (column, row) in the picture."""
-        xy = np.asarray(coords_px, dtype=np.float64).reshape(-1, 2) / downsample * self.scale
-        return xy + np.array([0.0, self.band_px])
-
-
 def _marker_px(points: np.ndarray) -> float:
     """Marker diameter in picture pixels: half the median spacing of the spots, 3 to 14 px."""
     if len(points) < 2:
@@ -60,18 +44,20 @@ def _hex(rgb: tuple[int, int, int]) -> str:
     return "#" + "".join(f"{c:02x}" for c in rgb)
 
 
-def write_qc_picture(path: str | os.PathLike, call: TissueCall, coords_px: np.ndarray, *, slide_id: str) -> QCLayout:
-    """Draw ``call`` for the slide's spots ``coords_px`` (level-0 px) into the PNG ``path``; returns its layout."""
+def write_qc_picture(path: str | os.PathLike, call: TissueCall, coords_px: np.ndarray, *, slide_id: str) -> None:
+    """Draw ``call`` for the slide's spots ``coords_px`` (level-0 px) into the PNG ``path``: the thumbnail enlarged
+    to at least ``MIN_WIDTH_PX`` wide, below a band ``BAND_PX`` high holding the title and legend."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.lines import Line2D
 
     th, tw = call.thumb.shape[:2]
     scale = max(1.0, MIN_WIDTH_PX / tw)
-    layout = QCLayout(scale=scale, band_px=BAND_PX, width_px=round(tw * scale), height_px=round(th * scale) + BAND_PX)
-    fig = Figure(figsize=(layout.width_px / DPI, layout.height_px / DPI), dpi=DPI)
+    width_px, height_px = round(tw * scale), round(th * scale) + BAND_PX
+    fig = Figure(figsize=(width_px / DPI, height_px / DPI), dpi=DPI)
     FigureCanvasAgg(fig)
-    ax = fig.add_axes((0.0, 0.0, 1.0, 1.0 - BAND_PX / layout.height_px))
+    band = 1.0 - BAND_PX / height_px
+    ax = fig.add_axes((0.0, 0.0, 1.0, band))
     ax.imshow(call.thumb, extent=(0, tw, th, 0), interpolation="antialiased")
     if call.mask.any() and not call.mask.all():
         ax.contour(np.arange(tw) + 0.5, np.arange(th) + 0.5, call.mask.astype(np.float32), levels=[0.5],
@@ -85,7 +71,6 @@ def write_qc_picture(path: str | os.PathLike, call: TissueCall, coords_px: np.nd
     ax.set_xlim(0, tw)
     ax.set_ylim(th, 0)
     ax.axis("off")
-    band = 1.0 - BAND_PX / layout.height_px
     fig.text(0.01, band + 0.62 * (1 - band), f"{slide_id}: tissue rule {call.rule.label()}", fontsize=9,
              va="center", clip_on=True)
     handles = [Line2D([], [], marker="o", ls="", color=_hex(KEPT_COLOUR)),
@@ -94,12 +79,8 @@ def write_qc_picture(path: str | os.PathLike, call: TissueCall, coords_px: np.nd
     labels = [f"kept {int(kept.sum())}", f"dropped {int(dropped.sum())}", "image tissue mask"]
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(0.0, band + 0.25 * (1 - band)), ncol=3,
                fontsize=8, frameon=False, handlelength=1.2)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=DPI, format="png")
-    os.replace(tmp, path)
-    return layout
+    with atomic_write_path(path) as tmp:
+        fig.savefig(tmp, dpi=DPI, format="png")
 
 
 def write_dropped_table(path: str | os.PathLike, call: TissueCall, coords_px: np.ndarray,
