@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 
 import h5py
 import numpy as np
@@ -70,19 +71,6 @@ def test_shard_round_trip_has_the_documented_layout(tmp_path, real_patches):
     assert shards.shard_attrs(path)["n_spots"] == 8
 
 
-def test_rows_written_in_any_order_land_in_their_rows(tmp_path, real_patches):
-    centres, spot, niche = real_patches
-    path = tmp_path / "s1.h5"
-    with ShardWriter(path, slide_id="s1", n_spots=8, patch_px=32, genes=["A"], um_per_px=1) as w:
-        for rows in (np.array([5, 0, 7]), np.array([3, 6, 1, 2, 4])):
-            w.write_rows(rows, spot[rows], niche[rows])
-        w.finish(expr=np.zeros((8, 1)), niche_expr=np.zeros((8, 1)), coords_px=centres, coords_um=centres,
-                 neighbors=np.zeros((8, 1)), padded=np.zeros(8), barcodes=list("abcdefgh"))
-    data = shards.read_shard(path, patches=True)
-    np.testing.assert_array_equal(data["spot_patches"], spot)
-    np.testing.assert_array_equal(data["niche_patches"], niche)
-
-
 @pytest.mark.parametrize("compression", ["gzip", "none"])
 def test_precompressed_chunks_read_back_as_the_crops(tmp_path, real_patches, compression):
     centres, spot, niche = real_patches
@@ -105,9 +93,9 @@ def test_precompressed_chunks_read_back_as_the_crops(tmp_path, real_patches, com
             assert f["spot_patches"].id.get_storage_size() == spot.nbytes
 
 
-def test_compress_patch_is_the_gzip_encoding_and_bad_codecs_fail(real_patches):
+def test_encode_patch_gzip_inflates_to_the_raw_bytes_and_bad_codecs_fail(real_patches):
     patch = real_patches[1][0]
-    assert shards.compress_patch(patch) == shards.encode_patch(patch, "gzip")
+    assert zlib.decompress(shards.encode_patch(patch, "gzip")) == patch.tobytes()
     assert shards.encode_patch(patch, "none") == patch.tobytes()
     with pytest.raises(ValueError, match="patch compression must be one of none, gzip"):
         shards.encode_patch(patch, "lz4")

@@ -17,7 +17,7 @@ import numpy as np
 
 from stalign.data.errors import DataPrepError
 from stofm.util.errors import InputError
-from stofm.util.output_paths import publish, remove_stale_temporaries, safe_name
+from stofm.util.output_paths import atomic_write_path, publish, remove_stale_temporaries, safe_name
 
 FORMAT = "stalign-shards"
 VERSION = 1
@@ -47,11 +47,6 @@ def encode_patch(patch: np.ndarray, compression: str = "none", level: int = PATC
     import zlib
 
     return zlib.compress(raw, level)
-
-
-def compress_patch(patch: np.ndarray, level: int = PATCH_GZIP_LEVEL) -> bytes:
-    """One (P, P, 3) uint8 crop as a gzip-filter chunk (``encode_patch(patch, "gzip", level)``)."""
-    return encode_patch(patch, "gzip", level)
 
 
 class ShardError(DataPrepError):
@@ -105,13 +100,6 @@ class ShardWriter:
         stop = start + len(spot)
         self._file["spot_patches"][start:stop] = spot
         self._file["niche_patches"][start:stop] = niche
-
-    def write_rows(self, rows: np.ndarray, spot: np.ndarray, niche: np.ndarray) -> None:
-        """Store the crops of spots ``rows`` (any order, no repeats)."""
-        order = np.argsort(rows)
-        sel = np.asarray(rows)[order].tolist()
-        self._file["spot_patches"][sel] = spot[order]
-        self._file["niche_patches"][sel] = niche[order]
 
     def write_compressed(self, rows: Sequence[int], spot: Sequence[Any], niche: Sequence[Any]) -> None:
         """Store crops already encoded by ``encode_patch`` (with this writer's ``compression`` and ``gzip_level``)
@@ -222,19 +210,11 @@ def read_shard(path: str | os.PathLike, *, patches: bool = False) -> dict[str, A
 
 
 def write_manifest(out_dir: str | os.PathLike, manifest: dict[str, Any]) -> Path:
-    """Write ``manifest.json`` atomically (temporary file in the same folder, then ``os.replace``)."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST}.", suffix=".tmp", dir=out)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(manifest, fh, indent=1)
-            fh.write("\n")
-        publish(Path(tmp), out / MANIFEST)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return out / MANIFEST
+    """Write ``manifest.json`` atomically (``atomic_write_path``: a temporary file in the same folder, renamed)."""
+    path = Path(out_dir) / MANIFEST
+    with atomic_write_path(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    return path
 
 
 def read_manifest(out_dir: str | os.PathLike) -> dict[str, Any]:
