@@ -14,7 +14,7 @@ from stofm.util.output_paths import atomic_write_path, refuse_overwriting_inputs
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The parser; ``pretrain-cells``' flags (a torch-importing module) are added only when it is the command."""
     from stofm import __version__
-    from stofm.pretrain import add_arguments
+    from stofm.pretrain import add_arguments, run_from_args
 
     parser = argparse.ArgumentParser(prog="stofm", description="SToFM: spatial transcriptomics foundation model")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -23,12 +23,13 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     c = sub.add_parser("pretrain-cells", help="masked-gene pretraining (domain adaptation) of the BERT cell encoder")
     if argv and argv[0] == "pretrain-cells":
         from stofm.gene_pretrain import add_arguments as cell_arguments
+        from stofm.gene_pretrain import run_from_args as run_cells
 
         cell_arguments(c)
-    c.set_defaults(func=_pretrain_cells)
+        c.set_defaults(func=run_cells)
     p = sub.add_parser("pretrain", help="pretrain the SE(2) transformer (MCM + PDR) on AnnData slides")
     add_arguments(p)
-    p.set_defaults(func=_pretrain)
+    p.set_defaults(func=run_from_args)
     e = sub.add_parser("embed", help="embed the cells of slides (AnnData) into obsm['X_stofm']")
     e.add_argument("inputs", nargs="+", help=".h5ad files with obsm['spatial']")
     e.add_argument("--model", required=True, help="config name, a save_pretrained folder or a stofm convert folder")
@@ -63,18 +64,6 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     return parser
 
 
-def _pretrain_cells(args: argparse.Namespace) -> int:
-    from stofm.gene_pretrain import run_from_args
-
-    return run_from_args(args)
-
-
-def _pretrain(args: argparse.Namespace) -> int:
-    from stofm.pretrain import run_from_args
-
-    return run_from_args(args)
-
-
 def _embed(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -91,8 +80,6 @@ def _embed(args: argparse.Namespace) -> int:
           "labels_key": args.leiden_labels}
     for src in args.inputs:
         src = Path(src)
-        if not src.is_file():
-            raise FileNotFoundError(f"stofm embed: {src} does not exist")
         adata = read_h5ad(src, what="stofm embed input")
         if model is None:
             model = _embed_model(args, list(map(str, adata.var_names)))
