@@ -137,13 +137,13 @@ def test_pool_results_equal_reads_in_this_process_and_shared_memory_has_no_name(
     chunks equal the same batch read in this process; the shared memory has no name left once both map it."""
     from multiprocessing.shared_memory import SharedMemory
 
-    from stalign.data.crop_workers import close_cached, crop_batches, crop_pool, read_batch
+    from stalign.data.crop_workers import CropPool, close_cached, crop_batches, read_batch
 
     sample = _sample(squidpy_crop)
     xy, um = np.asarray(sample.coords_px), float(sample.um_per_px)
     crop = CropSpec(spot_um=112.0, niche_um=336.0, patch_px=40)
     tasks = [(str(sample.image_path), um, xy[i:i + 8], crop, compression) for i in range(0, len(xy), 8)]
-    pool = crop_pool(1)
+    pool = CropPool(1)
     try:
         got = {}
         for i, (spot, niche, pad_s, pad_n) in crop_batches(tasks, pool):  # chunks valid until the next item

@@ -78,11 +78,6 @@ class CropPool:
         self._slots, self._free = [], []
 
 
-def crop_pool(workers: int) -> CropPool:
-    """A :class:`CropPool` of ``workers`` crop-reading processes."""
-    return CropPool(workers)
-
-
 def die_with_parent(parent_pid: int) -> None:
     """Crop-worker initializer: end this process as soon as its parent is gone (``kill -9`` of a prep), instead
     of staying blocked in a pipe write: Linux's parent-death signal, and a watcher thread everywhere."""

@@ -92,12 +92,6 @@ def settle_pixel_size(*, what: str, um_per_px: float | None, pixel_size_from: st
     return PixelSize(um_per_px=value, source=source, sources=sources)
 
 
-def choose_pixel_size(**kwargs) -> tuple[float, str]:
-    """``(µm/px, description)`` of :func:`settle_pixel_size` (same keywords)."""
-    settled = settle_pixel_size(**kwargs)
-    return settled.um_per_px, settled.source
-
-
 def _check_agreement(what: str, name: str, found: dict[str, tuple[float, str]], pair: tuple[str, str]) -> None:
     other = pair[1] if name == pair[0] else pair[0]
     if other not in found:
@@ -221,5 +215,5 @@ def fit_array_grid(rows: np.ndarray, cols: np.ndarray, coords: np.ndarray, *, pi
 
 __all__ = ["AUTO_AGREEMENT", "DISAGREEMENT", "PIXEL_SIZE_CHOICES", "PLAUSIBLE_UM_PER_PX", "PixelSize",
            "PixelSizeCandidate", "PixelSizeWarning", "VISIUM_FULLRES_DIAMETER_UM", "VISIUM_PITCH_UM",
-           "choose_pixel_size", "fit_array_grid", "grid_candidate", "knn_pitch_candidate", "metadata_candidate",
+           "fit_array_grid", "grid_candidate", "knn_pitch_candidate", "metadata_candidate",
            "settle_pixel_size", "spot_diameter_candidate"]

@@ -13,7 +13,7 @@ import numpy as np
 
 from stalign.data import expression as ex
 from stalign.data.crop_spec import CropSpec
-from stalign.data.crop_workers import close_cached, crop_batches, crop_pool
+from stalign.data.crop_workers import CropPool, close_cached, crop_batches
 from stalign.data.errors import CoordinateError, DataPrepError
 from stalign.data.prep_qc import write_slide_qc
 from stalign.data.prep_signals import check_terminated
@@ -57,7 +57,7 @@ def write_slides(jobs: list[SlideJob], *, workers: int, progress: bool,
     failures: list[Exception] = []
     pool = None
     if workers > 1 and jobs:
-        pool = crop_pool(workers - 1)
+        pool = CropPool(workers - 1)
     ahead: dict[int, Any] = {}  # job index -> future of its tissue mask, made in the pool one slide ahead
     try:
         with tqdm(total=len(jobs), desc="slides", unit="slide", position=0, disable=not progress or not jobs) as bar:
