@@ -1,7 +1,7 @@
 """Named image encoders: pathology foundation models, ``open_clip:<name>``, EfficientNet-Lite0 ImageNet.
 
-Architectures and constructor kwargs follow each model card (UNI, UNI2-h, Virchow, Virchow2,
-H-optimus-0/1: timm ``hf-hub:`` names; CONCH: its ViT-B/16 at 448 px with attentional pooling; Phikon, Phikon-v2: a
+Architectures and constructor kwargs follow each model card (UNI, UNI2-h, Virchow, Virchow2, H-optimus-0/1,
+GigaPath, H0-mini: timm ``hf-hub:`` names, one :data:`TIMM_MODELS` entry each, built by :func:`timm_model`; CONCH: its ViT-B/16 at 448 px with attentional pooling; Phikon, Phikon-v2: a
 ViT-B/16 / DINOv2 ViT-L/16 from a Hugging Face transformers checkpoint). Each registration carries the precision
 HEST-Bench runs the model under (``inference_models.py``; TRIDENT's where HEST lacks the model). ``pretrained=True`` downloads the published (often gated) weights
 through timm / open_clip / huggingface_hub; a path loads a local file; extra kwargs override the
@@ -10,6 +10,7 @@ architecture (tests build shrunk variants with the same structure).
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,24 +51,6 @@ def _imagenet_norm(bb: Backbone) -> Backbone:
     return bb
 
 
-@register_image_encoder("uni", precision="fp16")
-def uni(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """UNI (MahmoodLab): ViT-L/16, 1024-d CLS features."""
-    kwargs = {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True, **overrides}
-    return _imagenet_norm(timm_backbone("vit_large_patch16_224", pretrained=pretrained,
-                                        hub_name="hf-hub:MahmoodLab/uni", **kwargs))
-
-
-@register_image_encoder("uni2", precision="bf16")  # TRIDENT (HEST lacks UNI2)
-def uni2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """UNI2-h (MahmoodLab): ViT-H/14 with SwiGLU and 8 register tokens, 1536-d."""
-    kwargs = {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24, "init_values": 1e-5,
-              "embed_dim": 1536, "mlp_ratio": 2.66667 * 2, "no_embed_class": True, "reg_tokens": 8,
-              "dynamic_img_size": True, **swiglu_kwargs(), **overrides}
-    return _imagenet_norm(timm_backbone("vit_giant_patch14_224", pretrained=pretrained,
-                                        hub_name="hf-hub:MahmoodLab/UNI2-h", **kwargs))
-
-
 class ClsMeanPool(nn.Module):
     """Virchow pooling: concatenate the CLS token and the mean of the patch tokens (after ``n_prefix`` tokens);
     ``cls_only``: the CLS token alone."""
@@ -83,49 +66,102 @@ class ClsMeanPool(nn.Module):
         return torch.cat([tokens[:, 0], tokens[:, self.n_prefix:].mean(dim=1)], dim=-1)
 
 
-def _virchow(hub: str, reg_tokens: int, pretrained: Pretrained, overrides: dict[str, Any]) -> Backbone:
-    kwargs = {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
-              "dynamic_img_size": True, **swiglu_kwargs(), **overrides}
-    if reg_tokens:
-        kwargs["reg_tokens"] = reg_tokens
-    vit = timm_backbone("vit_huge_patch14_224", pretrained=pretrained, hub_name=hub, **kwargs).trunk
-    pooled = ClsMeanPool(vit=vit, n_prefix=1 + reg_tokens)
-    return _imagenet_norm(backbone_from_timm(vit, trunk=pooled, out_dim=2 * vit.num_features))
-
-
-@register_image_encoder("virchow")
-def virchow(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """Virchow (Paige): ViT-H/14, SwiGLU, CLS + mean patch token = 2560-d."""
-    return _virchow("hf-hub:paige-ai/Virchow", 0, pretrained, overrides)
-
-
-@register_image_encoder("virchow2", precision="fp16")
-def virchow2(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """Virchow2 (Paige): as Virchow with 4 register tokens (skipped in the patch mean)."""
-    return _virchow("hf-hub:paige-ai/Virchow2", 4, pretrained, overrides)
-
-
 HOPTIMUS_MEAN, HOPTIMUS_STD = (0.707223, 0.578729, 0.703617), (0.211883, 0.230117, 0.177517)
 
 
-def _h_optimus(hub: str, pretrained: Pretrained, overrides: dict[str, Any]) -> Backbone:
-    kwargs = {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token", **overrides}
-    bb = timm_backbone("vit_giant_patch14_reg4_dinov2", pretrained=pretrained, hub_name=hub, **kwargs)
-    if pretrained is not True:  # the hub config carries these; a local file does not
-        bb.mean, bb.std = HOPTIMUS_MEAN, HOPTIMUS_STD
+@dataclass(frozen=True)
+class TimmModel:
+    """A named pathology model that is a timm ViT built with its model card's arguments (docs/model.md)."""
+
+    about: str
+    arch: str  # the timm architecture
+    hub: str  # where ``pretrained=True`` gets the weights
+    kwargs: dict[str, Any]
+    precision: str = "fp32"  # the autocast HEST-Bench (or TRIDENT, where HEST lacks the model) runs it under
+    swiglu: bool = False
+    pool: str = "token"  # "token": timm's pooled CLS; "cls_mean": CLS ⊕ mean patch token; "cls": CLS (ClsMeanPool)
+    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = (IMAGENET_MEAN, IMAGENET_STD)  # None: timm's
+    hub_norm: bool = False  # the hub config carries the mean/std: ``norm`` only for a local file or random weights
+    local_kwargs: dict[str, Any] = field(default_factory=dict)  # without hub weights (the hub config has them)
+    mlp_from_file: bool = False  # a local file's SwiGLU hidden width is read off its first block
+    interpolation: str | None = None  # None: timm's
+    crop_pct: float = 1.0
+
+
+TIMM_MODELS = {
+    "uni": TimmModel(
+        "UNI (MahmoodLab): ViT-L/16, 1024-d CLS features.", "vit_large_patch16_224", "hf-hub:MahmoodLab/uni",
+        {"img_size": 224, "patch_size": 16, "init_values": 1e-5, "dynamic_img_size": True}, precision="fp16"),
+    "uni2": TimmModel(  # TRIDENT's precision (HEST lacks UNI2)
+        "UNI2-h (MahmoodLab): ViT-H/14 with SwiGLU and 8 register tokens, 1536-d.", "vit_giant_patch14_224",
+        "hf-hub:MahmoodLab/UNI2-h", {"img_size": 224, "patch_size": 14, "depth": 24, "num_heads": 24,
+                                    "init_values": 1e-5, "embed_dim": 1536, "mlp_ratio": 2.66667 * 2,
+                                    "no_embed_class": True, "reg_tokens": 8, "dynamic_img_size": True},
+        precision="bf16", swiglu=True),
+    "virchow": TimmModel(
+        "Virchow (Paige): ViT-H/14, SwiGLU, CLS + mean patch token = 2560-d.", "vit_huge_patch14_224",
+        "hf-hub:paige-ai/Virchow", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+                                    "dynamic_img_size": True}, swiglu=True, pool="cls_mean"),
+    "virchow2": TimmModel(
+        "Virchow2 (Paige): as Virchow with 4 register tokens (skipped in the patch mean).", "vit_huge_patch14_224",
+        "hf-hub:paige-ai/Virchow2", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
+                                     "dynamic_img_size": True, "reg_tokens": 4},
+        precision="fp16", swiglu=True, pool="cls_mean"),
+    "h-optimus-0": TimmModel(
+        "H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers (DINOv2), 1536-d CLS, its own H&E mean/std.",
+        "vit_giant_patch14_reg4_dinov2", "hf-hub:bioptimus/H-optimus-0",
+        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+        precision="fp16", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD), hub_norm=True),
+    "h-optimus-1": TimmModel(  # TRIDENT's precision (HEST lacks H-optimus-1)
+        "H-optimus-1 (Bioptimus): as H-optimus-0 (ViT-g/14, 4 registers, 1536-d CLS, the same mean/std).",
+        "vit_giant_patch14_reg4_dinov2", "hf-hub:bioptimus/H-optimus-1",
+        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
+        precision="fp16", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD), hub_norm=True),
+    "gigapath": TimmModel(  # HEST / GigaPath: Resize(256, bicubic), CenterCrop(224)
+        "Prov-GigaPath tile encoder: ViT-g (DINOv2, SwiGLU, LayerScale) with 16 px patches at 224 px, 1536-d CLS; "
+        "a local file is the ``pytorch_model.bin`` of ``prov-gigapath/prov-gigapath`` (timm keys).",
+        "vit_giant_patch14_dinov2", "hf-hub:prov-gigapath/prov-gigapath",
+        {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
+         "init_values": 1e-5, "mlp_ratio": 5.33334, "global_pool": "token"},
+        interpolation="bicubic", crop_pct=224 / 256),
+    "h0-mini": TimmModel(  # random weights: SwiGLU hidden width 4096 (85.7M parameters, as published)
+        "H0-mini (Bioptimus): ViT-B/14, 4 registers, SwiGLU; CLS ⊕ mean of the patch tokens (its model card), "
+        "1536-d.", "vit_base_patch14_reg4_dinov2", "hf-hub:bioptimus/H0-mini", {"img_size": 224, "global_pool": ""},
+        precision="fp16", swiglu=True, pool="cls_mean", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD),
+        local_kwargs={"mlp_ratio": 5.33334}, mlp_from_file=True),
+    "h0-mini-cls": TimmModel(
+        "H0-mini's CLS token alone, 768-d: HEST's ``h0_mini`` (``return_cls=True``) and TRIDENT's default.",
+        "vit_base_patch14_reg4_dinov2", "hf-hub:bioptimus/H0-mini", {"img_size": 224, "global_pool": ""},
+        precision="fp16", swiglu=True, pool="cls", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD),
+        local_kwargs={"mlp_ratio": 5.33334}, mlp_from_file=True),
+}
+
+
+def timm_model(model: TimmModel, *, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
+    """The backbone of a :data:`TIMM_MODELS` entry; ``overrides`` change its timm arguments (shrunk test models)."""
+    kwargs = {**model.kwargs, **(swiglu_kwargs() if model.swiglu else {})}
+    if pretrained is not True:
+        kwargs.update(model.local_kwargs)
+    if pretrained and pretrained is not True and model.mlp_from_file:  # the published SwiGLU's hidden width
+        sd = load_state_dict_file(pretrained)
+        fc1, dim = sd.get("blocks.0.mlp.fc1.weight"), sd.get("cls_token")
+        if fc1 is not None and dim is not None:
+            kwargs["mlp_ratio"] = (fc1.shape[0] + 0.5) / dim.shape[-1]
+    bb = timm_backbone(model.arch, pretrained=pretrained, hub_name=model.hub, **{**kwargs, **overrides})
+    if model.pool != "token":
+        vit, cls_only = bb.trunk, model.pool == "cls"
+        pooled = ClsMeanPool(vit=vit, n_prefix=vit.num_prefix_tokens, cls_only=cls_only)
+        bb = backbone_from_timm(vit, trunk=pooled, out_dim=(1 if cls_only else 2) * vit.num_features)
+    if model.norm is not None and not (model.hub_norm and pretrained is True):
+        bb.mean, bb.std = model.norm
+    bb.interpolation, bb.crop_pct = model.interpolation or bb.interpolation, model.crop_pct
     return bb
 
 
-@register_image_encoder("h-optimus-0", precision="fp16")
-def h_optimus_0(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers (DINOv2), 1536-d CLS, its own H&E mean/std."""
-    return _h_optimus("hf-hub:bioptimus/H-optimus-0", pretrained, overrides)
-
-
-@register_image_encoder("h-optimus-1", precision="fp16")  # TRIDENT (HEST lacks H-optimus-1)
-def h_optimus_1(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """H-optimus-1 (Bioptimus): as H-optimus-0 (ViT-g/14, 4 registers, 1536-d CLS, the same mean/std)."""
-    return _h_optimus("hf-hub:bioptimus/H-optimus-1", pretrained, overrides)
+for _name, _model in TIMM_MODELS.items():
+    _build = partial(timm_model, _model)
+    _build.__doc__ = _model.about
+    register_image_encoder(_name, precision=_model.precision)(_build)
 
 
 # --------------------------------------------------------------------------------------------- open_clip
@@ -266,9 +302,10 @@ def _hf_config(path: str | os.PathLike) -> dict[str, Any]:
     return cfg if isinstance(cfg, dict) else {}
 
 
-def _hf_vit(pretrained: Pretrained, *, hub: str, num_heads: int | None, kwargs: dict[str, Any],
-            overrides: dict[str, Any]) -> Backbone:
+def _hf_vit(hub: str, base_kwargs: dict[str, Any], *, pretrained: Pretrained = None, num_heads: int | None = None,
+            **overrides: Any) -> Backbone:
     """A transformers ViT / DINOv2 checkpoint as a timm ViT whose widths, depth and patch come from its tensors."""
+    kwargs = dict(base_kwargs)
     if pretrained is True:
         from huggingface_hub import hf_hub_download
 
@@ -299,21 +336,20 @@ def _hf_vit(pretrained: Pretrained, *, hub: str, num_heads: int | None, kwargs: 
     return _imagenet_norm(bb)
 
 
-@register_image_encoder("phikon")
-def phikon(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
-    """Phikon (Owkin): ViT-B/16 (iBOT) from a transformers checkpoint; 768-d CLS after the final LayerNorm."""
-    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
-                              "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}
-    return _hf_vit(pretrained, hub="owkin/phikon", num_heads=num_heads, kwargs=kwargs, overrides=overrides)
-
-
-@register_image_encoder("phikon-v2")
-def phikon_v2(*, pretrained: Pretrained = None, num_heads: int | None = None, **overrides: Any) -> Backbone:
-    """Phikon-v2 (Owkin): DINOv2 ViT-L/16 from its transformers ``AutoModel`` (``Dinov2Model``) checkpoint, 1024-d
-    CLS of ``last_hidden_state`` (after the final LayerNorm), ImageNet mean/std."""
-    kwargs: dict[str, Any] = {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24, "init_values": 1.0,
-                              "norm_layer": partial(nn.LayerNorm, eps=1e-6), "global_pool": "token"}
-    return _hf_vit(pretrained, hub="owkin/phikon-v2", num_heads=num_heads, kwargs=kwargs, overrides=overrides)
+HF_VIT_MODELS = {  # name: (what it is, its hub repo, the timm arguments a file's tensors and config.json refine)
+    "phikon": ("Phikon (Owkin): ViT-B/16 (iBOT) from a transformers checkpoint; 768-d CLS after the final LayerNorm.",
+               "owkin/phikon", {"img_size": 224, "patch_size": 16, "embed_dim": 768, "depth": 12,
+                                "norm_layer": partial(nn.LayerNorm, eps=1e-12), "global_pool": "token"}),
+    "phikon-v2": ("Phikon-v2 (Owkin): DINOv2 ViT-L/16 from its transformers ``AutoModel`` (``Dinov2Model``) "
+                  "checkpoint, 1024-d CLS of ``last_hidden_state`` (after the final LayerNorm), ImageNet mean/std.",
+                  "owkin/phikon-v2", {"img_size": 224, "patch_size": 16, "embed_dim": 1024, "depth": 24,
+                                      "init_values": 1.0, "norm_layer": partial(nn.LayerNorm, eps=1e-6),
+                                      "global_pool": "token"}),
+}
+for _name, (_about, _hub, _kwargs) in HF_VIT_MODELS.items():
+    _build = partial(_hf_vit, _hub, _kwargs)
+    _build.__doc__ = _about
+    register_image_encoder(_name)(_build)
 
 
 # ------------------------------------------------------------------------------------ EfficientNet-Lite0

@@ -6,6 +6,8 @@ local files in each publisher's format.
   truncated after ``layer3`` (``features_only``, ``out_indices=[3]``), global average pool, 1024-d.
 - ``ctranspath``: Swin-T/4 window 7 with TransPath's ConvStem patch embedding, 768-d mean-pooled tokens; the
   TransPath checkpoint ``ctranspath.pth`` (``{"model": state dict}`` in timm 0.5.4's Swin layout).
+The zoo's timm ViTs built with their publishers' arguments are entries of ``pathology_encoders.TIMM_MODELS``:
+
 - ``gigapath``: Prov-GigaPath's tile encoder: timm ``vit_giant_patch14_dinov2`` with ``img_size=224``, ``in_chans=3``,
   16 px patches, 1536-d CLS; HEST's transform (resize 256 bicubic, centre-crop 224).
 - ``h0-mini`` (model card: CLS ⊕ mean patch token, 1536-d) and ``h0-mini-cls`` (HEST's ``h0_mini``: CLS, 768-d):
@@ -13,7 +15,6 @@ local files in each publisher's format.
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
@@ -28,11 +29,8 @@ from stalign.models.backbones import (
     load_into,
     load_state_dict_file,
     register_image_encoder,
-    timm_backbone,
 )
-from stalign.models.pathology_encoders import HOPTIMUS_MEAN, HOPTIMUS_STD, ClsMeanPool, swiglu_kwargs
-
-Pretrained = bool | str | os.PathLike | None
+from stalign.models.pathology_encoders import Pretrained
 
 
 # ------------------------------------------------------------------------------------------ ResNet-50
@@ -114,48 +112,3 @@ def ctranspath(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     bb = backbone_from_timm(model, input_size=int(kwargs["img_size"]))
     bb.mean, bb.std, bb.interpolation = IMAGENET_MEAN, IMAGENET_STD, "bilinear"
     return bb
-
-
-# ------------------------------------------------------------------------------------------ GigaPath
-@register_image_encoder("gigapath")
-def gigapath(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """Prov-GigaPath tile encoder: ViT-g (DINOv2, SwiGLU, LayerScale) with 16 px patches at 224 px, 1536-d CLS;
-    a local file is the ``pytorch_model.bin`` of ``prov-gigapath/prov-gigapath`` (timm keys)."""
-    kwargs = {"img_size": 224, "in_chans": 3, "patch_size": 16, "embed_dim": 1536, "depth": 40, "num_heads": 24,
-              "init_values": 1e-5, "mlp_ratio": 5.33334, "global_pool": "token", **overrides}
-    bb = timm_backbone("vit_giant_patch14_dinov2", pretrained=pretrained,
-                       hub_name="hf-hub:prov-gigapath/prov-gigapath", **kwargs)
-    bb.mean, bb.std, bb.interpolation = IMAGENET_MEAN, IMAGENET_STD, "bicubic"
-    bb.crop_pct = 224 / 256  # HEST / GigaPath: Resize(256, bicubic), CenterCrop(224)
-    return bb
-
-
-# ------------------------------------------------------------------------------------------ H0-mini
-def _h0_mini(pretrained: Pretrained, overrides: dict[str, Any], *, cls_only: bool) -> Backbone:
-    kwargs: dict[str, Any] = {"img_size": 224, "global_pool": "", **swiglu_kwargs()}
-    if pretrained is not True:  # random: SwiGLU hidden width 4096 (85.7M parameters, as published)
-        kwargs["mlp_ratio"] = 5.33334
-    if pretrained and pretrained is not True:  # the hidden width of the published SwiGLU, read off the file
-        sd = load_state_dict_file(pretrained)
-        fc1, dim = sd.get("blocks.0.mlp.fc1.weight"), sd.get("cls_token")
-        if fc1 is not None and dim is not None:
-            kwargs["mlp_ratio"] = (fc1.shape[0] + 0.5) / dim.shape[-1]
-    kwargs.update(overrides)
-    vit = timm_backbone("vit_base_patch14_reg4_dinov2", pretrained=pretrained, hub_name="hf-hub:bioptimus/H0-mini",
-                        **kwargs).trunk
-    pooled = ClsMeanPool(vit=vit, n_prefix=vit.num_prefix_tokens, cls_only=cls_only)
-    bb = backbone_from_timm(vit, trunk=pooled, out_dim=(1 if cls_only else 2) * vit.num_features)
-    bb.mean, bb.std = HOPTIMUS_MEAN, HOPTIMUS_STD
-    return bb
-
-
-@register_image_encoder("h0-mini", precision="fp16")
-def h0_mini(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """H0-mini (Bioptimus): ViT-B/14, 4 registers, SwiGLU; CLS ⊕ mean of the patch tokens (its model card), 1536-d."""
-    return _h0_mini(pretrained, overrides, cls_only=False)
-
-
-@register_image_encoder("h0-mini-cls", precision="fp16")
-def h0_mini_cls(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
-    """H0-mini's CLS token alone, 768-d: HEST's ``h0_mini`` (``return_cls=True``) and TRIDENT's default."""
-    return _h0_mini(pretrained, overrides, cls_only=True)
