@@ -31,11 +31,14 @@ class RemoteArchive:
     description: str = ""
 
 
+#: The squidpy sdist whose test data make up two data sets.
+_SQUIDPY = {"requirement": "squidpy==1.8.2",
+            "sha256": "6c79c95dea9f812c6aee39cab5740b034e8a90e74e84b0a9e9f0c6c5a6956a64"}
+
 DATASETS: dict[str, RemoteArchive] = {
     "squidpy-visium-crop": RemoteArchive(
         name="squidpy-visium-crop",
-        requirement="squidpy==1.8.2",
-        sha256="6c79c95dea9f812c6aee39cab5740b034e8a90e74e84b0a9e9f0c6c5a6956a64",
+        **_SQUIDPY,
         members={
             "squidpy-1.8.2/tests/_data/test_data.h5ad": "test_data.h5ad",
             "squidpy-1.8.2/tests/_data/test_img.jpg": "test_img.jpg",
@@ -44,8 +47,7 @@ DATASETS: dict[str, RemoteArchive] = {
     ),
     "squidpy-spaceranger": RemoteArchive(
         name="squidpy-spaceranger",
-        requirement="squidpy==1.8.2",
-        sha256="6c79c95dea9f812c6aee39cab5740b034e8a90e74e84b0a9e9f0c6c5a6956a64",
+        **_SQUIDPY,
         members={
             "squidpy-1.8.2/tests/_data/filtered_feature_bc_matrix.h5": "filtered_feature_bc_matrix.h5",
             "squidpy-1.8.2/tests/_data/spatial/": "spatial/",
@@ -207,11 +209,8 @@ def squidpy_crop_dir() -> Path:
     env = os.environ.get("STALIGN_SQUIDPY_CROP")
     if env:
         return Path(env)
-    here = Path(__file__).resolve().parents[2]
-    for cand in (here.parent / "shared" / "data" / "squidpy_visium_crop",):
-        if (cand / "test_data.h5ad").exists():
-            return cand
-    return fetch("squidpy-visium-crop")
+    shared = Path(__file__).resolve().parents[3] / "shared" / "data" / "squidpy_visium_crop"
+    return shared if (shared / "test_data.h5ad").exists() else fetch("squidpy-visium-crop")
 
 
 def resolve_data_path(entry: str) -> Path:
