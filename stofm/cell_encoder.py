@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from stofm.tokenize import TARGET_SUM, InputKind, medians_for, rank_tokens
+from stofm.tokenize import TARGET_SUM, InputKind, check_input_kind, medians_for, rank_tokens
 from stofm.util.errors import InputError
 from stofm.vocab import GeneVocab
 
@@ -232,10 +232,9 @@ class BertCellEncoder(CellEncoder):
 
 def log1p_cp10k(expr: torch.Tensor, input_kind: InputKind) -> torch.Tensor:
     """log1p(counts / total × 1e4) of counts; log1p input passes through."""
+    check_input_kind(input_kind)
     if input_kind == "log1p":
         return expr.float()
-    if input_kind != "counts":
-        raise InputError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
     expr = expr.float()
     return torch.log1p(expr * TARGET_SUM / expr.sum(dim=1, keepdim=True).clamp_min(1e-12))
 

@@ -28,9 +28,10 @@ class TokenizeError(StofmError, ValueError):
     """Expression input that cannot be tokenised."""
 
 
-def _check_kind(input_kind: str) -> None:
+def check_input_kind(input_kind: str) -> None:
+    """Refuse an expression kind other than ``"counts"`` or ``"log1p"`` (tokenizers and cell encoders)."""
     if input_kind not in ("counts", "log1p"):
-        raise TokenizeError(f"input must be 'counts' or 'log1p', got {input_kind!r}")
+        raise TokenizeError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
 
 
 def _dense_rows(X, start: int, stop: int, rows: np.ndarray | None = None) -> np.ndarray:
@@ -68,7 +69,7 @@ def fit_medians(X, genes: Sequence[str], *, input: InputKind = "counts", max_cel
     import scipy.sparse as sp
     from tqdm.auto import tqdm
 
-    _check_kind(input)
+    check_input_kind(input)
     n_cells, n_genes = X.shape
     if n_genes != len(genes):
         raise TokenizeError(f"X has {n_genes} columns but {len(genes)} genes were given")
@@ -108,7 +109,7 @@ def rank_tokens(expr: torch.Tensor, gene_ids: torch.Tensor, medians: torch.Tenso
     """
     import torch
 
-    _check_kind(input_kind)
+    check_input_kind(input_kind)
     if expr.ndim != 2 or expr.shape[1] != gene_ids.shape[0]:
         raise TokenizeError(f"expr must be (B, {gene_ids.shape[0]}), got {tuple(expr.shape)}")
     expr = expr.float()
@@ -184,7 +185,7 @@ class RankValueTokenizer:
         import torch
         from tqdm.auto import tqdm
 
-        _check_kind(input)
+        check_input_kind(input)
         if len(X.shape) != 2 or X.shape[1] != len(genes):
             raise TokenizeError(f"X has shape {tuple(X.shape)} but {len(genes)} genes were given")
         ids, med = self.gene_table(genes)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from stofm.cell_encoder import CellEncoder, check_expr, register_cell_encoder
+from stofm.tokenize import check_input_kind
 from stofm.util.errors import InputError, MissingDependencyError, StofmError
 from stofm.util.safe_files import require_path
 
@@ -154,8 +155,7 @@ class GeneformerCellEncoder(CellEncoder):
     def forward(self, expr: torch.Tensor, *, input_kind: str = "counts") -> torch.Tensor:
         """(B, out_dim) L2-normalised embeddings of ``expr`` (B, G) over ``self.genes`` (counts or log1p)."""
         check_expr(expr, len(self.genes))
-        if input_kind not in ("counts", "log1p"):
-            raise InputError(f"input_kind must be 'counts' or 'log1p', got {input_kind!r}")
+        check_input_kind(input_kind)
         x = torch.expm1(expr.double()) if input_kind == "log1p" else expr.double()
         batch = self.tokenizer.batch([np.asarray(t, np.int64) for t in self.tokenizer.rank_tokens(x.cpu().numpy(),
                                                                                                   self.genes)])
