@@ -183,7 +183,6 @@ def main(argv: list[str] | None = None) -> None:
     import stalign
     from stalign.data.slide import open_slide
     from stalign.lab.synth import ensure_synthetic_slide
-    from stalign.tasks.embed import default_device  # noqa: F401  (the package's device rule, via setup)
     from stalign.tasks.predict import predict_slide
     from stalign.tasks.retrieval import ReferenceBank
 

@@ -87,9 +87,10 @@ def image_features(patches: np.ndarray, *, spec: str = "efficientnet-lite0", pre
     import torch
 
     from stalign.models.image_encoders import create_image_encoder
+    from stalign.models.perf import resolve_device
 
     encoder = create_image_encoder(spec, pretrained=pretrained)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(device)
     encoder = encoder.to(device).eval()
     out = []
     with torch.inference_mode():

@@ -87,10 +87,11 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     from tqdm import tqdm
 
     import stalign
-    from stalign.tasks.embed import default_device, embed_shards
+    from stalign.models.perf import resolve_device
+    from stalign.tasks.embed import embed_shards
     from stalign.tasks.feature_store import open_store, per_shard, spec_identity, spec_weights_sha256
 
-    device = default_device(device)
+    device = resolve_device(device)
     if spec.startswith("model:"):
         return embed_shards(stalign.load_checkpoint(spec[6:]), root, gene=False, batch_size=batch_size,
                             workers=workers, device=device, progress=progress, cache=cache)["image"]

@@ -9,16 +9,11 @@ from typing import Any
 
 import numpy as np
 
+from stalign.models.perf import FastEmbedder, resolve_device
 from stalign.tasks.crop_reading import SlideCrops, crop_batches, reading_plan, torch_threads
 from stalign.tasks.retrieval import ReferenceBank
 
-__all__ = ["SlideCrops", "bank_from_shards", "default_device", "embed_shards", "embed_slide_crops", "load_reference"]
-
-
-def default_device(device: str | None = None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+__all__ = ["SlideCrops", "bank_from_shards", "embed_shards", "embed_slide_crops", "load_reference"]
 
 
 def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None, pin_memory: bool = False):
@@ -38,9 +33,7 @@ def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, wo
     (the model then runs on the cores they leave), in the main thread for ``workers=0``."""
     from tqdm import tqdm
 
-    from stalign.models.perf import FastEmbedder
-
-    device = default_device(device)
+    device = resolve_device(device)
     plan = reading_plan(device, workers)
     embedder = FastEmbedder(model=model, device=device, precision=precision, compile=compile, n_items=len(crops))
     batches = crop_batches(crops, batch_size=batch_size, plan=plan, pin_memory=str(device).startswith("cuda"))
@@ -73,7 +66,7 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     shard_crops(ds.manifest, root, model)
     if gene:
         model.check_genes(ds.genes, source=f"the shards under {root}")
-    device = default_device(device)
+    device = resolve_device(device)
     run = {"batch_size": batch_size, "workers": workers, "device": device, "niche_weight": niche_weight,
            "gene": gene, "progress": progress, "precision": precision}
     outputs = ["image", "gene"] if gene else ["image"]

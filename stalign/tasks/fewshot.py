@@ -187,7 +187,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
 
     from stalign.data.dataset import ShardDataset, collate
     from stalign.models.adapters import unfreeze_last_blocks
-    from stalign.tasks.embed import default_device
+    from stalign.models.perf import resolve_device
 
     ds = ShardDataset(root, indices=indices)
     crops = shard_crops(ds.manifest, root, model)
@@ -195,7 +195,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     genes = list(ds.genes) if genes is None else [str(g) for g in genes]
     cols = torch.as_tensor(gene_indices(ds.genes, genes, what="the shards"))
     torch.manual_seed(seed)
-    device = default_device(device)
+    device = resolve_device(device)
     for p in model.parameters():
         p.requires_grad_(False)
     trunks = {id(m.trunk): m.trunk for m in (model.spot_image_encoder, model.niche_image_encoder)}.values()

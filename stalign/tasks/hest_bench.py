@@ -209,9 +209,9 @@ def hest_bench(root: str | os.PathLike, encoders: Sequence[str], *, pca: bool = 
     import pandas as pd
 
     from stalign.models.image_encoders import run_precision
+    from stalign.models.perf import resolve_device
     from stalign.tasks.baselines import colour_features
     from stalign.tasks.bench import PatchEncoder, check_encoder_specs
-    from stalign.tasks.embed import default_device
 
     task = read_task(root)
     info = check_task(task)
@@ -221,7 +221,7 @@ def hest_bench(root: str | os.PathLike, encoders: Sequence[str], *, pca: bool = 
     variant = ", ".join(v for v, on in (("no PCA", not pca), ("tuned alpha", tuned_alpha),
                                         ("per-slide Pearson", per_slide)) if on) or "HEST protocol"
     fit = partial(probe, pca=pca, latent_dim=latent_dim, tuned_alpha=tuned_alpha)
-    device = default_device(device)
+    device = resolve_device(device)
     rows = []
 
     def add(name: str, kind: str, feats: dict[str, np.ndarray], fit: Fit, label: str, precision: str = "") -> None:

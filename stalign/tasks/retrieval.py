@@ -181,9 +181,10 @@ class ReferenceBank:
             raise InputError(f"queries must be (Q, {self.embeddings.shape[1]}), got {tuple(q.shape)}")
         if not 1 <= k <= len(self):
             raise InputError(f"k must lie in 1..{len(self)} (the bank size), got {k}")
+        from stalign.models.perf import resolve_device
         from stalign.tasks.fast_topk import search, search_dtype
 
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = resolve_device(device)
 
         def flat(qs: Any):
             bank = self._bank_tensor(device, search_dtype(device, dtype, n_rows=len(self)))
