@@ -123,6 +123,23 @@ class ShardDataset(torch.utils.data.Dataset):
         x = rearrange(torch.from_numpy(patch), "h w c -> c h w")
         return self.transform(x) if self.transform is not None else x.contiguous()
 
+    def _niche_spots(self, a: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The first ``niche_spots`` stored neighbours of shard rows ``rows`` of one slide (its arrays ``a``): their
+        expression (B, m, G) float32, µm coordinates (B, m, 2) float32 and whether each lies inside the niche crop
+        (B, m) bool; zeros where a row has fewer neighbours."""
+        m, half = self.niche_spots, float(self.manifest["niche_um"]) / 2.0
+        nb = a["neighbors"][rows][:, :m].astype(np.int64)
+        valid = nb >= 0
+        nb_safe = np.where(valid, nb, rows[:, None])
+        nb_xy = a["coords_um"][nb_safe].astype(np.float32)
+        b, kk = nb.shape
+        spot_expr, coords = np.zeros((b, m, len(self.genes)), np.float32), np.zeros((b, m, 2), np.float32)
+        mask = np.zeros((b, m), bool)
+        spot_expr[:, :kk] = np.where(valid[..., None], a["expr"][nb_safe], 0)
+        coords[:, :kk] = np.where(valid[..., None], nb_xy, 0)
+        mask[:, :kk] = valid & np.all(np.abs(nb_xy - a["coords_um"][rows][:, None]) <= half, axis=2)
+        return spot_expr, coords, mask
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
@@ -132,19 +149,7 @@ class ShardDataset(torch.utils.data.Dataset):
         k = int(np.searchsorted(self._offsets, g, side="right") - 1)
         j = g - int(self._offsets[k])
         f, a = self._file(k), self._arrays(k)
-        nb = a["neighbors"][j][: self.niche_spots].astype(np.int64)
-        m = self.niche_spots
-        valid = nb >= 0
-        nb_safe = np.where(valid, nb, j)
-        nb_xy = a["coords_um"][nb_safe].astype(np.float32)
-        half = float(self.manifest["niche_um"]) / 2.0
-        inside = valid & np.all(np.abs(nb_xy - a["coords_um"][j]) <= half, axis=1)
-        spot_expr = np.zeros((m, len(self.genes)), dtype=np.float32)
-        coords = np.zeros((m, 2), dtype=np.float32)
-        mask = np.zeros(m, dtype=bool)
-        spot_expr[: len(nb)] = np.where(valid[:, None], a["expr"][nb_safe], 0)
-        coords[: len(nb)] = np.where(valid[:, None], nb_xy, 0)
-        mask[: len(nb)] = inside
+        spot_expr, coords, mask = (x[0] for x in self._niche_spots(a, np.array([j])))
         crops = {"spot_image": self._image(f["spot_patches"][j]),
                  "niche_image": self._image(f["niche_patches"][j])} if self.images else {}
         return {
@@ -180,10 +185,9 @@ class ShardDataset(torch.utils.data.Dataset):
         out = {name: np.empty((b, p, p, 3), dtype=np.uint8)
                for name in (("spot_patches", "niche_patches") if self.images else ())}
         expr, niche_expr = np.empty((b, n_genes), np.float32), np.empty((b, n_genes), np.float32)
-        spot_expr, coords = np.zeros((b, m, n_genes), np.float32), np.zeros((b, m, 2), np.float32)
-        mask, xy = np.zeros((b, m), bool), np.empty((b, 2), np.float32)
+        spot_expr, coords = np.empty((b, m, n_genes), np.float32), np.empty((b, m, 2), np.float32)
+        mask, xy = np.empty((b, m), bool), np.empty((b, 2), np.float32)
         scalars = np.empty((b, 4), np.float32)  # units_per_um, bbox_units_per_um, bbox centre x, y
-        half = float(self.manifest["niche_um"]) / 2.0
         for k in np.unique(slide):
             sel = np.flatnonzero(slide == k)
             rows = g[sel] - self._offsets[k]
@@ -195,15 +199,7 @@ class ShardDataset(torch.utils.data.Dataset):
                     part = np.empty((len(sel), p, p, 3), dtype=np.uint8)
                     read_rows(f[name], rows, part)
                     buf[sel] = part
-            nb = a["neighbors"][rows][:, :m].astype(np.int64)
-            valid = nb >= 0
-            nb_safe = np.where(valid, nb, rows[:, None])
-            nb_xy = a["coords_um"][nb_safe].astype(np.float32)
-            inside = valid & np.all(np.abs(nb_xy - a["coords_um"][rows][:, None]) <= half, axis=2)
-            kk = nb.shape[1]
-            spot_expr[sel, :kk] = np.where(valid[..., None], a["expr"][nb_safe], 0)
-            coords[sel, :kk] = np.where(valid[..., None], nb_xy, 0)
-            mask[sel, :kk] = inside
+            spot_expr[sel], coords[sel], mask[sel] = self._niche_spots(a, rows)
             expr[sel], niche_expr[sel] = a["expr"][rows], a["niche_expr"][rows]
             xy[sel] = a["coords_um"][rows]
             scalars[sel] = [a["units_per_um"], a["bbox_units_per_um"], *a["bbox_center_um"]]
