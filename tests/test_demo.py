@@ -99,6 +99,8 @@ def test_evaluate_table_has_all_five_methods_on_the_real_crop(run):
 def test_predict_writes_heatmaps_predicted_and_measured(run):
     import anndata as ad
 
+    from stalign.data.fetch import fetch
+
     out, text, summary = run
     rows = summary["tables"][demo_stages.HEATMAP_TABLE]
     assert len(rows) == 2
@@ -110,7 +112,7 @@ def test_predict_writes_heatmaps_predicted_and_measured(run):
     pred = ad.read_h5ad(out / "heatmaps" / "heldout_zero_shot.h5ad")
     assert pred.shape == (49, 20) and set(pred.obs["fold"]) == {0, 1}
     assert (np.abs(pred.layers["zero_shot"]).sum(axis=1) > 0).all()  # every spot predicted by its fold's model
-    real = ad.read_h5ad(demo_stages._fetched() / "test_data.h5ad")
+    real = ad.read_h5ad(fetch(demo_stages.SQUIDPY) / "test_data.h5ad")
     np.testing.assert_allclose(pred.layers["measured"], real[:, list(pred.var_names)].X.toarray(), rtol=1e-6)
     assert pred.uns["stalign"]["pixel_size_source"].startswith("Visium spot diameter")
 
@@ -146,11 +148,15 @@ def test_resumed_shards_with_another_pixel_size_are_refused(run):
 
 
 def test_demo_configs_are_found_from_another_folder(tmp_path, monkeypatch):
-    """`stalign demo` run outside the checkout still finds configs/demo.yaml of the source tree."""
+    """`stalign demo` run outside the checkout still finds configs/demo.yaml of the source tree (the stages pass
+    --config to train_from_config, whose loader looks up shipped configs by name)."""
+    from stalign.training.config import find_config
+
     repo = Path(__file__).resolve().parents[1]
     monkeypatch.chdir(tmp_path)
-    assert Path(demo_stages._config("configs/demo.yaml")).resolve() == (repo / "configs" / "demo.yaml").resolve()
-    assert demo_stages._config("mine.yaml") == "mine.yaml"  # not in the checkout: left for the loader to report
+    assert find_config("configs/demo.yaml").resolve() == (repo / "configs" / "demo.yaml").resolve()
+    with pytest.raises(FileNotFoundError, match="mine.yaml does not exist"):  # not in the checkout: one line
+        find_config("mine.yaml")
 
 
 def test_short_ablation_table(run):

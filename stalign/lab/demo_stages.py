@@ -62,8 +62,6 @@ def fetch_stage(ctx: DemoContext) -> None:
 @stage("prep")
 def prep_stage(ctx: DemoContext) -> None:
     """Shards for the real crop and for a synthetic slide (separate folders: their genes differ)."""
-    from stalign.data.crop_spec import CropSpec
-    from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.lab.synth import ensure_synthetic_slide
 
@@ -82,9 +80,7 @@ def prep_stage(ctx: DemoContext) -> None:
     rows = ctx.rows.setdefault("prep", [])
     for name, sample in (("squidpy", real), ("synthetic", fake)):
         shards = ctx.out / "shards" / name
-        manifest = prepare([sample], shards, n_top_genes=a.n_top_genes, crop=CropSpec(patch_px=a.patch_px), workers=1,
-                           progress=not a.quiet)
-        _check_pixel_size(manifest, [sample], shards)
+        manifest = _prepare(ctx, [sample], shards, n_top_genes=a.n_top_genes, progress=not a.quiet)
         ctx.data[f"shards_{name}"] = shards
         for entry in manifest["slides"]:
             rows.append({"data": name, "slide": entry["slide_id"], "spots": entry.get("n_input_spots"),
@@ -110,16 +106,6 @@ def _shards(ctx: DemoContext, name: str) -> Path:
     return root
 
 
-def _config(path: str) -> str:
-    """A run config path as given, else the shipped config of that name (run from another folder, or installed)."""
-    from stalign.training.config import find_config
-
-    try:
-        return str(find_config(path))
-    except FileNotFoundError:
-        return path
-
-
 def _train_overrides(ctx: DemoContext, steps: int | None) -> dict[str, Any]:
     """Config keys that the demo's options override (None: the config file's value)."""
     a = ctx.args
@@ -134,7 +120,7 @@ def train_stage(ctx: DemoContext) -> None:
     from stalign.training.metrics import format_retrieval
 
     a = ctx.args
-    result = train_from_config(_config(a.config), data=str(_shards(ctx, "synthetic")), output_dir=str(ctx.out / "train"),
+    result = train_from_config(a.config, data=str(_shards(ctx, "synthetic")), output_dir=str(ctx.out / "train"),
                                **_train_overrides(ctx, a.train_steps))
     m = result.metrics
     if not m:
@@ -170,20 +156,28 @@ _SPLIT_NOTE = {
 
 
 def _real_sample(ctx: DemoContext) -> Any:
+    from stalign.data.fetch import fetch
     from stalign.data.readers import read_anndata_image
 
-    folder = ctx.data.get("squidpy_dir") or _fetched()
+    folder = ctx.data.get("squidpy_dir") or fetch(SQUIDPY)
     return read_anndata_image(folder / "test_data.h5ad", folder / "test_img.jpg", slide_id="squidpy_visium_crop",
                               pixel_size_from=ctx.args.pixel_size_from)
 
 
-def _check_pixel_size(manifest: dict[str, Any], samples: list[Any], root: Path) -> None:
-    """Resumed shards were cut at the samples' pixel size (a changed ``--pixel-size-from`` needs a new --out)."""
+def _prepare(ctx: DemoContext, samples: list[Any], root: Path, **kw: Any) -> dict[str, Any]:
+    """``prepare`` the samples into ``root`` at the demo's crop size (``kw``: the panel, progress); its manifest.
+    Resumed shards must have been cut at the samples' pixel size (a changed ``--pixel-size-from`` needs a new
+    --out)."""
+    from stalign.data.crop_spec import CropSpec
+    from stalign.data.pipeline import prepare
+
+    manifest = prepare(samples, root, crop=CropSpec(patch_px=ctx.args.patch_px), workers=1, **kw)
     kept = {e["slide_id"]: e["um_per_px"] for e in manifest["slides"]}
     for s in samples:
         if abs(kept[s.slide_id] - s.um_per_px) > 1e-9 * s.um_per_px:
             raise InputError(f"{root}: shards of {s.slide_id} were cut at {kept[s.slide_id]:.4f} µm/px, this run "
                              f"asks {s.um_per_px:.4f}; use another --out (or delete {root})")
+    return manifest
 
 
 def spatial_folds(xy: Any, n_folds: int) -> Any:
@@ -214,9 +208,7 @@ def evaluate_stage(ctx: DemoContext) -> None:
     import pandas as pd
 
     import stalign
-    from stalign.data.crop_spec import CropSpec
     from stalign.data.dataset import ShardDataset
-    from stalign.data.pipeline import prepare
     from stalign.data.readers import read_anndata_image
     from stalign.data.shards import read_manifest
     from stalign.tasks.bench import heldout_table
@@ -236,9 +228,8 @@ def evaluate_stage(ctx: DemoContext) -> None:
         samples = [read_anndata_image(real.adata[mask].copy(), real.image_path, slide_id=slide,
                                       pixel_size_from=a.pixel_size_from)
                    for mask, slide in ((folds != f, TRAIN_SLIDE), (folds == f, HELDOUT_SLIDE))]
-        _check_pixel_size(prepare(samples, root, genes=genes, crop=CropSpec(patch_px=a.patch_px), workers=1, progress=False),
-                          samples, root)
-        result = train_from_config(_config(a.crop_config), data=str(root), slides=[TRAIN_SLIDE],
+        _prepare(ctx, samples, root, genes=genes, progress=False)
+        result = train_from_config(a.crop_config, data=str(root), slides=[TRAIN_SLIDE],
                                    output_dir=str(_fold_dir(ctx, f) / "train"), **_train_overrides(ctx, a.crop_steps))
         table = heldout_table(stalign.load_checkpoint(result.checkpoint), root, k=a.k, progress=not a.quiet,
                               train=ShardDataset(root, slides=[TRAIN_SLIDE]).indices,
@@ -339,9 +330,3 @@ def predict_stage(ctx: DemoContext) -> None:
          "folds, so fold-to-fold level shifts count too."),
         f"pixel size {uns['um_per_px']:.4f} µm/px from the {real.pixel_size_source}",
         f"predictions + measured values: {folder / 'heldout_zero_shot.h5ad'}"]
-
-
-def _fetched() -> Path:
-    from stalign.data.fetch import fetch
-
-    return fetch(SQUIDPY)
