@@ -186,7 +186,7 @@ def test_cli_writes_several_slides(tmp_path, capsys):
         assert sid in out
         for suffix in (".tif", ".h5ad", ".truth.json"):
             assert (tmp_path / f"{sid}{suffix}").exists()
-    assert not list(tmp_path.glob("*.partial")) and not list(tmp_path.glob(".synth-*"))
+    assert not list(tmp_path.glob(".*.tmp*")) and not list(tmp_path.glob(".synth-*"))  # no temporaries left
 
 
 def test_ensure_reuses_an_intact_slide_and_remakes_a_changed_one(slide):

@@ -45,6 +45,7 @@ from stalign.lab.synth_expression import (
 from stalign.lab.synth_render import build_layout, render_blocks, write_pyramid
 from stalign.lab.synth_texture import TISSUE_CLASSES
 from stofm.util.errors import InputError
+from stofm.util.output_paths import atomic_write_path
 from stofm.util.safe_files import DamagedFileError, sha256_of
 
 FORMAT = "stalign-synthetic"
@@ -169,7 +170,8 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
                 size=size, panel=panel, classes=[c.name for c in classes], slide_id=slide_id,
                 um_per_px=um_per_px, truth=truth, world=world)
     truth["files"] = {k: {"name": paths[k].name, "sha256": sha256_of(paths[k])} for k in ("image", "adata")}
-    _atomic_write_text(paths["truth"], json.dumps(truth, indent=1))
+    with atomic_write_path(paths["truth"]) as tmp:
+        tmp.write_text(json.dumps(truth, indent=1) + "\n")
     return SyntheticSlide(paths=paths, truth=truth, seconds=time.perf_counter() - t0)
 
 
@@ -253,9 +255,8 @@ def _write_h5ad(path: Path, *, counts: np.ndarray, centres_um: np.ndarray, rows:
         adata.obs["site"] = pd.Categorical([truth["site"]] * adata.n_obs)
         adata.obs["slide"] = pd.Categorical([slide_id] * adata.n_obs)
         adata.uns["synthetic"].update(site=truth["site"], slide=slide_id, stain=truth["stain"])
-    tmp = path.with_name(path.name + ".partial")
-    adata.write_h5ad(tmp)
-    tmp.replace(path)
+    with atomic_write_path(path) as tmp:
+        adata.write_h5ad(tmp)
 
 
 def _h5_safe(value):
@@ -269,12 +270,6 @@ def _h5_safe(value):
     if isinstance(value, (list, tuple)):
         return list(value)
     return value
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    tmp.write_text(text + "\n")
-    tmp.replace(path)
 
 
 def load_synthetic_slide(out_dir: str | os.PathLike, slide_id: str, *, verify: bool = True) -> SyntheticSlide:

@@ -29,7 +29,6 @@ HAEM_BG, EOSIN, FIBRES = 0.12, 0.55, 0.35
 ROSETTE_NUCLEI, ROW_NUCLEI = 8, 6
 LUMEN_RADIUS_UM = 7.0
 FIBRE_ANGLES = (0.5, 2.1)  # the two fibre directions of the renderer (radians; texture A where orient > 0.5)
-ARRANGEMENTS = ("scatter", "rosette", "rows")
 
 
 @dataclass(frozen=True)

@@ -364,30 +364,25 @@ def write_pyramid(path: str | os.PathLike, blocks: Iterator[np.ndarray], *, heig
     """
     import tifffile
 
+    from stofm.util.output_paths import atomic_write_path
+
     path = Path(path)
     h1, w1 = -(-height // 4), -(-width // 4)
     h_pad, w_pad = -(-height // TILE) * TILE, -(-width // TILE) * TILE
     common = {"photometric": "rgb", "compression": "zlib", "compressionargs": {"level": compress_level},
               "resolutionunit": "CENTIMETER", "metadata": None, "maxworkers": 2, "buffersize": 16 << 20}
     shapes = [(height, width)]
-    partial = path.with_name(path.name + ".partial")
     res = 1e4 / um_per_px
-    try:
-        with tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp, \
-                tifffile.TiffWriter(partial, bigtiff=True) as tw:
-            level1 = np.memmap(Path(tmp) / "level1.u8", dtype=np.uint8, mode="w+",
-                               shape=(h_pad // 4, w_pad // 4, 3))
-            tw.write(_level0_tiles(blocks, level1, w_pad), shape=(height, width, 3), dtype=np.uint8,
-                     tile=(TILE, TILE), subfiletype=0, resolution=(res, res), **common)
-            level, ds = level1[:h1, :w1], 4
-            while max(shapes[-1]) > min_size:
-                shapes.append(level.shape[:2])
-                tw.write(_array_tiles(level), shape=level.shape, dtype=np.uint8, tile=(TILE, TILE), subfiletype=1,
-                         resolution=(res / ds, res / ds), **common)
-                level, ds = _downsample4_chunked(level), ds * 4
-            del level, level1
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(path)
+    with atomic_write_path(path) as partial, tempfile.TemporaryDirectory(dir=path.parent, prefix=".synth-") as tmp, \
+            tifffile.TiffWriter(partial, bigtiff=True) as tw:
+        level1 = np.memmap(Path(tmp) / "level1.u8", dtype=np.uint8, mode="w+", shape=(h_pad // 4, w_pad // 4, 3))
+        tw.write(_level0_tiles(blocks, level1, w_pad), shape=(height, width, 3), dtype=np.uint8,
+                 tile=(TILE, TILE), subfiletype=0, resolution=(res, res), **common)
+        level, ds = level1[:h1, :w1], 4
+        while max(shapes[-1]) > min_size:
+            shapes.append(level.shape[:2])
+            tw.write(_array_tiles(level), shape=level.shape, dtype=np.uint8, tile=(TILE, TILE), subfiletype=1,
+                     resolution=(res / ds, res / ds), **common)
+            level, ds = _downsample4_chunked(level), ds * 4
+        del level, level1
     return shapes
