@@ -22,20 +22,27 @@ def _pyplot():
     return plt
 
 
-def new_axes(thumbnail: np.ndarray | None, coords_thumb: np.ndarray, *, width_in: float = 6.0):
-    """Figure and axes in thumbnail pixel coordinates (y down), with the thumbnail drawn when given."""
-    plt = _pyplot()
-    if thumbnail is not None:
-        h, w = thumbnail.shape[:2]
-    else:
-        w = float(coords_thumb[:, 0].max() + coords_thumb[:, 0].min()) or 1.0
-        h = float(coords_thumb[:, 1].max() + coords_thumb[:, 1].min()) or 1.0
-    fig, ax = plt.subplots(figsize=(width_in, max(width_in * h / max(w, 1), 1.5)))
+def _frame(ax: Any, thumbnail: np.ndarray | None, shape: tuple[float, float]) -> None:
+    """``ax`` in thumbnail pixel coordinates (y down) over ``shape`` (h, w), with the thumbnail drawn when given."""
+    h, w = shape
     if thumbnail is not None:
         ax.imshow(thumbnail, extent=(0, w, h, 0))
     ax.set_xlim(0, w)
     ax.set_ylim(h, 0)
     ax.set_axis_off()
+
+
+def new_axes(thumbnail: np.ndarray | None, coords_thumb: np.ndarray, *, width_in: float = 6.0,
+             shape: tuple[float, float] | None = None):
+    """Figure and axes in thumbnail pixel coordinates (y down) over ``shape`` (h, w; default: the thumbnail's, else
+    the spots' extent), with the thumbnail drawn when given."""
+    if shape is None:
+        shape = thumbnail.shape[:2] if thumbnail is not None else (
+            float(coords_thumb[:, 1].max() + coords_thumb[:, 1].min()) or 1.0,
+            float(coords_thumb[:, 0].max() + coords_thumb[:, 0].min()) or 1.0)
+    h, w = shape
+    fig, ax = _pyplot().subplots(figsize=(width_in, max(width_in * h / max(w, 1), 1.5)))
+    _frame(ax, thumbnail, shape)
     return fig, ax
 
 
@@ -179,10 +186,7 @@ def gene_figure(canvas: MapCanvas, v: np.ndarray, title: str, *, limits: tuple[f
                 units: str | None = None):
     """The figure of one gene's map with its colour bar; returns (figure, axes)."""
     lo, hi = limits if limits is not None else (np.nanpercentile(v, 1), np.nanpercentile(v, 99))
-    fig, ax = new_axes(canvas.thumbnail, canvas.coords)
-    if canvas.thumbnail is None:
-        ax.set_xlim(0, canvas.shape[1])
-        ax.set_ylim(canvas.shape[0], 0)
+    fig, ax = new_axes(canvas.thumbnail, canvas.coords, shape=canvas.shape)
     mappable = draw_values(ax, canvas, v, vmin=lo, vmax=hi, cmap=cmap, alpha=alpha)
     fig.colorbar(mappable, ax=ax, fraction=0.046, pad=0.02, label=colour_bar_label(label, units))
     ax.set_title(title)
@@ -222,10 +226,7 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     stems = file_stems(genes, "gene")  # distinct: CD8/A and CD8_A never share a file
-
-    def lim(g: int) -> tuple[float, float]:
-        v = values[:, g]
-        return limits[g] if limits is not None else (float(np.nanpercentile(v, 1)), float(np.nanpercentile(v, 99)))
+    limits = heatmap_limits(values) if limits is None else limits
 
     if panel:
         h, w = canvas.shape
@@ -236,15 +237,12 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
             ax.set_axis_off()
             if i >= len(genes):
                 continue
-            if thumbnail is not None:
-                ax.imshow(thumbnail, extent=(0, w, h, 0))
-            ax.set_xlim(0, w)
-            ax.set_ylim(h, 0)
-            lo, hi = lim(i)
+            _frame(ax, thumbnail, canvas.shape)
+            lo, hi = limits[i]
             fig.colorbar(draw_values(ax, canvas, values[:, i], vmin=lo, vmax=hi, cmap=cmap, alpha=alpha), ax=ax,
                          fraction=0.046, pad=0.02, label=units or "")
             ax.set_title(str(genes[i]), fontsize=9)
         return [_save(fig, out_dir / f"{prefix}panel.png", dpi)]
-    return [_save(gene_figure(canvas, values[:, g], str(gene), limits=lim(g), cmap=cmap, alpha=alpha, label=label,
+    return [_save(gene_figure(canvas, values[:, g], str(gene), limits=limits[g], cmap=cmap, alpha=alpha, label=label,
                               units=units)[0], out_dir / f"{prefix}{stems[g]}.png", dpi)
             for g, gene in enumerate(genes)]
