@@ -44,16 +44,21 @@ def dense(x) -> np.ndarray:
 
 
 def check_values(x, *, source: str) -> None:
-    """Refuse NaN, infinite or negative expression values, naming ``source`` and the first bad spot."""
-    values = x.data if _sparse(x) else x
-    for bad, what in ((np.isnan(values), "NaN"), (np.isinf(values), "infinite"), (values < 0, "negative")):
+    """Refuse non-numeric, NaN, infinite or negative expression values (any sparse format or a dense array),
+    naming ``source`` and the first bad spot."""
+    values = x.data if _sparse(x) else np.asarray(x)
+    if values.dtype.kind not in "biuf":
+        raise ExpressionError(f"{source}: expression has non-numeric type {values.dtype}")
+    for what, test in (("NaN", np.isnan), ("infinite", np.isinf), ("negative", lambda v: v < 0)):
+        bad = test(values)
         if bad.any():
             if _sparse(x):
-                k = int(np.argmax(bad))
-                row, col = int(np.searchsorted(x.indptr, k, side="right") - 1), int(x.indices[k])
+                csr = x.tocsr()
+                k = int(np.argmax(test(csr.data)))
+                row, col = int(np.searchsorted(csr.indptr, k, side="right") - 1), int(csr.indices[k])
             else:
                 row, col = np.argwhere(bad)[0]
-            raise ExpressionError(f"{source}: {int(bad.sum())} {what} expression value(s) "
+            raise ExpressionError(f"{source}: expression has {int(bad.sum())} {what} value(s) "
                                   f"(first at spot {row}, gene {col}); expression must be finite and >= 0")
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.errors import BarcodeError, CoordinateError, ExpressionError, GeneNameError, examples
+from stalign.data.expression import check_values
 
 
 @dataclass(kw_only=True)
@@ -76,20 +77,6 @@ def coords_from_obsm(adata: Any, key: str, *, what: str) -> np.ndarray:
     return np.ascontiguousarray(coords[:, :2])
 
 
-def _check_values(x: Any, what: str) -> None:
-    data = x.data if hasattr(x, "tocsr") else np.asarray(x)
-    if data.dtype.kind not in "biuf":
-        raise ExpressionError(f"{what}: expression has non-numeric type {data.dtype}")
-    if data.dtype.kind == "f":
-        bad = ~np.isfinite(data)
-        if bad.any():
-            n_nan = int(np.isnan(data).sum())
-            raise ExpressionError(f"{what}: expression has {n_nan} NaN and {int(bad.sum()) - n_nan} infinite values")
-    if data.size and data.min() < 0:
-        raise ExpressionError(f"{what}: expression has {int((data < 0).sum())} negative values "
-                              f"(min {float(data.min()):g}); expected counts or log-normalised values >= 0")
-
-
 def check_sample(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: float, make_unique: bool,
                  expression_file: str, coords_file: str) -> SlideSample:
     """Raise a :class:`DataPrepError` naming the file on bad input; returns ``sample`` (genes made unique on request).
@@ -117,9 +104,9 @@ def check_sample(sample: SlideSample, *, image_dims: tuple[int, int], crop_um: f
             raise GeneNameError(f"{expression_file}: {len(dups)} duplicated gene names, e.g. {examples(dups)}; "
                                 "pass make_unique=True (--make-unique-genes) to suffix them -1, -2, ...")
         adata.var_names_make_unique()
-    _check_values(adata.X, expression_file)
+    check_values(adata.X, source=expression_file)
     if "counts" in adata.layers:
-        _check_values(adata.layers["counts"], f"{expression_file} layers['counts']")
+        check_values(adata.layers["counts"], source=f"{expression_file} layers['counts']")
     bad = ~np.isfinite(coords).all(axis=1)
     if bad.any():
         raise CoordinateError(f"{coords_file}: {int(bad.sum())} spots have NaN/inf coordinates, e.g. barcodes "
