@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError
+from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError, examples
 from stofm.util.errors import InputError
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
@@ -99,16 +99,23 @@ def read_tissue_positions(path: Path) -> Any:
         raise CoordinateError(f"{path}: expected {len(POSITION_COLUMNS)} columns {POSITION_COLUMNS}, "
                               f"found {table.shape[1]}")
     table.columns = list(POSITION_COLUMNS)
-    table["barcode"] = table["barcode"].astype(str)
-    if table["barcode"].duplicated().any():
-        dups = table.loc[table["barcode"].duplicated(), "barcode"].tolist()
-        raise BarcodeError(f"{path}: {len(dups)} duplicated barcodes, e.g. {dups[:5]}")
-    num = {key: pd.to_numeric(table[col], errors="coerce").to_numpy(np.float64) for key, col in
-           (("x", "pxl_col_in_fullres"), ("y", "pxl_row_in_fullres"), ("array_row", "array_row"),
-            ("array_col", "array_col"))}
-    out = pd.DataFrame({"in_tissue": table["in_tissue"].astype(int).to_numpy() == 1, **num},
-                       index=pd.Index(table["barcode"], name="barcode"))
-    return out
+    return positions_frame(table, path)
+
+
+def positions_frame(table: Any, path: Path) -> Any:
+    """A table of the ``POSITION_COLUMNS`` (a CSV's or Visium HD's parquet) as the readers use it: indexed by
+    barcode (duplicates refused, naming ``path``), ``in_tissue`` (bool), full-res pixel ``x``, ``y`` and
+    ``array_row``, ``array_col`` (float)."""
+    import pandas as pd
+
+    barcodes = table["barcode"].astype(str)
+    if barcodes.duplicated().any():
+        raise BarcodeError(f"{path}: {int(barcodes.duplicated().sum())} duplicated barcodes, e.g. "
+                           f"{examples(barcodes[barcodes.duplicated()])}")
+    num = {c: pd.to_numeric(table[c], errors="coerce").to_numpy(np.float64) for c in POSITION_COLUMNS[1:]}
+    return pd.DataFrame({"in_tissue": num["in_tissue"] == 1, "x": num["pxl_col_in_fullres"],
+                         "y": num["pxl_row_in_fullres"], "array_row": num["array_row"],
+                         "array_col": num["array_col"]}, index=pd.Index(barcodes, name="barcode"))
 
 
 def read_scalefactors(path: Path) -> dict[str, float]:

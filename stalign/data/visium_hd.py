@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.crop_spec import CropSpec
-from stalign.data.errors import BarcodeError, CoordinateError, PixelSizeError, examples
+from stalign.data.errors import CoordinateError, PixelSizeError
 from stalign.data.pixel_size import (
     PixelSizeCandidate,
     grid_candidate,
@@ -26,7 +26,7 @@ from stalign.data.pixel_size import (
 from stalign.data.readers import in_tissue_rows, spaceranger_image
 from stalign.data.sample import SlideSample, check_sample
 from stalign.data.slide import check_um_per_px, open_slide
-from stalign.data.tenx import POSITION_COLUMNS, read_10x_h5, read_scalefactors
+from stalign.data.tenx import POSITION_COLUMNS, positions_frame, read_10x_h5, read_scalefactors
 from stofm.util.errors import InputError, MissingDependencyError
 from stofm.util.safe_files import require_path
 
@@ -86,14 +86,7 @@ def read_positions_parquet(path: Path) -> Any:
     missing = [c for c in POSITION_COLUMNS if c not in table.columns]
     if missing:
         raise CoordinateError(f"{path}: tissue positions lack columns {missing} (has {list(table.columns)})")
-    barcodes = table["barcode"].astype(str)
-    if barcodes.duplicated().any():
-        raise BarcodeError(f"{path}: {int(barcodes.duplicated().sum())} duplicated barcodes, e.g. "
-                           f"{examples(barcodes[barcodes.duplicated()])}")
-    num = {c: pd.to_numeric(table[c], errors="coerce").to_numpy(np.float64) for c in POSITION_COLUMNS[1:]}
-    return pd.DataFrame({"in_tissue": num["in_tissue"] == 1, "x": num["pxl_col_in_fullres"],
-                         "y": num["pxl_row_in_fullres"], "array_row": num["array_row"],
-                         "array_col": num["array_col"]}, index=pd.Index(barcodes, name="barcode"))
+    return positions_frame(table, path)
 
 
 def _hd_candidates(scalefactors: dict, positions: Any, bin_um: int, scale: float, where: Path,
