@@ -56,6 +56,18 @@ class SToFM(nn.Module):
             self.cell_head = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim), nn.Linear(dim, out))
             self.dist_head = PairDistanceHead(heads=heads)
 
+    @classmethod
+    def from_config(cls, config: dict) -> SToFM:
+        """A fresh model of an :meth:`architecture` (or ``save_pretrained``'s ``config.json``: format, version ignored)."""
+        enc = copy.deepcopy(config["cell_encoder"])
+        meta = {k: v for k, v in config.items() if k not in ("format", "version", "cell_encoder")}
+        return cls(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
+
+    def architecture(self) -> dict:
+        """What :meth:`from_config` rebuilds this model from: its config and its cell encoder's kind and config."""
+        return copy.deepcopy({**self.config, "cell_encoder": {"kind": self.cell_encoder.kind,
+                                                              "config": self.cell_encoder.config}})
+
     @property
     def arch(self) -> str:
         """"project" (``stofm.se2``) or "original" (``stofm.original.se2``, the released SToFM)."""
@@ -110,9 +122,7 @@ class SToFM(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> Path:
         """Write ``path/config.json`` and ``path/model.safetensors``."""
-        meta = {"format": MODEL_FORMAT, "version": 1, **self.config,
-                "cell_encoder": {"kind": self.cell_encoder.kind, "config": self.cell_encoder.config}}
-        return write_weights_folder(path, meta, self)
+        return write_weights_folder(path, {"format": MODEL_FORMAT, "version": 1, **self.architecture()}, self)
 
 
 def list_models() -> list[str]:
@@ -201,14 +211,11 @@ def load_model(path: str | os.PathLike, *, device: Any = "cpu", **overrides: Any
     """Rebuild a model written by ``save_pretrained`` (safetensors only). Overrides: ``attn_impl`` and
     the sub-slicing keys (``n_virtual``, ``cells_per_tile``, ``max_cells``)."""
     meta, tensors = read_weights_folder(path, fmt=MODEL_FORMAT, what="stofm model")
-    meta.pop("format", None)
-    meta.pop("version", None)
-    enc = meta.pop("cell_encoder")
     bad = set(overrides) - set(TOP_KEYS) - {"attn_impl"}
     if bad:
         raise InputError(f"cannot override {sorted(bad)} of a trained model")
     _apply_overrides(meta, overrides)
-    model = SToFM(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
+    model = SToFM.from_config(meta)
     model.load_state_dict(tensors)
     return model.to(device)
 

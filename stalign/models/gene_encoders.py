@@ -54,17 +54,13 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
     folder of the released SToFM (its SE(2) weights; a fresh cell encoder from ``cell_encoder_cfg`` with the SE(2)'s
     input width), or from ``stofm_config`` (the architecture a stalign checkpoint records; weights then come from the
     checkpoint): cell encoder + SE(2). ``freeze``: neither trains (a pretrained SToFM used as a fixed encoder)."""
-    import copy
 
     import stofm
 
     if stofm_config is not None:
-        from stofm.cell_encoder import build_cell_encoder as build_stofm_cell
         from stofm.model import SToFM
 
-        meta = copy.deepcopy(dict(stofm_config))
-        enc = meta.pop("cell_encoder")
-        sm = SToFM(config=meta, cell_encoder=build_stofm_cell(enc["kind"], **enc["config"]))
+        sm = SToFM.from_config(dict(stofm_config))
     else:
         sm = stofm.create_model(model, genes=list(genes), **overrides)
     if list(sm.genes) != list(genes):
@@ -76,9 +72,7 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
             p.requires_grad_(False)
     if getattr(se2, "mask_token", None) is not None:
         se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
-    arch = {**copy.deepcopy(sm.config), "cell_encoder": {"kind": sm.cell_encoder.kind,
-                                                         "config": copy.deepcopy(sm.cell_encoder.config)}}
-    return StofmCell(encoder=sm.cell_encoder, stofm_config=arch), se2
+    return StofmCell(encoder=sm.cell_encoder, stofm_config=sm.architecture()), se2
 
 
 def build_cell_encoder(kind: str, *, genes: Sequence[str], **cfg: Any) -> tuple[nn.Module, nn.Module | None]:
