@@ -9,7 +9,6 @@ from stalign.tasks.hest import (
     check_no_leakage,
     cross_validate,
     group_splits,
-    hest_benchmark,
     hest_gene_panel,
     pearson_per_gene,
     ridge_probe,
@@ -89,19 +88,3 @@ def test_gene_panel_keeps_genes_detected_in_every_slide_and_takes_the_most_dispe
     assert panel == sorted(panel, key=genes.index)  # panel order, as HEST
     assert seurat_hvg(np.log1p(counts), 5).sum() == 5
 
-
-def test_benchmark_table_on_the_real_crop(squidpy_crop):
-    import anndata as ad
-
-    adata = ad.read_h5ad(squidpy_crop / "test_data.h5ad")
-    x = adata.X.toarray()
-    quadrant = (adata.obsm["spatial"][:, 0] > np.median(adata.obsm["spatial"][:, 0])).astype(int) * 2 + (
-        adata.obsm["spatial"][:, 1] > np.median(adata.obsm["spatial"][:, 1]))
-    rng = np.random.default_rng(0)
-    table = hest_benchmark({"pca": adata.obsm["X_pca"][:, :10], "noise": rng.normal(size=(len(x), 10))}, x,
-                           list(adata.var_names), quadrant, log1p=False, task="crop")
-    assert list(table["encoder"]) == ["pca", "noise"] and (table["n_folds"] == 4).all()
-    assert len(table.attrs["genes"]) == 50 and (table["n_genes"] == 50).all()
-    # the leading PCs of this very expression must beat noise features (ridge on 37 spots: modest values)
-    pca, noise = table.set_index("encoder")["pearson_mean"]
-    assert pca > 0.15 and pca > noise + 0.1

@@ -9,8 +9,8 @@ metrics (needed for leave-one-spot-out, where a fold holds one spot).
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -180,7 +180,6 @@ class ProtocolResult:
     fold_mae: np.ndarray
     predictions: np.ndarray  # (N, G) out-of-fold
     pooled_pearson: np.ndarray  # (G,) over all out-of-fold predictions
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, float]:
         """HEST's summary (mean over genes per fold; mean/std over folds) plus pooled Pearson, MSE, MAE."""
@@ -218,27 +217,3 @@ def cross_validate(predict: Predictor, expression: np.ndarray, splits: Sequence[
                           fold_mae=np.array(mae), predictions=out,
                           pooled_pearson=pearson_per_gene(y[tested], out[tested]))
 
-
-def hest_benchmark(features: Mapping[str, np.ndarray], expression: np.ndarray, genes: Sequence[str],
-                   groups: Sequence[Any], *, n_splits: int | None = None, k_genes: int | None = 50,
-                   log1p: bool = True, latent_dim: int = 256, seed: int = 1, task: str = "task"):
-    """HEST-Benchmark of several encoders' features on one task: a table (pandas) with one row per encoder
-    (Pearson mean/std over folds, pooled Pearson, MSE, MAE) and the chosen genes in ``table.attrs``."""
-    import pandas as pd
-
-    expr = np.asarray(expression, np.float64)
-    panel = hest_gene_panel(expr, genes, groups=groups, k=k_genes, log1p=log1p) if k_genes else list(genes)
-    cols = [list(genes).index(g) for g in panel]
-    y = np.log1p(expr[:, cols]) if log1p else expr[:, cols]
-    splits = group_splits(groups, n_splits=n_splits)
-    rows = []
-    for name, x in features.items():
-        x = np.asarray(x)
-        if len(x) != len(y):
-            raise InputError(f"features {name!r} have {len(x)} rows, the expression {len(y)}")
-        result = cross_validate(lambda tr, te, x=x: ridge_probe(x[tr], y[tr], x[te], latent_dim=latent_dim,
-                                                                seed=seed), y, splits, panel)
-        rows.append({"task": task, "encoder": name, **result.summary()})
-    table = pd.DataFrame(rows)
-    table.attrs["genes"] = panel
-    return table
