@@ -27,7 +27,7 @@ from stalign.data.pixel_size import (
     spot_diameter_candidate,
 )
 from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
-from stalign.data.slide import PLAUSIBLE_UM_PER_PX, open_slide
+from stalign.data.slide import open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 from stalign.data.tissue_call import offer_in_tissue
 from stofm.util.errors import InputError
@@ -272,13 +272,10 @@ def _hest_wsi(root: Path, sample_id: str) -> Path | None:
 
 
 def _hest_candidate(meta: dict, key: str, meta_path: Path) -> PixelSizeCandidate:
+    """The µm/px of ``meta[key]`` (``settle_pixel_size`` refuses one outside ``PLAUSIBLE_UM_PER_PX``)."""
     def get() -> tuple[float, str]:
-        value = meta.get(key)
-        try:
-            value = float(value)
-        except (TypeError, ValueError):
-            value = float("nan")
-        if not (np.isfinite(value) and PLAUSIBLE_UM_PER_PX[0] <= value <= PLAUSIBLE_UM_PER_PX[1]):
+        value = _meta_um(meta, key)
+        if value is None:
             raise PixelSizeError(f"{meta_path} has no usable {key!r} (got {meta.get(key)!r})")
         return value, f"HEST metadata ({key} in {meta_path.name})"
     return get
