@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -88,18 +89,10 @@ def main() -> None:
     if args.quick:
         s = AblationSettings.quick(args.out, arms=args.arms, imagenet=not args.no_imagenet, shards=args.shards,
                                    synth_dir=args.synth_dir, splits=splits)
-    else:
-        s = AblationSettings(out=args.out, seeds=args.seeds, arms=args.arms, version=args.version, sites=args.sites,
-                             slides_per_site=args.slides_per_site, splits=splits, slides=args.slides,
-                             spots=args.spots, um_per_px=args.um_per_px, genes=args.genes, patch_px=args.patch_px,
-                             steps=args.steps, eval_every=args.eval_every, patience=args.patience,
-                             min_delta=args.min_delta, feature_views=args.feature_views, block_steps=args.block_steps,
-                             stain_jitter=args.stain_jitter, finetune_blocks=args.finetune_blocks,
-                             paper_published_widths=args.paper_published_widths,
-                             site_best_steps=best_steps,
-                             stofm_steps=args.stofm_steps, batch_size=args.batch_size, lr=args.lr,
-                             imagenet=not args.no_imagenet, threads=args.threads or 1, shards=args.shards,
-                             synth_dir=args.synth_dir)
+    else:  # every option named after a setting sets it
+        given = {f.name: getattr(args, f.name) for f in fields(AblationSettings) if f.name in vars(args)}
+        s = AblationSettings(**{**given, "splits": splits, "site_best_steps": best_steps,
+                                "imagenet": not args.no_imagenet, "threads": args.threads or 1})
     load_before, started = load_average(), time.perf_counter()
     try:
         rows = run_ablation(s)
