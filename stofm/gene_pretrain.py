@@ -171,22 +171,17 @@ def add_arguments(parser) -> None:
     parser.add_argument("inputs", nargs="+", help=".h5ad or .zarr AnnData files of counts (cells x genes)")
     parser.add_argument("--out", required=True, help="output folder: the adapted cell encoder + pretrain_log.csv")
     parser.add_argument("--encoder", help="a save_cell_encoder folder to adapt (default: a new BertCellEncoder)")
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--depth", type=int, default=4)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--max-len", type=int, default=2048)
-    parser.add_argument("--out-dim", type=int, default=256)
+    for flag, typ, default in (("--width", int, 256), ("--depth", int, 4), ("--heads", int, 4),
+                               ("--max-len", int, 2048), ("--out-dim", int, 256), ("--steps", int, 1000),
+                               ("--batch-size", int, 32),
+                               ("--lr", float, 1e-4), ("--warmup", int, None), ("--max-cells", int, None),
+                               ("--seed", int, 0)):
+        parser.add_argument(flag, type=typ, default=default)
     parser.add_argument("--gene-key", help="var column with the gene names (default: var_names)")
     parser.add_argument("--layer", help="layer with the counts (default: X)")
     parser.add_argument("--input-kind", choices=("counts", "log1p"), default="counts")
     parser.add_argument("--refit-medians", action="store_true", help="refit the medians of a given --encoder")
-    parser.add_argument("--steps", type=int, default=1000)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--warmup", type=int, default=None)
-    parser.add_argument("--max-cells", type=int, default=None)
     parser.add_argument("--device", default=None)
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def run_from_args(args) -> int:

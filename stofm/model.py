@@ -58,7 +58,7 @@ class SToFM(nn.Module):
 
     @classmethod
     def from_config(cls, config: dict) -> SToFM:
-        """A fresh model of an :meth:`architecture` (or ``save_pretrained``'s ``config.json``: format, version ignored)."""
+        """A fresh model of an :meth:`architecture` (``save_pretrained``'s ``config.json``: format, version ignored)."""
         enc = copy.deepcopy(config["cell_encoder"])
         meta = {k: v for k, v in config.items() if k not in ("format", "version", "cell_encoder")}
         return cls(config=meta, cell_encoder=build_cell_encoder(enc["kind"], **enc["config"]))
