@@ -57,9 +57,7 @@ def _sample(item: Any) -> Any:
 def _source_hashes(sample: Any) -> dict[str, str]:
     from stofm.util.safe_files import sha256_of
 
-    files = getattr(sample, "source_files", None) or []
-    paths = [sample.image_path, *(files.values() if isinstance(files, dict) else files)]
-    resolved = dict.fromkeys(str(Path(p).resolve()) for p in paths)
+    resolved = dict.fromkeys(str(Path(p).resolve()) for p in [sample.image_path, *sample.source_files])
     return {p: sha256_of(p) for p in resolved if Path(p).is_file()}
 
 
@@ -207,16 +205,14 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         entries.pop(s.slide_id, None)
         _warn_upsampling(s, crop)
         cols = ex.panel_columns(slide_genes[s.slide_id], panel)
-        jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), um_per_px=float(s.um_per_px),
-                             pixel_size_source=str(s.pixel_size_source),
-                             pixel_size_sources=dict(getattr(s, "pixel_size_sources", None) or {}),
+        jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), **s.pixel_size_record(),
                              coords_px=np.asarray(s.coords_px, dtype=np.float64),
                              expr=ex.take_columns(normed[s.slide_id], cols),
                              barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
                              tissue=rules[s.slide_id],
                              batch_size=batch_size, progress=progress, compression=patch_compression,
-                             dropped_out_of_image=getattr(s, "dropped_out_of_image", None)))
+                             dropped_out_of_image=s.dropped_out_of_image))
     del normed
 
     def save() -> None:
@@ -264,9 +260,7 @@ def _warn_upsampling(sample: Any, crop: CropSpec) -> None:
 
 
 def _expr_source(sample: Any) -> str:
-    files = getattr(sample, "source_files", None) or []
-    files = list(files.values() if isinstance(files, dict) else files)
-    names = [os.fspath(f) for f in files if not os.fspath(f).endswith(os.fspath(sample.image_path))]
+    names = [os.fspath(f) for f in sample.source_files if not os.fspath(f).endswith(os.fspath(sample.image_path))]
     return names[0] if names else "expression"
 
 

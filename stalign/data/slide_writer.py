@@ -31,6 +31,8 @@ class SlideJob:
     image_path: str
     um_per_px: float
     pixel_size_source: str
+    pixel_size_sources: dict[str, float]  # every available source's µm/px (``SlideSample.pixel_size_record``)
+    dropped_out_of_image: dict[str, Any]  # the reader's {"count", "barcodes"} (``SlideSample``)
     coords_px: np.ndarray
     expr: np.ndarray
     barcodes: list[str]
@@ -42,8 +44,6 @@ class SlideJob:
     batch_size: int = 32
     progress: bool = True
     compression: str = "none"
-    dropped_out_of_image: dict[str, Any] | None = None  # the reader's {"count", "barcodes"} (SlideSample)
-    pixel_size_sources: dict[str, float] | None = None  # every available source's µm/px (SlideSample)
 
 
 def write_slides(jobs: list[SlideJob], *, workers: int, progress: bool,
@@ -111,10 +111,10 @@ def write_slide(job: SlideJob, *, pool: Any = None, tissue: Any = None) -> dict[
     spot_padded = np.zeros(len(xy), dtype=bool)
     entry = {"slide_id": job.slide_id, "shard": shard_relpath(job.slide_id), "n_spots": int(len(xy)),
              "n_input_spots": int(n_in), "um_per_px": job.um_per_px, "pixel_size_source": job.pixel_size_source,
-             "pixel_size_sources": job.pixel_size_sources or {},
+             "pixel_size_sources": job.pixel_size_sources,
              "n_background_dropped": int(n_in - len(xy)), "n_padded": 0, "n_spot_padded": 0, "spot_px": spot_px,
              "niche_px": niche_px, "image_size": dims, "source_files": job.source_files,
-             "dropped_out_of_image": job.dropped_out_of_image or {"count": 0, "barcodes": []}}
+             "dropped_out_of_image": job.dropped_out_of_image}
     entry["tissue"] = tissue_record
     batches = [read_order[i:i + job.batch_size] for i in range(0, len(xy), job.batch_size)]
     tasks = [(job.image_path, job.um_per_px, xy[rows], crop, job.compression) for rows in batches]
