@@ -45,12 +45,6 @@ def swiglu_kwargs() -> dict[str, Any]:
     return {"mlp_layer": timm.layers.SwiGLUPacked, "act_layer": nn.SiLU}
 
 
-def _imagenet_norm(bb: Backbone) -> Backbone:
-    """These models were trained with ImageNet mean/std (their model cards), whatever timm's base config says."""
-    bb.mean, bb.std = IMAGENET_MEAN, IMAGENET_STD
-    return bb
-
-
 class ClsMeanPool(nn.Module):
     """Virchow pooling: concatenate the CLS token and the mean of the patch tokens (after ``n_prefix`` tokens);
     ``cls_only``: the CLS token alone."""
@@ -80,7 +74,8 @@ class TimmModel:
     precision: str = "fp32"  # the autocast HEST-Bench (or TRIDENT, where HEST lacks the model) runs it under
     swiglu: bool = False
     pool: str = "token"  # "token": timm's pooled CLS; "cls_mean": CLS ⊕ mean patch token; "cls": CLS (ClsMeanPool)
-    norm: tuple[tuple[float, ...], tuple[float, ...]] | None = (IMAGENET_MEAN, IMAGENET_STD)  # None: timm's
+    # the mean/std the model was trained with (its model card), whatever timm's base config says
+    norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
     hub_norm: bool = False  # the hub config carries the mean/std: ``norm`` only for a local file or random weights
     local_kwargs: dict[str, Any] = field(default_factory=dict)  # without hub weights (the hub config has them)
     mlp_from_file: bool = False  # a local file's SwiGLU hidden width is read off its first block
@@ -152,7 +147,7 @@ def timm_model(model: TimmModel, *, pretrained: Pretrained = None, **overrides: 
         vit, cls_only = bb.trunk, model.pool == "cls"
         pooled = ClsMeanPool(vit=vit, n_prefix=vit.num_prefix_tokens, cls_only=cls_only)
         bb = backbone_from_timm(vit, trunk=pooled, out_dim=(1 if cls_only else 2) * vit.num_features)
-    if model.norm is not None and not (model.hub_norm and pretrained is True):
+    if not (model.hub_norm and pretrained is True):
         bb.mean, bb.std = model.norm
     bb.interpolation, bb.crop_pct = model.interpolation or bb.interpolation, model.crop_pct
     return bb
@@ -332,8 +327,8 @@ def _hf_vit(hub: str, base_kwargs: dict[str, Any], *, pretrained: Pretrained = N
     bb = timm_backbone("vit_base_patch16_224", **kwargs)
     if sd is not None:
         load_into(bb.trunk, sd, source=str(pretrained))
-    bb.interpolation = "bilinear"
-    return _imagenet_norm(bb)
+    bb.mean, bb.std, bb.interpolation = IMAGENET_MEAN, IMAGENET_STD, "bilinear"  # the model cards' ImageNet mean/std
+    return bb
 
 
 HF_VIT_MODELS = {  # name: (what it is, its hub repo, the timm arguments a file's tensors and config.json refine)
