@@ -70,7 +70,7 @@ class PretrainConfig:
 
 def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
     """One pretraining slide; ``resolve_path`` maps config entries such as ``fetch:<data set>/<file>`` to files."""
-    from stofm.util.safe_files import read_h5ad, require_path
+    from stofm.util.safe_files import read_h5ad
 
     if resolve_path is not None:
         p = Path(resolve_path(str(path)))
@@ -79,7 +79,6 @@ def _read_adata(path: str, resolve_path: Callable[[str], Path] | None = None):
                          "`stalign pretrain-stofm` (it fetches them) or give a local .h5ad/.zarr path")
     else:
         p = Path(path).expanduser()
-    p = require_path(p, "pretraining data", folder_ok=True)
     if p.suffix not in (".h5ad", ".zarr") and not p.is_dir():
         raise InputError(f"pretraining data {p}: expected an .h5ad file or a .zarr folder")
     return read_h5ad(p, what="pretraining data")
