@@ -55,32 +55,28 @@ def read_sample_spec(row: dict[str, Any], *, base: str | os.PathLike | None = No
     """The ``SlideSample`` of a spec (paths relative to ``base``); ``um_per_px``/``bin_um`` unless the row sets
     them; ``tissue_from`` for Space Ranger / Visium HD; ``spot_diameter_um``/``spot_pitch_um`` for the
     pixel-size sources; ``common``: the readers' shared options (``pixel_size_from``, ``crop_um``, ...)."""
+    from stalign.data import readers
     from stalign.data.sample import GROUP_KEYS
 
     check_sample_spec(row, "slide input")
-    sample = _read(row, base=base, um_per_px=um_per_px, bin_um=bin_um, tissue_from=tissue_from,
-                   spot_diameter_um=spot_diameter_um, spot_pitch_um=spot_pitch_um, **common)
-    sample.groups.update({k: str(row[k]).strip() for k in GROUP_KEYS if str(row.get(k) or "").strip()})
-    return sample
-
-
-def _read(row: dict[str, Any], *, base: str | os.PathLike | None, um_per_px: float | None, bin_um: int | None,
-          tissue_from: str, spot_diameter_um: float | None, spot_pitch_um: float | None, **common: Any) -> Any:
-    from stalign.data import readers
-
-    row = {k: (str(Path(base or ".") / Path(str(v)).expanduser()) if k in PATH_KEYS and v not in (None, "") else v)
-           for k, v in row.items()}
-    mpp = float(_value(row, "um_per_px", um_per_px)) if _value(row, "um_per_px", um_per_px) is not None else None
+    paths = {k: str(Path(base or ".") / Path(str(v)).expanduser()) for k, v in row.items()
+             if k in PATH_KEYS and v not in (None, "")}
+    mpp = _value(row, "um_per_px", um_per_px)
+    mpp = float(mpp) if mpp is not None else None
     geom = {"spot_diameter_um": spot_diameter_um, "spot_pitch_um": spot_pitch_um}
-    if row.get("hest"):
-        return readers.read_hest(row["hest"], str(row["id"]), um_per_px=mpp, **geom, **common)
-    kw = dict(common, um_per_px=mpp, slide_id=str(row["slide_id"]) if row.get("slide_id") else None)
-    if row.get("visium_hd"):
+    kw = dict(common, um_per_px=mpp)
+    slide_id = str(row["slide_id"]) if row.get("slide_id") else None
+    if paths.get("hest"):  # a HEST sample's slide id is its sample id
+        sample = readers.read_hest(paths["hest"], str(row["id"]), **geom, **kw)
+    elif paths.get("visium_hd"):
         from stalign.data.visium_hd import read_visium_hd
 
-        return read_visium_hd(row["visium_hd"], image=row.get("image") or None,
-                              bin_um=_value(row, "bin_um", bin_um), tissue_from=tissue_from, **kw)
-    if row.get("spaceranger"):
-        return readers.read_spaceranger(row["spaceranger"], image=row.get("image") or None, tissue_from=tissue_from,
-                                        **geom, **kw)
-    return readers.read_anndata_image(row["h5ad"], row["image"], **geom, **kw)
+        sample = read_visium_hd(paths["visium_hd"], image=paths.get("image"), bin_um=_value(row, "bin_um", bin_um),
+                                tissue_from=tissue_from, slide_id=slide_id, **kw)
+    elif paths.get("spaceranger"):
+        sample = readers.read_spaceranger(paths["spaceranger"], image=paths.get("image"), tissue_from=tissue_from,
+                                          slide_id=slide_id, **geom, **kw)
+    else:
+        sample = readers.read_anndata_image(paths["h5ad"], paths["image"], slide_id=slide_id, **geom, **kw)
+    sample.groups.update({k: str(row[k]).strip() for k in GROUP_KEYS if str(row.get(k) or "").strip()})
+    return sample
