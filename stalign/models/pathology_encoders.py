@@ -25,6 +25,7 @@ from stalign.models.backbones import (
     CheckpointMismatchError,
     backbone_from_timm,
     hub_errors,
+    is_local_checkpoint,
     load_into,
     load_state_dict_file,
     register_image_encoder,
@@ -177,8 +178,7 @@ def open_clip_backbone(name: str, *, pretrained: Pretrained = None, **overrides:
     """An open_clip model's image tower; a local file may hold the whole model or the ``visual`` tower only."""
     import open_clip
 
-    if pretrained is True or (isinstance(pretrained, str) and not Path(pretrained).exists()
-                              and not str(pretrained).endswith((".pt", ".pth", ".bin", ".safetensors"))):
+    if pretrained is True or (isinstance(pretrained, str) and not is_local_checkpoint(pretrained)):
         tag = None if pretrained is True else str(pretrained)  # an open_clip tag, or hf-hub: names (tag ignored)
         model = open_clip.create_model(name, pretrained=tag, **overrides)
     else:

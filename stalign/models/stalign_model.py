@@ -89,23 +89,20 @@ class STAlignConfig:
     def from_dict(cls, d: Mapping[str, Any], *, where: str = "STAlign config") -> STAlignConfig:
         """Build from a (JSON) dict; unknown keys and values of the wrong type (``dropout: "high"``) are an error
         naming them (``where``: the config's source)."""
-        known = {f.name for f in fields(cls)}
-        bad = sorted(set(d) - known - {"name", "description"})
-        if bad:
-            raise InputError(f"{where}: unknown STAlign config keys {bad}; known: {sorted(known)}")
-        kw = {k: v for k, v in d.items() if k in known}
-        subs = {"spot_image": ImageConfig, "niche_image": ImageConfig, "gene": GeneConfig}
-        check_field_types(cls, {k: v for k, v in kw.items() if k not in subs}, where=where)
-        for key, sub in subs.items():
+        def checked(kind: type, values: Mapping[str, Any], what: str, types_where: str) -> dict[str, Any]:
+            known = {f.name for f in fields(kind)}
+            bad = sorted(set(values) - known - ({"name", "description"} if kind is cls else set()))
+            if bad:
+                raise InputError(f"{where}: unknown {what} config keys {bad}; known: {sorted(known)}")
+            check_field_types(kind, values, where=types_where)
+            return {k: v for k, v in values.items() if k in known}
+
+        kw = checked(cls, d, "STAlign", where)
+        for key, sub in {"spot_image": ImageConfig, "niche_image": ImageConfig, "gene": GeneConfig}.items():
             if key in kw and not isinstance(kw[key], Mapping):
                 raise ConfigError(f"{where}: {key}={kw[key]!r} is not a mapping")
             if key in kw:
-                sub_known = {f.name for f in fields(sub)}
-                sub_bad = sorted(set(kw[key]) - sub_known)
-                if sub_bad:
-                    raise InputError(f"{where}: unknown {key} config keys {sub_bad}; known: {sorted(sub_known)}")
-                check_field_types(sub, kw[key], where=f"{where}, {key}")
-                kw[key] = sub(**kw[key])
+                kw[key] = sub(**checked(sub, kw[key], key, f"{where}, {key}"))
         return cls(**kw)
 
     def __post_init__(self) -> None:
