@@ -30,7 +30,6 @@ from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
 from stalign.data.slide import open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 from stalign.data.tissue_call import offer_in_tissue
-from stofm.util.errors import InputError
 from stofm.util.safe_files import require_path
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
@@ -181,10 +180,7 @@ def read_spaceranger(folder: str | os.PathLike, *, image: str | os.PathLike | No
     sample = SlideSample(slide_id=slide_id or (root.parent.name if root.name == "outs" else root.name),
                          image_path=image_path, adata=adata, coords_px=coords, um_per_px=px.um_per_px,
                          pixel_size_source=px.source, pixel_size_sources=px.sources,
-                         source_files=[matrix_path, positions_path, sf_path, image_path])
-    if tissue_from not in ("image", "in_tissue"):
-        raise InputError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
-    sample.tissue_from = tissue_from
+                         source_files=[matrix_path, positions_path, sf_path, image_path], tissue_from=tissue_from)
     return check_sample(sample, image_dims=dims, crop_um=crop_um, make_unique=make_unique,
                         expression_file=str(matrix_path), coords_file=f"{positions_path} (scaled {scale_note})")
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from stalign.data.errors import BarcodeError, CoordinateError, ExpressionError, GeneNameError, examples
 from stalign.data.expression import check_values
+from stofm.util.errors import InputError
 
 
 @dataclass(kw_only=True)
@@ -30,6 +31,10 @@ class SlideSample:
     dropped_out_of_image: dict[str, Any] = field(default_factory=lambda: {"count": 0, "barcodes": []})
     #: the slide's groups given with it (``GROUP_KEYS``: patient, site; e.g. columns of ``prep --samples``)
     groups: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.tissue_from not in ("image", "in_tissue"):
+            raise InputError(f"tissue_from must be 'image' or 'in_tissue', got {self.tissue_from!r}")
 
     @property
     def n_spots(self) -> int:

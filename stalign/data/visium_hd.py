@@ -138,8 +138,6 @@ def read_visium_hd(folder: str | os.PathLike, *, bin_um: int | None = None, imag
     Space Ranger's in-tissue call; ``"image"`` lets prep's tissue mask drop bins too.
     """
     folder = Path(folder)
-    if tissue_from not in ("image", "in_tissue"):
-        raise InputError(f"tissue_from must be 'image' or 'in_tissue', got {tissue_from!r}")
     if pixel_size_from not in HD_PIXEL_SIZE_CHOICES:
         raise PixelSizeError(f"{folder}: pixel_size_from={pixel_size_from!r} is not available for Visium HD; "
                              f"choose from {list(HD_PIXEL_SIZE_CHOICES)}")
