@@ -188,6 +188,13 @@ class FeatureStore:
         finally:
             lock.release()
 
+    def per_shard(self, encoder: Mapping[str, Any], outputs: Sequence[str], slide_ids: Sequence[str],
+                  compute: Callable[[str], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """:meth:`arrays` of every shard in ``slide_ids``, concatenated in that order (``compute(slide_id)``: one
+        row per spot of that shard)."""
+        parts = [self.arrays(encoder, list(outputs), str(s), lambda s=s: compute(str(s))) for s in slide_ids]
+        return {out: np.concatenate([p[out] for p in parts]) for out in outputs}
+
     def _read_all(self, keys: Mapping[str, Mapping[str, Any]]) -> dict[str, np.ndarray] | None:
         found = {}
         for out, key in keys.items():
@@ -261,5 +268,4 @@ def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 
             enc.train(was[side])
         return {side: np.concatenate(parts) for side, parts in rows.items()}
 
-    parts = [store.arrays(identity, ["spot", "niche"], sid, lambda s=sid: compute(s)) for sid in store.entries]
-    return {side: np.concatenate([p[side] for p in parts]) for side in ("spot", "niche")}
+    return store.per_shard(identity, ["spot", "niche"], list(store.entries), compute)

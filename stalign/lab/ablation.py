@@ -260,15 +260,15 @@ def _cached_features(root: Path, s: AblationSettings, *, imagenet: bool | None =
     """Baseline features of the shards, through the feature store (``stalign.tasks.feature_store``: several seeds,
     runs or processes share one computation per shard); ``imagenet`` (None: the settings') adds the ImageNet ones."""
     from stalign.lab.ablation_eval import BASELINES
-    from stalign.tasks.feature_store import baseline_identity, open_store, per_shard
+    from stalign.tasks.feature_store import baseline_identity, open_store
 
     imagenet = s.imagenet if imagenet is None else imagenet
     store = open_store(root)
     names = BASELINES[:4 if imagenet else 2]
-    out = per_shard(store, baseline_identity("ablation baselines", imagenet=imagenet),
-                    [f"b{i}" for i in range(len(names))], list(store.entries),
-                    lambda sid: {f"b{i}": x for i, x in enumerate(
-                        baseline_features(root, imagenet=imagenet, slides=[sid]).values())})
+    out = store.per_shard(baseline_identity("ablation baselines", imagenet=imagenet),
+                          [f"b{i}" for i in range(len(names))], list(store.entries),
+                          lambda sid: {f"b{i}": x for i, x in enumerate(
+                              baseline_features(root, imagenet=imagenet, slides=[sid]).values())})
     return {name: out[f"b{i}"] for i, name in enumerate(names)}
 
 

@@ -89,7 +89,7 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     import stalign
     from stalign.models.perf import resolve_device
     from stalign.tasks.embed import embed_shards
-    from stalign.tasks.feature_store import open_store, per_shard, spec_identity, spec_weights_sha256
+    from stalign.tasks.feature_store import open_store, spec_identity, spec_weights_sha256
 
     device = resolve_device(device)
     if spec.startswith("model:"):
@@ -116,7 +116,7 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     weights = spec_weights_sha256(spec, arch=arch, seed=seed_used, build=lambda: encoder().net) if store.enabled \
         else "not stored"  # --no-cache: the identity keys nothing
     identity = spec_identity(spec, weights, device=device, arch=arch, seed=seed_used)
-    return per_shard(store, identity, ["features"], list(store.entries), compute)["features"]
+    return store.per_shard(identity, ["features"], list(store.entries), compute)["features"]
 
 
 def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, workers: int = 0,
@@ -124,15 +124,15 @@ def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, work
     """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order
     (through the feature store, as :func:`encoder_features`)."""
     from stalign.tasks.baselines import colour_features
-    from stalign.tasks.feature_store import baseline_identity, open_store, per_shard
+    from stalign.tasks.feature_store import baseline_identity, open_store
 
     def compute(slide_id: str) -> dict[str, np.ndarray]:
         return {"features": np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
                                             for b in _patch_batches(root, batch_size, workers, [slide_id])])}
 
     store = open_store(root, cache)
-    return per_shard(store, baseline_identity("colour statistics"), ["features"], list(store.entries),
-                     compute)["features"]
+    return store.per_shard(baseline_identity("colour statistics"), ["features"], list(store.entries),
+                           compute)["features"]
 
 
 def score_methods(methods: Mapping[str, Callable[[np.ndarray], Any]], targets: np.ndarray, genes: Sequence[str],

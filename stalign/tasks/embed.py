@@ -60,7 +60,7 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     """
     from stalign.data.crop_spec import shard_crops
     from stalign.data.dataset import ShardDataset
-    from stalign.tasks.feature_store import model_identity, open_store, per_shard
+    from stalign.tasks.feature_store import model_identity, open_store
 
     ds = ShardDataset(root, slides=slides, indices=indices)
     shard_crops(ds.manifest, root, model)
@@ -80,8 +80,8 @@ def embed_shards(model: Any, root: str | os.PathLike, *, slides: Sequence[str] |
     else:
         identity = model_identity(model, device=device, precision=precision, niche_weight=niche_weight,
                                   niche_spots=ds.niche_spots)
-        arrays = per_shard(store, identity, outputs, [ds.slide_ids[k] for k in chosen],
-                           lambda sid: _embed_dataset(model, ShardDataset(root, slides=[sid]), **run))
+        arrays = store.per_shard(identity, outputs, [ds.slide_ids[k] for k in chosen],
+                                 lambda sid: _embed_dataset(model, ShardDataset(root, slides=[sid]), **run))
     if progress and store is not cache:  # a store of its own: say what was reused
         store.log(store.summary())
     coords = np.zeros((len(ds), 2), np.float32)

@@ -1,8 +1,8 @@
 """Shard embeddings through the feature store (``stalign.data.feature_store``): the encoder identities of models
-and encoder specs, and per-shard embedding with reuse.
+and encoder specs, with which the store reuses per-shard embeddings.
 
 ``embed_shards`` (reference banks of ``predict``/``retrieve``, few-shot, the ablation's measures) and ``bench``'s
-encoder features go through :func:`per_shard`: each shard's arrays are read from the store when an entry with the
+encoder features go through ``FeatureStore.per_shard``: each shard's arrays are read from the store when an entry with the
 same key exists, else computed for that shard alone and stored. ``cache=False`` (``--no-cache``) computes
 everything and touches no file.
 
@@ -17,16 +17,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from stalign.data.feature_store import FeatureStore, module_weights_sha256
 
-__all__ = ["FeatureStore", "baseline_identity", "model_identity", "open_store", "per_shard", "spec_identity",
-           "spec_weights_sha256"]
+__all__ = ["FeatureStore", "baseline_identity", "model_identity", "open_store", "spec_identity", "spec_weights_sha256"]
 
 #: Bumped when the model-free features (``stalign.tasks.baselines.colour_features``, ...) change their numbers.
 BASELINE_VERSION = 1
@@ -156,10 +153,3 @@ def baseline_identity(kind: str, *, imagenet: bool = False) -> dict[str, Any]:
             build=lambda: create_image_encoder("efficientnet-lite0", pretrained=True))
     return identity
 
-
-def per_shard(store: FeatureStore, identity: Mapping[str, Any], outputs: Sequence[str], slide_ids: Sequence[str],
-              compute: Callable[[str], Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """``outputs`` of every shard in ``slide_ids`` (concatenated in that order): read from ``store``, else
-    ``compute(slide_id)`` (one row per spot of that shard) and stored."""
-    parts = [store.arrays(identity, list(outputs), str(sid), lambda sid=sid: compute(str(sid))) for sid in slide_ids]
-    return {out: np.concatenate([p[out] for p in parts]) for out in outputs}
