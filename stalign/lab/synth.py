@@ -37,9 +37,11 @@ from stalign.lab.synth_expression import (
     PITCH_UM,
     SPOT_DIAMETER_UM,
     GenePanel,
+    counts_from_rates,
+    expression_rates,
+    gene_records,
     hex_grid,
     make_panel,
-    sample_counts,
     spot_truth,
 )
 from stalign.lab.synth_render import build_layout, render_blocks, write_pyramid
@@ -125,7 +127,7 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
         layout = build_layout(width_um=width_um, height_um=height_um, array_box=box, classes=classes,
                               um_per_px=um_per_px, rng=layout_rng)
         truth_obs = spot_truth(layout, centres)
-        counts, size = sample_counts(panel, truth_obs, expr_rng)
+        counts, size = counts_from_rates(expression_rates(panel, truth_obs), truth_obs["in_tissue"], expr_rng)
     else:
         from stalign.lab.synth_world import build_world
 
@@ -153,13 +155,12 @@ def make_synthetic_slide(out_dir: str | os.PathLike, *, n_spots: int = 200, um_p
                              "dispersion)", "naf_ref": NAF_REF, "naf_scale": NAF_SCALE,
                   "dispersion": DISPERSION, "library_median": LIBRARY_MEDIAN, "library_log_sd": LIBRARY_LOG_SD,
                   "background_library": BACKGROUND_LIBRARY},
-        "genes": _panel_records(panel),
+        "genes": gene_records(panel),
     }
     if world is not None:
-        from stalign.lab.synth_world import FORMULA_V2, gene_records, spot_table
+        from stalign.lab.synth_world import FORMULA_V2, spot_table
 
         truth["model"]["formula"] = FORMULA_V2
-        truth["genes"] = gene_records(panel)
         truth["context"] = world.info
         truth["spots"] = spot_table(world, barcodes(n_spots))
     if look is not None:
@@ -186,13 +187,6 @@ def _check(*, n_spots: int, um_per_px: float, n_classes: int, programme_factor: 
         raise InputError(f"programme_factor must be > 0, got {programme_factor}")
     if margin_um < SPOT_DIAMETER_UM:
         raise InputError(f"margin_um must be >= {SPOT_DIAMETER_UM}, got {margin_um}")
-
-
-def _panel_records(panel: GenePanel) -> list[dict]:
-    return [{"name": n, "programme": p, "base": float(b), "factor": float(f), "beta": float(be),
-             "gamma": float(g)}
-            for n, p, b, f, be, g in zip(panel.names, panel.programme, panel.base, panel.factor, panel.beta,
-                                         panel.gamma)]
 
 
 def barcodes(n: int) -> list[str]:

@@ -155,6 +155,18 @@ def make_panel(*, n_genes: int, class_names: list[str], factor: float, seed: int
                      factor=fac, beta=beta, gamma=gamma)
 
 
+#: truth.json's record of each gene: key -> panel column (synth v2's ``ContextPanel`` adds driver, variable, coef)
+GENE_RECORD = {"name": "names", "programme": "programme", "driver": "driver", "variable": "variable", "base": "base",
+               "factor": "factor", "beta": "beta", "gamma": "gamma", "coef": "coef"}
+
+
+def gene_records(panel: GenePanel) -> list[dict]:
+    """One ``GENE_RECORD`` per gene of ``panel`` (truth.json's ``genes``; numbers as floats)."""
+    cols = {k: getattr(panel, a) for k, a in GENE_RECORD.items() if hasattr(panel, a)}
+    return [{k: float(v[i]) if isinstance(v, np.ndarray) else v[i] for k, v in cols.items()}
+            for i in range(len(panel.names))]
+
+
 def expression_rates(panel: GenePanel, truth: dict[str, np.ndarray]) -> np.ndarray:
     """Noise-free expression rate per spot and gene (counts per unit library size) for tissue spots."""
     cls = truth["tissue_class_idx"]
@@ -163,12 +175,6 @@ def expression_rates(panel: GenePanel, truth: dict[str, np.ndarray]) -> np.ndarr
     log_rate = (np.log(np.maximum(panel.base, 1e-12))[None, :] + in_prog * np.log(panel.factor)[None, :]
                 + panel.beta[None, :] * z[:, None] + panel.gamma[None, :] * truth["hole_fraction"][:, None])
     return np.exp(log_rate)
-
-
-def sample_counts(panel: GenePanel, truth: dict[str, np.ndarray], rng: np.random.Generator
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Integer counts (n_spots, n_genes) and the size factor of each spot."""
-    return counts_from_rates(expression_rates(panel, truth), truth["in_tissue"], rng)
 
 
 def counts_from_rates(rates: np.ndarray, on: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:

@@ -109,13 +109,6 @@ def extra_var(world: World) -> dict:
             "programme_domain": p.programme_domain}
 
 
-def gene_records(panel: ContextPanel) -> list[dict]:
-    return [{"name": n, "programme": pr, "driver": d, "variable": v, "base": float(b), "factor": float(f),
-             "beta": float(be), "gamma": float(g), "coef": float(c)}
-            for n, pr, d, v, b, f, be, g, c in zip(panel.names, panel.programme, panel.driver, panel.variable,
-                                                   panel.base, panel.factor, panel.beta, panel.gamma, panel.coef)]
-
-
 def spot_table(world: World, barcodes: list[str]) -> dict[str, list]:
     """Per-spot truth for truth.json (columns; floats rounded to 6 decimals)."""
     t = world.truth_obs
