@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from stofm.util.errors import CoordinateError, InputError
-from stofm.util.geometry import DIAMETER, slide_diameter
+from stofm.util.geometry import units_per_um
 
 
 def check_coords(coords: np.ndarray, *, what: str = "coordinates") -> np.ndarray:
@@ -30,11 +30,10 @@ def check_coords(coords: np.ndarray, *, what: str = "coordinates") -> np.ndarray
     return arr
 
 
-def scale_to_diameter(coords: np.ndarray, *, diameter: float = DIAMETER) -> tuple[np.ndarray, float]:
-    """Coordinates shifted to start at 0 and scaled so the slide diameter is ``diameter``; returns (xy, factor)."""
+def scale_to_diameter(coords: np.ndarray) -> tuple[np.ndarray, float]:
+    """Coordinates shifted to start at 0, scaled by ``units_per_um`` (slide diameter 100); returns (xy, factor)."""
     arr = check_coords(coords)
-    span = slide_diameter(arr)
-    factor = diameter / span if span > 0 else 1.0
+    factor = units_per_um(arr)
     return (arr - arr.min(axis=0)) * factor, factor
 
 

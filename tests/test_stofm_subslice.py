@@ -10,9 +10,9 @@ import pytest
 from stofm.subslice import (
     CoordinateError,
     scale_to_diameter,
-    slide_diameter,
     tile_slide,
 )
+from stofm.util.geometry import slide_diameter
 from stofm.virtual_cells import virtual_cells
 
 
