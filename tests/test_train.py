@@ -10,12 +10,7 @@ import pytest
 import torch
 import yaml
 
-from stalign.training.config import (
-    ConfigError,
-    TrainConfig,
-    resolve_config,
-    write_config,
-)
+from stalign.training.config import ConfigError, TrainConfig, resolve_config
 from stalign.training.metrics import chance_recall, recall_at_k, retrieval_metrics
 from stofm.util.optim import (
     build_optimizer,
@@ -34,7 +29,7 @@ def test_config_precedence_yaml_flags_overrides(tmp_path):
     assert cfg.lr == pytest.approx(1e-3) and isinstance(cfg.lr, float)  # YAML's "1e-3" string is coerced
     assert cfg.batch_size == 16 and cfg.max_steps == 7 and cfg.cpu is True and cfg.init is None
     assert cfg.model_overrides == {"dim": 32, "depth": 2} and cfg.betas == [0.8, 0.9]
-    written = write_config(cfg, tmp_path / "out" / "config.yaml")
+    written = _engine_writes(cfg, tmp_path / "out" / "config.yaml")
     assert resolve_config(written) == cfg  # the resolved file reproduces the run
 
 
@@ -136,8 +131,17 @@ def test_csv_log_rows_new_columns_and_resume_truncation(tmp_path):
     assert [r["step"] for r in csv.DictReader((tmp_path / "train_log.csv").open())] == ["1", "2"]
 
 
+def _engine_writes(cfg: TrainConfig, path):
+    """``path`` as the training engine writes a run's config (``config.yaml``, ``train_config.yaml``)."""
+    from stofm.util.train_engine import Engine, make_accelerator
+
+    acc = make_accelerator(mixed_precision="no", seed=0, cpu=True)
+    Engine(acc, None, None, None, max_steps=1, config=cfg.to_dict()).write_config(path)
+    return path
+
+
 def test_config_yaml_round_trip_is_plain_yaml(tmp_path):
-    path = write_config(TrainConfig(data="d"), tmp_path / "c.yaml")
+    path = _engine_writes(TrainConfig(data="d"), tmp_path / "c.yaml")
     assert yaml.safe_load(path.read_text())["data"] == "d"
 
 

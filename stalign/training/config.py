@@ -1,7 +1,8 @@
 """Run configuration of ``stalign train``: YAML file -> defaults, CLI flags and ``key=value`` overrides on top.
 
 Precedence (lowest first): the dataclass defaults, the YAML file, ``--flag value`` options, ``key=value``
-positional overrides. The resolved config is written as YAML beside every checkpoint.
+positional overrides. The resolved config is written as YAML beside every checkpoint (by the training engine,
+``stofm.util.train_engine.Engine.write_config``; :func:`resolve_config` reads it back).
 """
 from __future__ import annotations
 
@@ -172,11 +173,7 @@ def apply_overrides(values: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def build_config(values: dict[str, Any] | None = None) -> TrainConfig:
     """A validated :class:`TrainConfig` from a mapping (unknown keys, bad types and bad values raise)."""
-    values = dict(values or {})
-    for key in values:
-        if key not in _HINTS:
-            raise _unknown_key(key)
-    cfg = TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
+    cfg = TrainConfig(**{k: coerce(k, v) for k, v in (values or {}).items()})  # coerce refuses unknown keys
     checks = [
         (0.0 <= cfg.val_fraction < 1.0, "val_fraction must be in [0, 1)"),
         (cfg.batch_size >= 2, "batch_size must be >= 2 (contrastive loss needs in-batch negatives)"),
@@ -234,14 +231,6 @@ def find_config(source: str | Path) -> Path:
     if path.suffix in ("", ".yaml", ".yml") and shipped.is_file():
         return shipped
     raise FileNotFoundError(f"train config {path} does not exist (shipped configs: {', '.join(shipped_configs())})")
-
-
-def write_config(cfg: TrainConfig, path: str | Path) -> Path:
-    """Write the resolved config as YAML (loadable again by :func:`resolve_config`)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return path
 
 
 def add_config_flags(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from stalign.training.config import TrainConfig, resolve_config, write_config
+from stalign.training.config import TrainConfig, resolve_config
 from stalign.training.metrics import format_retrieval, retrieval_metrics
 from stofm.util.errors import InputError
 from stofm.util.train_engine import Engine, Hooks, make_accelerator
@@ -30,12 +30,10 @@ class TrainResult:
     best_step: int | None = None  # the step of the lowest held-out loss (with early stopping)
 
 
-def train_from_config(source: str | Path | dict, *, resume: str | None = None, **overrides: Any) -> TrainResult:
+def train_from_config(source: str | Path | dict | None, *, resume: str | None = None, **overrides: Any) -> TrainResult:
     """Train from a YAML path (or mapping) with config keys overridden by keyword, e.g.
     ``train_from_config("configs/demo.yaml", max_steps=10)``."""
-    values = {} if source is None else source
-    cfg = resolve_config(values, flags=overrides)
-    return train(cfg, resume=resume)
+    return train(resolve_config(source, flags=overrides), resume=resume)
 
 
 def _model_parts(cfg: TrainConfig, genes: list[str]):
@@ -354,7 +352,7 @@ class _Contrastive(Hooks):
             stop = {"stopped_early": True, "best_step": self.best_step} if self.stopped_early else {}
             save_checkpoint(inner, final, training={"data": str(self.cfg.data), "steps": engine.step,
                                                     "spots": self.data.n_train, "metrics": self.metrics, **stop})
-            write_config(self.cfg, final / "train_config.yaml")
+            engine.write_config(final / "train_config.yaml")
         engine.accelerator.wait_for_everyone()
         engine.accelerator.print(f"final weights: {final}")
         return final
