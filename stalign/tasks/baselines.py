@@ -9,6 +9,7 @@ import numpy as np
 
 from stalign.data.crop_spec import CropSpec
 from stalign.data.errors import PixelSizeError
+from stalign.tasks.ann_index import unit_rows
 from stalign.tasks.hest import Predictor, cross_validate, group_splits, ridge_probe
 from stofm.util.errors import InputError
 
@@ -57,9 +58,7 @@ def knn_predictor(x: np.ndarray, y: np.ndarray, *, k: int = 5) -> Predictor:
     """Mean expression of the ``k`` training spots whose standardised features are most cosine-similar."""
     def predict(train: np.ndarray, test: np.ndarray) -> np.ndarray:
         mu, sd = x[train].mean(0), x[train].std(0) + 1e-8
-        a, b = (x[train] - mu) / sd, (x[test] - mu) / sd
-        a /= np.linalg.norm(a, axis=1, keepdims=True).clip(1e-12)
-        b /= np.linalg.norm(b, axis=1, keepdims=True).clip(1e-12)
+        a, b = unit_rows((x[train] - mu) / sd, None), unit_rows((x[test] - mu) / sd, None)
         near = np.argsort(-(b @ a.T), axis=1, kind="stable")[:, : min(k, len(train))]
         return y[train][near].mean(1)
 

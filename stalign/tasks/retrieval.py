@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from stalign.models.gene_panel import GenePanelError, check_gene_panel
+from stalign.tasks.ann_index import unit_rows
 from stofm.util.errors import InputError
 
 BANK_FORMAT = "stalign-reference-bank"
@@ -270,7 +271,6 @@ def query_signature(signature: Sequence[str] | Any, *, bank: ReferenceBank, embe
         query = np.asarray(encode_gene(np.asarray(signature, dtype=np.float32)[None]), dtype=np.float32)[0]
     else:
         best = np.argsort(-scores)[: max(1, min(top, len(bank)))]
-        unit = bank.embeddings[best] / np.linalg.norm(bank.embeddings[best], axis=1, keepdims=True).clip(1e-12)
-        query = unit.mean(0)
+        query = unit_rows(bank.embeddings[best]).mean(0)
     query = query / max(float(np.linalg.norm(query)), 1e-12)
-    return (emb / np.linalg.norm(emb, axis=1, keepdims=True).clip(1e-12)) @ query
+    return unit_rows(emb) @ query
