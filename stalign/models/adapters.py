@@ -26,8 +26,7 @@ class LoRALinear(nn.Module):
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
         nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))
-        for p in self.base.parameters():
-            p.requires_grad_(False)
+        self.base.requires_grad_(False)
 
     @property
     def weight(self) -> torch.Tensor:  # modules that read .weight directly (e.g. fused attention) see the merged weight
@@ -53,8 +52,7 @@ class LoRALinear(nn.Module):
 def apply_lora(module: nn.Module, *, rank: int, alpha: float = 16.0,
                targets: tuple[str, ...] = LORA_TARGETS) -> int:
     """Freeze ``module`` and wrap every ``nn.Linear`` whose attribute name is in ``targets``; returns the count."""
-    for p in module.parameters():
-        p.requires_grad_(False)
+    module.requires_grad_(False)
     replaced = 0
     for parent in list(module.modules()):
         for name, child in list(parent.named_children()):
@@ -89,11 +87,9 @@ def unfreeze_last_blocks(module: nn.Module, n: int) -> None:
     blocks = block_list(module)
     if blocks is None:
         raise InputError(f"cannot find a block list in {type(module).__name__} for unfreeze_last={n}")
-    for p in module.parameters():
-        p.requires_grad_(False)
+    module.requires_grad_(False)
     for blk in list(blocks)[-n:]:
-        for p in blk.parameters():
-            p.requires_grad_(True)
+        blk.requires_grad_(True)
     block_params = {id(p) for p in blocks.parameters()}
     order = [id(p) for p in module.parameters()]
     last_block_pos = max(i for i, pid in enumerate(order) if pid in block_params)
@@ -110,5 +106,4 @@ def apply_trainability(module: nn.Module, *, freeze: bool = False, unfreeze_last
     elif unfreeze_last:
         unfreeze_last_blocks(module, unfreeze_last)
     elif freeze:
-        for p in module.parameters():
-            p.requires_grad_(False)
+        module.requires_grad_(False)

@@ -210,9 +210,6 @@ class STAlign(nn.Module):
             raise InputError(f"batch[{key!r}] contains NaN/inf expression values")
 
     # ------------------------------------------------------------------------------------- pieces
-    def _tokens(self, name: str, feats: torch.Tensor) -> torch.Tensor:
-        return self.tokenizers[name](feats)
-
     def _embed(self, name: str, tokens: torch.Tensor) -> torch.Tensor:
         if self.config.fusion == "paper":
             return l2(self.heads[name](tokens))  # flatten all K tokens
@@ -226,20 +223,20 @@ class STAlign(nn.Module):
         return l2(fusion(image, gene))
 
     def spot_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tokens("spot_image", self.spot_image_encoder(x))
+        return self.tokenizers["spot_image"](self.spot_image_encoder(x))
 
     def niche_image_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        return self._tokens("niche_image", self.niche_image_encoder(x))
+        return self.tokenizers["niche_image"](self.niche_image_encoder(x))
 
     def spot_gene_tokens(self, expr: torch.Tensor) -> torch.Tensor:
         self._check_expr(expr, "spot_expr")
-        return self._tokens("spot_gene", self.spot_gene_encoder(expr, input_kind="log1p"))
+        return self.tokenizers["spot_gene"](self.spot_gene_encoder(expr, input_kind="log1p"))
 
     def niche_gene_tokens(self, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         for key in ("niche_spot_expr", "niche_expr", "virtual_expr"):
             if key in batch:
                 self._check_expr(batch[key], key)
-        return self._tokens("niche_gene", self.niche_gene_encoder(batch))
+        return self.tokenizers["niche_gene"](self.niche_gene_encoder(batch))
 
     # ------------------------------------------------------------------------------------- inference
     def encode_spot_image(self, x: torch.Tensor) -> torch.Tensor:
