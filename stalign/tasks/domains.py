@@ -10,7 +10,6 @@ import numpy as np
 
 from stalign.tasks.ann_index import unit_rows
 from stofm.util.errors import InputError
-from stofm.util.output_paths import atomic_write_path
 
 
 def cluster_domains(embeddings: np.ndarray, *, n_domains: int | None = None, method: str = "kmeans",
@@ -80,7 +79,7 @@ def plot_domains(coords_px: np.ndarray, labels: Sequence[Any], path: str | Path,
     import matplotlib.pyplot as plt
     from matplotlib.patches import Patch
 
-    from stalign.tasks.heatmaps import draw_spots, new_axes
+    from stalign.tasks.heatmaps import draw_spots, new_axes, save_figure
 
     coords = np.asarray(coords_px, np.float64).reshape(-1, 2) / float(downsample)
     labels = np.asarray(labels)
@@ -99,8 +98,4 @@ def plot_domains(coords_px: np.ndarray, labels: Sequence[Any], path: str | Path,
     ax.legend(handles=[Patch(color=colours[n], label=str(n)) for n in names], loc="center left",
               bbox_to_anchor=(1.0, 0.5), fontsize=8, frameon=False)
     ax.set_title(title)
-    path = Path(path)
-    with atomic_write_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, Path(path), dpi)

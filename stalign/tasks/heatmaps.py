@@ -193,7 +193,8 @@ def gene_figure(canvas: MapCanvas, v: np.ndarray, title: str, *, limits: tuple[f
     return fig, ax
 
 
-def _save(fig: Any, path: Path, dpi: int) -> Path:
+def save_figure(fig: Any, path: Path, dpi: int) -> Path:
+    """Write ``fig`` to ``path`` whole or not at all (a temporary renamed into place) and close it."""
     with atomic_write_path(path) as tmp:
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
     _pyplot().close(fig)
@@ -242,7 +243,7 @@ def plot_gene_heatmaps(values: np.ndarray, genes: Sequence[str], coords_px: np.n
             fig.colorbar(draw_values(ax, canvas, values[:, i], vmin=lo, vmax=hi, cmap=cmap, alpha=alpha), ax=ax,
                          fraction=0.046, pad=0.02, label=units or "")
             ax.set_title(str(genes[i]), fontsize=9)
-        return [_save(fig, out_dir / f"{prefix}panel.png", dpi)]
-    return [_save(gene_figure(canvas, values[:, g], str(gene), limits=limits[g], cmap=cmap, alpha=alpha, label=label,
+        return [save_figure(fig, out_dir / f"{prefix}panel.png", dpi)]
+    return [save_figure(gene_figure(canvas, values[:, g], str(gene), limits=limits[g], cmap=cmap, alpha=alpha, label=label,
                               units=units)[0], out_dir / f"{prefix}{stems[g]}.png", dpi)
             for g, gene in enumerate(genes)]

@@ -64,10 +64,9 @@ def drawn_spot_diameter_um(given: float | None, coords: np.ndarray | None, spot_
         return float(given)
     if coords is None or len(coords) < 2:
         return float(spot_um)
-    from scipy.spatial import cKDTree
+    from stalign.tasks.heatmap_grid import spot_pitch
 
-    xy = np.asarray(coords, np.float64) * um_per_px
-    pitch = float(np.median(cKDTree(xy).query(xy, k=2)[0][:, 1]))
+    pitch = spot_pitch(np.asarray(coords, np.float64) * um_per_px)
     return float(min(spot_um, 0.55 * pitch)) if pitch > 0 else float(spot_um)
 
 
