@@ -56,14 +56,12 @@ def same_cluster_mask(cluster_rows: torch.Tensor, cluster_cols: torch.Tensor, sl
 
 def _infonce_rows(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, offset: int,
                   exclude: torch.Tensor | None) -> torch.Tensor:
-    """Sum over the local rows of cross-entropy(a_i . b_all / T, positive = offset + i)."""
+    """Sum over the local rows of cross-entropy(a_i . b_all / T, positive = offset + i); ``exclude`` (R, C): True
+    where a column is no negative of a row (never its positive)."""
     logits = scale * a @ b_all.t()
-    labels = torch.arange(a.shape[0], device=a.device) + offset
     if exclude is not None:
-        exclude = exclude.clone()
-        exclude[torch.arange(a.shape[0], device=a.device), labels] = False  # never mask the positive
         logits = logits.masked_fill(exclude, float("-inf"))
-    return F.cross_entropy(logits, labels, reduction="sum")
+    return F.cross_entropy(logits, torch.arange(a.shape[0], device=a.device) + offset, reduction="sum")
 
 
 def _siglip_rows(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, offset: int,
@@ -74,11 +72,7 @@ def _siglip_rows(a: torch.Tensor, b_all: torch.Tensor, scale: torch.Tensor, bias
     rows = torch.arange(a.shape[0], device=a.device)
     sign[rows, rows + offset] = 1.0
     terms = -F.logsigmoid(sign * logits)
-    if exclude is not None:
-        exclude = exclude.clone()
-        exclude[rows, rows + offset] = False
-        terms = terms.masked_fill(exclude, 0.0)
-    return terms.sum()
+    return (terms if exclude is None else terms.masked_fill(exclude, 0.0)).sum()
 
 
 class ThreeTargetLoss(nn.Module):
@@ -119,6 +113,8 @@ class ThreeTargetLoss(nn.Module):
             if slide_idx is not None:
                 s_all = all_gather_no_grad(slide_idx, sizes) if self.gather else slide_idx
             exclude = same_cluster_mask(cluster, c_all, slide_idx, s_all)
+            rows = torch.arange(n_local, device=exclude.device)
+            exclude[rows, rows + offset] = False  # never mask the positive
         # Per-rank losses get averaged by the caller (DDP / all-reduce mean); dividing by the rows per rank on
         # average (n_global / world) makes that mean the loss of one process holding the global batch.
         per_rank = n_global / rank_and_world()[1] if self.gather else n_local
