@@ -255,23 +255,17 @@ def embed(adata: Any, model: Any, *, batch_size: int = 8, key_added: str = "X_st
     return adata
 
 
-def niche_neighbors(coords: np.ndarray, n_neighbors: int) -> np.ndarray:
-    """(N, K) int64 indices of the K nearest cells of each cell, itself first (K clipped to N); the shards'
-    ``stofm.util.knn.neighbor_indices`` (the shards' kNN) on checked coordinates."""
-    from stofm.util.knn import neighbor_indices
-
-    xy = check_coords(coords)
-    return neighbor_indices(xy, min(int(n_neighbors), len(xy))).astype(np.int64)
-
-
 def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np.ndarray | None = None,
                  batch_size: int = 64, key_added: str = "X_stofm_niche", device: Any = None,
                  dtype: str | None = None, progress: bool = True, **slide_kw: Any) -> Any:
     """Per-niche embeddings: the [CLS] output for each cell's niche (itself + its neighbours + the slide's
-    virtual cells) into ``adata.obsm[key_added]`` (N, dim). ``neighbors`` (N, K) overrides the kNN niches
-    (e.g. a shard's ``neighbors``); entries < 0 are treated as absent."""
+    virtual cells) into ``adata.obsm[key_added]`` (N, dim). The niches: ``stofm.util.knn.neighbor_indices`` (the
+    shards' kNN, itself first, K clipped to N), or ``neighbors`` (N, K) (e.g. a shard's ``neighbors``; entries < 0
+    are treated as absent)."""
     import torch
     from tqdm.auto import tqdm
+
+    from stofm.util.knn import neighbor_indices
 
     if device is not None:
         model = model.to(device)
@@ -279,7 +273,7 @@ def embed_niches(adata: Any, model: Any, *, n_neighbors: int = 16, neighbors: np
     slide = prepare_slide(adata, model, progress=progress, **{"cells_per_tile": 10**9, **slide_kw})
     n = len(slide.coords)
     if neighbors is None:
-        nb = niche_neighbors(slide.coords.cpu().numpy(), n_neighbors)
+        nb = neighbor_indices(slide.coords.cpu().numpy(), min(int(n_neighbors), n))
     else:
         nb = np.asarray(neighbors)
         if nb.ndim != 2 or nb.shape[0] != n or (nb >= n).any():

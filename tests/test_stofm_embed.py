@@ -102,11 +102,11 @@ def test_fewer_cells_than_k(crop, tiny):
 
 
 def test_embed_niches_are_local(crop, tiny):
-    from stofm.embedding import niche_neighbors
+    from stofm.util.knn import neighbor_indices
 
     a = stofm.embed_niches(crop.copy(), tiny, n_neighbors=7, n_virtual=0, progress=False)
     assert a.obsm["X_stofm_niche"].shape == (49, tiny.dim) and np.isfinite(a.obsm["X_stofm_niche"]).all()
-    nb = niche_neighbors(np.asarray(crop.obsm["spatial"], dtype=float), 7)
+    nb = neighbor_indices(np.asarray(crop.obsm["spatial"], dtype=float), 7)
     assert nb.shape == (49, 7) and (nb[:, 0] == np.arange(49)).all()
     z = stofm.embed_niches(crop.copy(), tiny, neighbors=nb, n_virtual=0, progress=False).obsm["X_stofm_niche"]
     far = [i for i in range(49) if 0 not in nb[i]]
