@@ -6,7 +6,7 @@ from pathlib import Path
 
 from stofm.util.errors import InputError
 from stofm.util.output_paths import atomic_write_path
-from stofm.util.safe_files import read_h5ad, require_path
+from stofm.util.safe_files import read_h5ad
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -44,10 +44,9 @@ def _annotations(adata, spec: str):
 def run(args: argparse.Namespace) -> int:
     from stalign.tasks.domains import cluster_domains, plot_domains, score_domains
 
-    path = require_path(args.h5ad, "AnnData file")
-    adata = read_h5ad(path, what="predicted AnnData")
+    adata = read_h5ad(args.h5ad, what="AnnData file")
     if args.obsm not in adata.obsm:
-        raise InputError(f"{path}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")
+        raise InputError(f"{args.h5ad}: no obsm[{args.obsm!r}] (has {list(adata.obsm)}); run stalign predict first")
     coords = adata.obsm.get("spatial")
     labels = cluster_domains(adata.obsm[args.obsm], n_domains=args.n_domains, method=args.method,
                              coords=coords, spatial_weight=args.spatial_weight, resolution=args.resolution,
