@@ -68,10 +68,7 @@ def _stofm(*, genes: Sequence[str], model: str = "stofm-tiny", stofm_config: Map
                              f"{len(genes)} genes")
     se2 = sm.se2
     if freeze:
-        for p in [*sm.cell_encoder.parameters(), *se2.parameters()]:
-            p.requires_grad_(False)
-    if getattr(se2, "mask_token", None) is not None:
-        se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
+        sm.requires_grad_(False)
     return StofmCell(encoder=sm.cell_encoder, stofm_config=sm.architecture()), se2
 
 
@@ -155,6 +152,8 @@ class SE2Niche(NicheEncoder):
         if coord_scale != "slide" and not (isinstance(coord_scale, (int, float)) and coord_scale > 0):
             raise InputError(f"coord_scale must be 'slide' or a positive number of units per µm, got {coord_scale!r}")
         self.cell, self.se2, self.coord_scale, self.out_dim = cell_encoder, se2, coord_scale, int(se2.dim)
+        if getattr(se2, "mask_token", None) is not None:
+            se2.mask_token.requires_grad_(False)  # Masked Cell Modelling only; unused when aligning
 
     def _frame(self, batch: Mapping[str, torch.Tensor], coords: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -197,7 +196,6 @@ def _se2(*, cell_encoder: nn.Module, se2: nn.Module | None = None, coord_scale: 
         from stofm.se2 import SE2Transformer
 
         se2 = SE2Transformer(in_dim=cell_encoder.out_dim, **{"dim": 64, "depth": 2, "heads": 4, **se2_cfg})
-        se2.mask_token.requires_grad_(False)
     return SE2Niche(cell_encoder=cell_encoder, se2=se2, coord_scale=coord_scale)
 
 
