@@ -116,13 +116,6 @@ class ShardDataset(torch.utils.data.Dataset):
             f.close()
         self._files = {}
 
-    def _image(self, patch: np.ndarray):
-        import torch
-        from einops import rearrange
-
-        x = rearrange(torch.from_numpy(patch), "h w c -> c h w")
-        return self.transform(x) if self.transform is not None else x.contiguous()
-
     def _niche_spots(self, a: dict[str, np.ndarray], rows: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The first ``niche_spots`` stored neighbours of shard rows ``rows`` of one slide (its arrays ``a``): their
         expression (B, m, G) float32, µm coordinates (B, m, 2) float32 and whether each lies inside the niche crop
@@ -141,41 +134,28 @@ class ShardDataset(torch.utils.data.Dataset):
         return spot_expr, coords, mask
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        import torch
-
+        """The i-th selected spot: the batch of one (``_batch``) without its batch dimension, the crops (3, P, P)
+        through ``transform`` when there is one (else contiguous)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} spots")
-        g = int(self._indices[i])
-        k = int(np.searchsorted(self._offsets, g, side="right") - 1)
-        j = g - int(self._offsets[k])
-        f, a = self._file(k), self._arrays(k)
-        spot_expr, coords, mask = (x[0] for x in self._niche_spots(a, np.array([j])))
-        crops = {"spot_image": self._image(f["spot_patches"][j]),
-                 "niche_image": self._image(f["niche_patches"][j])} if self.images else {}
-        return {
-            **crops,
-            "spot_expr": torch.from_numpy(a["expr"][j].astype(np.float32)),
-            "niche_expr": torch.from_numpy(a["niche_expr"][j].astype(np.float32)),
-            "niche_spot_expr": torch.from_numpy(spot_expr),
-            "niche_spot_coords": torch.from_numpy(coords),
-            "niche_spot_mask": torch.from_numpy(mask),
-            "coords_um": torch.from_numpy(a["coords_um"][j].astype(np.float32)),
-            "stofm_units_per_um": torch.tensor(a["units_per_um"], dtype=torch.float32),
-            "stofm_bbox_units_per_um": torch.tensor(a["bbox_units_per_um"], dtype=torch.float32),
-            "stofm_bbox_center_um": torch.from_numpy(a["bbox_center_um"]),
-            "slide_idx": torch.tensor(k, dtype=torch.int64),
-            "index": torch.tensor(g, dtype=torch.int64),
-        }
+        item = {key: value[0] for key, value in self._batch([i]).items()}
+        for key in ("spot_image", "niche_image") if self.images else ():
+            item[key] = self.transform(item[key]) if self.transform is not None else item[key].contiguous()
+        return item
 
     def __getitems__(self, positions: Sequence[int]) -> dict[str, Any] | list[dict[str, Any]]:
         """A whole batch at once (``DataLoader`` calls this with each batch's positions): the collated dict that
         ``collate([ds[i] for i in positions])`` gives, read per slide in shard order as one chunk per crop
         (``stalign.data.patch_reads``) and the per-spot arrays gathered with numpy. Crops are (B, 3, P, P)
         uint8 views of (B, P, P, 3) buffers (channels-last strides). With a ``transform``: the list of items."""
-        import torch
-
         if self.transform is not None:
             return [self[int(i)] for i in positions]
+        return self._batch(positions)
+
+    def _batch(self, positions: Sequence[int]) -> dict[str, Any]:
+        """The collated batch of ``positions`` (see ``__getitems__``), crops untransformed."""
+        import torch
+
         pos = np.asarray(positions, dtype=np.int64).reshape(-1)
         if len(pos) == 0 or pos.min() < -len(self) or pos.max() >= len(self):
             raise IndexError(f"positions {pos[:5].tolist()}... out of range for {len(self)} spots")
