@@ -65,8 +65,9 @@ class CellEncoder(nn.Module):
                      batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Embeddings (N, out_dim) of any (N, G') matrix (dense/sparse/backed/tensor) over ``genes``.
 
-        Columns are matched to ``self.genes`` by name (default: the input is over ``self.genes``); panel
-        genes missing from the input count as 0 (with a warning). Rows are read ``4 × batch_size`` at a time
+        Runs in eval mode (no dropout) and restores the encoder's mode after. Columns are matched to
+        ``self.genes`` by name (default: the input is over ``self.genes``); panel genes missing from the input
+        count as 0 (with a warning). Rows are read ``4 × batch_size`` at a time
         and batched by number of expressed genes, so little padding is computed; output order is the input's.
         """
         import warnings
@@ -88,16 +89,21 @@ class CellEncoder(nn.Module):
         device = next(self.parameters()).device
         out = torch.zeros(expr.shape[0], self.out_dim, device=device)
         chunk = 4 * batch_size
-        for start in tqdm(range(0, expr.shape[0], chunk), desc="encode cells", disable=not progress):
-            block = expr[start:start + chunk]
-            block = block.toarray() if sp.issparse(block) else block
-            block = torch.as_tensor(np.asarray(block) if not torch.is_tensor(block) else block).float()
-            aligned = block.new_zeros(block.shape[0], len(self.genes))
-            aligned[:, src >= 0] = block[:, src[src >= 0]]
-            order = torch.argsort((aligned > 0).sum(dim=1), stable=True)
-            for s in range(0, len(order), batch_size):
-                rows = order[s:s + batch_size]
-                out[start + rows.to(device)] = self(aligned[rows].to(device), input_kind=input_kind).float()
+        was_training = self.training
+        self.eval()  # embeddings without dropout, whatever mode the encoder was left in
+        try:
+            for start in tqdm(range(0, expr.shape[0], chunk), desc="encode cells", disable=not progress):
+                block = expr[start:start + chunk]
+                block = block.toarray() if sp.issparse(block) else block
+                block = torch.as_tensor(np.asarray(block) if not torch.is_tensor(block) else block).float()
+                aligned = block.new_zeros(block.shape[0], len(self.genes))
+                aligned[:, src >= 0] = block[:, src[src >= 0]]
+                order = torch.argsort((aligned > 0).sum(dim=1), stable=True)
+                for s in range(0, len(order), batch_size):
+                    rows = order[s:s + batch_size]
+                    out[start + rows.to(device)] = self(aligned[rows].to(device), input_kind=input_kind).float()
+        finally:
+            self.train(was_training)
         return out
 
 

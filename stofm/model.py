@@ -85,13 +85,8 @@ class SToFM(nn.Module):
     def encode_cells(self, expr: Any, genes: Sequence[str] | None = None, *, input_kind: str = "counts",
                      batch_size: int = 256, progress: bool = False) -> torch.Tensor:
         """Cell embeddings (N, cell_dim) of an (N, G) matrix over ``genes`` (matched by name to the model's)."""
-        was = self.cell_encoder.training
-        self.cell_encoder.eval()
-        try:
-            return self.cell_encoder.encode_cells(expr, genes, input_kind=input_kind, batch_size=batch_size,
-                                                  progress=progress)
-        finally:
-            self.cell_encoder.train(was)
+        return self.cell_encoder.encode_cells(expr, genes, input_kind=input_kind, batch_size=batch_size,
+                                              progress=progress)
 
     def forward(self, cell_emb: torch.Tensor, coords: torch.Tensor, pad_mask: torch.Tensor | None = None,
                 virtual_emb: torch.Tensor | None = None, virtual_coords: torch.Tensor | None = None,

@@ -160,3 +160,13 @@ def test_registry_and_bad_config():
             _build(kind)(torch.full((2, 40), float("nan")))
         with pytest.raises(ValueError, match="negative"):
             _build(kind)(-torch.ones(2, 40))
+
+
+@pytest.mark.parametrize("kind", ["bert", "mlp"])
+def test_encode_cells_has_no_dropout_and_keeps_the_mode(kind):
+    """A freshly built encoder is in train mode: ``encode_cells`` (the documented call) must not add dropout."""
+    enc = _build(kind, dropout=0.5).train()
+    x = _counts(6)
+    first, second = enc.encode_cells(x, GENES), enc.encode_cells(x, GENES)
+    assert torch.equal(first, second) and enc.training
+    assert torch.allclose(first, enc.eval()(x), atol=1e-5)
