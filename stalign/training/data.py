@@ -258,16 +258,6 @@ def shard_genes(root: str | Path) -> list[str]:
     return list(read_manifest(root)["genes"])
 
 
-def adopt_shard_crops(model: Any, root: str | Path) -> None:
-    """The model is trained on the crops of the shards under ``root``: ``model.crop_spec`` becomes their crop spec
-    (saved with its checkpoints, so predict cuts the same crops); a model already trained on other crops (``init``)
-    is warned about with both specs named."""
-    from stalign.data.crop_spec import shard_crops
-    from stalign.data.shards import read_manifest
-
-    model.crop_spec = shard_crops(read_manifest(Path(root)), root, model, "the initial model was trained on")
-
-
 def build_train_data(*, root: str | Path, slides: Sequence[str] | None, val_fraction: float, split_by: str,
                      seed: int, niche_spots: int, train_transforms: tuple[Callable, Callable] | None,
                      eval_transforms: tuple[Callable, Callable] | None, val_max_spots: int,

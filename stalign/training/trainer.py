@@ -124,8 +124,9 @@ def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
 
 def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]:
     """Accelerator, model, data and loaders, loss, optimizer and schedule, the engine (resumed position, run log)."""
+    from stalign.data.crop_spec import shard_crops
+    from stalign.data.shards import read_manifest
     from stalign.training.data import (
-        adopt_shard_crops,
         build_train_data,
         original_cell_embedder,
         shard_genes,
@@ -138,7 +139,9 @@ def _set_up(cfg: TrainConfig, resume: str | None) -> tuple[Engine, _Contrastive]
     accelerator = make_accelerator(mixed_precision=cfg.mixed_precision, grad_accum=cfg.grad_accum, cpu=cfg.cpu,
                                    seed=cfg.seed, data_seed=cfg.seed)
     model = _model_parts(cfg, shard_genes(cfg.data))
-    adopt_shard_crops(model, cfg.data)
+    # trained on the shards' crops: saved with its checkpoints, so predict cuts the same crops; a model already
+    # trained on other crops (init) is warned about with both specs named
+    model.crop_spec = shard_crops(read_manifest(Path(cfg.data)), cfg.data, model, "the initial model was trained on")
     if cfg.feature_views:
         check_frozen(model)  # before any split, clustering or feature is computed
     data = build_train_data(root=cfg.data, slides=cfg.slides, val_fraction=cfg.val_fraction, split_by=cfg.split_by,
