@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 
 from stalign.data.hest_bench_io import patch_file_info, read_patches
-from stalign.tasks.hest import LeakageError
+from stalign.tasks.hest import LeakageError, pearson_per_gene
 from stofm.util.errors import InputError
 
 SEED = 1  # HEST's default seed
@@ -130,17 +130,6 @@ def sample_expression(path: str | os.PathLike, genes: Sequence[str], barcodes: S
     return x
 
 
-def pearson_columns(y: np.ndarray, p: np.ndarray) -> np.ndarray:
-    """Pearson r per column, NaN where either side is constant (as ``scipy.stats.pearsonr``)."""
-    from scipy.stats import pearsonr
-
-    out = np.full(y.shape[1], np.nan)
-    for j in range(y.shape[1]):
-        if np.ptp(y[:, j]) > 0 and np.ptp(p[:, j]) > 0:
-            out[j] = pearsonr(y[:, j], p[:, j])[0]
-    return out
-
-
 def probe(x_train: np.ndarray, y_train: np.ndarray, x_test: np.ndarray, *, pca: bool = True, latent_dim: int = 256,
           tuned_alpha: bool = False) -> np.ndarray:
     """HEST's linear probe (see module doc); ``pca``/``tuned_alpha`` are the labelled variants."""
@@ -181,10 +170,10 @@ def run_task(task: dict[str, Any], features: dict[str, np.ndarray], expression: 
         if per_slide:
             with warnings.catch_warnings():  # a constant prediction (the training mean) has no r: NaN
                 warnings.simplefilter("ignore", RuntimeWarning)
-                r = np.nanmean([np.nanmean(pearson_columns(y[slides == s], pred[slides == s]))
+                r = np.nanmean([np.nanmean(pearson_per_gene(y[slides == s], pred[slides == s]))
                                 for s in np.unique(slides)])
         else:
-            r = float(np.mean(pearson_columns(y, pred)))  # HEST: np.mean (a constant gene makes the split NaN)
+            r = float(np.mean(pearson_per_gene(y, pred)))  # HEST: np.mean (a constant gene makes the split NaN)
         means.append(float(r))
         mses.append(float(((pred - y) ** 2).mean()))
     return {"pearson_mean": float(np.mean(means)), "pearson_std": float(np.std(means)), "per_split": means,
