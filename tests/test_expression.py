@@ -58,7 +58,7 @@ def test_sparse_and_dense_counts_give_the_same_values(counts):
     np.testing.assert_allclose(ex.dense(y_sparse), y_dense, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(ex.gene_variance(y_sparse), ex.gene_variance(y_dense), rtol=1e-5, atol=1e-9)
     cols = np.array([5, 1, 900])
-    np.testing.assert_array_equal(ex.take_columns(y_sparse, cols), ex.dense(y_sparse)[:, cols])
+    np.testing.assert_allclose(ex.dense(y_sparse[:, cols]), y_dense[:, cols], rtol=1e-6, atol=1e-6)  # prep's panel columns
 
 
 @pytest.mark.parametrize("sparse", [None, "csr", "csc"])

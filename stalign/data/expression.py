@@ -126,11 +126,6 @@ def gene_variance(x) -> np.ndarray:
     return x.astype(np.float64).var(axis=0)
 
 
-def take_columns(x, cols: np.ndarray) -> np.ndarray:
-    """Dense float32 columns ``cols`` of a (possibly sparse) matrix."""
-    return dense(x[:, cols])
-
-
 def select_panel(slide_genes: dict[str, Sequence[str]], *, genes: Sequence[str] | None = None,
                  variances: dict[str, np.ndarray] | None = None, n_top_genes: int = 50) -> list[str]:
     """The gene panel shared by all slides.

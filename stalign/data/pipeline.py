@@ -207,7 +207,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         cols = ex.panel_columns(slide_genes[s.slide_id], panel)
         jobs.append(SlideJob(slide_id=s.slide_id, image_path=os.fspath(s.image_path), **s.pixel_size_record(),
                              coords_px=np.asarray(s.coords_px, dtype=np.float64),
-                             expr=ex.take_columns(normed[s.slide_id], cols),
+                             expr=ex.dense(normed[s.slide_id][:, cols]),
                              barcodes=[str(b) for b in s.adata.obs_names],
                              source_files=hashes, shard_path=os.fspath(path), genes=panel, settings=settings,
                              tissue=rules[s.slide_id],
