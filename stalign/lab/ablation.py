@@ -21,17 +21,13 @@ import numpy as np
 from stalign.lab.ablation_curves import curve_rows, write_curves
 from stalign.lab.ablation_data import make_data, pretrain_stofm, slides_dir, stain_normalised, stain_target
 from stalign.lab.ablation_eval import (
+    AblationError,
     baseline_features,
     evaluate_baselines,
     evaluate_model,
     shard_truth,
     site_split,
 )
-from stofm.util.errors import InputError
-
-
-class AblationError(InputError):
-    """A bad ablation request (unknown arm, data without ground truth, incompatible settings)."""
 
 
 @dataclass
@@ -256,22 +252,6 @@ def train_arm(s: AblationSettings, arm: Arm, root: Path, out: Path, seed: int, s
     return stalign.load_checkpoint(result.checkpoint), result
 
 
-def _cached_features(root: Path, s: AblationSettings, *, imagenet: bool | None = None) -> dict[str, np.ndarray]:
-    """Baseline features of the shards, through the feature store (``stalign.tasks.feature_store``: several seeds,
-    runs or processes share one computation per shard); ``imagenet`` (None: the settings') adds the ImageNet ones."""
-    from stalign.lab.ablation_eval import BASELINES
-    from stalign.tasks.feature_store import baseline_identity, open_store
-
-    imagenet = s.imagenet if imagenet is None else imagenet
-    store = open_store(root)
-    names = BASELINES[:4 if imagenet else 2]
-    out = store.per_shard(baseline_identity("ablation baselines", imagenet=imagenet),
-                          [f"b{i}" for i in range(len(names))], list(store.entries),
-                          lambda sid: {f"b{i}": x for i, x in enumerate(
-                              baseline_features(root, imagenet=imagenet, slides=[sid]).values())})
-    return {name: out[f"b{i}"] for i, name in enumerate(names)}
-
-
 def ablation_truth(root: Path, synth_dir: Path | None = None) -> Any:
     """The ground truth the measures need; data without it (synth v1, real slides) is an :class:`AblationError`."""
     try:
@@ -304,15 +284,12 @@ def run_ablation(s: AblationSettings, *, log: Callable[[str], None] = print) -> 
     root = Path(s.shards) if s.shards is not None else make_data(s)
     synth_dir = s.synth_dir if s.shards is not None else slides_dir(s)
     truth = ablation_truth(root, synth_dir)
-    run = _Run(root=root, synth_dir=synth_dir, truth=truth, feats=_cached_features(root, s),
+    run = _Run(root=root, synth_dir=synth_dir, truth=truth, feats=baseline_features(root, imagenet=s.imagenet),
                best_steps=dict(s.site_best_steps or {}))
     for seed in s.seeds:
         for split in s.splits:
             if split == "site":
-                try:
-                    train, test, held_site = site_split(truth, seed)
-                except ValueError as err:
-                    raise AblationError(str(err)) from None
+                train, test, held_site = site_split(truth, seed)
                 slides = sorted(set(truth.slide[train]))
                 log(f"seed {seed}, site split: {len(train)} training spots of {len(slides)} slides, "
                     f"{len(test)} held out: every slide of {held_site}")
@@ -333,7 +310,7 @@ def _baseline_rows(s: AblationSettings, run: _Run, train: np.ndarray, test: np.n
     out = [{"method": name, **base, **scores}
            for name, scores in evaluate_baselines(run.root, run.truth, run.feats, train=train, test=test).items()]
     if norm_root is not None:
-        feats = _cached_features(norm_root, s, imagenet=False)
+        feats = baseline_features(norm_root, imagenet=False)
         scores = evaluate_baselines(norm_root, run.truth, feats, train=train, test=test)
         out += [{"method": f"{name}, Macenko-normalised crops", **base, **scores[name]} for name in feats]
     return out

