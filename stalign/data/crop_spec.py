@@ -206,11 +206,8 @@ def fit_stain_target(spec: CropSpec, samples: Sequence[Any], *, previous: CropSp
     pixels = []
     for s in chosen:
         pick = np.unique(np.linspace(0, len(s.coords_px) - 1, min(n_crops, len(s.coords_px))).round().astype(int))
-        slide = open_slide(s.image_path, um_per_px=s.um_per_px)
-        try:
+        with open_slide(s.image_path, um_per_px=s.um_per_px) as slide:
             spot = read_crop_pairs(slide, s.coords_px[pick], plain)[0]
-        finally:
-            slide.close()
         pixels.append(spot.reshape(-1, 3))
     pooled = np.concatenate(pixels)
     pooled = pooled[:: max(1, math.ceil(len(pooled) / max_pixels))]
