@@ -46,14 +46,10 @@ def autocast_dtype(device: Any = None, precision: str = "auto"):
 
     if precision not in PRECISIONS:
         raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    device = resolve_device(device)
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if device.type == "cuda":
+    fixed = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if precision in fixed:
+        return fixed[precision]
+    if resolve_device(device).type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return None
 
