@@ -108,6 +108,9 @@ def test_failed_write_leaves_nothing(tmp_path, real_patches):
     assert os.listdir(tmp_path) == []
     with pytest.raises(ShardError, match="shard not found"):
         shards.read_shard(path)
+    path.write_bytes(b"not an HDF5 file")  # a damaged file under the final name
+    with pytest.raises(ShardError, match="s1.h5: shard is incomplete or unreadable"):
+        shards.read_shard(path)
 
 
 def test_mismatched_rows_are_refused_and_leave_nothing(tmp_path, real_patches):

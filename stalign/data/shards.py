@@ -196,13 +196,12 @@ def read_shard(path: str | os.PathLike, *, patches: bool = False) -> dict[str, A
 
     if not Path(path).exists():
         raise ShardError(f"{path}: shard not found")
-    out: dict[str, Any] = {}
+    attrs = shard_attrs(path)
+    if attrs is None:
+        raise ShardError(f"{path}: shard is incomplete or unreadable")
     with h5py.File(path, "r") as f:
-        out["attrs"] = {k: _decode(v) for k, v in f.attrs.items()}
-        if not out["attrs"].get("complete"):
-            raise ShardError(f"{path}: shard is incomplete")
-        for name in ARRAYS + (("spot_patches", "niche_patches") if patches else ()):
-            out[name] = f[name][()]
+        out = {name: f[name][()] for name in ARRAYS + (("spot_patches", "niche_patches") if patches else ())}
+    out["attrs"] = attrs
     out["barcodes"] = [_decode(b) for b in out["barcodes"]]
     for name in ("expr", "niche_expr"):
         out[name] = out[name].astype(np.float32)
