@@ -72,8 +72,4 @@ def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tor
 
 def all_gather_no_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate ``x`` from every rank without gradient (labels, cluster ids)."""
-    if not is_distributed():
-        return x
-    sizes = sizes if sizes is not None else gather_sizes(x.shape[0], x.device)
-    with torch.no_grad():
-        return _AllGather.apply(x.detach(), sizes)
+    return all_gather_with_grad(x.detach(), sizes)
