@@ -177,6 +177,14 @@ def hub_errors(name: str, *, upload: bool = False):
             f"(NAME:/path/to/weights)") from None
 
 
+def hub_file(repo: str, filename: str, **kwargs: Any) -> str:
+    """One file of a Hugging Face hub repo, downloaded once, then from the cache (a failure: :func:`hub_errors`)."""
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(f"hf-hub:{repo}"):
+        return hf_hub_download(repo, filename, **kwargs)
+
+
 # ------------------------------------------------------------------------------------------------- timm
 @register_prefix("timm")
 def timm_backbone(name: str, *, pretrained: bool | str | os.PathLike | None = None, hub_name: str | None = None,

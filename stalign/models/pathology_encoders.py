@@ -24,7 +24,7 @@ from stalign.models.backbones import (
     Backbone,
     CheckpointMismatchError,
     backbone_from_timm,
-    hub_errors,
+    hub_file,
     is_local_checkpoint,
     load_into,
     load_state_dict_file,
@@ -242,10 +242,7 @@ def conch(*, pretrained: Pretrained = None, **arch: Any) -> Backbone:
     """CONCH (MahmoodLab): ViT-B/16 at 448 px + attentional pooling, 512-d, OpenAI CLIP mean/std. Weights: the
     ``pytorch_model.bin`` of ``MahmoodLab/conch`` (the CONCH package's CoCa layout, ``visual.*`` keys)."""
     if pretrained is True:
-        from huggingface_hub import hf_hub_download
-
-        with hub_errors("hf-hub:MahmoodLab/conch"):
-            pretrained = hf_hub_download("MahmoodLab/conch", "pytorch_model.bin")
+        pretrained = hub_file("MahmoodLab/conch", "pytorch_model.bin")
     visual = ConchVisual(**arch)
     if pretrained:
         sd = strip_prefixes(load_state_dict_file(pretrained), ("module.", "model."))
@@ -302,10 +299,7 @@ def _hf_vit(hub: str, base_kwargs: dict[str, Any], *, pretrained: Pretrained = N
     """A transformers ViT / DINOv2 checkpoint as a timm ViT whose widths, depth and patch come from its tensors."""
     kwargs = dict(base_kwargs)
     if pretrained is True:
-        from huggingface_hub import hf_hub_download
-
-        with hub_errors(f"hf-hub:{hub}"):
-            pretrained = hf_hub_download(hub, "model.safetensors")
+        pretrained = hub_file(hub, "model.safetensors")
     sd = None
     if pretrained:
         try:

@@ -26,6 +26,7 @@ from stalign.models.backbones import (
     Backbone,
     backbone_from_timm,
     hub_errors,
+    hub_file,
     load_into,
     load_state_dict_file,
     register_image_encoder,
@@ -99,11 +100,7 @@ def ctranspath(*, pretrained: Pretrained = None, **overrides: Any) -> Backbone:
     from timm.models.swin_transformer import checkpoint_filter_fn
 
     if pretrained is True:
-        from huggingface_hub import hf_hub_download
-
-        with hub_errors("hf-hub:MahmoodLab/hest-bench"):
-            pretrained = hf_hub_download("MahmoodLab/hest-bench", "fm_v1/ctranspath/ctranspath.pth",
-                                         repo_type="dataset")
+        pretrained = hub_file("MahmoodLab/hest-bench", "fm_v1/ctranspath/ctranspath.pth", repo_type="dataset")
     kwargs = {"img_size": 224, "embed_layer": ConvStem, "num_classes": 0, **overrides}
     model = timm.create_model("swin_tiny_patch4_window7_224", pretrained=False, **kwargs)
     if pretrained:
