@@ -73,8 +73,7 @@ def read_positions_parquet(path: Path) -> Any:
     ``array_row``, ``array_col``; :class:`CoordinateError` naming the file on a bad table."""
     import pandas as pd
 
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: Visium HD tissue positions file is missing")
+    require_path(path, "Visium HD tissue positions file", missing="is missing")
     try:
         table = pd.read_parquet(path)
     except ImportError as exc:
