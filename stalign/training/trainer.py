@@ -87,18 +87,15 @@ def _loaders(cfg: TrainConfig, data: Any, accelerator: Any):
     # dataset draws per epoch in them (its ``epoch`` would not reach a persistent worker). Own generators: starting
     # an epoch (or a resumed, batch-skipping loader) must not draw from the global RNG that dropout uses, or a
     # resumed run would diverge from an uninterrupted one.
-    workers = {"num_workers": cfg.num_workers, "pin_memory": accelerator.device.type == "cuda"}
-    train_dl = torch.utils.data.DataLoader(data.train, batch_size=cfg.batch_size, shuffle=True, drop_last=True,
-                                           collate_fn=data.collate or collate,
-                                           generator=torch.Generator().manual_seed(cfg.seed),
-                                           persistent_workers=cfg.num_workers > 0 and not hasattr(data.train, "epoch"),
-                                           **workers)
-    val_dl = None
-    if data.val is not None:
-        val_dl = torch.utils.data.DataLoader(data.val, batch_size=cfg.batch_size, shuffle=False,
-                                             collate_fn=collate, generator=torch.Generator().manual_seed(cfg.seed),
-                                             persistent_workers=cfg.num_workers > 0, **workers)
-    return train_dl, val_dl, len(data.train) // per_step
+    def loader(ds: Any, train: bool, collate_fn: Any) -> Any:
+        return torch.utils.data.DataLoader(
+            ds, batch_size=cfg.batch_size, shuffle=train, drop_last=train, collate_fn=collate_fn,
+            generator=torch.Generator().manual_seed(cfg.seed), num_workers=cfg.num_workers,
+            pin_memory=accelerator.device.type == "cuda",
+            persistent_workers=cfg.num_workers > 0 and not (train and hasattr(ds, "epoch")))
+
+    train_dl = loader(data.train, True, data.collate or collate)
+    return train_dl, None if data.val is None else loader(data.val, False, collate), len(data.train) // per_step
 
 
 def train(cfg: TrainConfig, *, resume: str | None = None) -> TrainResult:
