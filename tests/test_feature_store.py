@@ -219,7 +219,7 @@ def test_module_weights_checksum_follows_the_weights():
 
 
 def test_bench_second_run_reads_every_feature_from_the_store(root, monkeypatch):
-    from stalign.tasks import bench
+    from stalign.tasks import bench, embed
 
     kw = dict(by="slide", k_genes=4, latent_dim=4, progress=False, device="cpu")
     first = bench.bench_shards(root, ["random:timm:test_vit"], **kw)
@@ -228,7 +228,7 @@ def test_bench_second_run_reads_every_feature_from_the_store(root, monkeypatch):
     def no_reading(*args, **kwargs):
         raise AssertionError("patches read again")
 
-    monkeypatch.setattr(bench, "_patch_batches", no_reading)
+    monkeypatch.setattr(embed, "shard_batches", no_reading)
     second = bench.bench_shards(root, ["random:timm:test_vit"], **kw)
     assert "4 shard(s) reused, 0 computed; 4 arrays" in second.attrs["feature_store"]
     assert second[["encoder", "pearson_mean", "mse"]].equals(first[["encoder", "pearson_mean", "mse"]])

@@ -24,16 +24,6 @@ import numpy as np
 from stofm.util.errors import InputError
 
 
-def _patch_batches(root: str | os.PathLike, batch_size: int, workers: int, slides: Sequence[str] | None = None):
-    import torch
-
-    from stalign.data.dataset import ShardDataset, collate
-
-    ds = ShardDataset(root, slides=slides)
-    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate)
-
-
 class PatchEncoder:
     """One encoder spec as a function of patch batches (uint8 or [0, 1] float (B, 3, P, P)) -> (B, F) features.
     ``model:CKPT`` gives ``encode_image(spot, niche)`` when niche crops are given, else ``encode_spot_image``."""
@@ -87,8 +77,9 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
     from tqdm import tqdm
 
     import stalign
+    from stalign.data.dataset import ShardDataset
     from stalign.models.perf import resolve_device
-    from stalign.tasks.embed import embed_shards
+    from stalign.tasks.embed import embed_shards, shard_batches
     from stalign.tasks.feature_store import open_store, spec_identity, spec_weights_sha256
 
     device = resolve_device(device)
@@ -106,9 +97,9 @@ def encoder_features(spec: str, root: str | os.PathLike, *, batch_size: int = 32
 
     def compute(slide_id: str) -> dict[str, np.ndarray]:
         net, out = encoder(), []
+        batches = shard_batches(ShardDataset(root, slides=[slide_id]), batch_size=batch_size, workers=workers)
         with torch.inference_mode():
-            for batch in tqdm(_patch_batches(root, batch_size, workers, [slide_id]), desc=f"features {spec}",
-                              disable=not progress):
+            for batch in tqdm(batches, desc=f"features {spec}", disable=not progress):
                 out.append(net(batch["spot_image"].to(device)).float().cpu().numpy())
         return {"features": np.concatenate(out)}
 
@@ -123,12 +114,15 @@ def shard_colour_features(root: str | os.PathLike, *, batch_size: int = 64, work
                           cache: Any = True) -> np.ndarray:
     """(N, 31) colour statistics (``baselines.colour_features``) of every shard spot's crop, manifest order
     (through the feature store, as :func:`encoder_features`)."""
+    from stalign.data.dataset import ShardDataset
     from stalign.tasks.baselines import colour_features
+    from stalign.tasks.embed import shard_batches
     from stalign.tasks.feature_store import baseline_identity, open_store
 
     def compute(slide_id: str) -> dict[str, np.ndarray]:
+        batches = shard_batches(ShardDataset(root, slides=[slide_id]), batch_size=batch_size, workers=workers)
         return {"features": np.concatenate([colour_features(b["spot_image"].permute(0, 2, 3, 1).numpy())
-                                            for b in _patch_batches(root, batch_size, workers, [slide_id])])}
+                                            for b in batches])}
 
     store = open_store(root, cache)
     return store.per_shard(baseline_identity("colour statistics"), ["features"], list(store.entries),

@@ -16,12 +16,15 @@ from stalign.tasks.retrieval import ReferenceBank
 __all__ = ["SlideCrops", "bank_from_shards", "embed_shards", "embed_slide_crops", "load_reference"]
 
 
-def _loader(dataset: Any, *, batch_size: int, workers: int, collate: Any = None, pin_memory: bool = False):
+def shard_batches(ds: Any, *, batch_size: int, workers: int):
+    """Collated batches of the ``ShardDataset`` ``ds`` in its order (``workers`` spawned reader processes; 0: read
+    in this process)."""
     import torch
 
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-                                       collate_fn=collate, persistent_workers=False, pin_memory=pin_memory,
-                                       multiprocessing_context="spawn" if workers > 0 else None)
+    from stalign.data.dataset import collate
+
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       collate_fn=collate, multiprocessing_context="spawn" if workers > 0 else None)
 
 
 def embed_slide_crops(model: Any, crops: SlideCrops, *, batch_size: int = 32, workers: int = 0,
@@ -98,12 +101,11 @@ def _embed_dataset(model: Any, ds: Any, *, batch_size: int, workers: int, device
     """``image`` (and ``gene``) embeddings of every item of ``ds``, in its order."""
     from tqdm import tqdm
 
-    from stalign.data.dataset import collate
     from stalign.models.perf import inference_context
 
     image, genes_emb = [], []
     with inference_context(model, device, precision):  # model moved in place, eval, autocast
-        for batch in tqdm(_loader(ds, batch_size=batch_size, workers=workers, collate=collate),
+        for batch in tqdm(shard_batches(ds, batch_size=batch_size, workers=workers),
                           desc="embedding shards", disable=not progress, unit="batch"):
             b = {k: v.to(device) for k, v in batch.items()}
             image.append(model.encode_image(b["spot_image"], b["niche_image"], niche_weight=niche_weight)
