@@ -104,16 +104,11 @@ class ExpressionHead:
         self.net: Any = None
         self.history: list[float] = []
 
-    def build(self, in_dim: int, bias: Any = None):
-        """The MLP for ``in_dim``-d embeddings; ``bias``: the output bias to start from (e.g. the training mean)."""
-        import torch
+    def build(self, in_dim: int):
         from torch import nn
 
         self.net = nn.Sequential(nn.LayerNorm(in_dim), nn.Linear(in_dim, self.hidden), nn.GELU(),
                                  nn.Dropout(self.dropout), nn.Linear(self.hidden, len(self.genes)))
-        if bias is not None:
-            with torch.no_grad():
-                self.net[-1].bias.copy_(torch.as_tensor(bias))
         return self.net
 
     def fit(self, embeddings: np.ndarray, expression: np.ndarray, *, epochs: int = 200, lr: float = 3e-3,
@@ -126,13 +121,21 @@ class ExpressionHead:
         y = torch.as_tensor(np.asarray(expression, np.float32))
         if y.shape[1] != len(self.genes):
             raise InputError(f"expression has {y.shape[1]} genes, the head {len(self.genes)}")
-        net = self.build(x.shape[1], bias=y.mean(0))
+        net = self.build(x.shape[1])
+        with torch.no_grad():
+            net[-1].bias.copy_(y.mean(0))
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=weight_decay)
         gen = torch.Generator().manual_seed(seed)
         net.train()
         for _ in range(epochs):
-            order = torch.randperm(len(x), generator=gen).split(batch_size)
-            self.history.append(_mse_epoch(net, opt, ((x[idx], y[idx]) for idx in order)))
+            total = 0.0
+            for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+                loss = torch.nn.functional.mse_loss(net(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                total += float(loss.detach()) * len(idx)
+            self.history.append(total / len(x))
         net.eval()
         return self
 
@@ -143,20 +146,6 @@ class ExpressionHead:
             raise RuntimeError("ExpressionHead.predict before fit")
         with torch.no_grad():
             return self.net(torch.as_tensor(np.asarray(embeddings, np.float32))).numpy()
-
-
-def _mse_epoch(net: Any, opt: Any, pairs: Any) -> float:
-    """One epoch of MSE steps of ``net`` over (inputs, targets) batches; the epoch's mean loss per row."""
-    import torch
-
-    total, n = 0.0, 0
-    for x, y in pairs:
-        loss = torch.nn.functional.mse_loss(net(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        total, n = total + float(loss.detach()) * len(x), n + len(x)
-    return total / n
 
 
 def head_predict(head: Any, embeddings: np.ndarray, genes: Sequence[str] | None = None) -> np.ndarray:
@@ -214,7 +203,9 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
         for trunk in trunks:
             unfreeze_last_blocks(trunk, unfreeze_last)
     head = ExpressionHead(genes=genes, hidden=hidden)
-    net = head.build(model.config.embed_dim, bias=torch.as_tensor(ds.expression_matrix())[:, cols].mean(0))
+    net = head.build(model.config.embed_dim)
+    with torch.no_grad():
+        net[-1].bias.copy_(torch.as_tensor(ds.expression_matrix())[:, cols].mean(0))
     model.to(device).eval()  # batch-norm statistics and dropout stay as trained (small few-shot batches)
     net.to(device).train()
     encoder_params = [p for p in model.parameters() if p.requires_grad]
@@ -226,9 +217,16 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
                                          collate_fn=collate, generator=torch.Generator().manual_seed(seed),
                                          drop_last=len(ds) > batch_size)
     for _ in tqdm(range(epochs), desc="fine-tuning", disable=not progress):
-        pairs = ((model.encode_image(b["spot_image"].to(device), b["niche_image"].to(device), niche_weight=niche_weight),
-                  b["spot_expr"][:, cols].to(device)) for b in loader)
-        head.history.append(_mse_epoch(net, opt, pairs))
+        total, n = 0.0, 0
+        for batch in loader:
+            emb = model.encode_image(batch["spot_image"].to(device), batch["niche_image"].to(device),
+                                     niche_weight=niche_weight)
+            loss = torch.nn.functional.mse_loss(net(emb), batch["spot_expr"][:, cols].to(device))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total, n = total + float(loss.detach()) * len(emb), n + len(emb)
+        head.history.append(total / n)
     net.cpu().eval()
     head.embedding_info = {**crops.to_dict(), "unfreeze_last": unfreeze_last}
     return head
