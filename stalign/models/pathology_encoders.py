@@ -10,7 +10,7 @@ architecture (tests build shrunk variants with the same structure).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -98,19 +98,9 @@ TIMM_MODELS = {
         "Virchow (Paige): ViT-H/14, SwiGLU, CLS + mean patch token = 2560-d.", "vit_huge_patch14_224",
         "hf-hub:paige-ai/Virchow", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
                                     "dynamic_img_size": True}, swiglu=True, pool="cls_mean"),
-    "virchow2": TimmModel(
-        "Virchow2 (Paige): as Virchow with 4 register tokens (skipped in the patch mean).", "vit_huge_patch14_224",
-        "hf-hub:paige-ai/Virchow2", {"img_size": 224, "init_values": 1e-5, "mlp_ratio": 5.3375, "global_pool": "",
-                                     "dynamic_img_size": True, "reg_tokens": 4},
-        precision="fp16", swiglu=True, pool="cls_mean"),
     "h-optimus-0": TimmModel(
         "H-optimus-0 (Bioptimus): ViT-g/14 with 4 registers (DINOv2), 1536-d CLS, its own H&E mean/std.",
         "vit_giant_patch14_reg4_dinov2", "hf-hub:bioptimus/H-optimus-0",
-        {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
-        precision="fp16", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD), hub_norm=True),
-    "h-optimus-1": TimmModel(  # TRIDENT's precision (HEST lacks H-optimus-1)
-        "H-optimus-1 (Bioptimus): as H-optimus-0 (ViT-g/14, 4 registers, 1536-d CLS, the same mean/std).",
-        "vit_giant_patch14_reg4_dinov2", "hf-hub:bioptimus/H-optimus-1",
         {"img_size": 224, "init_values": 1e-5, "dynamic_img_size": False, "global_pool": "token"},
         precision="fp16", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD), hub_norm=True),
     "gigapath": TimmModel(  # HEST / GigaPath: Resize(256, bicubic), CenterCrop(224)
@@ -125,11 +115,16 @@ TIMM_MODELS = {
         "1536-d.", "vit_base_patch14_reg4_dinov2", "hf-hub:bioptimus/H0-mini", {"img_size": 224, "global_pool": ""},
         precision="fp16", swiglu=True, pool="cls_mean", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD),
         local_kwargs={"mlp_ratio": 5.33334}, mlp_from_file=True),
-    "h0-mini-cls": TimmModel(
-        "H0-mini's CLS token alone, 768-d: HEST's ``h0_mini`` (``return_cls=True``) and TRIDENT's default.",
-        "vit_base_patch14_reg4_dinov2", "hf-hub:bioptimus/H0-mini", {"img_size": 224, "global_pool": ""},
-        precision="fp16", swiglu=True, pool="cls", norm=(HOPTIMUS_MEAN, HOPTIMUS_STD),
-        local_kwargs={"mlp_ratio": 5.33334}, mlp_from_file=True),
+}
+TIMM_MODELS |= {  # the variants: another model's row with what differs
+    "virchow2": replace(TIMM_MODELS["virchow"], about="Virchow2 (Paige): as Virchow with 4 register tokens (skipped "
+                        "in the patch mean).", hub="hf-hub:paige-ai/Virchow2", precision="fp16",
+                        kwargs={**TIMM_MODELS["virchow"].kwargs, "reg_tokens": 4}),
+    "h-optimus-1": replace(  # TRIDENT's precision (HEST lacks H-optimus-1)
+        TIMM_MODELS["h-optimus-0"], hub="hf-hub:bioptimus/H-optimus-1",
+        about="H-optimus-1 (Bioptimus): as H-optimus-0 (ViT-g/14, 4 registers, 1536-d CLS, the same mean/std)."),
+    "h0-mini-cls": replace(TIMM_MODELS["h0-mini"], pool="cls", about="H0-mini's CLS token alone, 768-d: HEST's "
+                           "``h0_mini`` (``return_cls=True``) and TRIDENT's default."),
 }
 
 
