@@ -34,11 +34,8 @@ TARGETS = {  # term -> (features a, features b)
 }
 LOSS_KINDS = ("infonce", "siglip")
 PAPER_TEMPERATURE = 0.1
-PAIRED_TARGETS = {  # term -> (query, positive key, negative keys (B, M, E))
-    "spot_loss": ("spot_image_features", "spot_gene_features", "negative_spot_gene_features"),
-    "niche_loss": ("niche_image_features", "niche_gene_features", "negative_niche_gene_features"),
-    "fusion_loss": ("fused_spot_features", "fused_niche_features", "negative_fused_niche_features"),
-}
+#: term -> (query, positive key, negative keys (B, M, E): ``negative_<positive key>``)
+PAIRED_TARGETS = {name: (a, b, f"negative_{b}") for name, (a, b) in TARGETS.items()}
 
 
 class EmptyBatchError(InputError):
