@@ -7,6 +7,7 @@ and raises :class:`PixelSizeError` listing the ways to supply one when none is a
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from stalign.data.sample import SlideSample, check_sample, coords_from_obsm
 from stalign.data.slide import open_slide
 from stalign.data.tenx import find_tissue_positions, read_10x_h5, read_scalefactors, read_tissue_positions
 from stalign.data.tissue_call import offer_in_tissue
-from stofm.util.safe_files import read_json, require_path
+from stofm.util.safe_files import require_path
 
 WSI_SUFFIXES = (".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".bif", ".vms", ".jpg", ".jpeg", ".png")
 #: HEST's ``spot_diameter_fullres`` spans its registration spot size: the metadata's ``spot_diameter``, except for
@@ -318,7 +319,10 @@ def read_hest(root: str | os.PathLike, sample_id: str, *, um_per_px: float | Non
     if wsi is None:
         raise FileNotFoundError(f"{root / 'wsis'}: no slide for HEST sample {sample_id!r} "
                                 f"(looked for {sample_id}{{{','.join(WSI_SUFFIXES)}}})")
-    meta = read_json(meta_path, what="HEST metadata") if meta_path.is_file() else {}
+    try:
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    except (OSError, ValueError) as exc:
+        raise DataPrepError(f"{meta_path}: cannot read the HEST metadata JSON: {exc}") from exc
     adata = _load_h5ad(h5ad_path)
     coords = coords_from_obsm(adata, spatial_key, what=str(h5ad_path))
     scalefactors, where = _spatial_scalefactors(adata, library_id, str(h5ad_path))

@@ -1,6 +1,7 @@
 """10x Genomics Space Ranger files: the feature-barcode HDF5 matrix, tissue positions and scale factors."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -8,7 +9,6 @@ import numpy as np
 
 from stalign.data.errors import BarcodeError, CoordinateError, DataPrepError, ExpressionError, examples
 from stofm.util.errors import InputError
-from stofm.util.safe_files import read_json
 
 POSITION_COLUMNS = ("barcode", "in_tissue", "array_row", "array_col", "pxl_row_in_fullres", "pxl_col_in_fullres")
 
@@ -119,6 +119,11 @@ def positions_frame(table: Any, path: Path) -> Any:
 
 
 def read_scalefactors(path: Path) -> dict[str, float]:
-    """``scalefactors_json.json`` as a dict (``read_json``: ``FileNotFoundError`` when missing, ``DamagedFileError``
-    when not JSON, each naming the file)."""
-    return read_json(path, what="Space Ranger scale factors file")
+    """``scalefactors_json.json`` as a dict; :class:`DataPrepError` when missing or not JSON."""
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataPrepError(f"{path}: scale factors file is missing") from None
+    except (OSError, ValueError) as exc:
+        raise DataPrepError(f"{path}: cannot read the scale factors: {exc}") from exc
+    return data
