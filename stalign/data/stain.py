@@ -53,7 +53,7 @@ def estimate(od: np.ndarray, *, min_fraction: float = MIN_TISSUE_FRACTION
     """Macenko's estimate for each of N images of OD pixels ``od`` (N, M, 3): (stain matrices (N, 3, 2) with
     haematoxylin first, concentrations (N, M, 2), their 99th percentiles (N, 2), usable (N,) bool: enough tissue
     pixels and a well-posed fit)."""
-    n_img, m = od.shape[:2]
+    m = od.shape[1]
     valid = ~np.any(od < BETA, axis=2)
     count = valid.sum(1)
     ok = count >= max(3, min_fraction * m)
