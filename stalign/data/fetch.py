@@ -39,19 +39,13 @@ DATASETS: dict[str, RemoteArchive] = {
     "squidpy-visium-crop": RemoteArchive(
         name="squidpy-visium-crop",
         **_SQUIDPY,
-        members={
-            "squidpy-1.8.2/tests/_data/test_data.h5ad": "test_data.h5ad",
-            "squidpy-1.8.2/tests/_data/test_img.jpg": "test_img.jpg",
-        },
+        members={f"squidpy-1.8.2/tests/_data/{f}": f for f in ("test_data.h5ad", "test_img.jpg")},
         description="10x Visium mouse brain crop: 49 spots x 1,999 genes + full-res H&E (squidpy tests, BSD-3)",
     ),
     "squidpy-spaceranger": RemoteArchive(
         name="squidpy-spaceranger",
         **_SQUIDPY,
-        members={
-            "squidpy-1.8.2/tests/_data/filtered_feature_bc_matrix.h5": "filtered_feature_bc_matrix.h5",
-            "squidpy-1.8.2/tests/_data/spatial/": "spatial/",
-        },
+        members={f"squidpy-1.8.2/tests/_data/{f}": f for f in ("filtered_feature_bc_matrix.h5", "spatial/")},
         description="A Space Ranger output folder (counts h5 + spatial/) from the squidpy tests (BSD-3)",
     ),
     "openslide-fixtures": RemoteArchive(
