@@ -146,10 +146,7 @@ def _prepare_locked(samples: Iterable[Any], out: Path, *, genes: Iterable[str] |
         raise DataPrepError(f"crop must be a CropSpec, got {type(crop).__name__}")
     existing = read_manifest(out) if (out / MANIFEST).exists() else None
     crop = crop or CropSpec.from_dict(existing) or CropSpec()
-    try:
-        check_compression(patch_compression)
-    except ValueError as err:
-        raise DataPrepError(str(err)) from None
+    check_compression(patch_compression)
     samples = [_sample(s) for s in samples]
     if not samples:
         raise DataPrepError("no slides to prepare")

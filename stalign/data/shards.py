@@ -32,9 +32,9 @@ ARRAYS = ("expr", "niche_expr", "coords_px", "coords_um", "neighbors", "padded",
 
 
 def check_compression(compression: str) -> str:
-    """``compression`` if it is one of ``PATCH_COMPRESSIONS``, else a one-line ``ValueError``."""
+    """``compression`` if it is one of ``PATCH_COMPRESSIONS``, else a one-line ``DataPrepError`` (a ``ValueError``)."""
     if compression not in PATCH_COMPRESSIONS:
-        raise InputError(f"patch compression must be one of {', '.join(PATCH_COMPRESSIONS)}; got {compression!r}")
+        raise DataPrepError(f"patch compression must be one of {', '.join(PATCH_COMPRESSIONS)}; got {compression!r}")
     return compression
 
 
