@@ -266,14 +266,16 @@ def test_frozen_encoders_train_from_stored_features_as_from_pixels(root):
 
 
 def test_ablation_baselines_come_from_the_store(root, monkeypatch):
-    from stalign.lab import ablation, ablation_eval
+    from stalign.lab import ablation_eval
+    from stalign.tasks.baselines import colour_features
+    from stalign.tasks.feature_store import open_store
 
-    s = ablation.AblationSettings.quick(root.parent / "ablation", imagenet=False)
-    first = ablation._cached_features(root, s)
+    first = ablation_eval.baseline_features(root, imagenet=False)
     assert list(first) == list(ablation_eval.BASELINES[:2])
-    direct = ablation_eval.baseline_features(root, imagenet=False)
-    for name, x in direct.items():
-        np.testing.assert_array_equal(first[name], x)
-    monkeypatch.setattr(ablation_eval, "patch_arrays", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
-    again = ablation._cached_features(root, s)
-    np.testing.assert_array_equal(again[ablation_eval.BASELINES[1]], direct[ablation_eval.BASELINES[1]])
+    spot = np.concatenate([shards.read_shard(root / e["shard"], patches=True)["spot_patches"]
+                           for e in open_store(root).entries.values()])
+    np.testing.assert_array_equal(first[ablation_eval.BASELINES[0]], colour_features(spot))
+    monkeypatch.setattr(shards, "read_shard", lambda *a, **k: (_ for _ in ()).throw(AssertionError("read")))
+    again = ablation_eval.baseline_features(root, imagenet=False)
+    for name, x in first.items():
+        np.testing.assert_array_equal(again[name], x)
