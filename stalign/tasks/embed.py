@@ -139,16 +139,10 @@ def load_reference(reference: Any, model: Any, **embed: Any) -> ReferenceBank:
     """A ``ReferenceBank`` from a bank, a saved bank folder, or a shards folder (embedded with ``model`` through the
     feature store: embedded once, reused by later runs; ``cache=False`` bypasses it); its gene panel must be the
     model's."""
-    if isinstance(reference, ReferenceBank):
-        bank = reference
-    else:
-        path = Path(reference)
-        if (path / "bank.json").is_file():
-            bank = ReferenceBank.load(path)
-        elif (path / "manifest.json").is_file():
-            bank = bank_from_shards(model, path, **embed)
-        else:
-            raise FileNotFoundError(f"{path}: not a reference bank (bank.json) nor a shards folder (manifest.json)")
+    from stalign.tasks.query_checks import open_reference
+
+    summary = open_reference(reference)  # a bank as it is, a saved bank loaded, a shards folder's manifest read
+    bank = summary.bank if summary.bank is not None else bank_from_shards(model, reference, **embed)
     bank.check_genes(model.genes, what="the model")
     bank.check_model(model)
     return bank
