@@ -94,3 +94,21 @@ def test_gene_signature_finds_the_region_that_expresses_it(crop):
     assert auc > 0.85, auc
     vector_scores = query_signature(expr[region].mean(0), bank=bank, embeddings=emb)
     assert (vector_scores[region][:, None] > vector_scores[~region][None]).mean() > 0.85
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf"])
+def test_retrieve_refuses_non_finite_coordinates_as_predict_does(tmp_path, one_line, predict_setup, monkeypatch,
+                                                                 bad):
+    import stalign.tasks.embed as embed
+    import stalign.tasks.predict as predict
+
+    for module, name in ((predict, "embed_slide"), (embed, "load_reference")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("embedded before checking the coordinates"))
+    coords = tmp_path / "coords.csv"
+    coords.write_text(f"x,y\n10,20\n30,{bad}\n")
+    common = ["--model", str(predict_setup["ckpt"]), "--reference", str(predict_setup["shards"]),
+              "--slide", str(predict_setup["image"]), "--um-per-px", "0.73", "--coords", str(coords), "--quiet"]
+    line = one_line(["retrieve", "image", *common, "--out", str(tmp_path / "hits.csv")], "NaN/inf", "row 1")
+    predicted = one_line(["predict", *common, "--out", str(tmp_path / "pred.h5ad")])
+    assert line.split(": error: ")[1] == predicted.split(": error: ")[1]  # the same message but for the command
+    assert not (tmp_path / "hits.csv").exists()

@@ -67,19 +67,21 @@ def run_bank(args: argparse.Namespace) -> int:
 
 
 def _embed(args: argparse.Namespace, model: Any = None):
-    """(bank, embed_slide's result, spot names) of the query slide; the slide input is read and checked against
-    the reference (``checked_reference``) before anything is embedded. ``model``: already loaded."""
+    """(bank, embed_slide's result, spot names) of the query slide; the slide input is read, its spot centres
+    checked (``check_coords``) and the slide checked against the reference (``checked_reference``) before
+    anything is embedded. ``model``: already loaded."""
     import stalign
     from stalign.tasks.embed import load_reference
-    from stalign.tasks.predict import checked_reference, drawn_spot_diameter_um, embed_slide
+    from stalign.tasks.predict import check_coords, checked_reference, drawn_spot_diameter_um, embed_slide
 
     model = model if model is not None else stalign.load_checkpoint(args.model)
     query = slide_query(args)
+    coords = None if query.coords is None else check_coords(query.coords, query.slide)  # predict's check
     reference, crop, _ = checked_reference(model, args.reference, slide=query.slide, crop=crop_args(args),
                                            query_genes=query.genes)
     bank = load_reference(reference, model, batch_size=args.batch_size, workers=args.workers,
                           device=args.device, progress=not args.quiet, cache=not args.no_cache)
-    e = embed_slide(model, query.slide, crop=crop, coords=query.coords, step_um=args.step_um,
+    e = embed_slide(model, query.slide, crop=crop, coords=coords, step_um=args.step_um,
                     batch_size=args.batch_size, workers=args.workers, device=args.device, progress=not args.quiet)
     given = args.spot_diameter_um if args.spot_diameter_um is not None else query.spot_diameter_um
     e["spot_diameter_px"] = drawn_spot_diameter_um(given, None if e["tiled"] else e["coords"], crop.spot_um,
