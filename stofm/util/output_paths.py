@@ -119,11 +119,16 @@ def check_command_outputs(args: Any) -> None:
     refuse_overwriting_inputs(outputs, inputs)
 
 
+def current_umask() -> int:
+    """The process umask (read by setting it and putting it back: the only way os offers)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def publish(tmp: PathLike, final: PathLike) -> None:
     """Give a finished temporary the usual file mode (mkstemp makes it owner-only) and rename it into place."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)
+    os.chmod(tmp, 0o666 & ~current_umask())
     os.replace(tmp, final)
 
 
