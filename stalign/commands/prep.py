@@ -2,16 +2,18 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-from typing import Any
 
 from stalign.commands.common_args import read_gene_file
 from stalign.data.crop_spec import CropSpec
-from stalign.data.prep_options import add_crop_options, add_spot_geometry_options, crop_from_args, spot_geometry
-from stalign.data.sample_spec import check_sample_spec, read_sample_spec
+from stalign.data.prep_options import (
+    add_output_options,
+    add_spot_geometry_options,
+    crop_from_args,
+    prepare_from_args,
+    spot_geometry,
+)
+from stalign.data.sample_spec import read_sample_spec, read_sample_table
 from stofm.util.errors import InputError
-from stofm.util.output_paths import safe_name
-from stofm.util.safe_files import require_path
 
 # = stalign.data.pixel_size.PIXEL_SIZE_CHOICES and the readers' own (not imported here: it loads openslide at
 # CLI start-up)
@@ -39,24 +41,13 @@ def register(sub: argparse._SubParsersAction) -> None:
                      help="Visium HD bin size to read (default 16 when present: the closest to a 55 µm spot)")
     src.add_argument("--hest", metavar="ROOT", help="HEST-1k folder (st/, wsis/, metadata/)")
     src.add_argument("--ids", nargs="+", metavar="ID", help="HEST sample ids (default: all in --hest)")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (manifest.json + shards/)")
-    genes = p.add_mutually_exclusive_group()
-    genes.add_argument("--genes", metavar="FILE", help="gene panel: one gene per line ('#' comments)")
-    genes.add_argument("--n-top-genes", type=int, default=50, metavar="N",
-                       help="else the top N highly variable genes shared by all slides (default 50)")
-    add_crop_options(p)
-    p.add_argument("--um-per-px", type=float, default=None, help="pixel size of every slide (overrides metadata)")
+    add_output_options(p, gene_file=True)
     p.add_argument("--pixel-size-from", choices=PIXEL_SIZE_FROM, default="auto",
                    help="where the pixel size comes from when --um-per-px is not given (default auto: the "
                         "reader's order, docs/readers.md); every available source is recorded in the manifest")
     add_spot_geometry_options(p)
-    p.add_argument("--workers", type=int, default=1, help="processes reading crops, this one included (default 1; each reads its own run of crop batches of "
-                        "each slide, so one big slide uses them all)")
     p.add_argument("--neighbors", type=int, default=16, help="nearest spots stored per spot (default 16)")
     p.add_argument("--batch-size", type=int, default=32, help="crops read per batch (default 32)")
-    p.add_argument("--patch-compression", choices=("none", "gzip"), default="none",
-                   help="patch storage: none (raw, default: fastest) or gzip (level 1: ~1.3x smaller, ~8x the CPU)")
-    p.add_argument("--no-tissue-filter", action="store_true", help="keep spots on background too")
     p.add_argument("--tissue-from", choices=TISSUE_FROM, default="auto",
                    help="which spots are on tissue: 'in_tissue' trusts Space Ranger's call (Space Ranger folders, "
                         "HEST samples with obs in_tissue), 'image' the image tissue mask; 'auto' (default) "
@@ -66,36 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="suffix repeated gene names -1, -2, ... (anndata's var_names_make_unique) instead of failing")
     p.add_argument("--lock-timeout", type=float, default=None, metavar="SECONDS",
                    help="when another prep writes into --out, wait at most this long (default: until it is done)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.set_defaults(func=run)
-
-
-def read_sample_table(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a CSV or YAML slide list as dicts."""
-    import csv
-
-    from stofm.util.config_io import parse_yaml
-
-    path = require_path(path, "slide list")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        rows = parse_yaml(path, what="slide list")
-        rows = rows.get("slides", rows) if isinstance(rows, dict) else rows
-    else:
-        with open(path, newline="") as fh:
-            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
-    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
-        raise InputError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
-    base = path.parent
-    for i, row in enumerate(rows):
-        for key in ("slide_id", "id"):  # both become file names (shards/<id>.h5, qc/<id>.png)
-            if row.get(key):
-                safe_name(row[key], f"row {i + 1} {key}", source=path)
-        for key in ("h5ad", "image", "spaceranger", "hest", "visium_hd"):
-            if row.get(key):
-                row[key] = str(base / Path(row[key]).expanduser())
-        check_sample_spec(row, f"{path}: row {i + 1}")
-    return rows
 
 
 def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
@@ -127,20 +90,11 @@ def _loaders(args: argparse.Namespace, crop: CropSpec) -> list:
 
 
 def run(args: argparse.Namespace) -> int:
-    from stalign.data.pipeline import prepare
-    from stalign.data.prep_options import summary_table
-
     genes = read_gene_file(args.genes) if args.genes else None
     crop = crop_from_args(args)
     samples = [load() for load in _loaders(args, crop)]
-    manifest = prepare(samples, args.out, genes=genes, n_top_genes=args.n_top_genes, crop=crop,
-                       n_neighbors=args.neighbors, workers=args.workers, tissue_filter=not args.no_tissue_filter,
-                       tissue_from=args.tissue_from,
-                       batch_size=args.batch_size, progress=not args.quiet, log=_log, lock_timeout=args.lock_timeout,
-                       patch_compression=args.patch_compression)
-    print(summary_table(manifest))
-    print(f"{len(manifest['genes'])} genes ({manifest['expression']}), "
-          f"{sum(s['n_spots'] for s in manifest['slides'])} spots -> {Path(args.out) / 'manifest.json'}")
+    prepare_from_args(samples, args, crop=crop, genes=genes, n_neighbors=args.neighbors, tissue_from=args.tissue_from,
+                      batch_size=args.batch_size, log=_log, lock_timeout=args.lock_timeout)
     return 0
 
 

@@ -44,6 +44,39 @@ def parse_sample_spec(text: str, *, what: str = "slide input") -> dict[str, str]
     return row
 
 
+def spec_paths(row: dict[str, Any], base: str | os.PathLike | None = None) -> dict[str, str]:
+    """The path values of ``row`` (``PATH_KEYS``, ``~`` expanded) joined onto ``base``."""
+    return {k: str(Path(base or ".") / Path(str(v)).expanduser()) for k, v in row.items()
+            if k in PATH_KEYS and v not in (None, "")}
+
+
+def read_sample_table(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """Rows of a CSV or YAML slide list (``stalign prep --samples``) as checked specs, their paths relative to the
+    list's folder."""
+    import csv
+
+    from stofm.util.config_io import parse_yaml
+    from stofm.util.output_paths import safe_name
+    from stofm.util.safe_files import require_path
+
+    path = require_path(path, "slide list")
+    if path.suffix.lower() in (".yaml", ".yml"):
+        rows = parse_yaml(path, what="slide list")
+        rows = rows.get("slides", rows) if isinstance(rows, dict) else rows
+    else:
+        with open(path, newline="") as fh:
+            rows = [{k.strip(): (v or "").strip() for k, v in r.items() if k} for r in csv.DictReader(fh)]
+    if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
+        raise InputError(f"{path}: expected a non-empty list of slides (CSV with a header, or a YAML list)")
+    for i, row in enumerate(rows):
+        for key in ("slide_id", "id"):  # both become file names (shards/<id>.h5, qc/<id>.png)
+            if row.get(key):
+                safe_name(row[key], f"row {i + 1} {key}", source=path)
+        row.update(spec_paths(row, path.parent))
+        check_sample_spec(row, f"{path}: row {i + 1}")
+    return rows
+
+
 def _value(row: dict[str, Any], key: str, default: Any = None) -> Any:
     value = row.get(key)
     return default if value in (None, "") else value
@@ -59,8 +92,7 @@ def read_sample_spec(row: dict[str, Any], *, base: str | os.PathLike | None = No
     from stalign.data.sample import GROUP_KEYS
 
     check_sample_spec(row, "slide input")
-    paths = {k: str(Path(base or ".") / Path(str(v)).expanduser()) for k, v in row.items()
-             if k in PATH_KEYS and v not in (None, "")}
+    paths = spec_paths(row, base)
     mpp = _value(row, "um_per_px", um_per_px)
     mpp = float(mpp) if mpp is not None else None
     geom = {"spot_diameter_um": spot_diameter_um, "spot_pitch_um": spot_pitch_um}
