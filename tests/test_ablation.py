@@ -340,3 +340,7 @@ def test_best_steps_of_an_earlier_site_run_feed_the_block_split(tmp_path):
     bad.write_text("a,b\n1,2\n")
     with pytest.raises(AblationError, match="other.csv"):
         site_best_steps([bad])
+    older = tmp_path / "before_best_steps.csv"  # rows of a run that recorded no best step
+    older.write_text("method,arm,split,seed,r_context\nm,niche,site,0,0.4\n")
+    with pytest.raises(AblationError, match="no site-split row with a best step"):
+        site_best_steps([older])

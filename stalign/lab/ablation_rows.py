@@ -15,7 +15,9 @@ KEYS = ("method", "arm", "seed")
 def site_best_steps(paths: Sequence[str | Path]) -> dict[tuple[int, str], int]:
     """(seed, arm) -> best step of the site-split rows of these files (``--best-steps-from``: a block-split run
     after separate site-split runs trains each arm the steps it was best at there)."""
-    rows = [r for r in read_rows(paths) if r.get("split") == "site" and r.get("best_step") == r.get("best_step")]
+    import pandas as pd
+
+    rows = [r for r in read_rows(paths) if r.get("split") == "site" and pd.notna(r.get("best_step"))]
     if not rows:
         raise AblationError(f"{', '.join(map(str, paths))}: no site-split row with a best step")
     return {(int(r["seed"]), str(r["arm"])): int(r["best_step"]) for r in rows}
