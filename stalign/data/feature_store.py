@@ -243,8 +243,9 @@ def frozen_image_features(model: Any, store: FeatureStore, *, batch_size: int = 
     from stalign.data.dataset import ShardDataset, collate
 
     encoders = {"spot": model.spot_image_encoder, "niche": model.niche_image_encoder}
-    for side in trainable_image_sides(model)[:1]:
-        raise ValueError(f"the {side} image encoder trains: its features cannot be stored")
+    trainable = trainable_image_sides(model)
+    if trainable:
+        raise ValueError(f"the {trainable[0]} image encoder trains: its features cannot be stored")
     identity = {"kind": "frozen trunks", **(dict(tag) if tag else {})}
     for side, enc in encoders.items():
         identity[side] = {"spec": enc.spec, "weights_sha256": module_weights_sha256(enc),

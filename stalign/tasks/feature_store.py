@@ -61,14 +61,14 @@ def model_identity(model: Any, *, device: str, precision: str = "auto", **settin
             "precision": _precision(device, precision), **settings}
 
 
-def spec_identity(spec: str, net: Any, *, device: str, arch: str | None = None, seed: int | None = None,
+def spec_identity(spec: str, weights_sha256: str, *, device: str, arch: str | None = None, seed: int | None = None,
                   precision: str = "auto") -> dict[str, Any]:
     """The encoder identity of a ``bench`` encoder spec: the spec, its architecture and seed, and the sha256 of the
-    weights it runs with (``net``: the module, or its checksum from :func:`spec_weights_sha256`; ``model:`` /
-    ``backbone:`` specs by their weights alone, not the checkpoint's path)."""
+    weights it runs with (from :func:`spec_weights_sha256`; ``model:`` / ``backbone:`` specs by their weights
+    alone, not the checkpoint's path)."""
     kind = spec.partition(":")[0]
     return {"kind": "spec", "spec": kind if kind in ("model", "backbone") else spec, "arch": arch, "seed": seed,
-            "weights_sha256": net if isinstance(net, str) else _weights(net),
+            "weights_sha256": weights_sha256,
             "precision": _precision(device, precision)}
 
 

@@ -92,7 +92,9 @@ def check_frozen(model: Any) -> None:
     """Training from stored features needs image encoders without a trainable parameter (one line otherwise)."""
     from stalign.data.feature_store import trainable_image_sides
 
-    for side in trainable_image_sides(model)[:1]:
+    trainable = trainable_image_sides(model)
+    if trainable:
+        side = trainable[0]
         spec = getattr(model, f"{side}_image_encoder").spec
         raise InputError(f"feature_views needs frozen image encoders; the {side} image encoder {spec} trains: set "
                          f"model_overrides {side}_image freeze: true (or image: freeze: true) or feature_views: 0")
