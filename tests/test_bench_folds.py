@@ -105,6 +105,9 @@ class _ThreeSlides:
     def slide_of(self, i: int) -> int:
         return i // 2
 
+    def slide_numbers(self) -> np.ndarray:
+        return np.arange(len(self)) // 2
+
 
 def test_folds_by_patient(tmp_path):
     ds = _ThreeSlides()

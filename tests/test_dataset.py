@@ -112,6 +112,8 @@ def test_slide_and_index_selection(root):
     assert len(ds) == 49 and int(ds[0]["index"]) == 49 and ds.slide_of(0) == 1
     sub = ShardDataset(root, indices=[3, 60, 5])
     assert [int(sub[i]["index"]) for i in range(3)] == [3, 60, 5]
+    assert sub.slide_numbers().tolist() == [sub.slide_of(i) for i in range(3)] == [0, 1, 0]
+    assert ds.slide_numbers().tolist() == [1] * 49
     full = ShardDataset(root).expression_matrix()
     np.testing.assert_array_equal(sub.expression_matrix(), full[[3, 60, 5]])
     with pytest.raises(IndexError, match="not spots of the selected slides"):

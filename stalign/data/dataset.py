@@ -81,7 +81,15 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def slide_of(self, i: int) -> int:
         """Manifest slide number of dataset item ``i``."""
-        return int(np.searchsorted(self._offsets, self._indices[i], side="right") - 1)
+        return int(self._slide_number(self._indices[i]))
+
+    def slide_numbers(self) -> np.ndarray:
+        """Manifest slide number of every selected spot, in dataset order (``slide_of`` of all items at once)."""
+        return self._slide_number(self._indices)
+
+    def _slide_number(self, global_idx: Any) -> Any:
+        """Manifest slide number of global spot indices (shards are concatenated in manifest order)."""
+        return np.searchsorted(self._offsets, global_idx, side="right") - 1
 
     def _file(self, k: int):
         import h5py
@@ -160,7 +168,7 @@ class ShardDataset(torch.utils.data.Dataset):
         if len(pos) == 0 or pos.min() < -len(self) or pos.max() >= len(self):
             raise IndexError(f"positions {pos[:5].tolist()}... out of range for {len(self)} spots")
         g = self._indices[pos]
-        slide = np.searchsorted(self._offsets, g, side="right") - 1
+        slide = self._slide_number(g)
         b, m, n_genes, p = len(pos), self.niche_spots, len(self.genes), int(self.manifest["patch_px"])
         out = {name: np.empty((b, p, p, 3), dtype=np.uint8)
                for name in (("spot_patches", "niche_patches") if self.images else ())}
@@ -200,7 +208,7 @@ class ShardDataset(torch.utils.data.Dataset):
 
     def _by_slide(self) -> dict[int, np.ndarray]:
         """Selected spots grouped by slide: slide number -> (positions in the dataset, rows in the shard)."""
-        slide = np.searchsorted(self._offsets, self._indices, side="right") - 1
+        slide = self.slide_numbers()
         return {int(k): np.flatnonzero(slide == k) for k in np.unique(slide)}
 
     def expression_matrix(self) -> np.ndarray:
@@ -266,7 +274,7 @@ def split_indices(ds: ShardDataset, *, val_fraction: float, by: str = "spot", se
             raise InputError("a split by slide needs at least two slides")
         n_val = min(len(slides) - 1, max(1, round(val_fraction * len(slides))))
         val_slides = rng.permutation(slides)[:n_val]
-        owner = np.searchsorted(ds._offsets, idx, side="right") - 1
+        owner = ds._slide_number(idx)
         in_val = np.isin(owner, val_slides)
         val = idx[in_val]
         if max_val and len(val) > max_val:

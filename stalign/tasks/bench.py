@@ -184,7 +184,7 @@ def bench_shards(root: str | os.PathLike, encoders: Sequence[str], *, by: str = 
                         k_genes=k_genes, log1p=log1p, root=root)
     check_encoder_specs(encoders)
     targets = np.log1p(expr) if log1p else expr
-    slides = np.asarray([ds.slide_of(i) for i in range(len(ds))])
+    slides = ds.slide_numbers()
     coords = np.concatenate([ds.slide_spots(k)["coords_um"] for k in range(len(ds.slide_ids))])
     ridge = {"latent_dim": latent_dim, "fit_intercept": True, "seed": seed, "solver": "exact"}
     store = open_store(root, cache)

@@ -113,7 +113,7 @@ def make_folds(ds: Any, *, by: str = "auto", n_splits: int | None = None, seed: 
     if by not in SCHEMES:
         raise InputError(f"by must be one of {', '.join(SCHEMES)}, got {by!r}")
     root = root or "shards"
-    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
+    slides = np.asarray(ds.slide_ids)[ds.slide_numbers()]
     known = {"patient": shard_groups(ds, "patient", patients), "site": shard_groups(ds, "site", sites)}
     if by == "auto":  # a table given is used (and checked); else the groups every slide has, 2+ of them
         every = [k for k, table in (("site", sites), ("patient", patients)) if table] or [
@@ -158,6 +158,6 @@ def bench_folds(ds: Any, expression: np.ndarray, *, by: str = "auto", n_splits: 
     """The folds and per-fold gene panels of ``bench`` (no feature needed: checked before any extraction)."""
     splits, scheme, label = make_folds(ds, by=by, n_splits=n_splits, seed=seed, patients=patients, sites=sites,
                                        root=root)
-    slides = np.asarray(ds.slide_ids)[[ds.slide_of(i) for i in range(len(ds))]]
+    slides = np.asarray(ds.slide_ids)[ds.slide_numbers()]
     panels = fold_panels(expression, ds.genes, slides, splits, k=k_genes, log1p=log1p)
     return Folds(splits=splits, scheme=scheme, label=label, leaky=scheme == "spot", panels=panels)

@@ -206,7 +206,7 @@ def spot_clusters(ds: Any, *, n_clusters: int, n_total: int, seed: int) -> Any:
 
     labels = torch.full((n_total,), -1, dtype=torch.int64)
     expr, index = ds.expression_matrix(), ds.indices
-    slide = np.asarray([ds.slide_of(i) for i in range(len(ds))])
+    slide = ds.slide_numbers()
     for k in np.unique(slide):
         rows = np.flatnonzero(slide == k)
         n = min(n_clusters, len(rows))

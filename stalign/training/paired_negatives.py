@@ -103,5 +103,5 @@ def collate_with_negatives(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def build_paired_negatives(train_shards: Any, clusters: Any) -> PairedNegatives:
     """:class:`PairedNegatives` over the positions of ``train_shards`` from cluster labels over global indices."""
     labels = np.asarray(clusters)[train_shards.indices]
-    slides = np.asarray([train_shards.slide_of(i) for i in range(len(train_shards))])
+    slides = train_shards.slide_numbers()
     return PairedNegatives(labels, slides)
