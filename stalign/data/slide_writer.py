@@ -47,7 +47,7 @@ class SlideJob:
 
 
 def write_slides(jobs: list[SlideJob], *, workers: int, progress: bool,
-         on_done: Callable[[dict[str, Any]], None]) -> list[Exception]:
+                 on_done: Callable[[dict[str, Any]], None]) -> list[Exception]:
     """Write the jobs' shards one slide after another, their crops read by ``workers`` processes (this one and a
     'spawn' pool of ``workers - 1``); returns the slides' errors."""
     from concurrent.futures.process import BrokenProcessPool

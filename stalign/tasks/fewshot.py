@@ -196,8 +196,7 @@ def finetune_expression(model: Any, root: str | Path, *, genes: Sequence[str] | 
     cols = torch.as_tensor(gene_indices(ds.genes, genes, what="the shards"))
     torch.manual_seed(seed)
     device = resolve_device(device)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    model.requires_grad_(False)
     trunks = {id(m.trunk): m.trunk for m in (model.spot_image_encoder, model.niche_image_encoder)}.values()
     if unfreeze_last:
         for trunk in trunks:
