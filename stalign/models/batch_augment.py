@@ -248,8 +248,7 @@ class BatchAugment:
                  stain: bool) -> None:
         """Augment the crops ``rows`` of the batch ``x`` (``p``: their parameter rows) into ``out``."""
         if x.shape[-1] > self.size:  # fewer pixels for everything after (flips and rot90 commute with the resize)
-            x = self._resize(x[int(rows[0]):int(rows[-1]) + 1] if rows[-1] - rows[0] + 1 == len(rows)
-                             else x[torch.from_numpy(rows).to(x.device)])
+            x = self._resize(take_rows(x, rows))
             rows = np.arange(len(rows))
         y = out if x.shape[-2:] == out.shape[-2:] else torch.empty((len(rows), *x.shape[1:]), dtype=out.dtype,
                                                                       device=x.device)
@@ -268,6 +267,13 @@ def batch_buffer(shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     if torch.device(device).type == "cpu":
         return torch.from_numpy(np.empty(shape, dtype=np.float32))
     return torch.empty(shape, dtype=torch.float32, device=device)
+
+
+def take_rows(x: torch.Tensor, rows: np.ndarray) -> torch.Tensor:
+    """``x[rows]``: a view when the rows are consecutive (no copy), else an indexed copy."""
+    if len(rows) and (np.diff(rows) == 1).all():
+        return x[int(rows[0]):int(rows[-1]) + 1]
+    return x[torch.from_numpy(np.asarray(rows, dtype=np.int64)).to(x.device)]
 
 
 def to_unit(x: torch.Tensor) -> torch.Tensor:
@@ -297,8 +303,7 @@ def unit_geometric(x: torch.Tensor, p: np.ndarray, out: torch.Tensor, rows: np.n
     if x.device.type == "cpu":
         _geometric_numpy(x, rows, _codes(p), out)
     else:
-        _geometric_torch(x if len(rows) == len(x) and (rows == np.arange(len(x))).all() else
-                         x[torch.from_numpy(rows).to(x.device)], _codes(p), out)
+        _geometric_torch(take_rows(x, rows), _codes(p), out)
     return out.div_(255.0) if x.dtype == torch.uint8 else out
 
 
